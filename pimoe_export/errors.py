@@ -1,0 +1,44 @@
+"""Error types of pimoe-export.
+
+Every user-facing failure raises one of these with a message that names what was expected, what was
+found and what to do about it. They subclass the built-in exception a caller would naturally catch
+(ValueError for bad values, RuntimeError for environment problems) so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class PiMoEError(Exception):
+    """Base class of every pimoe-export error."""
+
+
+class PiMoEConfigError(PiMoEError, ValueError):
+    """A configuration field is missing, of the wrong type or outside its allowed range.
+
+    Attributes:
+        field: name of the offending field (as spelled in :class:`PiMoEConfig`).
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"PiMoEConfig.{field}: {message}")
+
+
+class PiMoEInputError(PiMoEError, ValueError):
+    """A tensor given to a PiMoE layer or op has the wrong rank, size or dtype."""
+
+
+class PiMoEExportError(PiMoEError, RuntimeError):
+    """Exporting to ONNX failed or the model cannot be expressed with op contract v1."""
+
+
+class PluginLoadError(PiMoEError, RuntimeError):
+    """The pimoe custom-op/plugin library is missing, unloadable or does not match this package."""
+
+
+class ArtifactError(PiMoEError, RuntimeError):
+    """An artefact (ONNX, engine, manifest, checkpoint) is corrupt, tampered with or mismatched."""
+
+
+class BackendUnavailableError(PiMoEError, RuntimeError):
+    """A backend (TensorRT, TensorRT-RTX, CUDA) is not installed or not usable on this machine."""

@@ -1,0 +1,121 @@
+"""Checkpoints: ``config.json`` + ``model.safetensors``. No pickle anywhere.
+
+``config.json`` = {"format": "pimoe-export/1", "architecture": class name, "config": PiMoEConfig dict,
+"weights_sha256": hash of model.safetensors, "extra": architecture-specific JSON state}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pimoe_export.errors import ArtifactError
+from pimoe_export.model.config import PiMoEConfig
+
+if TYPE_CHECKING:
+    from pimoe_export.model.system import PiMoESystem
+
+CHECKPOINT_FORMAT = "pimoe-export/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _architectures() -> dict[str, type[PiMoESystem]]:
+    from pimoe_export.model.adaptive import AdaptivePiMoE
+    from pimoe_export.model.system import PiMoESystem
+
+    return {"PiMoESystem": PiMoESystem, "AdaptivePiMoE": AdaptivePiMoE}
+
+
+def save_pretrained(model: PiMoESystem, directory: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    weights = directory / WEIGHTS_FILE
+    save_file(state, str(weights), metadata={"format": CHECKPOINT_FORMAT})
+    extra_state = getattr(model, "extra_state_json", None)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "architecture": type(model).__name__,
+        "config": model.config.to_dict(),
+        "weights_sha256": sha256_file(weights),
+        "extra": extra_state() if callable(extra_state) else {},
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
+    """Parse and validate ``config.json`` of a checkpoint directory."""
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise ArtifactError(
+            f"{directory} is not a pimoe-export checkpoint: {CONFIG_FILE} is missing; create one with "
+            f"`pimoe-export create --preset NAME -o {directory}` or model.save_pretrained()"
+        )
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt, re-save it") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ArtifactError(f"{path}: expected format {CHECKPOINT_FORMAT!r}, found {found!r}")
+    return payload
+
+
+def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> PiMoESystem:
+    """Rebuild the model saved by :func:`save_pretrained`, verifying the weights' hash first."""
+    directory = Path(directory)
+    payload = read_checkpoint_config(directory)
+    architectures = _architectures()
+    arch = payload.get("architecture")
+    if arch not in architectures:
+        raise ArtifactError(f"{directory}: unknown architecture {arch!r}; known: {sorted(architectures)}")
+    config = PiMoEConfig.from_dict(payload.get("config", {}))
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(f"{directory}: {WEIGHTS_FILE} is missing; the checkpoint is incomplete, re-save it")
+    digest = sha256_file(weights)
+    if digest != payload.get("weights_sha256"):
+        raise ArtifactError(
+            f"{weights}: sha256 {digest[:16]}… does not match config.json ({str(payload.get('weights_sha256'))[:16]}…);"
+            " the weights were modified or belong to another checkpoint — re-save the model"
+        )
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{weights}: cannot read safetensors ({exc})") from None
+    model = architectures[arch](config=config, **_extra_kwargs(payload))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{weights} does not match the architecture in config.json: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    restore = getattr(model, "load_extra_state_json", None)
+    if callable(restore):
+        restore(payload.get("extra", {}))
+    model.to(map_location)
+    model.eval()
+    return model
+
+
+def _extra_kwargs(payload: dict[str, Any]) -> dict[str, Any]:
+    extra = payload.get("extra") or {}
+    return dict(extra.get("init_kwargs", {}))
