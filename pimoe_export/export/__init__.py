@@ -1,0 +1,1 @@
+"""torch -> ONNX export (custom-op graph and standard-op graph)."""

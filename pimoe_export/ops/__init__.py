@@ -1,0 +1,1 @@
+"""Op contract v1: schema, torch custom ops, ONNX translations."""

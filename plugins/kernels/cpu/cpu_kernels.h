@@ -1,0 +1,94 @@
+// CPU implementations of the four pimoe ops (fp32 math; fp32 or fp16 storage; int8 weights in w8a8 modes).
+// Used by the ONNX Runtime custom-op library. No exceptions: functions that can fail return an error
+// string (empty on success).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pimoe_attrs.h"
+
+namespace pimoe {
+namespace cpu {
+
+enum class DType : int32_t { kF32 = 0, kF16 = 1, kI8 = 2 };
+
+// A parallel-for over [0, total): runs fn(i) for every i, on the host runtime's thread pool when one is
+// given (ONNX Runtime's intra-op pool), else serially. Each index is run exactly once; callers keep
+// results independent of which thread ran an index (determinism).
+class Parallel {
+ public:
+  using Trampoline = void (*)(void* arg, size_t index);
+  using Impl = void (*)(void* ctx, Trampoline fn, size_t total, void* arg);
+
+  Parallel() = default;
+  Parallel(void* ctx, Impl impl) : ctx_(ctx), impl_(impl) {}
+
+  template <typename F>
+  void operator()(size_t total, F&& fn) const {
+    if (total == 0) return;
+    if (impl_ == nullptr || total == 1) {
+      for (size_t i = 0; i < total; ++i) fn(i);
+      return;
+    }
+    using Fn = std::remove_reference_t<F>;
+    impl_(ctx_, [](void* arg, size_t i) { (*static_cast<Fn*>(arg))(i); }, total, const_cast<void*>(static_cast<const void*>(&fn)));
+  }
+
+ private:
+  void* ctx_ = nullptr;
+  Impl impl_ = nullptr;
+};
+
+// half <-> float (IEEE binary16, round to nearest even)
+float half_to_float(uint16_t h);
+uint16_t float_to_half(float f);
+
+// Which vector ISA the kernels use on this machine ("avx2" or "generic"); PIMOE_CPU_ISA=generic forces the
+// portable path.
+const char* active_isa();
+
+// PiMoERoute. logits [n, e] (f32/f16), bias [e] or nullptr -> weights [n, k] f32, ids [n, k] i32.
+void route(const void* logits, DType dtype, const float* bias, int64_t n, int64_t e, int64_t k, bool normalize,
+           float* weights, int32_t* ids, const Parallel& parallel);
+
+// PiMoEDispatch. Returns an error if an id is outside [0, e).
+std::string dispatch(const void* x, DType dtype, const int32_t* ids, int64_t n, int64_t h, int64_t k, int64_t e,
+                     void* x_sorted, int32_t* offsets, int32_t* flat_to_sorted, const Parallel& parallel);
+
+// PiMoECombine. Returns an error if a flat_to_sorted entry is outside [0, n*k).
+std::string combine(const void* y_sorted, DType dtype, const int32_t* flat_to_sorted, const float* weights,
+                    int64_t n, int64_t k, int64_t h, void* y, const Parallel& parallel);
+
+// PiMoEExpertMLP: weights are packed once by prepare() (at session creation when they are constant
+// initializers) into the GEMM's panel layout; run() may then be called concurrently.
+class ExpertMLP {
+ public:
+  struct Param {
+    const void* data = nullptr;
+    DType dtype = DType::kF32;
+  };
+
+  ExpertMLP();
+  ~ExpertMLP();
+  ExpertMLP(const ExpertMLP&) = delete;
+  ExpertMLP& operator=(const ExpertMLP&) = delete;
+
+  // attrs must have passed check_expert_mlp for the params' shapes.
+  std::string prepare(const ExpertMLPAttrs& attrs, const std::vector<Param>& params);
+  bool prepared() const;
+
+  // x [rows, widths[0]] sorted by expert, offsets [num_experts + 1] -> y [rows, widths.back()]
+  std::string run(const void* x, DType dtype, int64_t rows, const int32_t* offsets, int64_t num_experts, void* y,
+                  const Parallel& parallel) const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace cpu
+}  // namespace pimoe

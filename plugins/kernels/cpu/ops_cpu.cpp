@@ -1,0 +1,205 @@
+// PiMoERoute, PiMoEDispatch and PiMoECombine on the CPU (portable C++; compiled with -ffp-contract=off so
+// the combine sum rounds exactly like the PyTorch reference: one multiply and one add per slot).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace pimoe {
+namespace cpu {
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1Fu;
+  uint32_t mantissa = h & 0x3FFu;
+  uint32_t bits;
+  if (exponent == 0) {
+    if (mantissa == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      exponent = 127 - 15 + 1;
+      while ((mantissa & 0x400u) == 0) {
+        mantissa <<= 1;
+        --exponent;
+      }
+      mantissa &= 0x3FFu;
+      bits = sign | (exponent << 23) | (mantissa << 13);
+    }
+  } else if (exponent == 0x1F) {
+    bits = sign | 0x7F800000u | (mantissa << 13);  // inf / nan
+  } else {
+    bits = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+uint16_t float_to_half(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t abs = bits & 0x7FFFFFFFu;
+  if (abs >= 0x7F800000u) return static_cast<uint16_t>(sign | (abs > 0x7F800000u ? 0x7E00u : 0x7C00u));
+  if (abs >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // rounds to >= 65520: inf
+  if (abs < 0x38800000u) {                                                // subnormal half or zero
+    if (abs < 0x33000000u) return sign;                                   // < 2^-25: rounds to 0
+    const uint32_t exponent = abs >> 23;
+    const uint32_t mantissa = (abs & 0x7FFFFFu) | 0x800000u;
+    const uint32_t shift = 126 - exponent;  // 14..24
+    uint32_t half = mantissa >> shift;
+    const uint32_t rest = mantissa & ((1u << shift) - 1);
+    const uint32_t halfway = 1u << (shift - 1);
+    if (rest > halfway || (rest == halfway && (half & 1u))) ++half;
+    return static_cast<uint16_t>(sign | half);
+  }
+  uint32_t half = ((abs >> 13) - ((127 - 15) << 10));
+  const uint32_t rest = abs & 0x1FFFu;
+  if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;
+  return static_cast<uint16_t>(sign | half);
+}
+
+namespace {
+
+inline float load_value(const void* data, DType dtype, int64_t index) {
+  return dtype == DType::kF16 ? half_to_float(static_cast<const uint16_t*>(data)[index])
+                              : static_cast<const float*>(data)[index];
+}
+
+// a ranks before b: larger score first, ties to the lower index, NaN after every number
+inline bool ranks_before(float sa, int64_t a, float sb, int64_t b) {
+  const bool na = std::isnan(sa), nb = std::isnan(sb);
+  if (na != nb) return nb;
+  if (!na && sa != sb) return sa > sb;
+  return a < b;
+}
+
+constexpr int64_t kRowsPerTask = 64;
+
+}  // namespace
+
+void route(const void* logits, DType dtype, const float* bias, int64_t n, int64_t e, int64_t k, bool normalize,
+           float* weights, int32_t* ids, const Parallel& parallel) {
+  const size_t tasks = static_cast<size_t>((n + kRowsPerTask - 1) / kRowsPerTask);
+  parallel(tasks, [&](size_t task) {
+    std::vector<float> probs(static_cast<size_t>(e)), scores(static_cast<size_t>(e));
+    int64_t best[contract::kMAX_TOP_K];
+    const int64_t t_end = std::min(n, static_cast<int64_t>(task + 1) * kRowsPerTask);
+    for (int64_t t = static_cast<int64_t>(task) * kRowsPerTask; t < t_end; ++t) {
+      // softmax exactly as PyTorch defines it: max (NaN propagates), exp(x - max), sum, divide
+      float m = -std::numeric_limits<float>::infinity();
+      bool has_nan = false;
+      for (int64_t j = 0; j < e; ++j) {
+        const float v = load_value(logits, dtype, t * e + j);
+        probs[static_cast<size_t>(j)] = v;
+        if (std::isnan(v)) has_nan = true;
+        else if (v > m) m = v;
+      }
+      if (has_nan) m = std::numeric_limits<float>::quiet_NaN();
+      float sum = 0.0f;
+      for (int64_t j = 0; j < e; ++j) {
+        const float x = std::exp(probs[static_cast<size_t>(j)] - m);
+        probs[static_cast<size_t>(j)] = x;
+        sum += x;
+      }
+      for (int64_t j = 0; j < e; ++j) {
+        probs[static_cast<size_t>(j)] /= sum;
+        scores[static_cast<size_t>(j)] = probs[static_cast<size_t>(j)] + (bias ? bias[j] : 0.0f);
+      }
+      // top-k by insertion into a sorted list of the best k so far
+      int64_t count = 0;
+      for (int64_t j = 0; j < e; ++j) {
+        const float s = scores[static_cast<size_t>(j)];
+        if (count == k && !ranks_before(s, j, scores[static_cast<size_t>(best[k - 1])], best[k - 1])) continue;
+        int64_t pos = count < k ? count++ : k - 1;
+        while (pos > 0 && ranks_before(s, j, scores[static_cast<size_t>(best[pos - 1])], best[pos - 1])) {
+          best[pos] = best[pos - 1];
+          --pos;
+        }
+        best[pos] = j;
+      }
+      float total = 0.0f;
+      for (int64_t j = 0; j < k; ++j) {
+        ids[t * k + j] = static_cast<int32_t>(best[j]);
+        weights[t * k + j] = probs[static_cast<size_t>(best[j])];
+        total += weights[t * k + j];
+      }
+      if (normalize)
+        for (int64_t j = 0; j < k; ++j) weights[t * k + j] /= total;
+    }
+  });
+}
+
+std::string dispatch(const void* x, DType dtype, const int32_t* ids, int64_t n, int64_t h, int64_t k, int64_t e,
+                     void* x_sorted, int32_t* offsets, int32_t* flat_to_sorted, const Parallel& parallel) {
+  const int64_t pairs = n * k;
+  std::vector<int32_t> cursor(static_cast<size_t>(e) + 1, 0);
+  for (int64_t i = 0; i < pairs; ++i) {
+    const int32_t id = ids[i];
+    if (id < 0 || id >= e)
+      return msg("PiMoEDispatch: ids[", i / k, ", ", i % k, "] = ", id, " is outside [0, ", e,
+                 "); ids must come from PiMoERoute over the same number of experts");
+    ++cursor[static_cast<size_t>(id) + 1];
+  }
+  for (int64_t j = 0; j < e; ++j) cursor[static_cast<size_t>(j) + 1] += cursor[static_cast<size_t>(j)];
+  std::copy(cursor.begin(), cursor.end(), offsets);
+  for (int64_t i = 0; i < pairs; ++i) flat_to_sorted[i] = cursor[static_cast<size_t>(ids[i])]++;
+  const size_t row_bytes = static_cast<size_t>(h) * (dtype == DType::kF16 ? 2 : 4);
+  const size_t tasks = static_cast<size_t>((pairs + kRowsPerTask - 1) / kRowsPerTask);
+  parallel(tasks, [&](size_t task) {
+    const int64_t end = std::min(pairs, static_cast<int64_t>(task + 1) * kRowsPerTask);
+    for (int64_t i = static_cast<int64_t>(task) * kRowsPerTask; i < end; ++i)
+      std::memcpy(static_cast<char*>(x_sorted) + static_cast<size_t>(flat_to_sorted[i]) * row_bytes,
+                  static_cast<const char*>(x) + static_cast<size_t>(i / k) * row_bytes, row_bytes);
+  });
+  return {};
+}
+
+std::string combine(const void* y_sorted, DType dtype, const int32_t* flat_to_sorted, const float* weights,
+                    int64_t n, int64_t k, int64_t h, void* y, const Parallel& parallel) {
+  const int64_t pairs = n * k;
+  for (int64_t i = 0; i < pairs; ++i)
+    if (flat_to_sorted[i] < 0 || flat_to_sorted[i] >= pairs)
+      return msg("PiMoECombine: flat_to_sorted[", i, "] = ", flat_to_sorted[i], " is outside [0, ", pairs,
+                 "); it must come from PiMoEDispatch over the same tokens");
+  const size_t tasks = static_cast<size_t>((n + kRowsPerTask - 1) / kRowsPerTask);
+  parallel(tasks, [&](size_t task) {
+    std::vector<float> acc(static_cast<size_t>(h));
+    const int64_t t_end = std::min(n, static_cast<int64_t>(task + 1) * kRowsPerTask);
+    for (int64_t t = static_cast<int64_t>(task) * kRowsPerTask; t < t_end; ++t) {
+      for (int64_t j = 0; j < k; ++j) {
+        const float w = weights[t * k + j];
+        const int64_t row = flat_to_sorted[t * k + j];
+        if (dtype == DType::kF32) {
+          const float* src = static_cast<const float*>(y_sorted) + row * h;
+          if (j == 0) {
+            for (int64_t c = 0; c < h; ++c) acc[static_cast<size_t>(c)] = src[c] * w;
+          } else {
+            for (int64_t c = 0; c < h; ++c) acc[static_cast<size_t>(c)] = acc[static_cast<size_t>(c)] + src[c] * w;
+          }
+        } else {
+          const uint16_t* src = static_cast<const uint16_t*>(y_sorted) + row * h;
+          if (j == 0) {
+            for (int64_t c = 0; c < h; ++c) acc[static_cast<size_t>(c)] = half_to_float(src[c]) * w;
+          } else {
+            for (int64_t c = 0; c < h; ++c)
+              acc[static_cast<size_t>(c)] = acc[static_cast<size_t>(c)] + half_to_float(src[c]) * w;
+          }
+        }
+      }
+      if (dtype == DType::kF32) {
+        std::memcpy(static_cast<float*>(y) + t * h, acc.data(), static_cast<size_t>(h) * sizeof(float));
+      } else {
+        uint16_t* dst = static_cast<uint16_t*>(y) + t * h;
+        for (int64_t c = 0; c < h; ++c) dst[c] = float_to_half(acc[static_cast<size_t>(c)]);
+      }
+    }
+  });
+  return {};
+}
+
+}  // namespace cpu
+}  // namespace pimoe

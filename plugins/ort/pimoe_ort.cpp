@@ -1,0 +1,494 @@
+// libpimoe_ort: the four pimoe ops as an ONNX Runtime custom-op library (domain "pimoe", CPU provider).
+//
+// Load it with SessionOptions.register_custom_ops_library(path); the Python package does this for every
+// session it creates (pimoe_export.runtime.ort). Kernels run on ONNX Runtime's intra-op thread pool, report
+// bad inputs through ORT status codes (no exception crosses the C ABI), and pack PiMoEExpertMLP weights
+// once at session creation when they are initializers.
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "pimoe_attrs.h"
+
+#define PIMOE_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace pimoe {
+namespace ort {
+namespace {
+
+const OrtApi* g_api = nullptr;
+
+OrtStatusPtr error(const std::string& text) { return g_api->CreateStatus(ORT_INVALID_ARGUMENT, text.c_str()); }
+
+constexpr ONNXTensorElementDataType kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+constexpr ONNXTensorElementDataType kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+constexpr ONNXTensorElementDataType kI32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+constexpr ONNXTensorElementDataType kI8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+constexpr ONNXTensorElementDataType kAny = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+
+const char* type_name(ONNXTensorElementDataType t) {
+  switch (t) {
+    case kF32: return "float32";
+    case kF16: return "float16";
+    case kI32: return "int32";
+    case kI8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+    default: return "another type";
+  }
+}
+
+cpu::DType to_dtype(ONNXTensorElementDataType t) {
+  return t == kF16 ? cpu::DType::kF16 : t == kI8 ? cpu::DType::kI8 : cpu::DType::kF32;
+}
+
+cpu::Parallel make_parallel(OrtKernelContext* context) {
+  return cpu::Parallel(context, [](void* ctx, cpu::Parallel::Trampoline fn, size_t total, void* arg) {
+    OrtStatus* status = g_api->KernelContext_ParallelFor(static_cast<OrtKernelContext*>(ctx), fn, total, 0, arg);
+    if (status != nullptr) {  // no thread pool available: run serially, same results
+      g_api->ReleaseStatus(status);
+      for (size_t i = 0; i < total; ++i) fn(arg, i);
+    }
+  });
+}
+
+// Attribute readers that report a missing/ill-typed attribute as a message instead of throwing.
+struct AttrReader {
+  const OrtKernelInfo* info;
+  std::string problem;
+
+  int64_t get_int(const char* name, int64_t fallback, bool required) {
+    int64_t v = fallback;
+    OrtStatus* s = g_api->KernelInfoGetAttribute_int64(info, name, &v);
+    if (s) {
+      g_api->ReleaseStatus(s);
+      if (required && problem.empty()) problem = msg("missing required int attribute '", name, "'");
+      return fallback;
+    }
+    return v;
+  }
+  float get_float(const char* name, float fallback) {
+    float v = fallback;
+    OrtStatus* s = g_api->KernelInfoGetAttribute_float(info, name, &v);
+    if (s) {
+      g_api->ReleaseStatus(s);
+      return fallback;
+    }
+    return v;
+  }
+  std::string get_string(const char* name, const std::string& fallback) {
+    size_t size = 0;
+    OrtStatus* s = g_api->KernelInfoGetAttribute_string(info, name, nullptr, &size);
+    if (s) {
+      g_api->ReleaseStatus(s);
+      return fallback;
+    }
+    std::string out(size, '\0');
+    s = g_api->KernelInfoGetAttribute_string(info, name, out.data(), &size);
+    if (s) {
+      g_api->ReleaseStatus(s);
+      return fallback;
+    }
+    if (!out.empty() && out.back() == '\0') out.pop_back();
+    return out;
+  }
+  template <typename T>
+  std::vector<T> get_array(const char* name, bool required) {
+    size_t size = 0;
+    OrtStatus* s;
+    if constexpr (std::is_same_v<T, float>)
+      s = g_api->KernelInfoGetAttributeArray_float(info, name, nullptr, &size);
+    else
+      s = g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &size);
+    if (s) {
+      g_api->ReleaseStatus(s);
+      if (required && problem.empty()) problem = msg("missing required list attribute '", name, "'");
+      return {};
+    }
+    std::vector<T> out(size);
+    if (size == 0) return out;
+    if constexpr (std::is_same_v<T, float>)
+      s = g_api->KernelInfoGetAttributeArray_float(info, name, out.data(), &size);
+    else
+      s = g_api->KernelInfoGetAttributeArray_int64(info, name, out.data(), &size);
+    if (s) g_api->ReleaseStatus(s);
+    return out;
+  }
+};
+
+#define PIMOE_RETURN_IF(status_expr)                   \
+  do {                                                 \
+    if (OrtStatusPtr pimoe_status_ = (status_expr)) return pimoe_status_; \
+  } while (0)
+
+// Thin, non-throwing views of kernel inputs/outputs.
+struct Input {
+  const OrtValue* value = nullptr;
+  ONNXTensorElementDataType type = kAny;
+  Dims dims;
+  const void* data = nullptr;
+};
+
+OrtStatusPtr describe(const OrtValue* value, Input* in) {
+  in->value = value;
+  if (value == nullptr) return nullptr;
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  PIMOE_RETURN_IF(g_api->GetTensorTypeAndShape(value, &info));
+  size_t rank = 0;
+  OrtStatus* s = g_api->GetTensorElementType(info, &in->type);
+  if (!s) s = g_api->GetDimensionsCount(info, &rank);
+  if (!s) {
+    in->dims.resize(rank);
+    s = g_api->GetDimensions(info, in->dims.data(), rank);
+  }
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  if (s) return s;
+  void* data = nullptr;
+  PIMOE_RETURN_IF(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
+  in->data = data;
+  return nullptr;
+}
+
+OrtStatusPtr get_input(OrtKernelContext* ctx, size_t index, Input* in) {
+  const OrtValue* value = nullptr;
+  if (OrtStatus* s = g_api->KernelContext_GetInput(ctx, index, &value)) return s;
+  return describe(value, in);
+}
+
+OrtStatusPtr get_output(OrtKernelContext* ctx, size_t index, const Dims& dims, void** data) {
+  OrtValue* value = nullptr;
+  if (OrtStatus* s = g_api->KernelContext_GetOutput(ctx, index, dims.data(), dims.size(), &value)) return s;
+  return g_api->GetTensorMutableData(value, data);
+}
+
+
+std::string require_type(const char* op, const char* what, ONNXTensorElementDataType got,
+                         std::initializer_list<ONNXTensorElementDataType> allowed) {
+  for (auto t : allowed)
+    if (t == got) return {};
+  std::string names;
+  for (auto t : allowed) names += (names.empty() ? "" : " or ") + std::string(type_name(t));
+  return msg(op, ": ", what, " must be ", names, ", got ", type_name(got));
+}
+
+// ------------------------------------------------------------------------------------------ PiMoERoute
+struct RouteKernel {
+  RouteAttrs attrs;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    Input logits, bias;
+    PIMOE_RETURN_IF(get_input(ctx, 0, &logits));
+    size_t count = 0;
+    PIMOE_RETURN_IF(g_api->KernelContext_GetInputCount(ctx, &count));
+    if (count > 1) PIMOE_RETURN_IF(get_input(ctx, 1, &bias));
+    if (auto e = require_type("PiMoERoute", "logits", logits.type, {kF32, kF16}); !e.empty()) return error(e);
+    if (bias.value) {
+      if (auto e = require_type("PiMoERoute", "selection_bias", bias.type, {kF32}); !e.empty()) return error(e);
+    }
+    if (auto e = check_route(attrs, logits.dims, bias.value ? &bias.dims : nullptr); !e.empty()) return error(e);
+    const int64_t n = logits.dims[0], experts = logits.dims[1];
+    void *weights = nullptr, *ids = nullptr;
+    PIMOE_RETURN_IF(get_output(ctx, 0, {n, attrs.k}, &weights));
+    PIMOE_RETURN_IF(get_output(ctx, 1, {n, attrs.k}, &ids));
+    cpu::route(logits.data, to_dtype(logits.type), bias.value ? static_cast<const float*>(bias.data) : nullptr, n,
+               experts, attrs.k, attrs.normalize, static_cast<float*>(weights), static_cast<int32_t*>(ids),
+               make_parallel(ctx));
+    return nullptr;
+  }
+};
+
+struct RouteOp : Ort::CustomOpBase<RouteOp, RouteKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    AttrReader r{info, {}};
+    auto k = std::make_unique<RouteKernel>();
+    k->attrs.k = r.get_int(contract::kATTR_K, 0, true);
+    k->attrs.normalize = r.get_int(contract::kATTR_NORMALIZE, 0, false) != 0;
+    const std::string scoring = r.get_string(contract::kATTR_SCORING, "softmax");
+    if (!r.problem.empty()) return error(msg("PiMoERoute: ", r.problem));
+    if (scoring != "softmax") return error(msg("PiMoERoute: scoring '", scoring, "' is not supported (softmax)"));
+    if (auto e = validate_attrs(k->attrs); !e.empty()) return error(e);
+    *kernel = k.release();
+    return nullptr;
+  }
+  const char* GetName() const { return contract::kROUTE_NAME; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return i == 0 ? kAny : kF32; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const { return i == 0 ? kF32 : kI32; }
+};
+
+// ------------------------------------------------------------------------------------------ PiMoEDispatch
+struct DispatchKernel {
+  DispatchAttrs attrs;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    Input x, ids;
+    PIMOE_RETURN_IF(get_input(ctx, 0, &x));
+    PIMOE_RETURN_IF(get_input(ctx, 1, &ids));
+    if (auto e = require_type("PiMoEDispatch", "x", x.type, {kF32, kF16}); !e.empty()) return error(e);
+    if (auto e = require_type("PiMoEDispatch", "ids", ids.type, {kI32}); !e.empty()) return error(e);
+    if (auto e = check_dispatch(attrs, x.dims, ids.dims); !e.empty()) return error(e);
+    const int64_t n = x.dims[0], h = x.dims[1], k = ids.dims[1];
+    void *x_sorted = nullptr, *offsets = nullptr, *f2s = nullptr;
+    PIMOE_RETURN_IF(get_output(ctx, 0, {n * k, h}, &x_sorted));
+    PIMOE_RETURN_IF(get_output(ctx, 1, {attrs.num_experts + 1}, &offsets));
+    PIMOE_RETURN_IF(get_output(ctx, 2, {n * k}, &f2s));
+    auto e = cpu::dispatch(x.data, to_dtype(x.type), static_cast<const int32_t*>(ids.data), n, h, k,
+                           attrs.num_experts, x_sorted, static_cast<int32_t*>(offsets), static_cast<int32_t*>(f2s),
+                           make_parallel(ctx));
+    return e.empty() ? nullptr : error(e);
+  }
+};
+
+template <ONNXTensorElementDataType T>
+struct DispatchOp : Ort::CustomOpBase<DispatchOp<T>, DispatchKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    AttrReader r{info, {}};
+    auto k = std::make_unique<DispatchKernel>();
+    k->attrs.num_experts = r.get_int(contract::kATTR_NUM_EXPERTS, 0, true);
+    if (!r.problem.empty()) return error(msg("PiMoEDispatch: ", r.problem));
+    if (auto e = validate_attrs(k->attrs); !e.empty()) return error(e);
+    *kernel = k.release();
+    return nullptr;
+  }
+  const char* GetName() const { return contract::kDISPATCH_NAME; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return i == 0 ? T : kI32; }
+  size_t GetOutputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const { return i == 0 ? T : kI32; }
+};
+
+// ------------------------------------------------------------------------------------------ PiMoECombine
+struct CombineKernel {
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    Input y_sorted, f2s, weights;
+    PIMOE_RETURN_IF(get_input(ctx, 0, &y_sorted));
+    PIMOE_RETURN_IF(get_input(ctx, 1, &f2s));
+    PIMOE_RETURN_IF(get_input(ctx, 2, &weights));
+    if (auto e = require_type("PiMoECombine", "y_sorted", y_sorted.type, {kF32, kF16}); !e.empty()) return error(e);
+    if (auto e = require_type("PiMoECombine", "flat_to_sorted", f2s.type, {kI32}); !e.empty()) return error(e);
+    if (auto e = require_type("PiMoECombine", "weights", weights.type, {kF32}); !e.empty()) return error(e);
+    if (auto e = check_combine(y_sorted.dims, f2s.dims, weights.dims); !e.empty()) return error(e);
+    const int64_t n = weights.dims[0], k = weights.dims[1], h = y_sorted.dims[1];
+    void* y = nullptr;
+    PIMOE_RETURN_IF(get_output(ctx, 0, {n, h}, &y));
+    auto e = cpu::combine(y_sorted.data, to_dtype(y_sorted.type), static_cast<const int32_t*>(f2s.data),
+                          static_cast<const float*>(weights.data), n, k, h, y, make_parallel(ctx));
+    return e.empty() ? nullptr : error(e);
+  }
+};
+
+template <ONNXTensorElementDataType T>
+struct CombineOp : Ort::CustomOpBase<CombineOp<T>, CombineKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
+    *kernel = new CombineKernel();
+    return nullptr;
+  }
+  const char* GetName() const { return contract::kCOMBINE_NAME; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return i == 0 ? T : i == 1 ? kI32 : kF32; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return T; }
+};
+
+// ------------------------------------------------------------------------------------------ PiMoEExpertMLP
+std::string check_param_types(const ExpertMLPAttrs& a, const std::vector<ONNXTensorElementDataType>& types,
+                              ONNXTensorElementDataType x_type) {
+  for (int64_t l = 0; l < a.num_layers(); ++l) {
+    const auto w = types[static_cast<size_t>(a.param_index(l, ParamRole::kWEIGHT))];
+    if (a.quantized()) {
+      if (w != kI8) return msg("PiMoEExpertMLP: quant_mode w8a8 needs int8 weights (layer ", l, "), got ", type_name(w));
+      const auto s = types[static_cast<size_t>(a.param_index(l, ParamRole::kW_SCALE))];
+      if (s != kF32) return msg("PiMoEExpertMLP: w_scale (layer ", l, ") must be float32, got ", type_name(s));
+    } else if (w != x_type) {
+      return msg("PiMoEExpertMLP: layer ", l, " weight is ", type_name(w), " but x_sorted is ", type_name(x_type),
+                 "; export weights in the activation dtype");
+    }
+    for (ParamRole r : {ParamRole::kBIAS, ParamRole::kLN_GAMMA, ParamRole::kLN_BETA}) {
+      const int64_t index = a.param_index(l, r);
+      if (index >= 0 && types[static_cast<size_t>(index)] != kF32)
+        return msg("PiMoEExpertMLP: layer ", l, " bias/LayerNorm parameters must be float32, got ",
+                   type_name(types[static_cast<size_t>(index)]));
+    }
+  }
+  return {};
+}
+
+struct ExpertMLPKernel {
+  ExpertMLPAttrs attrs;
+  std::unique_ptr<cpu::ExpertMLP> packed;  // set when every parameter is a constant initializer
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    size_t count = 0;
+    PIMOE_RETURN_IF(g_api->KernelContext_GetInputCount(ctx, &count));
+    Input x, offsets;
+    PIMOE_RETURN_IF(get_input(ctx, 0, &x));
+    PIMOE_RETURN_IF(get_input(ctx, 1, &offsets));
+    if (auto e = require_type("PiMoEExpertMLP", "x_sorted", x.type, {kF32, kF16}); !e.empty()) return error(e);
+    if (auto e = require_type("PiMoEExpertMLP", "offsets", offsets.type, {kI32}); !e.empty()) return error(e);
+    std::vector<Input> params(count >= 2 ? count - 2 : 0);
+    std::vector<Dims> dims;
+    std::vector<ONNXTensorElementDataType> types;
+    for (size_t i = 0; i < params.size(); ++i) {
+      PIMOE_RETURN_IF(get_input(ctx, i + 2, &params[i]));
+      dims.push_back(params[i].dims);
+      types.push_back(params[i].type);
+    }
+    if (auto e = check_expert_mlp(attrs, x.dims, offsets.dims, dims); !e.empty()) return error(e);
+    if (auto e = check_param_types(attrs, types, x.type); !e.empty()) return error(e);
+    const int64_t rows = x.dims[0], num_experts = offsets.dims[0] - 1;
+    void* y = nullptr;
+    PIMOE_RETURN_IF(get_output(ctx, 0, {rows, attrs.widths.back()}, &y));
+    const cpu::ExpertMLP* mlp = packed.get();
+    cpu::ExpertMLP local;
+    if (mlp == nullptr) {  // weights are graph inputs: pack for this call only
+      std::vector<cpu::ExpertMLP::Param> raw;
+      for (const Input& p : params) raw.push_back({p.data, to_dtype(p.type)});
+      if (auto e = local.prepare(attrs, raw); !e.empty()) return error(e);
+      mlp = &local;
+    }
+    auto e = mlp->run(x.data, to_dtype(x.type), rows, static_cast<const int32_t*>(offsets.data), num_experts, y,
+                      make_parallel(ctx));
+    return e.empty() ? nullptr : error(e);
+  }
+};
+
+template <ONNXTensorElementDataType T>
+struct ExpertMLPOp : Ort::CustomOpBase<ExpertMLPOp<T>, ExpertMLPKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    AttrReader r{info, {}};
+    auto k = std::make_unique<ExpertMLPKernel>();
+    ExpertMLPAttrs& a = k->attrs;
+    a.expert_ids = r.get_array<int64_t>(contract::kATTR_EXPERT_IDS, true);
+    a.widths = r.get_array<int64_t>(contract::kATTR_WIDTHS, true);
+    const std::string activation = r.get_string(contract::kATTR_ACTIVATION, "gelu");
+    a.layer_norm = r.get_int(contract::kATTR_LAYER_NORM, 1, false) != 0;
+    a.eps = r.get_float(contract::kATTR_EPS, 1e-5f);
+    const std::string quant = r.get_string(contract::kATTR_QUANT_MODE, "none");
+    a.act_scales = r.get_array<float>(contract::kATTR_ACT_SCALES, false);
+    if (!r.problem.empty()) return error(msg("PiMoEExpertMLP: ", r.problem));
+    int32_t value = 0;
+    if (!parse_enum(activation.c_str(), contract::kACTIVATION_NAMES, contract::kACTIVATION_COUNT, &value))
+      return error(msg("PiMoEExpertMLP: unknown activation '", activation, "'; expected one of ",
+                       enum_choices(contract::kACTIVATION_NAMES, contract::kACTIVATION_COUNT)));
+    a.activation = static_cast<contract::Activation>(value);
+    if (!parse_enum(quant.c_str(), contract::kQUANTMODE_NAMES, contract::kQUANTMODE_COUNT, &value))
+      return error(msg("PiMoEExpertMLP: unknown quant_mode '", quant, "'; expected one of ",
+                       enum_choices(contract::kQUANTMODE_NAMES, contract::kQUANTMODE_COUNT)));
+    a.quant_mode = static_cast<contract::QuantMode>(value);
+    if (auto e = validate_attrs(a); !e.empty()) return error(e);
+
+    // Pack the weights now if they are all constant initializers (the normal exported graph).
+    size_t inputs = 0;
+    PIMOE_RETURN_IF(g_api->KernelInfo_GetInputCount(info, &inputs));
+    std::vector<Input> params(inputs >= 2 ? inputs - 2 : 0);
+    bool all_constant = !params.empty();
+    for (size_t i = 0; i < params.size() && all_constant; ++i) {
+      int is_constant = 0;
+      const OrtValue* value_ptr = nullptr;
+      OrtStatus* s = g_api->KernelInfoGetConstantInput_tensor(info, i + 2, &is_constant, &value_ptr);
+      if (s) {
+        g_api->ReleaseStatus(s);
+        all_constant = false;
+      } else if (!is_constant || value_ptr == nullptr) {
+        all_constant = false;
+      } else {
+        PIMOE_RETURN_IF(describe(value_ptr, &params[i]));
+      }
+    }
+    if (all_constant) {
+      std::vector<Dims> dims;
+      std::vector<ONNXTensorElementDataType> types;
+      for (const Input& p : params) {
+        dims.push_back(p.dims);
+        types.push_back(p.type);
+      }
+      // check shapes against a nominal x (rows unknown yet) and offsets for the largest expert id
+      int64_t max_id = 0;
+      for (int64_t id : a.expert_ids) max_id = id > max_id ? id : max_id;
+      if (auto e = check_expert_mlp(a, {0, a.widths.front()}, {max_id + 2}, dims); !e.empty()) return error(e);
+      if (auto e = check_param_types(a, types, T); !e.empty()) return error(e);
+      std::vector<cpu::ExpertMLP::Param> raw;
+      for (const Input& p : params) raw.push_back({p.data, to_dtype(p.type)});
+      k->packed = std::make_unique<cpu::ExpertMLP>();
+      if (auto e = k->packed->prepare(a, raw); !e.empty()) return error(e);
+    }
+    *kernel = k.release();
+    return nullptr;
+  }
+  const char* GetName() const { return contract::kEXPERTMLP_NAME; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return i == 0 ? T : i == 1 ? kI32 : kAny; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 2 ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
+  }
+  int GetVariadicInputMinArity() const { return 2; }
+  bool GetVariadicInputHomogeneity() const { return false; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return T; }
+};
+
+// ------------------------------------------------------------------------------------------ registration
+struct Registry {
+  RouteOp route;
+  DispatchOp<kF32> dispatch_f32;
+  DispatchOp<kF16> dispatch_f16;
+  CombineOp<kF32> combine_f32;
+  CombineOp<kF16> combine_f16;
+  ExpertMLPOp<kF32> mlp_f32;
+  ExpertMLPOp<kF16> mlp_f16;
+  std::mutex mutex;
+  // One domain per registration. They must outlive every session that uses them, and ONNX Runtime may
+  // already be torn down when this library's static destructors run, so they are deliberately never
+  // released (a few hundred bytes per registered session options object).
+  std::vector<OrtCustomOpDomain*> domains;
+};
+
+Registry& registry() {
+  static Registry r;
+  return r;
+}
+
+}  // namespace
+}  // namespace ort
+}  // namespace pimoe
+
+using pimoe::ort::g_api;
+
+PIMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) return nullptr;  // ORT older than our headers: it reports the registration failure itself
+  g_api = api;
+  Ort::InitApi(api);
+  auto& reg = pimoe::ort::registry();
+  std::lock_guard<std::mutex> lock(reg.mutex);
+  OrtCustomOpDomain* domain = nullptr;
+  if (OrtStatus* s = api->CreateCustomOpDomain(pimoe::contract::kDOMAIN, &domain)) return s;
+  OrtCustomOp* ops[] = {&reg.route, &reg.dispatch_f32, &reg.dispatch_f16, &reg.combine_f32,
+                        &reg.combine_f16, &reg.mlp_f32, &reg.mlp_f16};
+  for (OrtCustomOp* op : ops) {
+    if (OrtStatus* s = api->CustomOpDomain_Add(domain, op)) {
+      api->ReleaseCustomOpDomain(domain);
+      return s;
+    }
+  }
+  if (OrtStatus* s = api->AddCustomOpDomain(options, domain)) {
+    api->ReleaseCustomOpDomain(domain);
+    return s;
+  }
+  reg.domains.push_back(domain);
+  return nullptr;
+}
+
+// Identification for the Python loader: op-contract version and the CPU ISA the kernels selected.
+PIMOE_EXPORT int pimoe_ort_contract_version() { return pimoe::contract::kCONTRACT_VERSION; }
+PIMOE_EXPORT const char* pimoe_ort_cpu_isa() { return pimoe::cpu::active_isa(); }

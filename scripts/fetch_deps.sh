@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Fetch build-time third-party headers into build/deps (git-ignored), from PyPI and Debian only:
+#   build/deps/onnxruntime/include   ONNX Runtime C/C++ API headers (Debian trixie libonnxruntime-dev 1.21, API 21)
+#   build/deps/tensorrt/include      TensorRT 10.14 NvInfer*.h (from the kernel-lens 2.0.1 wheel, Apache-2.0)
+#   build/deps/cutlass/include       CUTLASS 4.2 headers (nvidia-cutlass wheel)
+# Installed copies win: ONNXRUNTIME_INCLUDE_DIR, TENSORRT_ROOT (or /usr/include/x86_64-linux-gnu/NvInfer.h),
+# CUTLASS_INCLUDE_DIR. Idempotent: a component already present is not fetched again.
+# Usage: scripts/fetch_deps.sh [ort] [trt] [cutlass]   (default: all)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+deps="$root/build/deps"
+mkdir -p "$deps"
+python=${PYTHON:-"$root/.venv/bin/python"}
+[ -x "$python" ] || python=python3
+fail() { echo "fetch_deps.sh: error: $*" >&2; exit 1; }
+want=${*:-"ort trt cutlass"}
+
+fetch_wheel() {  # name==version -> unpacked into $deps/wheels/<name>
+  local spec=$1 dir=$deps/wheels/${1%%==*}
+  if [ ! -d "$dir" ]; then
+    mkdir -p "$deps/wheels/dl"
+    "$python" -m pip download --quiet --no-deps --only-binary=:all: -d "$deps/wheels/dl" "$spec" \
+      || fail "pip download $spec failed (is PyPI reachable?)"
+    local whl
+    whl=$(ls "$deps/wheels/dl/$(echo "${spec%%==*}" | tr - _)"-*.whl | head -n1)
+    "$python" -m zipfile -e "$whl" "$dir" || fail "cannot unpack $whl"
+  fi
+  echo "$dir"
+}
+
+for component in $want; do
+  case $component in
+  ort)
+    if [ -n "${ONNXRUNTIME_INCLUDE_DIR:-}" ]; then
+      echo "onnxruntime headers: $ONNXRUNTIME_INCLUDE_DIR (ONNXRUNTIME_INCLUDE_DIR)"
+    elif [ -f "$deps/onnxruntime/include/onnxruntime_cxx_api.h" ]; then
+      echo "onnxruntime headers: $deps/onnxruntime/include (cached)"
+    else
+      D="$deps/apt"
+      mkdir -p "$D/etc" "$D/state/lists/partial" "$D/cache/archives/partial"
+      uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+      [ -n "$uri" ] || uri=http://deb.debian.org/debian
+      echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri trixie main" > "$D/etc/sources.list"
+      O="-o Dir::State=$D/state -o Dir::Cache=$D/cache -o Dir::Etc::SourceList=$D/etc/sources.list -o Dir::Etc::SourceParts=/dev/null -o APT::Sandbox::User=root"
+      # shellcheck disable=SC2086
+      apt-get $O -qq update >/dev/null || fail "apt-get update (private state, trixie) failed"
+      # shellcheck disable=SC2086
+      (cd "$D" && apt-get $O -qq download libonnxruntime-dev >/dev/null) || fail "apt-get download libonnxruntime-dev failed"
+      rm -rf "$D/root" && dpkg-deb -x "$D"/libonnxruntime-dev_*.deb "$D/root"
+      mkdir -p "$deps/onnxruntime"
+      rm -rf "$deps/onnxruntime/include" && cp -r "$D/root/usr/include/onnxruntime" "$deps/onnxruntime/include"
+      echo "onnxruntime headers: $deps/onnxruntime/include"
+    fi
+    ;;
+  trt)
+    if [ -n "${TENSORRT_ROOT:-}" ] && [ -f "$TENSORRT_ROOT/include/NvInfer.h" ]; then
+      echo "tensorrt headers: $TENSORRT_ROOT/include (TENSORRT_ROOT)"
+    elif [ -f /usr/include/x86_64-linux-gnu/NvInfer.h ] || [ -f /usr/include/NvInfer.h ]; then
+      echo "tensorrt headers: system"
+    else
+      dir=$(fetch_wheel kernel-lens==2.0.1 | tail -n1)
+      mkdir -p "$deps/tensorrt"
+      rm -rf "$deps/tensorrt/include" && cp -r "$dir/kernel_lens/include/tensorrt" "$deps/tensorrt/include"
+      echo "tensorrt headers: $deps/tensorrt/include"
+    fi
+    ;;
+  cutlass)
+    if [ -n "${CUTLASS_INCLUDE_DIR:-}" ]; then
+      echo "cutlass headers: $CUTLASS_INCLUDE_DIR (CUTLASS_INCLUDE_DIR)"
+    else
+      dir=$(fetch_wheel nvidia-cutlass==4.2.0.0 | tail -n1)
+      mkdir -p "$deps/cutlass"
+      [ -d "$deps/cutlass/include" ] || cp -r "$dir/cutlass_library/source/include" "$deps/cutlass/include"
+      echo "cutlass headers: $deps/cutlass/include"
+    fi
+    ;;
+  *) fail "unknown component '$component' (ort, trt, cutlass)";;
+  esac
+done

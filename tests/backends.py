@@ -1,0 +1,87 @@
+"""Op backends for the parametrised op tests: every backend runs the same cases against the PyTorch reference.
+
+- ``ort``: the ONNX Runtime custom-op library (CPU), through single-op graphs.
+- ``trt-harness``: the TensorRT plugin objects on a CUDA GPU through plugins/harness (no TensorRT library);
+  added by tests/gpu_harness.py, skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from op_graphs import expert_mlp_attrs, single_op_model
+
+from pimoe_export.runtime.ort import create_session
+
+
+class OrtOpBackend:
+    name = "ort"
+
+    def __init__(self) -> None:
+        self._cache: dict[bytes, object] = {}
+
+    def _run(self, model: bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        session = self._cache.get(model)
+        if session is None:
+            session = create_session(model, threads=2)
+            if len(self._cache) < 64:
+                self._cache[model] = session
+        return session.run(None, feeds)  # type: ignore[attr-defined]
+
+    def route(self, logits: np.ndarray, bias: np.ndarray | None, k: int, normalize: bool):
+        inputs = [("logits", logits)] + ([("selection_bias", bias)] if bias is not None else [])
+        model = single_op_model("PiMoERoute", inputs, [("weights", np.float32, 2), ("ids", np.int32, 2)],
+                                {"k": k, "normalize": int(normalize)})
+        return self._run(model, dict(inputs))
+
+    def dispatch(self, x: np.ndarray, ids: np.ndarray, num_experts: int):
+        model = single_op_model("PiMoEDispatch", [("x", x), ("ids", ids)],
+                                [("x_sorted", x.dtype, 2), ("offsets", np.int32, 1), ("flat_to_sorted", np.int32, 1)],
+                                {"num_experts": num_experts})
+        return self._run(model, {"x": x, "ids": ids})
+
+    def combine(self, y_sorted: np.ndarray, flat_to_sorted: np.ndarray, weights: np.ndarray):
+        model = single_op_model("PiMoECombine", [("y_sorted", y_sorted), ("flat_to_sorted", flat_to_sorted),
+                                                 ("weights", weights)], [("y", y_sorted.dtype, 2)], {})
+        return self._run(model, {"y_sorted": y_sorted, "flat_to_sorted": flat_to_sorted, "weights": weights})[0]
+
+    def expert_mlp(self, x_sorted: np.ndarray, offsets: np.ndarray, params: Sequence[np.ndarray], expert_ids,
+                   widths, activation: str, layer_norm: bool, eps: float = 1e-5, quant_mode: str = "none",
+                   act_scales: Sequence[float] = (), constant_params: bool = True):
+        attrs = expert_mlp_attrs(expert_ids, widths, activation, layer_norm, eps, quant_mode, act_scales)
+        named = [(f"p{i}", p) for i, p in enumerate(params)]
+        inputs = [("x_sorted", x_sorted), ("offsets", offsets)]
+        if constant_params:
+            model = single_op_model("PiMoEExpertMLP", inputs, [("y_sorted", x_sorted.dtype, 2)], attrs, named)
+            feeds = dict(inputs)
+        else:
+            model = single_op_model("PiMoEExpertMLP", inputs + named, [("y_sorted", x_sorted.dtype, 2)], attrs)
+            feeds = dict(inputs + named)
+        return self._run(model, feeds)[0]
+
+
+_BACKENDS: dict[str, object] = {}
+
+
+def get_backend(name: str):
+    if name not in _BACKENDS:
+        if name == "ort":
+            _BACKENDS[name] = OrtOpBackend()
+        elif name == "trt-harness":
+            from gpu_harness import harness_backend_or_skip
+
+            _BACKENDS[name] = harness_backend_or_skip()
+        else:  # pragma: no cover
+            raise ValueError(name)
+    backend = _BACKENDS[name]
+    if backend is None:
+        pytest.skip(f"backend {name} is not available here")
+    return backend
+
+
+BACKEND_PARAMS = [
+    pytest.param("ort", id="ort"),
+    pytest.param("trt-harness", id="trt-harness", marks=pytest.mark.gpu),
+]

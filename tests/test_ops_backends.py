@@ -1,0 +1,201 @@
+"""Every op on every available backend against the PyTorch reference (pimoe_export.model.functional).
+
+Hypothesis generates the cases: N including 0 and 1, E up to 64, k up to min(E, 16), hidden sizes that are
+not multiples of 8, fp32 and fp16, NaN/Inf and exact ties. 200 examples per op and backend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from backends import BACKEND_PARAMS, get_backend
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pimoe_export.model import functional
+from pimoe_export.ops import schema
+
+EXAMPLES = 200
+op_settings = settings(max_examples=EXAMPLES, deadline=None,
+                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+DTYPES = [np.float32, np.float16]
+
+
+def rng_from(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+# ------------------------------------------------------------------------------------------ PiMoERoute
+@st.composite
+def route_cases(draw):
+    e = draw(st.integers(1, 64))
+    k = draw(st.integers(1, min(e, schema.MAX_TOP_K)))
+    n = draw(st.sampled_from([0, 1, 2, 3, 5, 17, 40]))
+    dtype = draw(st.sampled_from(DTYPES))
+    style = draw(st.sampled_from(["normal", "ties", "special"]))
+    rng = rng_from(draw(st.integers(0, 2**31)))
+    logits = rng.normal(0, 2, size=(n, e))
+    if style == "ties":  # few distinct values: many exact ties, broken by the lower index
+        logits = rng.integers(-2, 3, size=(n, e)).astype(np.float64)
+    elif style == "special" and n:
+        rows = rng.integers(0, n, size=min(n, 3))
+        cols = rng.integers(0, e, size=len(rows))
+        logits[rows, cols] = rng.choice([np.nan, np.inf, -np.inf], size=len(rows))
+    bias = rng.normal(0, 0.05, size=e).astype(np.float32) if draw(st.booleans()) else None
+    return logits.astype(dtype), bias, k, draw(st.booleans())
+
+
+def assert_same_selection(ids, ref_ids, ref_scores, tol=1e-6):
+    """ids equal, except that swaps between (numerically) tied scores are accepted."""
+    if np.array_equal(ids, ref_ids):
+        return
+    for row in np.nonzero((ids != ref_ids).any(axis=1))[0]:
+        got = ref_scores[row, ids[row]]
+        want = ref_scores[row, ref_ids[row]]
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=f"row {row}: {ids[row]} vs {ref_ids[row]}")
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@op_settings
+@given(case=route_cases())
+def test_route_matches_reference(backend_name, case) -> None:
+    backend = get_backend(backend_name)
+    logits, bias, k, normalize = case
+    weights, ids = backend.route(logits, bias, k, normalize)
+    n, e = logits.shape
+    assert weights.shape == (n, k) and ids.shape == (n, k)
+    assert weights.dtype == np.float32 and ids.dtype == np.int32
+    assert ((ids >= 0) & (ids < e)).all(), "ids must stay in range whatever the logits"
+    t_bias = None if bias is None else torch.from_numpy(bias)
+    ref_w, ref_ids = functional.route(torch.from_numpy(logits), t_bias, k, normalize)
+    probs = torch.softmax(torch.from_numpy(logits).float(), -1)
+    scores = (probs + (t_bias if t_bias is not None else 0)).numpy()
+    finite_rows = np.isfinite(scores).all(axis=1)
+    assert_same_selection(ids[finite_rows], ref_ids.numpy()[finite_rows], scores[finite_rows])
+    if (~finite_rows).any():  # NaN rows: the contract fixes ids exactly (NaN ranks lowest, then index order)
+        np.testing.assert_array_equal(ids[~finite_rows], ref_ids.numpy()[~finite_rows])
+    same = (ids == ref_ids.numpy()).all(axis=1)
+    np.testing.assert_allclose(weights[same], ref_w.numpy()[same], rtol=2e-6, atol=1e-7, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------ PiMoEDispatch
+@st.composite
+def dispatch_cases(draw):
+    e = draw(st.integers(1, 64))
+    k = draw(st.integers(1, min(e, schema.MAX_TOP_K)))
+    n = draw(st.sampled_from([0, 1, 2, 7, 33]))
+    h = draw(st.sampled_from([1, 3, 8, 13, 37]))
+    rng = rng_from(draw(st.integers(0, 2**31)))
+    x = rng.normal(size=(n, h)).astype(draw(st.sampled_from(DTYPES)))
+    skew = draw(st.booleans())  # skewed: most pairs on few experts, empty experts in between
+    ids = (rng.integers(0, max(1, e // 4), size=(n, k)) * (4 if e >= 4 else 1) if skew
+           else rng.integers(0, e, size=(n, k))).astype(np.int32) % e
+    return x, ids, e
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@op_settings
+@given(case=dispatch_cases())
+def test_dispatch_matches_reference(backend_name, case) -> None:
+    backend = get_backend(backend_name)
+    x, ids, e = case
+    x_sorted, offsets, f2s = backend.dispatch(x, ids, e)
+    ref = functional.dispatch(torch.from_numpy(x), torch.from_numpy(ids), e)
+    np.testing.assert_array_equal(offsets, ref[1].numpy())
+    np.testing.assert_array_equal(f2s, ref[2].numpy())
+    np.testing.assert_array_equal(x_sorted, ref[0].numpy())  # pure data movement: bit-exact
+    assert x_sorted.dtype == x.dtype
+
+
+# ------------------------------------------------------------------------------------------ PiMoECombine
+@st.composite
+def combine_cases(draw):
+    k = draw(st.integers(1, schema.MAX_TOP_K))
+    n = draw(st.sampled_from([0, 1, 2, 9, 31]))
+    h = draw(st.sampled_from([1, 5, 8, 19, 64]))
+    rng = rng_from(draw(st.integers(0, 2**31)))
+    dtype = draw(st.sampled_from(DTYPES))
+    y_sorted = rng.normal(size=(n * k, h)).astype(dtype)
+    f2s = rng.permutation(n * k).astype(np.int32)
+    weights = rng.random(size=(n, k)).astype(np.float32)
+    return y_sorted, f2s, weights
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@op_settings
+@given(case=combine_cases())
+def test_combine_matches_reference_bitwise(backend_name, case) -> None:
+    backend = get_backend(backend_name)
+    y_sorted, f2s, weights = case
+    y = backend.combine(y_sorted, f2s, weights)
+    ref = functional.combine(torch.from_numpy(y_sorted), torch.from_numpy(f2s), torch.from_numpy(weights)).numpy()
+    assert y.dtype == y_sorted.dtype and y.shape == ref.shape
+    # same operations in the same order (multiply, then add slot by slot in fp32): identical bits
+    np.testing.assert_array_equal(y, ref)
+
+
+# ------------------------------------------------------------------------------------------ PiMoEExpertMLP
+def make_expert_case(rng, *, e, groups, widths, layer_norm, dtype, rows_per_expert):
+    expert_ids = sorted(rng.choice(e, size=groups, replace=False).tolist())
+    counts = rng.integers(0, rows_per_expert + 1, size=e)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    rows = int(offsets[-1])
+    x = rng.normal(size=(rows, widths[0])).astype(dtype)
+    params = []
+    for layer, role in schema.expert_mlp_param_layout(len(widths) - 1, layer_norm, "none"):
+        out, inp = widths[layer + 1], widths[layer]
+        if role == "weight":
+            params.append((rng.normal(size=(groups, out, inp)) / np.sqrt(inp)).astype(dtype))
+        elif role == "ln_gamma":
+            params.append(rng.uniform(0.5, 1.5, size=(groups, out)).astype(np.float32))
+        else:
+            params.append(rng.normal(0, 0.1, size=(groups, out)).astype(np.float32))
+    return x, offsets, params, expert_ids
+
+
+def expert_reference(x, offsets, params, expert_ids, widths, activation, layer_norm):
+    import pimoe_export.ops.torch_ops as ops
+
+    y = ops.expert_mlp(torch.from_numpy(x), torch.from_numpy(offsets), [torch.from_numpy(p) for p in params],
+                       expert_ids, list(widths), activation, layer_norm, 1e-5, "none", [])
+    return y.numpy()
+
+
+@st.composite
+def expert_cases(draw):
+    e = draw(st.integers(1, 12))
+    groups = draw(st.integers(1, e))
+    n_layers = draw(st.integers(1, 3))
+    widths = [draw(st.sampled_from([1, 3, 8, 13, 24, 37])) for _ in range(n_layers + 1)]
+    activation = draw(st.sampled_from(schema.ACTIVATIONS))
+    layer_norm = draw(st.booleans())
+    dtype = draw(st.sampled_from(DTYPES))
+    rng = rng_from(draw(st.integers(0, 2**31)))
+    rows_per_expert = draw(st.sampled_from([0, 1, 3, 14]))
+    constant = draw(st.booleans())
+    case = make_expert_case(rng, e=e, groups=groups, widths=widths, layer_norm=layer_norm, dtype=dtype,
+                            rows_per_expert=rows_per_expert)
+    return (*case, widths, activation, layer_norm, constant)
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@op_settings
+@given(case=expert_cases())
+def test_expert_mlp_matches_reference(backend_name, case) -> None:
+    backend = get_backend(backend_name)
+    x, offsets, params, expert_ids, widths, activation, layer_norm, constant = case
+    y = backend.expert_mlp(x, offsets, params, expert_ids, widths, activation, layer_norm,
+                           constant_params=constant)
+    ref = expert_reference(x, offsets, params, expert_ids, widths, activation, layer_norm)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    # rows of experts outside the group are exactly zero
+    mine = np.zeros(x.shape[0], dtype=bool)
+    for e in expert_ids:
+        mine[offsets[e]:offsets[e + 1]] = True
+    assert (y[~mine] == 0).all()
+    if x.dtype == np.float32:
+        scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * scale)
+    else:  # fp16 output: one fp16 rounding of the same fp32 result, plus fp32 differences before it
+        np.testing.assert_allclose(y.astype(np.float32), ref.astype(np.float32), rtol=2e-3, atol=2e-3)
