@@ -12,10 +12,10 @@ import onnx
 import torch
 
 from pimoe_export.errors import PiMoEExportError
-from pimoe_export.ops.onnx_schema import register_onnx_schemas
 from pimoe_export.export.modules import FLOAT_DTYPES, CustomOpPiMoE, StandardOpsPiMoE
 from pimoe_export.model.system import PiMoESystem
 from pimoe_export.ops import schema
+from pimoe_export.ops.onnx_schema import register_onnx_schemas
 
 ONNX_OPSET = 18
 INPUT_NAME = "hidden_states"

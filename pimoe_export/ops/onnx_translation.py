@@ -14,7 +14,6 @@ from onnxscript import ir
 from onnxscript.values import Opset
 
 import pimoe_export.ops.onnx_schema  # noqa: F401  (registers the pimoe schemas before Opset lookups)
-
 from pimoe_export.ops import schema
 
 PIMOE = Opset(schema.DOMAIN, schema.OPSET_VERSION)

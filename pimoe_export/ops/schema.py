@@ -121,7 +121,8 @@ EXPERT_MLP_SCHEMA = OpSchema(
                 "[G, out_l]. Everything but W_l is float32.",
         ),
     ),
-    outputs=(TensorSpec("y_sorted", FLOAT_TYPES, "[R, widths[-1]]", type_param="T", doc="rows of other experts are 0"),),
+    outputs=(TensorSpec("y_sorted", FLOAT_TYPES, "[R, widths[-1]]", type_param="T",
+                        doc="rows of other experts are 0"),),
     attributes=(
         AttrSpec("expert_ids", "ints", doc="the G experts of this group (distinct, in [0, E))"),
         AttrSpec("widths", "ints", doc="layer widths, input first (len = layers + 1)"),
@@ -129,7 +130,8 @@ EXPERT_MLP_SCHEMA = OpSchema(
         AttrSpec("layer_norm", "int", 1, doc="1: LayerNorm after every hidden Linear", minimum=0, maximum=1),
         AttrSpec("eps", "float", 1e-5, doc="LayerNorm epsilon", minimum=0.0),
         AttrSpec("quant_mode", "string", "none", doc="weight/activation quantisation", choices=QUANT_MODES),
-        AttrSpec("act_scales", "floats", [], doc="w8a8: static input scale per (layer, expert): [L * G], layer-major"),
+        AttrSpec("act_scales", "floats", [],
+                 doc="w8a8: static input scale per (layer, expert): [L * G], layer-major"),
     ),
     doc="one group of structurally identical experts over their contiguous row segments",
 )

@@ -1,0 +1,210 @@
+"""`pimoe-export pipeline`: the whole job, step by step, into one output directory.
+
+model -> ONNX (custom ops + standard ops) -> INT8 -> engines (TensorRT / TensorRT-RTX when installed) ->
+runtime load -> parity report -> benchmark summary. Every step records done / skipped (with the reason) /
+failed in ``pipeline.json``; a skipped step never counts as a pass.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class StepResult:
+    name: str
+    status: str = "pending"  # done | skipped | failed
+    seconds: float = 0.0
+    detail: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+
+class Pipeline:
+    def __init__(self, output: Path, progress: bool) -> None:
+        self.output = output
+        self.progress = progress
+        self.steps: list[StepResult] = []
+
+    def log(self, text: str) -> None:
+        if self.progress:
+            print(text, flush=True)
+
+    def step(self, name: str, total: int, fn: Callable[[], dict[str, Any] | str]) -> StepResult:
+        index = len(self.steps) + 1
+        self.log(f"[{index}/{total}] {name} ...")
+        result = StepResult(name)
+        start = time.perf_counter()
+        try:
+            out = fn()
+            if isinstance(out, str):  # a reason to skip
+                result.status, result.reason = "skipped", out
+            else:
+                result.status, result.detail = "done", out
+        except Exception as exc:  # recorded, reported, and the pipeline fails
+            result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
+            result.detail["traceback"] = traceback.format_exc(limit=6)
+        result.seconds = time.perf_counter() - start
+        self.steps.append(result)
+        mark = {"done": "ok", "skipped": "skipped", "failed": "FAILED"}[result.status]
+        self.log(f"      {mark} ({result.seconds:.1f} s){': ' + result.reason if result.reason else ''}")
+        return result
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def run_pipeline(
+    *,
+    output: Path,
+    preset: str | None,
+    model_dir: Path | None,
+    seed: int = 0,
+    bench_repeats: int = 20,
+    progress: bool = True,
+) -> dict[str, Any]:
+    import torch
+
+    from pimoe_export.export.onnx_export import export_onnx
+    from pimoe_export.model.factory import create_from_preset
+    from pimoe_export.model.io import load_pretrained
+    from pimoe_export.model.summary import summarize
+    from pimoe_export.runtime.ort import check_ort_library, create_session, find_ort_library
+    from pimoe_export.validate.check import check_onnx
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    pipe = Pipeline(output, progress)
+    total = 7
+    state: dict[str, Any] = {}
+
+    def step_model() -> dict[str, Any]:
+        if model_dir is not None:
+            state["model"] = load_pretrained(model_dir)
+            state["model_dir"] = Path(model_dir)
+        else:
+            assert preset is not None
+            state["model"] = create_from_preset(preset, seed=seed)
+            state["model_dir"] = output / "model"
+            state["model"].save_pretrained(state["model_dir"])
+        summary = summarize(state["model"].config)
+        return {"model_dir": str(state["model_dir"]), "params": summary["params_total"],
+                "expert_groups": [g["experts"] for g in summary["expert_groups"]]}
+
+    def step_export() -> dict[str, Any]:
+        model = state["model"]
+        custom = export_onnx(model, output / "model.onnx")
+        standard = export_onnx(model, output / "model.standard.onnx", standard_ops=True)
+        state["onnx"] = custom.path
+        state["onnx_standard"] = standard.path
+        return {"onnx": str(custom.path), "onnx_standard_ops": str(standard.path),
+                "pimoe_nodes": {k: v for k, v in custom.node_counts.items() if k.startswith("pimoe::")}}
+
+    def step_int8() -> dict[str, Any] | str:
+        try:
+            from pimoe_export.quantize import pipeline_step  # type: ignore[attr-defined]
+        except ImportError:
+            return "INT8 quantisation is not part of this build (pimoe_export.quantize.pipeline_step missing)"
+        result = pipeline_step(state["model"], state["onnx"], output)
+        state["onnx_int8"] = result.get("onnx_int8")
+        return result
+
+    def step_engines() -> dict[str, Any] | str:
+        try:
+            from pimoe_export.build import pipeline_step as build_step  # type: ignore[attr-defined]
+        except ImportError:
+            return "engine building is not part of this build (pimoe_export.build.pipeline_step missing)"
+        return build_step(state, output)
+
+    def step_runtime() -> dict[str, Any]:
+        lib = check_ort_library(str(find_ort_library()))
+        session = create_session(state["onnx"])
+        x = np.random.default_rng(0).standard_normal((1, 4, state["model"].hidden_size)).astype(np.float32)
+        y = session.run(None, {"hidden_states": x})[0]
+        if not np.isfinite(y).all():
+            raise RuntimeError("the ONNX Runtime backend produced non-finite outputs on finite inputs")
+        return {"backend": "onnxruntime-cpu", "library": lib["path"], "cpu_isa": lib["cpu_isa"],
+                "output_shape": list(y.shape)}
+
+    def step_check() -> dict[str, Any]:
+        reports = {}
+        for key, name in (("onnx", "report"), ("onnx_int8", "report_int8")):
+            if state.get(key):
+                rep = check_onnx(state["model"], state[key], output / name)
+                reports[name] = {"passed": rep.passed, "precision": rep.precision,
+                                 "routing_agreement": rep.routing_agreement,
+                                 "output": rep.output_stats["output"].to_dict(), "failures": rep.failures,
+                                 "files": rep.files}
+                if not rep.passed:
+                    raise RuntimeError(f"{name}: parity check failed: {rep.failures}")
+        return reports
+
+    def step_bench() -> dict[str, Any]:
+        model = state["model"]
+        sessions = {"ort_pimoe_ops": create_session(state["onnx"]),
+                    "ort_standard_ops": create_session(state["onnx_standard"])}
+        if state.get("onnx_int8"):
+            sessions["ort_pimoe_int8"] = create_session(state["onnx_int8"])
+        rows = []
+        for tokens in (1, 16, 128):
+            x = np.random.default_rng(tokens).standard_normal((1, tokens, model.hidden_size)).astype(np.float32)
+            xt = torch.from_numpy(x)
+            row: dict[str, Any] = {"tokens": tokens}
+            with torch.inference_mode():
+                row["pytorch_ms"] = _median_ms(lambda xt=xt: model(xt), bench_repeats)
+            for name, sess in sessions.items():
+                row[f"{name}_ms"] = _median_ms(lambda s=sess, x=x: s.run(None, {"hidden_states": x}), bench_repeats)
+            rows.append(row)
+        lines = ["| tokens | " + " | ".join(k[:-3] + " (ms)" for k in rows[0] if k.endswith("_ms")) + " |",
+                 "|---|" + "---|" * (len(rows[0]) - 1)]
+        for row in rows:
+            lines.append(f"| {row['tokens']} | " + " | ".join(f"{v:.3f}" for k, v in row.items() if k.endswith("_ms"))
+                         + " |")
+        machine = platform.processor() or platform.machine()
+        text = (f"# Benchmark summary\n\nMedian of {bench_repeats} runs per point, batch 1, {_cpu_count()} threads "
+                f"available, {machine}.\n\n" + "\n".join(lines) + "\n")
+        (output / "benchmark.md").write_text(text)
+        (output / "benchmark.json").write_text(json.dumps(rows, indent=2) + "\n")
+        return {"rows": rows, "markdown": str(output / "benchmark.md")}
+
+    for name, fn in (("model", step_model), ("export", step_export), ("int8", step_int8),
+                     ("engines", step_engines), ("runtime", step_runtime), ("check", step_check),
+                     ("benchmark", step_bench)):
+        result = pipe.step(name, total, fn)
+        if result.status == "failed" and name in ("model", "export"):
+            break  # later steps need these artefacts
+    passed = all(s.status != "failed" for s in pipe.steps) and len(pipe.steps) == total
+    summary = {
+        "passed": passed,
+        "output": str(output),
+        "steps": [{"name": s.name, "status": s.status, "seconds": round(s.seconds, 3), "reason": s.reason,
+                   "detail": s.detail} for s in pipe.steps],
+    }
+    (output / "pipeline.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if progress:
+        print(f"pipeline {'PASSED' if passed else 'FAILED'}; "
+              f"skipped: {[s.name for s in pipe.steps if s.status == 'skipped'] or 'none'}; summary in "
+              f"{output / 'pipeline.json'}")
+    return summary
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

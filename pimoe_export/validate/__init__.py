@@ -1,0 +1,1 @@
+"""Parity checks: PyTorch vs backends (Polygraphy), error statistics, routing agreement, reports."""

@@ -1,0 +1,73 @@
+"""Error statistics and routing agreement (numpy only)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ErrorStats:
+    max_abs: float
+    mean_abs: float
+    rel_l2: float
+    cosine: float
+    ref_max_abs: float
+    elements: int
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def error_stats(reference: np.ndarray, actual: np.ndarray) -> ErrorStats:
+    """Statistics of ``actual - reference`` in float64 (NaN anywhere makes every statistic NaN)."""
+    ref = np.asarray(reference, dtype=np.float64).ravel()
+    out = np.asarray(actual, dtype=np.float64).ravel()
+    if ref.shape != out.shape:
+        raise ValueError(f"shape mismatch: reference {np.shape(reference)} vs actual {np.shape(actual)}")
+    if ref.size == 0:
+        return ErrorStats(0.0, 0.0, 0.0, 1.0, 0.0, 0)
+    diff = out - ref
+    ref_norm = float(np.linalg.norm(ref))
+    out_norm = float(np.linalg.norm(out))
+    if ref_norm == 0.0 and out_norm == 0.0:
+        cosine = 1.0
+    elif ref_norm == 0.0 or out_norm == 0.0:
+        cosine = 0.0
+    else:
+        cosine = float(np.dot(ref, out) / (ref_norm * out_norm))
+    return ErrorStats(
+        max_abs=float(np.max(np.abs(diff))),
+        mean_abs=float(np.mean(np.abs(diff))),
+        rel_l2=float(np.linalg.norm(diff) / ref_norm) if ref_norm > 0 else float(np.linalg.norm(diff)),
+        cosine=cosine,
+        ref_max_abs=float(np.max(np.abs(ref))),
+        elements=int(ref.size),
+    )
+
+
+def routing_agreement(reference_ids: np.ndarray, ids: np.ndarray) -> float:
+    """Share of tokens whose selected expert SET is unchanged (order within the top-k ignored)."""
+    ref = np.sort(np.asarray(reference_ids).reshape(-1, np.shape(reference_ids)[-1]), axis=-1)
+    got = np.sort(np.asarray(ids).reshape(-1, np.shape(ids)[-1]), axis=-1)
+    if ref.shape != got.shape:
+        raise ValueError(f"routing shapes differ: {np.shape(reference_ids)} vs {np.shape(ids)}")
+    if ref.shape[0] == 0:
+        return 1.0
+    return float(np.mean(np.all(ref == got, axis=-1)))
+
+
+def merge_stats(parts: list[ErrorStats]) -> ErrorStats:
+    """Combine per-batch statistics (exact for max/mean; rel_l2 and cosine weighted by element count)."""
+    total = sum(p.elements for p in parts)
+    if total == 0:
+        return ErrorStats(0.0, 0.0, 0.0, 1.0, 0.0, 0)
+    return ErrorStats(
+        max_abs=max(p.max_abs for p in parts),
+        mean_abs=sum(p.mean_abs * p.elements for p in parts) / total,
+        rel_l2=float(np.sqrt(sum(p.rel_l2**2 * p.elements for p in parts) / total)),
+        cosine=min(p.cosine for p in parts),
+        ref_max_abs=max(p.ref_max_abs for p in parts),
+        elements=total,
+    )

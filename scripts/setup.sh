@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Idempotent set-up used by both README commands and by .ci/run:
+#   1. .venv in the project root (Python >= 3.10), torch 2.13.0 CPU wheel first (so nothing pulls a CUDA build)
+#   2. the package with its dev extras (editable)
+#   3. build-time headers (scripts/fetch_deps.sh -> build/deps) and the plugin libraries (build/plugins)
+# Re-running it only redoes what is missing or out of date.
+# Environment: PYTHON (interpreter for the venv, default python3), PIMOE_SETUP_EXTRAS (default "dev"),
+#              PIMOE_SKIP_PLUGINS=1 (Python only), CMAKE_BUILD_PARALLEL_LEVEL (default: nproc)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+python=${PYTHON:-python3}
+extras=${PIMOE_SETUP_EXTRAS:-dev}
+step() { echo "==> $*"; }
+fail() { echo "setup.sh: error: $*" >&2; exit 1; }
+
+step "Python environment (.venv)"
+"$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
+  || fail "$python is older than Python 3.10; set PYTHON=/path/to/python3.10+"
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv || fail "could not create .venv with $python (is the venv module installed?)"
+fi
+pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
+if ! .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
+  step "torch 2.13.0 (CPU wheel, installed before anything can ask for a CUDA build)"
+  pip install --quiet torch==2.13.0 || fail "pip install torch==2.13.0 failed"
+fi
+stamp=.venv/.pimoe-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" != "$extras" ]; then
+  step "pimoe-export[$extras] (editable)"
+  pip install --quiet -e ".[$extras]" || fail "pip install -e .[$extras] failed"
+  echo "$extras" > "$stamp"
+fi
+
+if [ "${PIMOE_SKIP_PLUGINS:-0}" = "1" ]; then
+  step "plugins skipped (PIMOE_SKIP_PLUGINS=1)"
+  exit 0
+fi
+
+step "build-time headers"
+PYTHON="$root/.venv/bin/python" scripts/fetch_deps.sh ort || fail "fetching the ONNX Runtime headers failed"
+ort_include=${ONNXRUNTIME_INCLUDE_DIR:-$root/build/deps/onnxruntime/include}
+
+step "plugins (CMake, build/plugins)"
+command -v cmake >/dev/null || fail "cmake is not installed (Debian: apt-get install cmake)"
+command -v c++ >/dev/null || fail "no C++ compiler (Debian: apt-get install g++)"
+cmake -S plugins -B build/plugins -DCMAKE_BUILD_TYPE=Release -DONNXRUNTIME_INCLUDE_DIR="$ort_include" \
+  ${PIMOE_CMAKE_ARGS:-} > build/plugins-configure.log 2>&1 \
+  || { tail -n 30 build/plugins-configure.log >&2; fail "CMake configure failed (log: build/plugins-configure.log)"; }
+cmake --build build/plugins --parallel "${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" > build/plugins-build.log 2>&1 \
+  || { grep -E "error|Error" build/plugins-build.log | head -n 30 >&2; fail "plugin build failed (log: build/plugins-build.log)"; }
+.venv/bin/python -c 'from pimoe_export.runtime.ort import find_ort_library, check_ort_library; print("    ", check_ort_library(str(find_ort_library())))' \
+  || fail "the built ONNX Runtime op library does not load"
+step "done: activate with 'source .venv/bin/activate' or call .venv/bin/pimoe-export"

@@ -1,0 +1,62 @@
+"""The `pimoe-export` command line, end to end on the tiny preset (in-process)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pimoe_export.cli import main
+from pimoe_export.model import PiMoESystem, create_from_preset
+
+
+def test_create_info_and_bit_exact_reload(tmp_path, capsys) -> None:
+    out = tmp_path / "seed-types"
+    assert main(["create", "--preset", "seed-types", "-o", str(out)]) == 0
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "reasoning" in text and "FLOP/token" in text and "expert groups" in text
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params_total"] > 0 and len(info["params_per_expert"]) == 8
+    x = torch.randn(2, 5, 512)
+    assert torch.equal(PiMoESystem.from_pretrained(out)(x), create_from_preset("seed-types")(x))
+
+
+def test_export_and_check_exit_codes(tmp_path, capsys) -> None:
+    model_dir = tmp_path / "tiny"
+    assert main(["create", "--preset", "tiny", "-o", str(model_dir)]) == 0
+    onnx_path = tmp_path / "tiny.onnx"
+    assert main(["export", str(model_dir), "-o", str(onnx_path)]) == 0
+    assert "pimoe::PiMoEExpertMLP" in capsys.readouterr().out
+    assert main(["check", str(model_dir), "--onnx", str(onnx_path), "--shapes", "1x1,2x7"]) == 0
+    report = json.loads((tmp_path / "tiny_report" / "report.json").read_text())
+    assert report["passed"] and report["routing_agreement"] == 1.0
+    other = tmp_path / "other"
+    assert main(["create", "--preset", "tiny", "--seed", "5", "-o", str(other)]) == 0
+    assert main(["check", str(other), "--onnx", str(onnx_path), "--no-plots"]) == 1  # other weights: fails
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys) -> None:
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json is missing" in err and "pimoe-export create" in err
+    with pytest.raises(SystemExit):
+        main(["create", "--preset", "nope", "-o", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_pipeline_on_tiny(tmp_path) -> None:
+    out = tmp_path / "engines" / "tiny"
+    assert main(["pipeline", "--preset", "tiny", "-o", str(out), "--bench-repeats", "3", "--quiet"]) == 0
+    summary = json.loads((out / "pipeline.json").read_text())
+    statuses = {s["name"]: s["status"] for s in summary["steps"]}
+    assert statuses["model"] == statuses["export"] == statuses["check"] == statuses["benchmark"] == "done"
+    for step in summary["steps"]:
+        assert step["status"] != "failed"
+        if step["status"] == "skipped":
+            assert step["reason"]
+    for name in ("model.onnx", "model.standard.onnx", "report/report.md", "report/report.json",
+                 "report/error_histogram.png", "benchmark.md", "model/config.json"):
+        assert (out / name).is_file(), name

@@ -1,0 +1,40 @@
+"""Repository-level invariants: lint, generated header in sync, no pickle loading."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_contract_header_matches_schema() -> None:
+    from pimoe_export.ops.codegen import HEADER, generate
+
+    assert HEADER.read_text() == generate(), "run `python -m pimoe_export.ops.codegen` and commit the header"
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
+                    reason="ruff not installed")
+def test_ruff_clean() -> None:
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    result = subprocess.run([ruff, "check", "pimoe_export", "tests", "scripts"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_pickle_loading() -> None:
+    offenders = []
+    for path in [*ROOT.glob("pimoe_export/**/*.py"), *ROOT.glob("scripts/*.py")]:
+        text = path.read_text()
+        for match in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            if "weights_only=True" not in match.group(1):
+                offenders.append(f"{path.name}: {match.group(0)}")
+        if re.search(r"^\s*import pickle|pickle\.loads?\(", text, re.M):
+            offenders.append(f"{path.name}: pickle")
+    assert not offenders, offenders
