@@ -73,6 +73,40 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+# ---------------------------------------------------------------------------------------------- quantize
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    from pimoe_export.quantize.calibrate import METHODS
+
+    p.add_argument("model_dir", type=Path, help="checkpoint directory")
+    p.add_argument("-o", "--output", required=True, type=Path, help="INT8 ONNX to write (e.g. model.int8.onnx)")
+    p.add_argument("--calib", default=None,
+                   help="calibration data: .npz/.npy/.safetensors of [N, H] or [B, S, H] hidden states "
+                        "(default: 4096 seeded standard-normal tokens)")
+    p.add_argument("--method", choices=METHODS, default="entropy", help="activation threshold method")
+    p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
+    p.add_argument("--dynamic", action="store_true", help="dynamic per-row activation scales (no calibration)")
+    p.add_argument("--onnx", type=Path, help="reuse this fp32 custom-op export of the same checkpoint")
+    p.add_argument("--calib-tokens", type=int, default=65536, help="use at most this many calibration tokens")
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from pimoe_export.model.io import load_pretrained
+    from pimoe_export.quantize import quantize_model
+
+    model = load_pretrained(args.model_dir)
+    result = quantize_model(model, args.output, calibration=args.calib, method=args.method,
+                            mode="w8a8_dynamic" if args.dynamic else "w8a8", percentile=args.percentile,
+                            fp32_onnx=args.onnx, max_tokens=args.calib_tokens, progress=True)
+    info = result.params.info
+    print(f"wrote {result.onnx_path} ({info['mode']}, activations: {info['method']}, "
+          f"{info['calibration_tokens']} calibration tokens; router fp32)")
+    if info["uncalibrated_experts"]:
+        print(f"  warning: experts {info['uncalibrated_experts']} received no calibration token; they use their "
+              f"group's widest range. Calibrate with more (or more varied) data.")
+    print(f"  check it: pimoe-export check {args.model_dir} --onnx {result.onnx_path}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- pipeline
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
     from pimoe_export.model.factory import PRESETS
@@ -100,5 +134,7 @@ def _pipeline(args: argparse.Namespace) -> int:
 register_command("export", "export a checkpoint to ONNX (pimoe custom ops, or --standard-ops)", _export_args, _export)
 register_command("check", "compare an ONNX graph with the PyTorch reference (Polygraphy) and write a report",
                  _check_args, _check)
+register_command("quantize", "calibrate and write the W8A8 INT8 ONNX (experts int8, router fp32)",
+                 _quantize_args, _quantize)
 register_command("pipeline", "the whole job: model -> ONNX -> (INT8) -> engines/runtime -> parity report -> benchmark",
                  _pipeline_args, _pipeline)

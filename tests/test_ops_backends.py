@@ -199,3 +199,83 @@ def test_expert_mlp_matches_reference(backend_name, case) -> None:
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * scale)
     else:  # fp16 output: one fp16 rounding of the same fp32 result, plus fp32 differences before it
         np.testing.assert_allclose(y.astype(np.float32), ref.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------ PiMoEExpertMLP, W8A8
+def quantize_case(rng, x, params, widths, layer_norm, groups, mode):
+    """int8 weights + per-channel scales (from the float weights) and static activation scales."""
+    from pimoe_export.quantize.int8 import quantize_weight
+
+    out_params, w_codes = [], []
+    float_layout = schema.expert_mlp_param_layout(len(widths) - 1, layer_norm, "none")
+    by_role = dict(zip(float_layout, params, strict=True))
+    for layer, role in schema.expert_mlp_param_layout(len(widths) - 1, layer_norm, mode):
+        if role == "weight":
+            q, s = quantize_weight(by_role[(layer, "weight")].astype(np.float32))
+            out_params.append(q)
+            w_codes.append((q, s))
+        elif role == "w_scale":
+            out_params.append(w_codes[-1][1])
+        else:
+            out_params.append(by_role[(layer, role)])
+    act_scales = [] if mode == "w8a8_dynamic" else [float(np.float32(rng.uniform(0.005, 0.05)))
+                                                   for _ in range((len(widths) - 1) * groups)]
+    return out_params, w_codes, act_scales
+
+
+@st.composite
+def w8a8_cases(draw):
+    e = draw(st.integers(1, 8))
+    groups = draw(st.integers(1, e))
+    n_layers = draw(st.integers(1, 3))
+    widths = [draw(st.sampled_from([1, 3, 8, 13, 24, 37])) for _ in range(n_layers + 1)]
+    activation = draw(st.sampled_from(schema.ACTIVATIONS))
+    layer_norm = draw(st.booleans())
+    mode = draw(st.sampled_from(["w8a8", "w8a8_dynamic"]))
+    rng = rng_from(draw(st.integers(0, 2**31)))
+    rows_per_expert = draw(st.sampled_from([0, 1, 3, 14]))
+    x, offsets, params, expert_ids = make_expert_case(rng, e=e, groups=groups, widths=widths,
+                                                      layer_norm=layer_norm, dtype=np.float32,
+                                                      rows_per_expert=rows_per_expert)
+    qparams, codes, act_scales = quantize_case(rng, x, params, widths, layer_norm, groups, mode)
+    return x, offsets, qparams, codes, act_scales, expert_ids, widths, activation, layer_norm, mode
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@op_settings
+@given(case=w8a8_cases())
+def test_expert_mlp_w8a8_within_one_quantisation_step(backend_name, case) -> None:
+    """The int8 kernels run the fake-quant reference's integer math: equal up to fp32 rounding in the
+    epilogue, which can move an activation code by at most one step. So for the last layer
+    |y - ref| <= s_a * w_scale[o] * sum_k |q_w[o, k]| (every input code one step off) + fp32 slack; a single
+    layer (no hidden activation to re-quantise) must agree to fp32 rounding."""
+    backend = get_backend(backend_name)
+    if not getattr(backend, "supports_w8a8", True):
+        pytest.skip(f"{backend_name} has no w8a8 kernels in this build")
+    x, offsets, params, codes, act_scales, expert_ids, widths, activation, layer_norm, mode = case
+    y = backend.expert_mlp(x, offsets, params, expert_ids, widths, activation, layer_norm, quant_mode=mode,
+                           act_scales=act_scales)
+    import pimoe_export.ops.torch_ops as ops
+
+    ref = ops.expert_mlp(torch.from_numpy(x), torch.from_numpy(offsets), [torch.from_numpy(p) for p in params],
+                         expert_ids, list(widths), activation, layer_norm, 1e-5, mode, act_scales).numpy()
+    assert y.shape == ref.shape
+    mine = np.zeros(x.shape[0], dtype=bool)
+    for e in expert_ids:
+        mine[offsets[e]:offsets[e + 1]] = True
+    assert (y[~mine] == 0).all()
+    slack = 1e-5 * max(1.0, float(np.abs(ref).max(initial=0.0)))
+    if len(widths) == 2:
+        np.testing.assert_allclose(y, ref, rtol=1e-6, atol=slack)
+        return
+    q_last, s_last = codes[-1]
+    l1 = np.abs(q_last.astype(np.float64)).sum(axis=-1)  # [G, out]
+    if mode == "w8a8_dynamic":  # the row scale itself comes from fp32 hidden values (can move by an ulp)
+        np.testing.assert_allclose(y, ref, rtol=1e-2, atol=1e-2 * max(1.0, float(np.abs(ref).max(initial=0.0))))
+        return
+    groups = len(expert_ids)
+    for g, e in enumerate(expert_ids):
+        lo, hi = offsets[e], offsets[e + 1]
+        if hi > lo:
+            a_scale = act_scales[(len(widths) - 2) * groups + g]
+            assert (np.abs(y[lo:hi] - ref[lo:hi]) <= a_scale * s_last[g] * l1[g] + slack).all()

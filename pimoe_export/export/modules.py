@@ -79,6 +79,10 @@ class CustomOpPiMoE(nn.Module):
         self.router = copy.deepcopy(model.router).float().eval()
         self.groups = nn.ModuleList(_Group(model, spec, ids, self.dtype) for spec, ids in cfg.expert_groups())
 
+    def group_params(self, index: int) -> tuple[list[torch.Tensor], str, list[float]]:
+        """(parameter list in contract order, quant_mode, act_scales) of expert group ``index``."""
+        return self.groups[index].params(), "none", []
+
     def routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.router.compute_logits(x.float())
         cfg = self.config
@@ -91,11 +95,12 @@ class CustomOpPiMoE(nn.Module):
         weights, ids = self.routing(x)
         x_sorted, offsets, flat_to_sorted = torch.ops.pimoe.dispatch(x, ids, cfg.num_experts)
         y_sorted = None
-        for group in self.groups:
+        for index, group in enumerate(self.groups):
             spec = group.spec
+            params, quant_mode, act_scales = self.group_params(index)
             part = torch.ops.pimoe.expert_mlp(
-                x_sorted, offsets, group.params(), group.expert_ids, list(spec.widths), spec.activation,
-                spec.layer_norm, float(cfg.layer_norm_eps), "none", [],
+                x_sorted, offsets, params, group.expert_ids, list(spec.widths), spec.activation,
+                spec.layer_norm, float(cfg.layer_norm_eps), quant_mode, act_scales,
             )
             y_sorted = part if y_sorted is None else y_sorted + part
         y = torch.ops.pimoe.combine(y_sorted, flat_to_sorted, weights)

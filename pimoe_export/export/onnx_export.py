@@ -27,6 +27,22 @@ META_CONTRACT = "pimoe.contract_version"
 META_GRAPH = "pimoe.graph"  # "custom-ops" | "standard-ops"
 META_PRECISION = "pimoe.precision"  # "fp32" | "fp16" | "w8a8" | ...
 META_EXPORTER = "pimoe.exporter"
+META_WEIGHTS = "pimoe.weights_sha256"  # fingerprint of the PyTorch weights the graph was exported from
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the model's parameters and buffers (name, dtype, shape, bytes), in state_dict order;
+    statistics buffers excluded."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if name in ("expert_usage_count", "routed_prob_mass", "total_tokens") or name.startswith("window_"):
+            continue
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 @dataclass
@@ -125,6 +141,7 @@ def export_onnx(
         META_GRAPH: graph,
         META_PRECISION: precision,
         META_EXPORTER: json.dumps({"torch": torch.__version__, "onnx": onnx.__version__}),
+        META_WEIGHTS: weights_fingerprint(model),
     })
     proto.producer_name = "pimoe-export"
     proto = validate_onnx(proto)

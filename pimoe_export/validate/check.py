@@ -20,6 +20,10 @@ import numpy as np
 from pimoe_export.validate.metrics import ErrorStats, error_stats, merge_stats, routing_agreement
 
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 1), (2, 16), (4, 64))
+QUANTIZED = ("w8a8", "w8a8_dynamic")
+#: kernels vs fake-quant reference: the same integer math; what remains is fp32 rounding in LayerNorm and the
+#: activations, which can move an activation code by one step at a rounding boundary
+MAX_KERNEL_REL_L2 = 2e-3
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ TOLERANCES: dict[str, Tolerances] = {
     "w8a8": Tolerances(rtol=5e-2, atol_rel=5e-2, min_cosine=0.999, min_routing_agreement=1.0,
                        check_error_stat="quantile", error_quantile=0.99),
 }
+TOLERANCES["w8a8_dynamic"] = TOLERANCES["w8a8"]
 
 
 @dataclass
@@ -67,6 +72,9 @@ class CheckReport:
     passed: bool
     failures: list[str] = field(default_factory=list)
     per_expert_mean_abs: dict[int, float] = field(default_factory=dict)
+    # quantised graphs: the kernels vs the fake-quant PyTorch reference of the same integer math (kernel error
+    # alone; the comparison with the fp32 model above is quantisation + kernel error)
+    kernel_vs_fake_quant: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
@@ -82,6 +90,7 @@ class CheckReport:
             "passed": self.passed,
             "failures": self.failures,
             "per_expert_mean_abs": {str(k): v for k, v in self.per_expert_mean_abs.items()},
+            "kernel_vs_fake_quant": self.kernel_vs_fake_quant,
             "environment": self.environment,
             "files": self.files,
         }
@@ -168,6 +177,10 @@ def check_onnx(
 
     from pimoe_export.runtime.ort import check_ort_library, create_session, find_ort_library
 
+    if not Path(onnx_path).is_file():
+        from pimoe_export.errors import ArtifactError
+
+        raise ArtifactError(f"{onnx_path} does not exist; write it with `pimoe-export export` or `pimoe-export quantize`")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
@@ -196,6 +209,12 @@ def check_onnx(
         failures.append(f"output cosine {stats['output'].cosine:.8f} < {tolerances.min_cosine}")
     if not agreement >= tolerances.min_routing_agreement:
         failures.append(f"routing agreement {agreement:.4%} < {tolerances.min_routing_agreement:.4%}")
+    kernel = {}
+    if precision in QUANTIZED:
+        kernel = _kernel_vs_fake_quant(model, onnx_path, feeds, actual)
+        if not kernel["output"]["rel_l2"] <= MAX_KERNEL_REL_L2:
+            failures.append(f"kernels differ from the fake-quant reference: rel L2 {kernel['output']['rel_l2']:.2e} "
+                            f"> {MAX_KERNEL_REL_L2}")
     lib = check_ort_library(str(find_ort_library()))
     report = CheckReport(
         backend="onnxruntime-cpu+pimoe",
@@ -208,6 +227,7 @@ def check_onnx(
         passed=not failures,
         failures=failures,
         per_expert_mean_abs=per_expert,
+        kernel_vs_fake_quant=kernel,
         environment=_environment(lib, str(onnx_path)),
         files=files,
     )
@@ -215,6 +235,25 @@ def check_onnx(
         report.files.update(_plots(reference, actual, per_expert, out_dir))
     write_report(report, out_dir)
     return report
+
+
+def _kernel_vs_fake_quant(model: Any, onnx_path: str | Path, feeds: list[dict[str, np.ndarray]],
+                          actual: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    import torch
+
+    from pimoe_export.quantize.int8 import FakeQuantPiMoE, read_quant_params
+
+    reference = FakeQuantPiMoE(model.float().eval(), read_quant_params(onnx_path)).eval()
+    outs, ids = [], []
+    with torch.no_grad():
+        for feed in feeds:
+            y, i, _ = reference(torch.from_numpy(np.asarray(feed["hidden_states"], np.float32)))
+            outs.append(y.numpy())
+            ids.append(i.numpy().reshape(-1, i.shape[-1]))
+    stats = merge_stats([error_stats(r, a["output"]) for r, a in zip(outs, actual, strict=True)])
+    got = np.concatenate([a["expert_ids"].reshape(-1, a["expert_ids"].shape[-1]) for a in actual])
+    return {"output": stats.to_dict(), "routing_agreement": routing_agreement(np.concatenate(ids), got),
+            "max_rel_l2": MAX_KERNEL_REL_L2}
 
 
 def _per_expert_error(reference: list[dict[str, np.ndarray]], actual: list[dict[str, np.ndarray]]) -> dict[int, float]:
@@ -303,6 +342,20 @@ def write_report(report: CheckReport, out_dir: Path) -> None:
         + (f", quantile {t.error_quantile}" if t.check_error_stat == "quantile" else "") + ")",
         "",
     ]
+    if report.kernel_vs_fake_quant:
+        k = report.kernel_vs_fake_quant["output"]
+        lines += [
+            "## Kernel error alone: backend vs the fake-quant PyTorch reference (same integer math)",
+            "",
+            "| output | max abs | mean abs | rel L2 | cosine |",
+            "|---|---|---|---|---|",
+            f"| output | {k['max_abs']:.3e} | {k['mean_abs']:.3e} | {k['rel_l2']:.3e} | {k['cosine']:.8f} |",
+            "",
+            f"Routing agreement with the fake-quant reference: {report.kernel_vs_fake_quant['routing_agreement']:.4%}; "
+            f"required rel L2 ≤ {report.kernel_vs_fake_quant['max_rel_l2']}. The table above (vs the fp32 model) is "
+            "quantisation error plus kernel error.",
+            "",
+        ]
     if report.failures:
         lines += ["## Failures", ""] + [f"- {f}" for f in report.failures] + [""]
     if report.per_expert_mean_abs:

@@ -3,6 +3,7 @@
 // (LayerNorm + activation) over rows. Each output element is computed by exactly one task with a fixed
 // summation order, so results do not depend on the thread count.
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -51,8 +52,10 @@ const char* active_isa() { return select_kernels().name; }
 
 struct ExpertMLP::State {
   ExpertMLPAttrs attrs;
-  // per layer, per group member: packed panels, bias, LayerNorm gamma/beta (fp32)
-  std::vector<std::vector<std::vector<float>>> packed, bias, gamma, beta;
+  // per layer, per group member: packed fp32 panels (float modes) or packed int8 panels + per-column weight
+  // scales (w8a8 modes), bias, LayerNorm gamma/beta (fp32)
+  std::vector<std::vector<std::vector<float>>> packed, bias, gamma, beta, w_scale;
+  std::vector<std::vector<std::vector<int8_t>>> packed_i8;
   std::vector<int64_t> panels;  // per layer
 };
 
@@ -62,34 +65,48 @@ ExpertMLP::~ExpertMLP() = default;
 bool ExpertMLP::prepared() const { return state_ != nullptr; }
 
 std::string ExpertMLP::prepare(const ExpertMLPAttrs& attrs, const std::vector<Param>& params) {
-  if (attrs.quantized())
-    return "PiMoEExpertMLP: this build of the CPU kernels has no w8a8 path; rebuild the plugins from this "
-           "package version";
   if (static_cast<int64_t>(params.size()) != attrs.num_params())
     return msg("PiMoEExpertMLP: expected ", attrs.num_params(), " parameter inputs, got ", params.size());
   auto state = std::make_unique<State>();
   state->attrs = attrs;
   const int64_t layers = attrs.num_layers(), groups = attrs.num_group();
-  state->packed.resize(static_cast<size_t>(layers));
-  state->bias.resize(static_cast<size_t>(layers));
-  state->gamma.resize(static_cast<size_t>(layers));
-  state->beta.resize(static_cast<size_t>(layers));
+  const bool quantized = attrs.quantized();
+  for (auto* v : {&state->packed, &state->bias, &state->gamma, &state->beta, &state->w_scale})
+    v->resize(static_cast<size_t>(layers));
+  state->packed_i8.resize(static_cast<size_t>(layers));
   state->panels.resize(static_cast<size_t>(layers));
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t in = attrs.widths[static_cast<size_t>(l)], out = attrs.widths[static_cast<size_t>(l) + 1];
     const int64_t panels = (out + isa::kPanel - 1) / isa::kPanel;
+    const int64_t k2 = (in + 1) / 2;
     state->panels[static_cast<size_t>(l)] = panels;
     const Param& w = params[static_cast<size_t>(attrs.param_index(l, ParamRole::kWEIGHT))];
     const Param& b = params[static_cast<size_t>(attrs.param_index(l, ParamRole::kBIAS))];
-    if (w.dtype == DType::kI8) return "PiMoEExpertMLP: int8 weights need quant_mode=w8a8";
+    if ((w.dtype == DType::kI8) != quantized)
+      return msg("PiMoEExpertMLP: layer ", l, quantized ? " needs int8 weights for quant_mode w8a8"
+                                                      : " has int8 weights but quant_mode is none");
     for (int64_t g = 0; g < groups; ++g) {
-      std::vector<float> packed(static_cast<size_t>(panels * in * isa::kPanel), 0.0f);
       const int64_t base = g * out * in;
-      for (int64_t o = 0; o < out; ++o) {
-        float* dst = packed.data() + (o / isa::kPanel) * in * isa::kPanel + (o % isa::kPanel);
-        for (int64_t i = 0; i < in; ++i) dst[i * isa::kPanel] = to_float(w.data, w.dtype, base + o * in + i);
+      if (quantized) {
+        std::vector<int8_t> packed(static_cast<size_t>(panels * k2 * 2 * isa::kPanel), 0);
+        const int8_t* src = static_cast<const int8_t*>(w.data) + base;
+        for (int64_t o = 0; o < out; ++o) {
+          int8_t* dst = packed.data() + (o / isa::kPanel) * k2 * 2 * isa::kPanel + (o % isa::kPanel) * 2;
+          for (int64_t i = 0; i < in; ++i) dst[(i / 2) * 2 * isa::kPanel + (i % 2)] = src[o * in + i];
+        }
+        state->packed_i8[static_cast<size_t>(l)].push_back(std::move(packed));
+        const Param& s = params[static_cast<size_t>(attrs.param_index(l, ParamRole::kW_SCALE))];
+        std::vector<float> scales(static_cast<size_t>(panels * isa::kPanel), 0.0f);
+        for (int64_t o = 0; o < out; ++o) scales[static_cast<size_t>(o)] = to_float(s.data, s.dtype, g * out + o);
+        state->w_scale[static_cast<size_t>(l)].push_back(std::move(scales));
+      } else {
+        std::vector<float> packed(static_cast<size_t>(panels * in * isa::kPanel), 0.0f);
+        for (int64_t o = 0; o < out; ++o) {
+          float* dst = packed.data() + (o / isa::kPanel) * in * isa::kPanel + (o % isa::kPanel);
+          for (int64_t i = 0; i < in; ++i) dst[i * isa::kPanel] = to_float(w.data, w.dtype, base + o * in + i);
+        }
+        state->packed[static_cast<size_t>(l)].push_back(std::move(packed));
       }
-      state->packed[static_cast<size_t>(l)].push_back(std::move(packed));
       std::vector<float> bias(static_cast<size_t>(panels * isa::kPanel), 0.0f);
       for (int64_t o = 0; o < out; ++o) bias[static_cast<size_t>(o)] = to_float(b.data, b.dtype, g * out + o);
       state->bias[static_cast<size_t>(l)].push_back(std::move(bias));
@@ -163,9 +180,48 @@ std::string ExpertMLP::run(const void* x, DType dtype, int64_t rows, const int32
     current = input.data();
   }
 
+  const bool quantized = a.quantized();
+  std::vector<int16_t> codes;     // w8a8: quantised activations, rows padded to an even length
+  std::vector<float> row_scale;   // w8a8: activation scale of every compact row
+  if (quantized) row_scale.resize(static_cast<size_t>(compact_rows));
+  auto member_of = [&](int64_t r) {
+    for (const Segment& s : segments)
+      if (r >= s.compact && r < s.compact + s.count) return s.member;
+    return int64_t{0};
+  };
+
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t in = a.widths[static_cast<size_t>(l)], out = a.widths[static_cast<size_t>(l) + 1];
     const bool last = l == layers - 1;
+    const int64_t k2 = (in + 1) / 2;
+    if (quantized) {  // activation codes for this layer: static per-(layer, expert) or dynamic per-row scales
+      codes.resize(static_cast<size_t>(compact_rows * k2 * 2));
+      const float* src = current;
+      const int64_t src_ld = current_ld;
+      const size_t row_tasks = static_cast<size_t>((compact_rows + kRowBlock - 1) / kRowBlock);
+      parallel(row_tasks, [&](size_t task) {
+        const int64_t r_end = std::min(compact_rows, static_cast<int64_t>(task + 1) * kRowBlock);
+        for (int64_t r = static_cast<int64_t>(task) * kRowBlock; r < r_end; ++r) {
+          const float* row = src + r * src_ld;
+          float scale;
+          if (a.quant_mode == contract::QuantMode::kW8A8) {
+            scale = a.act_scales[static_cast<size_t>(l * a.num_group() + member_of(r))];
+          } else {  // dynamic: max |x| / 127 of this row (1 for an all-zero row)
+            float m = 0.0f;
+            for (int64_t i = 0; i < in; ++i) {
+              if (std::isnan(row[i])) {  // NaN row: like torch.amax, the max is NaN -> scale 1, codes 0
+                m = std::nanf("");
+                break;
+              }
+              m = std::max(m, std::fabs(row[i]));
+            }
+            scale = m > 0.0f ? m / 127.0f : 1.0f;
+          }
+          row_scale[static_cast<size_t>(r)] = scale;
+          kern.quantize_row(row, in, scale, codes.data() + r * k2 * 2, k2 * 2);
+        }
+      });
+    }
     // the last layer writes straight into y when y is fp32 (segment rows are contiguous in y)
     const bool direct = last && dtype == DType::kF32;
     float* target = (l % 2 == 0) ? buf_a.data() : buf_b.data();
@@ -192,13 +248,21 @@ std::string ExpertMLP::run(const void* x, DType dtype, int64_t rows, const int32
         c_rows = target + (s.compact + t.row0) * out;
         ldc = out;
       }
-      const std::vector<float>& packed = state_->packed[static_cast<size_t>(l)][static_cast<size_t>(s.member)];
-      const std::vector<float>& bias = state_->bias[static_cast<size_t>(l)][static_cast<size_t>(s.member)];
+      const size_t li = static_cast<size_t>(l), mi = static_cast<size_t>(s.member);
+      const std::vector<float>& bias = state_->bias[li][mi];
       const int64_t p_end = std::min(panels, (t.block + 1) * kPanelBlock);
       for (int64_t p = t.block * kPanelBlock; p < p_end; ++p) {
         const int64_t n_valid = std::min(isa::kPanel, out - p * isa::kPanel);
-        kern.gemm_f32_panel(a_rows, current_ld, t.rows, packed.data() + p * in * isa::kPanel, in,
-                            bias.data() + p * isa::kPanel, c_rows + p * isa::kPanel, ldc, n_valid);
+        if (quantized) {
+          const int64_t r0 = s.compact + t.row0;
+          kern.gemm_i8_panel(codes.data() + r0 * k2 * 2, k2 * 2, t.rows,
+                             state_->packed_i8[li][mi].data() + p * k2 * 2 * isa::kPanel, k2,
+                             row_scale.data() + r0, state_->w_scale[li][mi].data() + p * isa::kPanel,
+                             bias.data() + p * isa::kPanel, c_rows + p * isa::kPanel, ldc, n_valid);
+        } else {
+          kern.gemm_f32_panel(a_rows, current_ld, t.rows, state_->packed[li][mi].data() + p * in * isa::kPanel, in,
+                              bias.data() + p * isa::kPanel, c_rows + p * isa::kPanel, ldc, n_valid);
+        }
       }
     });
     if (!last) {
@@ -207,10 +271,7 @@ std::string ExpertMLP::run(const void* x, DType dtype, int64_t rows, const int32
       parallel(row_tasks, [&](size_t task) {
         const int64_t r_end = std::min(compact_rows, static_cast<int64_t>(task + 1) * kRowBlock);
         for (int64_t r = static_cast<int64_t>(task) * kRowBlock; r < r_end; ++r) {
-          // which member owns compact row r
-          int64_t member = 0;
-          for (const Segment& s : segments)
-            if (r >= s.compact && r < s.compact + s.count) member = s.member;
+          const int64_t member = member_of(r);
           kern.row_epilogue(target + r * out, out,
                             ln ? state_->gamma[static_cast<size_t>(l)][static_cast<size_t>(member)].data() : nullptr,
                             ln ? state_->beta[static_cast<size_t>(l)][static_cast<size_t>(member)].data() : nullptr,

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "isa.h"
 
@@ -73,6 +74,102 @@ void gemm_f32_panel(const float* a, int64_t lda, int64_t m, const float* panel, 
     case 1: micro_kernel<1>(a + r * lda, lda, panel, k, bias, c + r * ldc, ldc, n_valid); break;
     default: break;
   }
+}
+
+// ------------------------------------------------------------------------------------------ int8 GEMM
+// Weights stay int8 in memory (a quarter of fp32: seed-512's experts fit the L3 cache) and are sign-extended
+// to int16 per k-pair; activations are int16 codes; vpmaddwd forms w[c,k0]*a[k0] + w[c,k1]*a[k1] exactly.
+template <int MR>
+inline void micro_kernel_i8(const int16_t* qa, int64_t lda, const int8_t* panel, int64_t k2, const float* a_scale,
+                            const float* w_scale, const float* bias, float* c, int64_t ldc, int64_t n_valid) {
+  __m256i c00 = _mm256_setzero_si256(), c01 = _mm256_setzero_si256(), c10 = _mm256_setzero_si256(),
+          c11 = _mm256_setzero_si256(), c20 = _mm256_setzero_si256(), c21 = _mm256_setzero_si256(),
+          c30 = _mm256_setzero_si256(), c31 = _mm256_setzero_si256(), c40 = _mm256_setzero_si256(),
+          c41 = _mm256_setzero_si256(), c50 = _mm256_setzero_si256(), c51 = _mm256_setzero_si256();
+  const int16_t* a0 = qa;
+  const int16_t* a1 = qa + lda;
+  const int16_t* a2 = qa + 2 * lda;
+  const int16_t* a3 = qa + 3 * lda;
+  const int16_t* a4 = qa + 4 * lda;
+  const int16_t* a5 = qa + 5 * lda;
+#define PIMOE_ROW_I8(r, ar)                                                   \
+  if constexpr (MR > r) {                                                     \
+    int32_t pair;                                                             \
+    std::memcpy(&pair, ar + 2 * kp, sizeof pair);                             \
+    const __m256i av = _mm256_set1_epi32(pair);                               \
+    c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(w0, av));           \
+    c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(w1, av));           \
+  }
+  for (int64_t kp = 0; kp < k2; ++kp) {
+    const int8_t* w = panel + kp * 2 * kPanel;
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+    PIMOE_ROW_I8(0, a0)
+    PIMOE_ROW_I8(1, a1)
+    PIMOE_ROW_I8(2, a2)
+    PIMOE_ROW_I8(3, a3)
+    PIMOE_ROW_I8(4, a4)
+    PIMOE_ROW_I8(5, a5)
+  }
+#undef PIMOE_ROW_I8
+  const __m256i acc[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  alignas(32) float tmp[kPanel];
+  for (int r = 0; r < MR; ++r) {
+    // separate multiply and add, like the PyTorch reference (acc * (a_scale * w_scale) + bias)
+    const __m256 as = _mm256_set1_ps(a_scale[r]);
+    const __m256 s0 = _mm256_mul_ps(as, _mm256_loadu_ps(w_scale));
+    const __m256 s1 = _mm256_mul_ps(as, _mm256_loadu_ps(w_scale + 8));
+    const __m256 y0 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][0]), s0), _mm256_loadu_ps(bias));
+    const __m256 y1 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][1]), s1), _mm256_loadu_ps(bias + 8));
+    if (n_valid == kPanel) {
+      _mm256_storeu_ps(c + r * ldc, y0);
+      _mm256_storeu_ps(c + r * ldc + 8, y1);
+    } else {
+      _mm256_store_ps(tmp, y0);
+      _mm256_store_ps(tmp + 8, y1);
+      for (int64_t j = 0; j < n_valid; ++j) c[r * ldc + j] = tmp[j];
+    }
+  }
+}
+
+void gemm_i8_panel(const int16_t* qa, int64_t lda, int64_t m, const int8_t* panel, int64_t k2, const float* a_scale,
+                   const float* w_scale, const float* bias, float* c, int64_t ldc, int64_t n_valid) {
+  int64_t r = 0;
+  for (; r + 6 <= m; r += 6)
+    micro_kernel_i8<6>(qa + r * lda, lda, panel, k2, a_scale + r, w_scale, bias, c + r * ldc, ldc, n_valid);
+  const int16_t* qr = qa + r * lda;
+  float* cr = c + r * ldc;
+  switch (m - r) {
+    case 5: micro_kernel_i8<5>(qr, lda, panel, k2, a_scale + r, w_scale, bias, cr, ldc, n_valid); break;
+    case 4: micro_kernel_i8<4>(qr, lda, panel, k2, a_scale + r, w_scale, bias, cr, ldc, n_valid); break;
+    case 3: micro_kernel_i8<3>(qr, lda, panel, k2, a_scale + r, w_scale, bias, cr, ldc, n_valid); break;
+    case 2: micro_kernel_i8<2>(qr, lda, panel, k2, a_scale + r, w_scale, bias, cr, ldc, n_valid); break;
+    case 1: micro_kernel_i8<1>(qr, lda, panel, k2, a_scale + r, w_scale, bias, cr, ldc, n_valid); break;
+    default: break;
+  }
+}
+
+void quantize_row(const float* x, int64_t n, float scale, int16_t* q, int64_t n_padded) {
+  const __m256 vs = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  auto codes = [&](__m256 v) {
+    v = _mm256_div_ps(v, vs);
+    v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // NaN -> 0
+    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+    return _mm256_cvtps_epi32(v);  // round half to even (default MXCSR)
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i a = codes(_mm256_loadu_ps(x + i)), b = codes(_mm256_loadu_ps(x + i + 8));
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), packed);
+  }
+  for (; i < n; ++i) {
+    float v = x[i] / scale;
+    if (v != v) v = 0.0f;
+    v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+    q[i] = static_cast<int16_t>(std::nearbyint(v));
+  }
+  for (; i < n_padded; ++i) q[i] = 0;
 }
 
 // ------------------------------------------------------------------------------------------ vector math
@@ -226,7 +323,8 @@ void float_to_half_row(const float* src, uint16_t* dst, int64_t n) {
 }  // namespace
 
 const Kernels* avx2_kernels() {
-  static const Kernels kernels{"avx2", gemm_f32_panel, row_epilogue, half_to_float_row, float_to_half_row};
+  static const Kernels kernels{"avx2", gemm_f32_panel, gemm_i8_panel, quantize_row, row_epilogue,
+                               half_to_float_row, float_to_half_row};
   return &kernels;
 }
 

@@ -24,6 +24,34 @@ void gemm_f32_panel(const float* a, int64_t lda, int64_t m, const float* panel, 
   }
 }
 
+void gemm_i8_panel(const int16_t* qa, int64_t lda, int64_t m, const int8_t* panel, int64_t k2, const float* a_scale,
+                   const float* w_scale, const float* bias, float* c, int64_t ldc, int64_t n_valid) {
+  for (int64_t r = 0; r < m; ++r) {
+    int32_t acc[kPanel] = {};
+    const int16_t* row = qa + r * lda;
+    for (int64_t kp = 0; kp < k2; ++kp) {
+      const int32_t a0 = row[2 * kp], a1 = row[2 * kp + 1];
+      const int8_t* w = panel + kp * 2 * kPanel;
+      for (int64_t j = 0; j < kPanel; ++j) acc[j] += w[2 * j] * a0 + w[2 * j + 1] * a1;
+    }
+    for (int64_t j = 0; j < n_valid; ++j) {
+      const float scale = a_scale[r] * w_scale[j];
+      const float product = static_cast<float>(acc[j]) * scale;
+      c[r * ldc + j] = product + bias[j];
+    }
+  }
+}
+
+void quantize_row(const float* x, int64_t n, float scale, int16_t* q, int64_t n_padded) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = x[i] / scale;
+    if (std::isnan(v)) v = 0.0f;
+    v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+    q[i] = static_cast<int16_t>(std::nearbyint(v));
+  }
+  for (int64_t i = n; i < n_padded; ++i) q[i] = 0;
+}
+
 float activate(float x, int32_t activation) {
   switch (activation) {
     case 0:  // gelu (erf)
@@ -67,7 +95,8 @@ void float_to_half_row(const float* src, uint16_t* dst, int64_t n) {
 }  // namespace
 
 const Kernels& generic_kernels() {
-  static const Kernels kernels{"generic", gemm_f32_panel, row_epilogue, half_to_float_row, float_to_half_row};
+  static const Kernels kernels{"generic", gemm_f32_panel, gemm_i8_panel, quantize_row, row_epilogue,
+                               half_to_float_row, float_to_half_row};
   return kernels;
 }
 

@@ -1,0 +1,248 @@
+"""Calibration: activation ranges of every expert layer's input, and the threshold methods.
+
+Data flows through the PyTorch reference exactly as at inference (router in fp32, sort-based dispatch), and
+each expert's layer inputs are observed: layer 0 sees the tokens routed to the expert, layer l > 0 the
+hidden activations after LayerNorm and activation. Two passes: absolute maxima, then a 2048-bin histogram
+of the non-zero |x| over [0, max] per (expert, layer), from which a threshold is chosen:
+
+- ``max``: the absolute maximum (no clipping)
+- ``percentile``: the ``percentile``-th percentile of |x| (default 99.99)
+- ``entropy``: TensorRT-style KL divergence minimisation between the clipped histogram and its 127-level
+  quantised version
+- ``mse``: the threshold minimising expected squared error (rounding noise Δ²/12 inside, clipping outside)
+
+scale = threshold / 127 (symmetric int8, codes in [-127, 127]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pimoe_export.errors import PiMoEInputError
+from pimoe_export.model import functional
+from pimoe_export.model.system import PiMoESystem
+
+METHODS = ("max", "percentile", "entropy", "mse")
+BINS = 2048
+QLEVELS = 127
+
+
+# ------------------------------------------------------------------------------------------ data
+def load_calibration_data(data: Any, hidden_size: int, max_tokens: int | None = None) -> list[torch.Tensor]:
+    """Calibration batches as a list of fp32 [B, S, H] tensors.
+
+    Accepts a tensor/array ([N, H] or [B, S, H]), a path to ``.npz`` (every array, or the one named
+    ``hidden_states``), ``.safetensors`` or ``.npy``, or an iterable of tensors/arrays.
+    """
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.is_file():
+            raise PiMoEInputError(f"calibration data {path} does not exist")
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                keys = ["hidden_states"] if "hidden_states" in archive.files else archive.files
+                items: Iterable[Any] = [archive[k] for k in keys]
+        elif path.suffix == ".npy":
+            items = [np.load(path, allow_pickle=False)]
+        elif path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            items = list(load_file(str(path)).values())
+        else:
+            raise PiMoEInputError(f"calibration data {path}: expected .npz, .npy or .safetensors")
+    elif isinstance(data, (torch.Tensor, np.ndarray)):
+        items = [data]
+    else:
+        items = data
+    batches: list[torch.Tensor] = []
+    tokens = 0
+    for item in items:
+        t = torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item).float()
+        if t.dim() == 2:
+            t = t.unsqueeze(0)
+        if t.dim() != 3 or t.shape[-1] != hidden_size:
+            raise PiMoEInputError(f"calibration tensors must be [N, {hidden_size}] or [B, S, {hidden_size}], "
+                                  f"got {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise PiMoEInputError("calibration data contains NaN or Inf; clean it before calibrating")
+        batches.append(t)
+        tokens += t.shape[0] * t.shape[1]
+        if max_tokens is not None and tokens >= max_tokens:
+            break
+    if not batches or tokens == 0:
+        raise PiMoEInputError("calibration data is empty")
+    return batches
+
+
+def random_calibration_data(hidden_size: int, tokens: int = 4096, seed: int = 0) -> list[torch.Tensor]:
+    """Default data when the user gives none: standard normal tokens (documented, seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 256, hidden_size, generator=g) for _ in range(max(1, tokens // 256))]
+
+
+# ------------------------------------------------------------------------------------------ observation
+def expert_layer_inputs(model: PiMoESystem, x: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(expert, layer, input rows) for every expert layer, as inference computes them (eval mode)."""
+    cfg = model.config
+    x2 = x.reshape(-1, cfg.hidden_size)
+    decision = model.router(x2)
+    x_sorted, offsets, _ = functional.dispatch(x2, decision.ids, cfg.num_experts)
+    bounds = offsets.tolist()
+    for e, expert in enumerate(model.experts):
+        h = x_sorted[bounds[e] : bounds[e + 1]].float()
+        if h.shape[0] == 0:
+            continue
+        last = len(expert.layers) - 1
+        for layer, linear in enumerate(expert.layers):
+            yield e, layer, h
+            if layer < last:
+                h = F.linear(h, linear.weight.float(), linear.bias.float())
+                if expert.norms is not None:
+                    norm = expert.norms[layer]
+                    h = F.layer_norm(h, (h.shape[-1],), norm.weight.float(), norm.bias.float(), expert.layer_norm_eps)
+                h = functional.activation_fn(expert.activation, h)
+
+
+@dataclass
+class LayerStats:
+    amax: float = 0.0
+    rows: int = 0
+    hist: np.ndarray | None = None
+
+    @property
+    def bin_width(self) -> float:
+        return self.amax / BINS if self.amax > 0 else 0.0
+
+
+@dataclass
+class CalibrationStats:
+    """Per (expert, layer) statistics of layer inputs; experts that saw no token have no entry."""
+
+    layers: dict[tuple[int, int], LayerStats] = field(default_factory=dict)
+    tokens: int = 0
+
+    def get(self, expert: int, layer: int) -> LayerStats | None:
+        return self.layers.get((expert, layer))
+
+
+@torch.no_grad()
+def collect_stats(model: PiMoESystem, batches: list[torch.Tensor], progress: bool = False) -> CalibrationStats:
+    model = model.eval()
+    tracking = model.track_stats
+    model.track_stats = False
+    stats = CalibrationStats()
+    bar = _progress(progress, 2 * len(batches), "calibrating")
+    try:
+        for x in batches:  # pass 1: ranges
+            stats.tokens += x.shape[0] * x.shape[1]
+            for e, layer, h in expert_layer_inputs(model, x):
+                entry = stats.layers.setdefault((e, layer), LayerStats())
+                entry.amax = max(entry.amax, float(h.abs().max()))
+                entry.rows += h.shape[0]
+            bar.update(1)
+        for x in batches:  # pass 2: histograms of |x| over [0, amax]
+            for e, layer, h in expert_layer_inputs(model, x):
+                entry = stats.layers[(e, layer)]
+                if entry.amax <= 0:
+                    continue
+                magnitudes = h.abs().flatten()
+                # exact zeros (half of every post-ReLU input) quantise exactly at any scale: leaving them in
+                # the histogram lets a spike at 0 drive the KL/MSE choice towards heavy clipping
+                magnitudes = magnitudes[magnitudes > 0]
+                counts = torch.histc(magnitudes, bins=BINS, min=0.0, max=entry.amax).double().numpy()
+                entry.hist = counts if entry.hist is None else entry.hist + counts
+            bar.update(1)
+    finally:
+        bar.close()
+        model.track_stats = tracking
+    return stats
+
+
+def _progress(enabled: bool, total: int, desc: str) -> Any:
+    if enabled:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc=desc, unit="batch")
+        except ImportError:  # pragma: no cover
+            pass
+
+    class _Null:
+        def update(self, n: int) -> None: ...
+        def close(self) -> None: ...
+
+    return _Null()
+
+
+# ------------------------------------------------------------------------------------------ thresholds
+def threshold(stats: LayerStats, method: str, percentile: float = 99.99) -> float:
+    """Clipping threshold (>= 0) of one layer input for ``method``."""
+    if method not in METHODS:
+        raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
+    if stats.amax <= 0 or stats.hist is None or method == "max":
+        return stats.amax
+    hist = stats.hist
+    width = stats.bin_width
+    if method == "percentile":
+        cdf = np.cumsum(hist) / hist.sum()
+        index = int(np.searchsorted(cdf, percentile / 100.0))
+        return float(min(BINS, index + 1) * width)
+    if method == "mse":
+        return _mse_threshold(hist, width)
+    return _entropy_threshold(hist, width)
+
+
+def _mse_threshold(hist: np.ndarray, width: float) -> float:
+    centers = (np.arange(BINS) + 0.5) * width
+    best, best_err = BINS * width, np.inf
+    for i in range(32, BINS + 1, 8):
+        t = i * width
+        step = t / QLEVELS
+        inside = hist[:i].sum() * step * step / 12.0
+        clipped = np.sum(hist[i:] * (centers[i:] - t) ** 2)
+        err = inside + clipped
+        if err < best_err:
+            best, best_err = t, err
+    return float(best)
+
+
+def _smooth(distribution: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    """Move eps of mass onto the empty bins so KL stays finite (as MXNet/TensorRT calibrators do)."""
+    zero = distribution == 0
+    n_zero, n_nonzero = int(zero.sum()), int((~zero).sum())
+    if n_nonzero == 0:
+        return None
+    out = distribution + eps * zero - (eps * n_zero / n_nonzero) * (~zero)
+    return None if (out <= 0).any() else out
+
+
+def _entropy_threshold(hist: np.ndarray, width: float) -> float:
+    """TensorRT-style KL calibration on |x|: for each candidate clipping bin i, P = hist[:i] with the outliers
+    folded into bin i-1, Q = hist[:i] merged into QLEVELS+1 levels and spread back over the non-empty bins;
+    choose the i with the smallest KL(P || Q)."""
+    levels = QLEVELS + 1
+    best_i, best_kl = BINS, np.inf
+    for i in range(levels, BINS + 1):
+        sliced = hist[:i]
+        p = sliced.copy()
+        p[i - 1] += hist[i:].sum()
+        nonzero = p > 0
+        starts = np.linspace(0, i, levels + 1).astype(int)[:-1]
+        merged = np.add.reduceat(sliced, starts)
+        counts = np.add.reduceat(nonzero.astype(np.int64), starts)
+        sizes = np.diff(np.append(starts, i))
+        q = np.repeat(np.divide(merged, counts, out=np.zeros_like(merged), where=counts > 0), sizes) * nonzero
+        ps, qs = _smooth(p / p.sum()), (_smooth(q / q.sum()) if q.sum() > 0 else None)
+        if ps is None or qs is None:
+            continue
+        kl = float(np.sum(ps * np.log(ps / qs)))
+        if kl < best_kl:
+            best_i, best_kl = i, kl
+    return float((best_i + 0.5) * width) if best_i < BINS else float(BINS * width)

@@ -1,0 +1,214 @@
+"""W8A8 quantisation of the expert groups: parameters, the INT8 ONNX, and the fake-quant PyTorch module.
+
+One :class:`QuantParams` object feeds both the INT8 ONNX (``write_int8_onnx``) and the fake-quant reference
+(:class:`FakeQuantPiMoE`), and can be read back from an INT8 ONNX (``read_quant_params``), so a parity check
+always compares the kernels with the very codes and scales they run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from pimoe_export.errors import PiMoEExportError
+from pimoe_export.export.modules import CustomOpPiMoE
+from pimoe_export.model.system import PiMoESystem
+from pimoe_export.ops import schema
+from pimoe_export.quantize.calibrate import CalibrationStats, threshold
+
+QUANT_MODES = ("w8a8", "w8a8_dynamic")
+META_QUANT = "pimoe.quantization"
+
+
+@dataclass
+class LayerQuant:
+    weight: np.ndarray  # int8 [G, out, in]
+    w_scale: np.ndarray  # float32 [G, out]
+
+
+@dataclass
+class GroupQuant:
+    expert_ids: list[int]
+    layers: list[LayerQuant]
+    act_scales: list[float]  # w8a8: [layers * G], layer-major; w8a8_dynamic: []
+
+
+@dataclass
+class QuantParams:
+    mode: str
+    method: str
+    groups: list[GroupQuant]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def quantize_weight(weight: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel int8: scale = max|W[o, :]| / 127 (1 for an all-zero row)."""
+    w = np.asarray(weight.detach().float().numpy() if isinstance(weight, torch.Tensor) else weight, np.float32)
+    amax = np.abs(w).max(axis=-1)
+    scale = np.where(amax > 0, amax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+    q = np.clip(np.round(w / scale[..., None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def compute_quant_params(
+    model: PiMoESystem, stats: CalibrationStats | None, method: str, mode: str = "w8a8", percentile: float = 99.99
+) -> QuantParams:
+    if mode not in QUANT_MODES:
+        raise PiMoEExportError(f"quantisation mode must be one of {QUANT_MODES}, got {mode!r}")
+    if mode == "w8a8" and stats is None:
+        raise PiMoEExportError("static w8a8 needs calibration statistics (or use mode w8a8_dynamic)")
+    groups = []
+    uncalibrated: list[int] = []
+    thresholds: dict[str, float] = {}
+    for spec, expert_ids in model.config.expert_groups():
+        layers = []
+        for layer in range(spec.num_layers):
+            stacked = torch.stack([model.experts[e].layers[layer].weight.detach() for e in expert_ids])
+            q, s = quantize_weight(stacked)
+            layers.append(LayerQuant(q, s))
+        act_scales: list[float] = []
+        if mode == "w8a8":
+            assert stats is not None
+            for layer in range(spec.num_layers):
+                found = {e: threshold(st, method, percentile) for e in expert_ids
+                         if (st := stats.get(e, layer)) is not None}
+                # an expert that saw no calibration token takes its group's widest range for the layer
+                fallback = max(found.values(), default=0.0)
+                for e in expert_ids:
+                    t = found.get(e, fallback)
+                    if e not in found and e not in uncalibrated:
+                        uncalibrated.append(e)
+                    thresholds[f"expert{e}_layer{layer}"] = t
+                    act_scales.append(float(np.float32(t / 127.0)) if t > 0 else 1.0)
+        groups.append(GroupQuant(list(expert_ids), layers, act_scales))
+    info = {
+        "mode": mode,
+        "method": method if mode == "w8a8" else "dynamic-per-row",
+        "percentile": percentile if method == "percentile" else None,
+        "calibration_tokens": stats.tokens if stats is not None else 0,
+        "uncalibrated_experts": sorted(uncalibrated),
+        "thresholds": thresholds,
+        "weights": "int8 symmetric per output channel",
+        "router": "fp32",
+    }
+    return QuantParams(mode, info["method"], groups, info)
+
+
+# ------------------------------------------------------------------------------------------ ONNX
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def write_int8_onnx(fp32_onnx: str | Path, params: QuantParams, out_path: str | Path) -> Path:
+    """Rewrite the fp32 custom-op graph: every PiMoEExpertMLP gets int8 weights, per-channel scales and the
+    activation scales; everything else (router included) stays as exported."""
+    from pimoe_export.export.onnx_export import META_PRECISION, set_metadata, validate_onnx
+
+    proto = onnx.load(str(fp32_onnx))
+    graph = proto.graph
+    nodes = [n for n in graph.node if n.domain == schema.DOMAIN and n.op_type == schema.EXPERT_MLP]
+    by_ids = {tuple(g.expert_ids): g for g in params.groups}
+    if len(nodes) != len(params.groups):
+        raise PiMoEExportError(f"{fp32_onnx} has {len(nodes)} PiMoEExpertMLP nodes, the quantisation parameters "
+                               f"cover {len(params.groups)} expert groups; quantise the ONNX exported from this model")
+    new_inits = []
+    for index, node in enumerate(nodes):
+        attrs = _attrs(node)
+        if attrs.get("quant_mode", b"none") not in (b"none", "none"):
+            raise PiMoEExportError(f"{fp32_onnx} is already quantised")
+        group = by_ids.get(tuple(attrs["expert_ids"]))
+        if group is None:
+            raise PiMoEExportError(f"no quantisation parameters for expert group {attrs['expert_ids']}")
+        n_layers = len(attrs["widths"]) - 1
+        layer_norm = bool(attrs.get("layer_norm", 1))
+        old = dict(zip(schema.expert_mlp_param_layout(n_layers, layer_norm, "none"), node.input[2:], strict=True))
+        inputs = list(node.input[:2])
+        prefix = f"expert_group{index}"
+        for layer, role in schema.expert_mlp_param_layout(n_layers, layer_norm, params.mode):
+            if role == "weight":
+                name = f"{prefix}.weight_{layer}.int8"
+                new_inits.append(numpy_helper.from_array(group.layers[layer].weight, name))
+            elif role == "w_scale":
+                name = f"{prefix}.w_scale_{layer}"
+                new_inits.append(numpy_helper.from_array(group.layers[layer].w_scale.astype(np.float32), name))
+            else:
+                name = old[(layer, role)]
+            inputs.append(name)
+        del node.input[:]
+        node.input.extend(inputs)
+        kept = [a for a in node.attribute if a.name not in ("quant_mode", "act_scales")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.append(helper.make_attribute("quant_mode", params.mode))
+        if params.mode == "w8a8":
+            node.attribute.append(helper.make_attribute("act_scales", [float(s) for s in group.act_scales]))
+    graph.initializer.extend(new_inits)
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    set_metadata(proto, {META_PRECISION: params.mode, META_QUANT: json.dumps(params.info, sort_keys=True)})
+    proto = validate_onnx(proto)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(proto, str(out_path))
+    return out_path
+
+
+def read_quant_params(onnx_path: str | Path) -> QuantParams:
+    """The quantisation parameters stored in an INT8 ONNX (codes, scales, activation scales)."""
+    proto = onnx.load(str(onnx_path))
+    inits = {t.name: t for t in proto.graph.initializer}
+    meta = {p.key: p.value for p in proto.metadata_props}
+    groups = []
+    mode = meta.get("pimoe.precision", "")
+    for node in proto.graph.node:
+        if node.domain != schema.DOMAIN or node.op_type != schema.EXPERT_MLP:
+            continue
+        attrs = _attrs(node)
+        mode = attrs["quant_mode"].decode() if isinstance(attrs["quant_mode"], bytes) else attrs["quant_mode"]
+        n_layers = len(attrs["widths"]) - 1
+        named = dict(zip(schema.expert_mlp_param_layout(n_layers, bool(attrs.get("layer_norm", 1)), mode),
+                         node.input[2:], strict=True))
+        layers = [LayerQuant(numpy_helper.to_array(inits[named[(l, "weight")]]),
+                             numpy_helper.to_array(inits[named[(l, "w_scale")]])) for l in range(n_layers)]
+        groups.append(GroupQuant(list(attrs["expert_ids"]), layers, list(attrs.get("act_scales", []))))
+    if mode not in QUANT_MODES:
+        raise PiMoEExportError(f"{onnx_path} is not a W8A8 pimoe graph (quant_mode {mode!r})")
+    info = json.loads(meta.get(META_QUANT, "{}"))
+    return QuantParams(mode, info.get("method", ""), groups, info)
+
+
+# ------------------------------------------------------------------------------------------ fake quant
+class FakeQuantPiMoE(CustomOpPiMoE):
+    """The PiMoE layer with W8A8 experts computed by the fake-quant reference (same codes and scales as the
+    INT8 ONNX); router and everything else in fp32. Outputs like CustomOpPiMoE."""
+
+    def __init__(self, model: PiMoESystem, params: QuantParams) -> None:
+        super().__init__(model, "fp32")
+        self.quant = params
+        by_ids = {tuple(g.expert_ids): g for g in params.groups}
+        self._qparams: list[tuple[list[torch.Tensor], str, list[float]]] = []
+        for group in self.groups:
+            gq = by_ids.get(tuple(group.expert_ids))
+            if gq is None:
+                raise PiMoEExportError(f"no quantisation parameters for expert group {group.expert_ids}")
+            tensors = []
+            for layer, role in schema.expert_mlp_param_layout(group.spec.num_layers, group.spec.layer_norm, params.mode):
+                if role == "weight":
+                    tensors.append(torch.from_numpy(gq.layers[layer].weight.copy()))
+                elif role == "w_scale":
+                    tensors.append(torch.from_numpy(gq.layers[layer].w_scale.astype(np.float32)))
+                else:
+                    tensors.append(getattr(group, f"{role}_{layer}"))
+            self._qparams.append((tensors, params.mode, list(gq.act_scales)))
+
+    def group_params(self, index: int) -> tuple[list[torch.Tensor], str, list[float]]:
+        return self._qparams[index]

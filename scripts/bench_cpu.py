@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""CPU benchmark: the pimoe ONNX Runtime path against PyTorch and ONNX Runtime's own MoE op, side by side.
+
+Every variant runs in this one process on the same weights and the same inputs, with the same thread count;
+each point is the median of ``--repeats`` timed runs after warm-up. Variants:
+
+- ``torch_eager_loop``: PyTorch eager, a loop over experts gathering each expert's tokens (the common
+  Hugging Face style implementation)
+- ``torch_pimoe``: our vectorised PyTorch layer (sort-based dispatch)
+- ``ort_standard``: our plugin-free standard-op ONNX graph (dense: every expert on every token)
+- ``ort_contrib_moe``: ONNX Runtime's ``com.microsoft.MoE`` with our router and the same expert weights
+  (fc weights [E, out, in]); it has no LayerNorm between the expert layers, so it does slightly less work
+- ``ort_pimoe``: our custom-op graph on libpimoe_ort (fp32)
+- ``ort_pimoe_int8``: our W8A8 graph, when ``--int8 PATH`` is given (or the pipeline made one)
+
+Usage:
+    .venv/bin/python scripts/bench_cpu.py --preset seed-512 --tokens 1,16,128,1024 --update-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pimoe_export.export.onnx_export import export_onnx  # noqa: E402
+from pimoe_export.model import functional  # noqa: E402
+from pimoe_export.model.factory import create_from_preset  # noqa: E402
+from pimoe_export.runtime.ort import check_ort_library, create_session, find_ort_library  # noqa: E402
+
+
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def eager_loop(model, x: torch.Tensor) -> torch.Tensor:
+    """Hugging Face style MoE: route, then for each expert gather its tokens, run it, scatter-add back."""
+    b, s, h = x.shape
+    x2 = x.reshape(-1, h)
+    cfg = model.config
+    weights, ids = functional.route(model.router.compute_logits(x2), model.router.selection_bias, cfg.top_k,
+                                    bool(cfg.normalize))
+    y = torch.zeros_like(x2)
+    for e, expert in enumerate(model.experts):
+        token, slot = torch.where(ids == e)
+        if token.numel():
+            y.index_add_(0, token, expert(x2[token]) * weights[token, slot, None])
+    return y.reshape(b, s, h)
+
+
+def contrib_moe_model(model, custom_onnx: Path) -> bytes:
+    """Our exported graph with the four pimoe nodes replaced by one com.microsoft.MoE node."""
+    specs = model.config.expert_specs()
+    if len({s for s in specs}) != 1 or specs[0].num_layers != 2:
+        raise SystemExit("com.microsoft.MoE needs uniform two-layer experts (use --preset seed-512)")
+    proto = onnx.load(str(custom_onnx))
+    graph = proto.graph
+    nodes = {n.op_type: n for n in graph.node if n.domain == "pimoe"}
+    logits, x_flat = nodes["PiMoERoute"].input[0], nodes["PiMoEDispatch"].input[0]
+    y_flat = nodes["PiMoECombine"].output[0]
+    keep = [n for n in graph.node if n.domain != "pimoe"]
+    produced = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    changed = True
+    while changed:  # drop nodes that fed only on pimoe outputs (the routing outputs' reshapes)
+        changed = False
+        available = produced | {o for n in keep for o in n.output} | {y_flat}
+        for n in list(keep):
+            if any(i and i not in available for i in n.input):
+                keep.remove(n)
+                changed = True
+    stack = lambda name: np.stack([getattr(e.layers[int(name[-1])], name[:-2]).detach().numpy()  # noqa: E731
+                                   for e in model.experts])
+    inits = {"moe_fc1_w": stack("weight_0"), "moe_fc1_b": stack("bias_0"),
+             "moe_fc2_w": stack("weight_1"), "moe_fc2_b": stack("bias_1")}
+    moe = helper.make_node("MoE", [x_flat, logits, *inits], [y_flat], domain="com.microsoft",
+                           k=model.config.top_k, activation_type="gelu",
+                           normalize_routing_weights=int(bool(model.config.normalize)))
+    del graph.node[:]
+    graph.node.extend([*keep, moe])
+    graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items())
+    outputs = [o for o in graph.output if o.name == "output"]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.add(domain="com.microsoft", version=1)
+    return proto.SerializeToString()
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = [f for f in ("avx512f", "avx512_vnni", "avx_vnni", "avx2", "fma") if f" {f}" in flags]
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores available, ISA flags {'/'.join(isa) or 'n/a'}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="seed-512")
+    parser.add_argument("--tokens", default="1,16,128,1024")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--int8", type=Path, help="a W8A8 ONNX of the same model to include")
+    parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "cpu.json")
+    parser.add_argument("--update-docs", action="store_true", help="rewrite the CPU section of docs/benchmarks.md")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    model = create_from_preset(args.preset, seed=0)
+    tmp = Path(tempfile.mkdtemp(prefix="pimoe-bench-"))
+    custom, standard = tmp / "custom.onnx", tmp / "standard.onnx"
+    export_onnx(model, custom)
+    export_onnx(model, standard, standard_ops=True)
+    import onnxruntime as ort
+
+    def plain_session(source):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+    sessions = {
+        "ort_standard": plain_session(str(standard)),
+        "ort_contrib_moe": plain_session(contrib_moe_model(model, custom)),
+        "ort_pimoe": create_session(custom, threads=args.threads),
+    }
+    int8 = args.int8
+    if int8 is not None:
+        sessions["ort_pimoe_int8"] = create_session(int8, threads=args.threads)
+    rows = []
+    for tokens in [int(t) for t in args.tokens.split(",")]:
+        repeats = max(5, args.repeats if tokens <= 128 else args.repeats // 3)
+        x = np.random.default_rng(tokens).standard_normal((1, tokens, model.hidden_size)).astype(np.float32)
+        xt = torch.from_numpy(x)
+        row = {"tokens": tokens, "repeats": repeats}
+        with torch.inference_mode():
+            row["torch_eager_loop"] = median_ms(lambda: eager_loop(model, xt), repeats)
+            row["torch_pimoe"] = median_ms(lambda: model(xt), repeats)
+        for name, sess in sessions.items():
+            row[name] = median_ms(lambda s=sess: s.run(None, {"hidden_states": x}), repeats)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    lib = check_ort_library(str(find_ort_library()))
+    meta = {"preset": args.preset, "threads": args.threads, "machine": machine_description(),
+            "onnxruntime": ort.__version__, "torch": torch.__version__, "cpu_isa": lib["cpu_isa"],
+            "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    table = render(meta, rows)
+    print(table)
+    if args.update_docs:
+        update_docs(table, f"cpu-{args.preset}")
+    return 0
+
+
+def render(meta: dict, rows: list[dict]) -> str:
+    names = [k for k in rows[0] if k not in ("tokens", "repeats")]
+    lines = [
+        f"Command: `{meta['command'].replace(str(ROOT) + '/', '')}`  ",
+        f"Date: {meta['date']}; machine: {meta['machine']}; threads: {meta['threads']}; "
+        f"onnxruntime {meta['onnxruntime']}, torch {meta['torch']}, pimoe CPU kernels: {meta['cpu_isa']}.",
+        "",
+        "Median latency (ms), batch 1, fp32 unless named:",
+        "",
+        "| tokens | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['tokens']} | " + " | ".join(f"{row[n]:.3f}" for n in names) + " |")
+    ours = "ort_pimoe"
+    lines += ["", f"Speed-up of `{ours}` (higher is better):", "",
+              "| tokens | vs torch_eager_loop | vs torch_pimoe | vs ort_standard | vs ort_contrib_moe |"
+              + (" int8 vs contrib fp32 |" if "ort_pimoe_int8" in names else ""),
+              "|---|---|---|---|---|" + ("---|" if "ort_pimoe_int8" in names else "")]
+    for row in rows:
+        cells = [row[n] / row[ours] for n in ("torch_eager_loop", "torch_pimoe", "ort_standard", "ort_contrib_moe")]
+        line = f"| {row['tokens']} | " + " | ".join(f"{c:.2f}×" for c in cells) + " |"
+        if "ort_pimoe_int8" in names:
+            line += f" {row['ort_contrib_moe'] / row['ort_pimoe_int8']:.2f}× |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def update_docs(table: str, key: str) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    block = f"{begin}\n{table}{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+    print(f"updated {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
