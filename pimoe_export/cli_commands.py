@@ -84,7 +84,9 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
                         "(default: 4096 seeded standard-normal tokens)")
     p.add_argument("--method", choices=METHODS, default="entropy", help="activation threshold method")
     p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
-    p.add_argument("--dynamic", action="store_true", help="dynamic per-row activation scales (no calibration)")
+    p.add_argument("--dynamic", action="store_true", help="dynamic per-row activation scales")
+    p.add_argument("--smooth-alpha", type=float, default=0.5,
+                   help="SmoothQuant migration strength (0 disables; needs calibration data)")
     p.add_argument("--onnx", type=Path, help="reuse this fp32 custom-op export of the same checkpoint")
     p.add_argument("--calib-tokens", type=int, default=65536, help="use at most this many calibration tokens")
 
@@ -96,6 +98,7 @@ def _quantize(args: argparse.Namespace) -> int:
     model = load_pretrained(args.model_dir)
     result = quantize_model(model, args.output, calibration=args.calib, method=args.method,
                             mode="w8a8_dynamic" if args.dynamic else "w8a8", percentile=args.percentile,
+                            smooth_alpha=args.smooth_alpha,
                             fp32_onnx=args.onnx, max_tokens=args.calib_tokens, progress=True)
     info = result.params.info
     print(f"wrote {result.onnx_path} ({info['mode']}, activations: {info['method']}, "

@@ -156,21 +156,28 @@ def run_pipeline(
         return reports
 
     def step_bench() -> dict[str, Any]:
+        import gc
+
         model = state["model"]
-        sessions = {"ort_pimoe_ops": create_session(state["onnx"]),
-                    "ort_standard_ops": create_session(state["onnx_standard"])}
+        variants = {"ort_pimoe_ops": state["onnx"], "ort_standard_ops": state["onnx_standard"]}
         if state.get("onnx_int8"):
-            sessions["ort_pimoe_int8"] = create_session(state["onnx_int8"])
-        rows = []
-        for tokens in (1, 16, 128):
-            x = np.random.default_rng(tokens).standard_normal((1, tokens, model.hidden_size)).astype(np.float32)
-            xt = torch.from_numpy(x)
-            row: dict[str, Any] = {"tokens": tokens}
-            with torch.inference_mode():
-                row["pytorch_ms"] = _median_ms(lambda xt=xt: model(xt), bench_repeats)
-            for name, sess in sessions.items():
-                row[f"{name}_ms"] = _median_ms(lambda s=sess, x=x: s.run(None, {"hidden_states": x}), bench_repeats)
-            rows.append(row)
+            variants["ort_pimoe_int8"] = state["onnx_int8"]
+        tokens_list = (1, 16, 128)
+        inputs = {t: np.random.default_rng(t).standard_normal((1, t, model.hidden_size)).astype(np.float32)
+                  for t in tokens_list}
+        table: dict[int, dict[str, Any]] = {t: {"tokens": t} for t in tokens_list}
+        with torch.inference_mode():
+            for t in tokens_list:
+                xt = torch.from_numpy(inputs[t])
+                table[t]["pytorch_ms"] = _median_ms(lambda xt=xt: model(xt), bench_repeats)
+        for name, path in variants.items():  # one live session at a time (idle ORT pools spin)
+            session = create_session(path)
+            for t in tokens_list:
+                feeds = {"hidden_states": inputs[t]}
+                table[t][f"{name}_ms"] = _median_ms(lambda s=session, f=feeds: s.run(None, f), bench_repeats)
+            del session
+            gc.collect()
+        rows = [table[t] for t in tokens_list]
         lines = ["| tokens | " + " | ".join(k[:-3] + " (ms)" for k in rows[0] if k.endswith("_ms")) + " |",
                  "|---|" + "---|" * (len(rows[0]) - 1)]
         for row in rows:

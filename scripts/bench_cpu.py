@@ -20,6 +20,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -145,26 +146,34 @@ def main() -> int:
         options.intra_op_num_threads = args.threads
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
-    sessions = {
-        "ort_standard": plain_session(str(standard)),
-        "ort_contrib_moe": plain_session(contrib_moe_model(model, custom)),
-        "ort_pimoe": create_session(custom, threads=args.threads),
+    # One variant at a time, its session released before the next is created: idle ONNX Runtime thread pools
+    # spin, and on a 2-core machine a second live session would steal the cores from the one being timed.
+    variants = {
+        "ort_standard": lambda: plain_session(str(standard)),
+        "ort_contrib_moe": lambda: plain_session(contrib_moe_model(model, custom)),
+        "ort_pimoe": lambda: create_session(custom, threads=args.threads),
     }
-    int8 = args.int8
-    if int8 is not None:
-        sessions["ort_pimoe_int8"] = create_session(int8, threads=args.threads)
-    rows = []
-    for tokens in [int(t) for t in args.tokens.split(",")]:
-        repeats = max(5, args.repeats if tokens <= 128 else args.repeats // 3)
-        x = np.random.default_rng(tokens).standard_normal((1, tokens, model.hidden_size)).astype(np.float32)
-        xt = torch.from_numpy(x)
-        row = {"tokens": tokens, "repeats": repeats}
-        with torch.inference_mode():
-            row["torch_eager_loop"] = median_ms(lambda: eager_loop(model, xt), repeats)
-            row["torch_pimoe"] = median_ms(lambda: model(xt), repeats)
-        for name, sess in sessions.items():
-            row[name] = median_ms(lambda s=sess: s.run(None, {"hidden_states": x}), repeats)
-        rows.append(row)
+    if args.int8 is not None:
+        variants["ort_pimoe_int8"] = lambda: create_session(args.int8, threads=args.threads)
+    tokens_list = [int(t) for t in args.tokens.split(",")]
+    inputs = {t: np.random.default_rng(t).standard_normal((1, t, model.hidden_size)).astype(np.float32)
+              for t in tokens_list}
+    repeats = {t: max(5, args.repeats if t <= 128 else args.repeats // 3) for t in tokens_list}
+    rows = {t: {"tokens": t, "repeats": repeats[t]} for t in tokens_list}
+    with torch.inference_mode():
+        for t in tokens_list:
+            xt = torch.from_numpy(inputs[t])
+            rows[t]["torch_eager_loop"] = median_ms(lambda xt=xt: eager_loop(model, xt), repeats[t])
+            rows[t]["torch_pimoe"] = median_ms(lambda xt=xt: model(xt), repeats[t])
+    for name, make in variants.items():
+        session = make()
+        for t in tokens_list:
+            feeds = {"hidden_states": inputs[t]}
+            rows[t][name] = median_ms(lambda s=session, f=feeds: s.run(None, f), repeats[t])
+        del session
+        gc.collect()
+    rows = [rows[t] for t in tokens_list]
+    for row in rows:
         print(json.dumps(row), flush=True)
     lib = check_ort_library(str(find_ort_library()))
     meta = {"preset": args.preset, "threads": args.threads, "machine": machine_description(),

@@ -216,6 +216,8 @@ def quantize_case(rng, x, params, widths, layer_norm, groups, mode):
             w_codes.append((q, s))
         elif role == "w_scale":
             out_params.append(w_codes[-1][1])
+        elif role == "act_smooth":  # SmoothQuant divisors: exercise non-trivial per-channel values
+            out_params.append(rng.uniform(0.5, 2.0, size=(groups, widths[layer])).astype(np.float32))
         else:
             out_params.append(by_role[(layer, role)])
     act_scales = [] if mode == "w8a8_dynamic" else [float(np.float32(rng.uniform(0.005, 0.05)))

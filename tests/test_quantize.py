@@ -151,8 +151,11 @@ def test_fake_quant_module_matches_ort_int8(quantised) -> None:
     with torch.no_grad():
         ref, ref_ids, _ = FakeQuantPiMoE(model, result.params)(torch.from_numpy(x))
     assert np.array_equal(ids, ref_ids.numpy())
-    scale = float(np.abs(ref.numpy()).max())
-    assert np.abs(y - ref.numpy()).max() <= 2e-3 * scale
+    ref = ref.numpy()
+    # same integer math; an activation code can move by one step where fp32 rounding in LayerNorm/activation
+    # crosses a rounding boundary, which shows as a small local difference
+    assert np.linalg.norm(y - ref) <= 1e-3 * np.linalg.norm(ref)
+    assert np.abs(y - ref).max() <= 1e-2 * np.abs(ref).max()
 
 
 def test_dynamic_mode_needs_no_calibration(tmp_path) -> None:
@@ -178,5 +181,7 @@ def test_weights_in_int8_onnx_are_the_quantised_model_weights(tmp_path) -> None:
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     group0 = model.config.expert_groups()[0][1]
     w = inits["expert_group0.weight_0.int8"].astype(np.float32) * inits["expert_group0.w_scale_0"][..., None]
+    w = w / inits["expert_group0.act_smooth_0"][:, None, :]  # the codes carry the SmoothQuant factors
     ref = torch.stack([model.experts[e].layers[0].weight.detach() for e in group0]).numpy()
-    assert np.abs(w - ref).max() <= np.abs(ref).max() / 127 / 2 + 1e-7
+    smooth = inits["expert_group0.act_smooth_0"][:, None, :]
+    assert np.abs(w - ref).max() <= (np.abs(ref * smooth).max() / 127 / 2 / smooth).max() + 1e-7

@@ -117,8 +117,8 @@ EXPERT_MLP_SCHEMA = OpSchema(
         TensorSpec(
             "params", ("float32", "float16", "int8"), "per layer", variadic=True, type_param="P",
             doc="per layer l: W_l [G, out_l, in_l] (x_sorted's dtype, or int8 in w8a8 modes); w8a8 modes: "
-                "w_scale_l [G, out_l]; b_l [G, out_l]; hidden layers with layer_norm: ln_gamma_l, ln_beta_l "
-                "[G, out_l]. Everything but W_l is float32.",
+                "w_scale_l [G, out_l] and act_smooth_l [G, in_l]; b_l [G, out_l]; hidden layers with layer_norm: "
+                "ln_gamma_l, ln_beta_l [G, out_l]. Everything but W_l is float32.",
         ),
     ),
     outputs=(TensorSpec("y_sorted", FLOAT_TYPES, "[R, widths[-1]]", type_param="T",
@@ -153,7 +153,9 @@ SCHEMAS: dict[str, OpSchema] = {s.name: s for s in (ROUTE_SCHEMA, DISPATCH_SCHEM
 def expert_mlp_param_layout(num_layers: int, layer_norm: bool, quant_mode: str) -> list[tuple[int, str]]:
     """Order of the variadic ``params`` of `PiMoEExpertMLP`: a list of (layer, role).
 
-    Roles: "weight", "w_scale" (w8a8 modes), "bias", "ln_gamma", "ln_beta" (hidden layers with layer_norm).
+    Roles: "weight", "w_scale" and "act_smooth" (w8a8 modes), "bias", "ln_gamma", "ln_beta" (hidden layers with
+    layer_norm). act_smooth divides the layer input per channel before quantisation (SmoothQuant); the int8
+    weights carry the matching per-column multiplication.
     """
     if quant_mode not in QUANT_MODES:
         raise ValueError(f"quant_mode must be one of {QUANT_MODES}, got {quant_mode!r}")
@@ -162,6 +164,7 @@ def expert_mlp_param_layout(num_layers: int, layer_norm: bool, quant_mode: str) 
         layout.append((layer, "weight"))
         if quant_mode != "none":
             layout.append((layer, "w_scale"))
+            layout.append((layer, "act_smooth"))
         layout.append((layer, "bias"))
         if layer_norm and layer < num_layers - 1:
             layout.append((layer, "ln_gamma"))

@@ -48,7 +48,8 @@ def split_expert_params(
     params: list[Tensor], num_layers: int, layer_norm: bool, quant_mode: str
 ) -> dict[str, list[Tensor]]:
     """Group the flat ``params`` list of `PiMoEExpertMLP` by role (contract order, schema layout)."""
-    roles: dict[str, list[Tensor]] = {"weight": [], "w_scale": [], "bias": [], "ln_gamma": [], "ln_beta": []}
+    roles: dict[str, list[Tensor]] = {"weight": [], "w_scale": [], "act_smooth": [], "bias": [], "ln_gamma": [],
+                                      "ln_beta": []}
     layout = schema.expert_mlp_param_layout(num_layers, layer_norm, quant_mode)
     if len(layout) != len(params):
         raise ValueError(f"PiMoEExpertMLP expects {len(layout)} parameter tensors, got {len(params)}")

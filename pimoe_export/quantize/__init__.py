@@ -30,6 +30,7 @@ def quantize_model(
     method: str = "entropy",
     mode: str = "w8a8",
     percentile: float = 99.99,
+    smooth_alpha: float | None = 0.5,
     fp32_onnx: str | Path | None = None,
     max_tokens: int | None = 65536,
     progress: bool = False,
@@ -38,7 +39,8 @@ def quantize_model(
     batches; None = 4096 seeded standard-normal tokens) and write the INT8 ONNX to ``output``.
 
     ``fp32_onnx`` reuses an existing custom-op export of the same model (else one is exported next to
-    ``output``).
+    ``output``). ``smooth_alpha`` (SmoothQuant migration strength; None or 0 disables) moves activation outlier
+    channels into the weights; it needs calibration data, also in ``w8a8_dynamic`` mode.
     """
     from pimoe_export.export.onnx_export import export_onnx
     from pimoe_export.quantize.calibrate import collect_stats, load_calibration_data, random_calibration_data
@@ -53,10 +55,10 @@ def quantize_model(
             fp32_onnx = output.with_suffix(".fp32.onnx")
         export_onnx(model, fp32_onnx)
     stats = None
-    if mode == "w8a8":
+    if mode == "w8a8" or (calibration is not None and smooth_alpha):
         batches = (random_calibration_data(model.hidden_size) if calibration is None
                    else load_calibration_data(calibration, model.hidden_size, max_tokens))
-        stats = collect_stats(model, batches, progress=progress)
+        stats = collect_stats(model, batches, progress=progress, smooth_alpha=smooth_alpha)
     params = compute_quant_params(model, stats, method, mode, percentile)
     params.info["calibration_data"] = "seeded standard normal (default)" if calibration is None else (
         str(calibration) if isinstance(calibration, (str, Path)) else type(calibration).__name__)

@@ -112,9 +112,11 @@ def expert_layer_inputs(model: PiMoESystem, x: torch.Tensor) -> Iterator[tuple[i
 
 @dataclass
 class LayerStats:
-    amax: float = 0.0
+    amax: float = 0.0  # max |x / smooth| over the calibration rows
     rows: int = 0
-    hist: np.ndarray | None = None
+    hist: np.ndarray | None = None  # of the non-zero |x / smooth|
+    channel_amax: np.ndarray | None = None  # max |x| per input channel (before smoothing)
+    smooth: np.ndarray | None = None  # SmoothQuant divisor per input channel (None: no smoothing)
 
     @property
     def bin_width(self) -> float:
@@ -127,36 +129,60 @@ class CalibrationStats:
 
     layers: dict[tuple[int, int], LayerStats] = field(default_factory=dict)
     tokens: int = 0
+    smooth_alpha: float | None = None
 
     def get(self, expert: int, layer: int) -> LayerStats | None:
         return self.layers.get((expert, layer))
 
 
+def smoothing_factors(channel_amax: np.ndarray, weight: torch.Tensor, alpha: float) -> np.ndarray:
+    """SmoothQuant: s_c = max|x_c|^alpha / max|W[:, c]|^(1 - alpha), so x / s and W * s share the range."""
+    w_amax = weight.detach().float().abs().amax(dim=0).numpy()
+    s = np.power(np.maximum(channel_amax, 1e-5), alpha) / np.power(np.maximum(w_amax, 1e-5), 1.0 - alpha)
+    return np.clip(s, 1e-4, 1e4).astype(np.float32)
+
+
 @torch.no_grad()
-def collect_stats(model: PiMoESystem, batches: list[torch.Tensor], progress: bool = False) -> CalibrationStats:
+def collect_stats(
+    model: PiMoESystem, batches: list[torch.Tensor], progress: bool = False, smooth_alpha: float | None = None
+) -> CalibrationStats:
+    """Statistics of every expert layer's input. With ``smooth_alpha`` (SmoothQuant, e.g. 0.5) each layer input
+    gets per-channel smoothing factors from pass 1, and the ranges/histograms describe x / smooth."""
     model = model.eval()
     tracking = model.track_stats
     model.track_stats = False
-    stats = CalibrationStats()
+    stats = CalibrationStats(smooth_alpha=smooth_alpha or None)
     bar = _progress(progress, 2 * len(batches), "calibrating")
     try:
         for x in batches:  # pass 1: ranges
             stats.tokens += x.shape[0] * x.shape[1]
             for e, layer, h in expert_layer_inputs(model, x):
                 entry = stats.layers.setdefault((e, layer), LayerStats())
-                entry.amax = max(entry.amax, float(h.abs().max()))
+                channel = h.abs().amax(dim=0).numpy()
+                entry.channel_amax = channel if entry.channel_amax is None else np.maximum(entry.channel_amax, channel)
                 entry.rows += h.shape[0]
             bar.update(1)
+        for (e, layer), entry in stats.layers.items():
+            assert entry.channel_amax is not None
+            if smooth_alpha:
+                weight = model.experts[e].layers[layer].weight
+                entry.smooth = smoothing_factors(entry.channel_amax, weight, smooth_alpha)
+                entry.amax = float(np.max(entry.channel_amax / entry.smooth))
+            else:
+                entry.amax = float(np.max(entry.channel_amax))
         for x in batches:  # pass 2: histograms of |x| over [0, amax]
             for e, layer, h in expert_layer_inputs(model, x):
                 entry = stats.layers[(e, layer)]
                 if entry.amax <= 0:
                     continue
+                if entry.smooth is not None:
+                    h = h / torch.from_numpy(entry.smooth)
                 magnitudes = h.abs().flatten()
                 # exact zeros (half of every post-ReLU input) quantise exactly at any scale: leaving them in
                 # the histogram lets a spike at 0 drive the KL/MSE choice towards heavy clipping
                 magnitudes = magnitudes[magnitudes > 0]
-                counts = torch.histc(magnitudes, bins=BINS, min=0.0, max=entry.amax).double().numpy()
+                counts = torch.histc(magnitudes.clamp_max(entry.amax), bins=BINS, min=0.0, max=entry.amax)
+                counts = counts.double().numpy()
                 entry.hist = counts if entry.hist is None else entry.hist + counts
             bar.update(1)
     finally:

@@ -29,8 +29,9 @@ META_QUANT = "pimoe.quantization"
 
 @dataclass
 class LayerQuant:
-    weight: np.ndarray  # int8 [G, out, in]
+    weight: np.ndarray  # int8 [G, out, in]; codes of W * act_smooth (per column)
     w_scale: np.ndarray  # float32 [G, out]
+    act_smooth: np.ndarray  # float32 [G, in]; the layer input is divided by it before quantisation (1: none)
 
 
 @dataclass
@@ -60,6 +61,8 @@ def quantize_weight(weight: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.n
 def compute_quant_params(
     model: PiMoESystem, stats: CalibrationStats | None, method: str, mode: str = "w8a8", percentile: float = 99.99
 ) -> QuantParams:
+    """Quantisation parameters of every expert group. Smoothing factors come from ``stats`` (collected with
+    ``smooth_alpha``); an expert without statistics gets no smoothing."""
     if mode not in QUANT_MODES:
         raise PiMoEExportError(f"quantisation mode must be one of {QUANT_MODES}, got {mode!r}")
     if mode == "w8a8" and stats is None:
@@ -70,9 +73,14 @@ def compute_quant_params(
     for spec, expert_ids in model.config.expert_groups():
         layers = []
         for layer in range(spec.num_layers):
-            stacked = torch.stack([model.experts[e].layers[layer].weight.detach() for e in expert_ids])
-            q, s = quantize_weight(stacked)
-            layers.append(LayerQuant(q, s))
+            smooth = np.ones((len(expert_ids), spec.widths[layer]), np.float32)
+            for g, e in enumerate(expert_ids):
+                st = stats.get(e, layer) if stats is not None else None
+                if st is not None and st.smooth is not None:
+                    smooth[g] = st.smooth
+            stacked = torch.stack([model.experts[e].layers[layer].weight.detach().float() for e in expert_ids])
+            q, s = quantize_weight(stacked.numpy() * smooth[:, None, :])
+            layers.append(LayerQuant(q, s, smooth))
         act_scales: list[float] = []
         if mode == "w8a8":
             assert stats is not None
@@ -96,6 +104,7 @@ def compute_quant_params(
         "uncalibrated_experts": sorted(uncalibrated),
         "thresholds": thresholds,
         "weights": "int8 symmetric per output channel",
+        "smoothing": stats.smooth_alpha if stats is not None else None,
         "router": "fp32",
     }
     return QuantParams(mode, info["method"], groups, info)
@@ -138,6 +147,9 @@ def write_int8_onnx(fp32_onnx: str | Path, params: QuantParams, out_path: str | 
             elif role == "w_scale":
                 name = f"{prefix}.w_scale_{layer}"
                 new_inits.append(numpy_helper.from_array(group.layers[layer].w_scale.astype(np.float32), name))
+            elif role == "act_smooth":
+                name = f"{prefix}.act_smooth_{layer}"
+                new_inits.append(numpy_helper.from_array(group.layers[layer].act_smooth.astype(np.float32), name))
             else:
                 name = old[(layer, role)]
             inputs.append(name)
@@ -177,8 +189,9 @@ def read_quant_params(onnx_path: str | Path) -> QuantParams:
         n_layers = len(attrs["widths"]) - 1
         named = dict(zip(schema.expert_mlp_param_layout(n_layers, bool(attrs.get("layer_norm", 1)), mode),
                          node.input[2:], strict=True))
-        layers = [LayerQuant(numpy_helper.to_array(inits[named[(l, "weight")]]),
-                             numpy_helper.to_array(inits[named[(l, "w_scale")]])) for l in range(n_layers)]
+        layers = [LayerQuant(numpy_helper.to_array(inits[named[(layer, "weight")]]),
+                             numpy_helper.to_array(inits[named[(layer, "w_scale")]]),
+                             numpy_helper.to_array(inits[named[(layer, "act_smooth")]])) for layer in range(n_layers)]
         groups.append(GroupQuant(list(attrs["expert_ids"]), layers, list(attrs.get("act_scales", []))))
     if mode not in QUANT_MODES:
         raise PiMoEExportError(f"{onnx_path} is not a W8A8 pimoe graph (quant_mode {mode!r})")
@@ -201,11 +214,14 @@ class FakeQuantPiMoE(CustomOpPiMoE):
             if gq is None:
                 raise PiMoEExportError(f"no quantisation parameters for expert group {group.expert_ids}")
             tensors = []
-            for layer, role in schema.expert_mlp_param_layout(group.spec.num_layers, group.spec.layer_norm, params.mode):
+            layout = schema.expert_mlp_param_layout(group.spec.num_layers, group.spec.layer_norm, params.mode)
+            for layer, role in layout:
                 if role == "weight":
                     tensors.append(torch.from_numpy(gq.layers[layer].weight.copy()))
                 elif role == "w_scale":
                     tensors.append(torch.from_numpy(gq.layers[layer].w_scale.astype(np.float32)))
+                elif role == "act_smooth":
+                    tensors.append(torch.from_numpy(gq.layers[layer].act_smooth.astype(np.float32)))
                 else:
                     tensors.append(getattr(group, f"{role}_{layer}"))
             self._qparams.append((tensors, params.mode, list(gq.act_scales)))

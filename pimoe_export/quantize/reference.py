@@ -1,6 +1,8 @@
 """Fake-quant PyTorch reference of the W8A8 `PiMoEExpertMLP`: exactly the integer math of the kernels.
 
-Per layer l of expert g:
+Per layer l of expert g (x first divided per channel by act_smooth[l][g], SmoothQuant; the int8 weights
+carry the matching per-column multiplication):
+    x      = x / act_smooth[l][g]
     s      = act_scales[l * G + g]                       (w8a8: static, calibrated)
            | max|x_row| / 127, or 1 for an all-zero/NaN row  (w8a8_dynamic: per row)
     q      = round_half_even(clamp(nan_to_zero(x / s), -127, 127))      int8 codes
@@ -65,6 +67,7 @@ def expert_mlp_w8a8(
             continue
         h = x_sorted[lo:hi].float()
         for layer in range(n_layers):
+            h = h / roles["act_smooth"][layer][g].float()
             if quant_mode == "w8a8":
                 scale = torch.tensor(float(act_scales[layer * groups + g]), dtype=torch.float32)
             else:

@@ -180,7 +180,8 @@ def check_onnx(
     if not Path(onnx_path).is_file():
         from pimoe_export.errors import ArtifactError
 
-        raise ArtifactError(f"{onnx_path} does not exist; write it with `pimoe-export export` or `pimoe-export quantize`")
+        raise ArtifactError(f"{onnx_path} does not exist; write it with `pimoe-export export` or "
+                            "`pimoe-export quantize`")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}

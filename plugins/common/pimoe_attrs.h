@@ -122,7 +122,10 @@ inline std::string check_combine(const Dims& y_sorted, const Dims& flat_to_sorte
 }
 
 // ------------------------------------------------------------------------------------------ PiMoEExpertMLP
-enum class ParamRole : int32_t { kWEIGHT = 0, kW_SCALE = 1, kBIAS = 2, kLN_GAMMA = 3, kLN_BETA = 4 };
+// kACT_SMOOTH (w8a8 modes): per-input-channel smoothing divisor of the layer input (SmoothQuant); the int8
+// weights already carry the matching per-column multiplication.
+enum class ParamRole : int32_t { kWEIGHT = 0, kW_SCALE = 1, kBIAS = 2, kLN_GAMMA = 3, kLN_BETA = 4, kACT_SMOOTH = 5 };
+constexpr int32_t kPARAM_ROLE_COUNT = 6;
 
 struct ExpertMLPAttrs {
   std::vector<int64_t> expert_ids;
@@ -142,11 +145,12 @@ struct ExpertMLPAttrs {
   int64_t param_index(int64_t layer, ParamRole role) const {
     int64_t index = 0;
     for (int64_t l = 0; l < num_layers(); ++l) {
-      const ParamRole roles[] = {ParamRole::kWEIGHT, ParamRole::kW_SCALE, ParamRole::kBIAS, ParamRole::kLN_GAMMA,
-                                 ParamRole::kLN_BETA};
+      // contract order: weight, [w_scale, act_smooth], bias, [ln_gamma, ln_beta]
+      const ParamRole roles[] = {ParamRole::kWEIGHT, ParamRole::kW_SCALE, ParamRole::kACT_SMOOTH, ParamRole::kBIAS,
+                                 ParamRole::kLN_GAMMA, ParamRole::kLN_BETA};
       for (ParamRole r : roles) {
         const bool present = r == ParamRole::kWEIGHT || r == ParamRole::kBIAS ||
-                             (r == ParamRole::kW_SCALE && quantized()) ||
+                             ((r == ParamRole::kW_SCALE || r == ParamRole::kACT_SMOOTH) && quantized()) ||
                              ((r == ParamRole::kLN_GAMMA || r == ParamRole::kLN_BETA) && has_ln(l));
         if (!present) continue;
         if (l == layer && r == role) return index;
@@ -158,7 +162,7 @@ struct ExpertMLPAttrs {
 
   int64_t num_params() const {
     int64_t n = 0;
-    for (int64_t l = 0; l < num_layers(); ++l) n += 2 + (quantized() ? 1 : 0) + (has_ln(l) ? 2 : 0);
+    for (int64_t l = 0; l < num_layers(); ++l) n += 2 + (quantized() ? 2 : 0) + (has_ln(l) ? 2 : 0);
     return n;
   }
 
@@ -166,6 +170,7 @@ struct ExpertMLPAttrs {
   Dims param_dims(int64_t layer, ParamRole role) const {
     const int64_t g = num_group(), out = widths[layer + 1], in = widths[layer];
     if (role == ParamRole::kWEIGHT) return {g, out, in};
+    if (role == ParamRole::kACT_SMOOTH) return {g, in};
     return {g, out};
   }
 
@@ -228,9 +233,9 @@ inline std::string check_expert_mlp(const ExpertMLPAttrs& a, const Dims& x, cons
   if (static_cast<int64_t>(params.size()) != a.num_params())
     return msg("PiMoEExpertMLP: expected ", a.num_params(), " parameter inputs for ", a.num_layers(), " layers",
                a.layer_norm ? " with LayerNorm" : "", a.quantized() ? " (w8a8)" : "", ", got ", params.size());
-  const char* role_names[] = {"weight", "w_scale", "bias", "ln_gamma", "ln_beta"};
+  const char* role_names[] = {"weight", "w_scale", "bias", "ln_gamma", "ln_beta", "act_smooth"};
   for (int64_t l = 0; l < a.num_layers(); ++l) {
-    for (int32_t r = 0; r < 5; ++r) {
+    for (int32_t r = 0; r < kPARAM_ROLE_COUNT; ++r) {
       const int64_t index = a.param_index(l, static_cast<ParamRole>(r));
       if (index < 0) continue;
       const Dims want = a.param_dims(l, static_cast<ParamRole>(r));

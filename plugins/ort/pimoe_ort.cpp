@@ -309,6 +309,8 @@ std::string check_param_types(const ExpertMLPAttrs& a, const std::vector<ONNXTen
       if (w != kI8) return msg("PiMoEExpertMLP: quant_mode w8a8 needs int8 weights (layer ", l, "), got ", type_name(w));
       const auto s = types[static_cast<size_t>(a.param_index(l, ParamRole::kW_SCALE))];
       if (s != kF32) return msg("PiMoEExpertMLP: w_scale (layer ", l, ") must be float32, got ", type_name(s));
+      const auto m = types[static_cast<size_t>(a.param_index(l, ParamRole::kACT_SMOOTH))];
+      if (m != kF32) return msg("PiMoEExpertMLP: act_smooth (layer ", l, ") must be float32, got ", type_name(m));
     } else if (w != x_type) {
       return msg("PiMoEExpertMLP: layer ", l, " weight is ", type_name(w), " but x_sorted is ", type_name(x_type),
                  "; export weights in the activation dtype");

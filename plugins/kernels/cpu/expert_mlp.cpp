@@ -54,7 +54,8 @@ struct ExpertMLP::State {
   ExpertMLPAttrs attrs;
   // per layer, per group member: packed fp32 panels (float modes) or packed int8 panels + per-column weight
   // scales (w8a8 modes), bias, LayerNorm gamma/beta (fp32)
-  std::vector<std::vector<std::vector<float>>> packed, bias, gamma, beta, w_scale;
+  std::vector<std::vector<std::vector<float>>> packed, bias, gamma, beta, w_scale, act_smooth;
+  std::vector<std::vector<char>> smooth_is_one;  // per layer, per member: skip the division when all ones
   std::vector<std::vector<std::vector<int8_t>>> packed_i8;
   std::vector<int64_t> panels;  // per layer
 };
@@ -71,8 +72,9 @@ std::string ExpertMLP::prepare(const ExpertMLPAttrs& attrs, const std::vector<Pa
   state->attrs = attrs;
   const int64_t layers = attrs.num_layers(), groups = attrs.num_group();
   const bool quantized = attrs.quantized();
-  for (auto* v : {&state->packed, &state->bias, &state->gamma, &state->beta, &state->w_scale})
+  for (auto* v : {&state->packed, &state->bias, &state->gamma, &state->beta, &state->w_scale, &state->act_smooth})
     v->resize(static_cast<size_t>(layers));
+  state->smooth_is_one.resize(static_cast<size_t>(layers));
   state->packed_i8.resize(static_cast<size_t>(layers));
   state->panels.resize(static_cast<size_t>(layers));
   for (int64_t l = 0; l < layers; ++l) {
@@ -99,6 +101,18 @@ std::string ExpertMLP::prepare(const ExpertMLPAttrs& attrs, const std::vector<Pa
         std::vector<float> scales(static_cast<size_t>(panels * isa::kPanel), 0.0f);
         for (int64_t o = 0; o < out; ++o) scales[static_cast<size_t>(o)] = to_float(s.data, s.dtype, g * out + o);
         state->w_scale[static_cast<size_t>(l)].push_back(std::move(scales));
+        const Param& m = params[static_cast<size_t>(attrs.param_index(l, ParamRole::kACT_SMOOTH))];
+        std::vector<float> smooth(static_cast<size_t>(in));
+        bool ones = true;
+        for (int64_t i = 0; i < in; ++i) {
+          smooth[static_cast<size_t>(i)] = to_float(m.data, m.dtype, g * in + i);
+          if (!(smooth[static_cast<size_t>(i)] > 0.0f) || !std::isfinite(smooth[static_cast<size_t>(i)]))
+            return msg("PiMoEExpertMLP: act_smooth (layer ", l, ", expert ", attrs.expert_ids[static_cast<size_t>(g)],
+                       ") must be positive and finite, got ", smooth[static_cast<size_t>(i)]);
+          ones = ones && smooth[static_cast<size_t>(i)] == 1.0f;
+        }
+        state->act_smooth[static_cast<size_t>(l)].push_back(std::move(smooth));
+        state->smooth_is_one[static_cast<size_t>(l)].push_back(ones ? 1 : 0);
       } else {
         std::vector<float> packed(static_cast<size_t>(panels * in * isa::kPanel), 0.0f);
         for (int64_t o = 0; o < out; ++o) {
@@ -201,11 +215,19 @@ std::string ExpertMLP::run(const void* x, DType dtype, int64_t rows, const int32
       const size_t row_tasks = static_cast<size_t>((compact_rows + kRowBlock - 1) / kRowBlock);
       parallel(row_tasks, [&](size_t task) {
         const int64_t r_end = std::min(compact_rows, static_cast<int64_t>(task + 1) * kRowBlock);
+        std::vector<float> smoothed;
         for (int64_t r = static_cast<int64_t>(task) * kRowBlock; r < r_end; ++r) {
           const float* row = src + r * src_ld;
+          const size_t member = static_cast<size_t>(member_of(r));
+          if (!state_->smooth_is_one[static_cast<size_t>(l)][member]) {  // SmoothQuant: x / act_smooth
+            const float* sm = state_->act_smooth[static_cast<size_t>(l)][member].data();
+            smoothed.resize(static_cast<size_t>(in));
+            for (int64_t i = 0; i < in; ++i) smoothed[static_cast<size_t>(i)] = row[i] / sm[i];
+            row = smoothed.data();
+          }
           float scale;
           if (a.quant_mode == contract::QuantMode::kW8A8) {
-            scale = a.act_scales[static_cast<size_t>(l * a.num_group() + member_of(r))];
+            scale = a.act_scales[static_cast<size_t>(l * a.num_group() + static_cast<int64_t>(member))];
           } else {  // dynamic: max |x| / 127 of this row (1 for an all-zero row)
             float m = 0.0f;
             for (int64_t i = 0; i < in; ++i) {
