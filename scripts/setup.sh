@@ -4,13 +4,13 @@
 #   2. the package with its dev extras (editable)
 #   3. build-time headers (scripts/fetch_deps.sh -> build/deps) and the plugin libraries (build/plugins)
 # Re-running it only redoes what is missing or out of date.
-# Environment: PYTHON (interpreter for the venv, default python3), PIMOE_SETUP_EXTRAS (default "dev"),
+# Environment: PYTHON (interpreter for the venv, default python3), PIMOE_SETUP_EXTRAS (default "dev,tensorrt-cpu"),
 #              PIMOE_SKIP_PLUGINS=1 (Python only), CMAKE_BUILD_PARALLEL_LEVEL (default: nproc)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 python=${PYTHON:-python3}
-extras=${PIMOE_SETUP_EXTRAS:-dev}
+extras=${PIMOE_SETUP_EXTRAS:-dev,tensorrt-cpu}
 step() { echo "==> $*"; }
 fail() { echo "setup.sh: error: $*" >&2; exit 1; }
 
@@ -51,4 +51,28 @@ cmake --build build/plugins --parallel "${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
   || { grep -E "error|Error" build/plugins-build.log | head -n 30 >&2; fail "plugin build failed (log: build/plugins-build.log)"; }
 .venv/bin/python -c 'from pimoe_export.runtime.ort import find_ort_library, check_ort_library; print("    ", check_ort_library(str(find_ort_library())))' \
   || fail "the built ONNX Runtime op library does not load"
+
+# ---------------------------------------------------------------------------------------- TensorRT plugins
+# With nvcc (PATH or /usr/local/cuda/bin): TensorRT headers (scripts/fetch_deps.sh trt), then the CUDA kernels,
+# libpimoe_trt_plugins.so and the GPU harness libpimoe_trt_harness.so into build/plugins (CUDA archs from
+# PIMOE_CUDA_ARCHITECTURES, default 80;86;87;89;90). The TensorRT wheels usable without a GPU (11.4 lean runtime,
+# TensorRT-RTX 1.7 builder) come with the `tensorrt-cpu` extra above. Without nvcc the TRT plugins are skipped.
+nvcc_bin=$(command -v nvcc || true)
+[ -n "$nvcc_bin" ] || { [ -x /usr/local/cuda/bin/nvcc ] && nvcc_bin=/usr/local/cuda/bin/nvcc; } || true
+if [ -z "$nvcc_bin" ]; then
+  step "TensorRT plugins skipped: no nvcc on PATH or in /usr/local/cuda/bin (install the CUDA toolkit to build"
+  echo "    libpimoe_trt_plugins.so; the CPU path, ONNX Runtime + libpimoe_ort, is complete without it)"
+else
+  step "TensorRT plugins + GPU harness (nvcc: $nvcc_bin)"
+  PYTHON="$root/.venv/bin/python" scripts/fetch_deps.sh trt || fail "fetching the TensorRT headers failed"
+  trt_start=$(date +%s)
+  cmake -S plugins -B build/plugins -DPIMOE_BUILD_TRT=ON -DCMAKE_CUDA_COMPILER="$nvcc_bin" \
+    -DCMAKE_CUDA_ARCHITECTURES="${PIMOE_CUDA_ARCHITECTURES:-80;86;87;89;90}" > build/plugins-trt-configure.log 2>&1 \
+    || { tail -n 30 build/plugins-trt-configure.log >&2; fail "CMake configure of the TensorRT plugins failed (log: build/plugins-trt-configure.log)"; }
+  cmake --build build/plugins --parallel "${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" > build/plugins-trt-build.log 2>&1 \
+    || { grep -E "error|Error" build/plugins-trt-build.log | head -n 30 >&2; fail "TensorRT plugin build failed (log: build/plugins-trt-build.log)"; }
+  echo "    built in $(( $(date +%s) - trt_start )) s"
+  .venv/bin/python -c 'from pimoe_export.build.tensorrt import find_plugin_library, check_plugin_library; print("    ", check_plugin_library(str(find_plugin_library())))' \
+    || fail "the built TensorRT plugin library does not load"
+fi
 step "done: activate with 'source .venv/bin/activate' or call .venv/bin/pimoe-export"

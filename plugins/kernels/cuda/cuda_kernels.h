@@ -1,0 +1,103 @@
+// CUDA implementations of the four pimoe ops (op contract v1), host-side launch API.
+//
+// Same semantics as the CPU kernels (plugins/kernels/cpu) and the PyTorch reference
+// (pimoe_export/model/functional.py): fp32 math whatever the storage dtype, deterministic results (every
+// output element is produced by one thread in a fixed order; no floating-point atomics), and no memory access
+// outside the given tensors for ANY input data. Shapes must have passed the checks of
+// plugins/common/pimoe_attrs.h; data that cannot be checked on the host without a synchronisation (expert ids,
+// offsets, flat_to_sorted values) is checked on the device: offending entries are clamped or skipped, and the
+// first one is recorded in a DeviceStatus that the caller can read back after the stream has finished.
+//
+// Nothing here allocates memory or synchronises: every function only enqueues kernels (and one
+// cudaMemsetAsync of the status block) on `stream`, so the calls can be captured into a CUDA graph.
+// Functions return the launch error (cudaSuccess when everything was enqueued).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace pimoe {
+namespace cuda {
+
+enum class DType : int32_t { kF32 = 0, kF16 = 1, kI8 = 2 };
+
+inline size_t dtype_size(DType t) { return t == DType::kF32 ? 4 : t == DType::kF16 ? 2 : 1; }
+
+// ------------------------------------------------------------------------------------------ device status
+// Written by kernels when input DATA is inconsistent (never for shape errors, which the host rejects).
+// Each entry is (index << 32) | uint32(value) of the lowest offending index, or ~0ull when there is none, so
+// the recorded entry does not depend on thread scheduling (it is an atomicMin over integers).
+struct DeviceStatus {
+  unsigned long long bad_expert_id;       // PiMoEDispatch: flat pair index, id outside [0, E) (clamped)
+  unsigned long long bad_offsets;         // PiMoEExpertMLP: expert index, offsets not a partition of [0, R)
+  unsigned long long bad_flat_to_sorted;  // PiMoECombine: flat pair index, entry outside [0, N*k) (slot -> NaN)
+  unsigned long long reserved;
+};
+constexpr unsigned long long kSTATUS_CLEAR = ~0ull;
+// every op reserves this many bytes at the start of its workspace for its DeviceStatus
+constexpr size_t kSTATUS_BYTES = 256;
+
+// Marks `status` as clear (enqueued; every op launcher below does it first).
+cudaError_t clear_status(DeviceStatus* status, cudaStream_t stream);
+
+// Empty string when the status is clear, else one message naming the first offending entry.
+std::string describe_status(const DeviceStatus& status);
+
+// ------------------------------------------------------------------------------------------ PiMoERoute
+// logits [n, e] (f32/f16), bias [e] f32 or nullptr -> weights [n, k] f32, ids [n, k] i32 (always in [0, e)).
+// No input data can be inconsistent here; `status` (may be null) is only cleared, like every op's.
+cudaError_t route(const void* logits, DType dtype, const float* bias, int64_t n, int64_t e, int64_t k, bool normalize,
+                  float* weights, int32_t* ids, DeviceStatus* status, cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------------ PiMoEDispatch
+// Deterministic stable counting sort (per-tile histograms, exclusive scan, stable per-tile ranks, row copy).
+size_t dispatch_workspace_size(int64_t pairs, int64_t num_experts);
+cudaError_t dispatch(const void* x, DType dtype, const int32_t* ids, int64_t n, int64_t h, int64_t k,
+                     int64_t num_experts, void* x_sorted, int32_t* offsets, int32_t* flat_to_sorted, void* workspace,
+                     size_t workspace_bytes, DeviceStatus* status, cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------------ PiMoECombine
+// y[t] = sum_j weights[t, j] * y_sorted[flat_to_sorted[t*k + j]], fp32, slot order, one multiply and one add
+// per slot (compiled with --fmad=false): bit-identical to the PyTorch reference.
+cudaError_t combine(const void* y_sorted, DType dtype, const int32_t* flat_to_sorted, const float* weights, int64_t n,
+                    int64_t k, int64_t h, void* y, DeviceStatus* status, cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------------ PiMoEExpertMLP
+constexpr int32_t kMAX_LAYERS = 8;
+constexpr int32_t kMAX_GROUP = 1024;
+
+struct MLPLayer {
+  const void* weight = nullptr;     // [G, out, in]
+  DType weight_dtype = DType::kF32;  // == activation dtype (quant_mode none); kI8 is reserved for w8a8
+  const float* w_scale = nullptr;   // [G, out] per-output-channel scale (w8a8 only; reserved)
+  const float* bias = nullptr;      // [G, out]
+  const float* ln_gamma = nullptr;  // [G, out] (hidden layers with LayerNorm) or nullptr
+  const float* ln_beta = nullptr;   // [G, out] or nullptr
+};
+
+// Static description of one PiMoEExpertMLP node (from its attributes and the tensor shapes).
+struct ExpertMLPShape {
+  DType dtype = DType::kF32;  // x_sorted / y_sorted storage
+  int64_t rows = 0;           // R (the maximum R when sizing a workspace)
+  int64_t num_experts = 0;    // E
+  int32_t num_layers = 0;     // L
+  int32_t widths[kMAX_LAYERS + 1] = {};
+  int32_t num_group = 0;      // G
+  int16_t expert_ids[kMAX_GROUP] = {};
+  int32_t activation = 0;     // contract::Activation
+  bool layer_norm = false;
+  float eps = 1e-5f;
+  int32_t quant_mode = 0;     // contract::QuantMode; only kNONE is implemented
+};
+
+size_t expert_mlp_workspace_size(const ExpertMLPShape& shape);
+// x [R, widths[0]], offsets [E+1] (device), layers[0..L) -> y [R, widths[L]]; rows of experts outside the
+// group are written as 0. `shape.rows` is the actual R here.
+cudaError_t expert_mlp(const ExpertMLPShape& shape, const MLPLayer* layers, const void* x, const int32_t* offsets,
+                       void* y, void* workspace, size_t workspace_bytes, DeviceStatus* status, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace pimoe

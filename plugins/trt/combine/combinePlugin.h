@@ -1,0 +1,53 @@
+// PiMoECombine as a TensorRT IPluginV3: gather + fp32 weighted sum in slot order (bit-reproducible,
+// no atomics). See README.md in this folder for I/O, fields, formats and limits.
+#pragma once
+
+#include "pimoePluginCommon.h"
+
+namespace pimoe {
+namespace trt {
+
+class CombinePlugin final : public PluginBase {
+ public:
+  CombinePlugin();
+
+  nvinfer1::IPluginV3* clone() noexcept override;
+
+  // IPluginV3OneBuild
+  int32_t getNbOutputs() const noexcept override { return 1; }
+  int32_t getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, const DataType* inputTypes,
+                             int32_t nbInputs) const noexcept override;
+  int32_t getOutputShapes(const nvinfer1::DimsExprs* inputs, int32_t nbInputs, const nvinfer1::DimsExprs* shapeInputs,
+                          int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
+                          nvinfer1::IExprBuilder& exprBuilder) noexcept override;
+  bool supportsFormatCombination(int32_t pos, const DynamicPluginTensorDesc* inOut, int32_t nbInputs,
+                                 int32_t nbOutputs) noexcept override;
+  int32_t configurePlugin(const DynamicPluginTensorDesc* in, int32_t nbInputs, const DynamicPluginTensorDesc* out,
+                          int32_t nbOutputs) noexcept override;
+  size_t getWorkspaceSize(const DynamicPluginTensorDesc* inputs, int32_t nbInputs,
+                          const DynamicPluginTensorDesc* outputs, int32_t nbOutputs) const noexcept override;
+
+  // IPluginV3OneRuntime
+  int32_t onShapeChange(const PluginTensorDesc* in, int32_t nbInputs, const PluginTensorDesc* out,
+                        int32_t nbOutputs) noexcept override;
+  int32_t enqueue(const PluginTensorDesc* inputDesc, const PluginTensorDesc* outputDesc, const void* const* inputs,
+                  void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
+  const PluginFieldCollection* getFieldsToSerialize() noexcept override;
+
+ private:
+  // empty when the inputs (dims, types) satisfy the contract
+  std::string check_io(const std::vector<TensorInfo>& in, int32_t nbOutputs) const;
+
+  int32_t mNbInputs = 0;  // from configurePlugin/onShapeChange (enqueue is not told)
+  FieldWriter mSerialized;
+};
+
+class CombineCreator final : public CreatorBase {
+ public:
+  CombineCreator();
+  nvinfer1::IPluginV3* createPlugin(const char* name, const PluginFieldCollection* fc,
+                                    nvinfer1::TensorRTPhase phase) noexcept override;
+};
+
+}  // namespace trt
+}  // namespace pimoe

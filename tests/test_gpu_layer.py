@@ -1,0 +1,264 @@
+"""The TensorRT plugin objects on a CUDA GPU (plugins/harness, no TensorRT), against the PyTorch reference.
+
+- The whole layer, route -> dispatch -> expert MLP per group -> combine, with the exported groups of
+  ``CustomOpPiMoE`` (the weights the ONNX graph carries), for seed-512 and seed-types:
+  fp32 within 1e-5 relative of the PyTorch model; fp16 within a documented tolerance of the fp16 reference
+  (the same graph evaluated by PyTorch on the CPU) and of the fp32 model.
+- Determinism: two runs are bit-identical.
+- Kernels at scale (vector/tensor-core paths, many tiles, E = 1024) against pimoe_export.model.functional.
+- Bad data reaching enqueue (ids out of range, inconsistent offsets, flat_to_sorted out of range) is reported
+  as an error and never makes a kernel touch memory out of bounds; empty batches give empty outputs.
+
+Needs a CUDA GPU: scripts/gpu_check.sh runs these (and compute-sanitizer over test_sanitizer_case); they skip
+cleanly elsewhere. Argument checks that need no GPU are in test_trt_harness_prepare.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gpu_harness import HarnessDataError, expert_mlp_fields, harness_backend_or_skip
+
+from pimoe_export.export.modules import CustomOpPiMoE
+from pimoe_export.model import functional
+from pimoe_export.model.factory import create_from_preset
+from pimoe_export.ops import schema
+from pimoe_export.validate.metrics import error_stats
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda"
+
+# fp16 tolerance (documented in docs/trt_plugins.md): against the fp16 reference (same fp16 weights, fp32 math) the
+# only differences are fp32 summation order and the resulting one-ulp flips of fp16 roundings (y_sorted, y):
+# |error| <= 4e-3 x max|y| and relative L2 <= 2e-3. Against the fp32 model the fp16 weights and input add
+# their own rounding: relative L2 <= 2e-2.
+FP16_MAX_ABS, FP16_REL_L2, FP16_VS_FP32_REL_L2 = 4e-3, 2e-3, 2e-2
+
+
+@pytest.fixture(scope="module")
+def backend():
+    found = harness_backend_or_skip()
+    if found is None:
+        pytest.skip("needs a CUDA GPU (torch.cuda) and the built libpimoe_trt_harness.so")
+    return found
+
+
+@pytest.fixture(scope="module", params=["seed-512", "seed-types"])
+def model(request):
+    return create_from_preset(request.param, seed=11)
+
+
+def layer_through_plugins(harness, module: CustomOpPiMoE, x: np.ndarray):
+    """hidden_states [B, S, H] (module dtype) -> (output, expert_ids, expert_weights) through the four plugins."""
+    cfg = module.config
+    b, s, h = x.shape
+    tokens = torch.from_numpy(np.ascontiguousarray(x.reshape(b * s, h)))
+    with torch.no_grad():  # the router MLP is standard ops in the exported graph (fp32): computed here on the CPU
+        logits = module.router.compute_logits(tokens.float())
+    bias = module.router.selection_bias.detach().float()
+    weights, ids = harness.run(schema.ROUTE, {"k": cfg.top_k, "normalize": int(cfg.normalize)},
+                               [logits.to(DEVICE), bias.to(DEVICE)])
+    x_sorted, offsets, flat_to_sorted = harness.run(schema.DISPATCH, {"num_experts": cfg.num_experts},
+                                                    [tokens.to(DEVICE), ids])
+    y_sorted = None
+    for group in module.groups:
+        spec = group.spec
+        attrs = expert_mlp_fields(group.expert_ids, spec.widths, spec.activation, spec.layer_norm,
+                                  cfg.layer_norm_eps)
+        params = [p.detach().contiguous().to(DEVICE) for p in group.params()]
+        part = harness.run(schema.EXPERT_MLP, attrs, [x_sorted, offsets, *params])[0]
+        y_sorted = part if y_sorted is None else y_sorted + part  # the graph's Add (rows of other groups are 0)
+    y = harness.run(schema.COMBINE, {}, [y_sorted, flat_to_sorted, weights])[0]
+    k = cfg.top_k
+    return (y.cpu().numpy().reshape(b, s, h), ids.cpu().numpy().reshape(b, s, k),
+            weights.cpu().numpy().reshape(b, s, k))
+
+
+def same_routing(ids, ref_ids, logits_scores=None) -> np.ndarray:
+    """Tokens whose expert choice equals the reference (all of them, barring exact near-ties)."""
+    same = (ids == ref_ids).all(axis=-1)
+    assert same.mean() >= 0.99, f"routing agreement {same.mean():.4f}"
+    return same
+
+
+SHAPES = [(1, 1), (2, 64), (3, 37)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_full_layer_fp32_matches_the_model(backend, model, shape) -> None:
+    module = CustomOpPiMoE(model, "fp32").eval()
+    x = np.random.default_rng(1).standard_normal((*shape, model.hidden_size)).astype(np.float32)
+    y, ids, w = layer_through_plugins(backend.harness, module, x)
+    with torch.no_grad():
+        ref, info = model(torch.from_numpy(x), return_routing_info=True)
+    ref, ref_ids, ref_w = ref.numpy(), info.ids.numpy(), info.weights.numpy()
+    same = same_routing(ids, ref_ids)
+    np.testing.assert_allclose(w[same], ref_w[same], rtol=2e-6, atol=1e-7)
+    stats = error_stats(ref[same], y[same])
+    assert stats.max_abs <= 2e-5 * max(stats.ref_max_abs, 1e-3), stats
+    assert stats.rel_l2 <= 1e-5, stats
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_full_layer_fp16_within_documented_tolerance(backend, model, shape) -> None:
+    module16 = CustomOpPiMoE(model, "fp16").eval()
+    x = np.random.default_rng(2).standard_normal((*shape, model.hidden_size)).astype(np.float16)
+    y, ids, w = layer_through_plugins(backend.harness, module16, x)
+    assert y.dtype == np.float16 and ids.dtype == np.int32 and w.dtype == np.float32
+    with torch.no_grad():
+        ref16, ref_ids, ref_w = (t.numpy() for t in module16(torch.from_numpy(x)))
+        ref32 = model(torch.from_numpy(x.astype(np.float32))).numpy()
+    same = same_routing(ids, ref_ids)
+    np.testing.assert_allclose(w[same], ref_w[same], rtol=2e-6, atol=1e-7)
+    stats = error_stats(ref16[same].astype(np.float32), y[same].astype(np.float32))
+    assert stats.max_abs <= FP16_MAX_ABS * stats.ref_max_abs, stats
+    assert stats.rel_l2 <= FP16_REL_L2, stats
+    assert error_stats(ref32[same], y[same].astype(np.float32)).rel_l2 <= FP16_VS_FP32_REL_L2
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_two_runs_are_bit_identical(backend, model, precision) -> None:
+    module = CustomOpPiMoE(model, precision).eval()
+    dtype = np.float32 if precision == "fp32" else np.float16
+    x = np.random.default_rng(3).standard_normal((4, 96, model.hidden_size)).astype(dtype)
+    first = layer_through_plugins(backend.harness, module, x)
+    second = layer_through_plugins(backend.harness, module, x)
+    for a, b in zip(first, second, strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_empty_batch_gives_empty_outputs(backend, model) -> None:
+    module = CustomOpPiMoE(model, "fp32").eval()
+    y, ids, w = layer_through_plugins(backend.harness, module, np.zeros((0, 5, model.hidden_size), np.float32))
+    assert y.shape == (0, 5, model.hidden_size) and ids.shape == (0, 5, model.config.top_k) and w.size == 0
+
+
+# ------------------------------------------------------------------------------------------ kernels at scale
+@pytest.mark.parametrize(("n", "e", "k"), [(3000, 1024, 16), (257, 8, 2), (1, 64, 5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_route_at_scale(backend, n, e, k, dtype) -> None:
+    rng = np.random.default_rng(n + e)
+    logits = rng.normal(0, 3, size=(n, e)).astype(dtype)
+    logits[0, :3] = [np.nan, np.inf, -np.inf][: min(3, e)]
+    bias = rng.normal(0, 0.01, size=e).astype(np.float32)
+    weights, ids = backend.route(logits, bias, k, True)
+    assert ((ids >= 0) & (ids < e)).all()
+    ref_w, ref_ids = functional.route(torch.from_numpy(logits), torch.from_numpy(bias), k, True)
+    same = (ids == ref_ids.numpy()).all(axis=1)
+    assert same.mean() >= 0.999 and same[0]  # the NaN row is fixed exactly: experts 0..k-1
+    np.testing.assert_allclose(weights[same], ref_w.numpy()[same], rtol=4e-6, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.parametrize(("n", "k", "e", "h"), [(40000, 2, 64, 8), (5000, 16, 1024, 3), (1023, 2, 8, 512)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_dispatch_and_combine_at_scale(backend, n, k, e, h, dtype) -> None:
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, h)).astype(dtype)
+    ids = np.stack([rng.permutation(e)[:k] for _ in range(min(n, 64))] * (n // 64 + 1))[:n].astype(np.int32)
+    x_sorted, offsets, f2s = backend.dispatch(x, ids, e)
+    ref = functional.dispatch(torch.from_numpy(x), torch.from_numpy(ids), e)
+    np.testing.assert_array_equal(offsets, ref[1].numpy())
+    np.testing.assert_array_equal(f2s, ref[2].numpy())
+    np.testing.assert_array_equal(x_sorted, ref[0].numpy())
+    weights = rng.random(size=(n, k)).astype(np.float32)
+    y = backend.combine(x_sorted, f2s, weights)
+    ref_y = functional.combine(ref[0], ref[2], torch.from_numpy(weights)).numpy()
+    np.testing.assert_array_equal(y, ref_y)  # bit-exact: no FMA contraction, slot order
+
+
+@pytest.mark.parametrize("widths", [[64, 256, 64], [512, 2048, 512], [40, 24, 72, 8], [13, 37, 5]])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("layer_norm", [True, False])
+@pytest.mark.parametrize("rows_per_expert", [3, 150])  # 3: few rows, the fp16 GEMM splits K (decode shapes)
+def test_expert_mlp_at_scale(backend, widths, dtype, layer_norm, rows_per_expert) -> None:
+    from test_ops_backends import expert_reference, make_expert_case
+
+    rng = np.random.default_rng(sum(widths) + rows_per_expert)
+    x, offsets, params, expert_ids = make_expert_case(rng, e=8, groups=3, widths=widths, layer_norm=layer_norm,
+                                                      dtype=dtype, rows_per_expert=rows_per_expert)
+    y = backend.expert_mlp(x, offsets, params, expert_ids, widths, "gelu", layer_norm)
+    ref = expert_reference(x, offsets, params, expert_ids, widths, "gelu", layer_norm)
+    mine = np.zeros(x.shape[0], dtype=bool)
+    for e in expert_ids:
+        mine[offsets[e]:offsets[e + 1]] = True
+    assert (y[~mine] == 0).all()
+    if dtype == np.float32:
+        scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=2e-5 * scale)
+    else:
+        np.testing.assert_allclose(y.astype(np.float32), ref.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------ bad arguments / data
+def _bad_argument_cases():
+    from test_trt_harness_prepare import BAD
+
+    return BAD
+
+
+@pytest.mark.parametrize(("op", "attrs", "inputs", "fragment"), _bad_argument_cases(),
+                         ids=[b[3][:40] for b in _bad_argument_cases()])
+def test_bad_arguments_give_errors_with_device_tensors(backend, op, attrs, inputs, fragment) -> None:
+    """Bad fields, wrong shapes/dtypes, k > E, w8a8: an error naming the problem, no launch, no crash."""
+    from gpu_harness import HarnessError, _np_to_torch
+
+    tensors = [torch.zeros(shape, dtype=_np_to_torch(np.dtype(dtype)), device=DEVICE) for shape, dtype in inputs]
+    with pytest.raises(HarnessError) as info:
+        backend.harness.run(op, attrs, tensors)
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_ids_out_of_range_are_reported_and_clamped(backend) -> None:
+    harness = backend.harness
+    x = torch.randn(6, 8, device=DEVICE)
+    ids = torch.tensor([[0, 1], [2, 9], [3, -4], [1, 2], [0, 3], [2, 1]], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(HarnessDataError, match=r"flat index 3\) holds expert id 9"):
+        harness.run(schema.DISPATCH, {"num_experts": 4}, [x, ids])
+    x_sorted, offsets, f2s = harness.run(schema.DISPATCH, {"num_experts": 4}, [x, ids], check_status=False)
+    offsets, f2s = offsets.cpu().numpy(), f2s.cpu().numpy()
+    assert offsets[0] == 0 and offsets[-1] == 12 and (np.diff(offsets) >= 0).all()
+    assert sorted(f2s.tolist()) == list(range(12))  # still a permutation: every row written exactly once
+    np.testing.assert_array_equal(x_sorted.cpu().numpy()[f2s], np.repeat(x.cpu().numpy(), 2, axis=0))
+
+
+def test_bad_offsets_zero_the_output_and_are_reported(backend) -> None:
+    harness = backend.harness
+    widths = [8, 16, 8]
+    params = [torch.randn(1, 16, 8), torch.zeros(1, 16), torch.ones(1, 16), torch.zeros(1, 16),
+              torch.randn(1, 8, 16), torch.zeros(1, 8)]
+    params = [p.to(DEVICE) for p in params]
+    attrs = expert_mlp_fields([1], widths, "relu", True)
+    x = torch.randn(10, 8, device=DEVICE)
+    for bad in ([0, 4, 2, 10], [0, 4, 8, 11], [3, 4, 8, 10], [0, 4, 2_000_000_000, 10]):
+        offsets = torch.tensor(bad, dtype=torch.int32, device=DEVICE)
+        with pytest.raises(HarnessDataError, match="offsets is not a partition"):
+            harness.run(schema.EXPERT_MLP, attrs, [x, offsets, *params])
+        y = harness.run(schema.EXPERT_MLP, attrs, [x, offsets, *params], check_status=False)[0]
+        assert (y == 0).all()
+
+
+def test_flat_to_sorted_out_of_range_gives_nan_and_an_error(backend) -> None:
+    harness = backend.harness
+    y_sorted = torch.randn(6, 5, device=DEVICE)
+    weights = torch.rand(3, 2, device=DEVICE)
+    f2s = torch.tensor([0, 1, 2, 99, 4, 5], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(HarnessDataError, match=r"flat_to_sorted\[3\] = 99"):
+        harness.run(schema.COMBINE, {}, [y_sorted, f2s, weights])
+    y = harness.run(schema.COMBINE, {}, [y_sorted, f2s, weights], check_status=False)[0].cpu().numpy()
+    assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
+
+
+def test_sanitizer_case(backend) -> None:
+    """Small but complete: every kernel on both dtypes, plus the bad-data paths (compute-sanitizer runs this)."""
+    model = create_from_preset("tiny", seed=5)
+    for precision, dtype in (("fp32", np.float32), ("fp16", np.float16)):
+        module = CustomOpPiMoE(model, precision).eval()
+        x = np.random.default_rng(4).standard_normal((2, 33, model.hidden_size)).astype(dtype)
+        y, _, _ = layer_through_plugins(backend.harness, module, x)
+        assert np.isfinite(y.astype(np.float32)).all()
+    for dtype in (np.float16, np.float32):  # vector loads, split-K (fp16, few rows), SIMT (fp32)
+        test_expert_mlp_at_scale(backend, [64, 256, 64], dtype, True, 3)
+    test_ids_out_of_range_are_reported_and_clamped(backend)
+    test_bad_offsets_zero_the_output_and_are_reported(backend)
+    test_flat_to_sorted_out_of_range_gives_nan_and_an_error(backend)

@@ -1,0 +1,174 @@
+"""TensorRT-RTX 1.7 ahead-of-time engine builds on a CPU-only machine (CI rung 5).
+
+TensorRT's ONNX parser maps every ``pimoe`` node of the exported custom-op graphs to our IPluginV3 plugins (3 +
+one PiMoEExpertMLP per expert group), and the builder accepts them in a strongly typed network with a dynamic
+[batch, sequence, H] profile for SM89 and SM80: fp32 and fp16, presets seed-512 and seed-types. Also: static
+registration (PIMOE_TRT_STATIC_REGISTRATION=1) serves dlopen-only loaders, and bad nodes fail the build with
+the plugin's reason instead of crashing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from op_graphs import expert_mlp_attrs, single_op_model
+
+from pimoe_export.errors import BackendUnavailableError, PluginLoadError
+from pimoe_export.ops import schema
+
+pytestmark = pytest.mark.trt
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rtx():
+    from pimoe_export.build import tensorrt as T
+
+    try:
+        plugin = T.find_plugin_library()
+    except PluginLoadError as exc:
+        pytest.skip(f"plugin library not built (no nvcc?): {exc}")
+    try:
+        T.import_tensorrt("rtx")
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    return T, plugin
+
+
+_EXPORTS: dict[tuple[str, str], tuple[Path, object]] = {}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from pimoe_export.export.onnx_export import export_onnx
+    from pimoe_export.model.factory import create_from_preset
+
+    def get(preset: str, precision: str):
+        key = (preset, precision)
+        if key not in _EXPORTS:
+            model = create_from_preset(preset, seed=3)
+            path = tmp_path_factory.mktemp(f"{preset}-{precision}") / "model.onnx"
+            export_onnx(model, path, precision=precision)
+            _EXPORTS[key] = (path, model.config)
+        return _EXPORTS[key]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["seed-512", "seed-types"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("sm", ["SM89", "SM80"])
+def test_aot_build_of_exported_graph(rtx, exported, preset, precision, sm) -> None:
+    T, plugin = rtx
+    path, config = exported(preset, precision)
+    profile = T.hidden_states_profile(config.hidden_size, (1, 1), (1, 64), (8, 512))
+    plan, summary = T.build_engine(path, plugin, profile, compute_capabilities=(sm,), strongly_typed=True)
+    groups = len(config.expert_groups())
+    assert isinstance(plan, bytes) and len(plan) > 1_000_000  # the expert weights are embedded
+    assert summary.layer_types.get("PLUGIN_V3") == 3 + groups
+    assert summary.plugin_counts() == {schema.ROUTE: 1, schema.DISPATCH: 1, schema.EXPERT_MLP: groups,
+                                       schema.COMBINE: 1}
+    dtype = "FLOAT" if precision == "fp32" else "HALF"
+    assert summary.inputs == [("hidden_states", dtype, (-1, -1, config.hidden_size))]
+    assert [o[:2] for o in summary.outputs] == [("output", dtype), ("expert_ids", "INT32"),
+                                                ("expert_weights", "FLOAT")]
+    # every PiMoEExpertMLP layer receives x_sorted, offsets and its parameters as inputs
+    for layer in summary.plugin_layers:
+        if layer.plugin == schema.EXPERT_MLP:
+            assert layer.num_inputs >= 4
+
+
+def _single_op_file(tmp_path: Path, name: str, model: bytes) -> Path:
+    path = tmp_path / f"{name}.onnx"
+    path.write_bytes(model)
+    return path
+
+
+def test_single_op_graph_with_weak_typing_builds(rtx, tmp_path) -> None:
+    T, plugin = rtx
+    logits = np.zeros((4, 8), np.float32)
+    model = single_op_model("PiMoERoute", [("logits", logits), ("selection_bias", np.zeros(8, np.float32))],
+                            [("weights", np.float32, 2), ("ids", np.int32, 2)], {"k": 2, "normalize": 1})
+    path = _single_op_file(tmp_path, "route", model)
+    profile = {"logits": ((1, 8), (16, 8), (256, 8)), "selection_bias": ((8,), (8,), (8,))}
+    plan, summary = T.build_engine(path, plugin, profile, compute_capabilities=("SM89",), strongly_typed=False)
+    assert summary.plugin_counts() == {schema.ROUTE: 1} and len(plan) > 0
+
+
+def test_quantized_expert_node_fails_with_the_plugins_reason(rtx, tmp_path) -> None:
+    T, plugin = rtx
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-8, 8, size=(1, 8, 8), dtype=np.int8)
+    params = [("w", weight), ("s", np.ones((1, 8), np.float32)), ("b", np.zeros((1, 8), np.float32))]
+    model = single_op_model("PiMoEExpertMLP", [("x_sorted", np.zeros((4, 8), np.float32)),
+                                              ("offsets", np.zeros(3, np.int32))],
+                            [("y_sorted", np.float32, 2)],
+                            expert_mlp_attrs([0], [8, 8], "gelu", False, quant_mode="w8a8", act_scales=[0.1]),
+                            params)
+    path = _single_op_file(tmp_path, "w8a8", model)
+    profile = {"x_sorted": ((1, 8), (8, 8), (64, 8)), "offsets": ((3,), (3,), (3,))}
+    with pytest.raises(T.EngineBuildError, match="quant_mode 'w8a8' is not implemented"):
+        T.build_engine(path, plugin, profile, compute_capabilities=("SM89",))
+
+
+def test_k_larger_than_experts_fails_the_build(rtx, tmp_path) -> None:
+    T, plugin = rtx
+    model = single_op_model("PiMoERoute", [("logits", np.zeros((4, 3), np.float32))],
+                            [("weights", np.float32, 2), ("ids", np.int32, 2)], {"k": 4})
+    path = _single_op_file(tmp_path, "k4e3", model)
+    with pytest.raises(T.EngineBuildError, match="k=4 exceeds the number of experts E=3"):
+        T.build_engine(path, plugin, {"logits": ((1, 3), (4, 3), (16, 3))}, compute_capabilities=("SM89",))
+
+
+STATIC_SCRIPT = r"""
+import ctypes, sys
+from pimoe_export.build import tensorrt as T
+from pimoe_export.errors import PluginLoadError
+trt = T.import_tensorrt(sys.argv[1])
+registry = trt.get_plugin_registry()
+assert registry.get_creator("PiMoERoute", "1", "") is None
+ctypes.CDLL(sys.argv[2])  # a dlopen-only loader (polygraphy --plugins): the library registers itself
+assert all(registry.get_creator(n, "1", "") is not None for n in T.PLUGIN_NAMES), "static registration failed"
+if sys.argv[1] == "rtx":  # the parser finds the statically registered creators
+    plan, summary = T.build_engine(sys.argv[3], sys.argv[2], {"logits": ((1, 8), (4, 8), (64, 8))},
+                                   compute_capabilities=("SM89",))
+    assert summary.plugin_counts() == {"PiMoERoute": 1}
+# dynamic loading of the same library now fails: the two modes exclude each other
+handle = registry.load_library(sys.argv[2])
+assert handle is None, "loadLibrary accepted already-registered creators"
+print("static registration ok")
+"""
+
+
+@pytest.mark.parametrize("flavour", ["rtx", "lean"])
+def test_static_registration_for_dlopen_only_loaders(rtx, tmp_path, flavour) -> None:
+    _, plugin = rtx
+    model = single_op_model("PiMoERoute", [("logits", np.zeros((4, 8), np.float32))],
+                            [("weights", np.float32, 2), ("ids", np.int32, 2)], {"k": 2})
+    path = _single_op_file(tmp_path, "route", model)
+    env = {**os.environ, "PIMOE_TRT_STATIC_REGISTRATION": "1", "PIMOE_TRT_LOG": "warning"}
+    result = subprocess.run([sys.executable, "-c", STATIC_SCRIPT, flavour, str(plugin), str(path)], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "static registration ok" in result.stdout
+
+
+def test_load_failure_names_the_static_registration_conflict(rtx, monkeypatch) -> None:
+    T, plugin = rtx
+
+    class Registry:  # a registry whose loadLibrary refuses, as TensorRT does for registered creators
+        def get_creator(self, *args):
+            return None
+
+        def load_library(self, path):
+            return None
+
+    monkeypatch.setenv("PIMOE_TRT_STATIC_REGISTRATION", "1")
+    with pytest.raises(PluginLoadError, match="PIMOE_TRT_STATIC_REGISTRATION=1 is set"):
+        T.load_plugin_library(None, plugin, registry=Registry())
