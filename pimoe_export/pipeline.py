@@ -1,8 +1,8 @@
 """`pimoe-export pipeline`: the whole job, step by step, into one output directory.
 
-model -> ONNX (custom ops + standard ops) -> INT8 -> engines (TensorRT / TensorRT-RTX when installed) ->
-runtime load -> parity report -> benchmark summary. Every step records done / skipped (with the reason) /
-failed in ``pipeline.json``; a skipped step never counts as a pass.
+model -> ONNX (custom ops + standard ops) -> INT8 -> ONNX Runtime units -> engine units (TensorRT or
+TensorRT-RTX, when installed) -> runtime load of every unit -> parity reports -> benchmark summary. Every step
+records done / skipped (with the reason) / failed in ``pipeline.json``; a skipped step never counts as a pass.
 """
 
 from __future__ import annotations
@@ -85,13 +85,13 @@ def run_pipeline(
     from pimoe_export.model.factory import create_from_preset
     from pimoe_export.model.io import load_pretrained
     from pimoe_export.model.summary import summarize
-    from pimoe_export.runtime.ort import check_ort_library, create_session, find_ort_library
+    from pimoe_export.runtime.ort import create_session
     from pimoe_export.validate.check import check_onnx
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline(output, progress)
-    total = 7
+    total = 8
     state: dict[str, Any] = {}
 
     def step_model() -> dict[str, Any]:
@@ -117,42 +117,89 @@ def run_pipeline(
                 "pimoe_nodes": {k: v for k, v in custom.node_counts.items() if k.startswith("pimoe::")}}
 
     def step_int8() -> dict[str, Any] | str:
-        try:
-            from pimoe_export.quantize import pipeline_step  # type: ignore[attr-defined]
-        except ImportError:
-            return "INT8 quantisation is not part of this build (pimoe_export.quantize.pipeline_step missing)"
+        from pimoe_export.quantize import pipeline_step
+
         result = pipeline_step(state["model"], state["onnx"], output)
         state["onnx_int8"] = result.get("onnx_int8")
         return result
 
+    def step_units() -> dict[str, Any]:
+        from pimoe_export.build.units import package_ort
+
+        units = {}
+        for key, name in (("onnx", "ort-fp32"), ("onnx_int8", "ort-int8")):
+            if state.get(key):
+                manifest = package_ort(state[key], output / name)
+                units[name] = {"backend": manifest.backend, "precision": manifest.precision,
+                               "manifest": str(output / name / "manifest.json")}
+        state["units"] = list(units)
+        return units
+
     def step_engines() -> dict[str, Any] | str:
+        from pimoe_export.build.units import BuildOptions, build_unit, detect_flavour
+        from pimoe_export.errors import BackendUnavailableError
+
         try:
-            from pimoe_export.build import pipeline_step as build_step  # type: ignore[attr-defined]
-        except ImportError:
-            return "engine building is not part of this build (pimoe_export.build.pipeline_step missing)"
-        return build_step(state, output)
+            flavour = detect_flavour("auto")
+        except BackendUnavailableError as exc:
+            return f"no TensorRT builder installed ({exc})"
+        deployment = state["model"].config.metadata.get("deployment", {})
+        built = {}
+        for key, precision in (("onnx", "fp32"), ("onnx_int8", "int8")):
+            if not state.get(key):
+                continue
+            name = f"{'trt' if flavour == 'tensorrt' else 'trt-rtx'}-{precision}"
+            manifest = build_unit(state[key], output / name, options=BuildOptions(
+                flavour=flavour, optimization_level=deployment.get("builder_optimization_level"),
+                timing_cache=str(output / "timing.cache")))
+            built[name] = {"backend": manifest.backend, "version": manifest.backend_version,
+                           "targets": manifest.target_sms, "plugin_layers": manifest.build_options["plugin_layers"]}
+            state["units"].append(name)
+        return built
 
     def step_runtime() -> dict[str, Any]:
-        lib = check_ort_library(str(find_ort_library()))
-        session = create_session(state["onnx"])
+        from pimoe_export.errors import BackendUnavailableError
+        from pimoe_export.runtime.engine import Engine
+
         x = np.random.default_rng(0).standard_normal((1, 4, state["model"].hidden_size)).astype(np.float32)
-        y = session.run(None, {"hidden_states": x})[0]
-        if not np.isfinite(y).all():
-            raise RuntimeError("the ONNX Runtime backend produced non-finite outputs on finite inputs")
-        return {"backend": "onnxruntime-cpu", "library": lib["path"], "cpu_isa": lib["cpu_isa"],
-                "output_shape": list(y.shape)}
+        loaded = {}
+        for name in state["units"]:
+            try:
+                engine = Engine.load(output / name)
+            except BackendUnavailableError as exc:  # e.g. an RTX engine on a machine without an RTX GPU
+                loaded[name] = {"loaded": False, "reason": str(exc).split(";")[0]}
+                continue
+            y = engine.run(x)
+            if not np.isfinite(y).all():
+                raise RuntimeError(f"{name}: non-finite outputs on finite inputs")
+            loaded[name] = {"loaded": True, "backend": engine.backend, "output_shape": list(y.shape)}
+            if engine.backend != "onnxruntime":
+                state.setdefault("runnable_engine_units", []).append(name)
+            engine.close()
+        return loaded
 
     def step_check() -> dict[str, Any]:
-        reports = {}
-        for key, name in (("onnx", "report"), ("onnx_int8", "report_int8")):
-            if state.get(key):
-                rep = check_onnx(state["model"], state[key], output / name)
-                reports[name] = {"passed": rep.passed, "precision": rep.precision,
-                                 "routing_agreement": rep.routing_agreement,
-                                 "output": rep.output_stats["output"].to_dict(), "failures": rep.failures,
-                                 "files": rep.files}
-                if not rep.passed:
-                    raise RuntimeError(f"{name}: parity check failed: {rep.failures}")
+        from pimoe_export.validate.check import check_unit
+
+        reports: dict[str, Any] = {}
+        failed = []
+        checks = [(state[key], name, None) for key, name in (("onnx", "report"), ("onnx_int8", "report_int8"))
+                  if state.get(key)]
+        # engine units that this machine can run (a TensorRT GPU box) are checked through their Engine
+        checks += [(None, f"report_{unit}", unit) for unit in state.get("runnable_engine_units", [])]
+        for onnx_path, name, unit in checks:
+            if unit is None:
+                rep = check_onnx(state["model"], onnx_path, output / name)
+            else:
+                rep = check_unit(state["model"], output / unit, output / name)
+            reports[name] = {"passed": rep.passed, "precision": rep.precision, "backend": rep.backend,
+                             "routing_agreement": rep.routing_agreement,
+                             "output": rep.output_stats["output"].to_dict(), "failures": rep.failures,
+                             "files": rep.files}
+            if not rep.passed:
+                failed.append(f"{name}: {rep.failures}")
+        if failed:
+            raise RuntimeError(f"parity check failed: {failed}")
         return reports
 
     def step_bench() -> dict[str, Any]:
@@ -190,11 +237,11 @@ def run_pipeline(
         (output / "benchmark.json").write_text(json.dumps(rows, indent=2) + "\n")
         return {"rows": rows, "markdown": str(output / "benchmark.md")}
 
-    for name, fn in (("model", step_model), ("export", step_export), ("int8", step_int8),
-                     ("engines", step_engines), ("runtime", step_runtime), ("check", step_check),
-                     ("benchmark", step_bench)):
+    steps = (("model", step_model), ("export", step_export), ("int8", step_int8), ("units", step_units),
+             ("engines", step_engines), ("runtime", step_runtime), ("check", step_check), ("benchmark", step_bench))
+    for name, fn in steps:
         result = pipe.step(name, total, fn)
-        if result.status == "failed" and name in ("model", "export"):
+        if result.status == "failed" and name in ("model", "export", "units"):
             break  # later steps need these artefacts
     passed = all(s.status != "failed" for s in pipe.steps) and len(pipe.steps) == total
     summary = {

@@ -329,12 +329,15 @@ def build_engine(
     compute_capabilities: Sequence[str] = ("SM89",),
     strongly_typed: bool = True,
     flavour: str = "rtx",
+    configure: Any = None,
 ) -> tuple[bytes, LayerSummary]:
     """Parse ``onnx_path`` with TensorRT's ONNX parser (our plugins registered) and build a serialized engine.
 
     ``compute_capabilities`` names ``trt.ComputeCapability`` members ("SM80", "SM89", ...): TensorRT-RTX builds
     for them ahead of time, no GPU needed (ignored by flavours without that API). Returns the plan bytes and a
     summary of the parsed network (its PLUGIN_V3 layers show which of our plugins the parser created).
+    ``configure(trt, builder, config)``, when given, sets further builder options (optimisation level, timing
+    cache, compatibility flags) before the build.
     """
     trt = import_tensorrt(flavour)
     logger = process_logger(trt)
@@ -371,6 +374,8 @@ def build_engine(
         for name, (low, opt, high) in profile.items():
             optimization.set_shape(name, tuple(low), tuple(opt), tuple(high))
         config.add_optimization_profile(optimization)
+    if configure is not None:
+        configure(trt, builder, config)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineBuildError(failure(f"TensorRT could not build an engine from {onnx_path}"))

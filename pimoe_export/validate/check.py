@@ -238,6 +238,83 @@ def check_onnx(
     return report
 
 
+def check_unit(
+    model: Any,
+    unit_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
+    seed: int = 1234,
+    plots: bool = True,
+    verbose: bool = False,
+) -> CheckReport:
+    """Compare the PyTorch ``model`` with a deployable unit (its manifest verified first).
+
+    ONNX Runtime units go through :func:`check_onnx` (Polygraphy's OnnxrtRunner); TensorRT units run through the
+    unit's ``Engine`` (Polygraphy's TrtRunner, one per thread), and their outputs are compared with the saved
+    PyTorch RunResults by ``Comparator.compare_accuracy`` with the same tolerances.
+    """
+    from pimoe_export.build.manifest import read_manifest
+    from pimoe_export.runtime.engine import Engine
+
+    unit_dir = Path(unit_dir)
+    manifest = read_manifest(unit_dir)
+    if manifest.backend == "onnxruntime":
+        return check_onnx(model, unit_dir / manifest.artifact("onnx").file, out_dir, shapes=shapes, seed=seed,
+                          plots=plots, verbose=verbose)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    engine = Engine.load(unit_dir)
+    precision = manifest.precision
+    tolerances = TOLERANCES.get(precision, TOLERANCES["fp32"])
+    feeds = make_inputs(model.hidden_size, shapes, seed, engine.input_dtype)
+    reference = pytorch_reference(model, feeds)
+    actual = []
+    for feed in feeds:
+        y, ids, w = engine.run(feed["hidden_states"], routing=True)
+        actual.append({"output": y, "expert_ids": ids, "expert_weights": w})
+    engine.close()
+    from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
+    from polygraphy.comparator.struct import IterationResult
+
+    compared = ("output", "expert_weights")
+    results = RunResults()
+    results.append(("pytorch", [IterationResult({k: r[k] for k in compared}, runner_name="pytorch")
+                                for r in reference]))
+    results.save(str(out_dir / "pytorch_outputs.json"))
+    results.append((manifest.backend, [IterationResult({k: a[k] for k in compared}, runner_name=manifest.backend)
+                                       for a in actual]))
+    ref_max = max((float(np.max(np.abs(r["output"]))) for r in reference if r["output"].size), default=1.0)
+    accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(
+        rtol={n: tolerances.rtol for n in compared},
+        atol={"output": tolerances.atol_rel * ref_max, "expert_weights": tolerances.atol_rel},
+        check_error_stat=tolerances.check_error_stat, error_quantile=tolerances.error_quantile))
+    stats = {name: merge_stats([error_stats(r[name], a[name]) for r, a in zip(reference, actual, strict=True)])
+             for name in compared}
+    agreement = routing_agreement(
+        np.concatenate([r["expert_ids"].reshape(-1, r["expert_ids"].shape[-1]) for r in reference]),
+        np.concatenate([a["expert_ids"].reshape(-1, a["expert_ids"].shape[-1]) for a in actual]))
+    failures = []
+    if not bool(accuracy):
+        failures.append("Polygraphy accuracy check failed")
+    if not stats["output"].cosine >= tolerances.min_cosine:
+        failures.append(f"output cosine {stats['output'].cosine:.8f} < {tolerances.min_cosine}")
+    if not agreement >= tolerances.min_routing_agreement:
+        failures.append(f"routing agreement {agreement:.4%} < {tolerances.min_routing_agreement:.4%}")
+    report = CheckReport(
+        backend=f"{manifest.backend} {manifest.backend_version}", precision=precision,
+        shapes=[tuple(s) for s in shapes],
+        tolerances=tolerances, output_stats=stats, routing_agreement=agreement, polygraphy_passed=bool(accuracy),
+        passed=not failures, failures=failures, per_expert_mean_abs=_per_expert_error(reference, actual),
+        environment={"unit": str(unit_dir), "targets": manifest.target_sms, "machine": platform.machine()},
+        files={"pytorch_outputs": str(out_dir / "pytorch_outputs.json")},
+    )
+    if plots:
+        report.files.update(_plots(reference, actual, report.per_expert_mean_abs, out_dir))
+    write_report(report, out_dir)
+    return report
+
+
 def _kernel_vs_fake_quant(model: Any, onnx_path: str | Path, feeds: list[dict[str, np.ndarray]],
                           actual: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     import torch

@@ -1,0 +1,197 @@
+"""Deployable units, manifests and the Engine runtime API (ONNX Runtime here; TensorRT where installed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from pimoe_export.build.manifest import Profile, read_manifest, verify
+from pimoe_export.build.units import package_ort
+from pimoe_export.cli import main
+from pimoe_export.errors import ArtifactError, BackendUnavailableError, PiMoEInputError
+from pimoe_export.export.onnx_export import export_onnx
+from pimoe_export.model import create_from_preset
+from pimoe_export.runtime.engine import Engine
+from pimoe_export.runtime.ort import create_session
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model = create_from_preset("tiny", seed=5)
+    root = tmp_path_factory.mktemp("units")
+    onnx_path = root / "model.onnx"
+    export_onnx(model, onnx_path)
+    return model, onnx_path, root
+
+
+@pytest.fixture
+def ort_unit(tiny, tmp_path):
+    _, onnx_path, _ = tiny
+    package_ort(onnx_path, tmp_path / "unit", profile=Profile((1, 1), (1, 8), (4, 64)))
+    return tmp_path / "unit"
+
+
+def test_ort_unit_end_to_end(tiny, ort_unit) -> None:
+    model, onnx_path, _ = tiny
+    manifest = verify(ort_unit)
+    assert manifest.backend == "onnxruntime" and manifest.precision == "fp32"
+    assert {a.role for a in manifest.artifacts} == {"onnx", "ort_library"}
+    x = np.random.default_rng(0).standard_normal((2, 9, 16)).astype(np.float32)
+    with Engine.load(ort_unit) as engine:
+        y = engine.run(x)
+        y2, ids, w = engine.run(x, routing=True)
+        direct = create_session(onnx_path).run(None, {"hidden_states": x})
+        assert np.array_equal(y, direct[0]) and np.array_equal(y2, y) and np.array_equal(ids, direct[1])
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+        yt = engine.run(torch.from_numpy(x))  # torch in, torch out
+        assert isinstance(yt, torch.Tensor) and torch.equal(yt, torch.from_numpy(y))
+
+
+def test_bad_inputs_and_profile_range(ort_unit) -> None:
+    with Engine.load(ort_unit) as engine:
+        with pytest.raises(PiMoEInputError, match=r"outside this unit's profile .*pimoe-export build --max-tokens"):
+            engine.run(np.zeros((5, 4, 16), np.float32))
+        with pytest.raises(PiMoEInputError, match=r"\[batch, sequence, 16\]"):
+            engine.run(np.zeros((2, 4, 15), np.float32))
+        with pytest.raises(PiMoEInputError, match="takes float32 input, got float64"):
+            engine.run(np.zeros((1, 4, 16)))
+        with pytest.raises(PiMoEInputError, match="numpy array or torch tensor"):
+            engine.run([[0.0] * 16])
+
+
+def test_concurrent_runs_are_identical(ort_unit) -> None:
+    x = np.random.default_rng(1).standard_normal((4, 64, 16)).astype(np.float32)
+    with Engine.load(ort_unit, threads=2) as engine:
+        serial = engine.run(x)
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            results = list(pool.map(lambda _: engine.run(x), range(24)))
+    assert all(np.array_equal(r, serial) for r in results)
+
+
+@pytest.mark.parametrize("tamper", ["onnx-bytes", "library-missing", "manifest-json", "manifest-format",
+                                    "contract", "onnx-replaced"])
+def test_tampered_or_mismatched_units_are_refused(tiny, ort_unit, tamper) -> None:
+    _, onnx_path, _ = tiny
+    manifest_path = ort_unit / "manifest.json"
+    if tamper == "onnx-bytes":
+        data = bytearray((ort_unit / "model.onnx").read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (ort_unit / "model.onnx").write_bytes(bytes(data))
+        fragment = "does not match its manifest sha256"
+    elif tamper == "library-missing":
+        (ort_unit / "libpimoe_ort.so").unlink()
+        fragment = "libpimoe_ort.so is missing"
+    elif tamper == "manifest-json":
+        manifest_path.write_text("{broken")
+        fragment = "not valid JSON"
+    elif tamper == "manifest-format":
+        manifest_path.write_text(json.dumps({"format": "something/9"}))
+        fragment = "expected format"
+    elif tamper == "contract":
+        data = json.loads(manifest_path.read_text())
+        data["contract_version"] = 99
+        manifest_path.write_text(json.dumps(data))
+        fragment = "op contract v99"
+    else:  # a different (valid) model file under the same name
+        other = create_from_preset("tiny", seed=6)
+        export_onnx(other, ort_unit / "model.onnx")
+        fragment = "does not match its manifest sha256"
+    with pytest.raises(ArtifactError, match=fragment) as info:
+        Engine.load(ort_unit)
+    if tamper not in ("manifest-json", "manifest-format"):
+        assert "pimoe-export" in str(info.value)  # says how to rebuild
+
+
+def test_engine_version_and_sm_mismatch_are_refused(ort_unit, tmp_path) -> None:
+    unit = tmp_path / "fake-trt"
+    shutil.copytree(ort_unit, unit)
+    data = json.loads((unit / "manifest.json").read_text())
+    data.update(backend="tensorrt", backend_version="11.4.0", target_sms=["sm_89"])
+    (unit / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="built with tensorrt 11.4.0, this machine has 11.5.1"):
+        verify(unit, backend_version="11.5.1")
+    with pytest.raises(ArtifactError, match=r"targets \['sm_89'\], this GPU is sm_90"):
+        verify(unit, backend_version="11.4.0", device_sm="sm_90")
+    assert verify(unit, backend_version="11.4.0", device_sm="sm_89").backend == "tensorrt"
+
+
+def test_missing_unit_and_inspect_cli(ort_unit, tmp_path, capsys) -> None:
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        read_manifest(tmp_path / "nothing")
+    assert main(["inspect", str(ort_unit)]) == 0
+    assert "verified" in capsys.readouterr().out
+    (ort_unit / "model.onnx").write_bytes(b"x")
+    assert main(["inspect", str(ort_unit)]) == 1
+    assert "NOT VALID" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ TensorRT(-RTX)
+def _rtx_or_skip():
+    try:
+        from pimoe_export.build.tensorrt import find_plugin_library, import_tensorrt
+
+        import_tensorrt("rtx")
+        find_plugin_library()
+    except Exception as exc:  # noqa: BLE001 - any missing piece means this machine cannot build RTX engines
+        pytest.skip(f"TensorRT-RTX or the plugin library is not available: {exc}")
+
+
+@pytest.mark.trt
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["seed-512", "seed-types"])
+def test_cli_build_produces_rtx_units_with_manifests(preset, tmp_path, capsys) -> None:
+    """Issue acceptance: `pimoe-export build` produces TensorRT-RTX ahead-of-time engines with manifests."""
+    _rtx_or_skip()
+    model = create_from_preset(preset, seed=1)
+    onnx_path = tmp_path / "model.onnx"
+    export_onnx(model, onnx_path)
+    unit = tmp_path / "trt"
+    cache = tmp_path / "timing.cache"
+    assert main(["build", str(onnx_path), "-o", str(unit), "--sm", "SM80,SM89", "--max-tokens", "4x256",
+                 "--opt-level", "2", "--timing-cache", str(cache)]) == 0
+    manifest = verify(unit)
+    assert manifest.backend == "tensorrt-rtx" and manifest.target_sms == ["sm_80", "sm_89"]
+    assert manifest.profile.max_shape == (4, 256) and manifest.build_options["optimization_level"] == 2
+    groups = len(model.config.expert_groups())
+    assert manifest.build_options["plugin_layers"] == {"PiMoERoute": 1, "PiMoEDispatch": 1,
+                                                       "PiMoEExpertMLP": groups, "PiMoECombine": 1}
+    assert manifest.source_onnx_sha256 == manifest.artifact("onnx").sha256
+    # TensorRT-RTX has no tactic timing (its timing-cache calls are no-ops): the cache is not used, and says so
+    assert manifest.build_options["timing_cache_used"] is False and not cache.exists()
+    assert main(["inspect", str(unit)]) == 0
+    # an RTX engine cannot run on this machine: loading says so instead of crashing
+    with pytest.raises(BackendUnavailableError, match="TensorRT-RTX engine"):
+        Engine.load(unit)
+
+
+@pytest.mark.trt
+def test_tensorrt_engine_runs_where_tensorrt_and_a_gpu_exist(tiny, tmp_path) -> None:
+    """Runs in the docker/ server image (TensorRT + GPU); skipped elsewhere."""
+    try:
+        from pimoe_export.build.tensorrt import import_tensorrt
+        from pimoe_export.build.units import local_gpu_sm
+
+        import_tensorrt("tensorrt")
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    if local_gpu_sm() is None:
+        pytest.skip("no GPU")
+    from pimoe_export.build.units import BuildOptions, build_unit
+
+    model, onnx_path, _ = tiny
+    build_unit(onnx_path, tmp_path / "trt", options=BuildOptions(flavour="tensorrt"))
+    x = np.random.default_rng(2).standard_normal((2, 16, 16)).astype(np.float32)
+    with Engine.load(tmp_path / "trt") as engine:
+        y = engine.run(x)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            assert all(np.array_equal(r, y) for r in pool.map(lambda _: engine.run(x), range(8)))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
