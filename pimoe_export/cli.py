@@ -107,7 +107,7 @@ def _load_command_modules() -> None:
     """Import modules that register further subcommands (kept out of this file to stay small)."""
     import importlib
 
-    for module in ("pimoe_export.cli_commands",):
+    for module in ("pimoe_export.cli_commands", "pimoe_export.cli_triton"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
