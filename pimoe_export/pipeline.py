@@ -103,9 +103,20 @@ def run_pipeline(
             state["model"] = create_from_preset(preset, seed=seed)
             state["model_dir"] = output / "model"
             state["model"].save_pretrained(state["model_dir"])
+        detail: dict[str, Any] = {}
+        deployment = _deployment(state["model"])
+        if deployment.get("enable_pruning"):  # EnhancedPiMoEIntegration(enable_pruning=True): prune before export
+            from pimoe_export.model.pruning import magnitude_prune, structured_prune
+
+            prune = structured_prune if deployment.get("pruning_structured", True) else magnitude_prune
+            probe = torch.randn(2, 32, state["model"].hidden_size, generator=torch.Generator().manual_seed(0))
+            detail["pruning"] = prune(state["model"], float(deployment.get("pruning_amount", 0.25)), probe).to_dict()
+            state["model_dir"] = output / "model.pruned"
+            state["model"].save_pretrained(state["model_dir"])
         summary = summarize(state["model"].config)
         return {"model_dir": str(state["model_dir"]), "params": summary["params_total"],
-                "expert_groups": [g["experts"] for g in summary["expert_groups"]]}
+                "expert_groups": [g["experts"] for g in summary["expert_groups"]],
+                "deployment": deployment or "none recorded (defaults)", **detail}
 
     def step_export() -> dict[str, Any]:
         model = state["model"]
@@ -113,8 +124,12 @@ def run_pipeline(
         standard = export_onnx(model, output / "model.standard.onnx", standard_ops=True)
         state["onnx"] = custom.path
         state["onnx_standard"] = standard.path
-        return {"onnx": str(custom.path), "onnx_standard_ops": str(standard.path),
-                "pimoe_nodes": {k: v for k, v in custom.node_counts.items() if k.startswith("pimoe::")}}
+        result = {"onnx": str(custom.path), "onnx_standard_ops": str(standard.path),
+                  "pimoe_nodes": {k: v for k, v in custom.node_counts.items() if k.startswith("pimoe::")}}
+        if _deployment(model).get("export_precision") == "fp16":  # optimization_level advanced/maximum
+            state["onnx_fp16"] = export_onnx(model, output / "model.fp16.onnx", precision="fp16").path
+            result["onnx_fp16"] = str(state["onnx_fp16"])
+        return result
 
     def step_int8() -> dict[str, Any] | str:
         from pimoe_export.quantize import pipeline_step
@@ -127,7 +142,7 @@ def run_pipeline(
         from pimoe_export.build.units import package_ort
 
         units = {}
-        for key, name in (("onnx", "ort-fp32"), ("onnx_int8", "ort-int8")):
+        for key, name in (("onnx", "ort-fp32"), ("onnx_fp16", "ort-fp16"), ("onnx_int8", "ort-int8")):
             if state.get(key):
                 manifest = package_ort(state[key], output / name)
                 units[name] = {"backend": manifest.backend, "precision": manifest.precision,
@@ -143,9 +158,9 @@ def run_pipeline(
             flavour = detect_flavour("auto")
         except BackendUnavailableError as exc:
             return f"no TensorRT builder installed ({exc})"
-        deployment = state["model"].config.metadata.get("deployment", {})
+        deployment = _deployment(state["model"])
         built = {}
-        for key, precision in (("onnx", "fp32"), ("onnx_int8", "int8")):
+        for key, precision in (("onnx", "fp32"), ("onnx_fp16", "fp16"), ("onnx_int8", "int8")):
             if not state.get(key):
                 continue
             name = f"{'trt' if flavour == 'tensorrt' else 'trt-rtx'}-{precision}"
@@ -169,7 +184,7 @@ def run_pipeline(
             except BackendUnavailableError as exc:  # e.g. an RTX engine on a machine without an RTX GPU
                 loaded[name] = {"loaded": False, "reason": str(exc).split(";")[0]}
                 continue
-            y = engine.run(x)
+            y = engine.run(x.astype(engine.input_dtype))
             if not np.isfinite(y).all():
                 raise RuntimeError(f"{name}: non-finite outputs on finite inputs")
             loaded[name] = {"loaded": True, "backend": engine.backend, "output_shape": list(y.shape)}
@@ -183,8 +198,8 @@ def run_pipeline(
 
         reports: dict[str, Any] = {}
         failed = []
-        checks = [(state[key], name, None) for key, name in (("onnx", "report"), ("onnx_int8", "report_int8"))
-                  if state.get(key)]
+        checks = [(state[key], name, None) for key, name in (("onnx", "report"), ("onnx_fp16", "report_fp16"),
+                                                             ("onnx_int8", "report_int8")) if state.get(key)]
         # engine units that this machine can run (a TensorRT GPU box) are checked through their Engine
         checks += [(None, f"report_{unit}", unit) for unit in state.get("runnable_engine_units", [])]
         for onnx_path, name, unit in checks:
@@ -256,6 +271,12 @@ def run_pipeline(
               f"skipped: {[s.name for s in pipe.steps if s.status == 'skipped'] or 'none'}; summary in "
               f"{output / 'pipeline.json'}")
     return summary
+
+
+def _deployment(model: Any) -> dict[str, Any]:
+    """Deployment settings an EnhancedPiMoEIntegration recorded in the checkpoint (config.metadata)."""
+    metadata = model.config.metadata
+    return dict(metadata.get("deployment", {})) if isinstance(metadata, dict) else {}
 
 
 def _cpu_count() -> int:

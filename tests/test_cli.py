@@ -60,3 +60,23 @@ def test_pipeline_on_tiny(tmp_path) -> None:
     for name in ("model.onnx", "model.standard.onnx", "report/report.md", "report/report.json",
                  "report/error_histogram.png", "benchmark.md", "model/config.json"):
         assert (out / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_pipeline_honours_the_enhanced_deployment_settings(tmp_path) -> None:
+    """optimization_level / enable_pruning recorded by EnhancedPiMoEIntegration are applied by the pipeline."""
+    from pimoe_export.model import EnhancedPiMoEIntegration
+
+    enhanced = EnhancedPiMoEIntegration(16, 4, expert_types=["language", "reasoning"], optimization_level="advanced",
+                                        enable_quantization=False, enable_pruning=True, pruning_amount=0.25,
+                                        expert_config={"intermediate_size": 32})
+    enhanced.save_pretrained(tmp_path / "enhanced")
+    out = tmp_path / "out"
+    assert main(["pipeline", "--model", str(tmp_path / "enhanced"), "-o", str(out), "--bench-repeats", "2",
+                 "--quiet"]) == 0
+    steps = {s["name"]: s for s in json.loads((out / "pipeline.json").read_text())["steps"]}
+    pruning = steps["model"]["detail"]["pruning"]
+    assert pruning["method"] == "structured" and pruning["params_after"] < pruning["params_before"]
+    assert steps["int8"]["detail"]["method"] == "entropy"  # the "advanced" level's calibration method
+    assert (out / "ort-fp16" / "manifest.json").is_file()  # the "advanced" level exports fp16
+    assert json.loads((out / "report_fp16" / "report.json").read_text())["passed"]

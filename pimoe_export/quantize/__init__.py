@@ -85,7 +85,7 @@ def _check_same_model(model: PiMoESystem, fp32_onnx: str | Path) -> None:
 def pipeline_step(model: PiMoESystem, fp32_onnx: Path, output: Path) -> dict[str, Any]:
     """`pimoe-export pipeline`'s INT8 step: calibrate on the default data with the model's configured method."""
     deployment = model.config.metadata.get("deployment", {}) if isinstance(model.config.metadata, dict) else {}
-    method = deployment.get("calibration_method", "entropy")
+    method = deployment.get("calibration_method", "entropy")  # set by EnhancedPiMoEIntegration's level
     result = quantize_model(model, output / "model.int8.onnx", method=method, fp32_onnx=fp32_onnx)
     return {"onnx_int8": str(result.onnx_path), "method": result.params.info["method"],
             "calibration_tokens": result.params.info["calibration_tokens"],
