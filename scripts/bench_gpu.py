@@ -10,12 +10,21 @@ the experts of the preset (seed-512: 512 -> 2048 -> 512 with LayerNorm + GELU; m
   torch-dense       every expert on every token (batched matmul), fp16
   grouped-mm-graph  sort + torch._grouped_mm (bf16) replayed in a CUDA graph: the strongest PyTorch path
 
+INT8 (W8A8) plugin paths, fp16 I/O, weights = per-output-channel int8 codes of the same fp16 weights:
+  int8-graph        the four plugins, PiMoEExpertMLP in quant_mode w8a8 (static activation scales from a max
+                    calibration on 256 random tokens), in a CUDA graph
+  int8-dyn-graph    the same with w8a8_dynamic (per-row activation scales)
+  int8-mlp-graph    only the w8a8 PiMoEExpertMLP plugin (inputs from one dispatch), in a CUDA graph
+  int8-eager        int8-graph's enqueue calls issued from Python
+reported against the weight-streaming floor: int8 bytes of the experts the routing touched / the memory bandwidth
+measured in the same run (device-to-device copy of 1 GiB, read + write bytes).
+
 Weights are created on the GPU directly (mixtral-ffn is 1.9 GB in fp16; never through the fp32 CPU model).
 Timings are medians of CUDA-event measurements. Needs a CUDA GPU (scripts/gpu_check.sh runs it); writes
 bench_gpu.json and bench_gpu.md into --out.
 
 usage: python scripts/bench_gpu.py [--configs seed-512,mixtral-ffn] [--tokens 1,16,128,1024] [--iters 30]
-                                   [--out gpu-results]
+                                   [--no-int8] [--out gpu-results]
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 PATHS = ["plugins-graph", "plugins-eager", "torch-eager", "torch-dense", "grouped-mm-graph"]
+INT8_PATHS = ["int8-graph", "int8-dyn-graph", "int8-mlp-graph", "int8-eager"]
 
 
 def time_cuda(fn: Callable[[], object], iters: int, warmup: int = 3) -> dict[str, float]:
@@ -108,6 +118,49 @@ class Layer:
                 out += [self.gamma[layer], self.beta[layer]]
         return out
 
+    def quantize(self, calibration_tokens: int = 256) -> None:
+        """int8 codes + per-output-channel scales of the fp16 weights (symmetric, max|W_row| / 127), SmoothQuant
+        divisors of 1, and static activation scales max|input| / 127 per (layer, expert) from the fp32 forward
+        pass of `calibration_tokens` standard-normal tokens through every expert (the max calibration)."""
+        import torch
+
+        self.w_q, self.w_scale, self.act_smooth = [], [], []
+        for layer in range(self.spec.num_layers):
+            codes, scales = [], []
+            for e in range(self.e):  # one expert at a time: the fp32 copy of a mixtral weight is 235 MB
+                w = self.w[layer][e].float()
+                s = w.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
+                codes.append(torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8))
+                scales.append(s)
+            self.w_q.append(torch.stack(codes).contiguous())
+            self.w_scale.append(torch.stack(scales).contiguous())
+            self.act_smooth.append(torch.ones(self.e, self.spec.widths[layer], device="cuda"))
+        g = torch.Generator(device="cuda").manual_seed(1234)
+        x = torch.randn(calibration_tokens, self.h, generator=g, device="cuda", dtype=torch.float16).float()
+        scales = [[0.0] * self.e for _ in range(self.spec.num_layers)]
+        for e in range(self.e):
+            h = x
+            for layer in range(self.spec.num_layers):
+                scales[layer][e] = max(float(h.abs().max()) / 127.0, 1e-8)
+                h = torch.nn.functional.linear(h, self.w[layer][e].float(), self.b[layer][e])
+                if layer < self.spec.num_layers - 1:
+                    if layer < len(self.gamma):
+                        h = torch.nn.functional.layer_norm(h, (h.shape[-1],), self.gamma[layer][e],
+                                                           self.beta[layer][e], self.eps)
+                    h = self.act(h)
+        self.act_scales = [s for per_layer in scales for s in per_layer]  # layer-major, [L * E]
+
+    def int8_params(self) -> list:
+        out = []
+        for layer in range(self.spec.num_layers):
+            out += [self.w_q[layer], self.w_scale[layer], self.act_smooth[layer], self.b[layer]]
+            if layer < len(self.gamma):
+                out += [self.gamma[layer], self.beta[layer]]
+        return out
+
+    def int8_bytes_per_expert(self) -> int:
+        return sum(self.spec.widths[i] * self.spec.widths[i + 1] for i in range(self.spec.num_layers))
+
     def act(self, x):
         from pimoe_export.model.functional import activation_fn
 
@@ -126,7 +179,8 @@ class Layer:
 
 
 # ------------------------------------------------------------------------------------------ paths
-def plugin_path(layer: Layer, x, harness):
+def plugin_path(layer: Layer, x, harness, quant_mode: str = "none"):
+    """The four plugins on fixed buffers; quant_mode w8a8 / w8a8_dynamic runs the int8 expert MLP."""
     import torch
     from gpu_harness import BoundOp, expert_mlp_fields
 
@@ -138,9 +192,10 @@ def plugin_path(layer: Layer, x, harness):
     route = BoundOp(harness, schema.ROUTE, {"k": layer.k, "normalize": int(layer.normalize)},
                     [logits, layer.router_bias])
     dispatch = BoundOp(harness, schema.DISPATCH, {"num_experts": layer.e}, [x, route.outputs[1]])
+    params = layer.params() if quant_mode == "none" else layer.int8_params()
     attrs = expert_mlp_fields(list(range(layer.e)), layer.spec.widths, layer.spec.activation, layer.spec.layer_norm,
-                              layer.eps)
-    mlp = BoundOp(harness, schema.EXPERT_MLP, attrs, [dispatch.outputs[0], dispatch.outputs[1], *layer.params()])
+                              layer.eps, quant_mode, layer.act_scales if quant_mode == "w8a8" else ())
+    mlp = BoundOp(harness, schema.EXPERT_MLP, attrs, [dispatch.outputs[0], dispatch.outputs[1], *params])
     combine = BoundOp(harness, schema.COMBINE, {}, [mlp.outputs[0], dispatch.outputs[2], route.outputs[0]])
     ops = [route, dispatch, mlp, combine]
 
@@ -244,10 +299,61 @@ def rel_l2(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def bench_config(preset: str, tokens: list[int], iters: int, harness) -> list[dict]:
+def measure_bandwidth(iters: int = 20, size: int = 1 << 30) -> float:
+    """Device memory bandwidth in GB/s: a device-to-device copy of `size` bytes moves 2 x size bytes."""
+    import torch
+
+    buffers = [torch.empty(size, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    ms = time_cuda(lambda: buffers[1].copy_(buffers[0]), iters)["median_ms"]
+    buffers.clear()
+    torch.cuda.empty_cache()
+    return 2 * size / (ms * 1e-3) / 1e9
+
+
+def bench_int8(layer: Layer, x, harness, iters: int, fp16_out, bandwidth_gbs: float) -> dict:
+    """The int8 plugin paths for input x, against the weight-streaming floor of the experts its routing touches."""
+    import torch
+
+    results: dict[str, dict] = {}
+    step, ops = plugin_path(layer, x, harness, "w8a8")
+    try:
+        out = step()
+        for op in ops:
+            op.check_status()
+        ids = ops[0].outputs[1]
+        touched = int(torch.unique(ids).numel())
+        vs_fp16 = rel_l2(out, fp16_out)
+        results["int8-eager"] = time_cuda(step, iters)
+        results["int8-graph"] = time_cuda(graphed(step), iters)
+        mlp = ops[2]
+        results["int8-mlp-graph"] = time_cuda(graphed(lambda: mlp.enqueue()), iters)
+    finally:
+        torch.cuda.synchronize()
+        for op in ops:
+            op.close()
+    step, ops = plugin_path(layer, x, harness, "w8a8_dynamic")
+    try:
+        dyn_vs_fp16 = rel_l2(step(), fp16_out)
+        for op in ops:
+            op.check_status()
+        results["int8-dyn-graph"] = time_cuda(graphed(step), iters)
+    finally:
+        torch.cuda.synchronize()
+        for op in ops:
+            op.close()
+    floor_ms = touched * layer.int8_bytes_per_expert() / (bandwidth_gbs * 1e9) * 1e3
+    return {"paths": results, "experts_touched": touched, "floor_ms": floor_ms,
+            "graph_vs_floor": results["int8-graph"]["median_ms"] / floor_ms,
+            "mlp_vs_floor": results["int8-mlp-graph"]["median_ms"] / floor_ms,
+            "int8_vs_fp16_rel_l2": vs_fp16, "int8_dyn_vs_fp16_rel_l2": dyn_vs_fp16}
+
+
+def bench_config(preset: str, tokens: list[int], iters: int, harness, bandwidth_gbs: float | None) -> list[dict]:
     import torch
 
     layer = Layer(preset)
+    if bandwidth_gbs is not None:
+        layer.quantize()
     records = []
     for t in tokens:
         x = torch.randn(t, layer.h, device="cuda", dtype=torch.float16)
@@ -258,13 +364,20 @@ def bench_config(preset: str, tokens: list[int], iters: int, harness) -> list[di
             for op in ops:
                 op.check_status()
             reference = torch_dense(layer, x)()
-            check = rel_l2(step(), reference)
+            fp16_out = step().clone()
+            check = rel_l2(fp16_out, reference)
             results["plugins-eager"] = time_cuda(step, iters)
             results["plugins-graph"] = time_cuda(graphed(step), iters)
         finally:
             torch.cuda.synchronize()
             for op in ops:
                 op.close()
+        int8 = None
+        if bandwidth_gbs is not None:
+            try:
+                int8 = bench_int8(layer, x, harness, iters, fp16_out, bandwidth_gbs)
+            except Exception as exc:  # report, do not abort the benchmark
+                int8 = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         for name, make in (("torch-eager", torch_eager), ("torch-dense", torch_dense)):
             results[name] = time_cuda(make(layer, x), iters)
         try:
@@ -279,10 +392,20 @@ def bench_config(preset: str, tokens: list[int], iters: int, harness) -> list[di
         base = results["grouped-mm-graph"].get("median_ms")
         if base:
             record["speedup_plugins_graph_vs_grouped_mm"] = base / results["plugins-graph"]["median_ms"]
+        if int8 is not None:
+            record["int8"] = int8
         records.append(record)
         print(f"{preset:12s} T={t:5d} " + "  ".join(
             f"{p}={results[p].get('median_ms', float('nan')):.3f}ms" for p in PATHS) + f"  check={check:.2e}",
             flush=True)
+        if int8 is not None and "error" not in int8:
+            print(f"{'':12s} int8: " + "  ".join(
+                f"{p}={int8['paths'][p]['median_ms']:.3f}ms" for p in INT8_PATHS) +
+                f"  floor={int8['floor_ms']:.3f}ms ({int8['experts_touched']} experts)"
+                f"  graph/floor={int8['graph_vs_floor']:.2f}  vs fp16 rel L2={int8['int8_vs_fp16_rel_l2']:.1e}",
+                flush=True)
+        elif int8 is not None:
+            print(f"{'':12s} int8: {int8['error']}", flush=True)
         del x
         torch.cuda.empty_cache()
     del layer
@@ -290,7 +413,28 @@ def bench_config(preset: str, tokens: list[int], iters: int, harness) -> list[di
     return records
 
 
-def markdown(records: list[dict], gpu: str, when: str) -> str:
+def markdown_int8(records: list[dict], bandwidth_gbs: float) -> list[str]:
+    rows = [r for r in records if "int8" in r]
+    if not rows:
+        return []
+    lines = ["", f"INT8 (W8A8) plugin paths, fp16 I/O; weight-streaming floor = int8 weight bytes of the experts the "
+             f"routing touched / {bandwidth_gbs:.0f} GB/s (device-to-device copy measured in this run)", "",
+             "| config | T | experts | floor | " + " | ".join(INT8_PATHS) +
+             " | int8-graph / floor | int8-mlp-graph / floor | int8 vs fp16 (rel L2) |",
+             "|---|---:|---:|---:|" + "---:|" * len(INT8_PATHS) + "---:|---:|---:|"]
+    for r in rows:
+        q = r["int8"]
+        if "error" in q:
+            lines.append(f"| {r['config']} | {r['tokens']} | error: {q['error']} |")
+            continue
+        cells = [f"{q['paths'][p]['median_ms']:.3f}" for p in INT8_PATHS]
+        lines.append(f"| {r['config']} | {r['tokens']} | {q['experts_touched']} | {q['floor_ms']:.3f} | " +
+                     " | ".join(cells) + f" | {q['graph_vs_floor']:.2f}x | {q['mlp_vs_floor']:.2f}x | "
+                     f"{q['int8_vs_fp16_rel_l2']:.1e} |")
+    return lines
+
+
+def markdown(records: list[dict], gpu: str, when: str, bandwidth_gbs: float | None = None) -> str:
     lines = [f"GPU benchmark ({gpu}, {when}); median ms per layer call (CUDA events); `python scripts/bench_gpu.py`",
              "", "| config | T | " + " | ".join(PATHS) + " | plugins-graph vs grouped-mm | plugins vs dense (rel L2) |",
              "|---|---:|" + "---:|" * len(PATHS) + "---:|---:|"]
@@ -305,6 +449,8 @@ def markdown(records: list[dict], gpu: str, when: str) -> str:
     errors = {r["paths"]["grouped-mm-graph"].get("error") for r in records} - {None}
     if errors:
         lines += ["", f"grouped-mm-graph unavailable: {sorted(errors)[0]}"]
+    if bandwidth_gbs is not None:
+        lines += markdown_int8(records, bandwidth_gbs)
     return "\n".join(lines) + "\n"
 
 
@@ -313,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="seed-512,mixtral-ffn")
     parser.add_argument("--tokens", default="1,16,128,1024")
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--no-int8", action="store_true", help="skip the INT8 (W8A8) plugin paths")
     parser.add_argument("--out", default="gpu-results")
     args = parser.parse_args(argv)
     import torch
@@ -332,16 +479,22 @@ def main(argv: list[str] | None = None) -> int:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     tokens = [int(t) for t in args.tokens.split(",")]
     start = time.perf_counter()
-    records = []
-    for preset in args.configs.split(","):
-        records += bench_config(preset, tokens, args.iters, harness)
+    bandwidth = None if args.no_int8 else measure_bandwidth()
+    if bandwidth is not None:
+        print(f"device-to-device copy bandwidth: {bandwidth:.0f} GB/s", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_gpu.json").write_text(json.dumps({"gpu": gpu, "date": when, "torch": torch.__version__,
-                                                    "seconds": time.perf_counter() - start, "records": records},
-                                                   indent=2))
-    table = markdown(records, gpu, when)
-    (out / "bench_gpu.md").write_text(table)
+    records: list[dict] = []
+    table = ""
+    for preset in args.configs.split(","):
+        records += bench_config(preset, tokens, args.iters, harness, bandwidth)
+        # written after every config, so a run cut short by a time limit still leaves its results
+        (out / "bench_gpu.json").write_text(json.dumps({"gpu": gpu, "date": when, "torch": torch.__version__,
+                                                        "copy_bandwidth_gbs": bandwidth,
+                                                        "seconds": time.perf_counter() - start,
+                                                        "records": records}, indent=2))
+        table = markdown(records, gpu, when, bandwidth)
+        (out / "bench_gpu.md").write_text(table)
     print(table)
     return 0
 

@@ -2,9 +2,12 @@
 # Rung 6 of the verification ladder in one command, for a CUDA machine WITHOUT network and WITHOUT TensorRT
 # (torch with CUDA, nvcc, CMake, compute-sanitizer, pytest, numpy, onnx, onnxruntime):
 #   1. build libpimoe_trt_plugins.so + libpimoe_trt_harness.so with the local nvcc (for this GPU's architecture)
-#   2. pytest -m gpu            (tests/test_gpu_layer.py, tests/test_ops_backends.py[trt-harness], ...)
+#   2. pytest -m gpu            (tests/test_gpu_layer.py, tests/test_ops_backends.py[trt-harness], ...; fp32, fp16
+#                               and the int8 W8A8 kernels)
 #   3. compute-sanitizer memcheck and racecheck over tests/test_gpu_layer.py::test_sanitizer_case
-#   4. scripts/bench_gpu.py     (plugins vs PyTorch eager, dense and sort + grouped_mm in a CUDA graph)
+#   4. scripts/bench_gpu.py     (plugins vs PyTorch eager, dense and sort + grouped_mm in a CUDA graph; the int8
+#                               plugin paths vs the weight-streaming floor at the measured memory bandwidth;
+#                               mixtral-ffn first, results written after each config)
 # Everything lands in ${OUT:-gpu-results} (8 files: summary.txt, env.txt, build.log, pytest.log, sanitizer.log,
 # bench.log, bench_gpu.json, bench_gpu.md); a one-screen summary is printed at the end. Budget: under 8 minutes.
 #
@@ -100,7 +103,7 @@ fi
 status=0
 pytest_start=$(date +%s)
 # the files holding gpu tests (collecting the whole suite would import CPU-only dependencies this machine lacks)
-timeout "$(limit 200 200)" "$python" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" \
+timeout "$(limit 200 200)" "$python" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --durations=15 \
   tests/test_gpu_layer.py tests/test_ops_backends.py > "$out/pytest.log" 2>&1
 rc=$?
 [ $rc -ne 0 ] && status=1
@@ -123,7 +126,8 @@ done
 
 # ---- 4. benchmark
 t0=$(date +%s)
-timeout "$(limit 150 5)" "$python" scripts/bench_gpu.py --out "$out" > "$out/bench.log" 2>&1
+timeout "$(limit 150 5)" "$python" scripts/bench_gpu.py --configs mixtral-ffn,seed-512 --out "$out" \
+  > "$out/bench.log" 2>&1
 rc=$?
 [ $rc -ne 0 ] && status=1
 note "bench_gpu.py: rc=$rc ($(( $(date +%s) - t0 )) s; bench.log, bench_gpu.md, bench_gpu.json)"

@@ -249,7 +249,7 @@ class HarnessOpBackend:
     """Op backend over the plugin objects on a CUDA GPU (numpy in/out, like tests/backends.OrtOpBackend)."""
 
     name = "trt-harness"
-    supports_w8a8 = False  # the plugins reject quant_mode != "none" until their int8 GEMM exists
+    supports_w8a8 = True  # w8a8 / w8a8_dynamic: int8 tensor-core GEMM (plugins/kernels/cuda/gemm_i8_wmma.cu)
 
     def __init__(self, harness: Harness, device: str = "cuda") -> None:
         self.harness = harness

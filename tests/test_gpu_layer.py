@@ -4,8 +4,14 @@
   ``CustomOpPiMoE`` (the weights the ONNX graph carries), for seed-512 and seed-types:
   fp32 within 1e-5 relative of the PyTorch model; fp16 within a documented tolerance of the fp16 reference
   (the same graph evaluated by PyTorch on the CPU) and of the fp32 model.
-- Determinism: two runs are bit-identical.
-- Kernels at scale (vector/tensor-core paths, many tiles, E = 1024) against pimoe_export.model.functional.
+- INT8 (W8A8): the whole layer with the parameters of the INT8 ONNX that ``quantize_model`` writes (read back with
+  ``read_quant_params``) against the fake-quant PyTorch reference ``FakeQuantPiMoE`` (same codes and scales):
+  routing identical, relative L2 <= 1e-3; w8a8 and w8a8_dynamic, fp32 and fp16 activations.
+- Determinism: two runs are bit-identical (fp32, fp16, int8).
+- Kernels at scale (vector/tensor-core paths, many tiles, E = 1024) against pimoe_export.model.functional; the int8
+  expert kernels (16- and 64-row tiles, split-K, aligned and unaligned weights) against the fake-quant reference:
+  bit-identical where no transcendental function is involved (relu, no LayerNorm), else within one quantisation
+  step.
 - Bad data reaching enqueue (ids out of range, inconsistent offsets, flat_to_sorted out of range) is reported
   as an error and never makes a kernel touch memory out of bounds; empty batches give empty outputs.
 
@@ -62,11 +68,12 @@ def layer_through_plugins(harness, module: CustomOpPiMoE, x: np.ndarray):
     x_sorted, offsets, flat_to_sorted = harness.run(schema.DISPATCH, {"num_experts": cfg.num_experts},
                                                     [tokens.to(DEVICE), ids])
     y_sorted = None
-    for group in module.groups:
+    for index, group in enumerate(module.groups):
         spec = group.spec
+        group_params, quant_mode, act_scales = module.group_params(index)  # FakeQuantPiMoE: the INT8 ONNX's
         attrs = expert_mlp_fields(group.expert_ids, spec.widths, spec.activation, spec.layer_norm,
-                                  cfg.layer_norm_eps)
-        params = [p.detach().contiguous().to(DEVICE) for p in group.params()]
+                                  cfg.layer_norm_eps, quant_mode, act_scales)
+        params = [p.detach().contiguous().to(DEVICE) for p in group_params]
         part = harness.run(schema.EXPERT_MLP, attrs, [x_sorted, offsets, *params])[0]
         y_sorted = part if y_sorted is None else y_sorted + part  # the graph's Add (rows of other groups are 0)
     y = harness.run(schema.COMBINE, {}, [y_sorted, flat_to_sorted, weights])[0]
@@ -122,6 +129,73 @@ def test_two_runs_are_bit_identical(backend, model, precision) -> None:
     module = CustomOpPiMoE(model, precision).eval()
     dtype = np.float32 if precision == "fp32" else np.float16
     x = np.random.default_rng(3).standard_normal((4, 96, model.hidden_size)).astype(dtype)
+    first = layer_through_plugins(backend.harness, module, x)
+    second = layer_through_plugins(backend.harness, module, x)
+    for a, b in zip(first, second, strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+# ------------------------------------------------------------------------------------------ INT8 (W8A8)
+INT8_REL_L2 = 1e-3
+_INT8: dict[tuple[int, str], tuple[object, object]] = {}
+_FP32_ONNX: dict[int, tuple[object, object]] = {}
+
+
+@pytest.fixture(scope="module")
+def int8_module(tmp_path_factory):
+    """FakeQuantPiMoE of `model` with the parameters of the INT8 ONNX `quantize_model` wrote (read back from the
+    file), calibrated on 512 seeded tokens that no test input reuses; one fp32 export per model."""
+    from pimoe_export.quantize import quantize_model
+    from pimoe_export.quantize.int8 import FakeQuantPiMoE, read_quant_params
+
+    def get(model, mode: str):
+        key = (id(model), mode)  # the caches keep `model` alive, so its id cannot be reused by another model
+        if key not in _INT8:
+            folder = tmp_path_factory.mktemp(f"int8-{mode}")
+            calibration = torch.randn(8, 64, model.hidden_size, generator=torch.Generator().manual_seed(100))
+            fp32 = _FP32_ONNX.get(id(model))
+            result = quantize_model(model, folder / "model.int8.onnx", calibration=calibration, method="max",
+                                    mode=mode, fp32_onnx=fp32[1] if fp32 else None)
+            _FP32_ONNX[id(model)] = (model, result.fp32_onnx)
+            _INT8[key] = (model, FakeQuantPiMoE(model, read_quant_params(result.onnx_path)).eval())
+        return _INT8[key][1]
+
+    return get
+
+
+def assert_routing_identical(module, x: np.ndarray, ids: np.ndarray, ref_ids: np.ndarray) -> np.ndarray:
+    """ids equal the reference's; a token may differ only at an exact near-tie of the fp32 router (|gap| <= 1e-6
+    between the GPU's and the CPU's softmax), which the same inputs cannot otherwise produce."""
+    same = (ids == ref_ids).all(axis=-1)
+    if not same.all():
+        with torch.no_grad():
+            logits = module.router.compute_logits(torch.from_numpy(x.reshape(-1, x.shape[-1])).float())
+            scores = (torch.softmax(logits, -1) + module.router.selection_bias.float()).numpy()
+        flat, ref_flat = ids.reshape(len(scores), -1), ref_ids.reshape(len(scores), -1)
+        for t in np.nonzero(~same.reshape(-1))[0]:
+            np.testing.assert_allclose(np.sort(scores[t, flat[t]]), np.sort(scores[t, ref_flat[t]]), rtol=0,
+                                       atol=1e-6, err_msg=f"token {t}: routing differs without a tie")
+    return same
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8_dynamic"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_full_layer_int8_matches_the_fake_quant_reference(backend, model, int8_module, mode, shape) -> None:
+    module = int8_module(model, mode)
+    x = np.random.default_rng(5).standard_normal((*shape, model.hidden_size)).astype(np.float32)
+    y, ids, w = layer_through_plugins(backend.harness, module, x)
+    with torch.no_grad():
+        ref, ref_ids, ref_w = (t.numpy() for t in module(torch.from_numpy(x)))
+    same = assert_routing_identical(module, x, ids, ref_ids)
+    np.testing.assert_allclose(w[same], ref_w[same], rtol=2e-6, atol=1e-7)
+    stats = error_stats(ref[same], y[same])
+    assert stats.rel_l2 <= INT8_REL_L2, stats
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8_dynamic"])
+def test_int8_two_runs_are_bit_identical(backend, model, int8_module, mode) -> None:
+    module = int8_module(model, mode)
+    x = np.random.default_rng(6).standard_normal((4, 96, model.hidden_size)).astype(np.float32)
     first = layer_through_plugins(backend.harness, module, x)
     second = layer_through_plugins(backend.harness, module, x)
     for a, b in zip(first, second, strict=True):
@@ -188,6 +262,82 @@ def test_expert_mlp_at_scale(backend, widths, dtype, layer_norm, rows_per_expert
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=2e-5 * scale)
     else:
         np.testing.assert_allclose(y.astype(np.float32), ref.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def w8a8_case(widths, dtype, layer_norm, rows_per_expert, mode, seed):
+    """(x, offsets, int8 params, weight codes, act_scales, expert_ids) of 3 experts out of 8 with SmoothQuant
+    divisors != 1; x holds a NaN, an inf and an all-zero row when there are rows for them."""
+    from test_ops_backends import make_expert_case, quantize_case
+
+    rng = np.random.default_rng(seed)
+    x, offsets, params, expert_ids = make_expert_case(rng, e=8, groups=3, widths=widths, layer_norm=layer_norm,
+                                                      dtype=dtype, rows_per_expert=rows_per_expert)
+    if x.shape[0] >= 3:
+        x[0, 0], x[1, -1], x[2] = np.nan, np.inf, 0
+    qparams, codes, act_scales = quantize_case(rng, x, params, widths, layer_norm, 3, mode)
+    return x, offsets, qparams, codes, act_scales, expert_ids
+
+
+def w8a8_reference(x, offsets, qparams, expert_ids, widths, activation, layer_norm, mode, act_scales):
+    import pimoe_export.ops.torch_ops as ops
+
+    return ops.expert_mlp(torch.from_numpy(x), torch.from_numpy(offsets), [torch.from_numpy(p) for p in qparams],
+                          expert_ids, list(widths), activation, layer_norm, 1e-5, mode, act_scales).numpy()
+
+
+W8A8_WIDTHS = [[64, 256, 64], [512, 2048, 512], [40, 24, 72, 8], [13, 37, 5]]  # aligned (16-byte) and not
+
+
+@pytest.mark.parametrize("widths", W8A8_WIDTHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8_dynamic"])
+@pytest.mark.parametrize("rows_per_expert", [3, 150])  # 3: 16-row tiles + split-K; 150: 64-row tiles
+def test_expert_mlp_w8a8_bit_exact_without_transcendentals(backend, widths, dtype, mode, rows_per_expert) -> None:
+    """relu and no LayerNorm: every step (x / act_smooth, the scale, round half to even, the exact int32 sum,
+    float(acc) * (s * w_scale) + b, relu) is one IEEE operation on both sides, so the int8 kernels must equal the
+    fake-quant reference bit for bit (NaN where it has NaN), hidden layers included."""
+    x, offsets, qparams, _, act_scales, expert_ids = w8a8_case(widths, dtype, False, rows_per_expert, mode,
+                                                               sum(widths) + rows_per_expert)
+    y = backend.expert_mlp(x, offsets, qparams, expert_ids, widths, "relu", False, quant_mode=mode,
+                           act_scales=act_scales)
+    ref = w8a8_reference(x, offsets, qparams, expert_ids, widths, "relu", False, mode, act_scales)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    np.testing.assert_array_equal(y, ref)
+
+
+@pytest.mark.parametrize("widths", W8A8_WIDTHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8_dynamic"])
+@pytest.mark.parametrize("rows_per_expert", [3, 150])
+def test_expert_mlp_w8a8_at_scale(backend, widths, dtype, mode, rows_per_expert) -> None:
+    """LayerNorm + GELU: the fp32 LayerNorm and erf differ from PyTorch's by ulps, which can move a hidden code by
+    one step at a rounding boundary: |y - ref| <= s_a * w_scale * sum|q_w| of the last layer (static scales), 1e-2
+    relative for dynamic scales (the row scale itself moves by ulps), plus the fp16 rounding of the output."""
+    x, offsets, qparams, codes, act_scales, expert_ids = w8a8_case(widths, dtype, True, rows_per_expert, mode,
+                                                                   7 * sum(widths) + rows_per_expert)
+    x[np.isinf(x)] = 0  # LayerNorm of an inf row is NaN on both sides; keep the bound meaningful
+    y = backend.expert_mlp(x, offsets, qparams, expert_ids, widths, "gelu", True, quant_mode=mode,
+                           act_scales=act_scales)
+    ref = w8a8_reference(x, offsets, qparams, expert_ids, widths, "gelu", True, mode, act_scales)
+    mine = np.zeros(x.shape[0], dtype=bool)
+    for e in expert_ids:
+        mine[offsets[e]:offsets[e + 1]] = True
+    assert (y[~mine] == 0).all()
+    y32, ref32 = y.astype(np.float64), ref.astype(np.float64)
+    assert np.array_equal(np.isnan(y32), np.isnan(ref32))
+    y32, ref32 = np.nan_to_num(y32), np.nan_to_num(ref32)
+    scale = max(1.0, float(np.abs(ref32).max(initial=0.0)))
+    slack = 1e-5 * scale + (2e-3 * np.abs(ref32) + 1e-3 if dtype == np.float16 else 0.0)
+    if len(widths) == 2 or mode == "w8a8_dynamic":
+        np.testing.assert_allclose(y32, ref32, rtol=1e-2 if len(widths) > 2 else 1e-6, atol=1e-2 * scale)
+        return
+    q_last, s_last = codes[-1]
+    l1 = np.abs(q_last.astype(np.float64)).sum(axis=-1)  # [G, out]
+    for g, e in enumerate(expert_ids):
+        lo, hi = offsets[e], offsets[e + 1]
+        a_scale = act_scales[(len(widths) - 2) * 3 + g]
+        bound = a_scale * s_last[g] * l1[g] + (slack if np.isscalar(slack) else slack[lo:hi])
+        assert (np.abs(y32[lo:hi] - ref32[lo:hi]) <= bound).all(), (g, np.abs(y32[lo:hi] - ref32[lo:hi]).max())
 
 
 # ------------------------------------------------------------------------------------------ bad arguments / data
@@ -259,6 +409,10 @@ def test_sanitizer_case(backend) -> None:
         assert np.isfinite(y.astype(np.float32)).all()
     for dtype in (np.float16, np.float32):  # vector loads, split-K (fp16, few rows), SIMT (fp32)
         test_expert_mlp_at_scale(backend, [64, 256, 64], dtype, True, 3)
+    # int8: 16-row tiles + split-K + asynchronous copies; 64-row tiles + scalar weight path; both scale modes
+    test_expert_mlp_w8a8_bit_exact_without_transcendentals(backend, [64, 256, 64], np.float16, "w8a8", 3)
+    test_expert_mlp_w8a8_bit_exact_without_transcendentals(backend, [40, 24, 72, 8], np.float32, "w8a8_dynamic", 150)
+    test_expert_mlp_w8a8_at_scale(backend, [64, 256, 64], np.float32, "w8a8_dynamic", 3)
     test_ids_out_of_range_are_reported_and_clamped(backend)
     test_bad_offsets_zero_the_output_and_are_reported(backend)
     test_flat_to_sorted_out_of_range_gives_nan_and_an_error(backend)

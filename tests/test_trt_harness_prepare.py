@@ -34,12 +34,24 @@ def outputs(harness: Harness, op: str, attrs: dict, inputs: list) -> tuple[list,
         harness.release(prepared)
 
 
-def mlp_inputs(x_dtype, rows, widths, groups, experts, layer_norm=True, weight_dtype=None):
+def mlp_inputs(x_dtype, rows, widths, groups, experts, layer_norm=True, weight_dtype=None, quant_mode="none"):
+    """(shape, dtype) of every PiMoEExpertMLP input in contract order; int8 weights in the w8a8 modes."""
     params = []
-    for layer, role in schema.expert_mlp_param_layout(len(widths) - 1, layer_norm, "none"):
+    for layer, role in schema.expert_mlp_param_layout(len(widths) - 1, layer_norm, quant_mode):
         out, inp = widths[layer + 1], widths[layer]
-        params.append(((groups, out, inp), weight_dtype or x_dtype) if role == "weight" else ((groups, out), f32))
+        if role == "weight":
+            params.append(((groups, out, inp), weight_dtype or (i8 if quant_mode != "none" else x_dtype)))
+        elif role == "act_smooth":
+            params.append(((groups, inp), f32))
+        else:
+            params.append(((groups, out), f32))
     return [((rows, widths[0]), x_dtype), ((experts + 1,), i32), *params]
+
+
+def w8a8_fields(expert_ids, widths, layer_norm=True, mode="w8a8", scales=None):
+    count = (len(widths) - 1) * len(expert_ids)
+    act_scales = ([0.02] * count if scales is None else scales) if mode == "w8a8" else []
+    return expert_mlp_fields(expert_ids, widths, "gelu", layer_norm, quant_mode=mode, act_scales=act_scales)
 
 
 @pytest.mark.parametrize("dtype", [f32, f16])
@@ -76,6 +88,40 @@ def test_workspace_sizes_cover_the_buffers(harness) -> None:
     assert one_layer16 >= one_layer + 4 * rows * 8 * 4
 
 
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8_dynamic"])
+@pytest.mark.parametrize("dtype", [f32, f16])
+def test_int8_plugin_accepts_the_w8a8_contract(harness, mode, dtype) -> None:
+    """int8 weights, fp32 w_scale / act_smooth / bias / LayerNorm, x and y fp32 or fp16; the serialised fields
+    (quant_mode, act_scales) rebuild the runtime plugin."""
+    widths = [13, 37, 24, 5]
+    outs, _ = outputs(harness, schema.EXPERT_MLP, w8a8_fields([0, 3], widths, mode=mode),
+                      mlp_inputs(dtype, 11, widths, 2, 4, quant_mode=mode))
+    assert outs == [((11, 5), dtype)]
+    # one layer, no LayerNorm: weight, w_scale, act_smooth, bias
+    inputs = mlp_inputs(dtype, 3, [8, 8], 1, 2, layer_norm=False, quant_mode=mode)
+    assert [d for _, d in inputs[2:]] == [i8, f32, f32, f32]
+    assert outputs(harness, schema.EXPERT_MLP, w8a8_fields([1], [8, 8], False, mode), inputs)[0] == [((3, 8), dtype)]
+
+
+def test_int8_workspace_covers_codes_scales_and_partials(harness) -> None:
+    """w8a8 workspace: status + plan + ONE fp32 hidden buffer R x max(hidden) + int8 codes R x (widths padded to
+    16) + a scale per row + int32 split-K partials 4 x min(R, 64) x max(out) (split-K runs only for R <= 64)."""
+    status, widths = 256, [16, 64, 33, 16]  # padded inputs: 16, 64, 48
+
+    def ws(rows, mode="w8a8", dtype=f16):
+        return outputs(harness, schema.EXPERT_MLP, w8a8_fields([1], widths, mode=mode),
+                       mlp_inputs(dtype, rows, widths, 1, 2, quant_mode=mode))[1]
+
+    for rows in (1, 64, 65, 1000):
+        need = rows * 64 * 4 + rows * 64 + rows * 4 + 4 * min(rows, 64) * 64 * 4
+        assert status + need <= ws(rows) <= status + need + 5 * 256 + 1024, rows
+    assert ws(1000) == ws(1000, "w8a8_dynamic") == ws(1000, dtype=f32)
+    # fewer bytes than the float path, which keeps two hidden buffers
+    float_ws = outputs(harness, schema.EXPERT_MLP, expert_mlp_fields([1], widths, "gelu", True),
+                       mlp_inputs(f32, 1000, widths, 1, 2))[1]
+    assert ws(1000) < float_ws
+
+
 def test_int64_fields_and_serialisation_round_trip(harness) -> None:
     # the runtime plugin is rebuilt from getFieldsToSerialize (kINT32 fields) of a plugin built from kINT64 fields
     attrs = {"k": RawField(FIELD_INT64, np.array([2], np.int64)), "normalize": RawField(FIELD_INT64, np.array([1]))}
@@ -106,8 +152,27 @@ BAD = [
      "hidden size 9 does not match widths[0]=8"),
     (schema.EXPERT_MLP, expert_mlp_fields([0], [8, 8], "gelu", False),
      mlp_inputs(f16, 4, [8, 8], 1, 2, weight_dtype=f32), "rejects position 2 (input 2, float32)"),
-    (schema.EXPERT_MLP, expert_mlp_fields([0], [8, 8], "gelu", False, quant_mode="w8a8", act_scales=[0.5]),
-     mlp_inputs(f32, 4, [8, 8], 1, 2, weight_dtype=i8), "quant_mode 'w8a8' is not implemented"),
+    # w8a8: static scales per (layer, expert), int8 weights, fp32 scales, the contract's input count, kernel limits
+    (schema.EXPERT_MLP, w8a8_fields([0, 1], [8, 16, 8], scales=[0.5, 0.5, 0.5]),
+     mlp_inputs(f32, 4, [8, 16, 8], 2, 2, quant_mode="w8a8"), "needs act_scales with layers*G = 4 entries, got 3"),
+    (schema.EXPERT_MLP, w8a8_fields([0], [8, 8], False, scales=[]),
+     mlp_inputs(f32, 4, [8, 8], 1, 2, False, None, "w8a8"), "needs act_scales with layers*G = 1 entries, got 0"),
+    (schema.EXPERT_MLP, w8a8_fields([0], [8, 8], False, scales=[-0.5]),
+     mlp_inputs(f32, 4, [8, 8], 1, 2, False, None, "w8a8"), "act_scales must be positive finite numbers"),
+    (schema.EXPERT_MLP, w8a8_fields([0], [8, 8], False), mlp_inputs(f16, 4, [8, 8], 1, 2, False, f16, "w8a8"),
+     "layer 0 weight (input 2) must be int8, got float16"),
+    (schema.EXPERT_MLP, w8a8_fields([0], [8, 8], False, "w8a8_dynamic"),
+     [*mlp_inputs(f32, 4, [8, 8], 1, 2, False, None, "w8a8_dynamic")[:3], ((1, 8), f16),
+      *mlp_inputs(f32, 4, [8, 8], 1, 2, False, None, "w8a8_dynamic")[4:]],
+     "layer 0 w_scale (input 3) must be float32, got float16"),
+    (schema.EXPERT_MLP, w8a8_fields([0], [8, 8], False, "w8a8_dynamic"),
+     [*mlp_inputs(f32, 4, [8, 8], 1, 2, False, None, "w8a8_dynamic")[:4], ((1, 9), f32),
+      *mlp_inputs(f32, 4, [8, 8], 1, 2, False, None, "w8a8_dynamic")[5:]],
+     "layer 0 act_smooth (input 4) must have shape [1, 8], got [1, 9]"),
+    (schema.EXPERT_MLP, w8a8_fields([0], [8, 8], False), mlp_inputs(f32, 4, [8, 8], 1, 2, False, i8),
+     "expected 6 inputs"),
+    (schema.EXPERT_MLP, w8a8_fields([0], [131073, 1], False),
+     mlp_inputs(f32, 4, [131073, 1], 1, 2, False, None, "w8a8"), "supports layer input widths up to 131072"),
     (schema.EXPERT_MLP, expert_mlp_fields([0], [8, 8], "mish", False), mlp_inputs(f32, 4, [8, 8], 1, 2),
      "unknown activation 'mish'"),
     ("PiMoEFusedMoE", {}, [], "no pimoe plugin creator named 'PiMoEFusedMoE'"),

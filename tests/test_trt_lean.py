@@ -128,6 +128,12 @@ VALID = [
     *[(schema.EXPERT_MLP, {"expert_ids": [0, 7], "widths": [512, 2048, 512], "activation": act})
       for act in schema.ACTIVATIONS],
     (schema.EXPERT_MLP, {"expert_ids": [3], "widths": [16, 8, 8, 16], "layer_norm": 0, "eps": 1e-6}),
+    # int8 (W8A8): static scales per (layer, expert), layer-major; dynamic per-row scales need none
+    (schema.EXPERT_MLP, {"expert_ids": [0, 7], "widths": [512, 2048, 512], "quant_mode": "w8a8",
+                         "act_scales": [0.01, 0.02, 0.03, 0.04]}),
+    (schema.EXPERT_MLP, {"expert_ids": [2], "widths": [4096, 14336, 4096], "layer_norm": 0,
+                         "quant_mode": "w8a8_dynamic"}),
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [131072, 8], "quant_mode": "w8a8", "act_scales": [1.0]}),
 ]
 
 
@@ -171,8 +177,13 @@ BAD = [
     (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8], "eps": 0.0}),
     (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8], "layer_norm": 3}),
     (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8], "quant_mode": "int4"}),
-    # w8a8 is part of the contract but not implemented by these plugins yet: rejected with a message
-    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8], "quant_mode": "w8a8", "act_scales": [0.1]}),
+    # w8a8: act_scales must hold layers x G positive finite values; int32 accumulation bounds the input width
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8], "quant_mode": "w8a8"}),
+    (schema.EXPERT_MLP, {"expert_ids": [0, 1], "widths": [8, 8, 8], "quant_mode": "w8a8", "act_scales": [0.1] * 3}),
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8], "quant_mode": "w8a8", "act_scales": [0.0]}),
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8], "quant_mode": "w8a8", "act_scales": [float("nan")]}),
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [131073, 8], "quant_mode": "w8a8_dynamic"}),
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8], "quant_mode": "W8A8", "act_scales": [0.1]}),
 ]
 
 

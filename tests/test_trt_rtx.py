@@ -2,9 +2,10 @@
 
 TensorRT's ONNX parser maps every ``pimoe`` node of the exported custom-op graphs to our IPluginV3 plugins (3 +
 one PiMoEExpertMLP per expert group), and the builder accepts them in a strongly typed network with a dynamic
-[batch, sequence, H] profile for SM89 and SM80: fp32 and fp16, presets seed-512 and seed-types. Also: static
-registration (PIMOE_TRT_STATIC_REGISTRATION=1) serves dlopen-only loaders, and bad nodes fail the build with
-the plugin's reason instead of crashing.
+[batch, sequence, H] profile for SM89 and SM80: fp32 and fp16, presets seed-512 and seed-types, and the INT8
+graphs `quantize_model` writes for both (w8a8 and w8a8_dynamic: int8 weight initializers reach the plugin as INT8
+constants). Also: static registration (PIMOE_TRT_STATIC_REGISTRATION=1) serves dlopen-only loaders, and bad nodes
+fail the build with the plugin's reason instead of crashing.
 """
 
 from __future__ import annotations
@@ -84,6 +85,64 @@ def test_aot_build_of_exported_graph(rtx, exported, preset, precision, sm) -> No
             assert layer.num_inputs >= 4
 
 
+_QUANTIZED: dict[tuple[str, str], Path] = {}
+
+
+@pytest.fixture(scope="module")
+def quantized(exported, tmp_path_factory):
+    """`quantize_model` of the same seed-3 model as `exported` (its fp32 ONNX reused), calibrated on 256 tokens."""
+    import torch
+
+    from pimoe_export.model.factory import create_from_preset
+    from pimoe_export.quantize import quantize_model
+
+    def get(preset: str, mode: str) -> Path:
+        key = (preset, mode)
+        if key not in _QUANTIZED:
+            fp32_path, config = exported(preset, "fp32")
+            model = create_from_preset(preset, seed=3)
+            calibration = torch.randn(4, 64, config.hidden_size, generator=torch.Generator().manual_seed(0))
+            out = tmp_path_factory.mktemp(f"{preset}-{mode}") / "model.int8.onnx"
+            _QUANTIZED[key] = quantize_model(model, out, calibration=calibration, method="max", mode=mode,
+                                             fp32_onnx=fp32_path).onnx_path
+        return _QUANTIZED[key]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["seed-512", "seed-types"])
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8_dynamic"])
+@pytest.mark.parametrize("sm", ["SM89", "SM80"])
+def test_aot_build_of_int8_graph(rtx, exported, quantized, preset, mode, sm) -> None:
+    """The INT8 ONNX of `pimoe-export quantize` (PiMoEExpertMLP in w8a8 mode, int8 weight initializers, fp32
+    router) builds strongly typed: our four plugins as PLUGIN_V3 layers, every expert node with the int8 layout's
+    inputs, and a plan that holds the weights as int8 (smaller than 1.5x their int8 bytes; fp32 would be 4x)."""
+    import onnx
+
+    T, plugin = rtx
+    _, config = exported(preset, "fp32")
+    path = quantized(preset, mode)
+    proto = onnx.load(str(path))
+    nodes = [n for n in proto.graph.node if n.op_type == schema.EXPERT_MLP]
+    int8_bytes = sum(len(t.raw_data) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8)
+    assert nodes and int8_bytes > 0
+    profile = T.hidden_states_profile(config.hidden_size, (1, 1), (1, 64), (8, 512))
+    plan, summary = T.build_engine(path, plugin, profile, compute_capabilities=(sm,), strongly_typed=True)
+    groups = len(config.expert_groups())
+    assert len(nodes) == groups
+    assert summary.layer_types.get("PLUGIN_V3") == 3 + groups
+    assert summary.plugin_counts() == {schema.ROUTE: 1, schema.DISPATCH: 1, schema.EXPERT_MLP: groups,
+                                       schema.COMBINE: 1}
+    assert summary.inputs == [("hidden_states", "FLOAT", (-1, -1, config.hidden_size))]
+    assert [o[:2] for o in summary.outputs] == [("output", "FLOAT"), ("expert_ids", "INT32"),
+                                                ("expert_weights", "FLOAT")]
+    # x_sorted, offsets, then per layer weight, w_scale, act_smooth, bias [, ln_gamma, ln_beta]
+    assert sorted(p.num_inputs for p in summary.plugin_layers if p.plugin == schema.EXPERT_MLP) == sorted(
+        len(n.input) for n in nodes)
+    assert isinstance(plan, bytes) and int8_bytes <= len(plan) < 1.5 * int8_bytes
+
+
 def _single_op_file(tmp_path: Path, name: str, model: bytes) -> Path:
     path = tmp_path / f"{name}.onnx"
     path.write_bytes(model)
@@ -101,19 +160,36 @@ def test_single_op_graph_with_weak_typing_builds(rtx, tmp_path) -> None:
     assert summary.plugin_counts() == {schema.ROUTE: 1} and len(plan) > 0
 
 
-def test_quantized_expert_node_fails_with_the_plugins_reason(rtx, tmp_path) -> None:
-    T, plugin = rtx
+def _w8a8_single_op(dtype, mode: str, act_scales) -> bytes:
     rng = np.random.default_rng(0)
-    weight = rng.integers(-8, 8, size=(1, 8, 8), dtype=np.int8)
-    params = [("w", weight), ("s", np.ones((1, 8), np.float32)), ("b", np.zeros((1, 8), np.float32))]
-    model = single_op_model("PiMoEExpertMLP", [("x_sorted", np.zeros((4, 8), np.float32)),
-                                              ("offsets", np.zeros(3, np.int32))],
-                            [("y_sorted", np.float32, 2)],
-                            expert_mlp_attrs([0], [8, 8], "gelu", False, quant_mode="w8a8", act_scales=[0.1]),
-                            params)
-    path = _single_op_file(tmp_path, "w8a8", model)
-    profile = {"x_sorted": ((1, 8), (8, 8), (64, 8)), "offsets": ((3,), (3,), (3,))}
-    with pytest.raises(T.EngineBuildError, match="quant_mode 'w8a8' is not implemented"):
+    params = [("w", rng.integers(-127, 128, size=(2, 24, 16), dtype=np.int8)),
+              ("s", np.full((2, 24), 0.01, np.float32)), ("m", np.ones((2, 16), np.float32)),
+              ("b", np.zeros((2, 24), np.float32))]
+    return single_op_model("PiMoEExpertMLP", [("x_sorted", np.zeros((4, 16), dtype)),
+                                              ("offsets", np.zeros(4, np.int32))],
+                           [("y_sorted", dtype, 2)],
+                           expert_mlp_attrs([0, 2], [16, 24], "gelu", False, quant_mode=mode, act_scales=act_scales),
+                           params)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8_dynamic"])
+def test_int8_expert_node_builds_with_int8_constant_weights(rtx, tmp_path, dtype, mode) -> None:
+    """The parser hands the int8 initializer to the plugin as an INT8 constant; x/y fp32 or fp16."""
+    T, plugin = rtx
+    path = _single_op_file(tmp_path, "w8a8", _w8a8_single_op(dtype, mode, [0.1, 0.2] if mode == "w8a8" else []))
+    profile = {"x_sorted": ((1, 16), (8, 16), (64, 16)), "offsets": ((4,), (4,), (4,))}
+    plan, summary = T.build_engine(path, plugin, profile, compute_capabilities=("SM89",))
+    assert summary.plugin_counts() == {schema.EXPERT_MLP: 1} and len(plan) > 0
+    assert summary.layer_types.get("CONSTANT") == 4  # int8 weight, w_scale, act_smooth, bias
+    assert summary.plugin_layers[0].num_inputs == 6
+
+
+def test_bad_int8_node_fails_with_the_plugins_reason(rtx, tmp_path) -> None:
+    T, plugin = rtx
+    path = _single_op_file(tmp_path, "w8a8_bad", _w8a8_single_op(np.float32, "w8a8", [0.1, 0.2, 0.3]))
+    profile = {"x_sorted": ((1, 16), (8, 16), (64, 16)), "offsets": ((4,), (4,), (4,))}
+    with pytest.raises(T.EngineBuildError, match=r"needs act_scales with layers\*G = 2 entries, got 3"):
         T.build_engine(path, plugin, profile, compute_capabilities=("SM89",))
 
 

@@ -69,13 +69,20 @@ cudaError_t combine(const void* y_sorted, DType dtype, const int32_t* flat_to_so
 constexpr int32_t kMAX_LAYERS = 8;
 constexpr int32_t kMAX_GROUP = 1024;
 
+// Largest layer input width of the w8a8 path: the int32 accumulator holds sum_k q_a * q_w exactly while
+// 127 * 127 * K < 2^31 (K <= 133143); the limit is rounded down to a power of two.
+constexpr int64_t kMAX_I8_WIDTH = 131072;
+
 struct MLPLayer {
-  const void* weight = nullptr;     // [G, out, in]
-  DType weight_dtype = DType::kF32;  // == activation dtype (quant_mode none); kI8 is reserved for w8a8
-  const float* w_scale = nullptr;   // [G, out] per-output-channel scale (w8a8 only; reserved)
-  const float* bias = nullptr;      // [G, out]
-  const float* ln_gamma = nullptr;  // [G, out] (hidden layers with LayerNorm) or nullptr
-  const float* ln_beta = nullptr;   // [G, out] or nullptr
+  const void* weight = nullptr;       // [G, out, in]: the activation dtype (quant_mode none) or int8 (w8a8 modes)
+  DType weight_dtype = DType::kF32;
+  const float* w_scale = nullptr;     // [G, out] per-output-channel weight scale (w8a8 modes)
+  const float* act_smooth = nullptr;  // [G, in] SmoothQuant divisor of the layer input (w8a8 modes)
+  const float* act_scales = nullptr;  // HOST memory, [G]: static activation scale per member (w8a8 only); read
+                                      // during the call (passed to the kernels by value), not kept
+  const float* bias = nullptr;        // [G, out]
+  const float* ln_gamma = nullptr;    // [G, out] (hidden layers with LayerNorm) or nullptr
+  const float* ln_beta = nullptr;     // [G, out] or nullptr
 };
 
 // Static description of one PiMoEExpertMLP node (from its attributes and the tensor shapes).
@@ -90,12 +97,15 @@ struct ExpertMLPShape {
   int32_t activation = 0;     // contract::Activation
   bool layer_norm = false;
   float eps = 1e-5f;
-  int32_t quant_mode = 0;     // contract::QuantMode; only kNONE is implemented
+  int32_t quant_mode = 0;     // contract::QuantMode: 0 none, 1 w8a8 (static scales), 2 w8a8_dynamic
 };
 
 size_t expert_mlp_workspace_size(const ExpertMLPShape& shape);
 // x [R, widths[0]], offsets [E+1] (device), layers[0..L) -> y [R, widths[L]]; rows of experts outside the
 // group are written as 0. `shape.rows` is the actual R here.
+// w8a8 modes (the math of pimoe_export/quantize/reference.py, per layer): x / act_smooth -> int8 codes with the
+// static scale act_scales[g] or a dynamic per-row scale max|x| / 127 -> int8 tensor-core GEMM with int32
+// accumulation -> float(acc) * (s * w_scale) + bias (separate multiply and add) -> [LayerNorm] -> activation.
 cudaError_t expert_mlp(const ExpertMLPShape& shape, const MLPLayer* layers, const void* x, const int32_t* offsets,
                        void* y, void* workspace, size_t workspace_bytes, DeviceStatus* status, cudaStream_t stream);
 

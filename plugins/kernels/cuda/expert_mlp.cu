@@ -10,9 +10,16 @@
 // Hidden activations stay in fp32 on both paths, as the op contract defines the math (fp16 is a storage format
 // for x_sorted, y_sorted and the weights): fp32 path = SIMT GEMM; fp16 path = tensor-core GEMM with fp32
 // accumulation, whose fp32 inputs (layers >= 1) are split into two fp16 halves (gemm_f16_wmma.cu).
-// Quantised weights (quant_mode w8a8) would add a third GEMM (int8 x int8 -> int32, dequantised by
-// w_scale * act_scale in the same epilogue); MLPLayer already carries w_scale for it. Not implemented yet.
+//
+// w8a8 modes (quant_mode w8a8 / w8a8_dynamic), per layer, the integer math of pimoe_export/quantize/reference.py:
+//   quantize  block per row: [LayerNorm + activation of the previous layer,] x / act_smooth (__fdiv_rn), the
+//             static scale of the row's expert or the dynamic scale max|x| / 127 (1 for a zero or NaN row),
+//             codes = __float2int_rn(clamp(nan_to_zero(x / s), -127, 127)) (round half to even), zero-padded rows
+//   GEMM      int8 tensor cores, exact int32 sums, epilogue float(acc) * (s * w_scale) + bias with one rounding per
+//             operation (gemm_i8_wmma.cu); activation fused there for hidden layers without LayerNorm
+// Hidden activations stay fp32 (one buffer: the codes are extracted before the next GEMM overwrites it).
 #include "expert_mlp_internal.cuh"
+#include "pimoe_contract.h"
 
 namespace pimoe {
 namespace cuda {
@@ -151,46 +158,188 @@ __global__ void splitk_reduce_kernel(PlanView plan, const int* __restrict__ offs
   }
 }
 
+// ------------------------------------------------------------------------------------------ w8a8 activations
+// Block-wide sum in a fixed order (every thread gets the same value). `red` holds >= 32 floats of shared memory;
+// the leading barrier makes it safe to call repeatedly.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  v = detail::warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = 0; w < warps; ++w) total += red[w];
+  return total;
+}
+
+__device__ __forceinline__ float block_max(float v, float* red) {
+  v = detail::warp_max(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float m = red[0];
+  for (int w = 1; w < warps; ++w) m = fmaxf(m, red[w]);
+  return m;
+}
+
+// int8 code of x with scale s, as reference.quantize_activations: NaN -> 0, clamp to [-127, 127], round half to
+// even (__float2int_rn). The division is the IEEE one (__fdiv_rn), like torch's on the CPU.
+__device__ __forceinline__ int8_t quantize_code(float x, float s) {
+  float t = __fdiv_rn(x, s);
+  if (t != t) t = 0.0f;
+  t = fminf(fmaxf(t, -127.0f), 127.0f);
+  return static_cast<int8_t>(__float2int_rn(t));
+}
+
+constexpr int kSCALE_CHUNK = 512;  // static scales passed by value per launch (2 KB of kernel parameters)
+struct ScaleChunk {
+  float s[kSCALE_CHUNK];
+};
+
+struct QuantizeArgs {
+  PlanView plan;
+  const int* offsets;
+  int rows;
+  const void* src;       // layer input [R, width]: x_sorted (fp32/fp16) or the fp32 hidden buffer
+  bool src_f16;
+  int width;
+  float* scratch;        // == src when src is the hidden buffer (dynamic mode keeps x / act_smooth there), else null
+  const float* smooth;   // [G, width] act_smooth of this layer
+  bool dynamic;          // w8a8_dynamic: per-row scale; else the static scale of the row's member
+  int member_begin;      // static: members [member_begin, member_end) have their scale in the ScaleChunk
+  int member_end;
+  const float* ln_gamma;  // previous layer's LayerNorm [G, width] (then also its activation), or nullptr
+  const float* ln_beta;
+  float eps;
+  int activation;
+  int8_t* codes;         // [R, lda]
+  int lda;
+  float* row_scale;      // [R]
+};
+
+// One block per row of the group (grid-stride). Every thread owns the columns c = threadIdx.x + i * blockDim.x
+// through all passes, so values it parks in `scratch` are read back only by itself.
+__global__ void __launch_bounds__(1024) quantize_rows_kernel(QuantizeArgs a, ScaleChunk scales) {
+  __shared__ float red[32];
+  if (*a.plan.valid() == 0) return;
+  const int width = a.width;
+  for (int r = blockIdx.x; r < a.rows; r += gridDim.x) {
+    const int member = detail::member_of_row(a.plan, a.offsets, r);  // block-uniform
+    if (member < 0 || (!a.dynamic && (member < a.member_begin || member >= a.member_end))) continue;
+    const long long base = static_cast<long long>(r) * width;
+    auto load = [&](int c) -> float {
+      return a.src_f16 ? __half2float(static_cast<const __half*>(a.src)[base + c])
+                       : static_cast<const float*>(a.src)[base + c];
+    };
+    const float* smooth = a.smooth + static_cast<long long>(member) * width;
+    const bool ln = a.ln_gamma != nullptr && a.ln_beta != nullptr;
+    float mean = 0.0f, rstd = 0.0f;
+    const float* gamma = nullptr;
+    const float* beta = nullptr;
+    if (ln) {  // two-pass statistics in fp32, as layernorm_act_kernel
+      gamma = a.ln_gamma + static_cast<long long>(member) * width;
+      beta = a.ln_beta + static_cast<long long>(member) * width;
+      float sum = 0.0f;
+      for (int c = threadIdx.x; c < width; c += blockDim.x) sum += load(c);
+      mean = block_sum(sum, red) / static_cast<float>(width);
+      float sq = 0.0f;
+      for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        const float d = load(c) - mean;
+        sq += d * d;
+      }
+      rstd = 1.0f / sqrtf(block_sum(sq, red) / static_cast<float>(width) + a.eps);
+    }
+    // the quantiser's input: [activation(LayerNorm(h))] / act_smooth
+    auto value = [&](int c) -> float {
+      float v = load(c);
+      if (ln) v = detail::activate((v - mean) * rstd * gamma[c] + beta[c], a.activation);
+      return __fdiv_rn(v, smooth[c]);
+    };
+    float scale;
+    if (a.dynamic) {  // max |x| / 127; a NaN anywhere makes the max NaN (torch.amax) -> scale 1
+      float m = 0.0f;
+      bool nan = false;
+      for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        const float v = value(c);
+        if (a.scratch != nullptr) a.scratch[base + c] = v;
+        if (v != v) nan = true;
+        else m = fmaxf(m, fabsf(v));
+      }
+      nan = __syncthreads_or(nan) != 0;
+      m = block_max(m, red);
+      scale = (!nan && m > 0.0f) ? __fdiv_rn(m, 127.0f) : 1.0f;
+    } else {
+      scale = scales.s[member - a.member_begin];
+    }
+    int8_t* codes = a.codes + static_cast<long long>(r) * a.lda;
+    for (int c = threadIdx.x; c < a.lda; c += blockDim.x) {
+      int8_t q = 0;  // padding past the width stays 0
+      if (c < width) q = quantize_code(a.dynamic && a.scratch != nullptr ? a.scratch[base + c] : value(c), scale);
+      codes[c] = q;
+    }
+    if (threadIdx.x == 0) a.row_scale[r] = scale;
+  }
+}
+
 struct Layout {
   size_t plan_bytes = 0;
   size_t hidden_bytes = 0;   // one fp32 hidden buffer [R, max hidden width]
   int hidden_buffers = 0;    // 0, 1 or 2 (ping-pong)
-  size_t partial_bytes = 0;  // split-K partial sums (fp16 path): kSPLIT_MAX x min(R, kSPLIT_MAX_ROWS) x max width
+  size_t partial_bytes = 0;  // split-K partial sums (fp16: fp32, int8: int32): kSPLIT_MAX x min(R, cap) x max width
+  size_t codes_bytes = 0;    // w8a8: int8 activation codes [R, max padded input width]
+  size_t scale_bytes = 0;    // w8a8: activation scale per row [R]
   size_t total = 0;
 };
 
+int64_t padded_width(int64_t width) { return (width + 15) / 16 * 16; }
+
 Layout layout_of(const ExpertMLPShape& s) {
   Layout l;
+  const bool quantized = s.quant_mode != 0;
+  const size_t rows = static_cast<size_t>(s.rows > 0 ? s.rows : 0);
   l.plan_bytes = align256(PlanView::ints(s.num_group, static_cast<int>(s.num_experts)) * sizeof(int));
   const int hidden_layers = s.num_layers - 1;
-  int64_t max_hidden = 0;
+  int64_t max_hidden = 0, max_out = 0, max_padded_in = 0;
   for (int i = 1; i < s.num_layers; ++i) max_hidden = s.widths[i] > max_hidden ? s.widths[i] : max_hidden;
-  const size_t elems = static_cast<size_t>(s.rows > 0 ? s.rows : 0) * static_cast<size_t>(max_hidden);
-  l.hidden_buffers = hidden_layers <= 0 ? 0 : hidden_layers == 1 ? 1 : 2;
+  for (int i = 1; i <= s.num_layers; ++i) max_out = s.widths[i] > max_out ? s.widths[i] : max_out;
+  for (int i = 0; i < s.num_layers; ++i)
+    max_padded_in = padded_width(s.widths[i]) > max_padded_in ? padded_width(s.widths[i]) : max_padded_in;
+  const size_t elems = rows * static_cast<size_t>(max_hidden);
+  // w8a8: the GEMM reads codes, not the hidden buffer, so one hidden buffer serves every layer
+  l.hidden_buffers = hidden_layers <= 0 ? 0 : (hidden_layers == 1 || quantized) ? 1 : 2;
   l.hidden_bytes = align256(elems * sizeof(float));
-  if (s.dtype == DType::kF16) {
-    int64_t max_out = 0;
-    for (int i = 1; i <= s.num_layers; ++i) max_out = s.widths[i] > max_out ? s.widths[i] : max_out;
-    const int64_t split_rows = s.rows < detail::kSPLIT_MAX_ROWS ? (s.rows > 0 ? s.rows : 0) : detail::kSPLIT_MAX_ROWS;
-    l.partial_bytes = align256(static_cast<size_t>(detail::kSPLIT_MAX) * static_cast<size_t>(split_rows) *
-                               static_cast<size_t>(max_out) * sizeof(float));
+  if (quantized) {
+    const size_t split_rows = rows < static_cast<size_t>(detail::kI8_SPLIT_MAX_ROWS)
+                                  ? rows : static_cast<size_t>(detail::kI8_SPLIT_MAX_ROWS);
+    l.partial_bytes = align256(static_cast<size_t>(detail::kSPLIT_MAX) * split_rows * static_cast<size_t>(max_out) *
+                               sizeof(int));
+    l.codes_bytes = align256(rows * static_cast<size_t>(max_padded_in));
+    l.scale_bytes = align256(rows * sizeof(float));
+  } else if (s.dtype == DType::kF16) {
+    const size_t split_rows = rows < static_cast<size_t>(detail::kSPLIT_MAX_ROWS)
+                                  ? rows : static_cast<size_t>(detail::kSPLIT_MAX_ROWS);
+    l.partial_bytes = align256(static_cast<size_t>(detail::kSPLIT_MAX) * split_rows * static_cast<size_t>(max_out) *
+                               sizeof(float));
   }
-  l.total = l.plan_bytes + l.hidden_bytes * static_cast<size_t>(l.hidden_buffers) + l.partial_bytes;
+  l.total = l.plan_bytes + l.hidden_bytes * static_cast<size_t>(l.hidden_buffers) + l.partial_bytes + l.codes_bytes +
+            l.scale_bytes;
   return l;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// K splits for the tensor-core GEMM: only with few rows (decode), until about kSPLIT_TARGET_BLOCKS blocks have
-// work (estimated: at most one row tile per row and per expert), every split at least one K step.
-void choose_splits(int64_t rows, int groups, int k, int n, int* splits, int* steps_per_split) {
+// K splits for the tensor-core GEMMs: only with few rows (decode), until about `target_blocks` blocks have work
+// (estimated: at most one row tile per row and per expert), every split at least one K step of `k_step`.
+void choose_splits(int64_t rows, int64_t max_rows, int groups, int bm, int k_step, int k, int n,
+                   int64_t target_blocks, int* splits, int* steps_per_split) {
   *splits = 1;
   *steps_per_split = 0;
-  if (rows > detail::kSPLIT_MAX_ROWS) return;
-  const int64_t k_steps = (k + detail::kGEMM_BK_F16 - 1) / detail::kGEMM_BK_F16;
-  const int64_t row_tiles = (rows + detail::kGEMM_BM - 1) / detail::kGEMM_BM + groups;
+  if (rows > max_rows) return;
+  const int64_t k_steps = (k + k_step - 1) / k_step;
+  const int64_t row_tiles = (rows + bm - 1) / bm + groups;
   const int64_t busy = (row_tiles < rows ? row_tiles : rows) * ((n + 63) / 64);
-  int64_t want = (detail::kSPLIT_TARGET_BLOCKS + busy - 1) / (busy > 0 ? busy : 1);
+  int64_t want = (target_blocks + busy - 1) / (busy > 0 ? busy : 1);
   if (want > detail::kSPLIT_MAX) want = detail::kSPLIT_MAX;
   if (want > k_steps) want = k_steps;
   if (want <= 1) return;
@@ -198,6 +347,90 @@ void choose_splits(int64_t rows, int groups, int k, int n, int* splits, int* ste
   *steps_per_split = static_cast<int>(per);
   *splits = static_cast<int>((k_steps + per - 1) / per);  // every split non-empty
   if (*splits <= 1) *steps_per_split = 0, *splits = 1;
+}
+
+// SM count of the current device (an attribute query: no synchronisation, allowed during stream capture).
+int multiprocessors() {
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count < 1)
+    return 132;  // (the failed query is reported by the launch checks that follow)
+  return count;
+}
+
+// The w8a8 layers (after the plan and the zeroing of other groups' rows, enqueued by expert_mlp).
+cudaError_t expert_mlp_w8a8(const ExpertMLPShape& s, const MLPLayer* layers, const void* x, const int32_t* offsets,
+                            void* y, char* ws, const Layout& lay, PlanView plan, int bm, cudaStream_t stream) {
+  const int rows = static_cast<int>(s.rows);
+  float* hidden = reinterpret_cast<float*>(ws + lay.plan_bytes);
+  char* after_hidden = ws + lay.plan_bytes + lay.hidden_bytes * static_cast<size_t>(lay.hidden_buffers);
+  int* partial = reinterpret_cast<int*>(after_hidden);
+  int8_t* codes = reinterpret_cast<int8_t*>(after_hidden + lay.partial_bytes);
+  float* row_scale = reinterpret_cast<float*>(after_hidden + lay.partial_bytes + lay.codes_bytes);
+  const bool dynamic = s.quant_mode == static_cast<int32_t>(contract::QuantMode::kW8A8_DYNAMIC);
+  const long long max_tiles = (static_cast<long long>(rows) + bm - 1) / bm + s.num_group;
+  const unsigned int quant_blocks = detail::grid_for(rows, 1, 8192);
+  // decode: split K until about two 16-row-tile blocks per SM stream weights (each keeps 3 K steps = 24 KB in
+  // flight); integer partial sums make the result independent of this choice (and of the GPU)
+  const int64_t split_target = 2 * static_cast<int64_t>(multiprocessors());
+  for (int l = 0; l < s.num_layers; ++l) {
+    const bool last = l == s.num_layers - 1;
+    const int width = s.widths[l];
+    const int lda = static_cast<int>(padded_width(width));
+    // previous layer's LayerNorm (+ activation) is applied while quantising this layer's input
+    const bool prev_ln = l > 0 && s.layer_norm && layers[l - 1].ln_gamma != nullptr && layers[l - 1].ln_beta != nullptr;
+    const bool ln = !last && s.layer_norm && layers[l].ln_gamma != nullptr && layers[l].ln_beta != nullptr;
+    QuantizeArgs q{};
+    q.plan = plan;
+    q.offsets = offsets;
+    q.rows = rows;
+    q.src = l == 0 ? x : static_cast<const void*>(hidden);
+    q.src_f16 = l == 0 && s.dtype == DType::kF16;
+    q.width = width;
+    q.scratch = l == 0 ? nullptr : hidden;
+    q.smooth = layers[l].act_smooth;
+    q.dynamic = dynamic;
+    q.ln_gamma = prev_ln ? layers[l - 1].ln_gamma : nullptr;
+    q.ln_beta = prev_ln ? layers[l - 1].ln_beta : nullptr;
+    q.eps = s.eps;
+    q.activation = s.activation;
+    q.codes = codes;
+    q.lda = lda;
+    q.row_scale = row_scale;
+    const unsigned int threads = width >= 4096 ? 1024u : 256u;
+    for (int begin = 0; begin < s.num_group; begin += kSCALE_CHUNK) {  // dynamic: one launch
+      ScaleChunk chunk{};
+      q.member_begin = begin;
+      q.member_end = begin + kSCALE_CHUNK < s.num_group ? begin + kSCALE_CHUNK : s.num_group;
+      if (!dynamic)
+        for (int g = q.member_begin; g < q.member_end; ++g) chunk.s[g - begin] = layers[l].act_scales[g];
+      quantize_rows_kernel<<<quant_blocks, threads, 0, stream>>>(q, chunk);
+      if (dynamic) break;
+    }
+    detail::GemmI8Args args{};
+    args.a = codes;
+    args.lda = lda;
+    args.w = static_cast<const int8_t*>(layers[l].weight);
+    args.w_scale = layers[l].w_scale;
+    args.bias = layers[l].bias;
+    args.row_scale = row_scale;
+    args.c = last ? y : static_cast<void*>(hidden);
+    args.c_f32 = !last || s.dtype == DType::kF32;
+    args.k = width;
+    args.n = s.widths[l + 1];
+    args.activation = last || ln ? -1 : s.activation;
+    args.plan = plan;
+    args.offsets = offsets;
+    args.rows = rows;
+    args.max_tiles = static_cast<int>(max_tiles);
+    args.bm = bm;
+    args.vec = width % 16 == 0 && aligned16(layers[l].weight);
+    choose_splits(rows, detail::kI8_SPLIT_MAX_ROWS, s.num_group, bm, detail::kGEMM_BK_I8, args.k, args.n,
+                  split_target, &args.k_splits, &args.steps_per_split);
+    if (args.k_splits > 1) args.partial = partial;
+    if (cudaError_t err = detail::launch_gemm_i8(args, stream); err != cudaSuccess) return err;
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -211,11 +444,21 @@ cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const vo
   if (s.num_layers < 1 || s.num_layers > kMAX_LAYERS || s.num_group < 1 || s.num_group > kMAX_GROUP ||
       s.num_experts < 1 || s.num_experts > 1024 || s.rows < 0 || s.rows >= (1ll << 31))
     return cudaErrorInvalidValue;
-  if (s.quant_mode != 0) return cudaErrorNotSupported;  // w8a8: reserved (see the file comment)
   if (s.dtype != DType::kF32 && s.dtype != DType::kF16) return cudaErrorInvalidValue;
-  for (int l = 0; l < s.num_layers; ++l)
-    if (layers[l].weight_dtype != s.dtype || layers[l].weight == nullptr || layers[l].bias == nullptr)
+  const bool quantized = s.quant_mode != static_cast<int32_t>(contract::QuantMode::kNONE);
+  if (quantized && s.quant_mode != static_cast<int32_t>(contract::QuantMode::kW8A8) &&
+      s.quant_mode != static_cast<int32_t>(contract::QuantMode::kW8A8_DYNAMIC))
+    return cudaErrorInvalidValue;
+  for (int l = 0; l < s.num_layers; ++l) {
+    if (layers[l].weight == nullptr || layers[l].bias == nullptr || s.widths[l] < 1 || s.widths[l + 1] < 1)
       return cudaErrorInvalidValue;
+    if (!quantized && layers[l].weight_dtype != s.dtype) return cudaErrorInvalidValue;
+    if (quantized && (layers[l].weight_dtype != DType::kI8 || layers[l].w_scale == nullptr ||
+                      layers[l].act_smooth == nullptr || s.widths[l] > kMAX_I8_WIDTH ||
+                      (s.quant_mode == static_cast<int32_t>(contract::QuantMode::kW8A8) &&
+                       layers[l].act_scales == nullptr)))
+      return cudaErrorInvalidValue;
+  }
   if (s.rows == 0) return cudaSuccess;
   const Layout lay = layout_of(s);
   if (workspace == nullptr || workspace_bytes < lay.total) return cudaErrorInvalidValue;
@@ -232,7 +475,11 @@ cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const vo
   GroupIds group{};
   group.count = s.num_group;
   for (int g = 0; g < s.num_group; ++g) group.ids[g] = s.expert_ids[g];
-  plan_kernel<<<1, 1024, 0, stream>>>(offsets, experts, rows, group, detail::kGEMM_BM, plan, status);
+  // row tile of the GEMMs (the plan lists tiles of this many rows): w8a8 uses 16-row tiles for few rows
+  const int bm = !quantized ? detail::kGEMM_BM
+                            : (rows <= detail::kI8_SMALL_TILE_MAX_ROWS ? detail::kGEMM_BM_I8_SMALL
+                                                                       : detail::kGEMM_BM_I8_LARGE);
+  plan_kernel<<<1, 1024, 0, stream>>>(offsets, experts, rows, group, bm, plan, status);
 
   const int out_width = s.widths[s.num_layers];
   const unsigned int row_blocks = detail::grid_for(rows, 8);  // 8 warps (rows) per 256-thread block
@@ -240,6 +487,7 @@ cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const vo
     zero_rows_kernel<__half><<<row_blocks, 256, 0, stream>>>(plan, offsets, rows, out_width, static_cast<__half*>(y));
   else
     zero_rows_kernel<float><<<row_blocks, 256, 0, stream>>>(plan, offsets, rows, out_width, static_cast<float*>(y));
+  if (quantized) return expert_mlp_w8a8(s, layers, x, offsets, y, ws, lay, plan, bm, stream);
 
   const long long max_tiles = (static_cast<long long>(rows) + detail::kGEMM_BM - 1) / detail::kGEMM_BM + s.num_group;
   const void* input = x;
@@ -262,7 +510,9 @@ cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const vo
     cudaError_t err;
     if (s.dtype == DType::kF16) {
       args.vec = args.k % 8 == 0 && aligned16(args.a) && aligned16(args.w);
-      if (partial != nullptr) choose_splits(s.rows, s.num_group, args.k, args.n, &args.k_splits, &args.steps_per_split);
+      if (partial != nullptr)
+        choose_splits(s.rows, detail::kSPLIT_MAX_ROWS, s.num_group, detail::kGEMM_BM, detail::kGEMM_BK_F16, args.k,
+                      args.n, detail::kSPLIT_TARGET_BLOCKS, &args.k_splits, &args.steps_per_split);
       if (args.k_splits > 1) {
         args.partial = partial;
         args.partial_rows = rows;

@@ -97,6 +97,44 @@ constexpr int kGEMM_BM = 64;  // rows per tile of both GEMM kernels (the plan is
 cudaError_t launch_gemm_f16(const GemmArgs& args, cudaStream_t stream);
 cudaError_t launch_gemm_f32(const GemmArgs& args, cudaStream_t stream);
 
+// ------------------------------------------------------------------------------------------ w8a8
+// One quantised linear layer over the plan's row tiles (gemm_i8_wmma.cu):
+//   acc[r, n] = sum_k codes[r, k] * W[member, n, k]   (int8 x int8 -> exact int32)
+//   C[r, n]   = epilogue(float(acc) * (row_scale[r] * w_scale[member, n]) + bias[member, n])
+// with one rounding per multiply and per add (no FMA), as pimoe_export/quantize/reference.py computes it.
+struct GemmI8Args {
+  const int8_t* a;         // activation codes [R, lda], zero-padded to lda (a multiple of 16), 16-byte aligned
+  int lda;
+  const int8_t* w;         // [G, N, K]
+  const float* w_scale;    // [G, N]
+  const float* bias;       // [G, N]
+  const float* row_scale;  // [R] activation scale of every row (static or dynamic)
+  void* c;                 // [R, N] (row stride N)
+  bool c_f32;              // fp32 output, else fp16
+  int k;
+  int n;
+  int activation;          // contract::Activation, or -1 for none
+  PlanView plan;           // built with row tiles of `bm` rows
+  const int* offsets;      // [E+1] (split-K epilogue: which member owns a row)
+  int rows;                // R
+  int max_tiles;           // gridDim.x upper bound of row tiles
+  int bm;                  // kGEMM_BM_I8_SMALL or kGEMM_BM_I8_LARGE
+  bool vec;                // W rows and pointer 16-byte aligned (K % 16 == 0): asynchronous 16-byte copies
+  // split-K: k_splits > 1 -> block z sums K steps [z * steps_per_split, ...) into partial[z][row][n] (int32, R
+  // rows per split); an epilogue kernel adds the splits (exact integer sums) and dequantises
+  int k_splits;
+  int steps_per_split;
+  int* partial;
+};
+
+constexpr int kGEMM_BK_I8 = 128;          // K step (bytes) of the int8 GEMM; split-K works in these steps
+constexpr int kGEMM_BM_I8_SMALL = 16;     // row tile for few rows per expert (decode)
+constexpr int kGEMM_BM_I8_LARGE = 64;     // row tile for many rows (prefill)
+constexpr int kI8_SMALL_TILE_MAX_ROWS = 256;  // R <= this: 16-row tiles
+constexpr int kI8_SPLIT_MAX_ROWS = 64;    // int8 split-K only for R <= this (bounds the int32 partial workspace)
+
+cudaError_t launch_gemm_i8(const GemmI8Args& args, cudaStream_t stream);
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace pimoe

@@ -13,6 +13,21 @@ const char* role_name(ParamRole role) {
   const auto index = static_cast<size_t>(role);
   return index < sizeof(kROLE_NAMES) / sizeof(kROLE_NAMES[0]) ? kROLE_NAMES[index] : "parameter";
 }
+
+// Limits of the CUDA kernels beyond the op contract's (empty when the attributes are within them).
+std::string kernel_limits(const ExpertMLPAttrs& a) {
+  if (a.num_group() > cuda::kMAX_GROUP)
+    return msg(kOP, ": at most ", cuda::kMAX_GROUP, " experts per group, got ", a.num_group());
+  if (a.quantized())
+    for (int64_t l = 0; l < a.num_layers(); ++l)
+      if (a.widths[static_cast<size_t>(l)] > cuda::kMAX_I8_WIDTH)
+        return msg(kOP, ": quant_mode ", contract::kQUANTMODE_NAMES[static_cast<int32_t>(a.quant_mode)],
+                   " supports layer input widths up to ", cuda::kMAX_I8_WIDTH,
+                   " (the int32 accumulator of 127 * 127 * width must not overflow), layer ", l, " has ",
+                   a.widths[static_cast<size_t>(l)]);
+  return {};
+}
+
 }  // namespace
 
 ExpertMLPPlugin::ExpertMLPPlugin(const ExpertMLPAttrs& attrs) : PluginBase(contract::kEXPERTMLP_NAME), mAttrs(attrs) {
@@ -48,9 +63,6 @@ DataType ExpertMLPPlugin::param_type(int64_t index, DataType x_type) const {
 }
 
 std::string ExpertMLPPlugin::check_io(const std::vector<TensorInfo>& in, int32_t nbOutputs) const {
-  if (mAttrs.quantized())
-    return msg(kOP, ": quant_mode ", contract::kQUANTMODE_NAMES[static_cast<int32_t>(mAttrs.quant_mode)],
-               " is not implemented by these TensorRT plugins yet; build from the fp32 or fp16 export");
   const size_t want = 2 + static_cast<size_t>(mAttrs.num_params());
   if (in.size() != want)
     return msg(kOP, ": expected ", want, " inputs (x_sorted, offsets and ", mAttrs.num_params(), " parameters for ",
@@ -66,13 +78,13 @@ std::string ExpertMLPPlugin::check_io(const std::vector<TensorInfo>& in, int32_t
       return msg(kOP, ": layer ", mLayers[static_cast<size_t>(index)], " ",
                  role_name(mRoles[static_cast<size_t>(index)]), " (input ", i, ") must be ",
                  dtype_name(want_type), ", got ", dtype_name(in[i].type),
-                 want_type == DataType::kFLOAT ? "" : "; export weights in the activation dtype");
+                 want_type == DataType::kFLOAT  ? ""
+                 : want_type == DataType::kINT8 ? "; quant_mode w8a8 needs the int8 weights of `pimoe-export quantize`"
+                                                : "; export weights in the activation dtype");
     params.push_back(in[i].dims);
   }
   if (auto e = check_expert_mlp(mAttrs, in[0].dims, in[1].dims, params); !e.empty()) return e;
-  if (mAttrs.num_group() > cuda::kMAX_GROUP)
-    return msg(kOP, ": at most ", cuda::kMAX_GROUP, " experts per group, got ", mAttrs.num_group());
-  return {};
+  return kernel_limits(mAttrs);
 }
 
 cuda::ExpertMLPShape ExpertMLPPlugin::kernel_shape(int64_t rows, int64_t experts, DataType dtype) const {
@@ -131,14 +143,14 @@ int32_t ExpertMLPPlugin::getOutputShapes(const nvinfer1::DimsExprs* inputs, int3
 bool ExpertMLPPlugin::supportsFormatCombination(int32_t pos, const DynamicPluginTensorDesc* inOut, int32_t nbInputs,
                                                 int32_t nbOutputs) noexcept {
   if (inOut == nullptr || nbOutputs != 1 || pos < 0 || pos >= nbInputs + nbOutputs) return false;
-  if (mAttrs.quantized()) return false;  // w8a8 is not implemented by this build (see check_io)
   if (nbInputs != 2 + mAttrs.num_params()) return false;
   const PluginTensorDesc& d = inOut[pos].desc;
   if (d.format != nvinfer1::TensorFormat::kLINEAR) return false;
   if (pos == 0) return is_float_io(d.type);                 // x_sorted
   if (pos == 1) return d.type == DataType::kINT32;          // offsets
   if (pos == nbInputs) return d.type == inOut[0].desc.type;  // y_sorted
-  return d.type == param_type(pos - 2, inOut[0].desc.type);  // W_l in x's dtype; bias/LayerNorm fp32
+  // W_l in x's dtype (int8 in w8a8 modes); w_scale, act_smooth, bias, LayerNorm fp32
+  return d.type == param_type(pos - 2, inOut[0].desc.type);
 }
 
 int32_t ExpertMLPPlugin::configurePlugin(const DynamicPluginTensorDesc* in, int32_t nbInputs,
@@ -203,6 +215,9 @@ int32_t ExpertMLPPlugin::enqueue(const PluginTensorDesc* inputDesc, const Plugin
       layer.weight = param(ParamRole::kWEIGHT);
       layer.weight_dtype = to_cuda(in[static_cast<size_t>(2 + mAttrs.param_index(l, ParamRole::kWEIGHT))].type);
       layer.w_scale = static_cast<const float*>(param(ParamRole::kW_SCALE));
+      layer.act_smooth = static_cast<const float*>(param(ParamRole::kACT_SMOOTH));
+      if (mAttrs.quant_mode == contract::QuantMode::kW8A8)  // host values, passed to the kernels by value
+        layer.act_scales = mAttrs.act_scales.data() + l * mAttrs.num_group();
       layer.bias = static_cast<const float*>(param(ParamRole::kBIAS));
       layer.ln_gamma = static_cast<const float*>(param(ParamRole::kLN_GAMMA));
       layer.ln_beta = static_cast<const float*>(param(ParamRole::kLN_BETA));
@@ -286,15 +301,13 @@ nvinfer1::IPluginV3* ExpertMLPCreator::createPlugin(const char*, const PluginFie
       fail(e);
       return nullptr;
     }
-    if (a.quantized()) {
-      fail(msg(kOP, ": quant_mode '", quant, "' is not implemented by these TensorRT plugins yet (fp32/fp16 "
-               "only); build the engine from the fp32 or fp16 export"));
+    if (auto e = kernel_limits(a); !e.empty()) {
+      fail(e);
       return nullptr;
     }
-    if (a.num_group() > cuda::kMAX_GROUP) {
-      fail(msg(kOP, ": at most ", cuda::kMAX_GROUP, " experts per group, got ", a.num_group()));
-      return nullptr;
-    }
+    if (a.quant_mode != contract::QuantMode::kW8A8 && !a.act_scales.empty())
+      log(LogLevel::kWARNING, msg(kOP, ": act_scales (", a.act_scales.size(), " values) are ignored with quant_mode '",
+                                  quant, "' (only w8a8 uses static activation scales)"));
     return new ExpertMLPPlugin(a);
   } catch (...) {
     fail(msg(kOP, ": createPlugin failed (out of memory)"));

@@ -1,5 +1,6 @@
 // PiMoEExpertMLP as a TensorRT IPluginV3: grouped expert MLP (WMMA fp16 / SIMT fp32 GEMM, fused bias,
-// LayerNorm, activation). See README.md in this folder for I/O, fields, formats and limits.
+// LayerNorm, activation; quant_mode w8a8 / w8a8_dynamic: int8 WMMA GEMM with int32 accumulation and a dequantising
+// epilogue). See README.md in this folder for I/O, fields, formats and limits.
 #pragma once
 
 #include "pimoePluginCommon.h"
