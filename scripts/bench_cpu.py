@@ -11,7 +11,7 @@ each point is the median of ``--repeats`` timed runs after warm-up. Variants:
 - ``ort_contrib_moe``: ONNX Runtime's ``com.microsoft.MoE`` with our router and the same expert weights
   (fc weights [E, out, in]); it has no LayerNorm between the expert layers, so it does slightly less work
 - ``ort_pimoe``: our custom-op graph on libpimoe_ort (fp32)
-- ``ort_pimoe_int8``: our W8A8 graph, when ``--int8 PATH`` is given (or the pipeline made one)
+- ``ort_pimoe_int8``: our W8A8 graph (quantised in this run unless ``--int8 PATH`` names one)
 
 Usage:
     .venv/bin/python scripts/bench_cpu.py --preset seed-512 --tokens 1,16,128,1024 --update-docs
@@ -128,7 +128,9 @@ def main() -> int:
     parser.add_argument("--tokens", default="1,16,128,1024")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--int8", type=Path, help="a W8A8 ONNX of the same model to include")
+    parser.add_argument("--int8", type=Path, help="a W8A8 ONNX of the same model (default: quantised here, "
+                                                 "static scales, entropy calibration on seeded normal data)")
+    parser.add_argument("--no-int8", action="store_true", help="leave the INT8 path out")
     parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "cpu.json")
     parser.add_argument("--update-docs", action="store_true", help="rewrite the CPU section of docs/benchmarks.md")
     args = parser.parse_args()
@@ -153,8 +155,13 @@ def main() -> int:
         "ort_contrib_moe": lambda: plain_session(contrib_moe_model(model, custom)),
         "ort_pimoe": lambda: create_session(custom, threads=args.threads),
     }
-    if args.int8 is not None:
-        variants["ort_pimoe_int8"] = lambda: create_session(args.int8, threads=args.threads)
+    if not args.no_int8:
+        int8 = args.int8
+        if int8 is None:
+            from pimoe_export.quantize import quantize_model
+
+            int8 = quantize_model(model, tmp / "model.int8.onnx", method="entropy", fp32_onnx=custom).onnx_path
+        variants["ort_pimoe_int8"] = lambda: create_session(int8, threads=args.threads)
     tokens_list = [int(t) for t in args.tokens.split(",")]
     inputs = {t: np.random.default_rng(t).standard_normal((1, t, model.hidden_size)).astype(np.float32)
               for t in tokens_list}

