@@ -128,6 +128,7 @@ def main() -> int:
     parser.add_argument("--tokens", default="1,16,128,1024")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all variants (median across rounds)")
     parser.add_argument("--int8", type=Path, help="a W8A8 ONNX of the same model (default: quantised here, "
                                                  "static scales, entropy calibration on seeded normal data)")
     parser.add_argument("--no-int8", action="store_true", help="leave the INT8 path out")
@@ -166,24 +167,35 @@ def main() -> int:
     inputs = {t: np.random.default_rng(t).standard_normal((1, t, model.hidden_size)).astype(np.float32)
               for t in tokens_list}
     repeats = {t: max(5, args.repeats if t <= 128 else args.repeats // 3) for t in tokens_list}
-    rows = {t: {"tokens": t, "repeats": repeats[t]} for t in tokens_list}
-    with torch.inference_mode():
-        for t in tokens_list:
-            xt = torch.from_numpy(inputs[t])
-            rows[t]["torch_eager_loop"] = median_ms(lambda xt=xt: eager_loop(model, xt), repeats[t])
-            rows[t]["torch_pimoe"] = median_ms(lambda xt=xt: model(xt), repeats[t])
-    for name, make in variants.items():
-        session = make()
-        for t in tokens_list:
-            feeds = {"hidden_states": inputs[t]}
-            rows[t][name] = median_ms(lambda s=session, f=feeds: s.run(None, f), repeats[t])
-        del session
-        gc.collect()
-    rows = [rows[t] for t in tokens_list]
+    # Several rounds, each measuring every variant once; a cell is the median over rounds of per-round medians.
+    # Rounds spread every variant over the whole run, so a slow spell of this (virtual) machine does not land on
+    # one variant only; the spread across rounds is reported too.
+    samples: dict[int, dict[str, list[float]]] = {t: {} for t in tokens_list}
+    for _ in range(args.rounds):
+        with torch.inference_mode():
+            for t in tokens_list:
+                xt = torch.from_numpy(inputs[t])
+                samples[t].setdefault("torch_eager_loop", []).append(
+                    median_ms(lambda xt=xt: eager_loop(model, xt), repeats[t]))
+                samples[t].setdefault("torch_pimoe", []).append(median_ms(lambda xt=xt: model(xt), repeats[t]))
+        for name, make in variants.items():
+            session = make()
+            for t in tokens_list:
+                feeds = {"hidden_states": inputs[t]}
+                samples[t].setdefault(name, []).append(
+                    median_ms(lambda s=session, f=feeds: s.run(None, f), repeats[t]))
+            del session
+            gc.collect()
+    rows = []
+    for t in tokens_list:
+        row: dict[str, float | int] = {"tokens": t, "repeats": repeats[t]}
+        row.update({name: float(np.median(v)) for name, v in samples[t].items()})
+        row["spread"] = max((max(v) - min(v)) / float(np.median(v)) for v in samples[t].values())
+        rows.append(row)
     for row in rows:
         print(json.dumps(row), flush=True)
     lib = check_ort_library(str(find_ort_library()))
-    meta = {"preset": args.preset, "threads": args.threads, "machine": machine_description(),
+    meta = {"preset": args.preset, "threads": args.threads, "rounds": args.rounds, "machine": machine_description(),
             "onnxruntime": ort.__version__, "torch": torch.__version__, "cpu_isa": lib["cpu_isa"],
             "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -196,13 +208,15 @@ def main() -> int:
 
 
 def render(meta: dict, rows: list[dict]) -> str:
-    names = [k for k in rows[0] if k not in ("tokens", "repeats")]
+    names = [k for k in rows[0] if k not in ("tokens", "repeats", "spread")]
     lines = [
         f"Command: `{meta['command'].replace(str(ROOT) + '/', '')}`  ",
         f"Date: {meta['date']}; machine: {meta['machine']}; threads: {meta['threads']}; "
         f"onnxruntime {meta['onnxruntime']}, torch {meta['torch']}, pimoe CPU kernels: {meta['cpu_isa']}.",
         "",
-        "Median latency (ms), batch 1, fp32 unless named:",
+        f"Median latency (ms), batch 1, fp32 unless named; median over {meta['rounds']} rounds of per-round medians "
+        "(largest spread between rounds, relative: " + ", ".join(f"T={r['tokens']} {r['spread']:.0%}" for r in rows)
+        + "):",
         "",
         "| tokens | " + " | ".join(names) + " |",
         "|---" * (len(names) + 1) + "|",

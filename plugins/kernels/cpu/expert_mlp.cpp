@@ -40,6 +40,7 @@ const isa::Kernels& select_kernels() {
 
 constexpr int64_t kRowBlock = 48;    // rows per GEMM task (multiple of the 6-row register block)
 constexpr int64_t kPanelBlock = 8;   // 16-column panels per GEMM task (128 columns)
+constexpr int64_t kKBlock = 256;     // fp32 GEMM: k values per cache block
 
 float to_float(const void* data, DType dtype, int64_t index) {
   return dtype == DType::kF16 ? half_to_float(static_cast<const uint16_t*>(data)[index])
@@ -273,17 +274,27 @@ std::string ExpertMLP::run(const void* x, DType dtype, int64_t rows, const int32
       const size_t li = static_cast<size_t>(l), mi = static_cast<size_t>(s.member);
       const std::vector<float>& bias = state_->bias[li][mi];
       const int64_t p_end = std::min(panels, (t.block + 1) * kPanelBlock);
-      for (int64_t p = t.block * kPanelBlock; p < p_end; ++p) {
+      for (int64_t p = t.block * kPanelBlock; p < p_end && quantized; ++p) {
         const int64_t n_valid = std::min(isa::kPanel, out - p * isa::kPanel);
-        if (quantized) {
+        {
           const int64_t r0 = s.compact + t.row0;
           kern.gemm_i8_panel(codes.data() + r0 * k2 * 2, k2 * 2, t.rows,
                              state_->packed_i8[li][mi].data() + p * k2 * 2 * isa::kPanel, k2,
                              row_scale.data() + r0, state_->w_scale[li][mi].data() + p * isa::kPanel,
                              bias.data() + p * isa::kPanel, c_rows + p * isa::kPanel, ldc, n_valid);
-        } else {
-          kern.gemm_f32_panel(a_rows, current_ld, t.rows, state_->packed[li][mi].data() + p * in * isa::kPanel, in,
-                              bias.data() + p * isa::kPanel, c_rows + p * isa::kPanel, ldc, n_valid);
+        }
+      }
+      if (!quantized) {
+        // K in cache-sized blocks: a block of the panel (kKBlock x 16 floats) and of the rows stays in L1/L2
+        // across the row blocks and panels of this task; fixed block order, so results stay deterministic
+        const float* packed = state_->packed[li][mi].data();
+        for (int64_t k0 = 0; k0 < in; k0 += kKBlock) {
+          const int64_t kc = std::min(kKBlock, in - k0);
+          for (int64_t p = t.block * kPanelBlock; p < p_end; ++p) {
+            const int64_t n_valid = std::min(isa::kPanel, out - p * isa::kPanel);
+            kern.gemm_f32_panel(a_rows + k0, current_ld, t.rows, packed + p * in * isa::kPanel + k0 * isa::kPanel,
+                                kc, bias.data() + p * isa::kPanel, c_rows + p * isa::kPanel, ldc, n_valid, k0 > 0);
+          }
         }
       }
     });

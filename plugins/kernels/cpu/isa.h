@@ -18,9 +18,10 @@ constexpr int64_t kPanel = 16;
 
 struct Kernels {
   const char* name;
-  // C[r, c] = sum_k A[r, k] * panel[k, c] + bias[c] for r < m, c < n_valid (<= 16).
+  // C[r, c] = sum_k A[r, k] * panel[k, c] + bias[c] for r < m, c < n_valid (<= 16); with ``accumulate`` the
+  // sum is added to C instead (bias unused): the driver splits K into cache-sized blocks this way.
   void (*gemm_f32_panel)(const float* a, int64_t lda, int64_t m, const float* panel, int64_t k, const float* bias,
-                         float* c, int64_t ldc, int64_t n_valid);
+                         float* c, int64_t ldc, int64_t n_valid, bool accumulate);
   // w8a8: C[r, c] = float(sum_k qa[r, k] * qw[k, c]) * (a_scale[r] * w_scale[c]) + bias[c] for r < m,
   // c < n_valid; qa rows hold k2 * 2 int16 codes (lda >= 2 * k2), the integer sum is exact (int32).
   void (*gemm_i8_panel)(const int16_t* qa, int64_t lda, int64_t m, const int8_t* panel, int64_t k2,

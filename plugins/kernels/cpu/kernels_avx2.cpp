@@ -17,7 +17,7 @@ namespace {
 // The accumulators are named variables (not an array) so the compiler keeps them in registers.
 template <int MR>
 inline void micro_kernel(const float* a, int64_t lda, const float* panel, int64_t k, const float* bias, float* c,
-                         int64_t ldc, int64_t n_valid) {
+                         int64_t ldc, int64_t n_valid, bool accumulate) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
          c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
          c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
@@ -47,31 +47,35 @@ inline void micro_kernel(const float* a, int64_t lda, const float* panel, int64_
 #undef PIMOE_ROW
   const __m256 acc[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
   if (n_valid == kPanel) {
-    const __m256 bias0 = _mm256_loadu_ps(bias), bias1 = _mm256_loadu_ps(bias + 8);
     for (int r = 0; r < MR; ++r) {
-      _mm256_storeu_ps(c + r * ldc, _mm256_add_ps(acc[r][0], bias0));
-      _mm256_storeu_ps(c + r * ldc + 8, _mm256_add_ps(acc[r][1], bias1));
+      const __m256 base0 = accumulate ? _mm256_loadu_ps(c + r * ldc) : _mm256_loadu_ps(bias);
+      const __m256 base1 = accumulate ? _mm256_loadu_ps(c + r * ldc + 8) : _mm256_loadu_ps(bias + 8);
+      _mm256_storeu_ps(c + r * ldc, _mm256_add_ps(base0, acc[r][0]));
+      _mm256_storeu_ps(c + r * ldc + 8, _mm256_add_ps(base1, acc[r][1]));
     }
   } else {
     alignas(32) float tmp[kPanel];
     for (int r = 0; r < MR; ++r) {
       _mm256_store_ps(tmp, acc[r][0]);
       _mm256_store_ps(tmp + 8, acc[r][1]);
-      for (int64_t j = 0; j < n_valid; ++j) c[r * ldc + j] = tmp[j] + bias[j];
+      for (int64_t j = 0; j < n_valid; ++j)
+        c[r * ldc + j] = accumulate ? c[r * ldc + j] + tmp[j] : bias[j] + tmp[j];
     }
   }
 }
 
 void gemm_f32_panel(const float* a, int64_t lda, int64_t m, const float* panel, int64_t k, const float* bias,
-                    float* c, int64_t ldc, int64_t n_valid) {
+                    float* c, int64_t ldc, int64_t n_valid, bool acc) {
   int64_t r = 0;
-  for (; r + 6 <= m; r += 6) micro_kernel<6>(a + r * lda, lda, panel, k, bias, c + r * ldc, ldc, n_valid);
+  for (; r + 6 <= m; r += 6) micro_kernel<6>(a + r * lda, lda, panel, k, bias, c + r * ldc, ldc, n_valid, acc);
+  const float* ar = a + r * lda;
+  float* cr = c + r * ldc;
   switch (m - r) {
-    case 5: micro_kernel<5>(a + r * lda, lda, panel, k, bias, c + r * ldc, ldc, n_valid); break;
-    case 4: micro_kernel<4>(a + r * lda, lda, panel, k, bias, c + r * ldc, ldc, n_valid); break;
-    case 3: micro_kernel<3>(a + r * lda, lda, panel, k, bias, c + r * ldc, ldc, n_valid); break;
-    case 2: micro_kernel<2>(a + r * lda, lda, panel, k, bias, c + r * ldc, ldc, n_valid); break;
-    case 1: micro_kernel<1>(a + r * lda, lda, panel, k, bias, c + r * ldc, ldc, n_valid); break;
+    case 5: micro_kernel<5>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
+    case 4: micro_kernel<4>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
+    case 3: micro_kernel<3>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
+    case 2: micro_kernel<2>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
+    case 1: micro_kernel<1>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
     default: break;
   }
 }

@@ -10,7 +10,7 @@ namespace isa {
 namespace {
 
 void gemm_f32_panel(const float* a, int64_t lda, int64_t m, const float* panel, int64_t k, const float* bias,
-                    float* c, int64_t ldc, int64_t n_valid) {
+                    float* c, int64_t ldc, int64_t n_valid, bool accumulate) {
   for (int64_t r = 0; r < m; ++r) {
     float acc[kPanel];
     for (int64_t j = 0; j < kPanel; ++j) acc[j] = 0.0f;
@@ -20,7 +20,7 @@ void gemm_f32_panel(const float* a, int64_t lda, int64_t m, const float* panel, 
       const float* w = panel + kk * kPanel;
       for (int64_t j = 0; j < kPanel; ++j) acc[j] += v * w[j];
     }
-    for (int64_t j = 0; j < n_valid; ++j) c[r * ldc + j] = acc[j] + bias[j];
+    for (int64_t j = 0; j < n_valid; ++j) c[r * ldc + j] = accumulate ? c[r * ldc + j] + acc[j] : acc[j] + bias[j];
   }
 }
 
