@@ -59,17 +59,6 @@ class Pipeline:
         return result
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
-
-
 def run_pipeline(
     *,
     output: Path,
@@ -81,6 +70,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     import torch
 
+    from pimoe_export.bench.timing import median_ms
     from pimoe_export.export.onnx_export import export_onnx
     from pimoe_export.model.factory import create_from_preset
     from pimoe_export.model.io import load_pretrained
@@ -231,12 +221,12 @@ def run_pipeline(
         with torch.inference_mode():
             for t in tokens_list:
                 xt = torch.from_numpy(inputs[t])
-                table[t]["pytorch_ms"] = _median_ms(lambda xt=xt: model(xt), bench_repeats)
+                table[t]["pytorch_ms"] = median_ms(lambda xt=xt: model(xt), bench_repeats)
         for name, path in variants.items():  # one live session at a time (idle ORT pools spin)
             session = create_session(path)
             for t in tokens_list:
                 feeds = {"hidden_states": inputs[t]}
-                table[t][f"{name}_ms"] = _median_ms(lambda s=session, f=feeds: s.run(None, f), bench_repeats)
+                table[t][f"{name}_ms"] = median_ms(lambda s=session, f=feeds: s.run(None, f), bench_repeats)
             del session
             gc.collect()
         rows = [table[t] for t in tokens_list]

@@ -38,21 +38,11 @@ from onnx import helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pimoe_export.bench.timing import median_ms  # noqa: E402
 from pimoe_export.export.onnx_export import export_onnx  # noqa: E402
 from pimoe_export.model import functional  # noqa: E402
 from pimoe_export.model.factory import create_from_preset  # noqa: E402
 from pimoe_export.runtime.ort import check_ort_library, create_session, find_ort_library  # noqa: E402
-
-
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
 
 
 def eager_loop(model, x: torch.Tensor) -> torch.Tensor:

@@ -194,3 +194,22 @@ def test_tensorrt_engine_runs_where_tensorrt_and_a_gpu_exist(tiny, tmp_path) -> 
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_comparison_of_precomputed_backend_outputs(tiny, tmp_path) -> None:
+    """The path `check --unit` takes for engine units: outputs computed by the unit, compared by Polygraphy."""
+    from pimoe_export.validate.check import TOLERANCES, _polygraphy_compare, _verdict, make_inputs, pytorch_reference
+
+    model, onnx_path, _ = tiny
+    feeds = make_inputs(16, [(1, 3), (2, 8)], 0, np.float32)
+    reference = pytorch_reference(model, feeds)
+    session = create_session(onnx_path)
+    actual = [dict(zip(("output", "expert_ids", "expert_weights"), session.run(None, f), strict=True))
+              for f in feeds]
+    passed, got, _ = _polygraphy_compare(reference, TOLERANCES["fp32"], tmp_path, False, actual=actual,
+                                             runner_name="tensorrt")
+    assert passed and got is actual and (tmp_path / "pytorch_outputs.json").is_file()
+    assert _verdict(reference, actual, TOLERANCES["fp32"], passed)[2] == []
+    actual[1]["output"] = actual[1]["output"] * 1.01
+    passed, _, _ = _polygraphy_compare(reference, TOLERANCES["fp32"], tmp_path, False, actual=actual)
+    assert not passed and _verdict(reference, actual, TOLERANCES["fp32"], passed)[2]

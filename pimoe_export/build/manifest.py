@@ -22,22 +22,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pimoe_export._files import sha256_file
 from pimoe_export.errors import ArtifactError
 from pimoe_export.ops.schema import CONTRACT_VERSION
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "pimoe-export-unit/1"
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pimoe_export.build.manifest import Manifest, sha256_file, verify
+from pimoe_export._files import sha256_file
+from pimoe_export.build.manifest import Manifest, verify
 from pimoe_export.errors import ArtifactError, PiMoEError
 
 #: manifest io dtype spellings (TensorRT DataType names and numpy names) -> Triton model-config data types

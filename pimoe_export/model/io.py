@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pimoe_export._files import sha256_file
 from pimoe_export.errors import ArtifactError
 from pimoe_export.model.config import PiMoEConfig
 
@@ -24,14 +24,6 @@ if TYPE_CHECKING:
 CHECKPOINT_FORMAT = "pimoe-export/1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _architectures() -> dict[str, type[PiMoESystem]]:

@@ -123,13 +123,20 @@ def pytorch_reference(model: Any, feeds: Sequence[dict[str, np.ndarray]]) -> lis
 
 def _polygraphy_compare(
     reference: list[dict[str, np.ndarray]],
-    feeds: list[dict[str, np.ndarray]],
-    session: Any,
     tolerances: Tolerances,
     out_dir: Path,
-    verbose: bool = False,
+    verbose: bool,
+    *,
+    runner: Any = None,
+    feeds: list[dict[str, np.ndarray]] | None = None,
+    actual: list[dict[str, np.ndarray]] | None = None,
+    runner_name: str = "backend",
 ) -> tuple[bool, list[dict[str, np.ndarray]], dict[str, str]]:
-    from polygraphy.backend.onnxrt import OnnxrtRunner
+    """Save the PyTorch outputs as Polygraphy RunResults and compare a backend with them.
+
+    The backend is a Polygraphy ``runner`` run on ``feeds`` (ONNX Runtime), or ``actual`` outputs already computed
+    (units run through their Engine). Returns (passed, the backend's outputs, files written).
+    """
     from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.logger import G_LOGGER
@@ -144,10 +151,17 @@ def _polygraphy_compare(
                                     for r in reference]))
     ref_path = out_dir / "pytorch_outputs.json"
     ref_results.save(str(ref_path))
-    runner_results = Comparator.run([OnnxrtRunner(session, name="onnxrt-pimoe")], data_loader=feeds)
+    if runner is not None:
+        backend_results = Comparator.run([runner], data_loader=feeds)
+        actual = [dict(iteration) for iteration in backend_results[0][1]]
+    else:
+        assert actual is not None
+        backend_results = RunResults()
+        backend_results.append((runner_name, [IterationResult({k: a[k] for k in compared}, runner_name=runner_name)
+                                              for a in actual]))
     all_results = RunResults()
     all_results.extend(ref_results)
-    all_results.extend(runner_results)
+    all_results.extend(backend_results)
     ref_max = max((float(np.max(np.abs(r["output"]))) for r in reference if r["output"].size), default=1.0)
     compare = SimpleCompareFunc(
         rtol={name: tolerances.rtol for name in compared},
@@ -156,8 +170,30 @@ def _polygraphy_compare(
         error_quantile=tolerances.error_quantile,
     )
     accuracy = Comparator.compare_accuracy(all_results, compare_func=compare)
-    actual = [dict(iteration) for iteration in runner_results[0][1]]
     return bool(accuracy), actual, {"pytorch_outputs": str(ref_path)}
+
+
+def _verdict(
+    reference: list[dict[str, np.ndarray]], actual: list[dict[str, np.ndarray]], tolerances: Tolerances,
+    poly_passed: bool,
+) -> tuple[dict[str, ErrorStats], float, list[str]]:
+    """Error statistics, routing agreement and the list of failed criteria."""
+    stats = {
+        name: merge_stats([error_stats(r[name], a[name]) for r, a in zip(reference, actual, strict=True)])
+        for name in ("output", "expert_weights")
+    }
+    ref_ids = np.concatenate([r["expert_ids"].reshape(-1, r["expert_ids"].shape[-1]) for r in reference])
+    got_ids = np.concatenate([a["expert_ids"].reshape(-1, a["expert_ids"].shape[-1]) for a in actual])
+    agreement = routing_agreement(ref_ids, got_ids)
+    failures = []
+    if not poly_passed:
+        failures.append(f"Polygraphy accuracy check failed (rtol={tolerances.rtol}, "
+                        f"atol={tolerances.atol_rel}*max|ref|, {tolerances.check_error_stat})")
+    if not stats["output"].cosine >= tolerances.min_cosine:
+        failures.append(f"output cosine {stats['output'].cosine:.8f} < {tolerances.min_cosine}")
+    if not agreement >= tolerances.min_routing_agreement:
+        failures.append(f"routing agreement {agreement:.4%} < {tolerances.min_routing_agreement:.4%}")
+    return stats, agreement, failures
 
 
 def check_onnx(
@@ -191,25 +227,12 @@ def check_onnx(
     input_dtype = np.float16 if "float16" in session.get_inputs()[0].type else np.float32
     feeds = make_inputs(model.hidden_size, shapes, seed, input_dtype)
     reference = pytorch_reference(model, feeds)
-    poly_passed, actual, files = _polygraphy_compare(reference, feeds, session, tolerances, out_dir, verbose)
+    from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    stats = {
-        name: merge_stats([error_stats(r[name], a[name]) for r, a in zip(reference, actual, strict=True)])
-        for name in ("output", "expert_weights")
-    }
-    ref_ids = np.concatenate([r["expert_ids"].reshape(-1, r["expert_ids"].shape[-1]) for r in reference])
-    got_ids = np.concatenate([a["expert_ids"].reshape(-1, a["expert_ids"].shape[-1]) for a in actual])
-    agreement = routing_agreement(ref_ids, got_ids)
+    poly_passed, actual, files = _polygraphy_compare(reference, tolerances, out_dir, verbose,
+                                                     runner=OnnxrtRunner(session, name="onnxrt-pimoe"), feeds=feeds)
+    stats, agreement, failures = _verdict(reference, actual, tolerances, poly_passed)
     per_expert = _per_expert_error(reference, actual)
-
-    failures = []
-    if not poly_passed:
-        failures.append(f"Polygraphy accuracy check failed (rtol={tolerances.rtol}, "
-                        f"atol={tolerances.atol_rel}*max|ref|, {tolerances.check_error_stat})")
-    if not stats["output"].cosine >= tolerances.min_cosine:
-        failures.append(f"output cosine {stats['output'].cosine:.8f} < {tolerances.min_cosine}")
-    if not agreement >= tolerances.min_routing_agreement:
-        failures.append(f"routing agreement {agreement:.4%} < {tolerances.min_routing_agreement:.4%}")
     kernel = {}
     if precision in QUANTIZED:
         kernel = _kernel_vs_fake_quant(model, onnx_path, feeds, actual)
@@ -274,40 +297,16 @@ def check_unit(
         y, ids, w = engine.run(feed["hidden_states"], routing=True)
         actual.append({"output": y, "expert_ids": ids, "expert_weights": w})
     engine.close()
-    from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
-    from polygraphy.comparator.struct import IterationResult
-
-    compared = ("output", "expert_weights")
-    results = RunResults()
-    results.append(("pytorch", [IterationResult({k: r[k] for k in compared}, runner_name="pytorch")
-                                for r in reference]))
-    results.save(str(out_dir / "pytorch_outputs.json"))
-    results.append((manifest.backend, [IterationResult({k: a[k] for k in compared}, runner_name=manifest.backend)
-                                       for a in actual]))
-    ref_max = max((float(np.max(np.abs(r["output"]))) for r in reference if r["output"].size), default=1.0)
-    accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(
-        rtol={n: tolerances.rtol for n in compared},
-        atol={"output": tolerances.atol_rel * ref_max, "expert_weights": tolerances.atol_rel},
-        check_error_stat=tolerances.check_error_stat, error_quantile=tolerances.error_quantile))
-    stats = {name: merge_stats([error_stats(r[name], a[name]) for r, a in zip(reference, actual, strict=True)])
-             for name in compared}
-    agreement = routing_agreement(
-        np.concatenate([r["expert_ids"].reshape(-1, r["expert_ids"].shape[-1]) for r in reference]),
-        np.concatenate([a["expert_ids"].reshape(-1, a["expert_ids"].shape[-1]) for a in actual]))
-    failures = []
-    if not bool(accuracy):
-        failures.append("Polygraphy accuracy check failed")
-    if not stats["output"].cosine >= tolerances.min_cosine:
-        failures.append(f"output cosine {stats['output'].cosine:.8f} < {tolerances.min_cosine}")
-    if not agreement >= tolerances.min_routing_agreement:
-        failures.append(f"routing agreement {agreement:.4%} < {tolerances.min_routing_agreement:.4%}")
+    poly_passed, actual, files = _polygraphy_compare(reference, tolerances, out_dir, verbose, actual=actual,
+                                                     runner_name=manifest.backend)
+    stats, agreement, failures = _verdict(reference, actual, tolerances, poly_passed)
     report = CheckReport(
         backend=f"{manifest.backend} {manifest.backend_version}", precision=precision,
         shapes=[tuple(s) for s in shapes],
-        tolerances=tolerances, output_stats=stats, routing_agreement=agreement, polygraphy_passed=bool(accuracy),
+        tolerances=tolerances, output_stats=stats, routing_agreement=agreement, polygraphy_passed=poly_passed,
         passed=not failures, failures=failures, per_expert_mean_abs=_per_expert_error(reference, actual),
         environment={"unit": str(unit_dir), "targets": manifest.target_sms, "machine": platform.machine()},
-        files={"pytorch_outputs": str(out_dir / "pytorch_outputs.json")},
+        files=files,
     )
     if plots:
         report.files.update(_plots(reference, actual, report.per_expert_mean_abs, out_dir))

@@ -1,0 +1,1 @@
+"""Benchmark helpers (the benchmark scripts live in scripts/)."""
