@@ -73,31 +73,9 @@ bool CombinePlugin::supportsFormatCombination(int32_t pos, const DynamicPluginTe
   }
 }
 
-int32_t CombinePlugin::configurePlugin(const DynamicPluginTensorDesc* in, int32_t nbInputs,
-                                       const DynamicPluginTensorDesc*, int32_t nbOutputs) noexcept {
-  try {
-    if (auto e = check_io(tensor_infos(in, nbInputs), nbOutputs); !e.empty()) return fail(e);
-    mNbInputs = nbInputs;
-    return kOK;
-  } catch (...) {
-    return fail(msg(kOP, ": configurePlugin failed"));
-  }
-}
-
 size_t CombinePlugin::getWorkspaceSize(const DynamicPluginTensorDesc*, int32_t, const DynamicPluginTensorDesc*,
                                        int32_t) const noexcept {
   return cuda::kSTATUS_BYTES;
-}
-
-int32_t CombinePlugin::onShapeChange(const PluginTensorDesc* in, int32_t nbInputs, const PluginTensorDesc*,
-                                     int32_t nbOutputs) noexcept {
-  try {
-    if (auto e = check_io(tensor_infos(in, nbInputs), nbOutputs); !e.empty()) return fail(e);
-    mNbInputs = nbInputs;
-    return kOK;
-  } catch (...) {
-    return fail(msg(kOP, ": onShapeChange failed"));
-  }
 }
 
 int32_t CombinePlugin::enqueue(const PluginTensorDesc* inputDesc, const PluginTensorDesc* outputDesc,

@@ -314,6 +314,28 @@ const char* PluginBase::getPluginNamespace() const noexcept { return contract::k
 
 nvinfer1::IPluginV3* PluginBase::attachToContext(nvinfer1::IPluginResourceContext*) noexcept { return clone(); }
 
+int32_t PluginBase::configurePlugin(const DynamicPluginTensorDesc* in, int32_t nbInputs,
+                                    const DynamicPluginTensorDesc*, int32_t nbOutputs) noexcept {
+  try {
+    if (auto e = check_io(tensor_infos(in, nbInputs), nbOutputs); !e.empty()) return fail(e);
+    mNbInputs = nbInputs;
+    return kOK;
+  } catch (...) {
+    return fail(msg(mName, ": configurePlugin failed"));
+  }
+}
+
+int32_t PluginBase::onShapeChange(const PluginTensorDesc* in, int32_t nbInputs, const PluginTensorDesc*,
+                                  int32_t nbOutputs) noexcept {
+  try {
+    if (auto e = check_io(tensor_infos(in, nbInputs), nbOutputs); !e.empty()) return fail(e);
+    mNbInputs = nbInputs;
+    return kOK;
+  } catch (...) {
+    return fail(msg(mName, ": onShapeChange failed"));
+  }
+}
+
 int32_t PluginBase::finish_enqueue(cudaError_t launch, const cuda::DeviceStatus* status,
                                    cudaStream_t stream) const noexcept {
   try {

@@ -139,10 +139,19 @@ class PluginBase : public nvinfer1::IPluginV3,
   const char* getPluginVersion() const noexcept override;
   const char* getPluginNamespace() const noexcept override;
 
+  // IPluginV3OneBuild / IPluginV3OneRuntime: both validate the I/O with check_io and record the input count
+  int32_t configurePlugin(const DynamicPluginTensorDesc* in, int32_t nbInputs, const DynamicPluginTensorDesc* out,
+                          int32_t nbOutputs) noexcept override;
+  int32_t onShapeChange(const PluginTensorDesc* in, int32_t nbInputs, const PluginTensorDesc* out,
+                        int32_t nbOutputs) noexcept override;
+
   // IPluginV3OneRuntime
   nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
 
  protected:
+  // empty when the inputs (dims, types) and the output count satisfy the op's contract, else the problem
+  virtual std::string check_io(const std::vector<TensorInfo>& in, int32_t nbOutputs) const = 0;
+
   // Clears the status block at the start of this op's workspace; kernels record bad input data there.
   static cuda::DeviceStatus* status_of(void* workspace) { return static_cast<cuda::DeviceStatus*>(workspace); }
   static void* kernel_workspace(void* workspace) { return static_cast<char*>(workspace) + cuda::kSTATUS_BYTES; }
@@ -151,6 +160,7 @@ class PluginBase : public nvinfer1::IPluginV3,
   int32_t finish_enqueue(cudaError_t launch, const cuda::DeviceStatus* status, cudaStream_t stream) const noexcept;
 
   const char* mName;
+  int32_t mNbInputs = 0;  // from configurePlugin/onShapeChange (enqueue is not told)
 };
 
 // Creator base: name/version/namespace from the contract, declared fields in mDeclarations.

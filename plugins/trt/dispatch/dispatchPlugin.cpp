@@ -80,33 +80,11 @@ bool DispatchPlugin::supportsFormatCombination(int32_t pos, const DynamicPluginT
   return d.type == DataType::kINT32;                    // ids, offsets, flat_to_sorted
 }
 
-int32_t DispatchPlugin::configurePlugin(const DynamicPluginTensorDesc* in, int32_t nbInputs,
-                                        const DynamicPluginTensorDesc*, int32_t nbOutputs) noexcept {
-  try {
-    if (auto e = check_io(tensor_infos(in, nbInputs), nbOutputs); !e.empty()) return fail(e);
-    mNbInputs = nbInputs;
-    return kOK;
-  } catch (...) {
-    return fail(msg(kOP, ": configurePlugin failed"));
-  }
-}
-
 size_t DispatchPlugin::getWorkspaceSize(const DynamicPluginTensorDesc* inputs, int32_t nbInputs,
                                         const DynamicPluginTensorDesc*, int32_t) const noexcept {
   if (inputs == nullptr || nbInputs != 2 || inputs[1].max.nbDims != 2) return cuda::kSTATUS_BYTES;
   const int64_t pairs = inputs[1].max.d[0] * inputs[1].max.d[1];  // maximum N*k of the profile
   return cuda::kSTATUS_BYTES + cuda::dispatch_workspace_size(pairs > 0 ? pairs : 0, mAttrs.num_experts);
-}
-
-int32_t DispatchPlugin::onShapeChange(const PluginTensorDesc* in, int32_t nbInputs, const PluginTensorDesc*,
-                                      int32_t nbOutputs) noexcept {
-  try {
-    if (auto e = check_io(tensor_infos(in, nbInputs), nbOutputs); !e.empty()) return fail(e);
-    mNbInputs = nbInputs;
-    return kOK;
-  } catch (...) {
-    return fail(msg(kOP, ": onShapeChange failed"));
-  }
 }
 
 int32_t DispatchPlugin::enqueue(const PluginTensorDesc* inputDesc, const PluginTensorDesc* outputDesc,

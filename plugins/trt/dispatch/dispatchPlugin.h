@@ -22,24 +22,18 @@ class DispatchPlugin final : public PluginBase {
                           nvinfer1::IExprBuilder& exprBuilder) noexcept override;
   bool supportsFormatCombination(int32_t pos, const DynamicPluginTensorDesc* inOut, int32_t nbInputs,
                                  int32_t nbOutputs) noexcept override;
-  int32_t configurePlugin(const DynamicPluginTensorDesc* in, int32_t nbInputs, const DynamicPluginTensorDesc* out,
-                          int32_t nbOutputs) noexcept override;
   size_t getWorkspaceSize(const DynamicPluginTensorDesc* inputs, int32_t nbInputs,
                           const DynamicPluginTensorDesc* outputs, int32_t nbOutputs) const noexcept override;
 
   // IPluginV3OneRuntime
-  int32_t onShapeChange(const PluginTensorDesc* in, int32_t nbInputs, const PluginTensorDesc* out,
-                        int32_t nbOutputs) noexcept override;
   int32_t enqueue(const PluginTensorDesc* inputDesc, const PluginTensorDesc* outputDesc, const void* const* inputs,
                   void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
   const PluginFieldCollection* getFieldsToSerialize() noexcept override;
 
  private:
-  // empty when the inputs (dims, types) satisfy the contract
-  std::string check_io(const std::vector<TensorInfo>& in, int32_t nbOutputs) const;
+  std::string check_io(const std::vector<TensorInfo>& in, int32_t nbOutputs) const override;
 
   DispatchAttrs mAttrs;
-  int32_t mNbInputs = 0;  // from configurePlugin/onShapeChange (enqueue is not told)
   FieldWriter mSerialized;
 };
 

@@ -153,17 +153,6 @@ bool ExpertMLPPlugin::supportsFormatCombination(int32_t pos, const DynamicPlugin
   return d.type == param_type(pos - 2, inOut[0].desc.type);
 }
 
-int32_t ExpertMLPPlugin::configurePlugin(const DynamicPluginTensorDesc* in, int32_t nbInputs,
-                                         const DynamicPluginTensorDesc*, int32_t nbOutputs) noexcept {
-  try {
-    if (auto e = check_io(tensor_infos(in, nbInputs), nbOutputs); !e.empty()) return fail(e);
-    mNbInputs = nbInputs;
-    return kOK;
-  } catch (...) {
-    return fail(msg(kOP, ": configurePlugin failed"));
-  }
-}
-
 size_t ExpertMLPPlugin::getWorkspaceSize(const DynamicPluginTensorDesc* inputs, int32_t nbInputs,
                                          const DynamicPluginTensorDesc*, int32_t) const noexcept {
   try {
@@ -174,17 +163,6 @@ size_t ExpertMLPPlugin::getWorkspaceSize(const DynamicPluginTensorDesc* inputs, 
     return cuda::kSTATUS_BYTES + cuda::expert_mlp_workspace_size(kernel_shape(rows, experts, inputs[0].desc.type));
   } catch (...) {
     return cuda::kSTATUS_BYTES;
-  }
-}
-
-int32_t ExpertMLPPlugin::onShapeChange(const PluginTensorDesc* in, int32_t nbInputs, const PluginTensorDesc*,
-                                       int32_t nbOutputs) noexcept {
-  try {
-    if (auto e = check_io(tensor_infos(in, nbInputs), nbOutputs); !e.empty()) return fail(e);
-    mNbInputs = nbInputs;
-    return kOK;
-  } catch (...) {
-    return fail(msg(kOP, ": onShapeChange failed"));
   }
 }
 

@@ -77,31 +77,9 @@ bool RoutePlugin::supportsFormatCombination(int32_t pos, const DynamicPluginTens
   return d.type == (pos == nbInputs ? DataType::kFLOAT : DataType::kINT32);  // weights, ids
 }
 
-int32_t RoutePlugin::configurePlugin(const DynamicPluginTensorDesc* in, int32_t nbInputs,
-                                     const DynamicPluginTensorDesc*, int32_t nbOutputs) noexcept {
-  try {
-    if (auto e = check_io(tensor_infos(in, nbInputs), nbOutputs); !e.empty()) return fail(e);
-    mNbInputs = nbInputs;
-    return kOK;
-  } catch (...) {
-    return fail(msg(kOP, ": configurePlugin failed"));
-  }
-}
-
 size_t RoutePlugin::getWorkspaceSize(const DynamicPluginTensorDesc*, int32_t, const DynamicPluginTensorDesc*,
                                      int32_t) const noexcept {
   return cuda::kSTATUS_BYTES;
-}
-
-int32_t RoutePlugin::onShapeChange(const PluginTensorDesc* in, int32_t nbInputs, const PluginTensorDesc*,
-                                   int32_t nbOutputs) noexcept {
-  try {
-    if (auto e = check_io(tensor_infos(in, nbInputs), nbOutputs); !e.empty()) return fail(e);
-    mNbInputs = nbInputs;
-    return kOK;
-  } catch (...) {
-    return fail(msg(kOP, ": onShapeChange failed"));
-  }
 }
 
 int32_t RoutePlugin::enqueue(const PluginTensorDesc* inputDesc, const PluginTensorDesc* outputDesc,
