@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pimoe_export._files import sha256_file
+from pimoe_export._files import read_format_json, sha256_file
 from pimoe_export.errors import ArtifactError
 from pimoe_export.ops.schema import CONTRACT_VERSION
 
@@ -109,14 +109,7 @@ def read_manifest(unit_dir: str | Path) -> Manifest:
     if not path.is_file():
         raise ArtifactError(f"{unit_dir} is not a pimoe-export unit: {MANIFEST_FILE} is missing. Create one with "
                             f"`pimoe-export build MODEL.onnx -o {unit_dir}` or `pimoe-export pipeline`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc}); the manifest is corrupt, rebuild the unit") from None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ArtifactError(f"{path}: expected format {MANIFEST_FORMAT!r}, found {found!r}; rebuild the unit")
-    manifest = Manifest.from_dict(data)
+    manifest = Manifest.from_dict(read_format_json(path, MANIFEST_FORMAT, "manifest", "rebuild the unit"))
     if manifest.backend not in BACKENDS:
         raise ArtifactError(f"{path}: unknown backend {manifest.backend!r} (known: {BACKENDS})")
     return manifest

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pimoe_export._files import sha256_file
+from pimoe_export._files import read_format_json, sha256_file
 from pimoe_export.errors import ArtifactError
 from pimoe_export.model.config import PiMoEConfig
 
@@ -61,14 +61,7 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
             f"{directory} is not a pimoe-export checkpoint: {CONFIG_FILE} is missing; create one with "
             f"`pimoe-export create --preset NAME -o {directory}` or model.save_pretrained()"
         )
-    try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt, re-save it") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ArtifactError(f"{path}: expected format {CHECKPOINT_FORMAT!r}, found {found!r}")
-    return payload
+    return read_format_json(path, CHECKPOINT_FORMAT, "checkpoint", "re-save it")
 
 
 def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> PiMoESystem:
