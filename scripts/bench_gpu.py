@@ -40,7 +40,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 PATHS = ["plugins-graph", "plugins-eager", "torch-eager", "torch-dense", "grouped-mm-graph"]
 INT8_PATHS = ["int8-graph", "int8-dyn-graph", "int8-mlp-graph", "int8-eager"]
@@ -182,9 +181,9 @@ class Layer:
 def plugin_path(layer: Layer, x, harness, quant_mode: str = "none"):
     """The four plugins on fixed buffers; quant_mode w8a8 / w8a8_dynamic runs the int8 expert MLP."""
     import torch
-    from gpu_harness import BoundOp, expert_mlp_fields
 
     from pimoe_export.ops import schema
+    from pimoe_export.runtime.harness import BoundOp, expert_mlp_fields
 
     t = x.shape[0]
     logits = torch.empty(t, layer.e, device="cuda")
@@ -467,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA GPU (torch.cuda is not available)", file=sys.stderr)
         return 2
-    from gpu_harness import Harness, find_harness
+    from pimoe_export.runtime.harness import Harness, find_harness
 
     path = find_harness()
     if path is None:

@@ -2,10 +2,9 @@
 # Fetch build-time third-party headers into build/deps (git-ignored), from PyPI and Debian only:
 #   build/deps/onnxruntime/include   ONNX Runtime C/C++ API headers (Debian trixie libonnxruntime-dev 1.21, API 21)
 #   build/deps/tensorrt/include      TensorRT 10.14 NvInfer*.h (from the kernel-lens 2.0.1 wheel, Apache-2.0)
-#   build/deps/cutlass/include       CUTLASS 4.2 headers (nvidia-cutlass wheel)
-# Installed copies win: ONNXRUNTIME_INCLUDE_DIR, TENSORRT_ROOT (or /usr/include/x86_64-linux-gnu/NvInfer.h),
-# CUTLASS_INCLUDE_DIR. Idempotent: a component already present is not fetched again.
-# Usage: scripts/fetch_deps.sh [ort] [trt] [cutlass]   (default: all)
+# Installed copies win: ONNXRUNTIME_INCLUDE_DIR, TENSORRT_ROOT (or /usr/include/x86_64-linux-gnu/NvInfer.h).
+# Idempotent: a component already present is not fetched again.
+# Usage: scripts/fetch_deps.sh [ort] [trt]   (default: both)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 deps="$root/build/deps"
@@ -13,7 +12,7 @@ mkdir -p "$deps"
 python=${PYTHON:-"$root/.venv/bin/python"}
 [ -x "$python" ] || python=python3
 fail() { echo "fetch_deps.sh: error: $*" >&2; exit 1; }
-want=${*:-"ort trt cutlass"}
+want=${*:-"ort trt"}
 
 fetch_wheel() {  # name==version -> unpacked into $deps/wheels/<name>
   local spec=$1 dir=$deps/wheels/${1%%==*}
@@ -64,16 +63,6 @@ for component in $want; do
       echo "tensorrt headers: $deps/tensorrt/include"
     fi
     ;;
-  cutlass)
-    if [ -n "${CUTLASS_INCLUDE_DIR:-}" ]; then
-      echo "cutlass headers: $CUTLASS_INCLUDE_DIR (CUTLASS_INCLUDE_DIR)"
-    else
-      dir=$(fetch_wheel nvidia-cutlass==4.2.0.0 | tail -n1)
-      mkdir -p "$deps/cutlass"
-      [ -d "$deps/cutlass/include" ] || cp -r "$dir/cutlass_library/source/include" "$deps/cutlass/include"
-      echo "cutlass headers: $deps/cutlass/include"
-    fi
-    ;;
-  *) fail "unknown component '$component' (ort, trt, cutlass)";;
+  *) fail "unknown component '$component' (ort, trt)";;
   esac
 done

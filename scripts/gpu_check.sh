@@ -5,11 +5,15 @@
 #   2. pytest -m gpu            (tests/test_gpu_layer.py, tests/test_ops_backends.py[trt-harness], ...; fp32, fp16
 #                               and the int8 W8A8 kernels)
 #   3. compute-sanitizer memcheck and racecheck over tests/test_gpu_layer.py::test_sanitizer_case
-#   4. scripts/bench_gpu.py     (plugins vs PyTorch eager, dense and sort + grouped_mm in a CUDA graph; the int8
+#   4. the emulator checked by the GPU: plugins/emu/tests/selftest.cu built with nvcc and run on the GPU (WMMA and
+#      mma.sync fragment layouts, shuffles, cp.async against host references), and scripts/emu_vs_gpu.py: the same
+#      plugin calls through the CUDA harness and the emulated one (built here with g++), outputs compared
+#   5. scripts/bench_gpu.py     (plugins vs PyTorch eager, dense and sort + grouped_mm in a CUDA graph; the int8
 #                               plugin paths vs the weight-streaming floor at the measured memory bandwidth;
 #                               mixtral-ffn first, results written after each config)
-# Everything lands in ${OUT:-gpu-results} (8 files: summary.txt, env.txt, build.log, pytest.log, sanitizer.log,
-# bench.log, bench_gpu.json, bench_gpu.md); a one-screen summary is printed at the end. Budget: under 8 minutes.
+# Everything lands in ${OUT:-gpu-results} (summary.txt, env.txt, build.log, pytest.log, sanitizer.log, emu.log,
+# emu_vs_gpu.json/md, bench.log, bench_gpu.json, bench_gpu.md); a one-screen summary is printed at the end. Budget:
+# under 8 minutes.
 #
 # What the GPU machine cannot download must travel with the working tree, in git-ignored folders:
 #   build/deps/tensorrt   TensorRT headers (scripts/fetch_deps.sh trt)
@@ -117,14 +121,39 @@ for tool in memcheck racecheck; do
   t0=$(date +%s)
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(limit 90 110)" "$sanitizer" --tool "$tool" --error-exitcode 86 \
     --target-processes all "$python" -m pytest -q -p no:cacheprovider -o addopts="" \
-    "tests/test_gpu_layer.py::test_sanitizer_case" >> "$out/sanitizer.log" 2>&1
+    "tests/test_gpu_layer.py::test_sanitizer_case[trt-harness]" >> "$out/sanitizer.log" 2>&1
   rc=$?
   errors=$(grep -Eo "ERROR SUMMARY: [0-9]+ error" "$out/sanitizer.log" | tail -n 1)
   [ $rc -ne 0 ] && status=1
   note "compute-sanitizer $tool: rc=$rc ${errors:-no summary} ($(( $(date +%s) - t0 )) s; sanitizer.log)"
 done
 
-# ---- 4. benchmark
+# ---- 4. the emulator against the GPU
+t0=$(date +%s)
+emu_lib="$root/build/gpu-emu/emu/libpimoe_trt_harness_emu.so"
+{
+  echo "== emulated build (g++)"
+  cmake -S plugins -B build/gpu-emu -DCMAKE_BUILD_TYPE=Release -DPIMOE_BUILD_ORT=OFF -DPIMOE_BUILD_EMU=ON \
+    && cmake --build build/gpu-emu --parallel "$(nproc)"
+  echo "== selftest.cu on the GPU (nvcc, sm_$arch)"
+  "$nvcc_bin" -std=c++17 -O2 -arch="sm_$arch" -o build/gpu-emu/selftest_gpu plugins/emu/tests/selftest.cu \
+    && build/gpu-emu/selftest_gpu
+  echo "gpu selftest rc=$?"
+  echo "== selftest.cu on the emulator"
+  build/gpu-emu/emu/pimoe_emu_selftest
+  echo "emulated selftest rc=$?"
+} > "$out/emu.log" 2>&1
+gpu_self=$(grep -E "^[0-9]+ passed, [0-9]+ failed" "$out/emu.log" | head -n 1)
+emu_self=$(grep -E "^[0-9]+ passed, [0-9]+ failed" "$out/emu.log" | tail -n 1)
+grep -q "gpu selftest rc=0" "$out/emu.log" && grep -q "emulated selftest rc=0" "$out/emu.log" || status=1
+note "emulator selftest: GPU ${gpu_self:-not run}; emulator ${emu_self:-not run} (emu.log)"
+timeout "$(limit 60 150)" "$python" scripts/emu_vs_gpu.py --cuda "$PIMOE_TRT_HARNESS" --emu "$emu_lib" --out "$out" \
+  >> "$out/emu.log" 2>&1
+rc=$?
+[ $rc -ne 0 ] && status=1
+note "emu_vs_gpu.py: rc=$rc, $(tail -n 1 "$out/emu.log") ($(( $(date +%s) - t0 )) s; emu_vs_gpu.md)"
+
+# ---- 5. benchmark
 t0=$(date +%s)
 timeout "$(limit 150 5)" "$python" scripts/bench_gpu.py --configs mixtral-ffn,seed-512 --out "$out" \
   > "$out/bench.log" 2>&1

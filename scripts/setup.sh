@@ -2,10 +2,13 @@
 # Idempotent set-up used by both README commands and by .ci/run:
 #   1. .venv in the project root (Python >= 3.10), torch 2.13.0 CPU wheel first (so nothing pulls a CUDA build)
 #   2. the package with its dev extras (editable)
-#   3. build-time headers (scripts/fetch_deps.sh -> build/deps) and the plugin libraries (build/plugins)
+#   3. build-time headers (scripts/fetch_deps.sh -> build/deps) and the plugin libraries (build/plugins): the ONNX
+#      Runtime op library, the emulated-GPU harness (plugins/emu) and its AddressSanitizer/ThreadSanitizer variants
+#      (build/plugins-emu-asan, build/plugins-emu-tsan), and with nvcc the TensorRT plugins + GPU harness
 # Re-running it only redoes what is missing or out of date.
 # Environment: PYTHON (interpreter for the venv, default python3), PIMOE_SETUP_EXTRAS (default "dev,tensorrt-cpu"),
-#              PIMOE_SKIP_PLUGINS=1 (Python only), CMAKE_BUILD_PARALLEL_LEVEL (default: nproc)
+#              PIMOE_SKIP_PLUGINS=1 (Python only), PIMOE_SETUP_EMU_SANITIZERS=0 (no sanitizer builds),
+#              PIMOE_CUDA_ARCHITECTURES (nvcc targets), CMAKE_BUILD_PARALLEL_LEVEL (default: nproc)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -38,25 +41,46 @@ if [ "${PIMOE_SKIP_PLUGINS:-0}" = "1" ]; then
 fi
 
 step "build-time headers"
-PYTHON="$root/.venv/bin/python" scripts/fetch_deps.sh ort || fail "fetching the ONNX Runtime headers failed"
+PYTHON="$root/.venv/bin/python" scripts/fetch_deps.sh ort trt || fail "fetching the ONNX Runtime / TensorRT headers failed"
 ort_include=${ONNXRUNTIME_INCLUDE_DIR:-$root/build/deps/onnxruntime/include}
 
-step "plugins (CMake, build/plugins)"
+# ---------------------------------------------------------------------------------------- CPU + emulated GPU
+# libpimoe_ort.so (CPU kernels, ONNX Runtime) and libpimoe_trt_harness_emu.so (the CUDA kernels, TensorRT plugins and
+# harness on the CPU CUDA emulator of plugins/emu: needs only the host compiler, python and the TensorRT headers)
+step "plugins (CMake, build/plugins): ONNX Runtime op library + emulated-GPU harness"
 command -v cmake >/dev/null || fail "cmake is not installed (Debian: apt-get install cmake)"
 command -v c++ >/dev/null || fail "no C++ compiler (Debian: apt-get install g++)"
-cmake -S plugins -B build/plugins -DCMAKE_BUILD_TYPE=Release -DONNXRUNTIME_INCLUDE_DIR="$ort_include" \
-  ${PIMOE_CMAKE_ARGS:-} > build/plugins-configure.log 2>&1 \
-  || { tail -n 30 build/plugins-configure.log >&2; fail "CMake configure failed (log: build/plugins-configure.log)"; }
-cmake --build build/plugins --parallel "${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" > build/plugins-build.log 2>&1 \
-  || { grep -E "error|Error" build/plugins-build.log | head -n 30 >&2; fail "plugin build failed (log: build/plugins-build.log)"; }
+jobs=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+configure_and_build() {  # folder log-name cmake-args...
+  local dir=$1 log=$2
+  shift 2
+  cmake -S plugins -B "$dir" -DCMAKE_BUILD_TYPE=Release "$@" > "build/$log-configure.log" 2>&1 \
+    || { tail -n 30 "build/$log-configure.log" >&2; fail "CMake configure of $dir failed (log: build/$log-configure.log)"; }
+  cmake --build "$dir" --parallel "$jobs" > "build/$log-build.log" 2>&1 \
+    || { grep -E "error|Error" "build/$log-build.log" | head -n 30 >&2; fail "build of $dir failed (log: build/$log-build.log)"; }
+}
+mkdir -p build
+configure_and_build build/plugins plugins -DONNXRUNTIME_INCLUDE_DIR="$ort_include" -DPIMOE_BUILD_EMU=ON ${PIMOE_CMAKE_ARGS:-}
 .venv/bin/python -c 'from pimoe_export.runtime.ort import find_ort_library, check_ort_library; print("    ", check_ort_library(str(find_ort_library())))' \
   || fail "the built ONNX Runtime op library does not load"
+.venv/bin/python -c 'from pimoe_export.runtime.harness import Harness, find_harness; h = Harness(find_harness(emulated=True)); print("     emulated harness:", h.path)' \
+  || fail "the emulated-GPU harness does not load"
 
-# ---------------------------------------------------------------------------------------- TensorRT plugins
-# With nvcc (PATH or /usr/local/cuda/bin): TensorRT headers (scripts/fetch_deps.sh trt), then the CUDA kernels,
-# libpimoe_trt_plugins.so and the GPU harness libpimoe_trt_harness.so into build/plugins (CUDA archs from
-# PIMOE_CUDA_ARCHITECTURES, default 80;86;87;89;90). The TensorRT wheels usable without a GPU (11.4 lean runtime,
-# TensorRT-RTX 1.7 builder) come with the `tensorrt-cpu` extra above. Without nvcc the TRT plugins are skipped.
+# The emulated harness again under AddressSanitizer (+ UBSan alignment) and ThreadSanitizer, for the sanitizer runs
+# of the test suite (tests/test_emu.py). PIMOE_SETUP_EMU_SANITIZERS=0 skips them.
+if [ "${PIMOE_SETUP_EMU_SANITIZERS:-1}" != "0" ]; then
+  for san in address thread; do
+    dir=build/plugins-emu-$([ "$san" = address ] && echo asan || echo tsan)
+    step "emulated-GPU harness under ${san} sanitizer ($dir)"
+    configure_and_build "$dir" "plugins-emu-$san" -DPIMOE_BUILD_ORT=OFF -DPIMOE_BUILD_EMU=ON -DPIMOE_EMU_SANITIZER="$san"
+  done
+fi
+
+# ---------------------------------------------------------------------------------------- TensorRT plugins (CUDA)
+# With nvcc (PATH or /usr/local/cuda/bin): the CUDA kernels, libpimoe_trt_plugins.so and the GPU harness
+# libpimoe_trt_harness.so into build/plugins (CUDA architectures from PIMOE_CUDA_ARCHITECTURES, default: the list in
+# plugins/cmake/cuda_architectures.txt). The TensorRT wheels usable without a GPU (11.4 lean runtime, TensorRT-RTX 1.7
+# builder) come with the `tensorrt-cpu` extra above. Without nvcc the CUDA build is skipped.
 nvcc_bin=$(command -v nvcc || true)
 [ -n "$nvcc_bin" ] || { [ -x /usr/local/cuda/bin/nvcc ] && nvcc_bin=/usr/local/cuda/bin/nvcc; } || true
 if [ -z "$nvcc_bin" ]; then
@@ -64,13 +88,10 @@ if [ -z "$nvcc_bin" ]; then
   echo "    libpimoe_trt_plugins.so; the CPU path, ONNX Runtime + libpimoe_ort, is complete without it)"
 else
   step "TensorRT plugins + GPU harness (nvcc: $nvcc_bin)"
-  PYTHON="$root/.venv/bin/python" scripts/fetch_deps.sh trt || fail "fetching the TensorRT headers failed"
   trt_start=$(date +%s)
-  cmake -S plugins -B build/plugins -DPIMOE_BUILD_TRT=ON -DCMAKE_CUDA_COMPILER="$nvcc_bin" \
-    -DCMAKE_CUDA_ARCHITECTURES="${PIMOE_CUDA_ARCHITECTURES:-80;86;87;89;90}" > build/plugins-trt-configure.log 2>&1 \
-    || { tail -n 30 build/plugins-trt-configure.log >&2; fail "CMake configure of the TensorRT plugins failed (log: build/plugins-trt-configure.log)"; }
-  cmake --build build/plugins --parallel "${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" > build/plugins-trt-build.log 2>&1 \
-    || { grep -E "error|Error" build/plugins-trt-build.log | head -n 30 >&2; fail "TensorRT plugin build failed (log: build/plugins-trt-build.log)"; }
+  archs=()
+  [ -n "${PIMOE_CUDA_ARCHITECTURES:-}" ] && archs=(-DCMAKE_CUDA_ARCHITECTURES="$PIMOE_CUDA_ARCHITECTURES")
+  configure_and_build build/plugins plugins-trt -DPIMOE_BUILD_TRT=ON -DCMAKE_CUDA_COMPILER="$nvcc_bin" "${archs[@]}"
   echo "    built in $(( $(date +%s) - trt_start )) s"
   .venv/bin/python -c 'from pimoe_export.build.tensorrt import find_plugin_library, check_plugin_library; print("    ", check_plugin_library(str(find_plugin_library())))' \
     || fail "the built TensorRT plugin library does not load"

@@ -2,7 +2,9 @@
 
 - ``ort``: the ONNX Runtime custom-op library (CPU), through single-op graphs.
 - ``trt-harness``: the TensorRT plugin objects on a CUDA GPU through plugins/harness (no TensorRT library);
-  added by tests/gpu_harness.py, skipped without a GPU.
+  skipped without a GPU (``gpu`` mark).
+- ``emu``: the same plugin objects and CUDA kernels built against the CPU CUDA emulator (plugins/emu), with
+  numpy buffers as device memory (``emu`` mark; runs in CI).
 """
 
 from __future__ import annotations
@@ -70,9 +72,13 @@ def get_backend(name: str):
         if name == "ort":
             _BACKENDS[name] = OrtOpBackend()
         elif name == "trt-harness":
-            from gpu_harness import harness_backend_or_skip
+            from pimoe_export.runtime.harness import cuda_backend_or_none
 
-            _BACKENDS[name] = harness_backend_or_skip()
+            _BACKENDS[name] = cuda_backend_or_none()
+        elif name == "emu":
+            from pimoe_export.runtime.harness import emulated_backend_or_none
+
+            _BACKENDS[name] = emulated_backend_or_none()
         else:  # pragma: no cover
             raise ValueError(name)
     backend = _BACKENDS[name]
@@ -84,4 +90,5 @@ def get_backend(name: str):
 BACKEND_PARAMS = [
     pytest.param("ort", id="ort"),
     pytest.param("trt-harness", id="trt-harness", marks=pytest.mark.gpu),
+    pytest.param("emu", id="emu", marks=pytest.mark.emu),
 ]

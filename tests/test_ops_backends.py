@@ -6,6 +6,8 @@ not multiples of 8, fp32 and fp16, NaN/Inf and exact ties. 200 examples per op a
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,8 @@ from hypothesis import strategies as st
 from pimoe_export.model import functional
 from pimoe_export.ops import schema
 
-EXAMPLES = 200
+# 200 examples per op and backend; the sanitizer runs of the emulated backend (tests/test_emu.py) ask for fewer
+EXAMPLES = int(os.environ.get("PIMOE_OP_EXAMPLES", "200"))
 op_settings = settings(max_examples=EXAMPLES, deadline=None,
                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 DTYPES = [np.float32, np.float16]

@@ -38,3 +38,20 @@ def test_no_pickle_loading() -> None:
         if re.search(r"^\s*import pickle|pickle\.loads?\(", text, re.M):
             offenders.append(f"{path.name}: pickle")
     assert not offenders, offenders
+
+
+def test_every_rung_the_repository_mentions_is_defined() -> None:
+    """'rung N' anywhere in the repository refers to a row of the ladder in docs/verification.md."""
+    table = (ROOT / "docs" / "verification.md").read_text()
+    defined = set(re.findall(r"^\| (\w+) \|", table, re.M)) - {"rung"}
+    assert {"0", "5", "5e", "6", "7"} <= defined
+    mentioned: dict[str, set[str]] = {}
+    for path in ROOT.rglob("*"):
+        parts = path.relative_to(ROOT).parts
+        if not path.is_file() or parts[0] in {".git", ".venv", "build", "engines"} or path.suffix not in {
+                ".py", ".md", ".sh", ".cpp", ".h", ".cu", ".cuh", ".txt", ".toml", ".yaml"}:
+            continue
+        for rung in re.findall(r"\brungs? (\w+)", path.read_text(errors="replace"), re.I):
+            mentioned.setdefault(rung, set()).add(str(path.relative_to(ROOT)))
+    undefined = {rung: files for rung, files in mentioned.items() if rung not in defined and not rung.isalpha()}
+    assert not undefined, undefined

@@ -1,5 +1,8 @@
 """The plugin objects' host side through plugins/harness, without a GPU and without TensorRT.
 
+Runs on every harness build present: the emulated one (always built by scripts/setup.sh) and the CUDA one (where
+nvcc built it): their host code is the same source.
+
 pimoe_harness_prepare runs what a TensorRT build + deserialisation runs (createPlugin, getOutputDataTypes,
 getOutputShapes with constant dims, supportsFormatCombination for every position, configurePlugin,
 getWorkspaceSize, getFieldsToSerialize -> createPlugin(kRUNTIME) -> attachToContext -> onShapeChange), so the
@@ -11,18 +14,25 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu_harness import FIELD_INT64, Harness, HarnessError, RawField, expert_mlp_fields, find_harness
 
 from pimoe_export.ops import schema
+from pimoe_export.runtime.harness import (
+    FIELD_INT64,
+    Harness,
+    HarnessError,
+    RawField,
+    expert_mlp_fields,
+    find_harness,
+)
 
 f32, f16, i32, i8 = np.float32, np.float16, np.int32, np.int8
 
 
-@pytest.fixture(scope="module")
-def harness() -> Harness:
-    path = find_harness()
+@pytest.fixture(scope="module", params=["cuda-build", "emulated-build"])
+def harness(request) -> Harness:
+    path = find_harness(emulated=request.param == "emulated-build")
     if path is None:
-        pytest.skip("libpimoe_trt_harness.so not built (no nvcc?)")
+        pytest.skip(f"the {request.param} of the harness is not built (cuda-build: needs nvcc)")
     return Harness(path)
 
 

@@ -71,7 +71,7 @@ def test_library_exports_entry_points_and_needs_no_tensorrt() -> None:
     assert not [s for s in exported if s.startswith("cuda")], "the static CUDA runtime must stay private"
 
 
-@pytest.mark.parametrize("arch", ["80", "86", "87", "89", "90"])
+@pytest.mark.parametrize("arch", (ROOT / "plugins" / "cmake" / "cuda_architectures.txt").read_text().strip().split(";"))
 def test_library_holds_code_for_every_target_architecture(arch) -> None:
     path = plugin_library_or_skip()
     cache = ROOT / "build" / "plugins" / "CMakeCache.txt"

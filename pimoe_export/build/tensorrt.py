@@ -37,6 +37,8 @@ PLUGIN_LIBRARY_ENV = "PIMOE_TRT_PLUGINS"
 PLUGIN_LIBRARY_NAME = "libpimoe_trt_plugins.so"
 HARNESS_LIBRARY_ENV = "PIMOE_TRT_HARNESS"
 HARNESS_LIBRARY_NAME = "libpimoe_trt_harness.so"
+EMU_HARNESS_LIBRARY_ENV = "PIMOE_TRT_HARNESS_EMU"
+EMU_HARNESS_LIBRARY_NAME = "libpimoe_trt_harness_emu.so"
 PLUGIN_NAMES = (schema.ROUTE, schema.DISPATCH, schema.EXPERT_MLP, schema.COMBINE)
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -108,7 +110,8 @@ def ensure_rtx_parser_symlink() -> Path:
 
 
 # ------------------------------------------------------------------------------------------ libraries
-def _find(env: str, name: str, subdir: str) -> Path:
+def _find(env: str, name: str, subdir: str, how: str = "needs nvcc: the TensorRT section of setup.sh builds the "
+          "plugins when CUDA is installed") -> Path:
     override = os.environ.get(env)
     if override:
         path = Path(override)
@@ -119,8 +122,8 @@ def _find(env: str, name: str, subdir: str) -> Path:
         if path.is_file():
             return path
     raise PluginLoadError(
-        f"{name} was not found in {_BUILD_TREE / subdir}; build it with scripts/setup.sh (needs nvcc: the TensorRT "
-        f"section of setup.sh builds the plugins when CUDA is installed), or set {env} to its path"
+        f"{name} was not found in {_BUILD_TREE / subdir}; build it with scripts/setup.sh ({how}), or set {env} to "
+        "its path"
     )
 
 
@@ -129,8 +132,13 @@ def find_plugin_library() -> Path:
     return _find(PLUGIN_LIBRARY_ENV, PLUGIN_LIBRARY_NAME, "trt")
 
 
-def find_harness_library() -> Path:
-    """``$PIMOE_TRT_HARNESS`` if set, else ``build/plugins/harness/libpimoe_trt_harness.so`` (GPU tests)."""
+def find_harness_library(emulated: bool = False) -> Path:
+    """``$PIMOE_TRT_HARNESS`` if set, else ``build/plugins/harness/libpimoe_trt_harness.so`` (GPU tests); with
+    ``emulated``, ``$PIMOE_TRT_HARNESS_EMU`` or ``build/plugins/emu/libpimoe_trt_harness_emu.so`` (the CPU CUDA
+    emulator build of the same kernels, plugins and harness)."""
+    if emulated:
+        return _find(EMU_HARNESS_LIBRARY_ENV, EMU_HARNESS_LIBRARY_NAME, "emu",
+                     "it builds the emulated harness by default: needs g++, python and the TensorRT headers")
     return _find(HARNESS_LIBRARY_ENV, HARNESS_LIBRARY_NAME, "harness")
 
 

@@ -136,9 +136,14 @@ __global__ void copy_rows_kernel(const V* __restrict__ x, const int* __restrict_
 
 }  // namespace
 
+// TensorRT sizes the workspace once, for the profile's largest shape, and hands that buffer to every smaller run, so
+// the size must not decrease as `pairs` decreases. make_tiling's tile count does (it saturates at kMAX_TILES and then
+// drops: 32768 pairs -> 1024 tiles, 32769 -> 513), so the size is taken from its upper bound
+// min(ceil(pairs / 32), kMAX_TILES), which is monotone and covers every pairs' <= pairs.
 size_t dispatch_workspace_size(int64_t pairs, int64_t num_experts) {
-  const Tiling t = make_tiling(pairs);
-  return static_cast<size_t>(t.tiles) * static_cast<size_t>(num_experts > 0 ? num_experts : 1) * sizeof(int) + 256;
+  long long tiles = pairs > 0 ? (static_cast<long long>(pairs) + 31) / 32 : 1;
+  if (tiles > kMAX_TILES) tiles = kMAX_TILES;
+  return static_cast<size_t>(tiles) * static_cast<size_t>(num_experts > 0 ? num_experts : 1) * sizeof(int) + 256;
 }
 
 cudaError_t dispatch(const void* x, DType dtype, const int32_t* ids, int64_t n, int64_t h, int64_t k,

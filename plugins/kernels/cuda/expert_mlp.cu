@@ -9,7 +9,8 @@
 //             LayerNorm (fp32 statistics, two-pass mean/variance) + activation in place
 // Hidden activations stay in fp32 on both paths, as the op contract defines the math (fp16 is a storage format
 // for x_sorted, y_sorted and the weights): fp32 path = SIMT GEMM; fp16 path = tensor-core GEMM with fp32
-// accumulation, whose fp32 inputs (layers >= 1) are split into two fp16 halves (gemm_f16_wmma.cu).
+// accumulation, whose fp32 inputs (layers >= 1) are split into two fp16 halves (gemm_f16_wmma.cu), after a
+// per-row power-of-two scaling (row_exponent_kernel) that keeps values of any fp32 magnitude inside fp16's range.
 //
 // w8a8 modes (quant_mode w8a8 / w8a8_dynamic), per layer, the integer math of pimoe_export/quantize/reference.py:
 //   quantize  block per row: [LayerNorm + activation of the previous layer,] x / act_smooth (__fdiv_rn), the
@@ -158,6 +159,29 @@ __global__ void splitk_reduce_kernel(PlanView plan, const int* __restrict__ offs
   }
 }
 
+// The exponent e_r of every group row of an fp32 hidden buffer that the fp16 tensor-core GEMM reads next: 0 when the
+// row's largest finite |value| is below 2^15, else the power of two that brings it below 2^15 (so the GEMM's fp16
+// split of value * 2^-e_r cannot overflow; gemm_f16_wmma.cu). Warp per row; non-finite values do not count.
+__global__ void row_exponent_kernel(PlanView plan, const int* __restrict__ offsets, int rows, int width,
+                                    const float* __restrict__ h, int* __restrict__ row_exp) {
+  if (*plan.valid() == 0) return;
+  const int lane = threadIdx.x & 31;
+  const long long warps = static_cast<long long>(gridDim.x) * (blockDim.x >> 5);
+  for (long long r = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); r < rows;
+       r += warps) {
+    if (detail::member_of_row(plan, offsets, static_cast<int>(r)) < 0) continue;
+    const float* row = h + r * width;
+    float m = 0.0f;
+    for (int c = lane; c < width; c += 32) {
+      const float v = fabsf(row[c]);
+      if (v <= 3.402823466e38f) m = fmaxf(m, v);  // finite values only (NaN and inf compare false)
+    }
+    m = detail::warp_max(m);
+    // m >= 2^15 is a normal float: its unbiased exponent is bits 23..30 minus 127; e = exponent - 14 makes m * 2^-e < 2^15
+    if (lane == 0) row_exp[r] = m >= 32768.0f ? ((__float_as_int(m) >> 23) & 0xff) - 127 - 14 : 0;
+  }
+}
+
 // ------------------------------------------------------------------------------------------ w8a8 activations
 // Block-wide sum in a fixed order (every thread gets the same value). `red` holds >= 32 floats of shared memory;
 // the leading barrier makes it safe to call repeatedly.
@@ -289,6 +313,7 @@ struct Layout {
   size_t partial_bytes = 0;  // split-K partial sums (fp16: fp32, int8: int32): kSPLIT_MAX x min(R, cap) x max width
   size_t codes_bytes = 0;    // w8a8: int8 activation codes [R, max padded input width]
   size_t scale_bytes = 0;    // w8a8: activation scale per row [R]
+  size_t exp_bytes = 0;      // fp16 with hidden layers: power-of-two exponent per row [R] (row_exponent_kernel)
   size_t total = 0;
 };
 
@@ -321,9 +346,12 @@ Layout layout_of(const ExpertMLPShape& s) {
                                   ? rows : static_cast<size_t>(detail::kSPLIT_MAX_ROWS);
     l.partial_bytes = align256(static_cast<size_t>(detail::kSPLIT_MAX) * split_rows * static_cast<size_t>(max_out) *
                                sizeof(float));
+    if (hidden_layers > 0) l.exp_bytes = align256(rows * sizeof(int));
   }
+  // every term grows with rows (and nothing else varies with the run shape): the size for a profile's maximum R
+  // covers every smaller R, as TensorRT requires
   l.total = l.plan_bytes + l.hidden_bytes * static_cast<size_t>(l.hidden_buffers) + l.partial_bytes + l.codes_bytes +
-            l.scale_bytes;
+            l.scale_bytes + l.exp_bytes;
   return l;
 }
 
@@ -467,9 +495,9 @@ cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const vo
   PlanView plan{reinterpret_cast<int*>(ws), s.num_group, static_cast<int>(s.num_experts)};
   float* hidden[2] = {reinterpret_cast<float*>(ws + lay.plan_bytes),
                       reinterpret_cast<float*>(ws + lay.plan_bytes + lay.hidden_bytes)};
-  float* partial = lay.partial_bytes > 0
-                       ? reinterpret_cast<float*>(ws + lay.plan_bytes + lay.hidden_bytes * lay.hidden_buffers)
-                       : nullptr;
+  char* after_hidden = ws + lay.plan_bytes + lay.hidden_bytes * static_cast<size_t>(lay.hidden_buffers);
+  float* partial = lay.partial_bytes > 0 ? reinterpret_cast<float*>(after_hidden) : nullptr;
+  int* row_exp = lay.exp_bytes > 0 ? reinterpret_cast<int*>(after_hidden + lay.partial_bytes) : nullptr;
   const int rows = static_cast<int>(s.rows), experts = static_cast<int>(s.num_experts);
 
   GroupIds group{};
@@ -507,6 +535,7 @@ cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const vo
     args.c = last ? y : static_cast<void*>(hidden_out);
     args.c_f32 = !last || s.dtype == DType::kF32;
     args.activation = last || ln ? -1 : s.activation;
+    args.row_exp = l > 0 ? row_exp : nullptr;  // fp16: the fp32 hidden input's row exponents (computed below)
     cudaError_t err;
     if (s.dtype == DType::kF16) {
       args.vec = args.k % 8 == 0 && aligned16(args.a) && aligned16(args.w);
@@ -529,6 +558,8 @@ cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const vo
     if (ln)
       layernorm_act_kernel<<<row_blocks, 256, 0, stream>>>(plan, offsets, rows, args.n, hidden_out, layers[l].ln_gamma,
                                                            layers[l].ln_beta, s.eps, s.activation);
+    if (!last && row_exp != nullptr)
+      row_exponent_kernel<<<row_blocks, 256, 0, stream>>>(plan, offsets, rows, args.n, hidden_out, row_exp);
     input = hidden_out;
   }
   return cudaGetLastError();

@@ -85,6 +85,9 @@ struct GemmArgs {
   int steps_per_split;
   float* partial;
   int partial_rows;
+  // tensor-core kernel with an fp32 A: per-row power-of-two exponent [R] that keeps A * 2^-e inside fp16's range
+  // (row_exponent_kernel, expert_mlp.cu); nullptr = no scaling
+  const int* row_exp;
 };
 
 constexpr int kGEMM_BK_F16 = 32;          // K step of the tensor-core kernel (split-K works in these steps)

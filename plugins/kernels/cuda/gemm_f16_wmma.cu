@@ -5,6 +5,11 @@
 // requires). An fp32 A is split on the fly into A_hi = fp16(A) and A_lo = fp16(A - A_hi) and both are multiplied
 // by the (exact) fp16 weights, so A enters the product with ~22 significant bits: close to fp32 rather than
 // rounded to fp16 between layers (which would miss the contract's tolerance, see docs/trt_plugins.md).
+// fp16 ends at 65504: a hidden value >= 65520 would split into +inf and -inf and the two products would add to NaN.
+// So every row r of an fp32 A carries an exponent e_r (args.row_exp, expert_mlp.cu: 0 unless the row's largest
+// finite |value| is >= 2^15): the split is of A * 2^-e_r and the accumulator is multiplied by 2^e_r before the
+// epilogue. Both scalings are exact (powers of two), so rows with e_r = 0, all rows of ordinary data, are
+// bit-identical to the unscaled computation.
 //
 // Few rows (decode) leave most SMs idle, so K can be split over gridDim.z: each split writes raw fp32 partial sums
 // and splitk_reduce (expert_mlp.cu) adds them in split order (deterministic), then bias and activation.
@@ -42,17 +47,30 @@ union __align__(128) GemmSmem {
   float c[BM * LDC];
 };
 
+// v = hi + lo (to ~22 bits) for |v| < 2^15 (the caller scales by 2^-e_r first); an infinite v keeps lo = 0 so that
+// the product stays the infinity fp32 arithmetic would give (inf - inf would make lo NaN)
 __device__ __forceinline__ void split_store(float v, __half* hi, __half* lo) {
   const __half h = __float2half_rn(v);
   *hi = h;
-  *lo = __float2half_rn(v - __half2float(h));
+  *lo = isinf(v) ? __float2half_rn(0.0f) : __float2half_rn(v - __half2float(h));
 }
+
+// 2^e as a float, for -126 <= e <= 127 (exact)
+__device__ __forceinline__ float pow2(int e) { return __int_as_float((127 + e) << 23); }
 
 __global__ void __launch_bounds__(kTHREADS) gemm_f16_kernel(GemmArgs args) {
   __shared__ GemmSmem smem;
+  __shared__ float scale_down[BM];  // 2^-e_r: applied to A before the split
+  __shared__ float scale_up[BM];    // 2^e_r: applied to the accumulator
   RowTile tile;
   if (!find_row_tile(args.plan, static_cast<int>(blockIdx.x), BM, &tile)) return;
   const int tid = threadIdx.x, warp = tid >> 5;
+  for (int r = tid; r < BM; r += kTHREADS) {
+    const int e = args.row_exp != nullptr && r < tile.rows ? args.row_exp[tile.row0 + r] : 0;
+    scale_down[r] = pow2(-e);
+    scale_up[r] = pow2(e);
+  }
+  __syncthreads();
   const int warp_m = warp >> 1, warp_n = warp & 1;
   const int K = args.k, N = args.n;
   const bool a_f32 = args.a_f32;
@@ -106,7 +124,7 @@ __global__ void __launch_bounds__(kTHREADS) gemm_f16_kernel(GemmArgs args) {
           const float vals[4] = {__uint_as_float(reg_a[i].x), __uint_as_float(reg_a[i].y), __uint_as_float(reg_a[i].z),
                                  __uint_as_float(reg_a[i].w)};
           for (int t = 0; t < 4; ++t)
-            split_store(vals[t], &smem.op.a[buf][r * LDS + c + t], &smem.op.lo[buf][r * LDS + c + t]);
+            split_store(vals[t] * scale_down[r], &smem.op.a[buf][r * LDS + c + t], &smem.op.lo[buf][r * LDS + c + t]);
         }
       } else {
         for (int i = 0; i < kVEC_H; ++i) {
@@ -126,8 +144,8 @@ __global__ void __launch_bounds__(kTHREADS) gemm_f16_kernel(GemmArgs args) {
         const int r = e / BK, kk = e % BK, kg = k0 + kk;
         const bool in_a = r < tile.rows && kg < K;
         if (a_f32) {
-          split_store(in_a ? a_f[static_cast<long long>(r) * K + kg] : 0.0f, &smem.op.a[buf][r * LDS + kk],
-                      &smem.op.lo[buf][r * LDS + kk]);
+          split_store(in_a ? a_f[static_cast<long long>(r) * K + kg] * scale_down[r] : 0.0f,
+                      &smem.op.a[buf][r * LDS + kk], &smem.op.lo[buf][r * LDS + kk]);
         } else {
           smem.op.a[buf][r * LDS + kk] = in_a ? a_h[static_cast<long long>(r) * K + kg] : zero;
         }
@@ -177,7 +195,8 @@ __global__ void __launch_bounds__(kTHREADS) gemm_f16_kernel(GemmArgs args) {
       float* partial = args.partial + (static_cast<long long>(blockIdx.z) * args.partial_rows) * N;
       for (int e = tid; e < BM * BN; e += kTHREADS) {
         const int r = e / BN, c = e % BN, col = n0 + c;
-        if (r < tile.rows && col < N) partial[static_cast<long long>(tile.row0 + r) * N + col] = smem.c[r * LDC + c];
+        if (r < tile.rows && col < N)
+          partial[static_cast<long long>(tile.row0 + r) * N + col] = smem.c[r * LDC + c] * scale_up[r];
       }
       __syncthreads();
       continue;
@@ -185,7 +204,7 @@ __global__ void __launch_bounds__(kTHREADS) gemm_f16_kernel(GemmArgs args) {
     for (int e = tid; e < BM * BN; e += kTHREADS) {
       const int r = e / BN, c = e % BN, col = n0 + c;
       if (r >= tile.rows || col >= N) continue;
-      float v = smem.c[r * LDC + c] + bias[col];
+      float v = smem.c[r * LDC + c] * scale_up[r] + bias[col];
       if (args.activation >= 0) v = activate(v, args.activation);
       const long long out = static_cast<long long>(tile.row0 + r) * N + col;
       if (args.c_f32) static_cast<float*>(args.c)[out] = v;
