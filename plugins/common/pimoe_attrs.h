@@ -42,6 +42,14 @@ inline bool parse_enum(const char* text, const char* const* names, int32_t count
   return false;
 }
 
+// Boolean attributes (normalize, layer_norm) are ints that must be exactly 0 or 1: any other value is refused, not
+// read as "true".
+inline std::string parse_flag(const char* op, const char* name, int64_t value, bool* out) {
+  if (value != 0 && value != 1) return msg(op, ": attribute ", name, " must be 0 or 1, got ", value);
+  *out = value == 1;
+  return {};
+}
+
 inline std::string enum_choices(const char* const* names, int32_t count) {
   std::string s;
   for (int32_t i = 0; i < count; ++i) s += (i ? ", " : "") + std::string(names[i]);
@@ -60,7 +68,8 @@ inline std::string validate_attrs(const RouteAttrs& a) {
   return {};
 }
 
-// logits [N, E]; bias [E] or empty dims when absent
+// logits [N, E]; bias: nullptr when the node has no selection_bias, else its dims, which must be exactly [E] (a
+// scalar or any other shape is refused: the kernels read E values)
 inline std::string check_route(const RouteAttrs& a, const Dims& logits, const Dims* bias) {
   if (auto e = validate_attrs(a); !e.empty()) return e;
   if (logits.size() != 2) return msg("PiMoERoute: logits must have rank 2 [N, E], got shape ", dims_str(logits));
@@ -73,7 +82,7 @@ inline std::string check_route(const RouteAttrs& a, const Dims& logits, const Di
   if (n < 0) return msg("PiMoERoute: negative token count ", n);
   if (n * a.k >= contract::kINT32_LIMIT || n * experts >= contract::kINT32_LIMIT)
     return msg("PiMoERoute: N*E = ", n * experts, " exceeds the int32 indexing limit; split the batch");
-  if (bias && !bias->empty() && !(bias->size() == 1 && (*bias)[0] == experts))
+  if (bias != nullptr && !(bias->size() == 1 && (*bias)[0] == experts))
     return msg("PiMoERoute: selection_bias must have shape [", experts, "], got ", dims_str(*bias));
   return {};
 }
@@ -224,6 +233,9 @@ inline std::string check_expert_mlp(const ExpertMLPAttrs& a, const Dims& x, cons
   if (offsets.size() != 1 || offsets[0] < 2)
     return msg("PiMoEExpertMLP: offsets must have shape [E+1] with E >= 1, got ", dims_str(offsets));
   const int64_t num_experts = offsets[0] - 1;
+  if (num_experts > contract::kMAX_EXPERTS)
+    return msg("PiMoEExpertMLP: offsets has ", offsets[0], " entries, so E = ", num_experts, " exceeds the contract's ",
+               contract::kMAX_EXPERTS, " experts");
   if (auto e = validate_attrs(a, num_experts); !e.empty()) return e;
   if (x.size() != 2) return msg("PiMoEExpertMLP: x_sorted must have rank 2 [R, H], got shape ", dims_str(x));
   if (x[1] != a.widths[0])

@@ -44,7 +44,7 @@ constexpr char kEXPERTMLP_NAME[] = "PiMoEExpertMLP";
 //   input  2 params per layer float32/float16/int8 (variadic)
 //   output 0 y_sorted [R, widths[-1]] float32/float16
 //   attr   expert_ids (ints): the G experts of this group (distinct, in [0, E))
-//   attr   widths (ints): layer widths, input first (len = layers + 1)
+//   attr   widths (ints): layer widths, input first (len = layers + 1, at most MAX_LAYERS + 1)
 //   attr   activation (string): hidden activation
 //   attr   layer_norm (int): 1: LayerNorm after every hidden Linear
 //   attr   eps (float): LayerNorm epsilon

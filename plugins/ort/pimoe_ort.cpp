@@ -208,9 +208,11 @@ struct RouteOp : Ort::CustomOpBase<RouteOp, RouteKernel, true> {
     AttrReader r{info, {}};
     auto k = std::make_unique<RouteKernel>();
     k->attrs.k = r.get_int(contract::kATTR_K, 0, true);
-    k->attrs.normalize = r.get_int(contract::kATTR_NORMALIZE, 0, false) != 0;
+    const int64_t normalize = r.get_int(contract::kATTR_NORMALIZE, 0, false);
     const std::string scoring = r.get_string(contract::kATTR_SCORING, "softmax");
     if (!r.problem.empty()) return error(msg("PiMoERoute: ", r.problem));
+    if (auto e = parse_flag("PiMoERoute", contract::kATTR_NORMALIZE, normalize, &k->attrs.normalize); !e.empty())
+      return error(e);
     if (scoring != "softmax") return error(msg("PiMoERoute: scoring '", scoring, "' is not supported (softmax)"));
     if (auto e = validate_attrs(k->attrs); !e.empty()) return error(e);
     *kernel = k.release();
@@ -373,11 +375,13 @@ struct ExpertMLPOp : Ort::CustomOpBase<ExpertMLPOp<T>, ExpertMLPKernel, true> {
     a.expert_ids = r.get_array<int64_t>(contract::kATTR_EXPERT_IDS, true);
     a.widths = r.get_array<int64_t>(contract::kATTR_WIDTHS, true);
     const std::string activation = r.get_string(contract::kATTR_ACTIVATION, "gelu");
-    a.layer_norm = r.get_int(contract::kATTR_LAYER_NORM, 1, false) != 0;
+    const int64_t layer_norm = r.get_int(contract::kATTR_LAYER_NORM, 1, false);
     a.eps = r.get_float(contract::kATTR_EPS, 1e-5f);
     const std::string quant = r.get_string(contract::kATTR_QUANT_MODE, "none");
     a.act_scales = r.get_array<float>(contract::kATTR_ACT_SCALES, false);
     if (!r.problem.empty()) return error(msg("PiMoEExpertMLP: ", r.problem));
+    if (auto e = parse_flag("PiMoEExpertMLP", contract::kATTR_LAYER_NORM, layer_norm, &a.layer_norm); !e.empty())
+      return error(e);
     int32_t value = 0;
     if (!parse_enum(activation.c_str(), contract::kACTIVATION_NAMES, contract::kACTIVATION_COUNT, &value))
       return error(msg("PiMoEExpertMLP: unknown activation '", activation, "'; expected one of ",

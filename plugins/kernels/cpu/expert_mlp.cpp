@@ -100,7 +100,13 @@ std::string ExpertMLP::prepare(const ExpertMLPAttrs& attrs, const std::vector<Pa
         state->packed_i8[static_cast<size_t>(l)].push_back(std::move(packed));
         const Param& s = params[static_cast<size_t>(attrs.param_index(l, ParamRole::kW_SCALE))];
         std::vector<float> scales(static_cast<size_t>(panels * isa::kPanel), 0.0f);
-        for (int64_t o = 0; o < out; ++o) scales[static_cast<size_t>(o)] = to_float(s.data, s.dtype, g * out + o);
+        for (int64_t o = 0; o < out; ++o) {
+          const float v = to_float(s.data, s.dtype, g * out + o);
+          if (!(v > 0.0f) || !std::isfinite(v))  // quantize_weight writes max|W| / 127, or 1 for a zero row
+            return msg("PiMoEExpertMLP: w_scale (layer ", l, ", expert ", attrs.expert_ids[static_cast<size_t>(g)],
+                       ", channel ", o, ") must be positive and finite, got ", v);
+          scales[static_cast<size_t>(o)] = v;
+        }
         state->w_scale[static_cast<size_t>(l)].push_back(std::move(scales));
         const Param& m = params[static_cast<size_t>(attrs.param_index(l, ParamRole::kACT_SMOOTH))];
         std::vector<float> smooth(static_cast<size_t>(in));

@@ -34,7 +34,8 @@ struct DeviceStatus {
   unsigned long long bad_expert_id;       // PiMoEDispatch: flat pair index, id outside [0, E) (clamped)
   unsigned long long bad_offsets;         // PiMoEExpertMLP: expert index, offsets not a partition of [0, R)
   unsigned long long bad_flat_to_sorted;  // PiMoECombine: flat pair index, entry outside [0, N*k) (slot -> NaN)
-  unsigned long long reserved;
+  unsigned long long bad_scale;           // PiMoEExpertMLP w8a8: element index of a w_scale / act_smooth that is not
+                                          // positive and finite; value = 2 * layer (+1 for act_smooth). NaN flows on
 };
 constexpr unsigned long long kSTATUS_CLEAR = ~0ull;
 // every op reserves this many bytes at the start of its workspace for its DeviceStatus

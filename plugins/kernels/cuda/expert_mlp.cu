@@ -182,6 +182,20 @@ __global__ void row_exponent_kernel(PlanView plan, const int* __restrict__ offse
   }
 }
 
+// w8a8: every w_scale [G, N] and act_smooth [G, K] value must be positive and finite (CPU kernels check them on
+// the host; here they are device data): the first offender of the layer is recorded, and the math goes on (a NaN
+// scale gives NaN outputs, never a silent zero).
+__global__ void check_scales_kernel(const float* __restrict__ w_scale, long long w_count, const float* __restrict__ smooth,
+                                    long long smooth_count, int layer, DeviceStatus* status) {
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < w_count + smooth_count;
+       i += stride) {
+    const bool is_w = i < w_count;
+    const float v = is_w ? w_scale[i] : smooth[i - w_count];
+    if (!(v > 0.0f && v <= 3.402823466e38f)) detail::report(&status->bad_scale, is_w ? i : i - w_count, 2 * layer + !is_w);
+  }
+}
+
 // ------------------------------------------------------------------------------------------ w8a8 activations
 // Block-wide sum in a fixed order (every thread gets the same value). `red` holds >= 32 floats of shared memory;
 // the leading barrier makes it safe to call repeatedly.
@@ -388,7 +402,8 @@ int multiprocessors() {
 
 // The w8a8 layers (after the plan and the zeroing of other groups' rows, enqueued by expert_mlp).
 cudaError_t expert_mlp_w8a8(const ExpertMLPShape& s, const MLPLayer* layers, const void* x, const int32_t* offsets,
-                            void* y, char* ws, const Layout& lay, PlanView plan, int bm, cudaStream_t stream) {
+                            void* y, char* ws, const Layout& lay, PlanView plan, int bm, DeviceStatus* status,
+                            cudaStream_t stream) {
   const int rows = static_cast<int>(s.rows);
   float* hidden = reinterpret_cast<float*>(ws + lay.plan_bytes);
   char* after_hidden = ws + lay.plan_bytes + lay.hidden_bytes * static_cast<size_t>(lay.hidden_buffers);
@@ -401,6 +416,12 @@ cudaError_t expert_mlp_w8a8(const ExpertMLPShape& s, const MLPLayer* layers, con
   // decode: split K until about two 16-row-tile blocks per SM stream weights (each keeps 3 K steps = 24 KB in
   // flight); integer partial sums make the result independent of this choice (and of the GPU)
   const int64_t split_target = 2 * static_cast<int64_t>(multiprocessors());
+  for (int l = 0; l < s.num_layers; ++l) {
+    const long long w_count = static_cast<long long>(s.num_group) * s.widths[l + 1];
+    const long long smooth_count = static_cast<long long>(s.num_group) * s.widths[l];
+    check_scales_kernel<<<detail::grid_for(w_count + smooth_count, 256, 1024), 256, 0, stream>>>(
+        layers[l].w_scale, w_count, layers[l].act_smooth, smooth_count, l, status);
+  }
   for (int l = 0; l < s.num_layers; ++l) {
     const bool last = l == s.num_layers - 1;
     const int width = s.widths[l];
@@ -515,7 +536,7 @@ cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const vo
     zero_rows_kernel<__half><<<row_blocks, 256, 0, stream>>>(plan, offsets, rows, out_width, static_cast<__half*>(y));
   else
     zero_rows_kernel<float><<<row_blocks, 256, 0, stream>>>(plan, offsets, rows, out_width, static_cast<float*>(y));
-  if (quantized) return expert_mlp_w8a8(s, layers, x, offsets, y, ws, lay, plan, bm, stream);
+  if (quantized) return expert_mlp_w8a8(s, layers, x, offsets, y, ws, lay, plan, bm, status, stream);
 
   const long long max_tiles = (static_cast<long long>(rows) + detail::kGEMM_BM - 1) / detail::kGEMM_BM + s.num_group;
   const void* input = x;

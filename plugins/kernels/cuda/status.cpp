@@ -27,6 +27,10 @@ std::string describe_status(const DeviceStatus& status) {
     os << "PiMoECombine: flat_to_sorted[" << index(status.bad_flat_to_sorted) << "] = "
        << value(status.bad_flat_to_sorted)
        << " is outside [0, N*k); that slot contributed NaN. flat_to_sorted must come from PiMoEDispatch. ";
+  if (status.bad_scale != kSTATUS_CLEAR)
+    os << "PiMoEExpertMLP: layer " << value(status.bad_scale) / 2 << " "
+       << (value(status.bad_scale) % 2 ? "act_smooth" : "w_scale") << "[" << index(status.bad_scale)
+       << "] is not a positive finite number; the outputs it touches are NaN or inf. Re-run `pimoe-export quantize`. ";
   std::string text = os.str();
   if (!text.empty() && text.back() == ' ') text.pop_back();
   return text;

@@ -257,11 +257,10 @@ nvinfer1::IPluginV3* ExpertMLPCreator::createPlugin(const char*, const PluginFie
       fail(r.problem());
       return nullptr;
     }
-    if (layer_norm != 0 && layer_norm != 1) {
-      fail(msg(kOP, ": field layer_norm must be 0 or 1, got ", layer_norm));
+    if (auto e = parse_flag(kOP, contract::kATTR_LAYER_NORM, layer_norm, &a.layer_norm); !e.empty()) {
+      fail(e);
       return nullptr;
     }
-    a.layer_norm = layer_norm == 1;
     int32_t value = 0;
     if (!parse_enum(activation.c_str(), contract::kACTIVATION_NAMES, contract::kACTIVATION_COUNT, &value)) {
       fail(msg(kOP, ": unknown activation '", activation, "'; expected one of ",

@@ -141,11 +141,10 @@ nvinfer1::IPluginV3* RouteCreator::createPlugin(const char*, const PluginFieldCo
       fail(r.problem());
       return nullptr;
     }
-    if (normalize != 0 && normalize != 1) {
-      fail(msg(kOP, ": field normalize must be 0 or 1, got ", normalize));
+    if (auto e = parse_flag(kOP, contract::kATTR_NORMALIZE, normalize, &attrs.normalize); !e.empty()) {
+      fail(e);
       return nullptr;
     }
-    attrs.normalize = normalize == 1;
     if (scoring != "softmax") {
       fail(msg(kOP, ": scoring '", scoring, "' is not supported (only softmax)"));
       return nullptr;
