@@ -42,3 +42,29 @@ class ArtifactError(PiMoEError, RuntimeError):
 
 class BackendUnavailableError(PiMoEError, RuntimeError):
     """A backend (TensorRT, TensorRT-RTX, CUDA) is not installed or not usable on this machine."""
+
+
+class OutputError(PiMoEError, RuntimeError):
+    """An output cannot be written: it would replace a file pimoe-export did not write (without --force), lies
+    outside the directory the user named, or the location is not writable."""
+
+
+class ParityError(PiMoEError, RuntimeError):
+    """A parity check ran to the end and the artefact does not match the PyTorch reference (exit code 1)."""
+
+
+#: The command line's exit codes (README: "Exit codes"). Bad input, bad artefacts and outputs that would be
+#: overwritten are the user's to fix (2); a missing backend, GPU or plugin library is the machine's (3).
+EXIT_OK, EXIT_PARITY_FAILED, EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
+
+
+def exit_code(error: BaseException) -> int:
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(error, ParityError):
+        return EXIT_PARITY_FAILED
+    if isinstance(error, (BackendUnavailableError, PluginLoadError)):
+        return EXIT_ENVIRONMENT
+    if isinstance(error, PiMoEError):
+        return EXIT_BAD_INPUT
+    return EXIT_INTERNAL

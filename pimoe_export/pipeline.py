@@ -1,14 +1,18 @@
 """`pimoe-export pipeline`: the whole job, step by step, into one output directory.
 
-model -> ONNX (custom ops + standard ops) -> INT8 -> ONNX Runtime units -> engine units (TensorRT or
-TensorRT-RTX, when installed) -> runtime load of every unit -> parity reports -> benchmark summary. Every step
-records done / skipped (with the reason) / failed in ``pipeline.json``; a skipped step never counts as a pass.
+    model -> export -> int8 -> units -> engines -> runtime -> check -> benchmark
+
+Each step takes the :class:`PipelineContext` (what earlier steps produced) and returns its details, or a
+:class:`Skip` with the reason; ``pipeline.json`` records every step as done / skipped / failed. The record says
+``"status": "running"`` from the first moment and the verdict is written last, so an interrupted run (Ctrl-C,
+SIGTERM, a kill) is never reported as passed; a skipped step never counts as a pass. Every entry the pipeline
+writes is claimed in the output directory first: files there that pimoe-export did not write are left alone unless
+``force``.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import time
 import traceback
 from collections.abc import Callable
@@ -18,45 +22,245 @@ from typing import Any
 
 import numpy as np
 
+from pimoe_export._files import OutputDir
+
+RECORD = "pipeline.json"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A step that did not apply here (the reason is recorded; the pipeline can still pass)."""
+
+    reason: str
+
 
 @dataclass
-class StepResult:
+class PipelineContext:
+    """What the steps share: the output directory and the artefacts produced so far."""
+
+    out: OutputDir
+    preset: str | None
+    model_dir: Path | None
+    seed: int
+    bench_repeats: int
+    model: Any = None
+    settings: Any = None  # DeploymentSettings of the checkpoint
+    onnx: dict[str, Path] = field(default_factory=dict)  # "fp32", "standard", "fp16", "int8"
+    units: list[str] = field(default_factory=list)
+    engine_units: list[str] = field(default_factory=list)  # engine units this machine can run
+
+    @property
+    def root(self) -> Path:
+        return self.out.root
+
+
+@dataclass
+class StepRecord:
     name: str
     status: str = "pending"  # done | skipped | failed
     seconds: float = 0.0
     detail: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "seconds": round(self.seconds, 3), "reason": self.reason,
+                "detail": self.detail}
 
-class Pipeline:
-    def __init__(self, output: Path, progress: bool) -> None:
-        self.output = output
-        self.progress = progress
-        self.steps: list[StepResult] = []
 
-    def log(self, text: str) -> None:
-        if self.progress:
-            print(text, flush=True)
+# ------------------------------------------------------------------------------------------ steps
+def step_model(ctx: PipelineContext) -> dict[str, Any]:
+    import torch
 
-    def step(self, name: str, total: int, fn: Callable[[], dict[str, Any] | str]) -> StepResult:
-        index = len(self.steps) + 1
-        self.log(f"[{index}/{total}] {name} ...")
-        result = StepResult(name)
-        start = time.perf_counter()
+    from pimoe_export.model.enhanced import DeploymentSettings
+    from pimoe_export.model.factory import create_from_preset
+    from pimoe_export.model.io import load_pretrained
+    from pimoe_export.model.summary import summarize
+
+    if ctx.model_dir is not None:
+        ctx.model = load_pretrained(ctx.model_dir)
+    else:
+        ctx.model = create_from_preset(ctx.preset, seed=ctx.seed)
+        ctx.model_dir = ctx.out.claim_dir("model").root
+        ctx.model.save_pretrained(ctx.model_dir)
+    ctx.settings = DeploymentSettings.of(ctx.model.config)
+    detail: dict[str, Any] = {}
+    if ctx.settings.enable_pruning:  # EnhancedPiMoEIntegration(enable_pruning=True): prune before export
+        from pimoe_export.model.pruning import magnitude_prune, structured_prune
+
+        prune = structured_prune if ctx.settings.pruning_structured else magnitude_prune
+        probe = torch.randn(2, 32, ctx.model.hidden_size, generator=torch.Generator().manual_seed(0))
+        detail["pruning"] = prune(ctx.model, ctx.settings.pruning_amount, probe).to_dict()
+        ctx.model_dir = ctx.out.claim_dir("model.pruned").root
+        ctx.model.save_pretrained(ctx.model_dir)
+    summary = summarize(ctx.model.config)
+    return {"model_dir": str(ctx.model_dir), "params": summary["params_total"],
+            "expert_groups": [g["experts"] for g in summary["expert_groups"]],
+            "deployment": ctx.settings.to_dict() if ctx.settings.recorded else "none recorded (defaults)", **detail}
+
+
+def step_export(ctx: PipelineContext) -> dict[str, Any]:
+    from pimoe_export.export.onnx_export import export_onnx
+
+    custom = export_onnx(ctx.model, ctx.out.claim("model.onnx"))
+    standard = export_onnx(ctx.model, ctx.out.claim("model.standard.onnx"), standard_ops=True)
+    ctx.onnx.update(fp32=custom.path, standard=standard.path)
+    result = {"onnx": str(custom.path), "onnx_standard_ops": str(standard.path),
+              "pimoe_nodes": {k: v for k, v in custom.node_counts.items() if k.startswith("pimoe::")}}
+    if ctx.settings.export_precision == "fp16":  # optimization_level advanced/maximum
+        ctx.onnx["fp16"] = export_onnx(ctx.model, ctx.out.claim("model.fp16.onnx"), precision="fp16").path
+        result["onnx_fp16"] = str(ctx.onnx["fp16"])
+    return result
+
+
+def step_int8(ctx: PipelineContext) -> dict[str, Any]:
+    from pimoe_export.quantize import quantize_model
+
+    result = quantize_model(ctx.model, ctx.out.claim("model.int8.onnx"), method=ctx.settings.calibration_method,
+                            fp32_onnx=ctx.onnx["fp32"])
+    ctx.onnx["int8"] = result.onnx_path
+    info = result.params.info
+    return {"onnx_int8": str(result.onnx_path), "method": info["method"],
+            "calibration_tokens": info["calibration_tokens"], "calibration_data": info["calibration_data"],
+            "uncalibrated_experts": info["uncalibrated_experts"]}
+
+
+def step_units(ctx: PipelineContext) -> dict[str, Any]:
+    from pimoe_export.deploy.units import package_ort
+
+    units = {}
+    for key, name in (("fp32", "ort-fp32"), ("fp16", "ort-fp16"), ("int8", "ort-int8")):
+        if key in ctx.onnx:
+            manifest = package_ort(ctx.onnx[key], ctx.out.claim_dir(name).root, force=True)
+            units[name] = {"backend": manifest.backend, "precision": manifest.precision,
+                           "manifest": str(ctx.root / name / "manifest.json")}
+            ctx.units.append(name)
+    return units
+
+
+def step_engines(ctx: PipelineContext) -> dict[str, Any] | Skip:
+    from pimoe_export.deploy.units import BuildOptions, build_unit, detect_flavour
+    from pimoe_export.errors import BackendUnavailableError
+
+    try:
+        flavour = detect_flavour("auto")
+    except BackendUnavailableError as exc:
+        return Skip(f"no TensorRT builder installed ({exc})")
+    built = {}
+    for key, precision in (("fp32", "fp32"), ("fp16", "fp16"), ("int8", "int8")):
+        if key not in ctx.onnx:
+            continue
+        name = f"{'trt' if flavour == 'tensorrt' else 'trt-rtx'}-{precision}"
+        options = BuildOptions(flavour=flavour, optimization_level=ctx.settings.builder_optimization_level,
+                               timing_cache=str(ctx.out.claim("timing.cache")))
+        manifest = build_unit(ctx.onnx[key], ctx.out.claim_dir(name).root, options=options, force=True)
+        built[name] = {"backend": manifest.backend, "version": manifest.backend_version,
+                       "targets": manifest.target_sms, "plugin_layers": manifest.build_options["plugin_layers"]}
+        ctx.units.append(name)
+    return built
+
+
+def step_runtime(ctx: PipelineContext) -> dict[str, Any]:
+    from pimoe_export.errors import BackendUnavailableError
+    from pimoe_export.runtime.engine import Engine
+
+    x = np.random.default_rng(0).standard_normal((1, 4, ctx.model.hidden_size))
+    loaded = {}
+    for name in ctx.units:
         try:
-            out = fn()
-            if isinstance(out, str):  # a reason to skip
-                result.status, result.reason = "skipped", out
-            else:
-                result.status, result.detail = "done", out
-        except Exception as exc:  # recorded, reported, and the pipeline fails
-            result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
-            result.detail["traceback"] = traceback.format_exc(limit=6)
-        result.seconds = time.perf_counter() - start
-        self.steps.append(result)
-        mark = {"done": "ok", "skipped": "skipped", "failed": "FAILED"}[result.status]
-        self.log(f"      {mark} ({result.seconds:.1f} s){': ' + result.reason if result.reason else ''}")
-        return result
+            engine = Engine.load(ctx.root / name)
+        except BackendUnavailableError as exc:  # e.g. an RTX engine on a machine without an RTX GPU
+            loaded[name] = {"loaded": False, "reason": str(exc).split(";")[0]}
+            continue
+        with engine:
+            y = engine.run(x.astype(engine.input_dtype))
+            if not np.isfinite(y).all():
+                raise RuntimeError(f"{name}: non-finite outputs on finite inputs")
+            loaded[name] = {"loaded": True, "backend": engine.backend, "output_shape": list(y.shape)}
+            if engine.backend != "onnxruntime":
+                ctx.engine_units.append(name)
+    return loaded
+
+
+def step_check(ctx: PipelineContext) -> dict[str, Any]:
+    from pimoe_export.validate.check import check_onnx, check_unit
+
+    checks: list[tuple[str, Callable[[Path], Any]]] = [
+        (name, lambda out, path=ctx.onnx[key]: check_onnx(ctx.model, path, out, force=True))
+        for key, name in (("fp32", "report"), ("fp16", "report_fp16"), ("int8", "report_int8")) if key in ctx.onnx]
+    # engine units that this machine can run (a TensorRT GPU box) are checked through their Engine
+    checks += [(f"report_{unit}", lambda out, unit=unit: check_unit(ctx.model, ctx.root / unit, out, force=True))
+               for unit in ctx.engine_units]
+    reports: dict[str, Any] = {}
+    failed = []
+    for name, check in checks:
+        rep = check(ctx.out.claim_dir(name).root)
+        reports[name] = {"passed": rep.passed, "precision": rep.precision, "backend": rep.backend,
+                         "routing_agreement": rep.routing_agreement, "output": rep.output_stats["output"].to_dict(),
+                         "failures": rep.failures, "files": rep.files}
+        if not rep.passed:
+            failed.append(f"{name}: {rep.failures}")
+    if failed:
+        raise RuntimeError(f"parity check failed: {failed}")
+    return reports
+
+
+def step_benchmark(ctx: PipelineContext) -> dict[str, Any]:
+    from pimoe_export.bench.summary import benchmark_layer, render_markdown
+
+    variants = {"ort_pimoe_ops": ctx.onnx["fp32"], "ort_standard_ops": ctx.onnx["standard"]}
+    if "int8" in ctx.onnx:
+        variants["ort_pimoe_int8"] = ctx.onnx["int8"]
+    rows = benchmark_layer(ctx.model, variants, tokens=(1, 16, 128), repeats=ctx.bench_repeats)
+    markdown, data = ctx.out.claim("benchmark.md"), ctx.out.claim("benchmark.json")
+    markdown.write_text(render_markdown(rows, ctx.bench_repeats))
+    data.write_text(json.dumps(rows, indent=2) + "\n")
+    return {"rows": rows, "markdown": str(markdown)}
+
+
+Step = Callable[[PipelineContext], "dict[str, Any] | Skip"]
+#: (name, step, later steps need it: a failure stops the pipeline)
+STEPS: tuple[tuple[str, Step, bool], ...] = (
+    ("model", step_model, True), ("export", step_export, True), ("int8", step_int8, False),
+    ("units", step_units, True), ("engines", step_engines, False), ("runtime", step_runtime, False),
+    ("check", step_check, False), ("benchmark", step_benchmark, False),
+)
+
+
+# ------------------------------------------------------------------------------------------ running
+class PipelineRecord:
+    """``pipeline.json``: the state of the run, rewritten after every step; the verdict comes last."""
+
+    def __init__(self, out: OutputDir) -> None:
+        self.path = out.claim(RECORD)
+        self.steps: list[StepRecord] = []
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.write("running")
+
+    def write(self, status: str, passed: bool = False) -> dict[str, Any]:
+        summary = {"status": status, "passed": passed, "started": self.started, "output": str(self.path.parent),
+                   "steps": [s.to_dict() for s in self.steps]}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        tmp.replace(self.path)
+        return summary
+
+
+def run_step(name: str, step: Step, ctx: PipelineContext, log: Callable[[str], None]) -> StepRecord:
+    record = StepRecord(name)
+    start = time.perf_counter()
+    try:
+        out = step(ctx)
+        if isinstance(out, Skip):
+            record.status, record.reason = "skipped", out.reason
+        else:
+            record.status, record.detail = "done", out
+    except Exception as exc:  # recorded, reported, and the pipeline fails (KeyboardInterrupt is not caught here)
+        record.status, record.reason = "failed", f"{type(exc).__name__}: {exc}"
+        record.detail["traceback"] = traceback.format_exc(limit=6)
+    record.seconds = time.perf_counter() - start
+    mark = {"done": "ok", "skipped": "skipped", "failed": "FAILED"}[record.status]
+    log(f"      {mark} ({record.seconds:.1f} s){': ' + record.reason if record.reason else ''}")
+    return record
 
 
 def run_pipeline(
@@ -67,209 +271,28 @@ def run_pipeline(
     seed: int = 0,
     bench_repeats: int = 20,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
-    import torch
+    """Run every step into ``output``; returns (and writes) the pipeline record."""
+    def log(text: str) -> None:
+        if progress:
+            print(text, flush=True)
 
-    from pimoe_export.bench.timing import median_ms
-    from pimoe_export.export.onnx_export import export_onnx
-    from pimoe_export.model.factory import create_from_preset
-    from pimoe_export.model.io import load_pretrained
-    from pimoe_export.model.summary import summarize
-    from pimoe_export.runtime.ort import create_session
-    from pimoe_export.validate.check import check_onnx
-
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    pipe = Pipeline(output, progress)
-    total = 8
-    state: dict[str, Any] = {}
-
-    def step_model() -> dict[str, Any]:
-        if model_dir is not None:
-            state["model"] = load_pretrained(model_dir)
-            state["model_dir"] = Path(model_dir)
-        else:
-            assert preset is not None
-            state["model"] = create_from_preset(preset, seed=seed)
-            state["model_dir"] = output / "model"
-            state["model"].save_pretrained(state["model_dir"])
-        detail: dict[str, Any] = {}
-        deployment = _deployment(state["model"])
-        if deployment.get("enable_pruning"):  # EnhancedPiMoEIntegration(enable_pruning=True): prune before export
-            from pimoe_export.model.pruning import magnitude_prune, structured_prune
-
-            prune = structured_prune if deployment.get("pruning_structured", True) else magnitude_prune
-            probe = torch.randn(2, 32, state["model"].hidden_size, generator=torch.Generator().manual_seed(0))
-            detail["pruning"] = prune(state["model"], float(deployment.get("pruning_amount", 0.25)), probe).to_dict()
-            state["model_dir"] = output / "model.pruned"
-            state["model"].save_pretrained(state["model_dir"])
-        summary = summarize(state["model"].config)
-        return {"model_dir": str(state["model_dir"]), "params": summary["params_total"],
-                "expert_groups": [g["experts"] for g in summary["expert_groups"]],
-                "deployment": deployment or "none recorded (defaults)", **detail}
-
-    def step_export() -> dict[str, Any]:
-        model = state["model"]
-        custom = export_onnx(model, output / "model.onnx")
-        standard = export_onnx(model, output / "model.standard.onnx", standard_ops=True)
-        state["onnx"] = custom.path
-        state["onnx_standard"] = standard.path
-        result = {"onnx": str(custom.path), "onnx_standard_ops": str(standard.path),
-                  "pimoe_nodes": {k: v for k, v in custom.node_counts.items() if k.startswith("pimoe::")}}
-        if _deployment(model).get("export_precision") == "fp16":  # optimization_level advanced/maximum
-            state["onnx_fp16"] = export_onnx(model, output / "model.fp16.onnx", precision="fp16").path
-            result["onnx_fp16"] = str(state["onnx_fp16"])
-        return result
-
-    def step_int8() -> dict[str, Any] | str:
-        from pimoe_export.quantize import pipeline_step
-
-        result = pipeline_step(state["model"], state["onnx"], output)
-        state["onnx_int8"] = result.get("onnx_int8")
-        return result
-
-    def step_units() -> dict[str, Any]:
-        from pimoe_export.build.units import package_ort
-
-        units = {}
-        for key, name in (("onnx", "ort-fp32"), ("onnx_fp16", "ort-fp16"), ("onnx_int8", "ort-int8")):
-            if state.get(key):
-                manifest = package_ort(state[key], output / name)
-                units[name] = {"backend": manifest.backend, "precision": manifest.precision,
-                               "manifest": str(output / name / "manifest.json")}
-        state["units"] = list(units)
-        return units
-
-    def step_engines() -> dict[str, Any] | str:
-        from pimoe_export.build.units import BuildOptions, build_unit, detect_flavour
-        from pimoe_export.errors import BackendUnavailableError
-
-        try:
-            flavour = detect_flavour("auto")
-        except BackendUnavailableError as exc:
-            return f"no TensorRT builder installed ({exc})"
-        deployment = _deployment(state["model"])
-        built = {}
-        for key, precision in (("onnx", "fp32"), ("onnx_fp16", "fp16"), ("onnx_int8", "int8")):
-            if not state.get(key):
-                continue
-            name = f"{'trt' if flavour == 'tensorrt' else 'trt-rtx'}-{precision}"
-            manifest = build_unit(state[key], output / name, options=BuildOptions(
-                flavour=flavour, optimization_level=deployment.get("builder_optimization_level"),
-                timing_cache=str(output / "timing.cache")))
-            built[name] = {"backend": manifest.backend, "version": manifest.backend_version,
-                           "targets": manifest.target_sms, "plugin_layers": manifest.build_options["plugin_layers"]}
-            state["units"].append(name)
-        return built
-
-    def step_runtime() -> dict[str, Any]:
-        from pimoe_export.errors import BackendUnavailableError
-        from pimoe_export.runtime.engine import Engine
-
-        x = np.random.default_rng(0).standard_normal((1, 4, state["model"].hidden_size)).astype(np.float32)
-        loaded = {}
-        for name in state["units"]:
-            try:
-                engine = Engine.load(output / name)
-            except BackendUnavailableError as exc:  # e.g. an RTX engine on a machine without an RTX GPU
-                loaded[name] = {"loaded": False, "reason": str(exc).split(";")[0]}
-                continue
-            y = engine.run(x.astype(engine.input_dtype))
-            if not np.isfinite(y).all():
-                raise RuntimeError(f"{name}: non-finite outputs on finite inputs")
-            loaded[name] = {"loaded": True, "backend": engine.backend, "output_shape": list(y.shape)}
-            if engine.backend != "onnxruntime":
-                state.setdefault("runnable_engine_units", []).append(name)
-            engine.close()
-        return loaded
-
-    def step_check() -> dict[str, Any]:
-        from pimoe_export.validate.check import check_unit
-
-        reports: dict[str, Any] = {}
-        failed = []
-        checks = [(state[key], name, None) for key, name in (("onnx", "report"), ("onnx_fp16", "report_fp16"),
-                                                             ("onnx_int8", "report_int8")) if state.get(key)]
-        # engine units that this machine can run (a TensorRT GPU box) are checked through their Engine
-        checks += [(None, f"report_{unit}", unit) for unit in state.get("runnable_engine_units", [])]
-        for onnx_path, name, unit in checks:
-            if unit is None:
-                rep = check_onnx(state["model"], onnx_path, output / name)
-            else:
-                rep = check_unit(state["model"], output / unit, output / name)
-            reports[name] = {"passed": rep.passed, "precision": rep.precision, "backend": rep.backend,
-                             "routing_agreement": rep.routing_agreement,
-                             "output": rep.output_stats["output"].to_dict(), "failures": rep.failures,
-                             "files": rep.files}
-            if not rep.passed:
-                failed.append(f"{name}: {rep.failures}")
-        if failed:
-            raise RuntimeError(f"parity check failed: {failed}")
-        return reports
-
-    def step_bench() -> dict[str, Any]:
-        import gc
-
-        model = state["model"]
-        variants = {"ort_pimoe_ops": state["onnx"], "ort_standard_ops": state["onnx_standard"]}
-        if state.get("onnx_int8"):
-            variants["ort_pimoe_int8"] = state["onnx_int8"]
-        tokens_list = (1, 16, 128)
-        inputs = {t: np.random.default_rng(t).standard_normal((1, t, model.hidden_size)).astype(np.float32)
-                  for t in tokens_list}
-        table: dict[int, dict[str, Any]] = {t: {"tokens": t} for t in tokens_list}
-        with torch.inference_mode():
-            for t in tokens_list:
-                xt = torch.from_numpy(inputs[t])
-                table[t]["pytorch_ms"] = median_ms(lambda xt=xt: model(xt), bench_repeats)
-        for name, path in variants.items():  # one live session at a time (idle ORT pools spin)
-            session = create_session(path)
-            for t in tokens_list:
-                feeds = {"hidden_states": inputs[t]}
-                table[t][f"{name}_ms"] = median_ms(lambda s=session, f=feeds: s.run(None, f), bench_repeats)
-            del session
-            gc.collect()
-        rows = [table[t] for t in tokens_list]
-        lines = ["| tokens | " + " | ".join(k[:-3] + " (ms)" for k in rows[0] if k.endswith("_ms")) + " |",
-                 "|---|" + "---|" * (len(rows[0]) - 1)]
-        for row in rows:
-            lines.append(f"| {row['tokens']} | " + " | ".join(f"{v:.3f}" for k, v in row.items() if k.endswith("_ms"))
-                         + " |")
-        machine = platform.processor() or platform.machine()
-        text = (f"# Benchmark summary\n\nMedian of {bench_repeats} runs per point, batch 1, {_cpu_count()} threads "
-                f"available, {machine}.\n\n" + "\n".join(lines) + "\n")
-        (output / "benchmark.md").write_text(text)
-        (output / "benchmark.json").write_text(json.dumps(rows, indent=2) + "\n")
-        return {"rows": rows, "markdown": str(output / "benchmark.md")}
-
-    steps = (("model", step_model), ("export", step_export), ("int8", step_int8), ("units", step_units),
-             ("engines", step_engines), ("runtime", step_runtime), ("check", step_check), ("benchmark", step_bench))
-    for name, fn in steps:
-        result = pipe.step(name, total, fn)
-        if result.status == "failed" and name in ("model", "export", "units"):
-            break  # later steps need these artefacts
-    passed = all(s.status != "failed" for s in pipe.steps) and len(pipe.steps) == total
-    summary = {
-        "passed": passed,
-        "output": str(output),
-        "steps": [{"name": s.name, "status": s.status, "seconds": round(s.seconds, 3), "reason": s.reason,
-                   "detail": s.detail} for s in pipe.steps],
-    }
-    (output / "pipeline.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    if progress:
-        print(f"pipeline {'PASSED' if passed else 'FAILED'}; "
-              f"skipped: {[s.name for s in pipe.steps if s.status == 'skipped'] or 'none'}; summary in "
-              f"{output / 'pipeline.json'}")
+    out = OutputDir(output, force=force, command="pipeline")
+    ctx = PipelineContext(out, preset, Path(model_dir) if model_dir else None, seed, bench_repeats)
+    record = PipelineRecord(out)
+    try:
+        for index, (name, step, required) in enumerate(STEPS, 1):
+            log(f"[{index}/{len(STEPS)}] {name} ...")
+            record.steps.append(run_step(name, step, ctx, log))
+            record.write("running")
+            if record.steps[-1].status == "failed" and required:
+                break  # later steps need this one's artefacts
+    except BaseException:
+        record.write("interrupted")
+        raise
+    passed = len(record.steps) == len(STEPS) and all(s.status != "failed" for s in record.steps)
+    summary = record.write("finished", passed)
+    log(f"pipeline {'PASSED' if passed else 'FAILED'}; skipped: "
+        f"{[s.name for s in record.steps if s.status == 'skipped'] or 'none'}; summary in {record.path}")
     return summary
-
-
-def _deployment(model: Any) -> dict[str, Any]:
-    """Deployment settings an EnhancedPiMoEIntegration recorded in the checkpoint (config.metadata)."""
-    metadata = model.config.metadata
-    return dict(metadata.get("deployment", {})) if isinstance(metadata, dict) else {}
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -93,7 +93,7 @@ else
   [ -n "${PIMOE_CUDA_ARCHITECTURES:-}" ] && archs=(-DCMAKE_CUDA_ARCHITECTURES="$PIMOE_CUDA_ARCHITECTURES")
   configure_and_build build/plugins plugins-trt -DPIMOE_BUILD_TRT=ON -DCMAKE_CUDA_COMPILER="$nvcc_bin" "${archs[@]}"
   echo "    built in $(( $(date +%s) - trt_start )) s"
-  .venv/bin/python -c 'from pimoe_export.build.tensorrt import find_plugin_library, check_plugin_library; print("    ", check_plugin_library(str(find_plugin_library())))' \
+  .venv/bin/python -c 'from pimoe_export.artefacts.libraries import find_plugin_library, check_plugin_library; print("    ", check_plugin_library(str(find_plugin_library())))' \
     || fail "the built TensorRT plugin library does not load"
 fi
 step "done: activate with 'source .venv/bin/activate' or call .venv/bin/pimoe-export"

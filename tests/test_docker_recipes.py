@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = [ROOT / "docker" / "server" / "Dockerfile", ROOT / "docker" / "jetson" / "Dockerfile"]
 SCRIPTS = [ROOT / "docker" / "server" / "entrypoint.sh", ROOT / "docker" / "build_in_image.sh"]
 #: what `docker/build_in_image.sh` (scripts/setup.sh, pip install -e .) needs from the build context
-NEEDED_IN_CONTEXT = ["pyproject.toml", "README.md", "pimoe_export/__init__.py", "pimoe_export/cli.py",
+NEEDED_IN_CONTEXT = ["pyproject.toml", "README.md", "pimoe_export/__init__.py", "pimoe_export/cli/__init__.py",
                      "plugins/CMakeLists.txt", "plugins/trt/CMakeLists.txt", "scripts/setup.sh",
                      "scripts/fetch_deps.sh", "docker/build_in_image.sh", "docker/server/entrypoint.sh",
                      "tests/conftest.py", "engines/README.md"]

@@ -7,10 +7,11 @@ import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, RuntimeException
 from op_graphs import expert_mlp_attrs, single_op_model
 
-from pimoe_export.errors import PluginLoadError
+from pimoe_export.errors import ArtifactError, PluginLoadError
 from pimoe_export.runtime.ort import check_ort_library, create_session
 
-ORT_ERRORS = (Fail, InvalidArgument, InvalidGraph, RuntimeException)
+# a session that cannot be created is an ArtifactError (runtime.ort keeps ONNX Runtime's message)
+ORT_ERRORS = (Fail, InvalidArgument, InvalidGraph, RuntimeException, ArtifactError)
 f32 = np.float32
 
 

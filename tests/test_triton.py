@@ -70,7 +70,12 @@ def tensors(config: dict[str, list[Any]], kind: str) -> list[tuple[str, str, lis
 
 # ------------------------------------------------------------------------------------------ fixtures
 _ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 6: "TYPE_INT32"}  # onnx.TensorProto element types
-_TRT_TO_TRITON = {"FLOAT": "TYPE_FP32", "HALF": "TYPE_FP16", "INT32": "TYPE_INT32"}
+_IO_TO_TRITON = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32"}  # manifest io dtypes
+
+
+def _dims(shape) -> list[int]:
+    """Manifest io dims -> config.pbtxt dims (an axis name is a dynamic dimension, -1)."""
+    return [d if isinstance(d, int) else -1 for d in shape]
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +91,12 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rtx_unit(tiny, tmp_path_factory) -> Path:
-    from pimoe_export.build import tensorrt as T
-    from pimoe_export.build.units import BuildOptions, build_unit
+    from pimoe_export.artefacts import libraries as L
+    from pimoe_export.artefacts import tensorrt as T
+    from pimoe_export.deploy.units import BuildOptions, build_unit
 
     try:
-        T.find_plugin_library()
+        L.find_plugin_library()
         T.import_tensorrt("rtx")
     except (PluginLoadError, BackendUnavailableError) as exc:
         pytest.skip(f"TensorRT-RTX or the plugin library is not available: {exc}")
@@ -101,7 +107,7 @@ def rtx_unit(tiny, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ort_unit(tiny, tmp_path_factory) -> Path:
-    from pimoe_export.build.units import package_ort
+    from pimoe_export.deploy.units import package_ort
 
     try:
         unit = tmp_path_factory.mktemp("units") / "ort-fp32"
@@ -112,7 +118,7 @@ def ort_unit(tiny, tmp_path_factory) -> Path:
 
 
 def _manifest(unit: Path):
-    from pimoe_export.build.manifest import read_manifest
+    from pimoe_export.artefacts.manifest import read_manifest
 
     return read_manifest(unit)
 
@@ -133,7 +139,7 @@ def _onnx_io(path: Path) -> tuple[list[tuple[str, str, list[int]]], list[tuple[s
 # ------------------------------------------------------------------------------------------ TensorRT units
 @pytest.mark.trt
 def test_tensorrt_repository_matches_manifest_and_onnx(rtx_unit, tiny, tmp_path) -> None:
-    from pimoe_export.build.triton import write_triton_repository
+    from pimoe_export.deploy.triton import write_triton_repository
 
     repo = tmp_path / "repo"
     model = write_triton_repository(rtx_unit, repo, name="pimoe_tiny", allow_rtx=True)
@@ -146,8 +152,8 @@ def test_tensorrt_repository_matches_manifest_and_onnx(rtx_unit, tiny, tmp_path)
     assert "model_operations" not in config
 
     manifest = _manifest(rtx_unit)
-    expected_in = [(n, _TRT_TO_TRITON[d], list(s)) for n, d, s in manifest.io["inputs"]]
-    expected_out = [(n, _TRT_TO_TRITON[d], list(s)) for n, d, s in manifest.io["outputs"]]
+    expected_in = [(n, _IO_TO_TRITON[d], _dims(s)) for n, d, s in manifest.io["inputs"]]
+    expected_out = [(n, _IO_TO_TRITON[d], _dims(s)) for n, d, s in manifest.io["outputs"]]
     assert tensors(config, "input") == expected_in
     assert tensors(config, "output") == expected_out
     # and the same as the ONNX graph the engine was built from (names, dtypes, dims; -1 = dynamic)
@@ -168,7 +174,7 @@ def test_tensorrt_repository_matches_manifest_and_onnx(rtx_unit, tiny, tmp_path)
 
 @pytest.mark.trt
 def test_rtx_unit_is_refused_without_allow_rtx(rtx_unit, tmp_path) -> None:
-    from pimoe_export.build.triton import TritonRepositoryError, write_triton_repository
+    from pimoe_export.deploy.triton import TritonRepositoryError, write_triton_repository
 
     with pytest.raises(TritonRepositoryError, match=r"TensorRT-RTX engine.*--flavour tensorrt"):
         write_triton_repository(rtx_unit, tmp_path / "repo")
@@ -178,8 +184,8 @@ def test_rtx_unit_is_refused_without_allow_rtx(rtx_unit, tmp_path) -> None:
 @pytest.mark.trt
 @pytest.mark.parametrize("victim", ["model.engine", "libpimoe_trt_plugins.so", "manifest.json"])
 def test_tampered_unit_is_refused(rtx_unit, tmp_path, victim, capsys) -> None:
-    from pimoe_export.build.triton import write_triton_repository
     from pimoe_export.cli import main
+    from pimoe_export.deploy.triton import write_triton_repository
 
     unit = tmp_path / "unit"
     shutil.copytree(rtx_unit, unit)
@@ -234,7 +240,7 @@ def test_cli_options(rtx_unit, tmp_path, capsys) -> None:
     ({"server_repository": "models"}, "--server-repo must be an absolute path"),
 ])
 def test_bad_options_are_refused(rtx_unit, tmp_path, options, message) -> None:
-    from pimoe_export.build.triton import TritonRepositoryError, write_triton_repository
+    from pimoe_export.deploy.triton import TritonRepositoryError, write_triton_repository
 
     with pytest.raises(TritonRepositoryError, match=message):
         write_triton_repository(rtx_unit, tmp_path / "repo", allow_rtx=True, **options)
@@ -242,7 +248,7 @@ def test_bad_options_are_refused(rtx_unit, tmp_path, options, message) -> None:
 
 
 def test_force_does_not_delete_foreign_folders(ort_unit, tmp_path) -> None:
-    from pimoe_export.build.triton import TritonRepositoryError, write_triton_repository
+    from pimoe_export.deploy.triton import TritonRepositoryError, write_triton_repository
 
     foreign = tmp_path / "repo" / "mine"
     foreign.mkdir(parents=True)
@@ -257,7 +263,7 @@ def test_onnxruntime_repository(ort_unit, tiny, tmp_path) -> None:
     """Served by Triton's ONNX Runtime backend: model.onnx + our op library via model_operations, on the CPU."""
     import torch
 
-    from pimoe_export.build.triton import write_triton_repository
+    from pimoe_export.deploy.triton import write_triton_repository
     from pimoe_export.runtime.ort import create_session
 
     repo = tmp_path / "repo"
@@ -287,7 +293,7 @@ def test_onnxruntime_repository(ort_unit, tiny, tmp_path) -> None:
 
 
 def test_onnxruntime_repository_with_server_path(ort_unit, tmp_path) -> None:
-    from pimoe_export.build.triton import write_triton_repository
+    from pimoe_export.deploy.triton import write_triton_repository
 
     write_triton_repository(ort_unit, tmp_path / "repo", name="m", server_repository="/models/")
     config = parse_pbtxt((tmp_path / "repo" / "m" / "config.pbtxt").read_text())
@@ -297,7 +303,7 @@ def test_onnxruntime_repository_with_server_path(ort_unit, tmp_path) -> None:
 def test_unit_without_io_is_refused(ort_unit, tmp_path) -> None:
     import json
 
-    from pimoe_export.build.triton import write_triton_repository
+    from pimoe_export.deploy.triton import write_triton_repository
 
     unit = tmp_path / "unit"
     shutil.copytree(ort_unit, unit)
@@ -309,7 +315,7 @@ def test_unit_without_io_is_refused(ort_unit, tmp_path) -> None:
 
 
 def test_not_a_unit(tmp_path) -> None:
-    from pimoe_export.build.triton import write_triton_repository
+    from pimoe_export.deploy.triton import write_triton_repository
 
     with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
         write_triton_repository(tmp_path, tmp_path / "repo")

@@ -6,7 +6,7 @@
   and namespace, with the contract's attributes as declared fields.
 - Each creator builds plugins from field collections made from the contract (the types TensorRT's ONNX parser
   delivers) and rejects bad fields; the plugins report the contract's name, version, namespace and outputs.
-- pimoe_export.build.tensorrt reports missing pieces with its error types, and never imports torch.
+- pimoe_export.artefacts (libraries, tensorrt) reports missing pieces with its error types, and never imports torch.
 - The generated *_PluginConfig.yaml files match the contract.
 """
 
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def plugin_library_or_skip() -> Path:
-    from pimoe_export.build.tensorrt import find_plugin_library
+    from pimoe_export.artefacts.libraries import find_plugin_library
 
     try:
         return find_plugin_library()
@@ -38,7 +38,7 @@ def plugin_library_or_skip() -> Path:
 
 @pytest.fixture(scope="module")
 def lean():
-    from pimoe_export.build import tensorrt as T
+    from pimoe_export.artefacts import tensorrt as T
 
     path = plugin_library_or_skip()
     try:
@@ -53,7 +53,7 @@ def lean():
 
 # ------------------------------------------------------------------------------------------ the library file
 def test_library_exports_entry_points_and_needs_no_tensorrt() -> None:
-    from pimoe_export.build.tensorrt import check_plugin_library
+    from pimoe_export.artefacts.libraries import check_plugin_library
 
     path = plugin_library_or_skip()
     info = check_plugin_library(str(path))
@@ -213,21 +213,21 @@ def test_creator_rejects_fields_of_the_wrong_type(lean) -> None:
 
 # ------------------------------------------------------------------------------------------ python helpers
 def test_tensorrt_helpers_never_import_torch() -> None:
-    code = ("import sys, pimoe_export.build.tensorrt as t; t.find_plugin_library if True else None; "
+    code = ("import sys, pimoe_export.artefacts.tensorrt as t, pimoe_export.artefacts.libraries as l; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_missing_plugin_library_is_a_plugin_load_error(monkeypatch, tmp_path) -> None:
-    from pimoe_export.build import tensorrt as T
+    from pimoe_export.artefacts import libraries as L
 
-    monkeypatch.setenv(T.PLUGIN_LIBRARY_ENV, str(tmp_path / "missing.so"))
+    monkeypatch.setenv(L.PLUGIN_LIBRARY_ENV, str(tmp_path / "missing.so"))
     with pytest.raises(PluginLoadError, match="PIMOE_TRT_PLUGINS"):
-        T.find_plugin_library()
+        L.find_plugin_library()
 
 
 def test_foreign_library_is_a_plugin_load_error() -> None:
-    from pimoe_export.build.tensorrt import check_plugin_library
+    from pimoe_export.artefacts.libraries import check_plugin_library
     from pimoe_export.runtime.ort import find_ort_library
 
     with pytest.raises(PluginLoadError, match="not a pimoe TensorRT plugin library"):
@@ -235,7 +235,7 @@ def test_foreign_library_is_a_plugin_load_error() -> None:
 
 
 def test_missing_tensorrt_module_is_backend_unavailable(monkeypatch) -> None:
-    from pimoe_export.build import tensorrt as T
+    from pimoe_export.artefacts import tensorrt as T
 
     monkeypatch.setitem(T.FLAVOURS, "rtx", ("pimoe_no_such_tensorrt_module", "a pip requirement"))
     with pytest.raises(BackendUnavailableError, match="pip requirement"):

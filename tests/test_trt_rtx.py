@@ -19,19 +19,27 @@ import numpy as np
 import pytest
 from op_graphs import expert_mlp_attrs, single_op_model
 
+from pimoe_export.deploy import tensorrt as D
 from pimoe_export.errors import BackendUnavailableError, PluginLoadError
+from pimoe_export.interface import Profile, layer_interface, profile_shapes
 from pimoe_export.ops import schema
 
 pytestmark = pytest.mark.trt
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def layer_profile(hidden_size: int) -> dict:
+    """hidden_states over batch 1..8, sequence 1..512 (opt 1 x 64)."""
+    return profile_shapes(Profile((1, 1), (1, 64), (8, 512)), layer_interface(hidden_size, 1, "fp32"))
+
+
 @pytest.fixture(scope="module")
 def rtx():
-    from pimoe_export.build import tensorrt as T
+    from pimoe_export.artefacts import libraries as L
+    from pimoe_export.artefacts import tensorrt as T
 
     try:
-        plugin = T.find_plugin_library()
+        plugin = L.find_plugin_library()
     except PluginLoadError as exc:
         pytest.skip(f"plugin library not built (no nvcc?): {exc}")
     try:
@@ -66,10 +74,10 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("sm", ["SM89", "SM80"])
 def test_aot_build_of_exported_graph(rtx, exported, preset, precision, sm) -> None:
-    T, plugin = rtx
+    _, plugin = rtx
     path, config = exported(preset, precision)
-    profile = T.hidden_states_profile(config.hidden_size, (1, 1), (1, 64), (8, 512))
-    plan, summary = T.build_engine(path, plugin, profile, compute_capabilities=(sm,), strongly_typed=True)
+    profile = layer_profile(config.hidden_size)
+    plan, summary = D.build_engine(path, plugin, profile, compute_capabilities=(sm,), strongly_typed=True)
     groups = len(config.expert_groups())
     assert isinstance(plan, bytes) and len(plan) > 1_000_000  # the expert weights are embedded
     assert summary.layer_types.get("PLUGIN_V3") == 3 + groups
@@ -120,15 +128,15 @@ def test_aot_build_of_int8_graph(rtx, exported, quantized, preset, mode, sm) -> 
     inputs, and a plan that holds the weights as int8 (smaller than 1.5x their int8 bytes; fp32 would be 4x)."""
     import onnx
 
-    T, plugin = rtx
+    _, plugin = rtx
     _, config = exported(preset, "fp32")
     path = quantized(preset, mode)
     proto = onnx.load(str(path))
     nodes = [n for n in proto.graph.node if n.op_type == schema.EXPERT_MLP]
     int8_bytes = sum(len(t.raw_data) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8)
     assert nodes and int8_bytes > 0
-    profile = T.hidden_states_profile(config.hidden_size, (1, 1), (1, 64), (8, 512))
-    plan, summary = T.build_engine(path, plugin, profile, compute_capabilities=(sm,), strongly_typed=True)
+    profile = layer_profile(config.hidden_size)
+    plan, summary = D.build_engine(path, plugin, profile, compute_capabilities=(sm,), strongly_typed=True)
     groups = len(config.expert_groups())
     assert len(nodes) == groups
     assert summary.layer_types.get("PLUGIN_V3") == 3 + groups
@@ -150,13 +158,13 @@ def _single_op_file(tmp_path: Path, name: str, model: bytes) -> Path:
 
 
 def test_single_op_graph_with_weak_typing_builds(rtx, tmp_path) -> None:
-    T, plugin = rtx
+    _, plugin = rtx
     logits = np.zeros((4, 8), np.float32)
     model = single_op_model("PiMoERoute", [("logits", logits), ("selection_bias", np.zeros(8, np.float32))],
                             [("weights", np.float32, 2), ("ids", np.int32, 2)], {"k": 2, "normalize": 1})
     path = _single_op_file(tmp_path, "route", model)
     profile = {"logits": ((1, 8), (16, 8), (256, 8)), "selection_bias": ((8,), (8,), (8,))}
-    plan, summary = T.build_engine(path, plugin, profile, compute_capabilities=("SM89",), strongly_typed=False)
+    plan, summary = D.build_engine(path, plugin, profile, compute_capabilities=("SM89",), strongly_typed=False)
     assert summary.plugin_counts() == {schema.ROUTE: 1} and len(plan) > 0
 
 
@@ -176,35 +184,36 @@ def _w8a8_single_op(dtype, mode: str, act_scales) -> bytes:
 @pytest.mark.parametrize("mode", ["w8a8", "w8a8_dynamic"])
 def test_int8_expert_node_builds_with_int8_constant_weights(rtx, tmp_path, dtype, mode) -> None:
     """The parser hands the int8 initializer to the plugin as an INT8 constant; x/y fp32 or fp16."""
-    T, plugin = rtx
+    _, plugin = rtx
     path = _single_op_file(tmp_path, "w8a8", _w8a8_single_op(dtype, mode, [0.1, 0.2] if mode == "w8a8" else []))
     profile = {"x_sorted": ((1, 16), (8, 16), (64, 16)), "offsets": ((4,), (4,), (4,))}
-    plan, summary = T.build_engine(path, plugin, profile, compute_capabilities=("SM89",))
+    plan, summary = D.build_engine(path, plugin, profile, compute_capabilities=("SM89",))
     assert summary.plugin_counts() == {schema.EXPERT_MLP: 1} and len(plan) > 0
     assert summary.layer_types.get("CONSTANT") == 4  # int8 weight, w_scale, act_smooth, bias
     assert summary.plugin_layers[0].num_inputs == 6
 
 
 def test_bad_int8_node_fails_with_the_plugins_reason(rtx, tmp_path) -> None:
-    T, plugin = rtx
+    _, plugin = rtx
     path = _single_op_file(tmp_path, "w8a8_bad", _w8a8_single_op(np.float32, "w8a8", [0.1, 0.2, 0.3]))
     profile = {"x_sorted": ((1, 16), (8, 16), (64, 16)), "offsets": ((4,), (4,), (4,))}
-    with pytest.raises(T.EngineBuildError, match=r"needs act_scales with layers\*G = 2 entries, got 3"):
-        T.build_engine(path, plugin, profile, compute_capabilities=("SM89",))
+    with pytest.raises(D.EngineBuildError, match=r"needs act_scales with layers\*G = 2 entries, got 3"):
+        D.build_engine(path, plugin, profile, compute_capabilities=("SM89",))
 
 
 def test_k_larger_than_experts_fails_the_build(rtx, tmp_path) -> None:
-    T, plugin = rtx
+    _, plugin = rtx
     model = single_op_model("PiMoERoute", [("logits", np.zeros((4, 3), np.float32))],
                             [("weights", np.float32, 2), ("ids", np.int32, 2)], {"k": 4})
     path = _single_op_file(tmp_path, "k4e3", model)
-    with pytest.raises(T.EngineBuildError, match="k=4 exceeds the number of experts E=3"):
-        T.build_engine(path, plugin, {"logits": ((1, 3), (4, 3), (16, 3))}, compute_capabilities=("SM89",))
+    with pytest.raises(D.EngineBuildError, match="k=4 exceeds the number of experts E=3"):
+        D.build_engine(path, plugin, {"logits": ((1, 3), (4, 3), (16, 3))}, compute_capabilities=("SM89",))
 
 
 STATIC_SCRIPT = r"""
 import ctypes, sys
-from pimoe_export.build import tensorrt as T
+from pimoe_export.artefacts import tensorrt as T
+from pimoe_export.deploy import tensorrt as D
 from pimoe_export.errors import PluginLoadError
 trt = T.import_tensorrt(sys.argv[1])
 registry = trt.get_plugin_registry()
@@ -212,7 +221,7 @@ assert registry.get_creator("PiMoERoute", "1", "") is None
 ctypes.CDLL(sys.argv[2])  # a dlopen-only loader (polygraphy --plugins): the library registers itself
 assert all(registry.get_creator(n, "1", "") is not None for n in T.PLUGIN_NAMES), "static registration failed"
 if sys.argv[1] == "rtx":  # the parser finds the statically registered creators
-    plan, summary = T.build_engine(sys.argv[3], sys.argv[2], {"logits": ((1, 8), (4, 8), (64, 8))},
+    plan, summary = D.build_engine(sys.argv[3], sys.argv[2], {"logits": ((1, 8), (4, 8), (64, 8))},
                                    compute_capabilities=("SM89",))
     assert summary.plugin_counts() == {"PiMoERoute": 1}
 # dynamic loading of the same library now fails: the two modes exclude each other

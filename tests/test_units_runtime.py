@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from pimoe_export.build.manifest import Profile, read_manifest, verify
-from pimoe_export.build.units import package_ort
+from pimoe_export.artefacts.manifest import read_manifest, verify
 from pimoe_export.cli import main
+from pimoe_export.deploy.units import package_ort
 from pimoe_export.errors import ArtifactError, BackendUnavailableError, PiMoEInputError
 from pimoe_export.export.onnx_export import export_onnx
+from pimoe_export.interface import Profile
 from pimoe_export.model import create_from_preset
 from pimoe_export.runtime.engine import Engine
 from pimoe_export.runtime.ort import create_session
@@ -113,6 +114,13 @@ def test_engine_version_and_sm_mismatch_are_refused(ort_unit, tmp_path) -> None:
     shutil.copytree(ort_unit, unit)
     data = json.loads((unit / "manifest.json").read_text())
     data.update(backend="tensorrt", backend_version="11.4.0", target_sms=["sm_89"])
+    # the artefacts a tensorrt unit must list (contents are never loaded here: verify checks hashes only)
+    shutil.copyfile(unit / "model.onnx", unit / "model.engine")
+    shutil.copyfile(unit / "libpimoe_ort.so", unit / "libpimoe_trt_plugins.so")
+    data["artifacts"] = [a for a in data["artifacts"] if a["role"] == "onnx"] + [
+        {**a, "role": role, "file": file} for a in data["artifacts"]
+        for role, file, source in (("engine", "model.engine", "onnx"), ("plugin_library", "libpimoe_trt_plugins.so",
+                                                                        "ort_library")) if a["role"] == source]
     (unit / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match=r"built with tensorrt 11\.4\.0, this machine has 11\.5\.1"):
         verify(unit, backend_version="11.5.1")
@@ -127,14 +135,15 @@ def test_missing_unit_and_inspect_cli(ort_unit, tmp_path, capsys) -> None:
     assert main(["inspect", str(ort_unit)]) == 0
     assert "verified" in capsys.readouterr().out
     (ort_unit / "model.onnx").write_bytes(b"x")
-    assert main(["inspect", str(ort_unit)]) == 1
+    assert main(["inspect", str(ort_unit)]) == 2  # an invalid unit is bad input (README: exit codes)
     assert "NOT VALID" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------ TensorRT(-RTX)
 def _rtx_or_skip():
     try:
-        from pimoe_export.build.tensorrt import find_plugin_library, import_tensorrt
+        from pimoe_export.artefacts.libraries import find_plugin_library
+        from pimoe_export.artefacts.tensorrt import import_tensorrt
 
         import_tensorrt("rtx")
         find_plugin_library()
@@ -174,15 +183,15 @@ def test_cli_build_produces_rtx_units_with_manifests(preset, tmp_path, capsys) -
 def test_tensorrt_engine_runs_where_tensorrt_and_a_gpu_exist(tiny, tmp_path) -> None:
     """Runs in the docker/ server image (TensorRT + GPU); skipped elsewhere."""
     try:
-        from pimoe_export.build.tensorrt import import_tensorrt
-        from pimoe_export.build.units import local_gpu_sm
+        from pimoe_export.artefacts.devices import local_gpu_sm
+        from pimoe_export.artefacts.tensorrt import import_tensorrt
 
         import_tensorrt("tensorrt")
     except BackendUnavailableError as exc:
         pytest.skip(str(exc))
     if local_gpu_sm() is None:
         pytest.skip("no GPU")
-    from pimoe_export.build.units import BuildOptions, build_unit
+    from pimoe_export.deploy.units import BuildOptions, build_unit
 
     model, onnx_path, _ = tiny
     build_unit(onnx_path, tmp_path / "trt", options=BuildOptions(flavour="tensorrt"))
@@ -197,19 +206,33 @@ def test_tensorrt_engine_runs_where_tensorrt_and_a_gpu_exist(tiny, tmp_path) -> 
 
 
 def test_comparison_of_precomputed_backend_outputs(tiny, tmp_path) -> None:
-    """The path `check --unit` takes for engine units: outputs computed by the unit, compared by Polygraphy."""
-    from pimoe_export.validate.check import TOLERANCES, _polygraphy_compare, _verdict, make_inputs, pytorch_reference
+    """The comparison every check runs, on outputs a backend computed: Polygraphy's accuracy check and the verdict
+    pass on the backend's own outputs and fail when one output is off by 1%."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+
+    from pimoe_export.interface import TOLERANCES, layer_interface
+    from pimoe_export.validate.compare import COMPARED, polygraphy_accuracy, verdict
+    from pimoe_export.validate.reference import make_inputs, pytorch_reference
 
     model, onnx_path, _ = tiny
-    feeds = make_inputs(16, [(1, 3), (2, 8)], 0, np.float32)
+    feeds = make_inputs(layer_interface(16, model.config.top_k, "fp32"), [(1, 3), (2, 8)], 0)
     reference = pytorch_reference(model, feeds)
     session = create_session(onnx_path)
     actual = [dict(zip(("output", "expert_ids", "expert_weights"), session.run(None, f), strict=True))
               for f in feeds]
-    passed, got, _ = _polygraphy_compare(reference, TOLERANCES["fp32"], tmp_path, False, actual=actual,
-                                             runner_name="tensorrt")
-    assert passed and got is actual and (tmp_path / "pytorch_outputs.json").is_file()
-    assert _verdict(reference, actual, TOLERANCES["fp32"], passed)[2] == []
+
+    def results(name: str, outputs: list) -> RunResults:
+        entry = RunResults()
+        entry.append((name, [IterationResult({k: o[k] for k in COMPARED}, runner_name=name) for o in outputs]))
+        return entry
+
+    def compare() -> tuple[bool, list[str]]:
+        passed = polygraphy_accuracy(results("pytorch", reference), results("tensorrt", actual), TOLERANCES["fp32"],
+                                     reference)
+        return passed, verdict(reference, actual, TOLERANCES["fp32"], passed).failures
+
+    assert compare() == (True, [])
     actual[1]["output"] = actual[1]["output"] * 1.01
-    passed, _, _ = _polygraphy_compare(reference, TOLERANCES["fp32"], tmp_path, False, actual=actual)
-    assert not passed and _verdict(reference, actual, TOLERANCES["fp32"], passed)[2]
+    passed, failures = compare()
+    assert not passed and failures

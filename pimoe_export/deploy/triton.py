@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pimoe_export._files import sha256_file
-from pimoe_export.build.manifest import Manifest, verify
+from pimoe_export._files import OutputDir, sha256_file
+from pimoe_export.artefacts.manifest import Manifest, Unit, verify
 from pimoe_export.errors import ArtifactError, PiMoEError
 
 #: manifest io dtype spellings (TensorRT DataType names and numpy names) -> Triton model-config data types
@@ -59,6 +60,9 @@ PLATFORMS: dict[str, tuple[str, str, str, str, str]] = {
     "tensorrt-rtx": ("tensorrt_plan", "model.plan", "engine", "plugin_library", "KIND_GPU"),
     "onnxruntime": ("onnxruntime_onnx", "model.onnx", "onnx", "ort_library", "KIND_CPU"),
 }
+#: file name of the custom library in REPO/NAME/ per backend
+LIBRARY_NAMES = {"tensorrt": "libpimoe_trt_plugins.so", "tensorrt-rtx": "libpimoe_trt_plugins.so",
+                 "onnxruntime": "libpimoe_ort.so"}
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -250,7 +254,8 @@ def write_triton_repository(
     """
     unit_dir = Path(unit_dir)
     repository = Path(repository)
-    manifest = verify(unit_dir)  # every artefact's sha256, before anything is copied
+    unit = verify(unit_dir)  # containment and every artefact's sha256, before anything is copied
+    manifest = unit.manifest
     if manifest.backend not in PLATFORMS:
         raise TritonRepositoryError(f"{unit_dir}: backend {manifest.backend!r} has no Triton platform here "
                                     f"(supported: {sorted(PLATFORMS)})")
@@ -286,43 +291,65 @@ def write_triton_repository(
         raise TritonRepositoryError(f"--server-repo must be an absolute path (the server loads libraries by it), "
                                     f"got {server_repository!r}")
 
-    model_dir = repository / name
-    if model_dir.exists():
-        if not force:
-            raise TritonRepositoryError(f"{model_dir} already exists; pass --force to replace it, or choose "
-                                        f"another --name / output repository")
-        if not (model_dir / "config.pbtxt").is_file():
-            raise TritonRepositoryError(f"{model_dir} exists and holds no config.pbtxt: it does not look like a "
-                                        f"Triton model written by this command, so it is not replaced; remove it "
-                                        f"yourself")
-        shutil.rmtree(model_dir)
-    (model_dir / "1").mkdir(parents=True)
-
-    model_art = manifest.artifact(model_role)
-    library_art = manifest.artifact(library_role)
-    model_file = model_dir / "1" / model_filename
-    library = model_dir / library_art.file
+    # written into a private folder of the repository first and renamed into place at the end: a failed or
+    # interrupted run leaves no half-written model for Triton to pick up, and NAME is replaced only when this command
+    # wrote it (or with --force)
+    target = _claim_model_dir(repository, name, force)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repository))
     try:
-        shutil.copyfile(unit_dir / model_art.file, model_file)
-        shutil.copyfile(unit_dir / library_art.file, library)
+        model_dir = staging
+        (model_dir / "1").mkdir()
+        model_file = model_dir / "1" / model_filename
+        library = model_dir / LIBRARY_NAMES[manifest.backend]  # our name, never one taken from the manifest
+        for role, copy in ((model_role, model_file), (library_role, library)):
+            shutil.copyfile(unit.files[role], copy)
+            if sha256_file(copy) != manifest.artifact(role).sha256:  # the unit changed while we copied it
+                raise ArtifactError(f"{copy.name} does not match the sha256 in {unit_dir}/manifest.json after "
+                                    "copying; the unit is being modified: retry when it is complete")
         library.chmod(0o755)
-        for art, copy in ((model_art, model_file), (library_art, library)):
-            if sha256_file(copy) != art.sha256:  # the unit changed while we copied it
-                raise ArtifactError(f"{copy} does not match the sha256 in {unit_dir}/manifest.json after copying; "
-                                    f"the unit is being modified: retry when it is complete")
-    except BaseException:
-        shutil.rmtree(model_dir, ignore_errors=True)  # no half-written model for Triton to pick up
-        raise
+        model = _finish(staging, target, name, platform, model_filename, inputs, outputs, max_batch_size, instances,
+                        kind, server_dir, unit, repository)
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        staging.rename(target)
+        return model
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
+
+def _claim_model_dir(repository: Path, name: str, force: bool) -> Path:
+    """REPO/NAME, which may be replaced only with ``force``, and then only when pimoe-export wrote it or it holds a
+    config.pbtxt (a Triton model): a folder of the user's is never deleted."""
+    out = OutputDir(repository, force=True, command="triton")
+    existing = out.root / name
+    if existing.exists() or existing.is_symlink():
+        if not force:
+            raise TritonRepositoryError(f"{existing} already exists; pass --force to replace it, or choose another "
+                                        "--name / output repository")
+        if not out.owns(name) and not (existing / "config.pbtxt").is_file():
+            raise TritonRepositoryError(f"{existing} exists and holds no config.pbtxt: it does not look like a Triton "
+                                        "model written by this command, so it is not replaced; remove it yourself")
+    return out.claim(name)
+
+
+def _finish(staging: Path, final: Path, name: str, platform: str, model_filename: str, inputs: list[TensorSpec],
+            outputs: list[TensorSpec], max_batch_size: int, instances: int, kind: str, server_dir: str, unit: Unit,
+            repository: Path) -> TritonModel:
+    """config.pbtxt and README.md into the staging folder; the returned paths are those after the rename."""
+    manifest, unit_dir = unit.manifest, unit.dir
+    library_name = LIBRARY_NAMES[manifest.backend]
     comment = (f"generated by `pimoe-export triton` from {unit_dir.resolve()}\n"
                f"{manifest.backend} {manifest.backend_version}, {manifest.precision}; see README.md next to this file")
     config_text = render_config(
         name, platform, model_filename, inputs, outputs, max_batch_size=max_batch_size, instances=instances,
-        kind=kind, op_library=f"{server_dir}/{library.name}" if manifest.backend == "onnxruntime" else None,
+        kind=kind, op_library=f"{server_dir}/{library_name}" if manifest.backend == "onnxruntime" else None,
         comment=comment)
-    config = model_dir / "config.pbtxt"
-    config.write_text(config_text)
-    model = TritonModel(repository, name, platform, model_dir, config, model_file, library, model_dir / "README.md",
-                        inputs, outputs, max_batch_size)
-    model.readme.write_text(_readme(model, manifest, unit_dir.resolve(), server_dir))
-    return model
+    (staging / "config.pbtxt").write_text(config_text)
+    staged = TritonModel(repository, name, platform, staging, staging / "config.pbtxt",
+                         staging / "1" / model_filename, staging / library_name, staging / "README.md", inputs,
+                         outputs, max_batch_size)
+    staged.readme.write_text(_readme(staged, manifest, unit_dir.resolve(), server_dir))
+    return TritonModel(repository, name, platform, final, final / "config.pbtxt", final / "1" / model_filename,
+                       final / library_name, final / "README.md", inputs, outputs, max_batch_size)

@@ -1,7 +1,7 @@
 """Create deployable units: ONNX Runtime units (CPU) and TensorRT / TensorRT-RTX engine units.
 
 Engine units are built through the TensorRT Python API from the custom-op ONNX with our plugin library
-(:func:`pimoe_export.build.tensorrt.build_engine`): strongly typed network, an optimisation profile over
+(:func:`pimoe_export.deploy.tensorrt.build_engine`): strongly typed network, an optimisation profile over
 ``hidden_states`` [batch, sequence, H], builder optimisation level, a timing cache that is loaded and saved,
 and version/hardware-compatibility options. With TensorRT-RTX the same code builds ahead of time for chosen
 compute capabilities on a machine without a GPU; with full TensorRT it builds for the local GPU.
@@ -9,32 +9,48 @@ compute capabilities on a machine without a GPU; with full TensorRT it builds fo
 
 from __future__ import annotations
 
-import json
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pimoe_export.build.manifest import Artifact, Manifest, Profile, copy_artifact
+from pimoe_export._files import OutputDir
+from pimoe_export.artefacts.devices import local_gpu_sm
+from pimoe_export.artefacts.libraries import (
+    check_ort_library,
+    check_plugin_library,
+    find_ort_library,
+    find_plugin_library,
+)
+from pimoe_export.artefacts.manifest import Artifact, Manifest, copy_artifact
 from pimoe_export.errors import ArtifactError, BackendUnavailableError
+from pimoe_export.interface import (
+    CUDA_ARCHITECTURES,
+    DEFAULT_ENGINE_PROFILE,
+    DEFAULT_ORT_PROFILE,
+    DEFAULT_RTX_TARGETS,
+    OnnxMetadata,
+    Profile,
+    layer_interface,
+    profile_shapes,
+    read_metadata,
+    sm_names,
+)
+from pimoe_export.ops.validation import check_graph
 
-DEFAULT_PROFILE = Profile(min_shape=(1, 1), opt_shape=(1, 64), max_shape=(8, 512))
-#: TensorRT-RTX ahead-of-time targets among the project's architectures (RTX has no SM90 target; Hopper engines
-#: come from full TensorRT in the docker/ image). SM87 (Jetson Orin) is not an RTX target either.
-DEFAULT_RTX_TARGETS = ("SM80", "SM86", "SM89")
+
+def _source(onnx_path: str | Path) -> tuple[Path, OnnxMetadata]:
+    """The exported ONNX a unit is made from: its metadata, and its pimoe nodes checked against the contract."""
+    onnx_path = Path(onnx_path)
+    meta = read_metadata(onnx_path)
+    if meta.graph != "custom-ops":
+        raise ArtifactError(f"{onnx_path} is a {meta.graph} graph; units are made from the custom-op export "
+                            "(`pimoe-export export` without --standard-ops, or `pimoe-export quantize`)")
+    check_graph(onnx_path)
+    return onnx_path, meta
 
 
-def onnx_metadata(onnx_path: str | Path) -> dict[str, str]:
-    import onnx
-
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
-
-
-def _config_from_meta(meta: dict[str, str], onnx_path: Path) -> dict[str, Any]:
-    if "pimoe.config" not in meta:
-        raise ArtifactError(f"{onnx_path} carries no pimoe.config metadata: export it with `pimoe-export export`")
-    return json.loads(meta["pimoe.config"])
+def _interface(meta: OnnxMetadata):
+    return layer_interface(int(meta.config["hidden_size"]), int(meta.config["top_k"]), meta.precision)
 
 
 def package_ort(
@@ -44,41 +60,39 @@ def package_ort(
     library: str | Path | None = None,
     profile: Profile | None = None,
     move: bool = False,
+    force: bool = False,
 ) -> Manifest:
-    """An ONNX Runtime unit: the ONNX (copied, or moved with ``move``) + libpimoe_ort + manifest."""
-    from pimoe_export.runtime.ort import check_ort_library, find_ort_library
+    """An ONNX Runtime unit: the ONNX (copied, or moved with ``move``) + libpimoe_ort + manifest.
 
-    onnx_path = Path(onnx_path)
-    unit_dir = Path(unit_dir)
-    unit_dir.mkdir(parents=True, exist_ok=True)
-    meta = onnx_metadata(onnx_path)
-    config = _config_from_meta(meta, onnx_path)
+    ``unit_dir`` is an output directory (see :class:`~pimoe_export._files.OutputDir`): files in it that
+    pimoe-export did not write are not replaced unless ``force``."""
+    onnx_path, meta = _source(onnx_path)
     lib = Path(library or find_ort_library())
     info = check_ort_library(str(lib))
-    target = unit_dir / "model.onnx"
+    out = OutputDir(unit_dir, force=force, command="package")
+    target = out.claim("model.onnx")
+    lib_copy = out.claim("libpimoe_ort.so")
+    manifest_path = out.claim("manifest.json")
     if move and onnx_path.resolve() != target.resolve():
         onnx_path.replace(target)
     else:
-        copy_artifact(onnx_path, unit_dir, "model.onnx")
-    lib_copy = copy_artifact(lib, unit_dir, "libpimoe_ort.so")
+        copy_artifact(onnx_path, target)
+    copy_artifact(lib, lib_copy)
     import onnxruntime as ort
 
+    onnx_art = Artifact.of("onnx", target)
     manifest = Manifest(
         backend="onnxruntime",
-        precision=meta.get("pimoe.precision", "fp32"),
-        profile=profile or Profile((1, 1), (1, 64), (256, 8192)),
-        config=config,
-        artifacts=[Artifact.of(unit_dir, "onnx", target), Artifact.of(unit_dir, "ort_library", lib_copy)],
+        precision=meta.precision,
+        profile=profile or DEFAULT_ORT_PROFILE,
+        config=meta.config,
+        artifacts=[onnx_art, Artifact.of("ort_library", lib_copy)],
         backend_version=ort.__version__,
         build_options={"cpu_isa": info["cpu_isa"]},
-        io={"inputs": [["hidden_states", "float16" if meta.get("pimoe.precision") == "fp16" else "float32",
-                        ["batch", "sequence", config["hidden_size"]]]],
-            "outputs": [["output", "", ["batch", "sequence", config["hidden_size"]]],
-                        ["expert_ids", "int32", ["batch", "sequence", config["top_k"]]],
-                        ["expert_weights", "float32", ["batch", "sequence", config["top_k"]]]]},
-        source_onnx_sha256=Artifact.of(unit_dir, "onnx", target).sha256,
+        io=_interface(meta).to_dict(),
+        source_onnx_sha256=onnx_art.sha256,
     )
-    manifest.write(unit_dir)
+    manifest.write(manifest_path.parent)
     return manifest
 
 
@@ -86,7 +100,7 @@ def package_ort(
 class BuildOptions:
     flavour: str = "auto"  # "auto" (tensorrt if installed, else TensorRT-RTX), "tensorrt" or "rtx"
     compute_capabilities: tuple[str, ...] = DEFAULT_RTX_TARGETS  # TensorRT-RTX ahead-of-time targets
-    profile: Profile = DEFAULT_PROFILE
+    profile: Profile = DEFAULT_ENGINE_PROFILE
     optimization_level: int | None = None  # builder optimisation level 0..5 (None: TensorRT's default, 3)
     timing_cache: str | None = None  # full TensorRT: loaded when it exists, saved after the build
     version_compatible: bool = False  # full TensorRT: engine runs on later TensorRT versions (lean runtime)
@@ -94,14 +108,16 @@ class BuildOptions:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["profile"] = asdict(self.profile)
+        data["profile"] = self.profile.to_dict()
         return data
 
 
 def detect_flavour(preferred: str = "auto") -> str:
     """"tensorrt" when full TensorRT imports, else "rtx" when TensorRT-RTX does; BackendUnavailableError otherwise."""
-    from pimoe_export.build.tensorrt import import_tensorrt
+    from pimoe_export.artefacts.tensorrt import import_tensorrt
 
+    if preferred not in ("auto", "tensorrt", "rtx"):
+        raise ArtifactError(f"unknown TensorRT flavour {preferred!r}; expected auto, tensorrt or rtx")
     candidates = ("tensorrt", "rtx") if preferred == "auto" else (preferred,)
     problems = []
     for flavour in candidates:
@@ -111,19 +127,6 @@ def detect_flavour(preferred: str = "auto") -> str:
         except BackendUnavailableError as exc:
             problems.append(str(exc))
     raise BackendUnavailableError("no TensorRT builder is installed: " + " | ".join(problems))
-
-
-def local_gpu_sm() -> str | None:
-    """The first GPU's compute capability as "sm_XY" (nvidia-smi), or None without a GPU/driver."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout.strip().splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if not out:
-        return None
-    major, _, minor = out[0].strip().partition(".")
-    return f"sm_{major}{minor}" if major.isdigit() else None
 
 
 def _configure(options: BuildOptions, flavour: str, cache_holder: dict[str, Any]):
@@ -145,62 +148,63 @@ def _configure(options: BuildOptions, flavour: str, cache_holder: dict[str, Any]
     return configure
 
 
+def _targets(flavour: str, options: BuildOptions, capabilities: tuple[str, ...]) -> list[str]:
+    if flavour == "rtx":
+        return [c.lower().replace("sm", "sm_") for c in capabilities]
+    if options.hardware_compatible:
+        return sm_names(CUDA_ARCHITECTURES)
+    return [s for s in (local_gpu_sm(),) if s]
+
+
 def build_unit(
     onnx_path: str | Path,
     unit_dir: str | Path,
     *,
     plugin_path: str | Path | None = None,
     options: BuildOptions | None = None,
+    force: bool = False,
 ) -> Manifest:
-    """Build a TensorRT (or TensorRT-RTX) engine unit from a custom-op ONNX. Needs a TensorRT builder."""
-    from pimoe_export.build.tensorrt import build_engine, check_plugin_library, find_plugin_library, import_tensorrt
+    """Build a TensorRT (or TensorRT-RTX) engine unit from a custom-op ONNX. Needs a TensorRT builder.
+
+    The engine is built before anything is written; ``unit_dir`` is an output directory (files in it that
+    pimoe-export did not write are not replaced unless ``force``)."""
+    from pimoe_export.artefacts.tensorrt import import_tensorrt
+    from pimoe_export.deploy.tensorrt import build_engine
 
     options = options or BuildOptions()
-    onnx_path = Path(onnx_path)
-    unit_dir = Path(unit_dir)
-    if not onnx_path.is_file():
-        raise ArtifactError(f"{onnx_path} does not exist; export it with `pimoe-export export`")
-    meta = onnx_metadata(onnx_path)
-    config = _config_from_meta(meta, onnx_path)
+    onnx_path, meta = _source(onnx_path)
+    interface = _interface(meta)
     flavour = detect_flavour(options.flavour)
     trt = import_tensorrt(flavour)
     plugin = Path(plugin_path or find_plugin_library())
     check_plugin_library(str(plugin))
-    hidden = int(config["hidden_size"])
-    p = options.profile
-    profile = {"hidden_states": ((*p.min_shape, hidden), (*p.opt_shape, hidden), (*p.max_shape, hidden))}
+    out = OutputDir(unit_dir, force=force, command="build")  # refuses before the (long) build, not after
     holder: dict[str, Any] = {}
     capabilities = options.compute_capabilities if flavour == "rtx" else ()
-    plan, summary = build_engine(onnx_path, plugin, profile, capabilities, strongly_typed=True, flavour=flavour,
-                                 configure=_configure(options, flavour, holder))
+    plan, summary = build_engine(onnx_path, plugin, profile_shapes(options.profile, interface), capabilities,
+                                 strongly_typed=True, flavour=flavour, configure=_configure(options, flavour, holder))
     if options.timing_cache and "cache" in holder:
         Path(options.timing_cache).write_bytes(bytes(memoryview(holder["cache"].serialize())))
-    unit_dir.mkdir(parents=True, exist_ok=True)
-    engine_path = unit_dir / "model.engine"
+    engine_path = out.claim("model.engine")
     engine_path.write_bytes(plan)
-    onnx_copy = copy_artifact(onnx_path, unit_dir, "model.onnx")
-    plugin_copy = copy_artifact(plugin, unit_dir, "libpimoe_trt_plugins.so")
-    if flavour == "rtx":
-        targets = [c.lower().replace("sm", "sm_") for c in capabilities]
-    elif options.hardware_compatible:
-        targets = ["sm_80", "sm_86", "sm_87", "sm_89", "sm_90"]
-    else:
-        targets = [s for s in (local_gpu_sm(),) if s]
+    onnx_copy = copy_artifact(onnx_path, out.claim("model.onnx"))
+    plugin_copy = copy_artifact(plugin, out.claim("libpimoe_trt_plugins.so"))
+    manifest_path = out.claim("manifest.json")
+    onnx_art = Artifact.of("onnx", onnx_copy)
     manifest = Manifest(
         backend="tensorrt-rtx" if flavour == "rtx" else "tensorrt",
-        precision=meta.get("pimoe.precision", "fp32"),
-        profile=p,
-        config=config,
-        artifacts=[Artifact.of(unit_dir, "engine", engine_path), Artifact.of(unit_dir, "onnx", onnx_copy),
-                   Artifact.of(unit_dir, "plugin_library", plugin_copy)],
+        precision=meta.precision,
+        profile=options.profile,
+        config=meta.config,
+        artifacts=[Artifact.of("engine", engine_path), onnx_art, Artifact.of("plugin_library", plugin_copy)],
         backend_version=str(getattr(trt, "__version__", "")),
-        target_sms=targets,
+        target_sms=_targets(flavour, options, capabilities),
         build_options={**options.to_dict(), "flavour": flavour,
                        "timing_cache_used": "cache" in holder,
                        "plugin_layers": summary.plugin_counts(), "layers": summary.num_layers,
                        "strongly_typed": True, "build_host_gpu": local_gpu_sm()},
-        io={"inputs": [list(t) for t in summary.inputs], "outputs": [list(t) for t in summary.outputs]},
-        source_onnx_sha256=Artifact.of(unit_dir, "onnx", onnx_copy).sha256,
+        io=interface.to_dict(),
+        source_onnx_sha256=onnx_art.sha256,
     )
-    manifest.write(unit_dir)
+    manifest.write(manifest_path.parent)
     return manifest

@@ -13,21 +13,22 @@ import torch
 
 from pimoe_export.errors import PiMoEExportError
 from pimoe_export.export.modules import FLOAT_DTYPES, CustomOpPiMoE, StandardOpsPiMoE
+from pimoe_export.interface import (
+    BATCH_AXIS,
+    LAYER_INPUT,
+    LAYER_OUTPUTS,
+    META_CONFIG,
+    META_CONTRACT,
+    META_EXPORTER,
+    META_GRAPH,
+    META_PRECISION,
+    META_WEIGHTS,
+    ONNX_OPSET,
+    SEQUENCE_AXIS,
+)
 from pimoe_export.model.system import PiMoESystem
 from pimoe_export.ops import schema
 from pimoe_export.ops.onnx_schema import register_onnx_schemas
-
-ONNX_OPSET = 18
-INPUT_NAME = "hidden_states"
-OUTPUT_NAMES = ("output", "expert_ids", "expert_weights")
-
-# metadata_props keys written into every exported model
-META_CONFIG = "pimoe.config"
-META_CONTRACT = "pimoe.contract_version"
-META_GRAPH = "pimoe.graph"  # "custom-ops" | "standard-ops"
-META_PRECISION = "pimoe.precision"  # "fp32" | "fp16" | "w8a8" | ...
-META_EXPORTER = "pimoe.exporter"
-META_WEIGHTS = "pimoe.weights_sha256"  # fingerprint of the PyTorch weights the graph was exported from
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -55,8 +56,8 @@ class ExportResult:
 
 
 def _quiet_export(module: torch.nn.Module, example: torch.Tensor, table: dict | None) -> onnx.ModelProto:
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    sequence = torch.export.Dim("sequence", min=1, max=65536)
+    batch = torch.export.Dim(BATCH_AXIS, min=1, max=65536)
+    sequence = torch.export.Dim(SEQUENCE_AXIS, min=1, max=65536)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -64,9 +65,9 @@ def _quiet_export(module: torch.nn.Module, example: torch.Tensor, table: dict | 
             (example,),
             dynamo=True,
             custom_translation_table=table,
-            dynamic_shapes={"hidden_states": {0: batch, 1: sequence}},
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={LAYER_INPUT: {0: batch, 1: sequence}},
+            input_names=[LAYER_INPUT],
+            output_names=list(LAYER_OUTPUTS),
             opset_version=ONNX_OPSET,
             # onnxscript's optimizer re-infers types through ONNX schemas, which cannot type the outputs of
             # the pimoe nodes (onnx_schema.py explains why) and drops them; ORT and TensorRT optimise the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -17,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from pimoe_export.errors import PiMoEConfigError
+from pimoe_export.interface import INT32_LIMIT, MAX_EXPERTS, MAX_LAYERS, MAX_TOP_K
 
-#: Op-contract limits (ARCHITECTURE.md §3), enforced at config time, at export and in every kernel.
-MAX_EXPERTS = 1024
-MAX_TOP_K = 16
-INT32_LIMIT = 2**31
+#: the largest model this package builds (parameters): a config asking for more is refused before any allocation
+MAX_PARAMETERS = 2**33
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "tanh")
 LOAD_BALANCE_LOSSES = ("mse", "switch")
@@ -222,9 +222,7 @@ class PiMoEConfig:
         check_float("layer_norm_eps", 0.0, lo_open=True)
         if self.expert_widths is not None:
             self._check_expert_widths()
-        widest = max(max(spec.widths) for spec in self.expert_specs())
-        if e * widest >= INT32_LIMIT or h * MAX_TOP_K >= INT32_LIMIT:
-            raise PiMoEConfigError("intermediate_size", f"sizes overflow int32 indexing (widest layer {widest})")
+        self._check_sizes(e, h)
         del i
         if not isinstance(self.metadata, Mapping):
             raise PiMoEConfigError("metadata", "must be a mapping of JSON-serialisable values")
@@ -259,6 +257,30 @@ class PiMoEConfig:
         for index, spec in enumerate(self.expert_specs()):
             groups.setdefault(spec, []).append(index)
         return list(groups.items())
+
+    def _check_sizes(self, experts: int, hidden: int) -> None:
+        """The op contract's int32 limits and a bound on the total size, before anything is allocated."""
+        specs = self.expert_specs()
+        widest = max(max(spec.widths) for spec in specs)
+        if experts * widest >= INT32_LIMIT or hidden * MAX_TOP_K >= INT32_LIMIT:
+            raise PiMoEConfigError("intermediate_size", f"sizes overflow int32 indexing (widest layer {widest})")
+        groups: dict[tuple, int] = {}
+        for spec in specs:
+            if len(spec.widths) - 1 > MAX_LAYERS:
+                raise PiMoEConfigError("expert_widths", f"an expert has {len(spec.widths) - 1} layers; at most "
+                                                        f"{MAX_LAYERS}")
+            groups[tuple(spec.widths)] = groups.get(tuple(spec.widths), 0) + 1
+        total = 0
+        for widths, count in groups.items():
+            for w_in, w_out in itertools.pairwise(widths):
+                if count * w_in * w_out >= INT32_LIMIT:
+                    raise PiMoEConfigError(
+                        "intermediate_size", f"a {w_in}x{w_out} layer over {count} expert(s) holds >= 2^31 weights, "
+                        "beyond the op contract's int32 indexing; use fewer or smaller experts")
+                total += count * (w_in * w_out + w_out)
+        if total > MAX_PARAMETERS:
+            raise PiMoEConfigError("hidden_size", f"the experts would hold {total:,} parameters, more than the "
+                                                  f"{MAX_PARAMETERS:,} this package builds; use a smaller model")
 
     def _check_expert_widths(self) -> None:
         widths = self.expert_widths

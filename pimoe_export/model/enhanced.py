@@ -54,6 +54,42 @@ OPTIMIZATION_LEVELS: dict[str, OptimizationSettings] = {
 }
 
 
+@dataclass(frozen=True)
+class DeploymentSettings:
+    """What an EnhancedPiMoEIntegration recorded for deployment (config.metadata["deployment"]), typed; the
+    defaults apply to a checkpoint that recorded nothing (``recorded`` False)."""
+
+    export_precision: str = "fp32"  # "fp32" | "fp16" | "int8": the extra graph the pipeline exports
+    calibration_method: str = "entropy"
+    builder_optimization_level: int | None = None  # None: TensorRT's default
+    enable_pruning: bool = False
+    pruning_amount: float = 0.25
+    pruning_structured: bool = True
+    recorded: bool = False
+
+    @classmethod
+    def of(cls, config: Any) -> DeploymentSettings:
+        metadata = config.metadata if isinstance(config.metadata, dict) else {}
+        data = metadata.get("deployment")
+        if not isinstance(data, dict):
+            return cls()
+        default = cls()
+        kinds = {"export_precision": str, "calibration_method": str, "builder_optimization_level": int,
+                 "enable_pruning": bool, "pruning_amount": float, "pruning_structured": bool}
+        values: dict[str, Any] = {}
+        for name, kind in kinds.items():
+            value = data.get(name, getattr(default, name))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if value is not None and not isinstance(value, kind):
+                raise PiMoEConfigError("metadata", f"deployment.{name} must be {kind.__name__}, got {value!r}")
+            values[name] = value
+        return cls(**values, recorded=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def optimization_settings(level: str, enable_quantization: bool) -> OptimizationSettings:
     if level not in OPTIMIZATION_LEVELS:
         raise PiMoEConfigError("optimization_level", f"must be one of {list(OPTIMIZATION_LEVELS)}, got {level!r}")

@@ -10,7 +10,10 @@ This module imports nothing heavy (no torch, no onnx), so runtime-only installs 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from pimoe_export.interface import INT32_LIMIT, MAX_EXPERTS, MAX_LAYERS, MAX_TOP_K  # noqa: F401  (part of the contract)
 
 DOMAIN = "pimoe"
 OPSET_VERSION = 1
@@ -19,11 +22,8 @@ CONTRACT_VERSION = 1
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = ""
 
-MAX_EXPERTS = 1024
-MAX_TOP_K = 16
-MAX_LAYERS = 8
-#: every element count an op indexes (N*k*max(H, I), G*out*in) must stay below this
-INT32_LIMIT = 2**31
+#: the limits: MAX_EXPERTS, MAX_TOP_K, MAX_LAYERS, and INT32_LIMIT, which every element count an op indexes
+#: (N*k*max(H, I), G*out*in) stays below; defined in pimoe_export.interface (also read by the model config)
 
 ROUTE = "PiMoERoute"
 DISPATCH = "PiMoEDispatch"
@@ -57,6 +57,41 @@ class AttrSpec:
     choices: tuple[str, ...] = ()
     minimum: float | None = None
     maximum: float | None = None
+    exclusive_minimum: bool = False  # the value must be greater than ``minimum`` (eps > 0)
+    flag: bool = False  # a boolean carried as an int: exactly 0 or 1
+
+    def accepts(self, value: object) -> str:
+        """Empty when ``value`` (as read from an ONNX attribute) satisfies this spec, else the problem."""
+        kind = self.kind
+        values = list(value) if kind in ("ints", "floats") and isinstance(value, (list, tuple)) else [value]
+        if kind in ("int", "ints") and not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return f"must be {'an integer' if kind == 'int' else 'a list of integers'}, got {value!r}"
+        if kind in ("float", "floats") and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in values):
+            return f"must be {'a number' if kind == 'float' else 'a list of numbers'}, got {value!r}"
+        if kind == "string" and not isinstance(value, str):
+            return f"must be a string, got {value!r}"
+        if self.choices and value not in self.choices:
+            return f"must be one of {list(self.choices)}, got {value!r}"
+        for v in values if kind != "string" else []:
+            if kind.startswith("float") and not math.isfinite(v):
+                return f"must be finite, got {v!r}"
+            if self.minimum is not None and (v <= self.minimum if self.exclusive_minimum else v < self.minimum):
+                return f"must be {'>' if self.exclusive_minimum else '>='} {self.minimum:g}, got {v!r}"
+            if self.maximum is not None and v > self.maximum:
+                return f"must be <= {self.maximum:g}, got {v!r}"
+        return ""
+
+    def range_text(self) -> str:
+        """The allowed values, for documentation."""
+        if self.flag:
+            return "0 or 1"
+        if self.choices:
+            return " \\| ".join(f'"{c}"' for c in self.choices)
+        lo = "" if self.minimum is None else f"{'>' if self.exclusive_minimum else '≥'} {self.minimum:g}"
+        hi = "" if self.maximum is None else f"≤ {self.maximum:g}"
+        bounds = ", ".join(b for b in (lo, hi) if b)
+        return (f"each {bounds}" if self.kind in ("ints", "floats") and bounds else bounds) or "any"
 
 
 @dataclass(frozen=True)
@@ -88,7 +123,7 @@ ROUTE_SCHEMA = OpSchema(
     ),
     attributes=(
         AttrSpec("k", "int", doc="experts per token", minimum=1, maximum=MAX_TOP_K),
-        AttrSpec("normalize", "int", 0, doc="1: divide the k weights by their sum", minimum=0, maximum=1),
+        AttrSpec("normalize", "int", 0, doc="1: divide the k weights by their sum", minimum=0, maximum=1, flag=True),
         AttrSpec("scoring", "string", "softmax", doc="probability function", choices=SCORING),
     ),
     doc="softmax(logits) in fp32 -> top-k of (probs + bias), ties to the lower index, NaN ranked lowest",
@@ -124,14 +159,18 @@ EXPERT_MLP_SCHEMA = OpSchema(
     outputs=(TensorSpec("y_sorted", FLOAT_TYPES, "[R, widths[-1]]", type_param="T",
                         doc="rows of other experts are 0"),),
     attributes=(
-        AttrSpec("expert_ids", "ints", doc="the G experts of this group (distinct, in [0, E))"),
-        AttrSpec("widths", "ints", doc="layer widths, input first (len = layers + 1)"),
+        AttrSpec("expert_ids", "ints", doc="the G experts of this group (distinct, in [0, E))", minimum=0,
+                 maximum=MAX_EXPERTS - 1),
+        AttrSpec("widths", "ints", doc="layer widths, input first (len = layers + 1, at most MAX_LAYERS + 1)",
+                 minimum=1, maximum=INT32_LIMIT - 1),
         AttrSpec("activation", "string", "gelu", doc="hidden activation", choices=ACTIVATIONS),
-        AttrSpec("layer_norm", "int", 1, doc="1: LayerNorm after every hidden Linear", minimum=0, maximum=1),
-        AttrSpec("eps", "float", 1e-5, doc="LayerNorm epsilon", minimum=0.0),
+        AttrSpec("layer_norm", "int", 1, doc="1: LayerNorm after every hidden Linear", minimum=0, maximum=1,
+                 flag=True),
+        AttrSpec("eps", "float", 1e-5, doc="LayerNorm epsilon", minimum=0.0, exclusive_minimum=True),
         AttrSpec("quant_mode", "string", "none", doc="weight/activation quantisation", choices=QUANT_MODES),
         AttrSpec("act_scales", "floats", [],
-                 doc="w8a8: static input scale per (layer, expert): [L * G], layer-major"),
+                 doc="w8a8: static input scale per (layer, expert): [L * G], layer-major", minimum=0.0,
+                 exclusive_minimum=True),
     ),
     doc="one group of structurally identical experts over their contiguous row segments",
 )

@@ -73,7 +73,7 @@ def expert_mlp(
 ) -> Tensor:
     roles = split_expert_params(params, len(widths) - 1, layer_norm, quant_mode)
     if quant_mode != "none":
-        from pimoe_export.quantize.reference import expert_mlp_w8a8
+        from pimoe_export.model.quant_reference import expert_mlp_w8a8
 
         return expert_mlp_w8a8(x_sorted, offsets, roles, expert_ids, activation, layer_norm, eps, quant_mode,
                                act_scales)

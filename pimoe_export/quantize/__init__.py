@@ -46,6 +46,7 @@ def quantize_model(
     from pimoe_export.quantize.calibrate import collect_stats, load_calibration_data, random_calibration_data
     from pimoe_export.quantize.int8 import compute_quant_params, write_int8_onnx
 
+    check_settings(method=method, mode=mode, percentile=percentile, smooth_alpha=smooth_alpha, max_tokens=max_tokens)
     output = Path(output)
     if fp32_onnx is not None:
         _check_same_model(model, fp32_onnx)
@@ -66,12 +67,35 @@ def quantize_model(
     return QuantizeResult(path, params, Path(fp32_onnx))
 
 
+def check_settings(*, method: str, mode: str, percentile: float, smooth_alpha: float | None,
+                   max_tokens: int | None) -> None:
+    """Refuse settings that would quantise silently badly (a negative percentile gave cosine 0.22)."""
+    import math
+
+    from pimoe_export.errors import PiMoEInputError
+    from pimoe_export.quantize.calibrate import METHODS
+    from pimoe_export.quantize.int8 import QUANT_MODES
+
+    if method not in METHODS:
+        raise PiMoEInputError(f"calibration method must be one of {METHODS}, got {method!r}")
+    if mode not in QUANT_MODES:
+        raise PiMoEInputError(f"quantisation mode must be one of {QUANT_MODES}, got {mode!r}")
+    if not (isinstance(percentile, (int, float)) and math.isfinite(percentile) and 0 < percentile <= 100):
+        raise PiMoEInputError(f"percentile must be in (0, 100], got {percentile!r} (e.g. 99.99)")
+    if smooth_alpha is not None and not (isinstance(smooth_alpha, (int, float)) and math.isfinite(smooth_alpha)
+                                         and 0 <= smooth_alpha <= 1):
+        raise PiMoEInputError(f"smooth_alpha must be in [0, 1] (0 disables SmoothQuant), got {smooth_alpha!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise PiMoEInputError(f"the calibration token limit must be a positive integer, got {max_tokens!r}")
+
+
 def _check_same_model(model: PiMoESystem, fp32_onnx: str | Path) -> None:
     """Refuse to quantise an ONNX that was exported from other weights (its weights fingerprint differs)."""
     import onnx
 
     from pimoe_export.errors import ArtifactError
-    from pimoe_export.export.onnx_export import META_WEIGHTS, get_metadata, weights_fingerprint
+    from pimoe_export.export.onnx_export import get_metadata, weights_fingerprint
+    from pimoe_export.interface import META_WEIGHTS
 
     meta = get_metadata(onnx.load(str(fp32_onnx), load_external_data=False))
     recorded = meta.get(META_WEIGHTS)

@@ -35,6 +35,28 @@ QLEVELS = 127
 
 
 # ------------------------------------------------------------------------------------------ data
+def _read_calibration_file(path: Path) -> list[Any]:
+    """The arrays of a .npz (every array, or the one named ``hidden_states``), .npy or .safetensors file; a file
+    that cannot be read as one (corrupt, pickled objects, another format) is a PiMoEInputError."""
+    if not path.is_file():
+        raise PiMoEInputError(f"calibration data {path} does not exist")
+    if path.suffix not in (".npz", ".npy", ".safetensors"):
+        raise PiMoEInputError(f"calibration data {path}: expected .npz, .npy or .safetensors")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                keys = ["hidden_states"] if "hidden_states" in archive.files else archive.files
+                return [archive[k] for k in keys]
+        if path.suffix == ".npy":
+            return [np.load(path, allow_pickle=False)]
+        from safetensors.numpy import load_file
+
+        return list(load_file(str(path)).values())
+    except Exception as exc:  # numpy/zipfile/safetensors each raise their own types for a bad file
+        raise PiMoEInputError(f"calibration data {path} cannot be read as {path.suffix} ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); write it with numpy.savez / numpy.save / safetensors") from None
+
+
 def load_calibration_data(data: Any, hidden_size: int, max_tokens: int | None = None) -> list[torch.Tensor]:
     """Calibration batches as a list of fp32 [B, S, H] tensors.
 
@@ -42,21 +64,7 @@ def load_calibration_data(data: Any, hidden_size: int, max_tokens: int | None = 
     ``hidden_states``), ``.safetensors`` or ``.npy``, or an iterable of tensors/arrays.
     """
     if isinstance(data, (str, Path)):
-        path = Path(data)
-        if not path.is_file():
-            raise PiMoEInputError(f"calibration data {path} does not exist")
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                keys = ["hidden_states"] if "hidden_states" in archive.files else archive.files
-                items: Iterable[Any] = [archive[k] for k in keys]
-        elif path.suffix == ".npy":
-            items = [np.load(path, allow_pickle=False)]
-        elif path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-
-            items = list(load_file(str(path)).values())
-        else:
-            raise PiMoEInputError(f"calibration data {path}: expected .npz, .npy or .safetensors")
+        items: Iterable[Any] = _read_calibration_file(Path(data))
     elif isinstance(data, (torch.Tensor, np.ndarray)):
         items = [data]
     else:
@@ -64,7 +72,11 @@ def load_calibration_data(data: Any, hidden_size: int, max_tokens: int | None = 
     batches: list[torch.Tensor] = []
     tokens = 0
     for item in items:
-        t = torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item).float()
+        array = item if isinstance(item, torch.Tensor) else np.asarray(item)
+        if not isinstance(array, torch.Tensor) and array.dtype.kind not in "fiu":
+            raise PiMoEInputError(f"calibration data must hold numbers (float arrays [N, {hidden_size}] or "
+                                  f"[B, S, {hidden_size}]), got an array of dtype {array.dtype}")
+        t = torch.as_tensor(array).float()
         if t.dim() == 2:
             t = t.unsqueeze(0)
         if t.dim() != 3 or t.shape[-1] != hidden_size:

@@ -19,12 +19,12 @@ from onnx import helper, numpy_helper
 
 from pimoe_export.errors import PiMoEExportError
 from pimoe_export.export.modules import CustomOpPiMoE
+from pimoe_export.interface import META_PRECISION, META_QUANT
 from pimoe_export.model.system import PiMoESystem
 from pimoe_export.ops import schema
 from pimoe_export.quantize.calibrate import CalibrationStats, threshold
 
 QUANT_MODES = ("w8a8", "w8a8_dynamic")
-META_QUANT = "pimoe.quantization"
 
 
 @dataclass
@@ -118,7 +118,7 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 def write_int8_onnx(fp32_onnx: str | Path, params: QuantParams, out_path: str | Path) -> Path:
     """Rewrite the fp32 custom-op graph: every PiMoEExpertMLP gets int8 weights, per-channel scales and the
     activation scales; everything else (router included) stays as exported."""
-    from pimoe_export.export.onnx_export import META_PRECISION, set_metadata, validate_onnx
+    from pimoe_export.export.onnx_export import set_metadata, validate_onnx
 
     proto = onnx.load(str(fp32_onnx))
     graph = proto.graph
@@ -180,7 +180,7 @@ def read_quant_params(onnx_path: str | Path) -> QuantParams:
     inits = {t.name: t for t in proto.graph.initializer}
     meta = {p.key: p.value for p in proto.metadata_props}
     groups = []
-    mode = meta.get("pimoe.precision", "")
+    mode = meta.get(META_PRECISION, "")
     for node in proto.graph.node:
         if node.domain != schema.DOMAIN or node.op_type != schema.EXPERT_MLP:
             continue

@@ -1,8 +1,9 @@
-"""`Engine`: one API over the backends that serve a deployable unit (see pimoe_export.build.manifest).
+"""`Engine`: one API over the backends that serve a deployable unit (see pimoe_export.artefacts.manifest).
 
-    engine = Engine.load("engines/seed-512/ort-int8")     # manifest verified before anything is loaded
+    engine = Engine.load("engines/seed-512/ort-int8")     # the unit is verified before anything is loaded
     y = engine.run(x)                                      # numpy in -> numpy out, torch in -> torch out
     y, expert_ids, expert_weights = engine.run(x, routing=True)
+    outputs = engine.run_named({"hidden_states": x})       # every named input and output (several for a model)
 
 Backends:
 - ``onnxruntime`` (the embedded default, CPU; the CUDA provider is used when onnxruntime-gpu is installed and
@@ -11,24 +12,36 @@ Backends:
 - ``tensorrt``: the unit's engine, deserialised after the unit's plugin library is registered, run through
   Polygraphy's ``TrtRunner`` with one execution context per calling thread (safe for concurrent callers). Needs
   TensorRT and a GPU of one of the manifest's target SMs: it runs in the docker/ server image, not in CI.
-  CUDA-graph capture is not offered (Polygraphy's runner has none); latency-critical callers can capture the
-  execution context themselves.
 
-The runtime never imports torch; a torch tensor given to ``run`` is converted at the edge.
+Every failure is one of the package's error types: a unit that does not verify is an ArtifactError (nothing of it
+is loaded), an input of the wrong name, rank, size or dtype a PiMoEInputError (checked before anything is copied),
+a backend that refuses to run a RunError. The runtime never imports torch; a torch tensor is converted at the edge.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pimoe_export.build.manifest import Manifest, read_manifest, verify
-from pimoe_export.errors import ArtifactError, BackendUnavailableError, PiMoEInputError
+from pimoe_export.artefacts.manifest import Unit, read_manifest, verify
+from pimoe_export.errors import ArtifactError, BackendUnavailableError, PiMoEError, PiMoEInputError
+from pimoe_export.interface import (
+    BATCH_AXIS,
+    LAYER_OUTPUTS,
+    MAX_HOST_ELEMENTS,
+    SEQUENCE_AXIS,
+    GraphInterface,
+    TensorInterface,
+    element_count,
+)
 
-OUTPUT_NAMES = ("output", "expert_ids", "expert_weights")
+
+class RunError(PiMoEError, RuntimeError):
+    """The backend refused to run the unit on these inputs (its own message is kept)."""
 
 
 def _is_torch(x: Any) -> bool:
@@ -36,13 +49,15 @@ def _is_torch(x: Any) -> bool:
 
 
 class Engine:
-    """Base class: input checking, numpy/torch conversion, the manifest. Use :meth:`load`."""
+    """Base class: input checking, numpy/torch conversion, the verified unit. Use :meth:`load`."""
 
-    def __init__(self, unit_dir: Path, manifest: Manifest) -> None:
-        self.unit_dir = unit_dir
-        self.manifest = manifest
-        self.hidden_size = int(manifest.config["hidden_size"])
-        self.input_dtype = np.dtype(np.float16 if manifest.precision == "fp16" else np.float32)
+    def __init__(self, unit: Unit) -> None:
+        self.unit = unit
+        self.unit_dir = unit.dir
+        self.manifest = unit.manifest
+        self.interface: GraphInterface = unit.interface
+        self.hidden_size = int(self.manifest.config["hidden_size"])
+        self.input_dtype = np.dtype(self.interface.inputs[0].dtype)
 
     @property
     def backend(self) -> str:
@@ -50,41 +65,73 @@ class Engine:
 
     @staticmethod
     def load(unit_dir: str | Path, *, threads: int | None = None, providers: list[str] | None = None) -> Engine:
-        """Verify the unit's manifest (artefact hashes, versions, SM) and load it with its backend."""
+        """Verify the unit (containment, artefact hashes, manifest vs ONNX, versions, SM) and load it."""
         unit_dir = Path(unit_dir)
-        manifest = read_manifest(unit_dir)
-        if manifest.backend == "onnxruntime":
+        if read_manifest(unit_dir).backend == "onnxruntime":
             return OrtEngine(unit_dir, threads=threads, providers=providers)
         return TensorRTEngine(unit_dir)
 
-    # ------------------------------------------------------------------ run
-    def _prepare(self, x: Any) -> tuple[np.ndarray, bool]:
-        torch_input = _is_torch(x)
-        array = x.detach().cpu().numpy() if torch_input else x
-        if not isinstance(array, np.ndarray):
-            raise PiMoEInputError(f"run() takes a numpy array or torch tensor [batch, sequence, {self.hidden_size}], "
+    # ------------------------------------------------------------------ inputs
+    def _check_input(self, spec: TensorInterface, x: Any) -> tuple[int, int]:
+        """(batch, sequence) of ``x`` for the input ``spec``; checked from its shape and dtype alone."""
+        shape = tuple(int(d) for d in getattr(x, "shape", ()))
+        dtype = str(getattr(x, "dtype", type(x).__name__)).replace("torch.", "")
+        dims = [f"{d}" for d in spec.dims]
+        if not hasattr(x, "shape") or not (isinstance(x, np.ndarray) or _is_torch(x)):
+            raise PiMoEInputError(f"input {spec.name} must be a numpy array or torch tensor [{', '.join(dims)}], "
                                   f"got {type(x).__name__}")
-        if array.ndim != 3 or array.shape[-1] != self.hidden_size:
-            raise PiMoEInputError(f"input must be [batch, sequence, {self.hidden_size}], got shape {array.shape}")
-        if array.dtype != self.input_dtype:
-            raise PiMoEInputError(f"this {self.manifest.precision} unit takes {self.input_dtype} input, got "
-                                  f"{array.dtype}; convert it with x.astype(np.{self.input_dtype})")
-        problem = self.manifest.profile.check(int(array.shape[0]), int(array.shape[1]))
-        if problem:
+        fixed_ok = len(shape) == len(spec.dims) and all(isinstance(d, str) or d == s
+                                                         for d, s in zip(spec.dims, shape, strict=True))
+        if not fixed_ok:
+            raise PiMoEInputError(f"input {spec.name} must be [{', '.join(dims)}], got shape {list(shape)}")
+        if dtype != spec.dtype:
+            raise PiMoEInputError(f"this {self.manifest.precision} unit takes {spec.dtype} input, got {dtype} for "
+                                  f"{spec.name}; convert it (numpy: x.astype(np.{spec.dtype}))")
+        axes = {d: s for d, s in zip(spec.dims, shape, strict=True) if isinstance(d, str)}
+        batch, sequence = axes.get(BATCH_AXIS, 1), axes.get(SEQUENCE_AXIS, 1)
+        if problem := self.manifest.profile.check(batch, sequence):
             raise PiMoEInputError(f"{problem}; split the batch, or rebuild the unit with a larger profile "
-                                  f"(pimoe-export build --max-tokens BxS)")
-        return np.ascontiguousarray(array), torch_input
+                                  "(pimoe-export build --max-tokens BxS)")
+        if element_count(shape) > MAX_HOST_ELEMENTS:
+            raise PiMoEInputError(f"input {spec.name} has {element_count(shape)} elements, more than "
+                                  f"{MAX_HOST_ELEMENTS}; split the batch")
+        return batch, sequence
 
-    def run(self, x: Any, *, routing: bool = False) -> Any:
-        array, torch_input = self._prepare(x)
-        outputs = self._infer(array)
+    def _feeds(self, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], bool]:
+        names = set(self.interface.input_names)
+        if set(inputs) != names:
+            raise PiMoEInputError(f"this unit takes the inputs {sorted(names)}, got {sorted(inputs)}")
+        axes = {self._check_input(spec, inputs[spec.name]) for spec in self.interface.inputs}
+        if len(axes) > 1:
+            raise PiMoEInputError(f"all inputs must share batch and sequence sizes, got {sorted(axes)}")
+        torch_input = any(_is_torch(x) for x in inputs.values())
+        feeds = {name: np.ascontiguousarray(x.detach().cpu().numpy() if _is_torch(x) else x)
+                 for name, x in inputs.items()}
+        return feeds, torch_input
+
+    # ------------------------------------------------------------------ run
+    def run_named(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Every output by name, for inputs given by name (torch tensors in -> torch tensors out)."""
+        feeds, torch_input = self._feeds(inputs)
+        outputs = dict(zip(self.interface.output_names, self._infer(feeds), strict=True))
         if torch_input:
             import torch
 
-            outputs = [torch.from_numpy(np.ascontiguousarray(o)) for o in outputs]
-        return tuple(outputs) if routing else outputs[0]
+            outputs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in outputs.items()}
+        return outputs
 
-    def _infer(self, x: np.ndarray) -> list[np.ndarray]:  # pragma: no cover - abstract
+    def run(self, x: Any, *, routing: bool = False) -> Any:
+        """The PiMoE layer's output for ``hidden_states`` ``x`` (with ``routing``: also expert ids and weights)."""
+        if len(self.interface.inputs) != 1:
+            raise PiMoEInputError(f"this unit takes several inputs {list(self.interface.input_names)}: use "
+                                  "run_named({name: array, ...})")
+        outputs = self.run_named({self.interface.inputs[0].name: x})
+        ordered = [outputs[name] for name in self.interface.output_names]
+        if routing and tuple(self.interface.output_names) != LAYER_OUTPUTS:
+            raise PiMoEInputError("routing=True needs the layer interface (output, expert_ids, expert_weights)")
+        return tuple(ordered) if routing else ordered[0]
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def close(self) -> None:
@@ -110,14 +157,19 @@ class OrtEngine(Engine):
 
         from pimoe_export.runtime.ort import create_session
 
-        manifest = verify(unit_dir, backend_version=ort.__version__)
-        super().__init__(unit_dir, manifest)
-        lib = unit_dir / manifest.artifact("ort_library").file
-        self.session = create_session(unit_dir / manifest.artifact("onnx").file, threads=threads,
-                                      providers=providers, library=lib)
+        unit = verify(unit_dir, backend_version=ort.__version__)
+        super().__init__(unit)
+        self.session = create_session(unit.files["onnx"], threads=threads, providers=providers,
+                                      library=unit.files["ort_library"])
 
-    def _infer(self, x: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(list(OUTPUT_NAMES), {"hidden_states": x})
+    def _infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.session is None:
+            raise RunError(f"the engine of {self.unit_dir} was closed")
+        try:
+            return self.session.run(list(self.interface.output_names), feeds)
+        except Exception as exc:  # onnxruntime's own Fail / InvalidArgument / RuntimeException
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunError(f"ONNX Runtime could not run {self.unit_dir}: {detail}") from None
 
     def close(self) -> None:
         self.session = None
@@ -127,8 +179,8 @@ class TensorRTEngine(Engine):
     """TensorRT backend (needs TensorRT + a GPU of a target SM; exercised in the docker/ server image)."""
 
     def __init__(self, unit_dir: Path) -> None:
-        from pimoe_export.build.tensorrt import import_tensorrt, load_plugin_library, process_logger
-        from pimoe_export.build.units import local_gpu_sm
+        from pimoe_export.artefacts.devices import local_gpu_sm
+        from pimoe_export.artefacts.tensorrt import import_tensorrt, load_plugin_library, process_logger
 
         manifest = read_manifest(unit_dir)
         if manifest.backend == "tensorrt-rtx":
@@ -141,16 +193,16 @@ class TensorRTEngine(Engine):
         if sm is None:
             raise BackendUnavailableError("no NVIDIA GPU is visible (nvidia-smi found none); the TensorRT backend "
                                           "needs one: use the onnxruntime unit on this machine")
-        manifest = verify(unit_dir, backend_version=str(trt.__version__), device_sm=sm)
-        super().__init__(unit_dir, manifest)
+        unit = verify(unit_dir, backend_version=str(trt.__version__), device_sm=sm)
+        super().__init__(unit)
         logger = process_logger(trt)
         self._runtime = trt.Runtime(logger)
-        load_plugin_library(trt, unit_dir / manifest.artifact("plugin_library").file,
-                            registry=self._runtime.get_plugin_registry(), logger=logger)
-        engine = self._runtime.deserialize_cuda_engine((unit_dir / manifest.artifact("engine").file).read_bytes())
+        load_plugin_library(trt, unit.files["plugin_library"], registry=self._runtime.get_plugin_registry(),
+                            logger=logger)
+        engine = self._runtime.deserialize_cuda_engine(unit.files["engine"].read_bytes())
         if engine is None:
-            raise ArtifactError(f"TensorRT could not deserialise {unit_dir / 'model.engine'} ({logger.errors()}); "
-                                f"rebuild it: `pimoe-export build {unit_dir / 'model.onnx'} -o {unit_dir}`")
+            raise ArtifactError(f"TensorRT could not deserialise {unit.files['engine']} ({logger.errors()}); "
+                                f"rebuild it: `pimoe-export build MODEL.onnx -o {unit_dir} --force`")
         self.engine = engine
         self._local = threading.local()
         self._runners: list[Any] = []
@@ -168,9 +220,12 @@ class TensorRTEngine(Engine):
                 self._runners.append(runner)
         return runner
 
-    def _infer(self, x: np.ndarray) -> list[np.ndarray]:
-        outputs = self._runner().infer({"hidden_states": x})
-        return [np.array(outputs[name]) for name in OUTPUT_NAMES]
+    def _infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            outputs = self._runner().infer(feeds)
+        except Exception as exc:  # Polygraphy/TensorRT report a failed enqueue as an exception
+            raise RunError(f"TensorRT could not run {self.unit_dir}: {exc}") from None
+        return [np.array(outputs[name]) for name in self.interface.output_names]
 
     def close(self) -> None:
         with self._lock:

@@ -498,7 +498,7 @@ def _torch_to_np(dtype: Any) -> np.dtype:
 
 def find_harness(emulated: bool = False) -> Path | None:
     """The built harness library (``emulated``: the CPU-emulator build), or None when it has not been built."""
-    from pimoe_export.build.tensorrt import find_harness_library
+    from pimoe_export.artefacts.libraries import find_harness_library
 
     try:
         return find_harness_library(emulated=emulated)

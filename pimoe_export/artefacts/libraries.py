@@ -1,0 +1,117 @@
+"""Where the compiled libraries are and whether they are ours: libpimoe_ort (ONNX Runtime custom ops),
+libpimoe_trt_plugins (TensorRT plugins), libpimoe_trt_harness[_emu] (the plugin objects without TensorRT).
+
+Each is found through an environment variable, a packaged copy, or the build tree of scripts/setup.sh, and
+checked with ctypes (no ONNX Runtime or TensorRT needed) against this package's op-contract version.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pimoe_export.errors import PluginLoadError
+from pimoe_export.ops.schema import CONTRACT_VERSION
+
+ORT_LIBRARY_ENV = "PIMOE_ORT_LIBRARY"
+ORT_LIBRARY_NAME = "libpimoe_ort.so"
+PLUGIN_LIBRARY_ENV = "PIMOE_TRT_PLUGINS"
+PLUGIN_LIBRARY_NAME = "libpimoe_trt_plugins.so"
+HARNESS_LIBRARY_ENV = "PIMOE_TRT_HARNESS"
+HARNESS_LIBRARY_NAME = "libpimoe_trt_harness.so"
+EMU_HARNESS_LIBRARY_ENV = "PIMOE_TRT_HARNESS_EMU"
+EMU_HARNESS_LIBRARY_NAME = "libpimoe_trt_harness_emu.so"
+
+_PACKAGED = Path(__file__).resolve().parents[1] / "_lib"  # a wheel/packaged install
+BUILD_TREE = Path(__file__).resolve().parents[2] / "build" / "plugins"  # scripts/setup.sh
+
+
+def _find(env: str, name: str, subdir: str, how: str) -> Path:
+    override = os.environ.get(env)
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise PluginLoadError(f"{env}={override} does not exist; point it at a built {name} or unset it")
+        return path
+    for path in (_PACKAGED / name, BUILD_TREE / subdir / name):
+        if path.is_file():
+            return path
+    raise PluginLoadError(f"{name} was not found in {BUILD_TREE / subdir}; build it with scripts/setup.sh ({how}), "
+                          f"or set {env} to its path")
+
+
+def find_ort_library() -> Path:
+    """``$PIMOE_ORT_LIBRARY`` if set, else the packaged or build-tree libpimoe_ort.so."""
+    return _find(ORT_LIBRARY_ENV, ORT_LIBRARY_NAME, "", "it builds the ONNX Runtime op library with any C++17 "
+                 "compiler")
+
+
+def find_plugin_library() -> Path:
+    """``$PIMOE_TRT_PLUGINS`` if set, else ``build/plugins/trt/libpimoe_trt_plugins.so``."""
+    return _find(PLUGIN_LIBRARY_ENV, PLUGIN_LIBRARY_NAME, "trt", "needs nvcc: the TensorRT section of setup.sh "
+                 "builds the plugins when CUDA is installed")
+
+
+def find_harness_library(emulated: bool = False) -> Path:
+    """``$PIMOE_TRT_HARNESS`` if set, else ``build/plugins/harness/libpimoe_trt_harness.so`` (GPU tests); with
+    ``emulated``, ``$PIMOE_TRT_HARNESS_EMU`` or ``build/plugins/emu/libpimoe_trt_harness_emu.so`` (the CPU CUDA
+    emulator build of the same kernels, plugins and harness)."""
+    if emulated:
+        return _find(EMU_HARNESS_LIBRARY_ENV, EMU_HARNESS_LIBRARY_NAME, "emu",
+                     "it builds the emulated harness by default: needs g++, python and the TensorRT headers")
+    return _find(HARNESS_LIBRARY_ENV, HARNESS_LIBRARY_NAME, "harness", "needs nvcc")
+
+
+def _load(path: str, fix: str) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(path)
+    except OSError as exc:
+        raise PluginLoadError(f"cannot load {path}: {exc}; {fix}") from None
+
+
+@lru_cache(maxsize=8)
+def check_ort_library(path: str) -> dict[str, Any]:
+    """Load the library once with ctypes and verify it implements this package's op-contract version."""
+    lib = _load(path, "rebuild it with scripts/setup.sh")
+    try:
+        version = int(lib.pimoe_ort_contract_version())
+        lib.pimoe_ort_cpu_isa.restype = ctypes.c_char_p
+        isa = lib.pimoe_ort_cpu_isa().decode()
+    except AttributeError:
+        raise PluginLoadError(f"{path} is not a pimoe ONNX Runtime op library (no pimoe_ort_contract_version "
+                              f"symbol); rebuild it with scripts/setup.sh") from None
+    if version != CONTRACT_VERSION:
+        raise PluginLoadError(f"{path} implements op contract v{version}, this package needs v{CONTRACT_VERSION}; "
+                              f"rebuild it with scripts/setup.sh")
+    return {"path": path, "contract_version": version, "cpu_isa": isa}
+
+
+@lru_cache(maxsize=8)
+def check_plugin_library(path: str) -> dict[str, Any]:
+    """Load ``path`` with ctypes (no TensorRT needed) and check that it is our plugin library for this contract.
+
+    Returns ``{"path", "contract_version", "tensorrt_header_version"}``.
+    """
+    lib = _load(path, "rebuild it with scripts/setup.sh")
+    missing = [s for s in ("getCreators", "setLoggerFinder", "pimoe_trt_contract_version") if not hasattr(lib, s)]
+    if missing:
+        raise PluginLoadError(f"{path} does not export {missing}: it is not a pimoe TensorRT plugin library; "
+                              f"rebuild it with scripts/setup.sh")
+    version = int(lib.pimoe_trt_contract_version())
+    if version != CONTRACT_VERSION:
+        raise PluginLoadError(f"{path} implements op contract v{version}, this package needs v{CONTRACT_VERSION}; "
+                              f"rebuild it with scripts/setup.sh")
+    return {"path": path, "contract_version": version, "tensorrt_header_version": int(lib.pimoe_trt_header_version())}
+
+
+def plugin_last_error(path: str | Path) -> str:
+    """The last error our plugin library recorded on this thread ("" if none); TensorRT only says a call failed."""
+    try:
+        lib = ctypes.CDLL(str(path))
+        lib.pimoe_trt_last_error.restype = ctypes.c_char_p
+        return (lib.pimoe_trt_last_error() or b"").decode(errors="replace")
+    except (OSError, AttributeError):
+        return ""

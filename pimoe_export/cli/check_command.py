@@ -1,0 +1,50 @@
+"""`pimoe-export check`: the PyTorch reference against an ONNX graph or a deployable unit (Polygraphy)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pimoe_export.cli._common import SEED, add_force, shapes
+
+NAME = "check"
+HELP = "compare an ONNX graph or a unit with the PyTorch reference (Polygraphy) and write a report; exit 1 on failure"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", type=Path, help="checkpoint directory holding the PyTorch reference")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--onnx", type=Path, help="exported (or quantised) ONNX to check on ONNX Runtime")
+    target.add_argument("--unit", type=Path, help="a deployable unit (verified, then run as it ships)")
+    p.add_argument("-o", "--output", type=Path, help="report directory (default: <onnx stem>_report next to it, or "
+                                                     "<unit>/report)")
+    p.add_argument("--shapes", type=shapes, default=None, help="batch x sequence list, e.g. 1x1,2x16,4x64")
+    p.add_argument("--seed", type=SEED, default=1234, help="input data seed")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Polygraphy's comparison tables")
+    add_force(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pimoe_export.model.io import load_pretrained
+    from pimoe_export.validate.check import DEFAULT_SHAPES, check_onnx, check_unit
+
+    model = load_pretrained(args.model_dir)
+    options = {"shapes": args.shapes or DEFAULT_SHAPES, "seed": args.seed, "plots": not args.no_plots,
+               "verbose": args.verbose, "force": args.force}
+    if args.unit is not None:
+        target = args.unit
+        report = check_unit(model, args.unit, args.output or args.unit / "report", **options)
+    else:
+        target = args.onnx
+        report = check_onnx(model, args.onnx, args.output or args.onnx.with_name(args.onnx.stem + "_report"),
+                            **options)
+    s = report.output_stats["output"]
+    print(f"{'PASSED' if report.passed else 'FAILED'}: {target} ({report.precision}) vs PyTorch on {report.backend}")
+    print(f"  output: max abs {s.max_abs:.3e}, mean abs {s.mean_abs:.3e}, rel L2 {s.rel_l2:.3e}, cosine {s.cosine:.8f}")
+    verdict = "passed" if report.polygraphy_passed else "failed"
+    print(f"  routing agreement {report.routing_agreement:.4%}; Polygraphy {verdict}")
+    for failure in report.failures:
+        print(f"  - {failure}")
+    print(f"  report: {report.files['markdown']}")
+    return 0 if report.passed else 1

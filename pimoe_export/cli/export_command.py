@@ -1,0 +1,33 @@
+"""`pimoe-export export`: a checkpoint to ONNX (pimoe custom ops, or standard ops only)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pimoe_export.cli._common import add_force
+
+NAME = "export"
+HELP = "export a checkpoint to ONNX (pimoe custom ops, or --standard-ops)"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", type=Path, help="checkpoint directory (pimoe-export create / save_pretrained)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="ONNX file to write")
+    p.add_argument("--standard-ops", action="store_true", help="plugin-free graph (standard ONNX ops only)")
+    p.add_argument("--fp16", action="store_true", help="fp16 inputs/outputs and expert weights (router stays fp32)")
+    add_force(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pimoe_export._files import output_file
+    from pimoe_export.export.onnx_export import export_onnx
+    from pimoe_export.model.io import load_pretrained
+
+    model = load_pretrained(args.model_dir)
+    path = output_file(args.output, force=args.force, command=NAME)
+    result = export_onnx(model, path, precision="fp16" if args.fp16 else "fp32", standard_ops=args.standard_ops)
+    pimoe_nodes = {k: v for k, v in result.node_counts.items() if k.startswith("pimoe::")}
+    print(f"exported {result.graph} {result.precision} graph to {result.path} in {result.seconds:.1f} s")
+    print(f"  pimoe nodes: {pimoe_nodes or 'none (standard ops)'}; {sum(result.node_counts.values())} nodes in all")
+    return 0

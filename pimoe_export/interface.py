@@ -1,0 +1,303 @@
+"""What crosses module boundaries, defined once and torch-free.
+
+Every module that writes or reads one of these facts imports it from here (a test greps for stray copies):
+
+- the graph interface: named inputs and outputs with dtypes and symbolic axes (:class:`GraphInterface`; the PiMoE
+  layer's is :func:`layer_interface`; a whole model has several named inputs and outputs in the same form);
+- the ONNX opset and the ``pimoe.*`` metadata keys of exported graphs, with one reader (:func:`read_metadata`);
+- optimisation profiles over the (batch, sequence) axes (:class:`Profile`) and their defaults;
+- parity tolerances per precision (:data:`TOLERANCES`, documented in docs/precision.md);
+- the CUDA architectures the plugins are compiled for (generated into plugins/cmake/cuda_architectures.txt by
+  ``python -m pimoe_export.ops.codegen``) and the TensorRT-RTX ahead-of-time targets.
+
+It imports nothing of the package but its error types, so the runtime, the CLI and build scripts can read it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pimoe_export.errors import ArtifactError
+
+# ------------------------------------------------------------------------------------------ contract limits
+# Op contract v1 (pimoe_export/ops/schema.py and docs/op_contract.md), checked at config time, at export and in
+# every kernel: 1 <= k <= min(E, MAX_TOP_K), E <= MAX_EXPERTS, at most MAX_LAYERS linear layers per expert, every
+# element count an op indexes below INT32_LIMIT.
+MAX_EXPERTS = 1024
+MAX_TOP_K = 16
+MAX_LAYERS = 8
+INT32_LIMIT = 2**31
+
+# ------------------------------------------------------------------------------------------ graph I/O
+ONNX_OPSET = 18
+BATCH_AXIS = "batch"
+SEQUENCE_AXIS = "sequence"
+
+#: the PiMoE layer graph
+LAYER_INPUT = "hidden_states"
+LAYER_OUTPUT = "output"
+LAYER_EXPERT_IDS = "expert_ids"
+LAYER_EXPERT_WEIGHTS = "expert_weights"
+LAYER_OUTPUTS = (LAYER_OUTPUT, LAYER_EXPERT_IDS, LAYER_EXPERT_WEIGHTS)
+
+DTYPES = ("float32", "float16", "int32", "int64", "int8", "bool")
+
+
+@dataclass(frozen=True)
+class TensorInterface:
+    """One graph input or output: name, dtype (numpy spelling) and dims (int, or an axis name when dynamic)."""
+
+    name: str
+    dtype: str
+    dims: tuple[int | str, ...]
+
+    def to_list(self) -> list[Any]:
+        return [self.name, self.dtype, list(self.dims)]
+
+    @classmethod
+    def from_list(cls, entry: Any) -> TensorInterface:
+        try:
+            name, dtype, dims = entry
+            dims = tuple(d if isinstance(d, str) else int(d) for d in dims)
+        except (TypeError, ValueError):
+            raise ArtifactError(f"malformed I/O entry {entry!r} (expected [name, dtype, dims])") from None
+        if not isinstance(name, str) or not name or dtype not in DTYPES:
+            raise ArtifactError(f"malformed I/O entry {entry!r}: name must be a string, dtype one of {DTYPES}")
+        return cls(name, dtype, dims)
+
+
+@dataclass(frozen=True)
+class GraphInterface:
+    """The named inputs and outputs of an exported graph (and of every unit built from it)."""
+
+    inputs: tuple[TensorInterface, ...]
+    outputs: tuple[TensorInterface, ...]
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    def to_dict(self) -> dict[str, list[list[Any]]]:
+        return {"inputs": [t.to_list() for t in self.inputs], "outputs": [t.to_list() for t in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> GraphInterface:
+        if not isinstance(data, dict) or not isinstance(data.get("inputs"), list) or not data["inputs"] or \
+                not isinstance(data.get("outputs"), list) or not data["outputs"]:
+            raise ArtifactError("the I/O description must list inputs and outputs ({'inputs': [...], 'outputs': "
+                                "[...]})")
+        return cls(tuple(TensorInterface.from_list(e) for e in data["inputs"]),
+                   tuple(TensorInterface.from_list(e) for e in data["outputs"]))
+
+
+def layer_interface(hidden_size: int, top_k: int, precision: str) -> GraphInterface:
+    """hidden_states [batch, sequence, H] -> output [batch, sequence, H] (the input's dtype), expert_ids
+    [batch, sequence, k] int32, expert_weights [batch, sequence, k] float32."""
+    io_dtype = "float16" if precision == "fp16" else "float32"
+    tokens = (BATCH_AXIS, SEQUENCE_AXIS)
+    return GraphInterface(
+        inputs=(TensorInterface(LAYER_INPUT, io_dtype, (*tokens, hidden_size)),),
+        outputs=(TensorInterface(LAYER_OUTPUT, io_dtype, (*tokens, hidden_size)),
+                 TensorInterface(LAYER_EXPERT_IDS, "int32", (*tokens, top_k)),
+                 TensorInterface(LAYER_EXPERT_WEIGHTS, "float32", (*tokens, top_k))),
+    )
+
+
+# ------------------------------------------------------------------------------------------ ONNX metadata
+META_CONFIG = "pimoe.config"  # the PiMoEConfig dict (JSON)
+META_CONTRACT = "pimoe.contract_version"
+META_GRAPH = "pimoe.graph"  # "custom-ops" | "standard-ops"
+META_PRECISION = "pimoe.precision"  # "fp32" | "fp16" | "w8a8" | "w8a8_dynamic"
+META_EXPORTER = "pimoe.exporter"
+META_WEIGHTS = "pimoe.weights_sha256"  # fingerprint of the PyTorch weights the graph was exported from
+META_QUANT = "pimoe.quantization"  # quantisation settings of an INT8 graph (JSON)
+PRECISIONS = ("fp32", "fp16", "w8a8", "w8a8_dynamic")
+GRAPH_KINDS = ("custom-ops", "standard-ops")
+
+
+@dataclass(frozen=True)
+class OnnxMetadata:
+    """The ``pimoe.*`` metadata of an exported graph, parsed and checked."""
+
+    config: dict[str, Any]
+    precision: str
+    graph: str
+    contract_version: int
+    weights_sha256: str = ""
+    quantization: dict[str, Any] | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision in ("w8a8", "w8a8_dynamic")
+
+
+def metadata_props(onnx_path: str | Path) -> dict[str, str]:
+    """The raw metadata_props of an ONNX file (no external data loaded)."""
+    import onnx
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist; write it with `pimoe-export export` or `pimoe-export quantize`")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, ValueError, ... for a corrupt file
+        raise ArtifactError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); re-export it") \
+            from None
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def parse_metadata(props: dict[str, str], source: str) -> OnnxMetadata:
+    """Check and parse ``pimoe.*`` metadata (from :func:`metadata_props` or a loaded ModelProto)."""
+    fix = "export it with `pimoe-export export` (or `quantize`)"
+    if META_CONFIG not in props:
+        raise ArtifactError(f"{source} carries no {META_CONFIG} metadata: it was not written by pimoe-export; {fix}")
+    try:
+        config = json.loads(props[META_CONFIG])
+        quant = json.loads(props[META_QUANT]) if META_QUANT in props else None
+        contract = int(props.get(META_CONTRACT, "0"))
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{source}: malformed pimoe metadata ({exc}); {fix}") from None
+    precision = props.get(META_PRECISION, "fp32")
+    graph = props.get(META_GRAPH, "custom-ops")
+    if not isinstance(config, dict) or precision not in PRECISIONS or graph not in GRAPH_KINDS:
+        raise ArtifactError(f"{source}: malformed pimoe metadata (config must be an object, precision one of "
+                            f"{PRECISIONS}, graph one of {GRAPH_KINDS}); {fix}")
+    return OnnxMetadata(config, precision, graph, contract, props.get(META_WEIGHTS, ""),
+                        quant if isinstance(quant, dict) else None)
+
+
+def read_metadata(onnx_path: str | Path) -> OnnxMetadata:
+    """The one reader of an exported graph's metadata."""
+    return parse_metadata(metadata_props(onnx_path), str(onnx_path))
+
+
+# ------------------------------------------------------------------------------------------ profiles
+@dataclass(frozen=True)
+class Profile:
+    """Range of the (batch, sequence) axes every input accepts: min, opt and max as (batch, sequence)."""
+
+    min_shape: tuple[int, int]
+    opt_shape: tuple[int, int]
+    max_shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        shapes = (self.min_shape, self.opt_shape, self.max_shape)
+        if any(len(s) != 2 or any(not isinstance(d, int) or isinstance(d, bool) for d in s) for s in shapes):
+            raise ArtifactError(f"a profile is three (batch, sequence) pairs of integers, got {shapes}")
+        for axis in (0, 1):
+            lo, opt, hi = (s[axis] for s in shapes)
+            if not 1 <= lo <= opt <= hi:
+                raise ArtifactError(f"profile {('batch', 'sequence')[axis]} range must satisfy 1 <= min <= opt <= "
+                                    f"max, got {lo}, {opt}, {hi}")
+
+    def check(self, batch: int, sequence: int) -> str:
+        """Empty string when [batch, sequence] is inside the profile, else the problem."""
+        lo, hi = self.min_shape, self.max_shape
+        if lo[0] <= batch <= hi[0] and lo[1] <= sequence <= hi[1]:
+            return ""
+        return (f"input [batch={batch}, sequence={sequence}] is outside this unit's profile "
+                f"[{lo[0]}..{hi[0]}] x [{lo[1]}..{hi[1]}]")
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Profile:
+        try:
+            return cls(**{k: tuple(int(x) for x in data[k]) for k in ("min_shape", "opt_shape", "max_shape")})
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"malformed profile {data!r} (expected min_shape/opt_shape/max_shape pairs)") \
+                from None
+
+
+#: ONNX Runtime units accept any size the host can hold
+DEFAULT_ORT_PROFILE = Profile((1, 1), (1, 64), (256, 8192))
+#: TensorRT / TensorRT-RTX engines are built for this range unless told otherwise (pimoe-export build --max-tokens)
+DEFAULT_ENGINE_PROFILE = Profile((1, 1), (1, 64), (8, 512))
+
+
+def profile_shapes(profile: Profile, interface: GraphInterface) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """(min, opt, max) shape of every input: the profile's (batch, sequence) on the named axes, fixed dims kept."""
+    shapes = {}
+    for tensor in interface.inputs:
+        per_bound = []
+        for bound in (profile.min_shape, profile.opt_shape, profile.max_shape):
+            axes = {BATCH_AXIS: bound[0], SEQUENCE_AXIS: bound[1]}
+            if any(isinstance(d, str) and d not in axes for d in tensor.dims):
+                raise ArtifactError(f"input {tensor.name} has an axis the profile does not cover: {tensor.dims}")
+            per_bound.append(tuple(axes[d] if isinstance(d, str) else int(d) for d in tensor.dims))
+        shapes[tensor.name] = tuple(per_bound)
+    return shapes
+
+
+# ------------------------------------------------------------------------------------------ tolerances
+@dataclass(frozen=True)
+class Tolerances:
+    """Pass criteria of a parity check for one precision (docs/precision.md).
+
+    Polygraphy's elementwise check passes an element when |a - r| <= atol or |a - r| <= rtol * |r|; ``atol`` is
+    ``atol_rel * max|r|`` so it scales with the layer's output. ``check_error_stat`` chooses what must pass: every
+    element ("elemwise") or a quantile of them (tokens whose routing flipped differ by a whole expert and are
+    counted by ``min_routing_agreement`` instead).
+    """
+
+    rtol: float
+    atol_rel: float
+    min_cosine: float
+    min_routing_agreement: float
+    check_error_stat: str = "elemwise"
+    error_quantile: float = 0.99
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+TOLERANCES: dict[str, Tolerances] = {
+    # fp32 graph vs fp32 PyTorch: same math, different summation orders and exp/erf implementations
+    "fp32": Tolerances(rtol=1e-5, atol_rel=1e-5, min_cosine=0.999999, min_routing_agreement=1.0),
+    # fp16 I/O and weights, fp32 accumulation, fp32 router fed fp16-rounded inputs
+    "fp16": Tolerances(rtol=1e-2, atol_rel=1e-2, min_cosine=0.999, min_routing_agreement=0.98,
+                       check_error_stat="quantile", error_quantile=0.98),
+    # W8A8 experts (fp32 router)
+    "w8a8": Tolerances(rtol=5e-2, atol_rel=5e-2, min_cosine=0.999, min_routing_agreement=1.0,
+                       check_error_stat="quantile", error_quantile=0.99),
+}
+TOLERANCES["w8a8_dynamic"] = TOLERANCES["w8a8"]
+#: quantised graphs, kernels vs the fake-quant reference of the same integer math: what remains is fp32 rounding in
+#: LayerNorm and the activations, which can move an activation code by one step at a rounding boundary
+MAX_KERNEL_REL_L2 = 2e-3
+
+
+def tolerances_for(precision: str) -> Tolerances:
+    return TOLERANCES.get(precision, TOLERANCES["fp32"])
+
+
+# ------------------------------------------------------------------------------------------ targets
+#: nvcc targets of the TensorRT plugins (Ampere, Ampere consumer, Orin, Ada, Hopper)
+CUDA_ARCHITECTURES = ("80", "86", "87", "89", "90")
+#: TensorRT-RTX ahead-of-time targets among them (RTX has no SM87/SM90 target; Hopper engines come from full
+#: TensorRT in the docker/ image)
+DEFAULT_RTX_TARGETS = ("SM80", "SM86", "SM89")
+
+
+def sm_names(architectures: Iterable[str] = CUDA_ARCHITECTURES) -> list[str]:
+    """"80" -> "sm_80"."""
+    return [f"sm_{a}" for a in architectures]
+
+
+# ------------------------------------------------------------------------------------------ size limits
+#: the largest tensor pimoe-export will allocate or copy on the host without being asked to (elements)
+MAX_HOST_ELEMENTS = 2**31
+
+
+def element_count(shape: Sequence[int]) -> int:
+    return math.prod(int(d) for d in shape)
