@@ -165,6 +165,17 @@ class OutputDir:
     def owns(self, name: str) -> bool:
         return name in self.owned
 
+    def refuse_foreign(self, names: list[str]) -> None:
+        """Raise before any work when one of ``names`` exists here and is the user's (not written by pimoe-export),
+        unless ``force``: a command that writes many entries fails at once, not halfway."""
+        if self.force:
+            return
+        for name in names:
+            target = self.root / name
+            if (target.exists() or target.is_symlink()) and name not in self.owned:
+                raise OutputError(f"{target} exists and was not written by pimoe-export; it is left alone. Pass "
+                                  f"--force to replace it, or choose another output directory than {self.root}")
+
     def claim(self, name: str) -> Path:
         """The path of the entry ``name`` directly inside this directory, safe to (over)write."""
         if not name or "/" in name or name in (".", "..", OWNERSHIP_FILE):

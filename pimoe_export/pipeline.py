@@ -25,6 +25,12 @@ import numpy as np
 from pimoe_export._files import OutputDir
 
 RECORD = "pipeline.json"
+#: every entry a pipeline run may write into its output directory (checked before the first step)
+ENTRIES = [RECORD, "model", "model.pruned", "model.onnx", "model.standard.onnx", "model.fp16.onnx", "model.int8.onnx",
+           "ort-fp32", "ort-fp16", "ort-int8", "timing.cache", "report", "report_fp16", "report_int8",
+           "benchmark.md", "benchmark.json",
+           *[f"{kind}-{p}" for kind in ("trt", "trt-rtx") for p in ("fp32", "fp16", "int8")],
+           *[f"report_{kind}-{p}" for kind in ("trt", "trt-rtx") for p in ("fp32", "fp16", "int8")]]
 
 
 @dataclass(frozen=True)
@@ -279,6 +285,7 @@ def run_pipeline(
             print(text, flush=True)
 
     out = OutputDir(output, force=force, command="pipeline")
+    out.refuse_foreign(ENTRIES)
     ctx = PipelineContext(out, preset, Path(model_dir) if model_dir else None, seed, bench_repeats)
     record = PipelineRecord(out)
     try:

@@ -230,7 +230,7 @@ def _check_against_onnx(unit_dir: Path, manifest: Manifest, onnx_path: Path, hin
         dtypes = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
                   for v in (*proto.graph.input, *proto.graph.output) if v.type.tensor_type.elem_type}
         wrong = [f"{t.name}: {t.dtype} vs {dtypes[t.name]}" for t in (*io.inputs, *io.outputs)
-                 if t.name in dtypes and manifest.backend == "onnxruntime" and dtypes[t.name] != t.dtype]
+                 if t.name in dtypes and dtypes[t.name] != t.dtype]
         if wrong:
             problems.append(f"its I/O dtypes differ from the ONNX's ({', '.join(wrong)})")
     if problems:

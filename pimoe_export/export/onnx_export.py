@@ -97,7 +97,14 @@ def get_metadata(model: onnx.ModelProto) -> dict[str, str]:
 
 def validate_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnx.checker (full check) and shape inference; returns the shape-inferred model."""
+    from pimoe_export.errors import ArtifactError
+    from pimoe_export.ops.validation import check_graph
+
     register_onnx_schemas()
+    try:
+        check_graph(model)  # the op contract: attribute ranges, domains (the checker knows types, not ranges)
+    except ArtifactError as exc:
+        raise PiMoEExportError(f"the exported ONNX breaks the op contract: {exc}") from None
     try:
         onnx.checker.check_model(model, full_check=True)
         return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False)

@@ -86,7 +86,17 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{weights}: cannot read safetensors ({exc})") from None
-    model = architectures[arch](config=config, **_extra_kwargs(payload))
+    try:
+        model = architectures[arch](config=config, **_extra_kwargs(payload))
+    except TypeError as exc:
+        raise ArtifactError(f"{directory}/config.json: its 'extra' settings do not fit {arch} ({exc}); re-save the "
+                            "model") from None
+    expected = model.state_dict()
+    wrong = [f"{name} {tuple(tensor.shape)} (expected {tuple(expected[name].shape)})" for name, tensor in state.items()
+             if name in expected and tuple(tensor.shape) != tuple(expected[name].shape)]
+    if wrong:
+        raise ArtifactError(f"{weights} does not match the config in config.json: {', '.join(wrong[:5])}; the "
+                            "checkpoint was edited or mixes two models, re-save it")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ArtifactError(
@@ -103,4 +113,8 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
 
 def _extra_kwargs(payload: dict[str, Any]) -> dict[str, Any]:
     extra = payload.get("extra") or {}
-    return dict(extra.get("init_kwargs", {}))
+    kwargs = extra.get("init_kwargs", {}) if isinstance(extra, dict) else None
+    if not isinstance(kwargs, dict):
+        raise ArtifactError("config.json: 'extra' must be an object whose 'init_kwargs' is an object; re-save the "
+                            "model")
+    return dict(kwargs)

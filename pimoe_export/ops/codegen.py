@@ -1,7 +1,13 @@
-"""Generate ``plugins/common/pimoe_contract.h`` from :mod:`pimoe_export.ops.schema`.
+"""Generate from :mod:`pimoe_export.ops.schema` and :mod:`pimoe_export.interface` what other languages and documents
+need of them, so they cannot drift:
 
-``python -m pimoe_export.ops.codegen`` rewrites the header; ``--check`` exits non-zero if the committed
-header differs from what the schema generates (the test-suite runs the same comparison).
+- ``plugins/common/pimoe_contract.h`` (names, limits, enums for the C++ kernels and plugins);
+- the tables of ``docs/op_contract.md`` between its ``generated:contract`` markers (inputs, outputs, attributes
+  with their allowed values, limits);
+- ``plugins/cmake/cuda_architectures.txt`` (the nvcc targets CMake builds by default).
+
+``python -m pimoe_export.ops.codegen`` rewrites all three; ``--check`` exits non-zero if a committed file differs
+from what the sources generate (the test-suite runs the same comparison).
 """
 
 from __future__ import annotations
@@ -12,7 +18,11 @@ from pathlib import Path
 
 from pimoe_export.ops import schema
 
-HEADER = Path(__file__).resolve().parents[2] / "plugins" / "common" / "pimoe_contract.h"
+ROOT = Path(__file__).resolve().parents[2]
+HEADER = ROOT / "plugins" / "common" / "pimoe_contract.h"
+CONTRACT_DOC = ROOT / "docs" / "op_contract.md"
+ARCHITECTURES = ROOT / "plugins" / "cmake" / "cuda_architectures.txt"
+DOC_BEGIN, DOC_END = "<!-- generated:contract (python -m pimoe_export.ops.codegen) -->", "<!-- /generated:contract -->"
 
 
 def _ident(name: str) -> str:
@@ -69,20 +79,71 @@ def generate() -> str:
     return "\n".join(lines)
 
 
+def _doc_default(attr: schema.AttrSpec) -> str:
+    if attr.default is None:
+        return "required"
+    if isinstance(attr.default, str):
+        return f'"{attr.default}"'
+    return "[]" if attr.default == [] else f"{attr.default:g}" if isinstance(attr.default, float) else str(attr.default)
+
+
+def generate_doc_tables() -> str:
+    """The generated part of docs/op_contract.md."""
+    lines = [DOC_BEGIN, ""]
+    for op in schema.SCHEMAS.values():
+        lines += [f"### `{op.name}`", "", op.doc + ".", "", "| | name | shape | dtype | notes |",
+                  "|---|---|---|---|---|"]
+        for kind, specs in (("input", op.inputs), ("output", op.outputs)):
+            for i, spec in enumerate(specs):
+                notes = "; ".join(n for n in ("optional" if spec.optional else "",
+                                              "variadic" if spec.variadic else "", spec.doc) if n)
+                lines.append(f"| {kind} {i} | `{spec.name}` | {spec.shape} | {' / '.join(spec.dtypes)} | "
+                             f"{notes.replace('|', '/')} |")
+        if op.attributes:
+            lines += ["", "| attribute | kind | default | allowed | meaning |", "|---|---|---|---|---|"]
+            for a in op.attributes:
+                lines.append(f"| `{a.name}` | {a.kind} | {_doc_default(a)} | {a.range_text()} | {a.doc} |")
+        lines.append("")
+    lines += [f"Limits, checked at export, at `check`/`build`/`package` and again at every kernel entry: "
+              f"1 ≤ k ≤ min(E, {schema.MAX_TOP_K}), E ≤ {schema.MAX_EXPERTS}, at most {schema.MAX_LAYERS} linear "
+              f"layers per expert, every indexed element count (N·E, R·max width, G·out·in) below 2^31.", "",
+              DOC_END]
+    return "\n".join(lines)
+
+
+def _doc_with_tables(current: str) -> str:
+    if DOC_BEGIN not in current or DOC_END not in current:
+        raise SystemExit(f"{CONTRACT_DOC} lacks the {DOC_BEGIN} ... {DOC_END} markers")
+    head, rest = current.split(DOC_BEGIN, 1)
+    _, tail = rest.split(DOC_END, 1)
+    return head + generate_doc_tables() + tail
+
+
+def generated_files() -> dict[Path, str]:
+    """Every generated file and its expected content."""
+    from pimoe_export.interface import CUDA_ARCHITECTURES
+
+    return {HEADER: generate(), CONTRACT_DOC: _doc_with_tables(CONTRACT_DOC.read_text()),
+            ARCHITECTURES: ";".join(CUDA_ARCHITECTURES) + "\n"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="fail if the committed header is out of date")
     args = parser.parse_args(argv)
-    text = generate()
-    if args.check:
-        current = HEADER.read_text() if HEADER.exists() else ""
-        if current != text:
-            print(f"{HEADER} is out of date: run `python -m pimoe_export.ops.codegen`", file=sys.stderr)
-            return 1
-        return 0
-    HEADER.parent.mkdir(parents=True, exist_ok=True)
-    HEADER.write_text(text)
-    print(f"wrote {HEADER}")
+    stale = []
+    for path, text in generated_files().items():
+        current = path.read_text() if path.exists() else ""
+        if current == text:
+            continue
+        if args.check:
+            stale.append(path)
+        else:
+            path.write_text(text)
+            print(f"wrote {path}")
+    if stale:
+        print(f"out of date: {[str(p) for p in stale]}: run `python -m pimoe_export.ops.codegen`", file=sys.stderr)
+        return 1
     return 0
 
 

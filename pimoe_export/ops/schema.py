@@ -88,8 +88,11 @@ class AttrSpec:
             return "0 or 1"
         if self.choices:
             return " \\| ".join(f'"{c}"' for c in self.choices)
-        lo = "" if self.minimum is None else f"{'>' if self.exclusive_minimum else '≥'} {self.minimum:g}"
-        hi = "" if self.maximum is None else f"≤ {self.maximum:g}"
+        def text(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() and self.kind in ("int", "ints") else f"{v:g}"
+
+        lo = "" if self.minimum is None else f"{'>' if self.exclusive_minimum else '≥'} {text(self.minimum)}"
+        hi = "" if self.maximum is None else f"≤ {text(self.maximum)}"
         bounds = ", ".join(b for b in (lo, hi) if b)
         return (f"each {bounds}" if self.kind in ("ints", "floats") and bounds else bounds) or "any"
 

@@ -182,7 +182,7 @@ class TensorRTEngine(Engine):
         from pimoe_export.artefacts.devices import local_gpu_sm
         from pimoe_export.artefacts.tensorrt import import_tensorrt, load_plugin_library, process_logger
 
-        manifest = read_manifest(unit_dir)
+        manifest = verify(unit_dir).manifest  # integrity first: a tampered unit is refused whatever the machine
         if manifest.backend == "tensorrt-rtx":
             raise BackendUnavailableError(
                 f"{unit_dir} holds a TensorRT-RTX engine (built ahead of time for {manifest.target_sms}); it runs on "

@@ -33,6 +33,9 @@ from pimoe_export.validate.report import CheckReport, write_report
 from pimoe_export.validate.report import plots as write_plots
 
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 1), (2, 16), (4, 64))
+#: what a check writes into its report directory
+REPORT_FILES = ("inputs.json", "pytorch_outputs.json", "report.json", "report.md", "error_histogram.png",
+                "per_expert_error.png")
 
 
 def check_onnx(
@@ -127,6 +130,7 @@ def run_check(
                             f"{expected}: check an artefact against the checkpoint it was exported from")
     tolerances = tolerances or tolerances_for(precision)
     out = OutputDir(out_dir, force=force, command="check")
+    out.refuse_foreign(list(REPORT_FILES))
     feeds = make_inputs(interface, shapes, seed)
     results = Comparator.run([PyTorchLayerRunner(model), runner], data_loader=feeds)
     reference, actual = ([dict(it) for it in entry[1]] for entry in results)
