@@ -183,7 +183,7 @@ def test_rtx_unit_is_refused_without_allow_rtx(rtx_unit, tmp_path) -> None:
 
 @pytest.mark.trt
 @pytest.mark.parametrize("victim", ["model.engine", "libpimoe_trt_plugins.so", "manifest.json"])
-def test_tampered_unit_is_refused(rtx_unit, tmp_path, victim, capsys) -> None:
+def test_tampered_unit_is_refused(tiny, rtx_unit, tmp_path, victim, capsys) -> None:
     from pimoe_export.cli import main
     from pimoe_export.deploy.triton import write_triton_repository
 
@@ -203,6 +203,13 @@ def test_tampered_unit_is_refused(rtx_unit, tmp_path, victim, capsys) -> None:
     assert not (tmp_path / "repo").exists()  # nothing written before verification
     assert main(["triton", str(unit), "-o", str(tmp_path / "repo"), "--allow-rtx"]) == 2
     assert expected in capsys.readouterr().err
+    # `check --unit` verifies the shipped unit before anything runs: the same refusal, no report written
+    from pimoe_export.model.io import save_pretrained
+
+    model_dir = save_pretrained(tiny[0], tmp_path / "model")
+    assert main(["check", str(model_dir), "--unit", str(unit), "--no-plots"]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (unit / "report").exists()
 
 
 @pytest.mark.trt
