@@ -39,7 +39,9 @@ nvcc_bin=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 [ -x "$nvcc_bin" ] || fail "no nvcc in this image (PATH or /usr/local/cuda/bin): the TensorRT plugins need the CUDA toolkit"
 known=$("$nvcc_bin" --list-gpu-arch 2>/dev/null | tr '\n' ' ')
 archs=""
-IFS=';' read -r -a requested <<< "${PIMOE_CUDA_ARCHITECTURES:-80;86;89;90}"
+[ -n "${PIMOE_CUDA_ARCHITECTURES:-}" ] \
+  || fail "PIMOE_CUDA_ARCHITECTURES is not set: the Dockerfile's build argument gives each image's targets"
+IFS=';' read -r -a requested <<< "$PIMOE_CUDA_ARCHITECTURES"
 for arch in "${requested[@]}"; do
   [ -n "$arch" ] || continue
   if [[ " $known " == *" compute_$arch "* ]]; then archs="${archs:+$archs;}$arch"

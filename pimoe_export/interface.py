@@ -287,6 +287,10 @@ CUDA_ARCHITECTURES = ("80", "86", "87", "89", "90")
 #: TensorRT-RTX ahead-of-time targets among them (RTX has no SM87/SM90 target; Hopper engines come from full
 #: TensorRT in the docker/ image)
 DEFAULT_RTX_TARGETS = ("SM80", "SM86", "SM89")
+#: nvcc targets of each docker/ image (the Dockerfiles' PIMOE_CUDA_ARCHITECTURES default; a test keeps them equal):
+#: the server image for data-centre and workstation GPUs, the Jetson image for Orin (sm_87) and Thor (sm_110 since
+#: CUDA 13, which the CI toolchain does not know, hence not in CUDA_ARCHITECTURES)
+IMAGE_CUDA_ARCHITECTURES = {"server": ("80", "86", "89", "90"), "jetson": ("87", "110")}
 
 
 def sm_names(architectures: Iterable[str] = CUDA_ARCHITECTURES) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pimoe_export._files import OutputDir
+from pimoe_export.interface import LAYER_OUTPUT
 
 RECORD = "pipeline.json"
 #: every entry a pipeline run may write into its output directory (checked before the first step)
@@ -201,7 +202,7 @@ def step_check(ctx: PipelineContext) -> dict[str, Any]:
     for name, check in checks:
         rep = check(ctx.out.claim_dir(name).root)
         reports[name] = {"passed": rep.passed, "precision": rep.precision, "backend": rep.backend,
-                         "routing_agreement": rep.routing_agreement, "output": rep.output_stats["output"].to_dict(),
+                         "routing_agreement": rep.routing_agreement, "output": rep.output_stats[LAYER_OUTPUT].to_dict(),
                          "failures": rep.failures, "files": rep.files}
         if not rep.passed:
             failed.append(f"{name}: {rep.failures}")

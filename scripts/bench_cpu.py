@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from pimoe_export.bench.timing import median_ms  # noqa: E402
 from pimoe_export.export.onnx_export import export_onnx  # noqa: E402
+from pimoe_export.interface import LAYER_INPUT, LAYER_OUTPUT  # noqa: E402
 from pimoe_export.model import functional  # noqa: E402
 from pimoe_export.model.factory import create_from_preset  # noqa: E402
 from pimoe_export.runtime.ort import check_ort_library, create_session, find_ort_library  # noqa: E402
@@ -90,7 +91,7 @@ def contrib_moe_model(model, custom_onnx: Path) -> bytes:
     del graph.node[:]
     graph.node.extend([*keep, moe])
     graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items())
-    outputs = [o for o in graph.output if o.name == "output"]
+    outputs = [o for o in graph.output if o.name == LAYER_OUTPUT]
     del graph.output[:]
     graph.output.extend(outputs)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
@@ -171,7 +172,7 @@ def main() -> int:
         for name, make in variants.items():
             session = make()
             for t in tokens_list:
-                feeds = {"hidden_states": inputs[t]}
+                feeds = {LAYER_INPUT: inputs[t]}
                 samples[t].setdefault(name, []).append(
                     median_ms(lambda s=session, f=feeds: s.run(None, f), repeats[t]))
             del session

@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pimoe_export.export.onnx_export import export_onnx  # noqa: E402
+from pimoe_export.interface import LAYER_INPUT  # noqa: E402
 from pimoe_export.model import ExpertType, PiMoEConfig, PiMoESystem  # noqa: E402
 from pimoe_export.quantize import quantize_model  # noqa: E402
 from pimoe_export.quantize.int8 import FakeQuantPiMoE  # noqa: E402
@@ -504,7 +505,7 @@ def run_config(st, parts: dict[str, list[str]], original: np.ndarray, args: argp
 
     def ort_ffn(session, index=None):
         def run(x: torch.Tensor) -> torch.Tensor:
-            y, ids, _ = session.run(None, {"hidden_states": x.detach().float().contiguous().numpy()})
+            y, ids, _ = session.run(None, {LAYER_INPUT: x.detach().float().contiguous().numpy()})
             if index is not None:
                 routing.setdefault(index, []).append(np.sort(ids.reshape(-1, ids.shape[-1]), axis=-1))
             return torch.from_numpy(y)

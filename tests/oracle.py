@@ -1,6 +1,7 @@
 """A slow, obviously-correct PiMoE: one token at a time, plain loops, float64.
 
-Written from the semantics in ARCHITECTURE.md §2 and SEED_NOTES.md, not from pimoe_export.model.functional:
+Written from the semantics in docs/op_contract.md and the expert stacks documented in
+pimoe_export.model.config.expert_widths, not from pimoe_export.model.functional:
 it reads the model's parameters but re-implements every computation (Linear, LayerNorm, activations,
 softmax, top-k with ties to the lower index and NaN lowest, renormalisation, weighted sum).
 """

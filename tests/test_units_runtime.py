@@ -212,7 +212,7 @@ def test_comparison_of_precomputed_backend_outputs(tiny, tmp_path) -> None:
     from polygraphy.comparator.struct import IterationResult
 
     from pimoe_export.interface import TOLERANCES, layer_interface
-    from pimoe_export.validate.compare import COMPARED, polygraphy_accuracy, verdict
+    from pimoe_export.validate.compare import COMPARED, compare_settings, polygraphy_accuracy, verdict
     from pimoe_export.validate.reference import make_inputs, pytorch_reference
 
     model, onnx_path, _ = tiny
@@ -228,8 +228,8 @@ def test_comparison_of_precomputed_backend_outputs(tiny, tmp_path) -> None:
         return entry
 
     def compare() -> tuple[bool, list[str]]:
-        passed = polygraphy_accuracy(results("pytorch", reference), results("tensorrt", actual), TOLERANCES["fp32"],
-                                     reference)
+        passed = polygraphy_accuracy(results("pytorch", reference), results("tensorrt", actual),
+                                     compare_settings(TOLERANCES["fp32"], reference))
         return passed, verdict(reference, actual, TOLERANCES["fp32"], passed).failures
 
     assert compare() == (True, [])

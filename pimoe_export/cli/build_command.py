@@ -20,7 +20,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="libpimoe_trt_plugins.so (default: $PIMOE_TRT_PLUGINS or the build tree)")
     p.add_argument("--flavour", choices=("auto", "tensorrt", "rtx"), default="auto",
                    help="auto: TensorRT if installed, else TensorRT-RTX (ahead of time, no GPU needed)")
-    p.add_argument("--sm", default=",".join(DEFAULT_RTX_TARGETS), help="TensorRT-RTX targets, e.g. SM80,SM86,SM89")
+    p.add_argument("--sm", default=",".join(DEFAULT_RTX_TARGETS),
+                   help="TensorRT-RTX targets, comma-separated SM names (default: %(default)s)")
     p.add_argument("--min-tokens", type=shape, default=DEFAULT_ENGINE_PROFILE.min_shape, help="profile minimum, BxS")
     p.add_argument("--opt-tokens", type=shape, default=DEFAULT_ENGINE_PROFILE.opt_shape, help="profile optimum, BxS")
     p.add_argument("--max-tokens", type=shape, default=DEFAULT_ENGINE_PROFILE.max_shape, help="profile maximum, BxS")

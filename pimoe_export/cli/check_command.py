@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from pimoe_export.cli._common import SEED, add_force, shapes
+from pimoe_export.interface import LAYER_OUTPUT
 
 NAME = "check"
 HELP = "compare an ONNX graph or a unit with the PyTorch reference (Polygraphy) and write a report; exit 1 on failure"
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         target = args.onnx
         report = check_onnx(model, args.onnx, args.output or args.onnx.with_name(args.onnx.stem + "_report"),
                             **options)
-    s = report.output_stats["output"]
+    s = report.output_stats[LAYER_OUTPUT]
     print(f"{'PASSED' if report.passed else 'FAILED'}: {target} ({report.precision}) vs PyTorch on {report.backend}")
     print(f"  output: max abs {s.max_abs:.3e}, mean abs {s.mean_abs:.3e}, rel L2 {s.rel_l2:.3e}, cosine {s.cosine:.8f}")
     verdict = "passed" if report.polygraphy_passed else "failed"

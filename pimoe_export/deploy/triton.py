@@ -41,6 +41,7 @@ from typing import Any
 from pimoe_export._files import OutputDir, sha256_file
 from pimoe_export.artefacts.manifest import Manifest, Unit, verify
 from pimoe_export.errors import ArtifactError, PiMoEError
+from pimoe_export.interface import LAYER_INPUT
 
 #: manifest io dtype spellings (TensorRT DataType names and numpy names) -> Triton model-config data types
 TRITON_DTYPES: dict[str, str] = {
@@ -229,7 +230,7 @@ def _readme(model: TritonModel, manifest: Manifest, unit_dir: Path, server_dir: 
                       f"`pimoe-export build {unit_dir / 'model.onnx'} -o UNIT --flavour tensorrt`.\n")
     shape = ",".join(str(s) for s in (1, 16, m.config.get("hidden_size", "H")))
     dims = shape if model.max_batch_size == 0 else ",".join(shape.split(",")[1:])
-    first = model.inputs[0].name if model.inputs else "hidden_states"
+    first = model.inputs[0].name if model.inputs else LAYER_INPUT
     return (header + start + f"\nLoad test: `perf_analyzer -m {model.name} --shape {first}:{dims}`.\n\n"
             "Not verified by CI: no tritonserver, Docker engine or GPU runs there; CI checks these files only.\n")
 
@@ -256,36 +257,13 @@ def write_triton_repository(
     repository = Path(repository)
     unit = verify(unit_dir)  # containment and every artefact's sha256, before anything is copied
     manifest = unit.manifest
-    if manifest.backend not in PLATFORMS:
-        raise TritonRepositoryError(f"{unit_dir}: backend {manifest.backend!r} has no Triton platform here "
-                                    f"(supported: {sorted(PLATFORMS)})")
-    if manifest.backend == "tensorrt-rtx" and not allow_rtx:
-        raise TritonRepositoryError(
-            f"{unit_dir} holds a TensorRT-RTX engine; Triton's TensorRT backend deserialises plans with full "
-            f"TensorRT and cannot load it. Build a TensorRT unit on the serving GPU (`pimoe-export build "
-            f"{unit_dir / 'model.onnx'} -o UNIT --flavour tensorrt`, e.g. in the docker/server image) and generate "
-            f"the repository from that, or pass --allow-rtx to write it anyway for inspection")
     name = name or default_model_name(unit_dir)
-    if not _NAME.match(name):
-        raise TritonRepositoryError(f"model name {name!r} is not usable as a Triton model directory: use letters, "
-                                    f"digits, '_', '-' and '.', not starting with '.'")
-    if instances < 1:
-        raise TritonRepositoryError(f"--instances must be >= 1, got {instances}")
-    max_batch = manifest.profile.max_shape[0]
-    if not 0 <= max_batch_size <= max_batch:
-        raise TritonRepositoryError(
-            f"--max-batch-size {max_batch_size} is outside 0..{max_batch} (the unit's profile accepts batch "
-            f"{manifest.profile.min_shape[0]}..{max_batch}); use 0 (batch as an explicit dimension) or rebuild the "
-            f"unit with a larger profile (pimoe-export build --max-tokens BxS)")
-    if max_batch_size > 0 and manifest.profile.min_shape[0] > 1:
-        raise TritonRepositoryError(f"--max-batch-size needs a profile that accepts batch 1; this unit's minimum "
-                                    f"batch is {manifest.profile.min_shape[0]}: use --max-batch-size 0")
+    _check_request(unit_dir, manifest, name, max_batch_size, instances, allow_rtx)
     platform, model_filename, model_role, library_role, kind = PLATFORMS[manifest.backend]
     inputs, outputs = tensor_specs(manifest)
     if max_batch_size > 0 and any(not s.dims or s.dims[0] != -1 for s in inputs + outputs):
         raise TritonRepositoryError("--max-batch-size > 0 needs a dynamic leading (batch) dimension on every "
                                     "tensor; use --max-batch-size 0")
-
     server_dir = f"{(server_repository or str(repository.resolve())).rstrip('/')}/{name}"
     if not server_dir.startswith("/"):
         raise TritonRepositoryError(f"--server-repo must be an absolute path (the server loads libraries by it), "
@@ -317,6 +295,34 @@ def write_triton_repository(
         return model
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_request(unit_dir: Path, manifest: Manifest, name: str, max_batch_size: int, instances: int,
+                   allow_rtx: bool) -> None:
+    """Everything about the request that can be refused before a file is written."""
+    if manifest.backend not in PLATFORMS:
+        raise TritonRepositoryError(f"{unit_dir}: backend {manifest.backend!r} has no Triton platform here "
+                                    f"(supported: {sorted(PLATFORMS)})")
+    if manifest.backend == "tensorrt-rtx" and not allow_rtx:
+        raise TritonRepositoryError(
+            f"{unit_dir} holds a TensorRT-RTX engine; Triton's TensorRT backend deserialises plans with full "
+            f"TensorRT and cannot load it. Build a TensorRT unit on the serving GPU (`pimoe-export build "
+            f"{unit_dir / 'model.onnx'} -o UNIT --flavour tensorrt`, e.g. in the docker/server image) and generate "
+            f"the repository from that, or pass --allow-rtx to write it anyway for inspection")
+    if not _NAME.match(name):
+        raise TritonRepositoryError(f"model name {name!r} is not usable as a Triton model directory: use letters, "
+                                    f"digits, '_', '-' and '.', not starting with '.'")
+    if instances < 1:
+        raise TritonRepositoryError(f"--instances must be >= 1, got {instances}")
+    max_batch = manifest.profile.max_shape[0]
+    if not 0 <= max_batch_size <= max_batch:
+        raise TritonRepositoryError(
+            f"--max-batch-size {max_batch_size} is outside 0..{max_batch} (the unit's profile accepts batch "
+            f"{manifest.profile.min_shape[0]}..{max_batch}); use 0 (batch as an explicit dimension) or rebuild the "
+            f"unit with a larger profile (pimoe-export build --max-tokens BxS)")
+    if max_batch_size > 0 and manifest.profile.min_shape[0] > 1:
+        raise TritonRepositoryError(f"--max-batch-size needs a profile that accepts batch 1; this unit's minimum "
+                                    f"batch is {manifest.profile.min_shape[0]}: use --max-batch-size 0")
 
 
 def _claim_model_dir(repository: Path, name: str, force: bool) -> Path:

@@ -81,7 +81,10 @@ class ExpertSpec:
 
 
 def expert_widths(expert_type: ExpertType, hidden_size: int, intermediate_size: int) -> tuple[int, ...]:
-    """Layer widths of the seed's per-type stacks (SEED_NOTES.md table)."""
+    """Layer widths (input first) of each expert type's stack, as in the original PiMoE seed.
+
+    REASONING: H -> I -> I/2 -> H; COMPUTATION: H -> 2I -> I -> H; every other type: H -> I -> H.
+    """
     h, i = hidden_size, intermediate_size
     if expert_type is ExpertType.REASONING:
         return (h, i, i // 2, h)

@@ -1,6 +1,6 @@
 """Reference semantics of the four PiMoE ops, in plain PyTorch.
 
-These functions are THE definition of op contract v1 (ARCHITECTURE.md §3): the PyTorch model calls
+These functions are THE definition of op contract v1 (docs/op_contract.md): the PyTorch model calls
 them, the torch custom ops in :mod:`pimoe_export.ops` wrap them, and every kernel (ORT C++, CUDA) is
 tested against them. They are vectorised (no per-token Python loops) and deterministic.
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pimoe_export.errors import PiMoEInputError
+from pimoe_export.interface import LAYER_INPUT
 from pimoe_export.model import functional
 from pimoe_export.model.system import PiMoESystem
 
@@ -45,7 +46,7 @@ def _read_calibration_file(path: Path) -> list[Any]:
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
-                keys = ["hidden_states"] if "hidden_states" in archive.files else archive.files
+                keys = [LAYER_INPUT] if LAYER_INPUT in archive.files else archive.files
                 return [archive[k] for k in keys]
         if path.suffix == ".npy":
             return [np.load(path, allow_pickle=False)]

@@ -3,7 +3,7 @@
     engine = Engine.load("engines/seed-512/ort-int8")     # the unit is verified before anything is loaded
     y = engine.run(x)                                      # numpy in -> numpy out, torch in -> torch out
     y, expert_ids, expert_weights = engine.run(x, routing=True)
-    outputs = engine.run_named({"hidden_states": x})       # every named input and output (several for a model)
+    outputs = engine.run_named({name: array, ...})       # every named input and output (several for a model)
 
 Backends:
 - ``onnxruntime`` (the embedded default, CPU; the CUDA provider is used when onnxruntime-gpu is installed and

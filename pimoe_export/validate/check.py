@@ -20,6 +20,7 @@ from typing import Any
 from pimoe_export._files import OutputDir
 from pimoe_export.errors import ArtifactError
 from pimoe_export.interface import (
+    LAYER_OUTPUT,
     MAX_KERNEL_REL_L2,
     GraphInterface,
     Tolerances,
@@ -27,7 +28,15 @@ from pimoe_export.interface import (
     read_metadata,
     tolerances_for,
 )
-from pimoe_export.validate.compare import COMPARED, kernel_vs_fake_quant, per_expert_error, polygraphy_accuracy, verdict
+from pimoe_export.validate.compare import (
+    COMPARED,
+    compare_settings,
+    kernel_vs_fake_quant,
+    per_expert_error,
+    polygraphy_accuracy,
+    polygraphy_cli_args,
+    verdict,
+)
 from pimoe_export.validate.reference import PyTorchLayerRunner, make_inputs
 from pimoe_export.validate.report import CheckReport, write_report
 from pimoe_export.validate.report import plots as write_plots
@@ -67,7 +76,8 @@ def check_onnx(
                    "onnx": str(onnx_path)}
     return run_check(model, onnx_runner(onnx_path, threads), interface, meta.precision, "onnxruntime-cpu+pimoe",
                      out_dir, shapes=shapes, seed=seed, tolerances=tolerances, plots=plots, verbose=verbose,
-                     force=force, quantized_onnx=onnx_path if meta.quantized else None, environment=environment)
+                     force=force, quantized_onnx=onnx_path if meta.quantized else None, environment=environment,
+                     replay=("--pimoe-onnxrt", onnx_path))
 
 
 def check_unit(
@@ -94,7 +104,7 @@ def check_unit(
         return run_check(model, runner, runner.engine.interface, m.precision, f"{m.backend} {m.backend_version}",
                          out_dir, shapes=shapes, seed=seed, plots=plots, verbose=verbose, force=force,
                          quantized_onnx=onnx_path if m.precision in ("w8a8", "w8a8_dynamic") else None,
-                         environment=environment)
+                         environment=environment, replay=("--pimoe-unit", Path(unit_dir)))
     finally:
         runner.close()
 
@@ -115,8 +125,12 @@ def run_check(
     force: bool = False,
     quantized_onnx: Path | None = None,
     environment: dict[str, Any] | None = None,
+    replay: tuple[str, Path] | None = None,
 ) -> CheckReport:
-    """The PyTorch ``model`` against any Polygraphy ``runner`` of an artefact with the given interface."""
+    """The PyTorch ``model`` against any Polygraphy ``runner`` of an artefact with the given interface.
+
+    ``replay``: the ``polygraphy run`` runner option and model path that re-run this artefact (the report then
+    gives the command that replays the comparison from the saved inputs and PyTorch outputs)."""
     from polygraphy.comparator import Comparator, RunResults
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.json import save_json
@@ -142,13 +156,14 @@ def run_check(
     files = {"inputs": str(out.claim("inputs.json")), "pytorch_outputs": str(out.claim("pytorch_outputs.json"))}
     save_json(feeds, files["inputs"])
     compared[0].save(files["pytorch_outputs"])
-    result = verdict(reference, actual, tolerances, polygraphy_accuracy(*compared, tolerances, reference))
+    settings = compare_settings(tolerances, reference)
+    result = verdict(reference, actual, tolerances, polygraphy_accuracy(*compared, settings))
     kernel = {}
     if quantized_onnx is not None:
         kernel = kernel_vs_fake_quant(model, quantized_onnx, feeds, actual, MAX_KERNEL_REL_L2)
-        if not kernel["output"]["rel_l2"] <= MAX_KERNEL_REL_L2:
+        if not kernel[LAYER_OUTPUT]["rel_l2"] <= MAX_KERNEL_REL_L2:
             result.failures.append(f"kernels differ from the fake-quant reference: rel L2 "
-                                   f"{kernel['output']['rel_l2']:.2e} > {MAX_KERNEL_REL_L2}")
+                                   f"{kernel[LAYER_OUTPUT]['rel_l2']:.2e} > {MAX_KERNEL_REL_L2}")
     report = CheckReport(
         backend=backend, precision=precision, shapes=[tuple(s) for s in shapes], tolerances=tolerances,
         output_stats=result.output_stats, routing_agreement=result.routing_agreement,
@@ -156,6 +171,10 @@ def run_check(
         per_expert_mean_abs=per_expert_error(reference, actual), kernel_vs_fake_quant=kernel,
         environment={**(environment or {}), "machine": platform.machine(), "python": platform.python_version()},
         files=files,
+        replay=[] if replay is None else ["polygraphy", "run", str(replay[1].resolve()), replay[0], "--load-inputs",
+                                          str(Path(files["inputs"]).resolve()), "--load-outputs",
+                                          str(Path(files["pytorch_outputs"]).resolve()),
+                                          *polygraphy_cli_args(settings)],
     )
     if plots:
         report.files.update(write_plots(reference, actual, report.per_expert_mean_abs, out))

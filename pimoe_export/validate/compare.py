@@ -29,21 +29,35 @@ class Verdict:
         return not self.failures
 
 
-def polygraphy_accuracy(reference: Any, actual: Any, tolerances: Tolerances, ref_outputs: Outputs) -> bool:
+def compare_settings(tolerances: Tolerances, ref_outputs: Outputs) -> dict[str, Any]:
+    """Polygraphy ``SimpleCompareFunc`` settings of a check: ``atol`` of the output scales with max|reference|."""
+    ref_max = max((float(np.max(np.abs(r[LAYER_OUTPUT]))) for r in ref_outputs if r[LAYER_OUTPUT].size), default=1.0)
+    return {
+        "rtol": {name: tolerances.rtol for name in COMPARED},
+        "atol": {LAYER_OUTPUT: tolerances.atol_rel * ref_max, LAYER_EXPERT_WEIGHTS: tolerances.atol_rel},
+        "check_error_stat": tolerances.check_error_stat,
+        "error_quantile": tolerances.error_quantile,
+    }
+
+
+def polygraphy_cli_args(settings: dict[str, Any]) -> list[str]:
+    """The same settings as ``polygraphy run`` arguments (floats written so they read back exactly)."""
+    args = ["--rtol", *(f"{k}:{v!r}" for k, v in settings["rtol"].items()),
+            "--atol", *(f"{k}:{v!r}" for k, v in settings["atol"].items()),
+            "--check-error-stat", settings["check_error_stat"]]
+    if settings["check_error_stat"] == "quantile":
+        args += ["--error-quantile", repr(settings["error_quantile"])]
+    return args
+
+
+def polygraphy_accuracy(reference: Any, actual: Any, settings: dict[str, Any]) -> bool:
     """``Comparator.compare_accuracy`` of two RunResults entries (reference first) on the compared outputs."""
     from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
 
     results = RunResults()
     results.extend(reference)
     results.extend(actual)
-    ref_max = max((float(np.max(np.abs(r[LAYER_OUTPUT]))) for r in ref_outputs if r[LAYER_OUTPUT].size), default=1.0)
-    compare = SimpleCompareFunc(
-        rtol={name: tolerances.rtol for name in COMPARED},
-        atol={LAYER_OUTPUT: tolerances.atol_rel * ref_max, LAYER_EXPERT_WEIGHTS: tolerances.atol_rel},
-        check_error_stat=tolerances.check_error_stat,
-        error_quantile=tolerances.error_quantile,
-    )
-    return bool(Comparator.compare_accuracy(results, compare_func=compare))
+    return bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(**settings)))
 
 
 def verdict(reference: Outputs, actual: Outputs, tolerances: Tolerances, polygraphy_passed: bool) -> Verdict:
@@ -95,5 +109,5 @@ def kernel_vs_fake_quant(model: Any, onnx_path: Any, feeds: list[dict[str, np.nd
             ids.append(i.numpy().reshape(-1, i.shape[-1]))
     stats = merge_stats([error_stats(r, a[LAYER_OUTPUT]) for r, a in zip(outs, actual, strict=True)])
     got = np.concatenate([a[LAYER_EXPERT_IDS].reshape(-1, a[LAYER_EXPERT_IDS].shape[-1]) for a in actual])
-    return {"output": stats.to_dict(), "routing_agreement": routing_agreement(np.concatenate(ids), got),
+    return {LAYER_OUTPUT: stats.to_dict(), "routing_agreement": routing_agreement(np.concatenate(ids), got),
             "max_rel_l2": max_rel_l2}

@@ -16,6 +16,7 @@ from pimoe_export.interface import (
     BATCH_AXIS,
     LAYER_EXPERT_IDS,
     LAYER_EXPERT_WEIGHTS,
+    LAYER_INPUT,
     LAYER_OUTPUT,
     SEQUENCE_AXIS,
     GraphInterface,
@@ -49,7 +50,7 @@ class PyTorchLayerRunner(BaseRunner):
         self.model.track_stats = False  # a parity run must not change the model's statistics
 
     def get_input_metadata_impl(self) -> TensorMetadata:
-        return TensorMetadata().add("hidden_states", np.float32, (-1, -1, self.model.hidden_size))
+        return TensorMetadata().add(LAYER_INPUT, np.float32, (-1, -1, self.model.hidden_size))
 
     def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from pimoe_export._files import OutputDir
-from pimoe_export.interface import Tolerances
+from pimoe_export.interface import LAYER_OUTPUT, Tolerances
 from pimoe_export.validate.metrics import ErrorStats
 
 
@@ -31,6 +32,8 @@ class CheckReport:
     kernel_vs_fake_quant: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    # `polygraphy run` argv that replays the comparison from the saved inputs and outputs (empty: not replayable)
+    replay: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +50,7 @@ class CheckReport:
             "kernel_vs_fake_quant": self.kernel_vs_fake_quant,
             "environment": self.environment,
             "files": self.files,
+            "replay": self.replay,
         }
 
 
@@ -59,7 +63,7 @@ def plots(reference, actual, per_expert: dict[int, float], out_dir: OutputDir) -
         import matplotlib.pyplot as plt
     except ImportError:  # plots are optional; the JSON/Markdown report is complete without them
         return {}
-    errors = np.concatenate([np.abs(a["output"].astype(np.float64) - r["output"]).ravel()
+    errors = np.concatenate([np.abs(a[LAYER_OUTPUT].astype(np.float64) - r[LAYER_OUTPUT]).ravel()
                              for r, a in zip(reference, actual, strict=True)])
     files = {}
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -120,7 +124,7 @@ def write_report(report: CheckReport, out_dir: OutputDir) -> None:
         "",
     ]
     if report.kernel_vs_fake_quant:
-        k = report.kernel_vs_fake_quant["output"]
+        k = report.kernel_vs_fake_quant[LAYER_OUTPUT]
         lines += [
             "## Kernel error alone: backend vs the fake-quant PyTorch reference (same integer math)",
             "",
@@ -140,4 +144,9 @@ def write_report(report: CheckReport, out_dir: OutputDir) -> None:
         lines += [f"| {e} | {v:.3e} |" for e, v in report.per_expert_mean_abs.items()] + [""]
     lines += ["## Environment", ""] + [f"- {k}: {v}" for k, v in report.environment.items()] + [""]
     lines += ["## Files", ""] + [f"- {k}: {Path(v).name}" for k, v in report.files.items()] + [""]
+    if report.replay:
+        lines += ["## Replay with Polygraphy", "",
+                  "The same comparison from the saved inputs and PyTorch outputs, with this check's tolerances "
+                  "(the runner option comes with pimoe-export; docs/precision.md):", "",
+                  "```", shlex.join(report.replay), "```", ""]
     md_path.write_text("\n".join(lines))

@@ -85,8 +85,9 @@ class ExpertMLP {
   std::string run(const void* x, DType dtype, int64_t rows, const int32_t* offsets, int64_t num_experts, void* y,
                   const Parallel& parallel) const;
 
+  struct State;  // the packed weights (opaque; defined in expert_mlp.cpp, whose stage helpers read it)
+
  private:
-  struct State;
   std::unique_ptr<State> state_;
 };
 

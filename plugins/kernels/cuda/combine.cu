@@ -42,7 +42,7 @@ cudaError_t combine(const void* y_sorted, DType dtype, const int32_t* flat_to_so
                     int64_t k, int64_t h, void* y, DeviceStatus* status, cudaStream_t stream) {
   if (status == nullptr) return cudaErrorInvalidValue;
   if (cudaError_t err = clear_status(status, stream); err != cudaSuccess) return err;
-  if (n < 0 || k < 1 || k > 16 || h < 0) return cudaErrorInvalidValue;
+  if (n < 0 || k < 1 || k > kMAX_TOP_K || h < 0) return cudaErrorInvalidValue;
   if (n == 0 || h == 0) return cudaSuccess;
   const unsigned int blocks = detail::grid_for(n * h, 256);
   const int ki = static_cast<int>(k);

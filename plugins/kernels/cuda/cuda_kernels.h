@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <string>
 
+#include "pimoe_contract.h"
+
 namespace pimoe {
 namespace cuda {
 
@@ -67,8 +69,14 @@ cudaError_t combine(const void* y_sorted, DType dtype, const int32_t* flat_to_so
                     int64_t k, int64_t h, void* y, DeviceStatus* status, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------ PiMoEExpertMLP
-constexpr int32_t kMAX_LAYERS = 8;
-constexpr int32_t kMAX_GROUP = 1024;
+// Contract limits (generated from pimoe_export/ops/schema.py): every launcher checks them.
+constexpr int32_t kMAX_LAYERS = static_cast<int32_t>(contract::kMAX_LAYERS);
+constexpr int32_t kMAX_EXPERTS = static_cast<int32_t>(contract::kMAX_EXPERTS);
+constexpr int32_t kMAX_TOP_K = static_cast<int32_t>(contract::kMAX_TOP_K);
+constexpr int32_t kMAX_GROUP = kMAX_EXPERTS;  // a group holds distinct experts
+// The single-block kernels (dispatch scan, expert plan) give each expert one thread of a 1024-thread block.
+constexpr int32_t kEXPERT_BLOCK = 1024;
+static_assert(kMAX_EXPERTS <= kEXPERT_BLOCK, "one thread per expert in the single-block kernels");
 
 // Largest layer input width of the w8a8 path: the int32 accumulator holds sum_k q_a * q_w exactly while
 // 127 * 127 * K < 2^31 (K <= 133143); the limit is rounded down to a power of two.

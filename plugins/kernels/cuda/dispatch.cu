@@ -150,7 +150,7 @@ cudaError_t dispatch(const void* x, DType dtype, const int32_t* ids, int64_t n, 
                      int64_t num_experts, void* x_sorted, int32_t* offsets, int32_t* flat_to_sorted, void* workspace,
                      size_t workspace_bytes, DeviceStatus* status, cudaStream_t stream) {
   if (cudaError_t err = clear_status(status, stream); err != cudaSuccess) return err;
-  if (num_experts < 1 || num_experts > 1024 || k < 1 || k > 16 || n < 0 || h < 1) return cudaErrorInvalidValue;
+  if (num_experts < 1 || num_experts > kMAX_EXPERTS || k < 1 || k > kMAX_TOP_K || n < 0 || h < 1) return cudaErrorInvalidValue;
   if (dtype != DType::kF32 && dtype != DType::kF16) return cudaErrorInvalidValue;
   const long long pairs = n * k;
   const int e = static_cast<int>(num_experts);
@@ -167,7 +167,7 @@ cudaError_t dispatch(const void* x, DType dtype, const int32_t* ids, int64_t n, 
   const unsigned int tile_blocks = detail::grid_for(t.tiles, kTILE_WARPS);
   const size_t smem = static_cast<size_t>(kTILE_WARPS) * static_cast<size_t>(e) * sizeof(int);
   count_kernel<<<tile_blocks, kTILE_WARPS * 32, smem, stream>>>(ids, pairs, e, t.tiles, t.tile_pairs, counts, status);
-  scan_kernel<<<1, 1024, 0, stream>>>(counts, t.tiles, e, pairs, offsets);
+  scan_kernel<<<1, kEXPERT_BLOCK, 0, stream>>>(counts, t.tiles, e, pairs, offsets);
   rank_kernel<<<tile_blocks, kTILE_WARPS * 32, smem, stream>>>(ids, pairs, e, t.tiles, t.tile_pairs, counts,
                                                                 flat_to_sorted);
   // row copy: 16-byte vectors when rows and pointers allow it, else one element (bit-exact either way)

@@ -491,7 +491,7 @@ cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const vo
   if (status == nullptr) return cudaErrorInvalidValue;
   if (cudaError_t err = clear_status(status, stream); err != cudaSuccess) return err;
   if (s.num_layers < 1 || s.num_layers > kMAX_LAYERS || s.num_group < 1 || s.num_group > kMAX_GROUP ||
-      s.num_experts < 1 || s.num_experts > 1024 || s.rows < 0 || s.rows >= (1ll << 31))
+      s.num_experts < 1 || s.num_experts > kMAX_EXPERTS || s.rows < 0 || s.rows >= (1ll << 31))
     return cudaErrorInvalidValue;
   if (s.dtype != DType::kF32 && s.dtype != DType::kF16) return cudaErrorInvalidValue;
   const bool quantized = s.quant_mode != static_cast<int32_t>(contract::QuantMode::kNONE);
@@ -528,7 +528,7 @@ cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const vo
   const int bm = !quantized ? detail::kGEMM_BM
                             : (rows <= detail::kI8_SMALL_TILE_MAX_ROWS ? detail::kGEMM_BM_I8_SMALL
                                                                        : detail::kGEMM_BM_I8_LARGE);
-  plan_kernel<<<1, 1024, 0, stream>>>(offsets, experts, rows, group, bm, plan, status);
+  plan_kernel<<<1, kEXPERT_BLOCK, 0, stream>>>(offsets, experts, rows, group, bm, plan, status);
 
   const int out_width = s.widths[s.num_layers];
   const unsigned int row_blocks = detail::grid_for(rows, 8);  // 8 warps (rows) per 256-thread block

@@ -98,7 +98,7 @@ cudaError_t route(const void* logits, DType dtype, const float* bias, int64_t n,
                   float* weights, int32_t* ids, DeviceStatus* status, cudaStream_t stream) {
   if (cudaError_t err = clear_status(status, stream); err != cudaSuccess) return err;
   if (n <= 0) return cudaSuccess;
-  if (e < 1 || e > 1024 || k < 1 || k > 16 || k > e) return cudaErrorInvalidValue;
+  if (e < 1 || e > kMAX_EXPERTS || k < 1 || k > kMAX_TOP_K || k > e) return cudaErrorInvalidValue;
   const unsigned int blocks = detail::grid_for(n, kWARPS_PER_BLOCK);
   const size_t smem = static_cast<size_t>(kWARPS_PER_BLOCK) * static_cast<size_t>(e) * sizeof(float);
   const int ni = static_cast<int>(n), ei = static_cast<int>(e), ki = static_cast<int>(k);
