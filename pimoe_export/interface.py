@@ -120,6 +120,9 @@ META_PRECISION = "pimoe.precision"  # "fp32" | "fp16" | "w8a8" | "w8a8_dynamic"
 META_EXPORTER = "pimoe.exporter"
 META_WEIGHTS = "pimoe.weights_sha256"  # fingerprint of the PyTorch weights the graph was exported from
 META_QUANT = "pimoe.quantization"  # quantisation settings of an INT8 graph (JSON)
+#: whole-model graphs only: the graph's named inputs and outputs (GraphInterface JSON); a layer graph's interface
+#: follows from its config (layer_interface). Their pimoe.config is {"model": class name, "layers": {path: config}}.
+META_INTERFACE = "pimoe.interface"
 PRECISIONS = ("fp32", "fp16", "w8a8", "w8a8_dynamic")
 GRAPH_KINDS = ("custom-ops", "standard-ops")
 
@@ -134,10 +137,28 @@ class OnnxMetadata:
     contract_version: int
     weights_sha256: str = ""
     quantization: dict[str, Any] | None = None
+    model_interface: GraphInterface | None = None  # whole-model graphs
 
     @property
     def quantized(self) -> bool:
         return self.precision in ("w8a8", "w8a8_dynamic")
+
+    @property
+    def is_model(self) -> bool:
+        """A whole model (several named inputs/outputs, PiMoE layers inside) rather than one bare layer."""
+        return self.model_interface is not None
+
+    @property
+    def interface(self) -> GraphInterface:
+        """The graph's named inputs and outputs."""
+        if self.model_interface is not None:
+            return self.model_interface
+        return layer_interface(int(self.config["hidden_size"]), int(self.config["top_k"]), self.precision)
+
+    @property
+    def layer_configs(self) -> dict[str, dict[str, Any]]:
+        """PiMoE layer configs by module path ("" for a bare layer graph)."""
+        return dict(self.config.get("layers", {})) if self.is_model else {"": self.config}
 
 
 def metadata_props(onnx_path: str | Path) -> dict[str, str]:
@@ -171,8 +192,21 @@ def parse_metadata(props: dict[str, str], source: str) -> OnnxMetadata:
     if not isinstance(config, dict) or precision not in PRECISIONS or graph not in GRAPH_KINDS:
         raise ArtifactError(f"{source}: malformed pimoe metadata (config must be an object, precision one of "
                             f"{PRECISIONS}, graph one of {GRAPH_KINDS}); {fix}")
+    model_interface = None
+    if META_INTERFACE in props:
+        try:
+            model_interface = GraphInterface.from_dict(json.loads(props[META_INTERFACE]))
+        except (ValueError, RecursionError) as exc:
+            raise ArtifactError(f"{source}: malformed {META_INTERFACE} metadata ({exc}); {fix}") from None
+        layers = config.get("layers")
+        if not isinstance(layers, dict) or not all(isinstance(c, dict) for c in layers.values()):
+            raise ArtifactError(f"{source}: a whole-model graph's {META_CONFIG} must hold its layers' configs; {fix}")
+    else:
+        for key in ("hidden_size", "top_k"):
+            if not isinstance(config.get(key), int) or isinstance(config.get(key), bool) or config[key] < 1:
+                raise ArtifactError(f"{source}: {META_CONFIG} has no valid {key!r}; {fix}")
     return OnnxMetadata(config, precision, graph, contract, props.get(META_WEIGHTS, ""),
-                        quant if isinstance(quant, dict) else None)
+                        quant if isinstance(quant, dict) else None, model_interface)
 
 
 def read_metadata(onnx_path: str | Path) -> OnnxMetadata:

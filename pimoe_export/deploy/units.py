@@ -30,7 +30,6 @@ from pimoe_export.interface import (
     DEFAULT_RTX_TARGETS,
     OnnxMetadata,
     Profile,
-    layer_interface,
     profile_shapes,
     read_metadata,
     sm_names,
@@ -50,7 +49,7 @@ def _source(onnx_path: str | Path) -> tuple[Path, OnnxMetadata]:
 
 
 def _interface(meta: OnnxMetadata):
-    return layer_interface(int(meta.config["hidden_size"]), int(meta.config["top_k"]), meta.precision)
+    return meta.interface
 
 
 def package_ort(

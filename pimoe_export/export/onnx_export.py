@@ -38,7 +38,8 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        if name in ("expert_usage_count", "routed_prob_mass", "total_tokens") or name.startswith("window_"):
+        leaf = name.rsplit(".", 1)[-1]  # a layer's own buffers, or those of the layers inside a whole model
+        if leaf in ("expert_usage_count", "routed_prob_mass", "total_tokens") or leaf.startswith("window_"):
             continue
         t = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())

@@ -56,7 +56,6 @@ class Engine:
         self.unit_dir = unit.dir
         self.manifest = unit.manifest
         self.interface: GraphInterface = unit.interface
-        self.hidden_size = int(self.manifest.config["hidden_size"])
         self.input_dtype = np.dtype(self.interface.inputs[0].dtype)
 
     @property

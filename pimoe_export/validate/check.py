@@ -24,12 +24,11 @@ from pimoe_export.interface import (
     MAX_KERNEL_REL_L2,
     GraphInterface,
     Tolerances,
-    layer_interface,
     read_metadata,
     tolerances_for,
 )
 from pimoe_export.validate.compare import (
-    COMPARED,
+    Compared,
     compare_settings,
     kernel_vs_fake_quant,
     per_expert_error,
@@ -37,7 +36,7 @@ from pimoe_export.validate.compare import (
     polygraphy_cli_args,
     verdict,
 )
-from pimoe_export.validate.reference import PyTorchLayerRunner, make_inputs
+from pimoe_export.validate.reference import PyTorchLayerRunner, PyTorchModelRunner, make_inputs
 from pimoe_export.validate.report import CheckReport, write_report
 from pimoe_export.validate.report import plots as write_plots
 
@@ -59,6 +58,7 @@ def check_onnx(
     plots: bool = True,
     verbose: bool = False,
     force: bool = False,
+    feeds: Sequence[dict[str, Any]] | None = None,
 ) -> CheckReport:
     """Compare the PyTorch ``model`` with the ONNX graph at ``onnx_path`` on ONNX Runtime (CPU)."""
     from pimoe_export.artefacts.libraries import check_ort_library, find_ort_library
@@ -71,13 +71,13 @@ def check_onnx(
     lib = check_ort_library(str(find_ort_library()))
     import onnxruntime as ort
 
-    interface = layer_interface(int(meta.config["hidden_size"]), int(meta.config["top_k"]), meta.precision)
+    interface = meta.interface
     environment = {"onnxruntime": ort.__version__, "cpu_isa": lib["cpu_isa"], "library": lib["path"],
                    "onnx": str(onnx_path)}
     return run_check(model, onnx_runner(onnx_path, threads), interface, meta.precision, "onnxruntime-cpu+pimoe",
                      out_dir, shapes=shapes, seed=seed, tolerances=tolerances, plots=plots, verbose=verbose,
                      force=force, quantized_onnx=onnx_path if meta.quantized else None, environment=environment,
-                     replay=("--pimoe-onnxrt", onnx_path))
+                     replay=("--pimoe-onnxrt", onnx_path), feeds=feeds)
 
 
 def check_unit(
@@ -90,6 +90,7 @@ def check_unit(
     plots: bool = True,
     verbose: bool = False,
     force: bool = False,
+    feeds: Sequence[dict[str, Any]] | None = None,
 ) -> CheckReport:
     """Compare the PyTorch ``model`` with a deployable unit: verified first, then run exactly as it ships (its own
     library and ONNX or engine) through ``Engine``."""
@@ -104,9 +105,29 @@ def check_unit(
         return run_check(model, runner, runner.engine.interface, m.precision, f"{m.backend} {m.backend_version}",
                          out_dir, shapes=shapes, seed=seed, plots=plots, verbose=verbose, force=force,
                          quantized_onnx=onnx_path if m.precision in ("w8a8", "w8a8_dynamic") else None,
-                         environment=environment, replay=("--pimoe-unit", Path(unit_dir)))
+                         environment=environment, replay=("--pimoe-unit", Path(unit_dir)), feeds=feeds)
     finally:
         runner.close()
+
+
+def _save_compared(results: Any, compared: Compared, feeds: list[dict[str, Any]],
+                   out: OutputDir) -> tuple[list[Any], dict[str, str]]:
+    """The compared outputs of both runners as Polygraphy RunResults entries; the inputs and the reference's
+    outputs saved in Polygraphy's formats (what a replay loads)."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.json import save_json
+
+    entries = []
+    for (name, iterations) in results:
+        entry = RunResults()
+        entry.append((name, [IterationResult({k: it[k] for k in compared.values}, runner_name=name)
+                             for it in iterations]))
+        entries.append(entry)
+    files = {"inputs": str(out.claim("inputs.json")), "pytorch_outputs": str(out.claim("pytorch_outputs.json"))}
+    save_json(feeds, files["inputs"])
+    entries[0].save(files["pytorch_outputs"])
+    return entries, files
 
 
 def run_check(
@@ -126,38 +147,40 @@ def run_check(
     quantized_onnx: Path | None = None,
     environment: dict[str, Any] | None = None,
     replay: tuple[str, Path] | None = None,
+    feeds: Sequence[dict[str, Any]] | None = None,
 ) -> CheckReport:
     """The PyTorch ``model`` against any Polygraphy ``runner`` of an artefact with the given interface.
 
     ``replay``: the ``polygraphy run`` runner option and model path that re-run this artefact (the report then
-    gives the command that replays the comparison from the saved inputs and PyTorch outputs)."""
-    from polygraphy.comparator import Comparator, RunResults
-    from polygraphy.comparator.struct import IterationResult
-    from polygraphy.json import save_json
+    gives the command that replays the comparison from the saved inputs and PyTorch outputs). ``feeds``: the inputs
+    (default: random inputs of the interface at ``shapes``; a whole model with integer inputs needs real ones)."""
+    from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
     if not verbose:  # Polygraphy's per-iteration tables are useful when debugging, noise otherwise
         G_LOGGER.module_severity = G_LOGGER.ERROR
-    expected = interface.inputs[0].dims[-1]
-    if model.hidden_size != expected:
-        raise ArtifactError(f"the checkpoint's hidden size {model.hidden_size} does not match the artefact's "
-                            f"{expected}: check an artefact against the checkpoint it was exported from")
+    compared = Compared.of(interface)
+    if compared.is_layer:
+        expected = interface.inputs[0].dims[-1]
+        if model.hidden_size != expected:
+            raise ArtifactError(f"the checkpoint's hidden size {model.hidden_size} does not match the artefact's "
+                                f"{expected}: check an artefact against the checkpoint it was exported from")
+        reference_runner: Any = PyTorchLayerRunner(model)
+    else:
+        reference_runner = PyTorchModelRunner(model, interface)
     tolerances = tolerances or tolerances_for(precision)
     out = OutputDir(out_dir, force=force, command="check")
     out.refuse_foreign(list(REPORT_FILES))
-    feeds = make_inputs(interface, shapes, seed)
-    results = Comparator.run([PyTorchLayerRunner(model), runner], data_loader=feeds)
+    if feeds is None:
+        feeds = make_inputs(interface, shapes, seed)
+    else:
+        feeds = [dict(f) for f in feeds]
+        shapes = sorted({tuple(int(d) for d in next(iter(f.values())).shape[:2]) for f in feeds})
+    results = Comparator.run([reference_runner, runner], data_loader=feeds)
     reference, actual = ([dict(it) for it in entry[1]] for entry in results)
-    compared = []
-    for (name, iterations) in results:
-        entry = RunResults()
-        entry.append((name, [IterationResult({k: it[k] for k in COMPARED}, runner_name=name) for it in iterations]))
-        compared.append(entry)
-    files = {"inputs": str(out.claim("inputs.json")), "pytorch_outputs": str(out.claim("pytorch_outputs.json"))}
-    save_json(feeds, files["inputs"])
-    compared[0].save(files["pytorch_outputs"])
-    settings = compare_settings(tolerances, reference)
-    result = verdict(reference, actual, tolerances, polygraphy_accuracy(*compared, settings))
+    entries, files = _save_compared(results, compared, feeds, out)
+    settings = compare_settings(tolerances, reference, compared)
+    result = verdict(reference, actual, tolerances, polygraphy_accuracy(*entries, settings), compared)
     kernel = {}
     if quantized_onnx is not None:
         kernel = kernel_vs_fake_quant(model, quantized_onnx, feeds, actual, MAX_KERNEL_REL_L2)
@@ -168,7 +191,8 @@ def run_check(
         backend=backend, precision=precision, shapes=[tuple(s) for s in shapes], tolerances=tolerances,
         output_stats=result.output_stats, routing_agreement=result.routing_agreement,
         polygraphy_passed=result.polygraphy_passed, passed=result.passed, failures=result.failures,
-        per_expert_mean_abs=per_expert_error(reference, actual), kernel_vs_fake_quant=kernel,
+        per_expert_mean_abs=per_expert_error(reference, actual) if compared.is_layer else {},
+        kernel_vs_fake_quant=kernel, primary=compared.primary, routing_by_layer=result.routing_by_layer or {},
         environment={**(environment or {}), "machine": platform.machine(), "python": platform.python_version()},
         files=files,
         replay=[] if replay is None else ["polygraphy", "run", str(replay[1].resolve()), replay[0], "--load-inputs",
@@ -177,7 +201,7 @@ def run_check(
                                           *polygraphy_cli_args(settings)],
     )
     if plots:
-        report.files.update(write_plots(reference, actual, report.per_expert_mean_abs, out))
+        report.files.update(write_plots(reference, actual, report.per_expert_mean_abs, out, compared.primary))
     write_report(report, out)
     return report
 

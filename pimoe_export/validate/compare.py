@@ -8,13 +8,47 @@ from typing import Any
 
 import numpy as np
 
-from pimoe_export.interface import LAYER_EXPERT_IDS, LAYER_EXPERT_WEIGHTS, LAYER_OUTPUT, Tolerances
+from pimoe_export.interface import LAYER_EXPERT_IDS, LAYER_EXPERT_WEIGHTS, LAYER_OUTPUT, GraphInterface, Tolerances
 from pimoe_export.validate.metrics import ErrorStats, error_stats, merge_stats, routing_agreement
 
-#: compared elementwise; routing ids are compared by routing_agreement() instead
+#: a layer graph's outputs compared elementwise; routing ids are compared by routing_agreement() instead
 COMPARED = (LAYER_OUTPUT, LAYER_EXPERT_WEIGHTS)
 
 Outputs = list[dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Compared:
+    """Which outputs a check compares. ``values``: elementwise (Polygraphy) and by error statistics, each held to the
+    cosine criterion except routing weights; ``primary``: the one plotted and printed; ``routing``: one (ids,
+    weights) pair per PiMoE layer, ids compared by top-k agreement."""
+
+    primary: str
+    values: tuple[str, ...]
+    routing: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, interface: GraphInterface) -> Compared:
+        names = interface.output_names
+        routing = tuple((n, n[: -len(LAYER_EXPERT_IDS)] + LAYER_EXPERT_WEIGHTS) for n in names
+                        if (n == LAYER_EXPERT_IDS or n.endswith("/" + LAYER_EXPERT_IDS))
+                        and n[: -len(LAYER_EXPERT_IDS)] + LAYER_EXPERT_WEIGHTS in names)
+        ids = {i for i, _ in routing}
+        values = tuple(t.name for t in interface.outputs if t.name not in ids and t.dtype in ("float32", "float16"))
+        if not values:
+            raise ValueError(f"no floating-point output to compare among {list(names)}")
+        return cls(LAYER_OUTPUT if LAYER_OUTPUT in values else values[0], values, routing)
+
+    @property
+    def routing_weights(self) -> frozenset[str]:
+        return frozenset(w for _, w in self.routing)
+
+    @property
+    def is_layer(self) -> bool:
+        return self.routing == ((LAYER_EXPERT_IDS, LAYER_EXPERT_WEIGHTS),)
+
+
+LAYER_COMPARED = Compared(LAYER_OUTPUT, COMPARED, ((LAYER_EXPERT_IDS, LAYER_EXPERT_WEIGHTS),))
 
 
 @dataclass
@@ -23,18 +57,25 @@ class Verdict:
     output_stats: dict[str, ErrorStats]
     routing_agreement: float
     failures: list[str]
+    routing_by_layer: dict[str, float] | None = None
 
     @property
     def passed(self) -> bool:
         return not self.failures
 
 
-def compare_settings(tolerances: Tolerances, ref_outputs: Outputs) -> dict[str, Any]:
-    """Polygraphy ``SimpleCompareFunc`` settings of a check: ``atol`` of the output scales with max|reference|."""
-    ref_max = max((float(np.max(np.abs(r[LAYER_OUTPUT]))) for r in ref_outputs if r[LAYER_OUTPUT].size), default=1.0)
+def _ref_max(ref_outputs: Outputs, name: str) -> float:
+    return max((float(np.max(np.abs(r[name]))) for r in ref_outputs if r[name].size), default=1.0)
+
+
+def compare_settings(tolerances: Tolerances, ref_outputs: Outputs,
+                     compared: Compared = LAYER_COMPARED) -> dict[str, Any]:
+    """Polygraphy ``SimpleCompareFunc`` settings of a check: ``atol`` of an output scales with its max|reference|
+    (routing weights, in [0, 1], take ``atol_rel`` itself)."""
     return {
-        "rtol": {name: tolerances.rtol for name in COMPARED},
-        "atol": {LAYER_OUTPUT: tolerances.atol_rel * ref_max, LAYER_EXPERT_WEIGHTS: tolerances.atol_rel},
+        "rtol": {name: tolerances.rtol for name in compared.values},
+        "atol": {name: tolerances.atol_rel * (1.0 if name in compared.routing_weights else _ref_max(ref_outputs, name))
+                 for name in compared.values},
         "check_error_stat": tolerances.check_error_stat,
         "error_quantile": tolerances.error_quantile,
     }
@@ -60,22 +101,31 @@ def polygraphy_accuracy(reference: Any, actual: Any, settings: dict[str, Any]) -
     return bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(**settings)))
 
 
-def verdict(reference: Outputs, actual: Outputs, tolerances: Tolerances, polygraphy_passed: bool) -> Verdict:
-    """Error statistics, routing agreement and the list of failed criteria."""
+def _flat_ids(outputs: Outputs, name: str) -> np.ndarray:
+    return np.concatenate([o[name].reshape(-1, o[name].shape[-1]) for o in outputs])
+
+
+def verdict(reference: Outputs, actual: Outputs, tolerances: Tolerances, polygraphy_passed: bool,
+            compared: Compared = LAYER_COMPARED) -> Verdict:
+    """Error statistics, routing agreement (the lowest over the layers) and the list of failed criteria."""
     stats = {name: merge_stats([error_stats(r[name], a[name]) for r, a in zip(reference, actual, strict=True)])
-             for name in COMPARED}
-    ref_ids = np.concatenate([r[LAYER_EXPERT_IDS].reshape(-1, r[LAYER_EXPERT_IDS].shape[-1]) for r in reference])
-    got_ids = np.concatenate([a[LAYER_EXPERT_IDS].reshape(-1, a[LAYER_EXPERT_IDS].shape[-1]) for a in actual])
-    agreement = routing_agreement(ref_ids, got_ids)
+             for name in compared.values}
+    by_layer = {ids[: -len(LAYER_EXPERT_IDS)].rstrip("/"): routing_agreement(_flat_ids(reference, ids),
+                                                                             _flat_ids(actual, ids))
+                for ids, _ in compared.routing}
+    agreement = min(by_layer.values(), default=1.0)
     failures = []
     if not polygraphy_passed:
         failures.append(f"Polygraphy accuracy check failed (rtol={tolerances.rtol}, "
                         f"atol={tolerances.atol_rel}*max|ref|, {tolerances.check_error_stat})")
-    if not stats[LAYER_OUTPUT].cosine >= tolerances.min_cosine:
-        failures.append(f"output cosine {stats[LAYER_OUTPUT].cosine:.8f} < {tolerances.min_cosine}")
-    if not agreement >= tolerances.min_routing_agreement:
-        failures.append(f"routing agreement {agreement:.4%} < {tolerances.min_routing_agreement:.4%}")
-    return Verdict(polygraphy_passed, stats, agreement, failures)
+    for name in compared.values:
+        if name not in compared.routing_weights and not stats[name].cosine >= tolerances.min_cosine:
+            failures.append(f"{name} cosine {stats[name].cosine:.8f} < {tolerances.min_cosine}")
+    for layer, value in by_layer.items():
+        if not value >= tolerances.min_routing_agreement:
+            where = f" of {layer}" if layer else ""
+            failures.append(f"routing agreement{where} {value:.4%} < {tolerances.min_routing_agreement:.4%}")
+    return Verdict(polygraphy_passed, stats, agreement, failures, by_layer if not compared.is_layer else None)
 
 
 def per_expert_error(reference: Outputs, actual: Outputs) -> dict[int, float]:

@@ -34,6 +34,8 @@ class CheckReport:
     files: dict[str, str] = field(default_factory=dict)
     # `polygraphy run` argv that replays the comparison from the saved inputs and outputs (empty: not replayable)
     replay: list[str] = field(default_factory=list)
+    primary: str = LAYER_OUTPUT  # the output printed and plotted
+    routing_by_layer: dict[str, float] = field(default_factory=dict)  # whole models: agreement per PiMoE layer
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,10 +53,13 @@ class CheckReport:
             "environment": self.environment,
             "files": self.files,
             "replay": self.replay,
+            "primary": self.primary,
+            "routing_by_layer": self.routing_by_layer,
         }
 
 
-def plots(reference, actual, per_expert: dict[int, float], out_dir: OutputDir) -> dict[str, str]:
+def plots(reference, actual, per_expert: dict[int, float], out_dir: OutputDir,
+          primary: str = LAYER_OUTPUT) -> dict[str, str]:
     """An error histogram and a per-expert error bar chart (PNG; skipped without matplotlib)."""
     try:
         import matplotlib
@@ -63,7 +68,7 @@ def plots(reference, actual, per_expert: dict[int, float], out_dir: OutputDir) -
         import matplotlib.pyplot as plt
     except ImportError:  # plots are optional; the JSON/Markdown report is complete without them
         return {}
-    errors = np.concatenate([np.abs(a[LAYER_OUTPUT].astype(np.float64) - r[LAYER_OUTPUT]).ravel()
+    errors = np.concatenate([np.abs(a[primary].astype(np.float64) - r[primary]).ravel()
                              for r, a in zip(reference, actual, strict=True)])
     files = {}
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -137,6 +142,9 @@ def write_report(report: CheckReport, out_dir: OutputDir) -> None:
             "quantisation error plus kernel error.",
             "",
         ]
+    if report.routing_by_layer:
+        lines += ["## Routing agreement by PiMoE layer", "", "| layer | top-k agreement |", "|---|---|"]
+        lines += [f"| {layer} | {value:.4%} |" for layer, value in report.routing_by_layer.items()] + [""]
     if report.failures:
         lines += ["## Failures", ""] + [f"- {f}" for f in report.failures] + [""]
     if report.per_expert_mean_abs:
