@@ -15,6 +15,7 @@ It imports nothing of the package but its error types, so the runtime, the CLI a
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -330,6 +331,23 @@ IMAGE_CUDA_ARCHITECTURES = {"server": ("80", "86", "89", "90"), "jetson": ("87",
 def sm_names(architectures: Iterable[str] = CUDA_ARCHITECTURES) -> list[str]:
     """"80" -> "sm_80"."""
     return [f"sm_{a}" for a in architectures]
+
+
+# ------------------------------------------------------------------------------------------ runtimes
+#: libpimoe_ort is built against ONNX Runtime's C API 21: onnxruntime 1.21 is the oldest that can run our ops
+#: (1.20.x registers nothing; Triton containers up to 25.03 ship 1.20.1). pyproject.toml states the same range.
+MIN_ONNXRUNTIME = (1, 21)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """"1.21.0.dev20250101" -> (1, 21, 0); the numeric prefix of each dotted part."""
+    parts = []
+    for part in version.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
 
 # ------------------------------------------------------------------------------------------ size limits

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, RuntimeException
@@ -180,3 +182,24 @@ def test_foreign_library_is_refused(tmp_path) -> None:
     assert libm
     with pytest.raises(PluginLoadError, match="not a pimoe ONNX Runtime op library"):
         check_ort_library(libm)
+
+
+@pytest.mark.parametrize(("version", "refused"), [("1.20.1", True), ("1.19.2", True), ("1.21.0", False),
+                                                  ("1.22.0.dev20250301", False), ("1.32.1", False), ("2.0", False)])
+def test_onnxruntime_older_than_the_c_api_is_refused_before_registration(monkeypatch, version, refused) -> None:
+    """ORT 1.20 silently registers none of our ops (the library needs C API 21): refused with the fix instead."""
+    import onnxruntime
+
+    from pimoe_export.errors import PluginLoadError
+    from pimoe_export.runtime.ort import session_options
+
+    monkeypatch.setattr(onnxruntime, "__version__", version)
+    if refused:
+        with pytest.raises(PluginLoadError, match=r"needs onnxruntime >= 1\.21.*" + re.escape(version) +
+                           r".*pip install 'onnxruntime>=1\.21'"):
+            session_options()
+    else:
+        try:
+            session_options()
+        except PluginLoadError as exc:
+            assert "needs onnxruntime" not in str(exc)  # only a missing build may stop it here

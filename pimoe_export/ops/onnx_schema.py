@@ -1,13 +1,18 @@
 """Register op contract v1 with ONNX's schema registry (``onnx.defs.register_schema``).
 
 With the schemas registered, ``onnx.checker`` validates our nodes (inputs, attributes, type constraints)
-instead of skipping an unknown domain, and onnxscript can build ``pimoe`` nodes. Generated from
-:mod:`pimoe_export.ops.schema`; idempotent.
+instead of skipping an unknown domain, onnxscript can build ``pimoe`` nodes, and shape inference types every
+output (strict mode works on a graph stripped of its ``value_info``). Generated from
+:mod:`pimoe_export.ops.schema` (the inference evaluates the schema's symbolic shapes); idempotent.
 """
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import onnx
+from onnx import TensorProto, helper
 from onnx.defs import OpSchema
 
 from pimoe_export.ops import schema
@@ -57,13 +62,92 @@ def _collapse_variadic(op: schema.OpSchema) -> tuple[schema.TensorSpec, ...]:
     return (schema.TensorSpec("inputs", dtypes, "", variadic=True, type_param="V", doc=f"{names} (see schema.py)"),)
 
 
+_ELEM_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int32": TensorProto.INT32,
+               "int8": TensorProto.INT8}
+#: attributes that give a symbol of the schema's shapes
+_ATTR_SYMBOLS = {"k": "k", "num_experts": "E", "widths": "widths"}
+_TERM = re.compile(r"^(\w+)(?:\[(-?\d+)\])?$")
+
+Dim = int | str | None  # a size, a symbolic dim_param, or unknown
+
+
+def _dims(type_proto: Any) -> list[Dim] | None:
+    if not type_proto.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in type_proto.tensor_type.shape.dim]
+
+
+def _evaluate(expr: str, symbols: dict[str, Any]) -> Dim:
+    """One dim of a schema shape: ``N``, ``widths[-1]``, ``E+1``, ``N*k`` (a product or sum of unknowns is unknown)."""
+    for op, combine in (("+", lambda a, b: a + b), ("*", lambda a, b: a * b)):
+        if op in expr:
+            left, right = (_evaluate(part.strip(), symbols) for part in expr.split(op, 1))
+            return combine(left, right) if isinstance(left, int) and isinstance(right, int) else None
+    if expr.isdigit():
+        return int(expr)
+    match = _TERM.match(expr)
+    if match is None:
+        return None
+    value = symbols.get(match.group(1))
+    if match.group(2) is not None:
+        return value[int(match.group(2))] if isinstance(value, list) and value else None
+    return value
+
+
+def _shape_terms(shape: str) -> list[str]:
+    return [t.strip() for t in shape[1:-1].split(",")] if shape.startswith("[") and shape.endswith("]") else []
+
+
+def _inference(op: schema.OpSchema) -> Any:
+    """Type and shape inference for ``op``: outputs' element types from the type parameters, shapes by evaluating
+    the schema's symbolic shapes with symbols bound from the inputs' dims and the attributes."""
+    fixed_inputs = [spec for spec in op.inputs if not spec.variadic]
+
+    def infer(ctx: Any) -> None:
+        symbols: dict[str, Any] = {}
+        types: dict[str, int] = {}
+        for index, spec in enumerate(fixed_inputs):
+            if index >= ctx.get_num_inputs() or not ctx.has_input(index):
+                continue
+            proto = ctx.get_input_type(index)
+            if proto is None or not proto.HasField("tensor_type"):
+                continue
+            if spec.type_param:
+                types.setdefault(spec.type_param, proto.tensor_type.elem_type)
+            dims = _dims(proto)
+            terms = _shape_terms(spec.shape)
+            if dims is not None and len(dims) == len(terms):
+                for term, dim in zip(terms, dims, strict=True):
+                    if re.fullmatch(r"[A-Za-z]\w*", term) and dim is not None:
+                        symbols.setdefault(term, dim)
+        for attr_name, symbol in _ATTR_SYMBOLS.items():
+            attr = ctx.get_attribute(attr_name)
+            if attr is not None:
+                symbols[symbol] = helper.get_attribute_value(attr)
+                if isinstance(symbols[symbol], list | tuple):
+                    symbols[symbol] = [int(v) for v in symbols[symbol]]
+        for index, spec in enumerate(op.outputs):
+            if spec.type_param and spec.type_param not in types:
+                continue  # the input that fixes this output's type is untyped: leave the output to the graph
+            elem = types[spec.type_param] if spec.type_param else _ELEM_TYPES[spec.dtypes[0]]
+            dims = [_evaluate(term, symbols) for term in _shape_terms(spec.shape)]
+            shape = [d if d is not None else "" for d in dims]
+            out = helper.make_tensor_type_proto(elem, shape)
+            for dim, value in zip(out.tensor_type.shape.dim, dims, strict=True):
+                if value is None:  # unknown: neither value nor name
+                    dim.Clear()
+            ctx.set_output_type(index, out)
+
+    return infer
+
+
 def onnx_op_schema(op: schema.OpSchema) -> OpSchema:
     inputs = _collapse_variadic(op)
     constraints: dict[str, set[str]] = {}
     for spec in (*inputs, *op.outputs):
         if spec.type_param:
             constraints.setdefault(spec.type_param, set()).update(_ONNX_TYPES[d] for d in spec.dtypes)
-    return OpSchema(
+    registered = OpSchema(
         op.name,
         schema.DOMAIN,
         schema.OPSET_VERSION,
@@ -73,6 +157,8 @@ def onnx_op_schema(op: schema.OpSchema) -> OpSchema:
         type_constraints=[(name, sorted(types), "") for name, types in constraints.items()],
         attributes=[_attribute(a) for a in op.attributes],
     )
+    registered.set_type_and_shape_inference_function(_inference(op))
+    return registered
 
 
 def register_onnx_schemas() -> None:

@@ -12,15 +12,27 @@ from pathlib import Path
 from typing import Any
 
 from pimoe_export.artefacts.libraries import check_ort_library, find_ort_library
-from pimoe_export.errors import ArtifactError
+from pimoe_export.errors import ArtifactError, PluginLoadError
+from pimoe_export.interface import MIN_ONNXRUNTIME, version_tuple
 
 __all__ = ["check_ort_library", "create_session", "find_ort_library", "session_options"]
+
+
+def check_onnxruntime_version(version: str) -> None:
+    """Refuse an ONNX Runtime too old for libpimoe_ort (it would register no op, and say nothing)."""
+    if version_tuple(version) < MIN_ONNXRUNTIME:
+        need = ".".join(map(str, MIN_ONNXRUNTIME))
+        raise PluginLoadError(f"libpimoe_ort needs onnxruntime >= {need} (ONNX Runtime C API "
+                              f"{MIN_ONNXRUNTIME[1]}); this environment has onnxruntime {version}, which would "
+                              f"register none of the pimoe ops: pip install 'onnxruntime>={need}' (or "
+                              f"onnxruntime-gpu >= {need}; Triton containers up to 25.03 ship 1.20.1)")
 
 
 def session_options(threads: int | None = None, library: str | Path | None = None) -> Any:
     """``ort.SessionOptions`` with the pimoe library registered (``threads``: intra-op thread count)."""
     import onnxruntime as ort
 
+    check_onnxruntime_version(ort.__version__)
     path = str(library or find_ort_library())
     check_ort_library(path)
     options = ort.SessionOptions()

@@ -472,7 +472,18 @@ using pimoe::ort::g_api;
 
 PIMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
-  if (api == nullptr) return nullptr;  // ORT older than our headers: it reports the registration failure itself
+  if (api == nullptr) {
+    // An ONNX Runtime older than the C API we are built against (ORT_API_VERSION). Return an error through the
+    // oldest API (CreateStatus exists since API 1); some ORT versions drop a registration status without a word,
+    // so the Python package also checks onnxruntime.__version__ before registering (runtime/ort.py).
+    const OrtApi* oldest = api_base->GetApi(1);
+    if (oldest == nullptr) return nullptr;
+    const std::string text = std::string("libpimoe_ort needs ONNX Runtime with C API ") +
+                             std::to_string(ORT_API_VERSION) + " (onnxruntime >= 1." +
+                             std::to_string(ORT_API_VERSION) + "); this process has ONNX Runtime " +
+                             api_base->GetVersionString() + ": upgrade onnxruntime";
+    return oldest->CreateStatus(ORT_FAIL, text.c_str());
+  }
   g_api = api;
   Ort::InitApi(api);
   auto& reg = pimoe::ort::registry();

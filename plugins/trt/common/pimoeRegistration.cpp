@@ -2,14 +2,14 @@
 //
 // Two ways for TensorRT to find our creators (docs/trt_plugins.md):
 //
-// 1. Dynamic loading (default): IPluginRegistry::loadLibrary(path), `trtexec --dynamicPlugins=path`,
-//    Polygraphy's load_library / `--plugins` on TensorRT 10+ through loadLibrary. TensorRT dlopen()s the library,
+// 1. Dynamic loading (default): IPluginRegistry::loadLibrary(path), `trtexec --dynamicPlugins=path`, and
+//    our own loader (pimoe_export/artefacts/tensorrt.py). TensorRT dlopen()s the library,
 //    calls setLoggerFinder() and getCreators() and registers the creators itself. Both symbols must be exported:
 //    without setLoggerFinder, loadLibrary silently registers nothing.
 //
 // 2. Static registration, opt-in with PIMOE_TRT_STATIC_REGISTRATION=1, for loaders that only dlopen() the
-//    library and expect it to register itself (`polygraphy --plugins` with older flows, ctypes.CDLL before
-//    building, `trtexec --staticPlugins`). A static initialiser finds getPluginRegistry() in the TensorRT library
+//    library and expect it to register itself: Polygraphy's `--plugins` / LoadPlugins (a plain ctypes.CDLL,
+//    never loadLibrary), `trtexec --staticPlugins`, any ctypes.CDLL before building. A static initialiser finds getPluginRegistry() in the TensorRT library
 //    already loaded in the process (dlopen RTLD_NOLOAD + dlsym: this library does not link libnvinfer) and
 //    registers the four creators. It is opt-in because the two modes exclude each other: loadLibrary() of a
 //    library whose creators are already registered fails ("creator already registered").
