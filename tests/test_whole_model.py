@@ -164,7 +164,7 @@ def test_check_fails_when_one_layer_differs(exported, tmp_path) -> None:
     assert any("last_hidden_state" in f or "Polygraphy" in f for f in report.failures)
 
 
-def test_rtx_builds_the_whole_model(exported, tmp_path) -> None:
+def test_rtx_builds_the_whole_model_fp32_and_int8(exported, tmp_path) -> None:
     from pimoe_export.artefacts import libraries as L
     from pimoe_export.artefacts import tensorrt as T
     from pimoe_export.deploy.units import BuildOptions, build_unit
@@ -176,9 +176,15 @@ def test_rtx_builds_the_whole_model(exported, tmp_path) -> None:
         T.import_tensorrt("rtx")
     except (PluginLoadError, BackendUnavailableError) as exc:
         pytest.skip(f"TensorRT-RTX or the plugin library is not available: {exc}")
-    manifest = build_unit(path, tmp_path / "unit", options=BuildOptions(flavour="rtx", compute_capabilities=("SM89",)))
+    options = BuildOptions(flavour="rtx", compute_capabilities=("SM89",))
+    manifest = build_unit(path, tmp_path / "unit", options=options)
     assert [t[0] for t in manifest.io["inputs"]] == ["input_ids", "attention_mask"]
     assert (tmp_path / "unit" / "model.engine").stat().st_size > 0
+    from pimoe_export.quantize.model_int8 import quantize_whole_model
+
+    model = exported[0]
+    int8 = quantize_whole_model(model, tmp_path / "int8.onnx", feeds(7, ((2, 8),)), fp32_onnx=path).onnx_path
+    assert build_unit(int8, tmp_path / "unit-int8", options=options).precision == "w8a8"
 
 
 def test_a_model_without_pimoe_layers_is_refused(tmp_path) -> None:
@@ -186,3 +192,31 @@ def test_a_model_without_pimoe_layers_is_refused(tmp_path) -> None:
 
     with pytest.raises(PiMoEExportError, match="contains no PiMoE layer"):
         export_model(nn.Linear(4, 4), tmp_path / "x.onnx", {"x": torch.zeros(2, 4)})
+
+
+def test_int8_of_the_whole_model_is_calibrated_per_layer_and_checked(exported, tmp_path) -> None:
+    from pimoe_export.interface import read_metadata
+    from pimoe_export.quantize.int8 import read_quant_params
+    from pimoe_export.quantize.model_int8 import quantize_whole_model
+    from pimoe_export.validate.check import check_onnx
+
+    model, path, _ = exported
+    result = quantize_whole_model(model, tmp_path / "model.int8.onnx", feeds(5, ((4, 16),) * 4), fp32_onnx=path)
+    meta = read_metadata(result.onnx_path)
+    assert meta.precision == "w8a8" and meta.is_model
+    assert set(meta.quantization["layers"]) == {"blocks.0.moe", "blocks.1.moe"}
+    proto = onnx.load(str(result.onnx_path))
+    mlps = [n for n in proto.graph.node if n.op_type == "PiMoEExpertMLP"]
+    assert all(any(a.name == "quant_mode" and a.s == b"w8a8" for a in n.attribute) for n in mlps)
+    # each layer got its own scales: the two layers' first groups differ (different weights and inputs)
+    groups = read_quant_params(result.onnx_path).groups
+    per_layer = len(model.blocks[0].moe.config.expert_groups())
+    assert groups[0].act_scales != groups[per_layer].act_scales
+    try:
+        report = check_onnx(model, result.onnx_path, tmp_path / "report", feeds=feeds(6), plots=False)
+    except PluginLoadError as exc:
+        pytest.skip(f"libpimoe_ort is not built: {exc}")
+    assert report.precision == "w8a8"
+    assert set(report.routing_by_layer) == {"blocks.0.moe", "blocks.1.moe"}
+    assert report.output_stats["last_hidden_state"].cosine >= 0.999, report.failures
+    assert report.passed, report.failures

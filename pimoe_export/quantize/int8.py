@@ -115,32 +115,52 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def write_int8_onnx(fp32_onnx: str | Path, params: QuantParams, out_path: str | Path) -> Path:
+def _groups_for(nodes: list[onnx.NodeProto], params: QuantParams | list[QuantParams], source: Any) -> list[GroupQuant]:
+    """The quantisation parameters of each PiMoEExpertMLP node. One layer: matched by expert ids. A whole model
+    (one QuantParams per PiMoE layer, in the order the layers run): matched in graph order, each node checked."""
+    layers = params if isinstance(params, list) else [params]
+    groups = [g for p in layers for g in p.groups]
+    if len(nodes) != len(groups):
+        raise PiMoEExportError(f"{source} has {len(nodes)} PiMoEExpertMLP nodes, the quantisation parameters "
+                               f"cover {len(groups)} expert groups; quantise the ONNX exported from this model")
+    if not isinstance(params, list):
+        by_ids = {tuple(g.expert_ids): g for g in groups}
+        missing = [_attrs(n)["expert_ids"] for n in nodes if tuple(_attrs(n)["expert_ids"]) not in by_ids]
+        if missing:
+            raise PiMoEExportError(f"no quantisation parameters for expert group {missing[0]}")
+        return [by_ids[tuple(_attrs(n)["expert_ids"])] for n in nodes]
+    for node, group in zip(nodes, groups, strict=True):
+        attrs = _attrs(node)
+        widths = [int(w) for w in attrs["widths"]]
+        if list(attrs["expert_ids"]) != group.expert_ids or [q.weight.shape[1] for q in group.layers] != widths[1:]:
+            raise PiMoEExportError(f"{source}: PiMoEExpertMLP {node.name} (experts {list(attrs['expert_ids'])}, "
+                                   f"widths {widths}) does not match the next layer's parameters; quantise the ONNX "
+                                   "exported from this model")
+    return groups
+
+
+def write_int8_onnx(fp32_onnx: str | Path, params: QuantParams | list[QuantParams], out_path: str | Path,
+                    info: dict[str, Any] | None = None) -> Path:
     """Rewrite the fp32 custom-op graph: every PiMoEExpertMLP gets int8 weights, per-channel scales and the
-    activation scales; everything else (router included) stays as exported."""
+    activation scales; everything else (router included) stays as exported. ``params``: one QuantParams (a layer
+    graph) or one per PiMoE layer of a whole-model graph, in execution order (``info`` then describes them all)."""
     from pimoe_export.export.onnx_export import set_metadata, validate_onnx
 
     proto = onnx.load(str(fp32_onnx))
     graph = proto.graph
     nodes = [n for n in graph.node if n.domain == schema.DOMAIN and n.op_type == schema.EXPERT_MLP]
-    by_ids = {tuple(g.expert_ids): g for g in params.groups}
-    if len(nodes) != len(params.groups):
-        raise PiMoEExportError(f"{fp32_onnx} has {len(nodes)} PiMoEExpertMLP nodes, the quantisation parameters "
-                               f"cover {len(params.groups)} expert groups; quantise the ONNX exported from this model")
+    if any(_attrs(n).get("quant_mode", b"none") not in (b"none", "none") for n in nodes):
+        raise PiMoEExportError(f"{fp32_onnx} is already quantised")
+    mode = params[0].mode if isinstance(params, list) else params.mode
     new_inits = []
-    for index, node in enumerate(nodes):
+    for index, (node, group) in enumerate(zip(nodes, _groups_for(nodes, params, fp32_onnx), strict=True)):
         attrs = _attrs(node)
-        if attrs.get("quant_mode", b"none") not in (b"none", "none"):
-            raise PiMoEExportError(f"{fp32_onnx} is already quantised")
-        group = by_ids.get(tuple(attrs["expert_ids"]))
-        if group is None:
-            raise PiMoEExportError(f"no quantisation parameters for expert group {attrs['expert_ids']}")
         n_layers = len(attrs["widths"]) - 1
         layer_norm = bool(attrs.get("layer_norm", 1))
         old = dict(zip(schema.expert_mlp_param_layout(n_layers, layer_norm, "none"), node.input[2:], strict=True))
         inputs = list(node.input[:2])
         prefix = f"expert_group{index}"
-        for layer, role in schema.expert_mlp_param_layout(n_layers, layer_norm, params.mode):
+        for layer, role in schema.expert_mlp_param_layout(n_layers, layer_norm, mode):
             if role == "weight":
                 name = f"{prefix}.weight_{layer}.int8"
                 new_inits.append(numpy_helper.from_array(group.layers[layer].weight, name))
@@ -158,15 +178,16 @@ def write_int8_onnx(fp32_onnx: str | Path, params: QuantParams, out_path: str | 
         kept = [a for a in node.attribute if a.name not in ("quant_mode", "act_scales")]
         del node.attribute[:]
         node.attribute.extend(kept)
-        node.attribute.append(helper.make_attribute("quant_mode", params.mode))
-        if params.mode == "w8a8":
+        node.attribute.append(helper.make_attribute("quant_mode", mode))
+        if mode == "w8a8":
             node.attribute.append(helper.make_attribute("act_scales", [float(s) for s in group.act_scales]))
     graph.initializer.extend(new_inits)
     used = {i for n in graph.node for i in n.input}
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    set_metadata(proto, {META_PRECISION: params.mode, META_QUANT: json.dumps(params.info, sort_keys=True)})
+    info = info if info is not None else (params[0].info if isinstance(params, list) else params.info)
+    set_metadata(proto, {META_PRECISION: mode, META_QUANT: json.dumps(info, sort_keys=True)})
     proto = validate_onnx(proto)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
