@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from pimoe_export._files import OutputDir
-from pimoe_export.interface import LAYER_OUTPUT
 
 RECORD = "pipeline.json"
 #: every entry a pipeline run may write into its output directory (checked before the first step)
@@ -55,6 +54,9 @@ class PipelineContext:
     onnx: dict[str, Path] = field(default_factory=dict)  # "fp32", "standard", "fp16", "int8"
     units: list[str] = field(default_factory=list)
     engine_units: list[str] = field(default_factory=list)  # engine units this machine can run
+    calib_text: Path | None = None  # whole models: calibration/evaluation sentences
+    calibration: list[dict[str, Any]] | None = None  # whole models: feeds of the model's named inputs
+    check_feeds: list[dict[str, Any]] | None = None  # whole models: held-out feeds for the parity checks
 
     @property
     def root(self) -> Path:
@@ -191,19 +193,21 @@ def step_runtime(ctx: PipelineContext) -> dict[str, Any]:
 def step_check(ctx: PipelineContext) -> dict[str, Any]:
     from pimoe_export.validate.check import check_onnx, check_unit
 
+    feeds = ctx.check_feeds  # None: random inputs of the layer's interface
     checks: list[tuple[str, Callable[[Path], Any]]] = [
-        (name, lambda out, path=ctx.onnx[key]: check_onnx(ctx.model, path, out, force=True))
+        (name, lambda out, path=ctx.onnx[key]: check_onnx(ctx.model, path, out, force=True, feeds=feeds))
         for key, name in (("fp32", "report"), ("fp16", "report_fp16"), ("int8", "report_int8")) if key in ctx.onnx]
     # engine units that this machine can run (a TensorRT GPU box) are checked through their Engine
-    checks += [(f"report_{unit}", lambda out, unit=unit: check_unit(ctx.model, ctx.root / unit, out, force=True))
+    checks += [(f"report_{unit}", lambda out, unit=unit: check_unit(ctx.model, ctx.root / unit, out, force=True,
+                                                                    feeds=feeds))
                for unit in ctx.engine_units]
     reports: dict[str, Any] = {}
     failed = []
     for name, check in checks:
         rep = check(ctx.out.claim_dir(name).root)
         reports[name] = {"passed": rep.passed, "precision": rep.precision, "backend": rep.backend,
-                         "routing_agreement": rep.routing_agreement, "output": rep.output_stats[LAYER_OUTPUT].to_dict(),
-                         "failures": rep.failures, "files": rep.files}
+                         "routing_agreement": rep.routing_agreement, "output": rep.output_stats[rep.primary].to_dict(),
+                         "routing_by_layer": rep.routing_by_layer, "failures": rep.failures, "files": rep.files}
         if not rep.passed:
             failed.append(f"{name}: {rep.failures}")
     if failed:
@@ -224,6 +228,67 @@ def step_benchmark(ctx: PipelineContext) -> dict[str, Any]:
     return {"rows": rows, "markdown": str(markdown)}
 
 
+# ------------------------------------------------------------------------------------------ whole models
+def step_whole_model(ctx: PipelineContext) -> dict[str, Any]:
+    from pimoe_export.export.model_export import moe_layers
+    from pimoe_export.model.enhanced import DeploymentSettings
+    from pimoe_export.model.moefy import load_moefied, model_feeds
+
+    assert ctx.model_dir is not None
+    ctx.model = load_moefied(ctx.model_dir)
+    ctx.settings = DeploymentSettings()
+    ctx.calibration, ctx.check_feeds, source = model_feeds(ctx.model_dir, ctx.calib_text,
+                                                           int(ctx.model.config.vocab_size), ctx.seed)
+    return {"model_dir": str(ctx.model_dir), "architecture": type(ctx.model).__name__,
+            "pimoe_layers": sorted(moe_layers(ctx.model)), "data": source}
+
+
+def step_whole_export(ctx: PipelineContext) -> dict[str, Any]:
+    import torch
+
+    from pimoe_export.export.model_export import export_model
+
+    assert ctx.calibration is not None
+    example = {k: torch.from_numpy(v[:2]) for k, v in ctx.calibration[0].items()}
+    result = export_model(ctx.model, ctx.out.claim("model.onnx"), example, routing_outputs=True)
+    ctx.onnx["fp32"] = result.path
+    return {"onnx": str(result.path), "pimoe_nodes": {k: v for k, v in result.node_counts.items()
+                                                      if k.startswith("pimoe::")}}
+
+
+def step_whole_int8(ctx: PipelineContext) -> dict[str, Any]:
+    from pimoe_export.quantize.model_int8 import quantize_whole_model
+
+    assert ctx.calibration is not None
+    result = quantize_whole_model(ctx.model, ctx.out.claim("model.int8.onnx"), ctx.calibration,
+                                  fp32_onnx=ctx.onnx["fp32"], method=ctx.settings.calibration_method)
+    ctx.onnx["int8"] = result.onnx_path
+    return {"onnx_int8": str(result.onnx_path), "layers": len(result.params)}
+
+
+def step_whole_runtime(ctx: PipelineContext) -> dict[str, Any]:
+    from pimoe_export.errors import BackendUnavailableError
+    from pimoe_export.runtime.engine import Engine
+
+    assert ctx.check_feeds is not None
+    loaded = {}
+    for name in ctx.units:
+        try:
+            engine = Engine.load(ctx.root / name)
+        except BackendUnavailableError as exc:
+            loaded[name] = {"loaded": False, "reason": str(exc).split(";")[0]}
+            continue
+        with engine:
+            outputs = engine.run_named(ctx.check_feeds[0])
+            if not all(np.isfinite(v).all() for v in outputs.values()):
+                raise RuntimeError(f"{name}: non-finite outputs on real inputs")
+            loaded[name] = {"loaded": True, "backend": engine.backend,
+                            "outputs": {k: list(v.shape) for k, v in outputs.items()}}
+            if engine.backend != "onnxruntime":
+                ctx.engine_units.append(name)
+    return loaded
+
+
 Step = Callable[[PipelineContext], "dict[str, Any] | Skip"]
 #: (name, step, later steps need it: a failure stops the pipeline)
 STEPS: tuple[tuple[str, Step, bool], ...] = (
@@ -231,6 +296,18 @@ STEPS: tuple[tuple[str, Step, bool], ...] = (
     ("units", step_units, True), ("engines", step_engines, False), ("runtime", step_runtime, False),
     ("check", step_check, False), ("benchmark", step_benchmark, False),
 )
+#: a saved whole model (pimoe-export moefy): the same chain over named inputs, calibrated on real inputs
+MODEL_STEPS: tuple[tuple[str, Step, bool], ...] = (
+    ("model", step_whole_model, True), ("export", step_whole_export, True), ("int8", step_whole_int8, False),
+    ("units", step_units, True), ("engines", step_engines, False), ("runtime", step_whole_runtime, False),
+    ("check", step_check, False),
+)
+
+
+def is_whole_model(directory: Path) -> bool:
+    from pimoe_export.model.moefy import MANIFEST
+
+    return (directory / MANIFEST).is_file()
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -279,19 +356,23 @@ def run_pipeline(
     bench_repeats: int = 20,
     progress: bool = True,
     force: bool = False,
+    calib_text: Path | None = None,
 ) -> dict[str, Any]:
-    """Run every step into ``output``; returns (and writes) the pipeline record."""
+    """Run every step into ``output``; returns (and writes) the pipeline record. A ``model_dir`` written by
+    `pimoe-export moefy` runs the whole-model chain (MODEL_STEPS), calibrated on ``calib_text`` when given."""
     def log(text: str) -> None:
         if progress:
             print(text, flush=True)
 
     out = OutputDir(output, force=force, command="pipeline")
     out.refuse_foreign(ENTRIES)
-    ctx = PipelineContext(out, preset, Path(model_dir) if model_dir else None, seed, bench_repeats)
+    ctx = PipelineContext(out, preset, Path(model_dir) if model_dir else None, seed, bench_repeats,
+                          calib_text=calib_text)
+    steps = MODEL_STEPS if model_dir is not None and is_whole_model(Path(model_dir)) else STEPS
     record = PipelineRecord(out)
     try:
-        for index, (name, step, required) in enumerate(STEPS, 1):
-            log(f"[{index}/{len(STEPS)}] {name} ...")
+        for index, (name, step, required) in enumerate(steps, 1):
+            log(f"[{index}/{len(steps)}] {name} ...")
             record.steps.append(run_step(name, step, ctx, log))
             record.write("running")
             if record.steps[-1].status == "failed" and required:
@@ -299,7 +380,7 @@ def run_pipeline(
     except BaseException:
         record.write("interrupted")
         raise
-    passed = len(record.steps) == len(STEPS) and all(s.status != "failed" for s in record.steps)
+    passed = len(record.steps) == len(steps) and all(s.status != "failed" for s in record.steps)
     summary = record.write("finished", passed)
     log(f"pipeline {'PASSED' if passed else 'FAILED'}; skipped: "
         f"{[s.name for s in record.steps if s.status == 'skipped'] or 'none'}; summary in {record.path}")

@@ -13,7 +13,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 python=${PYTHON:-python3}
-extras=${PIMOE_SETUP_EXTRAS:-dev,tensorrt-cpu}
+extras=${PIMOE_SETUP_EXTRAS:-dev,tensorrt-cpu,hf}
 step() { echo "==> $*"; }
 fail() { echo "setup.sh: error: $*" >&2; exit 1; }
 

@@ -19,7 +19,8 @@ from types import ModuleType
 
 from pimoe_export.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, PiMoEError, exit_code
 
-COMMANDS = ("create", "info", "export", "quantize", "check", "package", "build", "inspect", "triton", "pipeline")
+COMMANDS = ("create", "info", "moefy", "export", "quantize", "check", "package", "build", "inspect", "triton",
+            "pipeline")
 
 
 def _module(name: str) -> ModuleType:

@@ -17,22 +17,37 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=sorted(PRESETS), help="create the model from a preset")
-    source.add_argument("--model", type=Path, help="use an existing checkpoint directory")
+    source.add_argument("--model", type=Path, help="use an existing checkpoint directory (a PiMoE layer), or a whole "
+                                                   "model written by `pimoe-export moefy`")
     p.add_argument("-o", "--output", required=True, type=Path, help="output directory, e.g. engines/seed-512")
     p.add_argument("--seed", type=SEED, default=0, help="initialisation seed for --preset")
     p.add_argument("--bench-repeats", type=integer(1), default=20, help="timed runs per benchmark point (median)")
+    p.add_argument("--calib", type=Path, help="whole models: a text file (one sentence per line) through the "
+                                              "model's tokenizer; 4 of 5 lines calibrate INT8, 1 of 5 is held out "
+                                              "for the parity checks (default: seeded random token ids)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     add_force(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pimoe_export.pipeline import run_pipeline
+    from pimoe_export.pipeline import is_whole_model, run_pipeline
 
-    if args.model is not None:  # read (and validate) the checkpoint before the output directory is touched
+    whole = args.model is not None and is_whole_model(args.model)
+    if args.model is not None and not whole:  # read (and validate) the checkpoint before the output is touched
         from pimoe_export.model.io import read_checkpoint_config
 
         read_checkpoint_config(args.model)
+    if args.calib is not None:
+        if not whole:
+            from pimoe_export.errors import PiMoEInputError
+
+            raise PiMoEInputError("--calib applies to whole models (a `pimoe-export moefy` directory); a PiMoE "
+                                  "layer checkpoint calibrates on seeded hidden states")
+        from pimoe_export.model.moefy import read_lines
+
+        read_lines(args.calib)
     summary = run_pipeline(output=args.output, preset=args.preset, model_dir=args.model, seed=args.seed,
-                           bench_repeats=args.bench_repeats, progress=not args.quiet, force=args.force)
+                           bench_repeats=args.bench_repeats, progress=not args.quiet, force=args.force,
+                           calib_text=args.calib)
     print(json.dumps({"passed": summary["passed"], "summary": str(args.output / "pipeline.json")}))
     return 0 if summary["passed"] else 1

@@ -1,0 +1,343 @@
+"""MoEfication of a Hugging Face BERT-family encoder: every feed-forward block becomes a PiMoE layer.
+
+For each transformer layer (``encoder.layer.<i>``, BERT and MiniLM layout):
+
+1. The feed-forward inputs of the calibration tokens are recorded (the attention output entering
+   ``intermediate``), with the FFN's hidden activations ``act(W1 x + b1)``.
+2. The I hidden units are split into E experts of I/E units by co-activation (balanced k-means on the units'
+   activation patterns): expert e keeps its units' rows of W1 (and b1) and columns of W2.
+3. Expert e computes ``k * W2[:, S_e] act(W1[S_e] x + b1[S_e]) + b2``. The router (Linear -> ReLU -> Linear, no
+   gate) is trained to predict which experts' parts are largest for each token; its logits are divided by a high
+   temperature so that the normalised weights of the k chosen experts are 1/k to within ~1e-3, which makes the
+   layer the sum of the chosen parts plus b2 — exactly the dense FFN when k = E.
+4. Optional distillation (``finetune_epochs``): the experts are trained so the layer's output matches the dense
+   FFN's on the recorded inputs (router frozen).
+
+The result is the same ``transformers`` model with ``layer.intermediate`` replaced by :class:`MoEFeedForward`
+and ``layer.output.dense`` by ``nn.Identity`` (``BertOutput`` still applies dropout, the residual and its
+LayerNorm). :func:`save_moefied` / :func:`load_moefied` store it as the Hugging Face config + a pimoe manifest +
+safetensors (no pickle), so export, quantisation and the pipeline take it.
+
+``transformers`` is an optional dependency (the ``hf`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pimoe_export.errors import PiMoEConfigError, PiMoEInputError
+from pimoe_export.model.config import ExpertType, PiMoEConfig
+from pimoe_export.model.system import PiMoESystem
+
+MANIFEST = "pimoe_moefy.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+#: logits / TEMPERATURE: normalised top-k weights of a trained router are 1/k to ~1e-3 (see the module docstring)
+TEMPERATURE = 1000.0
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class MoefySettings:
+    experts: int = 8
+    top_k: int = 2
+    router_epochs: int = 200
+    finetune_epochs: int = 0
+    max_tokens: int = 16384
+    seed: int = 0
+
+
+class MoEFeedForward(nn.Module):
+    """Stands in for ``BertIntermediate``: the PiMoE layer computes the whole FFN (H -> H)."""
+
+    def __init__(self, moe: PiMoESystem) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.moe(hidden_states)
+
+
+def require_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise PiMoEConfigError("moefy", "needs the `transformers` package: pip install 'pimoe-export[hf]' (or "
+                               "scripts/setup.sh, which installs it)") from None
+    return transformers
+
+
+def encoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, layer) of every transformer layer with a BERT-style FFN (``intermediate.dense`` + ``output.dense``)."""
+    found = [(path, m) for path, m in model.named_modules()
+             if hasattr(m, "intermediate") and hasattr(m, "output") and hasattr(m.output, "LayerNorm")]
+    if not found:
+        raise PiMoEConfigError("moefy", f"{type(model).__name__} has no BERT-style layers (intermediate.dense, "
+                               "output.dense, output.LayerNorm); supported: BERT-family encoders (BERT, MiniLM)")
+    return found
+
+
+def layer_config(hidden: int, intermediate: int, settings: MoefySettings) -> PiMoEConfig:
+    if intermediate % settings.experts:
+        raise PiMoEConfigError("experts", f"the FFN width {intermediate} must divide into {settings.experts} "
+                               "equal experts; choose a divisor")
+    return PiMoEConfig(hidden_size=hidden, num_experts=settings.experts, top_k=settings.top_k,
+                       intermediate_size=intermediate // settings.experts, expert_types=(ExpertType.LANGUAGE,),
+                       activation="gelu", layer_norm=False, use_gating=False, normalize=True,
+                       temperature=TEMPERATURE, router_hidden_size=hidden, dropout=0.0, router_dropout=0.0,
+                       metadata={"moefy": asdict(settings)})
+
+
+def balanced_clusters(features: np.ndarray, clusters: int, iterations: int = 20, seed: int = 0) -> np.ndarray:
+    """Cluster index of each row of ``features`` (units x samples), every cluster exactly rows / clusters big:
+    k-means whose assignment step fills clusters greedily by distance (deterministic for a seed)."""
+    rows = features.shape[0]
+    size = rows // clusters
+    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    rng = np.random.default_rng(seed)
+    centroids = x[rng.choice(rows, clusters, replace=False)]
+    labels = np.zeros(rows, np.int64)
+    for _ in range(iterations):
+        distance = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)  # [rows, clusters]
+        order = np.argsort(distance, axis=None, kind="stable")
+        labels[:] = -1
+        fill = np.zeros(clusters, np.int64)
+        for flat in order:
+            unit, cluster = divmod(int(flat), clusters)
+            if labels[unit] < 0 and fill[cluster] < size:
+                labels[unit] = cluster
+                fill[cluster] += 1
+        centroids = np.stack([x[labels == c].mean(0) for c in range(clusters)])
+    return labels
+
+
+def _ffn_parts(layer: nn.Module, x: torch.Tensor, units: list[np.ndarray]) -> torch.Tensor:
+    """||W2[:, S_e] act(W1[S_e] x + b1[S_e])|| for every token and expert: [N, E]."""
+    act = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
+    w2 = layer.output.dense.weight
+    return torch.stack([(act[:, u] @ w2[:, u].T).norm(dim=-1) for u in units], dim=-1)
+
+
+def _build_moe(layer: nn.Module, x: torch.Tensor, settings: MoefySettings) -> PiMoESystem:
+    dense1, dense2 = layer.intermediate.dense, layer.output.dense
+    hidden, intermediate = dense1.in_features, dense1.out_features
+    config = layer_config(hidden, intermediate, settings)
+    with torch.no_grad():
+        act = layer.intermediate.intermediate_act_fn(dense1(x))
+    labels = balanced_clusters(act.T.numpy().astype(np.float64), settings.experts, seed=settings.seed)
+    units = [np.flatnonzero(labels == e) for e in range(settings.experts)]
+    torch.manual_seed(settings.seed)
+    moe = PiMoESystem(config=config).eval()
+    with torch.no_grad():
+        for e, u in enumerate(units):
+            index = torch.from_numpy(u)
+            first, second = moe.experts[e].layers
+            first.weight.copy_(dense1.weight[index])
+            first.bias.copy_(dense1.bias[index])
+            second.weight.copy_(dense2.weight[:, index] * settings.top_k)
+            second.bias.copy_(dense2.bias)
+        target = torch.softmax(_ffn_parts(layer, x, units) / _ffn_parts(layer, x, units).mean().clamp_min(1e-6), -1)
+    _train_router(moe, x, target, settings)
+    return moe
+
+
+def _train_router(moe: PiMoESystem, x: torch.Tensor, target: torch.Tensor, settings: MoefySettings) -> None:
+    """Cross-entropy of the router's distribution (before the temperature) against the experts' share."""
+    network = moe.router.router_network
+    optimiser = torch.optim.Adam(network.parameters(), lr=1e-2)
+    network.train()
+    for _ in range(settings.router_epochs):
+        optimiser.zero_grad()
+        loss = -(target * torch.log_softmax(network(x), dim=-1)).sum(-1).mean()
+        loss.backward()
+        optimiser.step()
+    network.eval()
+
+
+def _finetune(moe: PiMoESystem, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
+    """Distil the dense FFN into the experts (router frozen)."""
+    if epochs <= 0:
+        return
+    params = [p for expert in moe.experts for p in expert.parameters()]
+    optimiser = torch.optim.Adam(params, lr=1e-3)
+    tracking, moe.track_stats = moe.track_stats, False
+    moe.train()
+    for _ in range(epochs):
+        optimiser.zero_grad()
+        loss = torch.nn.functional.mse_loss(moe(x.unsqueeze(0)).squeeze(0), y)
+        loss.backward()
+        optimiser.step()
+    moe.eval()
+    moe.track_stats = tracking
+
+
+def _ffn_inputs(model: nn.Module, layers: list[tuple[str, nn.Module]], feeds: list[dict[str, torch.Tensor]],
+                max_tokens: int) -> dict[str, torch.Tensor]:
+    """[tokens, H] inputs of every layer's FFN (valid positions of the calibration feeds)."""
+    captured: dict[str, list[torch.Tensor]] = {path: [] for path, _ in layers}
+    masks: list[torch.Tensor] = []
+
+    def hook_for(path: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            captured[path].append(args[0].detach().reshape(-1, args[0].shape[-1])[masks[-1]])
+        return hook
+
+    handles = [layer.intermediate.register_forward_pre_hook(hook_for(path)) for path, layer in layers]
+    try:
+        with torch.no_grad():
+            for feed in feeds:
+                mask = feed.get("attention_mask")
+                masks.append(torch.ones(feed["input_ids"].numel(), dtype=torch.bool) if mask is None
+                             else mask.reshape(-1) != 0)
+                model(**feed)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {path: torch.cat(parts)[:max_tokens].float() for path, parts in captured.items()}
+
+
+def moefy(model: nn.Module, feeds: list[dict[str, torch.Tensor]], settings: MoefySettings = MoefySettings()
+          ) -> tuple[nn.Module, dict[str, PiMoESystem]]:
+    """MoEfy ``model`` in place (see the module docstring); ``feeds``: tokenised calibration batches."""
+    if not feeds:
+        raise PiMoEInputError("moefy needs calibration inputs (tokenised text)")
+    model = model.float().eval()
+    layers = encoder_layers(model)
+    inputs = _ffn_inputs(model, layers, feeds, settings.max_tokens)
+    converted = {}
+    for path, layer in layers:
+        x = inputs[path]
+        with torch.no_grad():
+            y = layer.output.dense(layer.intermediate(x))
+        moe = _build_moe(layer, x, settings)
+        _finetune(moe, x, y, settings.finetune_epochs)
+        _install(layer, moe)
+        converted[path] = moe
+    return model, converted
+
+
+def _install(layer: nn.Module, moe: PiMoESystem) -> None:
+    layer.intermediate = MoEFeedForward(moe)
+    layer.output.dense = nn.Identity()
+
+
+# ------------------------------------------------------------------------------------------ save / load
+def save_moefied(model: nn.Module, directory: str | Path, source_dir: str | Path | None = None) -> Path:
+    """The Hugging Face config, the pimoe manifest (each layer's PiMoEConfig) and all weights as safetensors;
+    the source model's tokenizer files are copied along."""
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(str(directory / "config.json"))
+    layers = {path: json.loads(layer.intermediate.moe.config.to_json()) for path, layer in encoder_layers(model)
+              if isinstance(layer.intermediate, MoEFeedForward)}
+    manifest = {"format": FORMAT_VERSION, "kind": "moefied-hf-encoder", "architecture": type(model).__name__,
+                "layers": layers}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    save_model(model, str(directory / WEIGHTS))
+    if source_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(source_dir) / name).is_file():
+                shutil.copyfile(Path(source_dir) / name, directory / name)
+    return directory
+
+
+def is_moefied(directory: str | Path) -> bool:
+    return (Path(directory) / MANIFEST).is_file()
+
+
+def load_moefied(directory: str | Path) -> nn.Module:
+    """A model saved by :func:`save_moefied` (eval mode); weights loaded without pickle, every key checked."""
+    from safetensors.torch import load_model
+
+    from pimoe_export._files import read_json
+
+    transformers = require_transformers()
+    directory = Path(directory)
+    manifest = read_json(directory / MANIFEST, "moefy manifest", "re-create it with `pimoe-export moefy`")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or \
+            not isinstance(manifest.get("layers"), dict):
+        raise PiMoEConfigError("moefy", f"{directory / MANIFEST} is not a format-{FORMAT_VERSION} pimoe moefy "
+                               "manifest; re-create it with `pimoe-export moefy`")
+    config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    model = transformers.AutoModel.from_config(config)
+    by_path = dict(encoder_layers(model))
+    for path, layer_cfg in manifest["layers"].items():
+        if path not in by_path:
+            raise PiMoEConfigError("moefy", f"{directory / MANIFEST} names layer {path!r}, which the model lacks")
+        _install(by_path[path], PiMoESystem(config=PiMoEConfig.from_dict(layer_cfg)))
+    if not (directory / WEIGHTS).is_file():
+        raise PiMoEConfigError("moefy", f"{directory / WEIGHTS} is missing; re-create the model with moefy")
+    load_model(model, str(directory / WEIGHTS), strict=True)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def read_lines(path: str | Path) -> list[str]:
+    """Non-empty lines of a UTF-8 text file (calibration or evaluation sentences)."""
+    path = Path(path)
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PiMoEInputError(f"cannot read text file {path} ({exc}); pass a UTF-8 file with one text per line") \
+            from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise PiMoEInputError(f"text file {path} has no non-empty line")
+    return lines
+
+
+def text_feeds(tokenizer_dir: str | Path, lines: list[str], batch: int = 16,
+               max_length: int = 128) -> list[dict[str, np.ndarray]]:
+    """``lines`` through the model's tokenizer (``tokenizer_dir``): batches of input_ids + attention_mask."""
+    transformers = require_transformers()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise PiMoEInputError(f"{tokenizer_dir} has no usable tokenizer ({exc}); copy the model's tokenizer files "
+                              f"({', '.join(TOKENIZER_FILES)}) next to it") from None
+    feeds = []
+    for start in range(0, len(lines), batch):
+        enc = tokenizer(lines[start:start + batch], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="np")
+        feeds.append({"input_ids": enc["input_ids"].astype(np.int64),
+                      "attention_mask": enc["attention_mask"].astype(np.int64)})
+    return feeds
+
+
+def random_feeds(vocab_size: int, seed: int, shapes: tuple[tuple[int, int], ...] = ((8, 32),) * 8
+                 ) -> list[dict[str, np.ndarray]]:
+    """Seeded uniform token ids with right padding (every row keeps at least one token): for models without
+    text, a weak stand-in for real calibration data."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for b, s in shapes:
+        mask = np.ones((b, s), np.int64)
+        for row in range(b):
+            mask[row, rng.integers(1, s + 1):] = 0
+        feeds.append({"input_ids": rng.integers(0, vocab_size, (b, s)).astype(np.int64), "attention_mask": mask})
+    return feeds
+
+
+def model_feeds(directory: str | Path, text: str | Path | None, vocab_size: int,
+                seed: int = 0) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], str]:
+    """(calibration feeds, held-out check feeds, a description): the text's lines split 4:1 by position, or
+    seeded random tokens when there is no text."""
+    if text is None:
+        return random_feeds(vocab_size, seed), random_feeds(vocab_size, seed + 1, ((1, 5), (4, 24), (2, 64))), \
+            "seeded random token ids (no text given)"
+    lines = read_lines(text)
+    held = [line for i, line in enumerate(lines) if i % 5 == 4]
+    calib = [line for i, line in enumerate(lines) if i % 5 != 4]
+    if not held or not calib:
+        raise PiMoEInputError(f"{text}: at least 5 lines are needed (4 of 5 calibrate, 1 of 5 is held out)")
+    return text_feeds(directory, calib), text_feeds(directory, held), f"{len(calib)} + {len(held)} lines of {text}"

@@ -1,0 +1,109 @@
+"""MoEfication of a Hugging Face BERT encoder (tiny, randomly initialised from a transformers config: no download)
+and the whole-model pipeline on it: one ONNX with pimoe ops at every layer, INT8, units, engines, reports."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = [f"w{i}" for i in range(60)]
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pimoe_export.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=1200, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> Path:
+    """A tiny BERT with a tokenizer, saved as a Hugging Face model directory (safetensors)."""
+    root = tmp_path_factory.mktemp("bert")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+    model = transformers.BertModel(config).eval()
+    directory = root / "tiny-bert"
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+    rng = np.random.default_rng(0)
+    text = root / "sentences.txt"
+    text.write_text("\n".join(" ".join(rng.choice(WORDS, rng.integers(3, 20))) for _ in range(80)) + "\n")
+    return directory
+
+
+def test_moefication_with_every_expert_selected_is_the_dense_ffn(bert) -> None:
+    """k = E: the chosen parts sum to the whole FFN (combine weights 1/k to ~1e-3): the dense model's output."""
+    from pimoe_export.model.moefy import MoefySettings, moefy, random_feeds
+
+    dense = transformers.AutoModel.from_pretrained(str(bert), local_files_only=True).eval()
+    feeds = [{k: torch.from_numpy(v) for k, v in f.items()} for f in random_feeds(dense.config.vocab_size, 0)]
+    test = {k: torch.from_numpy(v) for k, v in random_feeds(dense.config.vocab_size, 9, ((3, 17),))[0].items()}
+    with torch.no_grad():
+        ref = dense(**test).last_hidden_state
+    for k, bound in ((4, 1e-3), (2, 0.5)):
+        moe, layers = moefy(copy.deepcopy(dense), feeds, MoefySettings(experts=4, top_k=k))
+        assert sorted(layers) == ["encoder.layer.0", "encoder.layer.1"]
+        with torch.no_grad():
+            got = moe(**test).last_hidden_state
+        err = float((got - ref).abs().max() / ref.abs().max())
+        assert err <= bound, (k, err)
+        if k == 4:
+            assert err > 0  # it really runs the MoE
+
+
+def test_moefy_command_saves_a_model_that_reloads_bit_exactly(bert, tmp_path) -> None:
+    from pimoe_export.model.moefy import load_moefied
+
+    text = bert.parent / "sentences.txt"
+    result = cli("moefy", str(bert), "-o", "moe", "--experts", "4", "--top-k", "2", "--calib", str(text),
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1])["pimoe_layers"] == ["encoder.layer.0", "encoder.layer.1"]
+    a, b = load_moefied(tmp_path / "moe"), load_moefied(tmp_path / "moe")
+    feed = {"input_ids": torch.tensor([[2, 7, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.equal(a(**feed).last_hidden_state, b(**feed).last_hidden_state)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text("the user's own")
+    refused = cli("moefy", str(bert), "-o", "mine", cwd=tmp_path)
+    assert refused.returncode == 2 and "--force" in refused.stderr  # a file it did not write is left alone
+    assert (tmp_path / "mine" / "config.json").read_text() == "the user's own"
+
+
+@pytest.mark.slow
+def test_whole_model_pipeline(bert, tmp_path) -> None:
+    text = bert.parent / "sentences.txt"
+    assert cli("moefy", str(bert), "-o", "moe", "--experts", "4", "--top-k", "2", "--calib", str(text),
+               cwd=tmp_path).returncode == 0
+    result = cli("pipeline", "--model", "moe", "-o", "out", "--calib", str(text), "--quiet", cwd=tmp_path)
+    out = tmp_path / "out"
+    record = json.loads((out / "pipeline.json").read_text())
+    assert result.returncode == 0 and record["passed"], (result.stderr[-3000:], record)
+    proto = onnx.load(str(out / "model.onnx"))
+    assert [n.op_type for n in proto.graph.node if n.domain == "pimoe"].count("PiMoERoute") == 2
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
+    steps = {s["name"]: s for s in record["steps"]}
+    assert {"ort-fp32", "ort-int8"} <= set(steps["units"]["detail"])
+    check = steps["check"]["detail"]
+    fp32, int8 = check["report"], check["report_int8"]
+    assert fp32["passed"] and fp32["output"]["rel_l2"] <= 1e-5
+    assert fp32["routing_by_layer"] == {"encoder.layer.0.intermediate.moe": 1.0,
+                                        "encoder.layer.1.intermediate.moe": 1.0}
+    assert set(int8["routing_by_layer"]) == set(fp32["routing_by_layer"]) and int8["precision"] == "w8a8"
+    if steps["engines"]["status"] == "done":  # TensorRT-RTX wheels present (CI): whole-model engines built
+        assert {"trt-rtx-fp32", "trt-rtx-int8"} <= set(steps["engines"]["detail"])
