@@ -85,6 +85,16 @@ def test_moefy_command_saves_a_model_that_reloads_bit_exactly(bert, tmp_path) ->
     assert (tmp_path / "mine" / "config.json").read_text() == "the user's own"
 
 
+def test_export_command_takes_a_moefied_directory(bert, tmp_path) -> None:
+    assert cli("moefy", str(bert), "-o", "moe", "--experts", "4", cwd=tmp_path).returncode == 0
+    result = cli("export", "moe", "-o", "moe.onnx", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = [o.name for o in onnx.load(str(tmp_path / "moe.onnx")).graph.output]
+    assert names[:2] == ["last_hidden_state", "pooler_output"] and len(names) == 6
+    refused = cli("export", "moe", "-o", "std.onnx", "--standard-ops", cwd=tmp_path)
+    assert refused.returncode == 2 and "drop --standard-ops" in refused.stderr
+
+
 @pytest.mark.slow
 def test_whole_model_pipeline(bert, tmp_path) -> None:
     text = bert.parent / "sentences.txt"

@@ -12,7 +12,8 @@ HELP = "export a checkpoint to ONNX (pimoe custom ops, or --standard-ops)"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", type=Path, help="checkpoint directory (pimoe-export create / save_pretrained)")
+    p.add_argument("model_dir", type=Path, help="checkpoint directory (pimoe-export create / save_pretrained), or "
+                                                "a whole model (pimoe-export moefy): one graph with named inputs")
     p.add_argument("-o", "--output", required=True, type=Path, help="ONNX file to write")
     p.add_argument("--standard-ops", action="store_true", help="plugin-free graph (standard ONNX ops only)")
     p.add_argument("--fp16", action="store_true", help="fp16 inputs/outputs and expert weights (router stays fp32)")
@@ -22,12 +23,36 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pimoe_export._files import output_file
     from pimoe_export.export.onnx_export import export_onnx
-    from pimoe_export.model.io import load_pretrained
+    from pimoe_export.pipeline import is_whole_model
 
-    model = load_pretrained(args.model_dir)
-    path = output_file(args.output, force=args.force, command=NAME)
-    result = export_onnx(model, path, precision="fp16" if args.fp16 else "fp32", standard_ops=args.standard_ops)
+    precision = "fp16" if args.fp16 else "fp32"
+    if is_whole_model(args.model_dir):
+        result = _export_whole_model(args, precision)
+    else:
+        from pimoe_export.model.io import load_pretrained
+
+        model = load_pretrained(args.model_dir)
+        path = output_file(args.output, force=args.force, command=NAME)
+        result = export_onnx(model, path, precision=precision, standard_ops=args.standard_ops)
     pimoe_nodes = {k: v for k, v in result.node_counts.items() if k.startswith("pimoe::")}
     print(f"exported {result.graph} {result.precision} graph to {result.path} in {result.seconds:.1f} s")
     print(f"  pimoe nodes: {pimoe_nodes or 'none (standard ops)'}; {sum(result.node_counts.values())} nodes in all")
     return 0
+
+
+def _export_whole_model(args: argparse.Namespace, precision: str):
+    """A `pimoe-export moefy` directory: input_ids + attention_mask in, every output + each layer's routing out."""
+    import torch
+
+    from pimoe_export._files import output_file
+    from pimoe_export.errors import PiMoEInputError
+    from pimoe_export.export.model_export import export_model
+    from pimoe_export.model.moefy import load_moefied, random_feeds
+
+    if args.standard_ops:
+        raise PiMoEInputError("--standard-ops exports a bare PiMoE layer; a whole model is exported with the pimoe "
+                              "ops (drop --standard-ops)")
+    model = load_moefied(args.model_dir)
+    example = {k: torch.from_numpy(v[:2]) for k, v in random_feeds(int(model.config.vocab_size), 0)[0].items()}
+    path = output_file(args.output, force=args.force, command=NAME)
+    return export_model(model, path, example, precision=precision, routing_outputs=True)

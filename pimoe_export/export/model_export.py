@@ -252,13 +252,10 @@ def prepare_for_export(model: nn.Module, precision: str = "fp32",
                                "EnhancedPiMoEIntegration); export a bare layer with export_onnx")
     routing: list | None = [] if routing_outputs else None
     work = copy.deepcopy(model).eval()
-    for path, layer in layers.items():
-        work = _replace(work, path, ExportedLayer(layer, path, precision, routing))
     if precision == "fp16":
-        work = work.half()
-        for module in work.modules():
-            if isinstance(module, ExportedLayer):
-                module.inner.router.float()  # the router stays fp32 (see CustomOpPiMoE)
+        work = work.half()  # before the layers are replaced: their fp32 router, biases and norms stay fp32
+    for path, layer in layers.items():  # built from the caller's (fp32) layers
+        work = _replace(work, path, ExportedLayer(layer, path, precision, routing))
     return work, layers, routing
 
 
