@@ -304,12 +304,6 @@ MODEL_STEPS: tuple[tuple[str, Step, bool], ...] = (
 )
 
 
-def is_whole_model(directory: Path) -> bool:
-    from pimoe_export.model.moefy import MANIFEST
-
-    return (directory / MANIFEST).is_file()
-
-
 # ------------------------------------------------------------------------------------------ running
 class PipelineRecord:
     """``pipeline.json``: the state of the run, rewritten after every step; the verdict comes last."""
@@ -368,7 +362,9 @@ def run_pipeline(
     out.refuse_foreign(ENTRIES)
     ctx = PipelineContext(out, preset, Path(model_dir) if model_dir else None, seed, bench_repeats,
                           calib_text=calib_text)
-    steps = MODEL_STEPS if model_dir is not None and is_whole_model(Path(model_dir)) else STEPS
+    from pimoe_export.model.moefy import is_moefied
+
+    steps = MODEL_STEPS if model_dir is not None and is_moefied(model_dir) else STEPS
     record = PipelineRecord(out)
     try:
         for index, (name, step, required) in enumerate(steps, 1):

@@ -23,10 +23,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pimoe_export._files import output_file
     from pimoe_export.export.onnx_export import export_onnx
-    from pimoe_export.pipeline import is_whole_model
+    from pimoe_export.model.moefy import is_moefied
 
     precision = "fp16" if args.fp16 else "fp32"
-    if is_whole_model(args.model_dir):
+    if is_moefied(args.model_dir):
         result = _export_whole_model(args, precision)
     else:
         from pimoe_export.model.io import load_pretrained

@@ -30,9 +30,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pimoe_export.pipeline import is_whole_model, run_pipeline
+    from pimoe_export.model.moefy import is_moefied
+    from pimoe_export.pipeline import run_pipeline
 
-    whole = args.model is not None and is_whole_model(args.model)
+    whole = args.model is not None and is_moefied(args.model)
     if args.model is not None and not whole:  # read (and validate) the checkpoint before the output is touched
         from pimoe_export.model.io import read_checkpoint_config
 
