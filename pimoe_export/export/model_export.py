@@ -99,7 +99,7 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return root
 
 
-def _flatten(out: Any, prefix: str = LAYER_OUTPUT) -> list[tuple[str, torch.Tensor]]:
+def flatten_outputs(out: Any, prefix: str = LAYER_OUTPUT) -> list[tuple[str, torch.Tensor]]:
     """A model's outputs as (name, tensor): a tensor is ``output``; a mapping (a Hugging Face ModelOutput too) keeps
     its keys; a tuple or list is ``output_0``, ``output_1``, ... (nested: ``output_0_1``). ``None`` is skipped."""
     if out is None:
@@ -107,9 +107,9 @@ def _flatten(out: Any, prefix: str = LAYER_OUTPUT) -> list[tuple[str, torch.Tens
     if isinstance(out, torch.Tensor):
         return [(prefix, out)]
     if isinstance(out, Mapping):
-        return [item for key, value in out.items() for item in _flatten(value, str(key))]
+        return [item for key, value in out.items() for item in flatten_outputs(value, str(key))]
     if isinstance(out, Sequence) and not isinstance(out, str):
-        return [item for i, value in enumerate(out) for item in _flatten(value, f"{prefix}_{i}")]
+        return [item for i, value in enumerate(out) for item in flatten_outputs(value, f"{prefix}_{i}")]
     raise PiMoEExportError(f"model output {prefix!r} is a {type(out).__name__}; outputs must be tensors, or "
                            "tuples/lists/dicts of tensors")
 
@@ -127,7 +127,7 @@ class _ForExport(nn.Module):
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.routing is not None:
             self.routing.clear()
-        flat = _flatten(self.model(**dict(zip(self.input_names, args, strict=True))))
+        flat = flatten_outputs(self.model(**dict(zip(self.input_names, args, strict=True))))
         extra = [] if self.routing is None else [
             item for path, ids, weights in self.routing
             for item in ((routing_name(path, LAYER_EXPERT_IDS), ids), (routing_name(path, LAYER_EXPERT_WEIGHTS),
@@ -271,7 +271,7 @@ def export_model(
     """Export ``model`` (called as ``model(**inputs)``) to one ONNX graph at ``path``.
 
     ``example_inputs``: the named inputs (their names become the graph's). ``dynamic_axes``: {input: {axis: name}},
-    default axis 0 ``batch`` and axis 1 ``sequence`` of every input. Outputs are named by :func:`_flatten`;
+    default axis 0 ``batch`` and axis 1 ``sequence`` of every input. Outputs are named by :func:`flatten_outputs`;
     ``routing_outputs`` adds ``<layer path>/expert_ids`` and ``/expert_weights`` for every PiMoE layer.
     """
     start = time.perf_counter()

@@ -37,6 +37,14 @@ def make_inputs(interface: GraphInterface, shapes: Sequence[tuple[int, int]], se
     return feeds
 
 
+def input_metadata(interface: GraphInterface) -> TensorMetadata:
+    """Polygraphy's input metadata of an interface (a dynamic axis is -1)."""
+    meta = TensorMetadata()
+    for t in interface.inputs:
+        meta.add(t.name, np.dtype(t.dtype), tuple(d if isinstance(d, int) else -1 for d in t.dims))
+    return meta
+
+
 class PyTorchLayerRunner(BaseRunner):
     """The fp32 PyTorch PiMoE layer, inputs upcast to fp32, outputs named like the exported graph's."""
 
@@ -104,15 +112,12 @@ class PyTorchModelRunner(BaseRunner):
         return hook
 
     def get_input_metadata_impl(self) -> TensorMetadata:
-        meta = TensorMetadata()
-        for t in self.interface.inputs:
-            meta.add(t.name, np.dtype(t.dtype), tuple(d if isinstance(d, int) else -1 for d in t.dims))
-        return meta
+        return input_metadata(self.interface)
 
     def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         import torch
 
-        from pimoe_export.export.model_export import _flatten, routing_name
+        from pimoe_export.export.model_export import flatten_outputs, routing_name
 
         inputs = {}
         for name, x in feed_dict.items():
@@ -121,7 +126,7 @@ class PyTorchModelRunner(BaseRunner):
         start = time.perf_counter()
         self.routing.clear()
         with torch.no_grad():
-            flat = dict(_flatten(self.work(**inputs)))
+            flat = dict(flatten_outputs(self.work(**inputs)))
         self.inference_time = time.perf_counter() - start
         for path, (ids, weights) in self.routing.items():
             flat[routing_name(path, LAYER_EXPERT_IDS)] = ids

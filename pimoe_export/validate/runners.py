@@ -28,10 +28,9 @@ class EngineRunner(BaseRunner):
         pass
 
     def get_input_metadata_impl(self) -> TensorMetadata:
-        meta = TensorMetadata()
-        for tensor in self.engine.interface.inputs:
-            meta.add(tensor.name, np.dtype(tensor.dtype), tuple(d if isinstance(d, int) else -1 for d in tensor.dims))
-        return meta
+        from pimoe_export.validate.reference import input_metadata
+
+        return input_metadata(self.engine.interface)
 
     def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         start = time.perf_counter()
