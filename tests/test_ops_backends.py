@@ -284,3 +284,27 @@ def test_expert_mlp_w8a8_within_one_quantisation_step(backend_name, case) -> Non
         if hi > lo:
             a_scale = act_scales[(len(widths) - 2) * groups + g]
             assert (np.abs(y[lo:hi] - ref[lo:hi]) <= a_scale * s_last[g] * l1[g] + slack).all()
+
+
+@pytest.mark.slow
+def test_portable_kernels_pass_the_same_op_tests(tmp_path) -> None:
+    """The portable (non-AVX2) CPU kernels: on an AVX2 machine they only run when PIMOE_CPU_ISA=generic, which the
+    ISA choice reads once per process — so the ONNX Runtime op tests run again in a subprocess that forces them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PIMOE_CPU_ISA": "generic"}
+    probe = subprocess.run([sys.executable, "-c", "from pimoe_export.artefacts.libraries import check_ort_library, "
+                            "find_ort_library; print(check_ort_library(str(find_ort_library()))['cpu_isa'])"],
+                           capture_output=True, text=True, env=env, cwd=root, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip(f"libpimoe_ort is not built: {probe.stderr.strip().splitlines()[-1:]}")
+    assert probe.stdout.strip() == "generic", probe.stdout
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
+                             str(Path(__file__)), "-k", "ort and not portable", "--basetemp", str(tmp_path / "t")],
+                            capture_output=True, text=True, env=env, cwd=root, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout

@@ -106,7 +106,8 @@ def balanced_clusters(features: np.ndarray, clusters: int, iterations: int = 20,
     centroids = x[rng.choice(rows, clusters, replace=False)]
     labels = np.zeros(rows, np.int64)
     for _ in range(iterations):
-        distance = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)  # [rows, clusters]
+        # squared distances [rows, clusters] without the [rows, clusters, samples] difference tensor
+        distance = (x * x).sum(1)[:, None] - 2.0 * x @ centroids.T + (centroids * centroids).sum(1)[None, :]
         order = np.argsort(distance, axis=None, kind="stable")
         labels[:] = -1
         fill = np.zeros(clusters, np.int64)
