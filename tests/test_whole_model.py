@@ -241,3 +241,23 @@ def test_fp16_whole_model_runs_within_fp16_rounding(exported, tmp_path) -> None:
         ref = model(**{k: torch.from_numpy(v) for k, v in feed.items()})["last_hidden_state"].numpy()
     err = np.linalg.norm(got.astype(np.float32) - ref) / np.linalg.norm(ref)
     assert err <= 5e-3, err  # fp16 storage of activations: ~1e-3; a wrong cast would be far off (or NaN)
+
+
+def test_triton_repository_for_a_multi_input_unit(exported, tmp_path) -> None:
+    """A whole-model unit's Triton config lists every named input and output with its dtype and dynamic axes."""
+    from pimoe_export.deploy.triton import write_triton_repository
+    from pimoe_export.deploy.units import package_ort
+
+    _, path, _ = exported
+    try:
+        package_ort(path, tmp_path / "unit")
+    except PluginLoadError as exc:
+        pytest.skip(f"libpimoe_ort is not built: {exc}")
+    model = write_triton_repository(tmp_path / "unit", tmp_path / "repo", name="encoder", max_batch_size=8)
+    specs = {s.name: (s.data_type, s.dims) for s in model.inputs + model.outputs}
+    assert specs["input_ids"] == ("TYPE_INT64", (-1, -1)) and specs["attention_mask"] == ("TYPE_INT64", (-1, -1))
+    assert specs["pooled"] == ("TYPE_FP32", (-1, HIDDEN))
+    assert specs["blocks.1.moe/expert_ids"] == ("TYPE_INT32", (-1, -1, 2))
+    config = (tmp_path / "repo" / "encoder" / "config.pbtxt").read_text()
+    assert 'name: "input_ids"' in config and "max_batch_size: 8" in config
+    assert "dims: [ -1 ]" in config  # batch dropped from input_ids' dims under dynamic batching
