@@ -27,19 +27,14 @@ from torch import nn
 
 from pimoe_export.errors import PiMoEExportError
 from pimoe_export.export.modules import FLOAT_DTYPES, CustomOpPiMoE
-from pimoe_export.export.onnx_export import ExportResult, set_metadata, validate_onnx, weights_fingerprint
+from pimoe_export.export.onnx_export import ExportResult, finish_export
 from pimoe_export.interface import (
     BATCH_AXIS,
     LAYER_EXPERT_IDS,
     LAYER_EXPERT_WEIGHTS,
     LAYER_OUTPUT,
     META_CONFIG,
-    META_CONTRACT,
-    META_EXPORTER,
-    META_GRAPH,
     META_INTERFACE,
-    META_PRECISION,
-    META_WEIGHTS,
     ONNX_OPSET,
     SEQUENCE_AXIS,
     GraphInterface,
@@ -47,7 +42,6 @@ from pimoe_export.interface import (
 )
 from pimoe_export.model.enhanced import EnhancedPiMoEIntegration
 from pimoe_export.model.system import PiMoESystem
-from pimoe_export.ops import schema
 
 #: the largest batch and sequence the exported graph's dynamic axes declare
 MAX_AXIS = 65536
@@ -300,26 +294,9 @@ def export_model(
         raise PiMoEExportError("torch.onnx.export returned no program")
     proto = program.model_proto
     split_sequences(proto)
-    if not any(o.domain == schema.DOMAIN for o in proto.opset_import):
-        proto.opset_import.add(domain=schema.DOMAIN, version=schema.OPSET_VERSION)
     interface = _interface(proto, example, list(outputs), names, axes)
-    set_metadata(proto, {
-        META_CONFIG: json.dumps({"model": type(model).__name__,
-                                 "layers": {p: json.loads(layer.config.to_json()) for p, layer in layers.items()}}),
+    configs = {p: json.loads(layer.config.to_json()) for p, layer in layers.items()}
+    return finish_export(proto, path, model, "custom-ops", precision, {
+        META_CONFIG: json.dumps({"model": type(model).__name__, "layers": configs}),
         META_INTERFACE: json.dumps(interface.to_dict()),
-        META_CONTRACT: str(schema.CONTRACT_VERSION),
-        META_GRAPH: "custom-ops",
-        META_PRECISION: precision,
-        META_EXPORTER: json.dumps({"torch": torch.__version__, "onnx": onnx.__version__}),
-        META_WEIGHTS: weights_fingerprint(model),
-    })
-    proto.producer_name = "pimoe-export"
-    proto = validate_onnx(proto)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, str(path))
-    counts: dict[str, int] = {}
-    for node in proto.graph.node:
-        key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
-        counts[key] = counts.get(key, 0) + 1
-    return ExportResult(path, "custom-ops", precision, time.perf_counter() - start, counts)
+    }, start)

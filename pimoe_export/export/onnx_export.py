@@ -142,10 +142,17 @@ def export_onnx(
     with torch.no_grad():
         proto = _quiet_export(module, example, table)
     graph = "standard-ops" if standard_ops else "custom-ops"
-    if not standard_ops and not any(o.domain == schema.DOMAIN for o in proto.opset_import):
+    return finish_export(proto, path, model, graph, precision, {META_CONFIG: model.config.to_json()}, start)
+
+
+def finish_export(proto: onnx.ModelProto, path: str | Path, model: torch.nn.Module, graph: str, precision: str,
+                  metadata: dict[str, str], start: float) -> ExportResult:
+    """The common end of every export: the pimoe opset, metadata (``metadata`` plus contract, graph kind,
+    precision, exporter versions, weights fingerprint), validation, the file, node counts."""
+    if graph == "custom-ops" and not any(o.domain == schema.DOMAIN for o in proto.opset_import):
         proto.opset_import.add(domain=schema.DOMAIN, version=schema.OPSET_VERSION)
     set_metadata(proto, {
-        META_CONFIG: model.config.to_json(),
+        **metadata,
         META_CONTRACT: str(schema.CONTRACT_VERSION),
         META_GRAPH: graph,
         META_PRECISION: precision,
