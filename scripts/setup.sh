@@ -6,14 +6,15 @@
 #      Runtime op library, the emulated-GPU harness (plugins/emu) and its AddressSanitizer/ThreadSanitizer variants
 #      (build/plugins-emu-asan, build/plugins-emu-tsan), and with nvcc the TensorRT plugins + GPU harness
 # Re-running it only redoes what is missing or out of date.
-# Environment: PYTHON (interpreter for the venv, default python3), PIMOE_SETUP_EXTRAS (default "dev,tensorrt-cpu"),
+# Environment: PYTHON (interpreter for the venv, default python3),
+#              PIMOE_SETUP_EXTRAS (default "dev,tensorrt-cpu,hf,serve"),
 #              PIMOE_SKIP_PLUGINS=1 (Python only), PIMOE_SETUP_EMU_SANITIZERS=0 (no sanitizer builds),
 #              PIMOE_CUDA_ARCHITECTURES (nvcc targets), CMAKE_BUILD_PARALLEL_LEVEL (default: nproc)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 python=${PYTHON:-python3}
-extras=${PIMOE_SETUP_EXTRAS:-dev,tensorrt-cpu,hf}
+extras=${PIMOE_SETUP_EXTRAS:-dev,tensorrt-cpu,hf,serve}
 step() { echo "==> $*"; }
 fail() { echo "setup.sh: error: $*" >&2; exit 1; }
 

@@ -20,7 +20,7 @@ from types import ModuleType
 from pimoe_export.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, PiMoEError, exit_code
 
 COMMANDS = ("create", "info", "moefy", "export", "quantize", "check", "package", "build", "inspect", "triton",
-            "pipeline")
+            "serve", "pipeline")
 
 
 def _module(name: str) -> ModuleType:
