@@ -2,9 +2,12 @@
 # Fetch build-time third-party headers into build/deps (git-ignored), from PyPI and Debian only:
 #   build/deps/onnxruntime/include   ONNX Runtime C/C++ API headers (Debian trixie libonnxruntime-dev 1.21, API 21)
 #   build/deps/tensorrt/include      TensorRT 10.14 NvInfer*.h (from the kernel-lens 2.0.1 wheel, Apache-2.0)
+#   build/deps/pywheels              (component ort-wheels, not in the default) the onnxruntime and onnxruntime-gpu
+#                                    wheels + their dependencies, for the fresh-venv packaging tests
+#                                    (tests/test_packaging.py installs from here with --no-index)
 # Installed copies win: ONNXRUNTIME_INCLUDE_DIR, TENSORRT_ROOT (or /usr/include/x86_64-linux-gnu/NvInfer.h).
 # Idempotent: a component already present is not fetched again.
-# Usage: scripts/fetch_deps.sh [ort] [trt]   (default: both)
+# Usage: scripts/fetch_deps.sh [ort] [trt] [ort-wheels]   (default: ort trt)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 deps="$root/build/deps"
@@ -63,6 +66,20 @@ for component in $want; do
       echo "tensorrt headers: $deps/tensorrt/include"
     fi
     ;;
-  *) fail "unknown component '$component' (ort, trt)";;
+  ort-wheels)
+    # One pin per flavour (the newest of each on PyPI when written; onnxruntime-gpu has no 1.32) + the numpy of
+    # the project venv; pip download skips files already there, so a rerun only asks the index.
+    wheels="$deps/pywheels"
+    numpy_pin=$("$python" -c 'import numpy; print("numpy==" + numpy.__version__)' 2>/dev/null || echo numpy)
+    mkdir -p "$wheels"
+    if [ ! -f "$wheels/.complete" ]; then
+      "$python" -m pip download --quiet --only-binary=:all: -d "$wheels" \
+        onnxruntime==1.32.0 onnxruntime-gpu==1.31.1 "$numpy_pin" \
+        || fail "pip download of the onnxruntime wheels failed (is PyPI reachable?)"
+      touch "$wheels/.complete"
+    fi
+    echo "onnxruntime wheels: $wheels"
+    ;;
+  *) fail "unknown component '$component' (ort, trt, ort-wheels)";;
   esac
 done

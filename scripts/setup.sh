@@ -9,7 +9,10 @@
 # Environment: PYTHON (interpreter for the venv, default python3),
 #              PIMOE_SETUP_EXTRAS (default "dev,tensorrt-cpu,hf,serve"),
 #              PIMOE_SKIP_PLUGINS=1 (Python only), PIMOE_SETUP_EMU_SANITIZERS=0 (no sanitizer builds),
-#              PIMOE_CUDA_ARCHITECTURES (nvcc targets), CMAKE_BUILD_PARALLEL_LEVEL (default: nproc)
+#              PIMOE_SETUP_ORT_WHEELS=0 (no onnxruntime wheelhouse for tests/test_packaging.py),
+#              PIMOE_CUDA_ARCHITECTURES (nvcc targets), CMAKE_BUILD_PARALLEL_LEVEL (default: nproc),
+#              PIMOE_SETUP_ORT: which ONNX Runtime, "cpu" (default: onnxruntime, extra `cpu`), "gpu" (onnxruntime-gpu,
+#              extra `gpu`; replaces an installed onnxruntime) or "none" (keep whatever is installed)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -29,6 +32,23 @@ if ! .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.__version__.sta
   step "torch 2.13.0 (CPU wheel, installed before anything can ask for a CUDA build)"
   pip install --quiet torch==2.13.0 || fail "pip install torch==2.13.0 failed"
 fi
+# ONNX Runtime is an extra, not a base dependency: onnxruntime and onnxruntime-gpu share one module and must not
+# both be installed (the second overwrites the first's files)
+ort_flavour=${PIMOE_SETUP_ORT:-cpu}
+case $ort_flavour in
+  cpu) ort_keep=onnxruntime; ort_drop=onnxruntime-gpu;;
+  gpu) ort_keep=onnxruntime-gpu; ort_drop=onnxruntime;;
+  none) ort_keep=; ort_drop=;;
+  *) fail "PIMOE_SETUP_ORT=$ort_flavour: use cpu (onnxruntime), gpu (onnxruntime-gpu) or none";;
+esac
+if [ -n "$ort_keep" ]; then
+  extras="$extras,$ort_flavour"
+  if pip show --quiet "$ort_drop" >/dev/null 2>&1; then
+    step "replacing $ort_drop by $ort_keep (PIMOE_SETUP_ORT=$ort_flavour)"
+    pip uninstall --quiet -y onnxruntime onnxruntime-gpu || fail "pip uninstall of $ort_drop failed"
+    rm -f .venv/.pimoe-installed
+  fi
+fi
 stamp=.venv/.pimoe-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" != "$extras" ]; then
   step "pimoe-export[$extras] (editable)"
@@ -43,6 +63,10 @@ fi
 
 step "build-time headers"
 PYTHON="$root/.venv/bin/python" scripts/fetch_deps.sh ort trt || fail "fetching the ONNX Runtime / TensorRT headers failed"
+# the onnxruntime and onnxruntime-gpu wheels for the fresh-venv packaging tests (tests/test_packaging.py; ~290 MB)
+if [ "${PIMOE_SETUP_ORT_WHEELS:-1}" != "0" ]; then
+  PYTHON="$root/.venv/bin/python" scripts/fetch_deps.sh ort-wheels || fail "fetching the onnxruntime wheels failed"
+fi
 ort_include=${ONNXRUNTIME_INCLUDE_DIR:-$root/build/deps/onnxruntime/include}
 
 # ---------------------------------------------------------------------------------------- CPU + emulated GPU

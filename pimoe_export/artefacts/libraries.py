@@ -8,12 +8,15 @@ checked with ctypes (no ONNX Runtime or TensorRT needed) against this package's 
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
+import warnings
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pimoe_export.errors import PluginLoadError
+from pimoe_export.errors import BackendUnavailableError, PluginLoadError
 from pimoe_export.ops.schema import CONTRACT_VERSION
 
 ORT_LIBRARY_ENV = "PIMOE_ORT_LIBRARY"
@@ -63,6 +66,42 @@ def find_harness_library(emulated: bool = False) -> Path:
         return _find(EMU_HARNESS_LIBRARY_ENV, EMU_HARNESS_LIBRARY_NAME, "emu",
                      "it builds the emulated harness by default: needs g++, python and the TensorRT headers")
     return _find(HARNESS_LIBRARY_ENV, HARNESS_LIBRARY_NAME, "harness", "needs nvcc")
+
+
+#: the two distributions that install the ``onnxruntime`` module (pyproject extras ``cpu`` and ``gpu``)
+ORT_DISTRIBUTIONS = {"cpu": "onnxruntime", "gpu": "onnxruntime-gpu"}
+ORT_MISSING = ("ONNX Runtime is not installed, and pimoe-export does not pull it in (the CPU and GPU packages would "
+               "overwrite each other). Install exactly one: pip install 'pimoe-export[cpu]' (onnxruntime, CPU) or "
+               "pip install 'pimoe-export[gpu]' (onnxruntime-gpu, CUDA provider); scripts/setup.sh installs the CPU "
+               "one, PIMOE_SETUP_ORT=gpu the GPU one")
+
+
+def installed_ort_distributions() -> list[str]:
+    """Which of ``onnxruntime`` / ``onnxruntime-gpu`` pip has installed (both: their files overwrote each other)."""
+    found = []
+    for name in ORT_DISTRIBUTIONS.values():
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+@lru_cache(maxsize=1)
+def import_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or one BackendUnavailableError naming both packages that provide it."""
+    try:
+        module = importlib.import_module("onnxruntime")
+    except ImportError:
+        raise BackendUnavailableError(ORT_MISSING) from None
+    both = installed_ort_distributions()
+    if len(both) > 1:
+        warnings.warn(f"both {both[0]} and {both[1]} are installed: they share the onnxruntime module, so whichever "
+                      f"was installed last won (onnxruntime {module.__version__}); uninstall both and reinstall one "
+                      f"(pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'pimoe-export[gpu]')",
+                      RuntimeWarning, stacklevel=2)
+    return module
 
 
 def _load(path: str, fix: str) -> ctypes.CDLL:

@@ -20,6 +20,7 @@ from pimoe_export.artefacts.libraries import (
     check_plugin_library,
     find_ort_library,
     find_plugin_library,
+    import_onnxruntime,
 )
 from pimoe_export.artefacts.manifest import Artifact, Manifest, copy_artifact
 from pimoe_export.errors import ArtifactError, BackendUnavailableError
@@ -77,8 +78,7 @@ def package_ort(
     else:
         copy_artifact(onnx_path, target)
     copy_artifact(lib, lib_copy)
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     onnx_art = Artifact.of("onnx", target)
     manifest = Manifest(
         backend="onnxruntime",

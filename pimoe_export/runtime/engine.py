@@ -152,9 +152,10 @@ class Engine:
 
 class OrtEngine(Engine):
     def __init__(self, unit_dir: Path, threads: int | None = None, providers: list[str] | None = None) -> None:
-        import onnxruntime as ort
-
+        from pimoe_export.artefacts.libraries import import_onnxruntime
         from pimoe_export.runtime.ort import create_session
+
+        ort = import_onnxruntime()
 
         unit = verify(unit_dir, backend_version=ort.__version__)
         super().__init__(unit)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pimoe_export.artefacts.libraries import check_ort_library, find_ort_library
+from pimoe_export.artefacts.libraries import check_ort_library, find_ort_library, import_onnxruntime
 from pimoe_export.errors import ArtifactError, PluginLoadError
 from pimoe_export.interface import MIN_ONNXRUNTIME, version_tuple
 
@@ -30,8 +30,7 @@ def check_onnxruntime_version(version: str) -> None:
 
 def session_options(threads: int | None = None, library: str | Path | None = None) -> Any:
     """``ort.SessionOptions`` with the pimoe library registered (``threads``: intra-op thread count)."""
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     check_onnxruntime_version(ort.__version__)
     path = str(library or find_ort_library())
     check_ort_library(path)
@@ -51,7 +50,7 @@ def create_session(
     library: str | Path | None = None,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` for a pimoe model (CPU provider unless ``providers`` says otherwise)."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     options = session_options(threads, library)
     source = model if isinstance(model, bytes) else str(model)

@@ -61,7 +61,7 @@ def check_onnx(
     feeds: Sequence[dict[str, Any]] | None = None,
 ) -> CheckReport:
     """Compare the PyTorch ``model`` with the ONNX graph at ``onnx_path`` on ONNX Runtime (CPU)."""
-    from pimoe_export.artefacts.libraries import check_ort_library, find_ort_library
+    from pimoe_export.artefacts.libraries import check_ort_library, find_ort_library, import_onnxruntime
     from pimoe_export.ops.validation import check_graph
     from pimoe_export.validate.runners import onnx_runner
 
@@ -69,8 +69,7 @@ def check_onnx(
     meta = read_metadata(onnx_path)
     check_graph(onnx_path)  # a contract violation is one clear error, before ONNX Runtime sees the graph
     lib = check_ort_library(str(find_ort_library()))
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     interface = meta.interface
     environment = {"onnxruntime": ort.__version__, "cpu_isa": lib["cpu_isa"], "library": lib["path"],
                    "onnx": str(onnx_path)}
