@@ -2,7 +2,7 @@
 # Fetch build-time third-party headers into build/deps (git-ignored), from PyPI and Debian only:
 #   build/deps/onnxruntime/include   ONNX Runtime C/C++ API headers (Debian trixie libonnxruntime-dev 1.21, API 21)
 #   build/deps/tensorrt/include      TensorRT 10.14 NvInfer*.h (from the kernel-lens 2.0.1 wheel, Apache-2.0)
-#   build/deps/pywheels              (component ort-wheels, not in the default) the onnxruntime and onnxruntime-gpu
+#   build/deps/ort-wheels             (component ort-wheels, not in the default) the onnxruntime and onnxruntime-gpu
 #                                    wheels + their dependencies, for the fresh-venv packaging tests
 #                                    (tests/test_packaging.py installs from here with --no-index)
 # Installed copies win: ONNXRUNTIME_INCLUDE_DIR, TENSORRT_ROOT (or /usr/include/x86_64-linux-gnu/NvInfer.h).
@@ -69,7 +69,7 @@ for component in $want; do
   ort-wheels)
     # One pin per flavour (the newest of each on PyPI when written; onnxruntime-gpu has no 1.32) + the numpy of
     # the project venv; pip download skips files already there, so a rerun only asks the index.
-    wheels="$deps/pywheels"
+    wheels="$deps/ort-wheels"
     numpy_pin=$("$python" -c 'import numpy; print("numpy==" + numpy.__version__)' 2>/dev/null || echo numpy)
     mkdir -p "$wheels"
     if [ ! -f "$wheels/.complete" ]; then

@@ -1,7 +1,7 @@
 """Packaging: ONNX Runtime is an extra (`cpu` → onnxruntime, `gpu` → onnxruntime-gpu), never a base dependency.
 
 The slow tests build this package's wheel, install it into fresh venvs next to each ONNX Runtime flavour (wheels from
-build/deps/pywheels, fetched by scripts/setup.sh; torch-free: numpy + ORT + the package with --no-deps), run an
+build/deps/ort-wheels, fetched by scripts/setup.sh; torch-free: numpy + ORT + the package with --no-deps), run an
 exported PiMoE layer with libpimoe_ort on the CPU provider there and compare with this venv's run. In the
 onnxruntime-gpu venv the package must leave the GPU build in place: the CUDA provider stays listed and pip does not
 ask for the CPU `onnxruntime`.
@@ -23,7 +23,7 @@ from pimoe_export.artefacts import libraries
 from pimoe_export.errors import BackendUnavailableError
 
 ROOT = Path(__file__).resolve().parents[1]
-WHEELHOUSE = ROOT / "build" / "deps" / "pywheels"
+WHEELHOUSE = ROOT / "build" / "deps" / "ort-wheels"
 FLAVOURS = {"cpu": "onnxruntime", "gpu": "onnxruntime-gpu"}
 
 # Runs inside a fresh venv (cwd outside the repository, so `pimoe_export` is the installed copy)
