@@ -194,6 +194,34 @@ def test_bad_requests_get_an_error_and_the_server_keeps_serving(server, module) 
     assert server.process.poll() is None
 
 
+def test_a_client_that_disconnects_mid_request_does_not_disturb_the_others(server) -> None:
+    """A raw HTTP request of about a second of work whose client hangs up right after sending it, while another
+    client's requests go on: those are all answered correctly, and the server keeps serving."""
+    import json
+
+    model = "tiny_ort-fp32"
+    x = _tokens(21, MAX_BATCH, 8192)
+    header = json.dumps({"inputs": [{"name": "hidden_states", "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {server.http}\r\n"
+            f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+            f"Content-Length: {len(header) + x.nbytes}\r\n\r\n").encode()
+    problems: list[str] = []
+    other = threading.Thread(target=lambda: problems.extend(_client(server, model, 3, 20)))
+    other.start()
+    host, port = server.http.split(":")
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(head + header + x.tobytes())
+    # ... and a second one that hangs up half-way through its body
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(head + header + x.tobytes()[: x.nbytes // 2])
+    other.join(120)
+    assert not other.is_alive() and problems == []
+    good = _tokens(22, 1, 9)
+    assert np.array_equal(_infer(grpcclient, server.grpc, model, good)["output"], server.engines[model].run(good))
+    assert server.process.poll() is None
+
+
 def _listening(pids: set[int]) -> list[tuple[str, int]]:
     """(address, port) of every TCP socket in LISTEN state that one of ``pids`` holds (from /proc)."""
     inodes = set()
