@@ -3,7 +3,9 @@
 # (torch with CUDA, nvcc, CMake, compute-sanitizer, pytest, numpy, onnx, onnxruntime):
 #   1. build libpimoe_trt_plugins.so + libpimoe_trt_harness.so with the local nvcc (for this GPU's architecture)
 #   2. pytest -m gpu            (tests/test_gpu_layer.py, tests/test_ops_backends.py[trt-harness], ...; fp32, fp16
-#                               and the int8 W8A8 kernels)
+#                               and the int8 W8A8 kernels; tests/test_ort_cuda.py: libpimoe_ort_cuda's CUDA
+#                               execution-provider kernels, built when build/deps/onnxruntime is carried, run when
+#                               the Python has onnxruntime-gpu, else skipped with the reason)
 #   3. compute-sanitizer memcheck and racecheck over tests/test_gpu_layer.py::test_sanitizer_case
 #   4. the emulator checked by the GPU: plugins/emu/tests/selftest.cu built with nvcc and run on the GPU (WMMA and
 #      mma.sync fragment layouts, shuffles, cp.async against host references), and scripts/emu_vs_gpu.py: the same
@@ -17,10 +19,11 @@
 #
 # What the GPU machine cannot download must travel with the working tree, in git-ignored folders:
 #   build/deps/tensorrt   TensorRT headers (scripts/fetch_deps.sh trt)
+#   build/deps/onnxruntime  ONNX Runtime headers (scripts/fetch_deps.sh ort; optional: libpimoe_ort_cuda)
 #   build/deps/pywheels   wheels for Python packages the tests import but the machine lacks (hypothesis,
 #                         sortedcontainers, safetensors), unpacked into build/gpu-pydeps when missing
 # Prepare both on a machine with network:   scripts/gpu_check.sh --prepare
-# and send them along (device `run` tool: carry ["build/deps/tensorrt", "build/deps/pywheels"]).
+# and send them along (device `run` tool: carry ["build/deps/tensorrt", "build/deps/pywheels", "build/deps/onnxruntime"]).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -29,7 +32,7 @@ if [ "${1:-}" = "--prepare" ]; then
   set -e
   python=${PYTHON:-"$root/.venv/bin/python"}
   [ -x "$python" ] || python=python3
-  PYTHON="$python" scripts/fetch_deps.sh trt
+  PYTHON="$python" scripts/fetch_deps.sh trt ort
   mkdir -p build/deps/pywheels
   "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any -d build/deps/pywheels \
@@ -80,6 +83,14 @@ export PYTHONPATH="$root:$pydeps${PYTHONPATH:+:$PYTHONPATH}"
 export PIMOE_TRT_HARNESS="$root/build/gpu-plugins/harness/libpimoe_trt_harness.so"
 export PIMOE_TRT_PLUGINS="$root/build/gpu-plugins/trt/libpimoe_trt_plugins.so"
 export PIMOE_TRT_LOG=off  # the bad-argument tests trigger plugin errors on purpose
+# libpimoe_ort + libpimoe_ort_cuda (CUDA execution-provider kernels) when the ONNX Runtime headers came along
+ort_include=${ONNXRUNTIME_INCLUDE_DIR:-$root/build/deps/onnxruntime/include}
+build_ort=OFF
+if [ -f "$ort_include/onnxruntime_cxx_api.h" ]; then
+  build_ort=ON
+  export PIMOE_ORT_LIBRARY="$root/build/gpu-plugins/libpimoe_ort.so"
+  export PIMOE_ORT_CUDA_LIBRARY="$root/build/gpu-plugins/libpimoe_ort_cuda.so"
+fi
 
 # ---- 1. build
 nvcc_bin=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
@@ -92,7 +103,8 @@ if [ ! -f build/deps/tensorrt/include/NvInferRuntime.h ] && [ -z "${TENSORRT_ROO
   build_ok=0
 else
   timeout "$(limit 200 240)" bash -c "cmake -S plugins -B build/gpu-plugins ${generator[*]} -DCMAKE_BUILD_TYPE=Release \
-      -DPIMOE_BUILD_ORT=OFF -DPIMOE_BUILD_TRT=ON -DCMAKE_CUDA_COMPILER='$nvcc_bin' -DCMAKE_CUDA_ARCHITECTURES='$arch' \
+      -DPIMOE_BUILD_ORT=$build_ort -DONNXRUNTIME_INCLUDE_DIR='$ort_include' \
+      -DPIMOE_BUILD_TRT=ON -DCMAKE_CUDA_COMPILER='$nvcc_bin' -DCMAKE_CUDA_ARCHITECTURES='$arch' \
     && cmake --build build/gpu-plugins --parallel \$(nproc)" > "$out/build.log" 2>&1
   build_ok=$([ $? -eq 0 ] && [ -f "$PIMOE_TRT_HARNESS" ] && echo 1 || echo 0)
   note "build: $([ "$build_ok" = 1 ] && echo ok || echo FAILED) (sm_$arch, $(( $(date +%s) - build_start )) s; build.log)"
@@ -108,7 +120,7 @@ status=0
 pytest_start=$(date +%s)
 # the files holding gpu tests (collecting the whole suite would import CPU-only dependencies this machine lacks)
 timeout "$(limit 200 200)" "$python" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --durations=15 \
-  tests/test_gpu_layer.py tests/test_ops_backends.py > "$out/pytest.log" 2>&1
+  tests/test_gpu_layer.py tests/test_ops_backends.py tests/test_ort_cuda.py > "$out/pytest.log" 2>&1
 rc=$?
 [ $rc -ne 0 ] && status=1
 note "pytest -m gpu: rc=$rc, $(grep -E ' in [0-9.]+s' "$out/pytest.log" | tail -n 1 | tr -d '=' | xargs) ($(( $(date +%s) - pytest_start )) s; pytest.log)"

@@ -120,5 +120,7 @@ else
   echo "    built in $(( $(date +%s) - trt_start )) s"
   .venv/bin/python -c 'from pimoe_export.artefacts.libraries import find_plugin_library, check_plugin_library; print("    ", check_plugin_library(str(find_plugin_library())))' \
     || fail "the built TensorRT plugin library does not load"
+  .venv/bin/python -c 'from pimoe_export.artefacts.libraries import find_ort_cuda_library, check_ort_library; print("    ", check_ort_library(str(find_ort_cuda_library())))' \
+    || fail "the built libpimoe_ort_cuda (CUDA execution-provider kernels) does not load"
 fi
 step "done: activate with 'source .venv/bin/activate' or call .venv/bin/pimoe-export"

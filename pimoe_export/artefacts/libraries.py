@@ -21,6 +21,8 @@ from pimoe_export.ops.schema import CONTRACT_VERSION
 
 ORT_LIBRARY_ENV = "PIMOE_ORT_LIBRARY"
 ORT_LIBRARY_NAME = "libpimoe_ort.so"
+ORT_CUDA_LIBRARY_ENV = "PIMOE_ORT_CUDA_LIBRARY"
+ORT_CUDA_LIBRARY_NAME = "libpimoe_ort_cuda.so"  # libpimoe_ort + CUDA execution-provider kernels (built with nvcc)
 PLUGIN_LIBRARY_ENV = "PIMOE_TRT_PLUGINS"
 PLUGIN_LIBRARY_NAME = "libpimoe_trt_plugins.so"
 HARNESS_LIBRARY_ENV = "PIMOE_TRT_HARNESS"
@@ -50,6 +52,13 @@ def find_ort_library() -> Path:
     """``$PIMOE_ORT_LIBRARY`` if set, else the packaged or build-tree libpimoe_ort.so."""
     return _find(ORT_LIBRARY_ENV, ORT_LIBRARY_NAME, "", "it builds the ONNX Runtime op library with any C++17 "
                  "compiler")
+
+
+def find_ort_cuda_library() -> Path:
+    """``$PIMOE_ORT_CUDA_LIBRARY`` if set, else the packaged or build-tree libpimoe_ort_cuda.so (the CPU ops and
+    CUDA execution-provider kernels of the four ops: for onnxruntime-gpu sessions with the CUDA provider)."""
+    return _find(ORT_CUDA_LIBRARY_ENV, ORT_CUDA_LIBRARY_NAME, "", "needs nvcc: the TensorRT section of setup.sh "
+                 "builds it when CUDA is installed")
 
 
 def find_plugin_library() -> Path:
@@ -119,13 +128,17 @@ def check_ort_library(path: str) -> dict[str, Any]:
         version = int(lib.pimoe_ort_contract_version())
         lib.pimoe_ort_cpu_isa.restype = ctypes.c_char_p
         isa = lib.pimoe_ort_cpu_isa().decode()
+        providers = ["CPUExecutionProvider"]
+        if hasattr(lib, "pimoe_ort_providers"):  # libraries built before it existed have CPU kernels only
+            lib.pimoe_ort_providers.restype = ctypes.c_char_p
+            providers = lib.pimoe_ort_providers().decode().split(",")
     except AttributeError:
         raise PluginLoadError(f"{path} is not a pimoe ONNX Runtime op library (no pimoe_ort_contract_version "
                               f"symbol); rebuild it with scripts/setup.sh") from None
     if version != CONTRACT_VERSION:
         raise PluginLoadError(f"{path} implements op contract v{version}, this package needs v{CONTRACT_VERSION}; "
                               f"rebuild it with scripts/setup.sh")
-    return {"path": path, "contract_version": version, "cpu_isa": isa}
+    return {"path": path, "contract_version": version, "cpu_isa": isa, "providers": providers}
 
 
 @lru_cache(maxsize=8)

@@ -11,11 +11,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pimoe_export.artefacts.libraries import check_ort_library, find_ort_library, import_onnxruntime
+from pimoe_export.artefacts.libraries import (
+    check_ort_library,
+    find_ort_cuda_library,
+    find_ort_library,
+    import_onnxruntime,
+)
 from pimoe_export.errors import ArtifactError, PluginLoadError
 from pimoe_export.interface import MIN_ONNXRUNTIME, version_tuple
 
-__all__ = ["check_ort_library", "create_session", "find_ort_library", "session_options"]
+__all__ = ["check_ort_library", "create_session", "find_ort_library", "op_library_for", "session_options"]
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
 def check_onnxruntime_version(version: str) -> None:
@@ -42,6 +49,17 @@ def session_options(threads: int | None = None, library: str | Path | None = Non
     return options
 
 
+def op_library_for(providers: Sequence[str] | None) -> Path:
+    """The op library for a session with ``providers``: libpimoe_ort_cuda (the pimoe ops on the GPU) when the CUDA
+    provider is asked for and it is built, else libpimoe_ort (CPU kernels; ONNX Runtime copies around them)."""
+    if providers and CUDA_PROVIDER in providers:
+        try:
+            return find_ort_cuda_library()
+        except PluginLoadError:
+            pass
+    return find_ort_library()
+
+
 def create_session(
     model: str | Path | bytes,
     *,
@@ -49,10 +67,12 @@ def create_session(
     providers: Sequence[str] | None = None,
     library: str | Path | None = None,
 ) -> Any:
-    """An ``onnxruntime.InferenceSession`` for a pimoe model (CPU provider unless ``providers`` says otherwise)."""
+    """An ``onnxruntime.InferenceSession`` for a pimoe model (CPU provider unless ``providers`` says otherwise;
+    with ``CUDAExecutionProvider`` and no ``library``, the pimoe ops run on the GPU where libpimoe_ort_cuda is
+    built: :func:`op_library_for`)."""
     ort = import_onnxruntime()
 
-    options = session_options(threads, library)
+    options = session_options(threads, library or op_library_for(providers))
     source = model if isinstance(model, bytes) else str(model)
     what = "the model" if isinstance(model, bytes) else str(model)
     if not isinstance(model, bytes) and not Path(model).is_file():

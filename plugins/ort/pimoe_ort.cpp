@@ -1,4 +1,7 @@
 // libpimoe_ort: the four pimoe ops as an ONNX Runtime custom-op library (domain "pimoe", CPU provider).
+// Compiled again with PIMOE_ORT_CUDA=1 (CMake target pimoe_ort_cuda, built where nvcc is) it is
+// libpimoe_ort_cuda: the same CPU ops plus CUDA execution-provider kernels for the four ops (pimoe_ort_cuda.inc),
+// on the CUDA launchers of plugins/kernels/cuda that the TensorRT plugins use.
 //
 // Load it with SessionOptions.register_custom_ops_library(path); the Python package does this for every
 // session it creates (pimoe_export.runtime.ort). Kernels run on ONNX Runtime's intra-op thread pool, report
@@ -15,6 +18,16 @@
 
 #include "cpu_kernels.h"
 #include "pimoe_attrs.h"
+
+#ifndef PIMOE_ORT_CUDA
+#define PIMOE_ORT_CUDA 0
+#endif
+#if PIMOE_ORT_CUDA
+#include <cstdlib>
+#include <cstring>
+
+#include "cuda_kernels.h"
+#endif
 
 #define PIMOE_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -177,36 +190,55 @@ std::string require_type(const char* op, const char* what, ONNXTensorElementData
   return msg(op, ": ", what, " must be ", names, ", got ", type_name(got));
 }
 
+// Every op checks its inputs and claims its outputs in one *_io function shared by the CPU kernels here and the
+// CUDA kernels of pimoe_ort_cuda.inc (shapes are host values on both; only the data pointers differ). Kernel
+// classes name their provider (kProvider, nullptr: CPU) and may finish their set-up in init().
+
 // ------------------------------------------------------------------------------------------ PiMoERoute
+struct RouteIO {
+  Input logits, bias;
+  int64_t n = 0, experts = 0;
+  void* weights = nullptr;
+  void* ids = nullptr;
+};
+
+OrtStatusPtr route_io(OrtKernelContext* ctx, const RouteAttrs& attrs, RouteIO* io) {
+  PIMOE_RETURN_IF(get_input(ctx, 0, &io->logits));
+  size_t count = 0;
+  PIMOE_RETURN_IF(g_api->KernelContext_GetInputCount(ctx, &count));
+  if (count > 1) PIMOE_RETURN_IF(get_input(ctx, 1, &io->bias));
+  if (auto e = require_type("PiMoERoute", "logits", io->logits.type, {kF32, kF16}); !e.empty()) return error(e);
+  if (io->bias.value) {
+    if (auto e = require_type("PiMoERoute", "selection_bias", io->bias.type, {kF32}); !e.empty()) return error(e);
+  }
+  if (auto e = check_route(attrs, io->logits.dims, io->bias.value ? &io->bias.dims : nullptr); !e.empty())
+    return error(e);
+  io->n = io->logits.dims[0];
+  io->experts = io->logits.dims[1];
+  PIMOE_RETURN_IF(get_output(ctx, 0, {io->n, attrs.k}, &io->weights));
+  return get_output(ctx, 1, {io->n, attrs.k}, &io->ids);
+}
+
 struct RouteKernel {
+  static constexpr const char* kProvider = nullptr;
   RouteAttrs attrs;
 
+  OrtStatusPtr init(const OrtKernelInfo*) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-    Input logits, bias;
-    PIMOE_RETURN_IF(get_input(ctx, 0, &logits));
-    size_t count = 0;
-    PIMOE_RETURN_IF(g_api->KernelContext_GetInputCount(ctx, &count));
-    if (count > 1) PIMOE_RETURN_IF(get_input(ctx, 1, &bias));
-    if (auto e = require_type("PiMoERoute", "logits", logits.type, {kF32, kF16}); !e.empty()) return error(e);
-    if (bias.value) {
-      if (auto e = require_type("PiMoERoute", "selection_bias", bias.type, {kF32}); !e.empty()) return error(e);
-    }
-    if (auto e = check_route(attrs, logits.dims, bias.value ? &bias.dims : nullptr); !e.empty()) return error(e);
-    const int64_t n = logits.dims[0], experts = logits.dims[1];
-    void *weights = nullptr, *ids = nullptr;
-    PIMOE_RETURN_IF(get_output(ctx, 0, {n, attrs.k}, &weights));
-    PIMOE_RETURN_IF(get_output(ctx, 1, {n, attrs.k}, &ids));
-    cpu::route(logits.data, to_dtype(logits.type), bias.value ? static_cast<const float*>(bias.data) : nullptr, n,
-               experts, attrs.k, attrs.normalize, static_cast<float*>(weights), static_cast<int32_t*>(ids),
-               make_parallel(ctx));
+    RouteIO io;
+    PIMOE_RETURN_IF(route_io(ctx, attrs, &io));
+    cpu::route(io.logits.data, to_dtype(io.logits.type),
+               io.bias.value ? static_cast<const float*>(io.bias.data) : nullptr, io.n, io.experts, attrs.k,
+               attrs.normalize, static_cast<float*>(io.weights), static_cast<int32_t*>(io.ids), make_parallel(ctx));
     return nullptr;
   }
 };
 
-struct RouteOp : Ort::CustomOpBase<RouteOp, RouteKernel, true> {
+template <class Kernel>
+struct RouteOp : Ort::CustomOpBase<RouteOp<Kernel>, Kernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     AttrReader r{info, {}};
-    auto k = std::make_unique<RouteKernel>();
+    auto k = std::make_unique<Kernel>();
     k->attrs.k = r.get_int(contract::kATTR_K, 0, true);
     const int64_t normalize = r.get_int(contract::kATTR_NORMALIZE, 0, false);
     const std::string scoring = r.get_string(contract::kATTR_SCORING, "softmax");
@@ -215,10 +247,12 @@ struct RouteOp : Ort::CustomOpBase<RouteOp, RouteKernel, true> {
       return error(e);
     if (scoring != "softmax") return error(msg("PiMoERoute: scoring '", scoring, "' is not supported (softmax)"));
     if (auto e = validate_attrs(k->attrs); !e.empty()) return error(e);
+    PIMOE_RETURN_IF(k->init(info));
     *kernel = k.release();
     return nullptr;
   }
   const char* GetName() const { return contract::kROUTE_NAME; }
+  const char* GetExecutionProviderType() const { return Kernel::kProvider; }
   size_t GetInputTypeCount() const { return 2; }
   ONNXTensorElementDataType GetInputType(size_t i) const { return i == 0 ? kAny : kF32; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
@@ -229,40 +263,55 @@ struct RouteOp : Ort::CustomOpBase<RouteOp, RouteKernel, true> {
 };
 
 // ------------------------------------------------------------------------------------------ PiMoEDispatch
+struct DispatchIO {
+  Input x, ids;
+  int64_t n = 0, h = 0, k = 0;
+  void *x_sorted = nullptr, *offsets = nullptr, *f2s = nullptr;
+};
+
+OrtStatusPtr dispatch_io(OrtKernelContext* ctx, const DispatchAttrs& attrs, DispatchIO* io) {
+  PIMOE_RETURN_IF(get_input(ctx, 0, &io->x));
+  PIMOE_RETURN_IF(get_input(ctx, 1, &io->ids));
+  if (auto e = require_type("PiMoEDispatch", "x", io->x.type, {kF32, kF16}); !e.empty()) return error(e);
+  if (auto e = require_type("PiMoEDispatch", "ids", io->ids.type, {kI32}); !e.empty()) return error(e);
+  if (auto e = check_dispatch(attrs, io->x.dims, io->ids.dims); !e.empty()) return error(e);
+  io->n = io->x.dims[0];
+  io->h = io->x.dims[1];
+  io->k = io->ids.dims[1];
+  PIMOE_RETURN_IF(get_output(ctx, 0, {io->n * io->k, io->h}, &io->x_sorted));
+  PIMOE_RETURN_IF(get_output(ctx, 1, {attrs.num_experts + 1}, &io->offsets));
+  return get_output(ctx, 2, {io->n * io->k}, &io->f2s);
+}
+
 struct DispatchKernel {
+  static constexpr const char* kProvider = nullptr;
   DispatchAttrs attrs;
 
+  OrtStatusPtr init(const OrtKernelInfo*) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-    Input x, ids;
-    PIMOE_RETURN_IF(get_input(ctx, 0, &x));
-    PIMOE_RETURN_IF(get_input(ctx, 1, &ids));
-    if (auto e = require_type("PiMoEDispatch", "x", x.type, {kF32, kF16}); !e.empty()) return error(e);
-    if (auto e = require_type("PiMoEDispatch", "ids", ids.type, {kI32}); !e.empty()) return error(e);
-    if (auto e = check_dispatch(attrs, x.dims, ids.dims); !e.empty()) return error(e);
-    const int64_t n = x.dims[0], h = x.dims[1], k = ids.dims[1];
-    void *x_sorted = nullptr, *offsets = nullptr, *f2s = nullptr;
-    PIMOE_RETURN_IF(get_output(ctx, 0, {n * k, h}, &x_sorted));
-    PIMOE_RETURN_IF(get_output(ctx, 1, {attrs.num_experts + 1}, &offsets));
-    PIMOE_RETURN_IF(get_output(ctx, 2, {n * k}, &f2s));
-    auto e = cpu::dispatch(x.data, to_dtype(x.type), static_cast<const int32_t*>(ids.data), n, h, k,
-                           attrs.num_experts, x_sorted, static_cast<int32_t*>(offsets), static_cast<int32_t*>(f2s),
-                           make_parallel(ctx));
+    DispatchIO io;
+    PIMOE_RETURN_IF(dispatch_io(ctx, attrs, &io));
+    auto e = cpu::dispatch(io.x.data, to_dtype(io.x.type), static_cast<const int32_t*>(io.ids.data), io.n, io.h,
+                           io.k, attrs.num_experts, io.x_sorted, static_cast<int32_t*>(io.offsets),
+                           static_cast<int32_t*>(io.f2s), make_parallel(ctx));
     return e.empty() ? nullptr : error(e);
   }
 };
 
-template <ONNXTensorElementDataType T>
-struct DispatchOp : Ort::CustomOpBase<DispatchOp<T>, DispatchKernel, true> {
+template <ONNXTensorElementDataType T, class Kernel>
+struct DispatchOp : Ort::CustomOpBase<DispatchOp<T, Kernel>, Kernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     AttrReader r{info, {}};
-    auto k = std::make_unique<DispatchKernel>();
+    auto k = std::make_unique<Kernel>();
     k->attrs.num_experts = r.get_int(contract::kATTR_NUM_EXPERTS, 0, true);
     if (!r.problem.empty()) return error(msg("PiMoEDispatch: ", r.problem));
     if (auto e = validate_attrs(k->attrs); !e.empty()) return error(e);
+    PIMOE_RETURN_IF(k->init(info));
     *kernel = k.release();
     return nullptr;
   }
   const char* GetName() const { return contract::kDISPATCH_NAME; }
+  const char* GetExecutionProviderType() const { return Kernel::kProvider; }
   size_t GetInputTypeCount() const { return 2; }
   ONNXTensorElementDataType GetInputType(size_t i) const { return i == 0 ? T : kI32; }
   size_t GetOutputTypeCount() const { return 3; }
@@ -270,32 +319,50 @@ struct DispatchOp : Ort::CustomOpBase<DispatchOp<T>, DispatchKernel, true> {
 };
 
 // ------------------------------------------------------------------------------------------ PiMoECombine
+struct CombineIO {
+  Input y_sorted, f2s, weights;
+  int64_t n = 0, k = 0, h = 0;
+  void* y = nullptr;
+};
+
+OrtStatusPtr combine_io(OrtKernelContext* ctx, CombineIO* io) {
+  PIMOE_RETURN_IF(get_input(ctx, 0, &io->y_sorted));
+  PIMOE_RETURN_IF(get_input(ctx, 1, &io->f2s));
+  PIMOE_RETURN_IF(get_input(ctx, 2, &io->weights));
+  if (auto e = require_type("PiMoECombine", "y_sorted", io->y_sorted.type, {kF32, kF16}); !e.empty())
+    return error(e);
+  if (auto e = require_type("PiMoECombine", "flat_to_sorted", io->f2s.type, {kI32}); !e.empty()) return error(e);
+  if (auto e = require_type("PiMoECombine", "weights", io->weights.type, {kF32}); !e.empty()) return error(e);
+  if (auto e = check_combine(io->y_sorted.dims, io->f2s.dims, io->weights.dims); !e.empty()) return error(e);
+  io->n = io->weights.dims[0];
+  io->k = io->weights.dims[1];
+  io->h = io->y_sorted.dims[1];
+  return get_output(ctx, 0, {io->n, io->h}, &io->y);
+}
+
 struct CombineKernel {
+  static constexpr const char* kProvider = nullptr;
+
+  OrtStatusPtr init(const OrtKernelInfo*) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-    Input y_sorted, f2s, weights;
-    PIMOE_RETURN_IF(get_input(ctx, 0, &y_sorted));
-    PIMOE_RETURN_IF(get_input(ctx, 1, &f2s));
-    PIMOE_RETURN_IF(get_input(ctx, 2, &weights));
-    if (auto e = require_type("PiMoECombine", "y_sorted", y_sorted.type, {kF32, kF16}); !e.empty()) return error(e);
-    if (auto e = require_type("PiMoECombine", "flat_to_sorted", f2s.type, {kI32}); !e.empty()) return error(e);
-    if (auto e = require_type("PiMoECombine", "weights", weights.type, {kF32}); !e.empty()) return error(e);
-    if (auto e = check_combine(y_sorted.dims, f2s.dims, weights.dims); !e.empty()) return error(e);
-    const int64_t n = weights.dims[0], k = weights.dims[1], h = y_sorted.dims[1];
-    void* y = nullptr;
-    PIMOE_RETURN_IF(get_output(ctx, 0, {n, h}, &y));
-    auto e = cpu::combine(y_sorted.data, to_dtype(y_sorted.type), static_cast<const int32_t*>(f2s.data),
-                          static_cast<const float*>(weights.data), n, k, h, y, make_parallel(ctx));
+    CombineIO io;
+    PIMOE_RETURN_IF(combine_io(ctx, &io));
+    auto e = cpu::combine(io.y_sorted.data, to_dtype(io.y_sorted.type), static_cast<const int32_t*>(io.f2s.data),
+                          static_cast<const float*>(io.weights.data), io.n, io.k, io.h, io.y, make_parallel(ctx));
     return e.empty() ? nullptr : error(e);
   }
 };
 
-template <ONNXTensorElementDataType T>
-struct CombineOp : Ort::CustomOpBase<CombineOp<T>, CombineKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
-    *kernel = new CombineKernel();
+template <ONNXTensorElementDataType T, class Kernel>
+struct CombineOp : Ort::CustomOpBase<CombineOp<T, Kernel>, Kernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    auto k = std::make_unique<Kernel>();
+    PIMOE_RETURN_IF(k->init(info));
+    *kernel = k.release();
     return nullptr;
   }
   const char* GetName() const { return contract::kCOMBINE_NAME; }
+  const char* GetExecutionProviderType() const { return Kernel::kProvider; }
   size_t GetInputTypeCount() const { return 3; }
   ONNXTensorElementDataType GetInputType(size_t i) const { return i == 0 ? T : i == 1 ? kI32 : kF32; }
   size_t GetOutputTypeCount() const { return 1; }
@@ -327,50 +394,101 @@ std::string check_param_types(const ExpertMLPAttrs& a, const std::vector<ONNXTen
   return {};
 }
 
+struct MLPIO {
+  Input x, offsets;
+  std::vector<Input> params;
+  int64_t rows = 0, num_experts = 0;
+  void* y = nullptr;
+};
+
+OrtStatusPtr expert_mlp_io(OrtKernelContext* ctx, const ExpertMLPAttrs& attrs, MLPIO* io) {
+  size_t count = 0;
+  PIMOE_RETURN_IF(g_api->KernelContext_GetInputCount(ctx, &count));
+  PIMOE_RETURN_IF(get_input(ctx, 0, &io->x));
+  PIMOE_RETURN_IF(get_input(ctx, 1, &io->offsets));
+  if (auto e = require_type("PiMoEExpertMLP", "x_sorted", io->x.type, {kF32, kF16}); !e.empty()) return error(e);
+  if (auto e = require_type("PiMoEExpertMLP", "offsets", io->offsets.type, {kI32}); !e.empty()) return error(e);
+  io->params.resize(count >= 2 ? count - 2 : 0);
+  std::vector<Dims> dims;
+  std::vector<ONNXTensorElementDataType> types;
+  for (size_t i = 0; i < io->params.size(); ++i) {
+    PIMOE_RETURN_IF(get_input(ctx, i + 2, &io->params[i]));
+    dims.push_back(io->params[i].dims);
+    types.push_back(io->params[i].type);
+  }
+  if (auto e = check_expert_mlp(attrs, io->x.dims, io->offsets.dims, dims); !e.empty()) return error(e);
+  if (auto e = check_param_types(attrs, types, io->x.type); !e.empty()) return error(e);
+  io->rows = io->x.dims[0];
+  io->num_experts = io->offsets.dims[0] - 1;
+  return get_output(ctx, 0, {io->rows, attrs.widths.back()}, &io->y);
+}
+
 struct ExpertMLPKernel {
+  static constexpr const char* kProvider = nullptr;
   ExpertMLPAttrs attrs;
   std::unique_ptr<cpu::ExpertMLP> packed;  // set when every parameter is a constant initializer
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-    size_t count = 0;
-    PIMOE_RETURN_IF(g_api->KernelContext_GetInputCount(ctx, &count));
-    Input x, offsets;
-    PIMOE_RETURN_IF(get_input(ctx, 0, &x));
-    PIMOE_RETURN_IF(get_input(ctx, 1, &offsets));
-    if (auto e = require_type("PiMoEExpertMLP", "x_sorted", x.type, {kF32, kF16}); !e.empty()) return error(e);
-    if (auto e = require_type("PiMoEExpertMLP", "offsets", offsets.type, {kI32}); !e.empty()) return error(e);
-    std::vector<Input> params(count >= 2 ? count - 2 : 0);
+  // Pack the weights now if they are all constant initializers (the normal exported graph).
+  OrtStatusPtr init(const OrtKernelInfo* info, ONNXTensorElementDataType x_type) {
+    const ExpertMLPAttrs& a = attrs;
+    size_t inputs = 0;
+    PIMOE_RETURN_IF(g_api->KernelInfo_GetInputCount(info, &inputs));
+    std::vector<Input> params(inputs >= 2 ? inputs - 2 : 0);
+    bool all_constant = !params.empty();
+    for (size_t i = 0; i < params.size() && all_constant; ++i) {
+      int is_constant = 0;
+      const OrtValue* value_ptr = nullptr;
+      OrtStatus* s = g_api->KernelInfoGetConstantInput_tensor(info, i + 2, &is_constant, &value_ptr);
+      if (s) {
+        g_api->ReleaseStatus(s);
+        all_constant = false;
+      } else if (!is_constant || value_ptr == nullptr) {
+        all_constant = false;
+      } else {
+        PIMOE_RETURN_IF(describe(value_ptr, &params[i]));
+      }
+    }
+    if (!all_constant) return nullptr;
     std::vector<Dims> dims;
     std::vector<ONNXTensorElementDataType> types;
-    for (size_t i = 0; i < params.size(); ++i) {
-      PIMOE_RETURN_IF(get_input(ctx, i + 2, &params[i]));
-      dims.push_back(params[i].dims);
-      types.push_back(params[i].type);
+    for (const Input& p : params) {
+      dims.push_back(p.dims);
+      types.push_back(p.type);
     }
-    if (auto e = check_expert_mlp(attrs, x.dims, offsets.dims, dims); !e.empty()) return error(e);
-    if (auto e = check_param_types(attrs, types, x.type); !e.empty()) return error(e);
-    const int64_t rows = x.dims[0], num_experts = offsets.dims[0] - 1;
-    void* y = nullptr;
-    PIMOE_RETURN_IF(get_output(ctx, 0, {rows, attrs.widths.back()}, &y));
+    // check shapes against a nominal x (rows unknown yet) and offsets for the largest expert id
+    int64_t max_id = 0;
+    for (int64_t id : a.expert_ids) max_id = id > max_id ? id : max_id;
+    if (auto e = check_expert_mlp(a, {0, a.widths.front()}, {max_id + 2}, dims); !e.empty()) return error(e);
+    if (auto e = check_param_types(a, types, x_type); !e.empty()) return error(e);
+    std::vector<cpu::ExpertMLP::Param> raw;
+    for (const Input& p : params) raw.push_back({p.data, to_dtype(p.type)});
+    packed = std::make_unique<cpu::ExpertMLP>();
+    if (auto e = packed->prepare(a, raw); !e.empty()) return error(e);
+    return nullptr;
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    MLPIO io;
+    PIMOE_RETURN_IF(expert_mlp_io(ctx, attrs, &io));
     const cpu::ExpertMLP* mlp = packed.get();
     cpu::ExpertMLP local;
     if (mlp == nullptr) {  // weights are graph inputs: pack for this call only
       std::vector<cpu::ExpertMLP::Param> raw;
-      for (const Input& p : params) raw.push_back({p.data, to_dtype(p.type)});
+      for (const Input& p : io.params) raw.push_back({p.data, to_dtype(p.type)});
       if (auto e = local.prepare(attrs, raw); !e.empty()) return error(e);
       mlp = &local;
     }
-    auto e = mlp->run(x.data, to_dtype(x.type), rows, static_cast<const int32_t*>(offsets.data), num_experts, y,
-                      make_parallel(ctx));
+    auto e = mlp->run(io.x.data, to_dtype(io.x.type), io.rows, static_cast<const int32_t*>(io.offsets.data),
+                      io.num_experts, io.y, make_parallel(ctx));
     return e.empty() ? nullptr : error(e);
   }
 };
 
-template <ONNXTensorElementDataType T>
-struct ExpertMLPOp : Ort::CustomOpBase<ExpertMLPOp<T>, ExpertMLPKernel, true> {
+template <ONNXTensorElementDataType T, class Kernel>
+struct ExpertMLPOp : Ort::CustomOpBase<ExpertMLPOp<T, Kernel>, Kernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     AttrReader r{info, {}};
-    auto k = std::make_unique<ExpertMLPKernel>();
+    auto k = std::make_unique<Kernel>();
     ExpertMLPAttrs& a = k->attrs;
     a.expert_ids = r.get_array<int64_t>(contract::kATTR_EXPERT_IDS, true);
     a.widths = r.get_array<int64_t>(contract::kATTR_WIDTHS, true);
@@ -392,46 +510,12 @@ struct ExpertMLPOp : Ort::CustomOpBase<ExpertMLPOp<T>, ExpertMLPKernel, true> {
                        enum_choices(contract::kQUANTMODE_NAMES, contract::kQUANTMODE_COUNT)));
     a.quant_mode = static_cast<contract::QuantMode>(value);
     if (auto e = validate_attrs(a); !e.empty()) return error(e);
-
-    // Pack the weights now if they are all constant initializers (the normal exported graph).
-    size_t inputs = 0;
-    PIMOE_RETURN_IF(g_api->KernelInfo_GetInputCount(info, &inputs));
-    std::vector<Input> params(inputs >= 2 ? inputs - 2 : 0);
-    bool all_constant = !params.empty();
-    for (size_t i = 0; i < params.size() && all_constant; ++i) {
-      int is_constant = 0;
-      const OrtValue* value_ptr = nullptr;
-      OrtStatus* s = g_api->KernelInfoGetConstantInput_tensor(info, i + 2, &is_constant, &value_ptr);
-      if (s) {
-        g_api->ReleaseStatus(s);
-        all_constant = false;
-      } else if (!is_constant || value_ptr == nullptr) {
-        all_constant = false;
-      } else {
-        PIMOE_RETURN_IF(describe(value_ptr, &params[i]));
-      }
-    }
-    if (all_constant) {
-      std::vector<Dims> dims;
-      std::vector<ONNXTensorElementDataType> types;
-      for (const Input& p : params) {
-        dims.push_back(p.dims);
-        types.push_back(p.type);
-      }
-      // check shapes against a nominal x (rows unknown yet) and offsets for the largest expert id
-      int64_t max_id = 0;
-      for (int64_t id : a.expert_ids) max_id = id > max_id ? id : max_id;
-      if (auto e = check_expert_mlp(a, {0, a.widths.front()}, {max_id + 2}, dims); !e.empty()) return error(e);
-      if (auto e = check_param_types(a, types, T); !e.empty()) return error(e);
-      std::vector<cpu::ExpertMLP::Param> raw;
-      for (const Input& p : params) raw.push_back({p.data, to_dtype(p.type)});
-      k->packed = std::make_unique<cpu::ExpertMLP>();
-      if (auto e = k->packed->prepare(a, raw); !e.empty()) return error(e);
-    }
+    PIMOE_RETURN_IF(k->init(info, T));
     *kernel = k.release();
     return nullptr;
   }
   const char* GetName() const { return contract::kEXPERTMLP_NAME; }
+  const char* GetExecutionProviderType() const { return Kernel::kProvider; }
   size_t GetInputTypeCount() const { return 3; }
   ONNXTensorElementDataType GetInputType(size_t i) const { return i == 0 ? T : i == 1 ? kI32 : kAny; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
@@ -443,15 +527,28 @@ struct ExpertMLPOp : Ort::CustomOpBase<ExpertMLPOp<T>, ExpertMLPKernel, true> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return T; }
 };
 
+#if PIMOE_ORT_CUDA
+#include "pimoe_ort_cuda.inc"  // CUDA kernels: RouteCuda, DispatchCuda, CombineCuda, ExpertMLPCuda
+#endif
+
 // ------------------------------------------------------------------------------------------ registration
 struct Registry {
-  RouteOp route;
-  DispatchOp<kF32> dispatch_f32;
-  DispatchOp<kF16> dispatch_f16;
-  CombineOp<kF32> combine_f32;
-  CombineOp<kF16> combine_f16;
-  ExpertMLPOp<kF32> mlp_f32;
-  ExpertMLPOp<kF16> mlp_f16;
+  RouteOp<RouteKernel> route;
+  DispatchOp<kF32, DispatchKernel> dispatch_f32;
+  DispatchOp<kF16, DispatchKernel> dispatch_f16;
+  CombineOp<kF32, CombineKernel> combine_f32;
+  CombineOp<kF16, CombineKernel> combine_f16;
+  ExpertMLPOp<kF32, ExpertMLPKernel> mlp_f32;
+  ExpertMLPOp<kF16, ExpertMLPKernel> mlp_f16;
+#if PIMOE_ORT_CUDA
+  RouteOp<RouteCuda> route_cuda;
+  DispatchOp<kF32, DispatchCuda> dispatch_f32_cuda;
+  DispatchOp<kF16, DispatchCuda> dispatch_f16_cuda;
+  CombineOp<kF32, CombineCuda> combine_f32_cuda;
+  CombineOp<kF16, CombineCuda> combine_f16_cuda;
+  ExpertMLPOp<kF32, ExpertMLPCuda> mlp_f32_cuda;
+  ExpertMLPOp<kF16, ExpertMLPCuda> mlp_f16_cuda;
+#endif
   std::mutex mutex;
   // One domain per registration. They must outlive every session that uses them, and ONNX Runtime may
   // already be torn down when this library's static destructors run, so they are deliberately never
@@ -491,7 +588,12 @@ PIMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* option
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* s = api->CreateCustomOpDomain(pimoe::contract::kDOMAIN, &domain)) return s;
   OrtCustomOp* ops[] = {&reg.route, &reg.dispatch_f32, &reg.dispatch_f16, &reg.combine_f32,
-                        &reg.combine_f16, &reg.mlp_f32, &reg.mlp_f16};
+                        &reg.combine_f16, &reg.mlp_f32, &reg.mlp_f16
+#if PIMOE_ORT_CUDA
+                        , &reg.route_cuda, &reg.dispatch_f32_cuda, &reg.dispatch_f16_cuda, &reg.combine_f32_cuda,
+                        &reg.combine_f16_cuda, &reg.mlp_f32_cuda, &reg.mlp_f16_cuda
+#endif
+  };
   for (OrtCustomOp* op : ops) {
     if (OrtStatus* s = api->CustomOpDomain_Add(domain, op)) {
       api->ReleaseCustomOpDomain(domain);
@@ -509,3 +611,7 @@ PIMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* option
 // Identification for the Python loader: op-contract version and the CPU ISA the kernels selected.
 PIMOE_EXPORT int pimoe_ort_contract_version() { return pimoe::contract::kCONTRACT_VERSION; }
 PIMOE_EXPORT const char* pimoe_ort_cpu_isa() { return pimoe::cpu::active_isa(); }
+// The execution providers this build has kernels for (libpimoe_ort_cuda adds CUDAExecutionProvider).
+PIMOE_EXPORT const char* pimoe_ort_providers() {
+  return PIMOE_ORT_CUDA ? "CPUExecutionProvider,CUDAExecutionProvider" : "CPUExecutionProvider";
+}

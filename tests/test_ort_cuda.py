@@ -1,0 +1,127 @@
+"""libpimoe_ort_cuda: libpimoe_ort's CPU ops plus CUDA execution-provider kernels for the four pimoe ops
+(plugins/ort/pimoe_ort_cuda.inc, on the plugins/kernels/cuda launchers the TensorRT plugins use; built with nvcc).
+
+- Everywhere it is built (CI builds it with nvcc): registering it in ONNX Runtime (CPU and CUDA kernels of the same
+  ops in one domain) is accepted, and on the CPU provider it gives libpimoe_ort's outputs bit for bit, fp32 and INT8.
+- ``gpu``: with onnxruntime-gpu on a CUDA GPU, every pimoe node runs on the CUDA provider (ONNX Runtime's profile
+  names the provider of each node), the outputs match the CPU provider within the GPU tolerances of
+  tests/test_gpu_layer.py, and two runs are bit-identical. Skipped, with the reason, without a GPU or without
+  onnxruntime-gpu (PIMOE_SETUP_ORT=gpu scripts/setup.sh installs it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pimoe_export.artefacts.libraries import check_ort_library, find_ort_cuda_library, find_ort_library
+from pimoe_export.errors import PluginLoadError
+from pimoe_export.ops import schema
+from pimoe_export.runtime.ort import CUDA_PROVIDER, create_session, op_library_for, session_options
+from pimoe_export.validate.metrics import error_stats
+
+PIMOE_OPS = {schema.ROUTE, schema.DISPATCH, schema.EXPERT_MLP, schema.COMBINE}
+FP16_MAX_ABS = 4e-3  # x max|y|: tests/test_gpu_layer.py's fp16 bound (fp32 summation order, fp16 rounding flips)
+INT8_REL_L2 = 1e-3  # tests/test_gpu_layer.py's bound of the int8 GPU path against the fake-quant reference
+
+
+@pytest.fixture(scope="module")
+def cuda_library() -> str:
+    try:
+        return check_ort_library(str(find_ort_cuda_library()))["path"]
+    except PluginLoadError as exc:
+        pytest.skip(f"libpimoe_ort_cuda is not built (needs nvcc): {exc}")
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory) -> dict[str, Path]:
+    """fp32, fp16 and INT8 (w8a8) exports of one tiny layer."""
+    from pimoe_export.export.onnx_export import export_onnx
+    from pimoe_export.model import create_from_preset
+    from pimoe_export.quantize import quantize_model
+
+    root = tmp_path_factory.mktemp("ort-cuda")
+    model = create_from_preset("tiny", seed=21).eval()
+    export_onnx(model, root / "fp32.onnx")
+    export_onnx(model, root / "fp16.onnx", precision="fp16")
+    calibration = torch.randn(4, 32, model.hidden_size, generator=torch.Generator().manual_seed(1))
+    quantize_model(model, root / "int8.onnx", calibration=calibration, method="max", fp32_onnx=root / "fp32.onnx")
+    return {"fp32": root / "fp32.onnx", "fp16": root / "fp16.onnx", "int8": root / "int8.onnx",
+            "hidden": model.hidden_size}
+
+
+def _input(graphs, precision: str, shape=(3, 11)) -> np.ndarray:
+    x = np.random.default_rng(4).standard_normal((*shape, graphs["hidden"]))
+    return x.astype(np.float16 if precision == "fp16" else np.float32)
+
+
+def test_library_declares_the_cuda_provider(cuda_library) -> None:
+    assert check_ort_library(cuda_library)["providers"] == ["CPUExecutionProvider", CUDA_PROVIDER]
+    assert op_library_for([CUDA_PROVIDER, "CPUExecutionProvider"]) == Path(cuda_library)
+    assert op_library_for(None) == find_ort_library()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_on_the_cpu_provider_it_is_libpimoe_ort(cuda_library, graphs, precision) -> None:
+    x = _input(graphs, precision)
+    want = create_session(graphs[precision], library=find_ort_library()).run(None, {"hidden_states": x})
+    got = create_session(graphs[precision], library=cuda_library).run(None, {"hidden_states": x})
+    for name, a, b in zip(("output", "expert_ids", "expert_weights"), got, want, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------ on the GPU
+@pytest.fixture(scope="module")
+def ort_gpu(cuda_library):
+    import onnxruntime as ort
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        pytest.skip(f"onnxruntime {ort.__version__} has no CUDA provider: install onnxruntime-gpu "
+                    "(pip install 'pimoe-export[gpu]', or PIMOE_SETUP_ORT=gpu scripts/setup.sh)")
+    return ort
+
+
+def _gpu_run(ort, library: str, path: Path, x: np.ndarray, profile_dir: Path) -> tuple[list[np.ndarray], dict]:
+    options = session_options(library=library)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(profile_dir / "profile")
+    session = ort.InferenceSession(str(path), options, providers=[CUDA_PROVIDER, "CPUExecutionProvider"])
+    if session.get_providers()[0] != CUDA_PROVIDER:
+        pytest.fail(f"the CUDA provider could not be created (providers: {session.get_providers()}); are cuDNN and "
+                    "cuBLAS of onnxruntime-gpu's CUDA major installed?")
+    outputs = session.run(None, {"hidden_states": x})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    providers: dict[str, set[str]] = {}
+    for event in events:
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and args.get("op_name") in PIMOE_OPS:
+            providers.setdefault(args["op_name"], set()).add(args.get("provider", "?"))
+    return outputs, providers
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_cuda_provider_runs_the_pimoe_ops_and_matches_the_cpu(ort_gpu, cuda_library, graphs, precision,
+                                                             tmp_path) -> None:
+    x = _input(graphs, precision)
+    got, providers = _gpu_run(ort_gpu, cuda_library, graphs[precision], x, tmp_path)
+    assert providers == {op: {CUDA_PROVIDER} for op in PIMOE_OPS}, providers
+    y, ids, w = create_session(graphs[precision], library=cuda_library).run(None, {"hidden_states": x})
+    np.testing.assert_array_equal(got[1], ids)  # random inputs: no ties
+    np.testing.assert_allclose(got[2], w, rtol=2e-6, atol=1e-7)
+    scale = float(np.abs(y.astype(np.float32)).max())
+    if precision == "fp32":
+        np.testing.assert_allclose(got[0], y, rtol=1e-5, atol=1e-5 * scale)
+    elif precision == "fp16":
+        assert float(np.abs(got[0].astype(np.float32) - y.astype(np.float32)).max()) <= FP16_MAX_ABS * scale
+    else:
+        assert error_stats(y, got[0]).rel_l2 <= INT8_REL_L2
+    again, _ = _gpu_run(ort_gpu, cuda_library, graphs[precision], x, tmp_path)
+    for a, b in zip(got, again, strict=True):
+        np.testing.assert_array_equal(a, b)
