@@ -58,6 +58,20 @@ def import_tensorrt(flavour: str = "rtx") -> ModuleType:
     return module
 
 
+def rtx_library() -> Path:
+    """``libtensorrt_rtx.so.1`` of the installed TensorRT-RTX wheel (``tensorrt_rtx_libs``)."""
+    try:
+        libs = importlib.import_module("tensorrt_rtx_libs")
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"tensorrt_rtx_libs is not installed ({exc}); install {FLAVOURS['rtx'][1]}"
+        ) from None
+    library = Path(libs.__file__).resolve().parent / "libtensorrt_rtx.so.1"
+    if not library.exists():
+        raise BackendUnavailableError(f"{library.parent} holds no libtensorrt_rtx.so.1; reinstall {FLAVOURS['rtx'][1]}")
+    return library
+
+
 def ensure_rtx_parser_symlink() -> Path:
     """Create ``libtensorrt_rtx.so -> libtensorrt_rtx.so.1`` next to the TensorRT-RTX libraries.
 
@@ -65,18 +79,10 @@ def ensure_rtx_parser_symlink() -> Path:
     process aborts ("terminate called without an active exception"). The parser's RPATH is ``$ORIGIN``, so a
     symlink in the wheel's library folder, created any time before parsing, is enough.
     """
-    try:
-        libs = importlib.import_module("tensorrt_rtx_libs")
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"tensorrt_rtx_libs is not installed ({exc}); install {FLAVOURS['rtx'][1]}"
-        ) from None
-    folder = Path(libs.__file__).resolve().parent
+    folder = rtx_library().parent
     link = folder / "libtensorrt_rtx.so"
     if link.exists():
         return link
-    if not (folder / "libtensorrt_rtx.so.1").exists():
-        raise BackendUnavailableError(f"{folder} holds no libtensorrt_rtx.so.1; reinstall {FLAVOURS['rtx'][1]}")
     try:
         link.symlink_to("libtensorrt_rtx.so.1")
     except FileExistsError:  # created concurrently
