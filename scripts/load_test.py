@@ -88,14 +88,15 @@ def stop_server(process: subprocess.Popen) -> int:
         return process.wait()
 
 
-def counters(metrics_port: int, name: str) -> tuple[int, float]:
-    """(executions, microseconds spent in the model's execute) so far, from the server's Prometheus counters."""
+def counters(metrics_port: int, name: str) -> tuple[float, float, float]:
+    """(executions, successful requests, compute microseconds) so far, from the server's Prometheus counters. Triton
+    adds an execution's compute time to each request it carried, so compute / requests = time per execution."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     values = []
-    for metric in ("nv_inference_exec_count", "nv_inference_compute_infer_duration_us"):
+    for metric in ("nv_inference_exec_count", "nv_inference_request_success", "nv_inference_compute_infer_duration_us"):
         match = re.search(rf'^{metric}{{model="{re.escape(name)}",version="1"}} (\S+)$', text, re.M)
         values.append(float(match.group(1)) if match else float("nan"))
-    return int(values[0]), values[1]
+    return values[0], values[1], values[2]
 
 
 def matches(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> bool:
@@ -169,8 +170,8 @@ def run_cell(args: argparse.Namespace, ports: list[int], name: str, inputs: list
     p50, p99 = (float(np.percentile(latencies, q)) * 1e3 for q in (50, 99)) if len(latencies) else (np.nan, np.nan)
     time.sleep(0.5)
     after = counters(ports[2], name)
-    executions = after[0] - before[0]
-    compute = (after[1] - before[1]) / 1e3 / executions if executions > 0 else float("nan")
+    executions, served = int(after[0] - before[0]), after[1] - before[1]
+    compute = (after[2] - before[2]) / 1e3 / served if served > 0 else float("nan")
     return Cell(batching, concurrency, len(latencies) + failed, failed + mismatched,
                 round((len(latencies) - mismatched) * tokens / wall, 1), round(p50, 2), round(p99, 2),
                 executions, round(compute, 2), round(wall, 2))
