@@ -3,15 +3,22 @@
 
 - Everywhere it is built (CI builds it with nvcc): registering it in ONNX Runtime (CPU and CUDA kernels of the same
   ops in one domain) is accepted, and on the CPU provider it gives libpimoe_ort's outputs bit for bit, fp32 and INT8.
+- ``emu`` (CI): libpimoe_ort_cuda_emu, the same CUDA-provider kernel code on the CPU CUDA emulator (plugins/emu),
+  registered for the CPU provider: the wrappers (input checks, parameter roles, act_scales, scratch sizes, device
+  status) give libpimoe_ort's outputs within the GPU tolerances of tests/test_gpu_layer.py, fp32/fp16/INT8; bad expert
+  ids are clamped, and reported as a run error with PIMOE_ORT_SYNC_CHECK=1.
 - ``gpu``: with onnxruntime-gpu on a CUDA GPU, every pimoe node runs on the CUDA provider (ONNX Runtime's profile
-  names the provider of each node), the outputs match the CPU provider within the GPU tolerances of
-  tests/test_gpu_layer.py, and two runs are bit-identical. Skipped, with the reason, without a GPU or without
-  onnxruntime-gpu (PIMOE_SETUP_ORT=gpu scripts/setup.sh installs it).
+  names the provider of each node), the outputs match the CPU provider within the same tolerances, and two runs are
+  bit-identical. Skipped, with the reason, without a GPU or without onnxruntime-gpu (PIMOE_SETUP_ORT=gpu
+  scripts/setup.sh installs it).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +81,77 @@ def test_on_the_cpu_provider_it_is_libpimoe_ort(cuda_library, graphs, precision)
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+def assert_matches_the_cpu_kernels(got, want, precision: str) -> None:
+    """CUDA kernels (GPU or emulated) against libpimoe_ort's CPU kernels on the same graph and input."""
+    y, ids, w = want
+    np.testing.assert_array_equal(got[1], ids)  # random inputs: no ties
+    np.testing.assert_allclose(got[2], w, rtol=2e-6, atol=1e-7)
+    scale = float(np.abs(y.astype(np.float32)).max())
+    if precision == "fp32":
+        np.testing.assert_allclose(got[0], y, rtol=1e-5, atol=1e-5 * scale)
+    elif precision == "fp16":
+        assert float(np.abs(got[0].astype(np.float32) - y.astype(np.float32)).max()) <= FP16_MAX_ABS * scale
+    else:
+        assert error_stats(y, got[0]).rel_l2 <= INT8_REL_L2
+
+
+# ------------------------------------------------------------------------------------------ emulated CUDA kernels
+@pytest.fixture(scope="module")
+def emu_library() -> str:
+    try:
+        return check_ort_library(str(find_ort_cuda_library(emulated=True)))["path"]
+    except PluginLoadError as exc:
+        pytest.skip(f"libpimoe_ort_cuda_emu is not built: {exc}")
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_emulated_cuda_kernels_match_the_cpu_kernels(emu_library, graphs, precision) -> None:
+    for shape in ((3, 11), (1, 1), (0, 4)):
+        x = _input(graphs, precision, shape)
+        want = create_session(graphs[precision], library=find_ort_library()).run(None, {"hidden_states": x})
+        got = create_session(graphs[precision], library=emu_library).run(None, {"hidden_states": x})
+        if shape[0]:
+            assert_matches_the_cpu_kernels(got, want, precision)
+        else:
+            assert [a.shape for a in got] == [b.shape for b in want]
+
+
+BAD_IDS = """
+import sys
+import numpy as np
+from op_graphs import single_op_model
+from pimoe_export.runtime.ort import create_session
+
+x = np.arange(12, dtype=np.float32).reshape(3, 4)
+ids = np.array([[0, 1], [5, 2], [1, 0]], dtype=np.int32)  # 5 is outside [0, 3)
+model = single_op_model("PiMoEDispatch", [("x", x), ("ids", ids)],
+                        [("x_sorted", np.float32, 2), ("offsets", np.int32, 1), ("flat_to_sorted", np.int32, 1)],
+                        {"num_experts": 3})
+try:
+    x_sorted, offsets, f2s = create_session(model, library=sys.argv[1]).run(None, {"x": x, "ids": ids})
+except Exception as exc:
+    print("ERROR", exc)
+else:
+    print("OK", offsets.tolist(), sorted(f2s.tolist()))
+"""
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("sync_check", ["0", "1"])
+def test_bad_expert_ids_are_clamped_or_reported(emu_library, sync_check) -> None:
+    env = {**os.environ, "PIMOE_ORT_SYNC_CHECK": sync_check,
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", BAD_IDS, emu_library], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip().splitlines()[-1]
+    if sync_check == "1":
+        assert line.startswith("ERROR") and "PiMoEDispatch" in line and "expert" in line, line
+    else:  # clamped into [0, E): still a partition of the 6 pairs, every row written once
+        assert line.startswith("OK") and line.endswith("[0, 1, 2, 3, 4, 5]"), line
+
+
 # ------------------------------------------------------------------------------------------ on the GPU
 @pytest.fixture(scope="module")
 def ort_gpu(cuda_library):
@@ -112,16 +190,8 @@ def test_cuda_provider_runs_the_pimoe_ops_and_matches_the_cpu(ort_gpu, cuda_libr
     x = _input(graphs, precision)
     got, providers = _gpu_run(ort_gpu, cuda_library, graphs[precision], x, tmp_path)
     assert providers == {op: {CUDA_PROVIDER} for op in PIMOE_OPS}, providers
-    y, ids, w = create_session(graphs[precision], library=cuda_library).run(None, {"hidden_states": x})
-    np.testing.assert_array_equal(got[1], ids)  # random inputs: no ties
-    np.testing.assert_allclose(got[2], w, rtol=2e-6, atol=1e-7)
-    scale = float(np.abs(y.astype(np.float32)).max())
-    if precision == "fp32":
-        np.testing.assert_allclose(got[0], y, rtol=1e-5, atol=1e-5 * scale)
-    elif precision == "fp16":
-        assert float(np.abs(got[0].astype(np.float32) - y.astype(np.float32)).max()) <= FP16_MAX_ABS * scale
-    else:
-        assert error_stats(y, got[0]).rel_l2 <= INT8_REL_L2
+    want = create_session(graphs[precision], library=cuda_library).run(None, {"hidden_states": x})
+    assert_matches_the_cpu_kernels(got, want, precision)
     again, _ = _gpu_run(ort_gpu, cuda_library, graphs[precision], x, tmp_path)
     for a, b in zip(got, again, strict=True):
         np.testing.assert_array_equal(a, b)

@@ -23,6 +23,8 @@ ORT_LIBRARY_ENV = "PIMOE_ORT_LIBRARY"
 ORT_LIBRARY_NAME = "libpimoe_ort.so"
 ORT_CUDA_LIBRARY_ENV = "PIMOE_ORT_CUDA_LIBRARY"
 ORT_CUDA_LIBRARY_NAME = "libpimoe_ort_cuda.so"  # libpimoe_ort + CUDA execution-provider kernels (built with nvcc)
+ORT_CUDA_EMU_LIBRARY_ENV = "PIMOE_ORT_CUDA_EMU_LIBRARY"
+ORT_CUDA_EMU_LIBRARY_NAME = "libpimoe_ort_cuda_emu.so"
 PLUGIN_LIBRARY_ENV = "PIMOE_TRT_PLUGINS"
 PLUGIN_LIBRARY_NAME = "libpimoe_trt_plugins.so"
 HARNESS_LIBRARY_ENV = "PIMOE_TRT_HARNESS"
@@ -54,9 +56,14 @@ def find_ort_library() -> Path:
                  "compiler")
 
 
-def find_ort_cuda_library() -> Path:
+def find_ort_cuda_library(emulated: bool = False) -> Path:
     """``$PIMOE_ORT_CUDA_LIBRARY`` if set, else the packaged or build-tree libpimoe_ort_cuda.so (the CPU ops and
-    CUDA execution-provider kernels of the four ops: for onnxruntime-gpu sessions with the CUDA provider)."""
+    CUDA execution-provider kernels of the four ops: for onnxruntime-gpu sessions with the CUDA provider); with
+    ``emulated``, ``$PIMOE_ORT_CUDA_EMU_LIBRARY`` or ``build/plugins/emu/libpimoe_ort_cuda_emu.so`` (those kernels on
+    the CPU CUDA emulator, registered for the CPU provider: tests only)."""
+    if emulated:
+        return _find(ORT_CUDA_EMU_LIBRARY_ENV, ORT_CUDA_EMU_LIBRARY_NAME, "emu", "it builds it with the emulated "
+                     "harness: needs g++, python and the TensorRT and ONNX Runtime headers")
     return _find(ORT_CUDA_LIBRARY_ENV, ORT_CUDA_LIBRARY_NAME, "", "needs nvcc: the TensorRT section of setup.sh "
                  "builds it when CUDA is installed")
 

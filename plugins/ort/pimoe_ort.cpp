@@ -22,6 +22,9 @@
 #ifndef PIMOE_ORT_CUDA
 #define PIMOE_ORT_CUDA 0
 #endif
+#ifndef PIMOE_ORT_CUDA_EMU  // 1: the CUDA kernels on plugins/emu, for the CPU provider (libpimoe_ort_cuda_emu, tests)
+#define PIMOE_ORT_CUDA_EMU 0
+#endif
 #if PIMOE_ORT_CUDA
 #include <cstdlib>
 #include <cstring>
@@ -587,11 +590,14 @@ PIMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* option
   std::lock_guard<std::mutex> lock(reg.mutex);
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* s = api->CreateCustomOpDomain(pimoe::contract::kDOMAIN, &domain)) return s;
-  OrtCustomOp* ops[] = {&reg.route, &reg.dispatch_f32, &reg.dispatch_f16, &reg.combine_f32,
-                        &reg.combine_f16, &reg.mlp_f32, &reg.mlp_f16
+  OrtCustomOp* ops[] = {
+#if !PIMOE_ORT_CUDA_EMU  // the emulated build registers only the CUDA kernels (for the CPU provider)
+                        &reg.route, &reg.dispatch_f32, &reg.dispatch_f16, &reg.combine_f32,
+                        &reg.combine_f16, &reg.mlp_f32, &reg.mlp_f16,
+#endif
 #if PIMOE_ORT_CUDA
-                        , &reg.route_cuda, &reg.dispatch_f32_cuda, &reg.dispatch_f16_cuda, &reg.combine_f32_cuda,
-                        &reg.combine_f16_cuda, &reg.mlp_f32_cuda, &reg.mlp_f16_cuda
+                        &reg.route_cuda, &reg.dispatch_f32_cuda, &reg.dispatch_f16_cuda, &reg.combine_f32_cuda,
+                        &reg.combine_f16_cuda, &reg.mlp_f32_cuda, &reg.mlp_f16_cuda,
 #endif
   };
   for (OrtCustomOp* op : ops) {
@@ -613,5 +619,5 @@ PIMOE_EXPORT int pimoe_ort_contract_version() { return pimoe::contract::kCONTRAC
 PIMOE_EXPORT const char* pimoe_ort_cpu_isa() { return pimoe::cpu::active_isa(); }
 // The execution providers this build has kernels for (libpimoe_ort_cuda adds CUDAExecutionProvider).
 PIMOE_EXPORT const char* pimoe_ort_providers() {
-  return PIMOE_ORT_CUDA ? "CPUExecutionProvider,CUDAExecutionProvider" : "CPUExecutionProvider";
+  return PIMOE_ORT_CUDA && !PIMOE_ORT_CUDA_EMU ? "CPUExecutionProvider,CUDAExecutionProvider" : "CPUExecutionProvider";
 }
