@@ -2,7 +2,7 @@
 # Fetch build-time third-party headers into build/deps (git-ignored), from PyPI and Debian only:
 #   build/deps/onnxruntime/include   ONNX Runtime C/C++ API headers (Debian trixie libonnxruntime-dev 1.21, API 21)
 #   build/deps/tensorrt/include      TensorRT 10.14 NvInfer*.h (from the kernel-lens 2.0.1 wheel, Apache-2.0)
-#   build/deps/ort-wheels             (component ort-wheels, not in the default) the onnxruntime and onnxruntime-gpu
+#   build/deps/ort-wheels            (component ort-wheels, not in the default) the onnxruntime and onnxruntime-gpu
 #                                    wheels + their dependencies, for the fresh-venv packaging tests
 #                                    (tests/test_packaging.py installs from here with --no-index)
 # Installed copies win: ONNXRUNTIME_INCLUDE_DIR, TENSORRT_ROOT (or /usr/include/x86_64-linux-gnu/NvInfer.h).
