@@ -306,3 +306,24 @@ def test_sigterm_finishes_the_request_in_flight_and_stops(server) -> None:
     for port in server.ports:
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still accepts connections"
+
+
+def test_the_stub_gets_this_interpreters_libpython_first() -> None:
+    import sysconfig
+
+    from pimoe_export.runtime.serve import stub_environment
+
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if not (sysconfig.get_config_var("Py_ENABLE_SHARED") and (Path(libdir) / soname).exists()):
+        pytest.skip("this interpreter has no shared libpython (the system Python's is found without help)")
+    env = stub_environment({"LD_LIBRARY_PATH": f"/opt/other:{libdir}"})
+    assert env["LD_LIBRARY_PATH"].split(":") == [libdir, "/opt/other"]  # first, once, the rest kept in order
+    assert stub_environment({"LD_LIBRARY_PATH": env["LD_LIBRARY_PATH"]}) == {}  # already right: nothing to change
+    assert stub_environment({})["LD_LIBRARY_PATH"] == libdir
+
+
+def test_without_pytriton_serve_exits_3_naming_the_extra(units, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "pytriton.triton", None)  # `import pytriton.triton` now raises ImportError
+    assert main(["serve", str(units["ort-fp32"])]) == 3
+    err = capsys.readouterr().err
+    assert "nvidia-pytriton" in err and "'.[serve]'" in err, err
