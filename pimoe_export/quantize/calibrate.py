@@ -85,6 +85,8 @@ def load_calibration_data(data: Any, hidden_size: int, max_tokens: int | None = 
                                   f"got {tuple(t.shape)}")
         if not torch.isfinite(t).all():
             raise PiMoEInputError("calibration data contains NaN or Inf; clean it before calibrating")
+        if max_tokens is not None and tokens + t.shape[0] * t.shape[1] > max_tokens:  # at most max_tokens in all
+            t = t.reshape(1, -1, hidden_size)[:, : max_tokens - tokens]
         batches.append(t)
         tokens += t.shape[0] * t.shape[1]
         if max_tokens is not None and tokens >= max_tokens:
