@@ -135,8 +135,9 @@ def test_fp16_graph_within_documented_tolerance(tmp_path) -> None:
     report = check_onnx(model, path, tmp_path / "report", plots=False)
     assert report.precision == "fp16"
     assert report.passed, report.failures
-    # docs/precision.md: fp16 relative L2 ~1e-3 (fp16 weights + I/O, fp32 accumulation)
-    assert report.output_stats["output"].rel_l2 < 5e-3
+    # docs/precision.md: fp16 relative L2 4.3e-4 seen on this model (fp16 weights + I/O, fp32 accumulation). 1e-3
+    # leaves room for one re-routed token on another CPU; a wrong cast or an fp16 accumulation is far above it
+    assert report.output_stats["output"].rel_l2 < 1e-3
     assert report.routing_agreement >= 0.98
 
 

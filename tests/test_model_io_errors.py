@@ -64,12 +64,18 @@ def test_seed_example_enhanced_integration() -> None:
 
 
 def test_seed_import_list() -> None:
-    from pimoe_export import (  # noqa: F401
+    from pimoe_export import (
         EnhancedPiMoEIntegration,
         PiMoESystem,
         create_enhanced_pimoe_integration,
         create_pimoe_system,
     )
+
+    # the seed's public names build what they say (not only import)
+    system = create_pimoe_system(hidden_size=8, num_experts=4)
+    assert isinstance(system, PiMoESystem) and system.hidden_size == 8 and system.num_experts == 4
+    enhanced = create_enhanced_pimoe_integration(hidden_size=8, num_experts=4)
+    assert isinstance(enhanced, EnhancedPiMoEIntegration)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
