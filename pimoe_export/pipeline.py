@@ -57,6 +57,7 @@ class PipelineContext:
     calib_text: Path | None = None  # whole models: calibration/evaluation sentences
     calibration: list[dict[str, Any]] | None = None  # whole models: feeds of the model's named inputs
     check_feeds: list[dict[str, Any]] | None = None  # whole models: held-out feeds for the parity checks
+    int8_mode: str = "w8a8"  # static ("w8a8") or dynamic per-row ("w8a8_dynamic") activation scales
 
     @property
     def root(self) -> Path:
@@ -125,10 +126,10 @@ def step_int8(ctx: PipelineContext) -> dict[str, Any]:
     from pimoe_export.quantize import quantize_model
 
     result = quantize_model(ctx.model, ctx.out.claim("model.int8.onnx"), method=ctx.settings.calibration_method,
-                            fp32_onnx=ctx.onnx["fp32"])
+                            fp32_onnx=ctx.onnx["fp32"], mode=ctx.int8_mode)
     ctx.onnx["int8"] = result.onnx_path
     info = result.params.info
-    return {"onnx_int8": str(result.onnx_path), "method": info["method"],
+    return {"onnx_int8": str(result.onnx_path), "method": info["method"], "mode": ctx.int8_mode,
             "calibration_tokens": info["calibration_tokens"], "calibration_data": info["calibration_data"],
             "uncalibrated_experts": info["uncalibrated_experts"]}
 
@@ -207,7 +208,8 @@ def step_check(ctx: PipelineContext) -> dict[str, Any]:
         rep = check(ctx.out.claim_dir(name).root)
         reports[name] = {"passed": rep.passed, "precision": rep.precision, "backend": rep.backend,
                          "routing_agreement": rep.routing_agreement, "output": rep.output_stats[rep.primary].to_dict(),
-                         "routing_by_layer": rep.routing_by_layer, "failures": rep.failures, "files": rep.files}
+                         "routing_by_layer": rep.routing_by_layer, "embedding": rep.embedding,
+                         "failures": rep.failures, "files": rep.files}
         if not rep.passed:
             failed.append(f"{name}: {rep.failures}")
     if failed:
@@ -261,9 +263,10 @@ def step_whole_int8(ctx: PipelineContext) -> dict[str, Any]:
 
     assert ctx.calibration is not None
     result = quantize_whole_model(ctx.model, ctx.out.claim("model.int8.onnx"), ctx.calibration,
-                                  fp32_onnx=ctx.onnx["fp32"], method=ctx.settings.calibration_method)
+                                  fp32_onnx=ctx.onnx["fp32"], method=ctx.settings.calibration_method,
+                                  mode=ctx.int8_mode)
     ctx.onnx["int8"] = result.onnx_path
-    return {"onnx_int8": str(result.onnx_path), "layers": len(result.params)}
+    return {"onnx_int8": str(result.onnx_path), "layers": len(result.params), "mode": ctx.int8_mode}
 
 
 def step_whole_runtime(ctx: PipelineContext) -> dict[str, Any]:
@@ -351,9 +354,11 @@ def run_pipeline(
     progress: bool = True,
     force: bool = False,
     calib_text: Path | None = None,
+    int8_mode: str = "w8a8",
 ) -> dict[str, Any]:
     """Run every step into ``output``; returns (and writes) the pipeline record. A ``model_dir`` written by
-    `pimoe-export moefy` runs the whole-model chain (MODEL_STEPS), calibrated on ``calib_text`` when given."""
+    `pimoe-export moefy` runs the whole-model chain (MODEL_STEPS), calibrated on ``calib_text`` when given.
+    ``int8_mode``: "w8a8" (static activation scales) or "w8a8_dynamic" (per-row scales at run time)."""
     def log(text: str) -> None:
         if progress:
             print(text, flush=True)
@@ -361,7 +366,7 @@ def run_pipeline(
     out = OutputDir(output, force=force, command="pipeline")
     out.refuse_foreign(ENTRIES)
     ctx = PipelineContext(out, preset, Path(model_dir) if model_dir else None, seed, bench_repeats,
-                          calib_text=calib_text)
+                          calib_text=calib_text, int8_mode=int8_mode)
     from pimoe_export.model.moefy import is_moefied
 
     steps = MODEL_STEPS if model_dir is not None and is_moefied(model_dir) else STEPS

@@ -25,6 +25,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", type=Path, help="whole models: a text file (one sentence per line) through the "
                                               "model's tokenizer; 4 of 5 lines calibrate INT8, 1 of 5 is held out "
                                               "for the parity checks (default: seeded random token ids)")
+    p.add_argument("--int8-mode", choices=("w8a8", "w8a8_dynamic"), default="w8a8",
+                   help="INT8 activation scales: static from calibration (w8a8) or per row at run time "
+                        "(w8a8_dynamic)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     add_force(p)
 
@@ -49,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
         read_lines(args.calib)
     summary = run_pipeline(output=args.output, preset=args.preset, model_dir=args.model, seed=args.seed,
                            bench_repeats=args.bench_repeats, progress=not args.quiet, force=args.force,
-                           calib_text=args.calib)
+                           calib_text=args.calib, int8_mode=args.int8_mode)
     print(json.dumps({"passed": summary["passed"], "summary": str(args.output / "pipeline.json")}))
     return 0 if summary["passed"] else 1

@@ -10,8 +10,12 @@ For each transformer layer (``encoder.layer.<i>``, BERT and MiniLM layout):
    gate) is trained to predict which experts' parts are largest for each token; its logits are divided by a high
    temperature so that the normalised weights of the k chosen experts are 1/k to within ~1e-3, which makes the
    layer the sum of the chosen parts plus b2 — exactly the dense FFN when k = E.
-4. Optional distillation (``finetune_epochs``): the experts are trained so the layer's output matches the dense
-   FFN's on the recorded inputs (router frozen).
+4. Optional distillation (``finetune_epochs``): the experts of all layers are trained together so that the MoE
+   model's token states and mean-pooled embeddings match the original model's on the calibration text (routers
+   frozen), with noisy top-k selection while training (Gaussian noise of ``routing_noise`` x each token's router-
+   logit spread picks the experts; the combine weights stay the router's). The noise teaches the experts that
+   either side of a near-tie must give a usable output, so an upstream perturbation (INT8 error) that flips a
+   near-tied choice at inference costs less (docs/minilm_demo.md). Eval mode is the plain PiMoE layer.
 
 The result is the same ``transformers`` model with ``layer.intermediate`` replaced by :class:`MoEFeedForward`
 and ``layer.output.dense`` by ``nn.Identity`` (``BertOutput`` still applies dropout, the residual and its
@@ -23,6 +27,7 @@ safetensors (no pickle), so export, quantisation and the pipeline take it.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -50,20 +55,49 @@ class MoefySettings:
     experts: int = 8
     top_k: int = 2
     router_epochs: int = 200
+    #: router targets: softmax(expert share / std(shares) * sharpness); sharp targets give wide logit gaps at the
+    #: top-k boundary, i.e. routing that small upstream errors rarely flip
+    router_sharpness: float = 8.0
     finetune_epochs: int = 0
+    finetune_lr: float = 3e-4
+    #: noisy top-k while distilling: noise std = routing_noise x each token's router-logit std (0: plain top-k)
+    routing_noise: float = 1.5
     max_tokens: int = 16384
     seed: int = 0
 
 
 class MoEFeedForward(nn.Module):
-    """Stands in for ``BertIntermediate``: the PiMoE layer computes the whole FFN (H -> H)."""
+    """Stands in for ``BertIntermediate``: the PiMoE layer computes the whole FFN (H -> H).
+
+    ``routing_noise`` > 0 in training mode selects experts by noisy top-k (distillation only, see the module
+    docstring); eval mode, and export, always run the plain PiMoE layer."""
 
     def __init__(self, moe: PiMoESystem) -> None:
         super().__init__()
         self.moe = moe
+        self.routing_noise = 0.0
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.training and self.routing_noise > 0:
+            return self._noisy_top_k(hidden_states)
         return self.moe(hidden_states)
+
+    def _noisy_top_k(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        moe = self.moe
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        with torch.no_grad():  # the router is frozen: selection and weights are constants of the step
+            logits = moe.router.compute_logits(flat)
+            noisy = logits + self.routing_noise * logits.std(dim=-1, keepdim=True) * torch.randn_like(logits)
+            ids = (noisy + moe.router.selection_bias).topk(moe.config.top_k, dim=-1).indices
+            weights = torch.softmax(logits, dim=-1).gather(1, ids)
+            if moe.config.normalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(moe.experts):
+            rows, slot = (ids == e).nonzero(as_tuple=True)
+            if rows.numel():
+                out = out.index_add(0, rows, expert(flat[rows]) * weights[rows, slot, None])
+        return out.reshape(hidden_states.shape)
 
 
 def require_transformers() -> Any:
@@ -145,7 +179,8 @@ def _build_moe(layer: nn.Module, x: torch.Tensor, settings: MoefySettings) -> Pi
             first.bias.copy_(dense1.bias[index])
             second.weight.copy_(dense2.weight[:, index] * settings.top_k)
             second.bias.copy_(dense2.bias)
-        target = torch.softmax(_ffn_parts(layer, x, units) / _ffn_parts(layer, x, units).mean().clamp_min(1e-6), -1)
+        parts = _ffn_parts(layer, x, units)
+        target = torch.softmax(parts / parts.std().clamp_min(1e-6) * settings.router_sharpness, -1)
     _train_router(moe, x, target, settings)
     return moe
 
@@ -163,21 +198,81 @@ def _train_router(moe: PiMoESystem, x: torch.Tensor, target: torch.Tensor, setti
     network.eval()
 
 
-def _finetune(moe: PiMoESystem, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
-    """Distil the dense FFN into the experts (router frozen)."""
-    if epochs <= 0:
-        return
-    params = [p for expert in moe.experts for p in expert.parameters()]
-    optimiser = torch.optim.Adam(params, lr=1e-3)
-    tracking, moe.track_stats = moe.track_stats, False
-    moe.train()
-    for _ in range(epochs):
-        optimiser.zero_grad()
-        loss = torch.nn.functional.mse_loss(moe(x.unsqueeze(0)).squeeze(0), y)
-        loss.backward()
-        optimiser.step()
-    moe.eval()
-    moe.track_stats = tracking
+def _mean_pooled(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    return (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def distil(model: nn.Module, teacher: nn.Module, feeds: list[dict[str, torch.Tensor]],
+           settings: MoefySettings) -> list[float]:
+    """Train the experts of every MoE layer of ``model`` (routers and everything else frozen) so its token states
+    and mean-pooled embeddings match ``teacher``'s (the original model) on ``feeds``, with noisy top-k selection.
+    Loss per batch: MSE of the valid tokens' states relative to the teacher's mean square + (1 - cosine) of the
+    mean-pooled embeddings. Returns the mean loss of each epoch."""
+    ffns = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    params = [p for ffn in ffns for p in ffn.moe.experts.parameters()]
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    trained = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained)
+    optimiser = torch.optim.Adam(params, lr=settings.finetune_lr)
+    generator = np.random.default_rng(settings.seed)
+    losses: list[float] = []
+    tracking = [ffn.moe.track_stats for ffn in ffns]
+    model.eval()  # no dropout anywhere: the student differs from the teacher only by its MoE layers
+    for ffn in ffns:
+        ffn.routing_noise, ffn.moe.track_stats = settings.routing_noise, False
+        ffn.train()
+    try:
+        for _ in range(settings.finetune_epochs):
+            total = 0.0
+            for index in generator.permutation(len(feeds)):
+                feed = feeds[int(index)]
+                mask = feed.get("attention_mask", torch.ones_like(feed["input_ids"]))
+                with torch.no_grad():
+                    target = teacher(**feed).last_hidden_state
+                states = model(**feed).last_hidden_state
+                valid = mask.bool()
+                loss = ((states - target)[valid] ** 2).mean() / (target[valid] ** 2).mean() + 1.0 - \
+                    torch.nn.functional.cosine_similarity(_mean_pooled(states, mask), _mean_pooled(target, mask)).mean()
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                total += float(loss.detach())
+            losses.append(total / len(feeds))
+    finally:
+        model.eval()
+        for ffn, track in zip(ffns, tracking, strict=True):
+            ffn.routing_noise, ffn.moe.track_stats = 0.0, track
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    return losses
+
+
+def embedding_fidelity(model: nn.Module, reference: nn.Module, feeds: list[dict[str, torch.Tensor]]
+                       ) -> dict[str, float]:
+    """Mean-pooled embedding cosine (mean, min) and the token states' relative L2 of ``model`` against
+    ``reference`` on ``feeds`` (valid positions). The MoE layers' routing statistics are left as they were."""
+    cosines, err, norm = [], 0.0, 0.0
+    layers = [m for m in model.modules() if isinstance(m, PiMoESystem)]
+    tracking = [layer.track_stats for layer in layers]
+    for layer in layers:
+        layer.track_stats = False
+    try:
+        with torch.no_grad():
+            for feed in feeds:
+                mask = feed.get("attention_mask", torch.ones_like(feed["input_ids"]))
+                a, b = model(**feed).last_hidden_state, reference(**feed).last_hidden_state
+                cosines.append(torch.nn.functional.cosine_similarity(_mean_pooled(a, mask), _mean_pooled(b, mask)))
+                valid = mask.bool()
+                err += float(((a - b)[valid].double() ** 2).sum())
+                norm += float((b[valid].double() ** 2).sum())
+    finally:
+        for layer, track in zip(layers, tracking, strict=True):
+            layer.track_stats = track
+    c = torch.cat(cosines)
+    return {"embedding_cosine_mean": float(c.mean()), "embedding_cosine_min": float(c.min()),
+            "token_state_rel_l2": (err / max(norm, 1e-30)) ** 0.5, "sentences": int(c.numel())}
 
 
 def _ffn_inputs(model: nn.Module, layers: list[tuple[str, nn.Module]], feeds: list[dict[str, torch.Tensor]],
@@ -210,18 +305,19 @@ def moefy(model: nn.Module, feeds: list[dict[str, torch.Tensor]], settings: Moef
     """MoEfy ``model`` in place (see the module docstring); ``feeds``: tokenised calibration batches."""
     if not feeds:
         raise PiMoEInputError("moefy needs calibration inputs (tokenised text)")
+    if settings.routing_noise < 0 or not np.isfinite(settings.routing_noise):
+        raise PiMoEConfigError("routing_noise", f"{settings.routing_noise} is not a non-negative number")
     model = model.float().eval()
+    teacher = copy.deepcopy(model) if settings.finetune_epochs > 0 else None
     layers = encoder_layers(model)
     inputs = _ffn_inputs(model, layers, feeds, settings.max_tokens)
     converted = {}
     for path, layer in layers:
-        x = inputs[path]
-        with torch.no_grad():
-            y = layer.output.dense(layer.intermediate(x))
-        moe = _build_moe(layer, x, settings)
-        _finetune(moe, x, y, settings.finetune_epochs)
+        moe = _build_moe(layer, inputs[path], settings)
         _install(layer, moe)
         converted[path] = moe
+    if teacher is not None:
+        distil(model, teacher, feeds, settings)
     return model, converted
 
 

@@ -17,11 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pimoe_export._files import OutputDir
 from pimoe_export.errors import ArtifactError
 from pimoe_export.interface import (
     LAYER_OUTPUT,
     MAX_KERNEL_REL_L2,
+    MODEL_MASK_INPUT,
     GraphInterface,
     Tolerances,
     read_metadata,
@@ -167,7 +170,7 @@ def run_check(
         reference_runner: Any = PyTorchLayerRunner(model)
     else:
         reference_runner = PyTorchModelRunner(model, interface)
-    tolerances = tolerances or tolerances_for(precision)
+    tolerances = tolerances or tolerances_for(precision, whole_model=not compared.is_layer)
     out = OutputDir(out_dir, force=force, command="check")
     out.refuse_foreign(list(REPORT_FILES))
     if feeds is None:
@@ -179,7 +182,9 @@ def run_check(
     reference, actual = ([dict(it) for it in entry[1]] for entry in results)
     entries, files = _save_compared(results, compared, feeds, out)
     settings = compare_settings(tolerances, reference, compared)
-    result = verdict(reference, actual, tolerances, polygraphy_accuracy(*entries, settings), compared)
+    masks = [np.asarray(f[MODEL_MASK_INPUT]) for f in feeds] if not compared.is_layer and \
+        all(MODEL_MASK_INPUT in f for f in feeds) else None
+    result = verdict(reference, actual, tolerances, polygraphy_accuracy(*entries, settings), compared, masks)
     kernel = {}
     if quantized_onnx is not None and compared.is_layer:  # the fake-quant reference is of a bare layer
         kernel = kernel_vs_fake_quant(model, quantized_onnx, feeds, actual, MAX_KERNEL_REL_L2)
@@ -192,6 +197,7 @@ def run_check(
         polygraphy_passed=result.polygraphy_passed, passed=result.passed, failures=result.failures,
         per_expert_mean_abs=per_expert_error(reference, actual) if compared.is_layer else {},
         kernel_vs_fake_quant=kernel, primary=compared.primary, routing_by_layer=result.routing_by_layer or {},
+        embedding=result.embedding or {},
         environment={**(environment or {}), "machine": platform.machine(), "python": platform.python_version()},
         files=files,
         replay=[] if replay is None else ["polygraphy", "run", str(replay[1].resolve()), replay[0], "--load-inputs",

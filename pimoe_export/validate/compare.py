@@ -9,7 +9,13 @@ from typing import Any
 import numpy as np
 
 from pimoe_export.interface import LAYER_EXPERT_IDS, LAYER_EXPERT_WEIGHTS, LAYER_OUTPUT, GraphInterface, Tolerances
-from pimoe_export.validate.metrics import ErrorStats, error_stats, merge_stats, routing_agreement
+from pimoe_export.validate.metrics import (
+    ErrorStats,
+    error_stats,
+    merge_stats,
+    pooled_embedding_cosine,
+    routing_agreement,
+)
 
 #: a layer graph's outputs compared elementwise; routing ids are compared by routing_agreement() instead
 COMPARED = (LAYER_OUTPUT, LAYER_EXPERT_WEIGHTS)
@@ -58,6 +64,7 @@ class Verdict:
     routing_agreement: float
     failures: list[str]
     routing_by_layer: dict[str, float] | None = None
+    embedding: dict[str, Any] | None = None  # whole models with a mask: pooled-embedding cosine of the primary
 
     @property
     def passed(self) -> bool:
@@ -105,9 +112,22 @@ def _flat_ids(outputs: Outputs, name: str) -> np.ndarray:
     return np.concatenate([o[name].reshape(-1, o[name].shape[-1]) for o in outputs])
 
 
+def embedding_agreement(reference: Outputs, actual: Outputs, name: str,
+                        masks: list[np.ndarray]) -> dict[str, Any] | None:
+    """Mean-pooled embedding cosine of output ``name`` over every sequence of the check (None when the output is
+    not [B, S, H] over the masks' [B, S])."""
+    if any(r[name].ndim != 3 or r[name].shape[:2] != np.shape(m) for r, m in zip(reference, masks, strict=True)):
+        return None
+    cos = np.concatenate([pooled_embedding_cosine(r[name], a[name], m)
+                          for r, a, m in zip(reference, actual, masks, strict=True)])
+    return {"output": name, "sequences": int(cos.size), "mean_cosine": float(cos.mean()) if cos.size else 1.0,
+            "min_cosine": float(cos.min()) if cos.size else 1.0}
+
+
 def verdict(reference: Outputs, actual: Outputs, tolerances: Tolerances, polygraphy_passed: bool,
-            compared: Compared = LAYER_COMPARED) -> Verdict:
-    """Error statistics, routing agreement (the lowest over the layers) and the list of failed criteria."""
+            compared: Compared = LAYER_COMPARED, masks: list[np.ndarray] | None = None) -> Verdict:
+    """Error statistics, routing agreement (the lowest over the layers), with ``masks`` (each feed's attention
+    mask) the pooled-embedding cosine of the primary output, and the list of failed criteria."""
     stats = {name: merge_stats([error_stats(r[name], a[name]) for r, a in zip(reference, actual, strict=True)])
              for name in compared.values}
     by_layer = {ids[: -len(LAYER_EXPERT_IDS)].rstrip("/"): routing_agreement(_flat_ids(reference, ids),
@@ -125,7 +145,15 @@ def verdict(reference: Outputs, actual: Outputs, tolerances: Tolerances, polygra
         if not value >= tolerances.min_routing_agreement:
             where = f" of {layer}" if layer else ""
             failures.append(f"routing agreement{where} {value:.4%} < {tolerances.min_routing_agreement:.4%}")
-    return Verdict(polygraphy_passed, stats, agreement, failures, by_layer if not compared.is_layer else None)
+    embedding = None if masks is None else embedding_agreement(reference, actual, compared.primary, masks)
+    if embedding is not None:
+        bound = tolerances.min_embedding_cosine
+        embedding["required_mean_cosine"] = tolerances.min_cosine if bound is None else bound
+        if not embedding["mean_cosine"] >= embedding["required_mean_cosine"]:
+            failures.append(f"{compared.primary} mean-pooled embedding cosine {embedding['mean_cosine']:.6f} < "
+                            f"{embedding['required_mean_cosine']}")
+    return Verdict(polygraphy_passed, stats, agreement, failures, by_layer if not compared.is_layer else None,
+                   embedding)
 
 
 def per_expert_error(reference: Outputs, actual: Outputs) -> dict[int, float]:

@@ -71,3 +71,22 @@ def merge_stats(parts: list[ErrorStats]) -> ErrorStats:
         ref_max_abs=max(p.ref_max_abs for p in parts),
         elements=total,
     )
+
+
+def pooled_embedding_cosine(reference: np.ndarray, actual: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per sequence: cosine between the mean-pooled (over positions where ``mask`` != 0) token states of
+    ``reference`` and ``actual`` ([B, S, H], mask [B, S]), as sentence encoders pool them. A sequence with no
+    valid position, or a zero embedding on one side only, scores 0 (both zero: 1)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    out = np.asarray(actual, dtype=np.float64)
+    valid = (np.asarray(mask) != 0).astype(np.float64)
+    if ref.ndim != 3 or ref.shape != out.shape or valid.shape != ref.shape[:2]:
+        raise ValueError(f"pooled cosine needs [B, S, H] states and a [B, S] mask: {ref.shape}, {out.shape}, "
+                         f"{valid.shape}")
+    count = valid.sum(axis=1, keepdims=True)
+    a = (ref * valid[..., None]).sum(axis=1) / np.maximum(count, 1.0)
+    b = (out * valid[..., None]).sum(axis=1) / np.maximum(count, 1.0)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (na == 0) & (nb == 0)
+    cos = np.where((na > 0) & (nb > 0), (a * b).sum(axis=1) / np.maximum(na * nb, 1e-300), 0.0)
+    return np.where(count[:, 0] > 0, np.where(both_zero, 1.0, cos), 0.0)

@@ -36,6 +36,8 @@ class CheckReport:
     replay: list[str] = field(default_factory=list)
     primary: str = LAYER_OUTPUT  # the output printed and plotted
     routing_by_layer: dict[str, float] = field(default_factory=dict)  # whole models: agreement per PiMoE layer
+    # whole models with an attention mask: mean-pooled embedding cosine of the primary output
+    embedding: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +57,7 @@ class CheckReport:
             "replay": self.replay,
             "primary": self.primary,
             "routing_by_layer": self.routing_by_layer,
+            "embedding": self.embedding,
         }
 
 
@@ -142,6 +145,11 @@ def write_report(report: CheckReport, out_dir: OutputDir) -> None:
             "quantisation error plus kernel error.",
             "",
         ]
+    if report.embedding:
+        e = report.embedding
+        lines += [f"Mean-pooled embedding of `{e['output']}` over the attention mask, {e['sequences']} sequences: "
+                  f"mean cosine **{e['mean_cosine']:.6f}** (required ≥ {e['required_mean_cosine']}), "
+                  f"min {e['min_cosine']:.6f}", ""]
     if report.routing_by_layer:
         lines += ["## Routing agreement by PiMoE layer", "", "| layer | top-k agreement |", "|---|---|"]
         lines += [f"| {layer} | {value:.4%} |" for layer, value in report.routing_by_layer.items()] + [""]
