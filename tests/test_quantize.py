@@ -32,7 +32,10 @@ def test_weight_quantisation_is_symmetric_per_channel() -> None:
     assert q.dtype == np.int8 and s.dtype == np.float32
     np.testing.assert_allclose(s, [1.0 / 127, 1.0, 3.0 / 127], rtol=1e-7)
     assert q[0, 1] == -127 and q[2, 0] == 127 and (q[1] == 0).all()
-    assert np.abs(q.astype(np.float32) * s[:, None] - w).max() <= s.max() / 2 + 1e-7  # half a step at most
+    # half a step of each row's own scale at most (not of the largest scale: the all-zero row's placeholder 1.0
+    # would allow an error of 0.5 everywhere); the all-zero row is exact
+    err = np.abs(q.astype(np.float32) * s[:, None] - w)
+    assert (err[[0, 2]] <= s[[0, 2], None] / 2 + 1e-7).all() and (err[1] == 0).all()
 
 
 def stats_from(samples: np.ndarray) -> LayerStats:
@@ -153,7 +156,8 @@ def test_fake_quant_module_matches_ort_int8(quantised) -> None:
     assert np.array_equal(ids, ref_ids.numpy())
     ref = ref.numpy()
     # same integer math; an activation code can move by one step where fp32 rounding in LayerNorm/activation
-    # crosses a rounding boundary, which shows as a small local difference
+    # crosses a rounding boundary, which shows as a small local difference (docs/precision.md, measured here:
+    # seed-512 rel L2 8.3e-8, seed-types 6.4e-4 with max 3.6e-3 of max|ref|: the bounds below leave < 3x)
     assert np.linalg.norm(y - ref) <= 1e-3 * np.linalg.norm(ref)
     assert np.abs(y - ref).max() <= 1e-2 * np.abs(ref).max()
 
@@ -184,4 +188,7 @@ def test_weights_in_int8_onnx_are_the_quantised_model_weights(tmp_path) -> None:
     w = w / inits["expert_group0.act_smooth_0"][:, None, :]  # the codes carry the SmoothQuant factors
     ref = torch.stack([model.experts[e].layers[0].weight.detach() for e in group0]).numpy()
     smooth = inits["expert_group0.act_smooth_0"][:, None, :]
-    assert np.abs(w - ref).max() <= (np.abs(ref * smooth).max() / 127 / 2 / smooth).max() + 1e-7
+    # half a step per element: the step of W * smooth is its output row's max / 127 (per output channel, computed
+    # here from the float weights), divided back by the column's smoothing factor
+    step = np.abs(ref * smooth).max(axis=-1, keepdims=True) / 127
+    assert (np.abs(w - ref) <= step / 2 / smooth + 1e-7).all()
