@@ -207,8 +207,8 @@ def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None, cwd: 
     return proc.returncode, (out or "")[-3000:]
 
 
-def copy_sources(work: Path, worktree: bool) -> Path:
-    """plugins/ as committed (HEAD; with ``worktree``, as it is on disk) copied to work/src, with fresh mtimes so
+def copy_sources(work: Path, worktree: bool, commit: str = "HEAD") -> Path:
+    """plugins/ as committed (``commit``; with ``worktree``, as it is on disk) copied to work/src, with fresh mtimes so
     that objects an earlier run built from a mutant are rebuilt. Others may be editing plugins/ meanwhile: the
     mutants are found in, and restored from, this snapshot."""
     src = work / "src"
@@ -218,7 +218,7 @@ def copy_sources(work: Path, worktree: bool) -> Path:
     if worktree:
         shutil.copytree(PLUGINS, src / "plugins", copy_function=shutil.copy)
     else:
-        archive = subprocess.run(["git", "archive", "HEAD", "plugins"], cwd=ROOT, capture_output=True, check=True)
+        archive = subprocess.run(["git", "archive", commit, "plugins"], cwd=ROOT, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-m", "-C", str(src)], input=archive.stdout, check=True)
     return src
 
@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every result to this file")
     parser.add_argument("--work", type=Path, default=WORK, help="folder for the source copy and the build")
     parser.add_argument("--worktree", action="store_true",
-                        help="mutate plugins/ as it is on disk (default: as committed, HEAD)")
+                        help="mutate plugins/ as it is on disk (default: as committed, --commit)")
+    parser.add_argument("--commit", default="HEAD", help="the commit whose plugins/ is mutated (default HEAD)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per mutant test run (then: killed)")
     parser.add_argument("--pytest-args", nargs="*", default=TESTS, help="test files/options to run per mutant")
@@ -322,9 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--files: {unknown} are not mutation targets; choose from {SOURCES}")
     work = args.work.resolve()
-    base = copy_sources(work, args.worktree) if not args.list else ROOT if args.worktree else None
+    commit = subprocess.run(["git", "rev-parse", "--short", args.commit], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    base = copy_sources(work, args.worktree, commit) if not args.list else ROOT if args.worktree else None
     if base is None:  # --list of the committed sources
-        base = copy_sources(work / "list", False)
+        base = copy_sources(work / "list", False, commit)
     mutants = find_mutants(files, base)
     if args.only:
         wanted = {int(i) for i in args.only.split(",")}
@@ -352,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=1))
+    print(f"plugins/ of {'the working tree' if args.worktree else 'commit ' + commit}")
     print(summarise(results))
     survived = sum(r["status"] == "survived" for r in results)
     return 1 if survived else 0

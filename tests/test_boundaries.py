@@ -266,6 +266,20 @@ def test_expert_mlp_relu_keeps_nan_and_zeroes_other_experts_rows(ort) -> None:
     np.testing.assert_allclose(y[2], mlp64(x[2:3], member(params, 0), widths, "relu", False, 1e-5)[0], rtol=1e-5)
 
 
+@pytest.mark.parametrize(("offsets", "fragment"), [([1, 2, 3], r"offsets\[0\] must be 0, got 1"),
+                                                  ([0, 3, 2], r"non-decreasing \(offsets\[2\]=2 < 3\)"),
+                                                  ([0, 1, 2], r"offsets\[E\]=2 must equal the number of rows 3")])
+def test_expert_mlp_refuses_offsets_that_are_not_a_partition_of_the_rows(ort, offsets, fragment) -> None:
+    """offsets[0] must be 0, non-decreasing, offsets[E] = rows: each one off by one is refused."""
+    widths = [4, 4]
+    params = float_params(np.random.default_rng(0), widths, False)
+    x = np.ones((3, 4), f32)
+    ort.expert_mlp(x, np.array([0, 1, 3], i32), params, [1], widths, "gelu", False)  # the valid neighbour
+    for constant in (True, False):
+        with pytest.raises(ORT_ERRORS, match=fragment):
+            ort.expert_mlp(x, np.array(offsets, i32), params, [1], widths, "gelu", False, constant_params=constant)
+
+
 def test_expert_mlp_refuses_expert_id_e(ort) -> None:
     widths = [4, 4]
     params = float_params(np.random.default_rng(0), widths, False)
@@ -343,6 +357,72 @@ def test_w8a8_static_scale_per_layer_and_expert(ort) -> None:
         h = np.maximum(codes_ref(x[2 * g], s0) * s0, 0.0)
         want = codes_ref(h.astype(f32), s1) * s1
         np.testing.assert_array_equal(y[2 * g:2 * g + 2], np.tile(want.astype(f32), (2, 1)), err_msg=f"group {g}")
+
+
+@pytest.mark.parametrize("role", ["w_scale", "act_smooth", "bias"])
+def test_w8a8_parameters_of_the_wrong_dtype_are_refused(ort, role) -> None:
+    """The contract fixes w_scale, act_smooth and bias to float32: a float16 one is refused, not converted."""
+    n = 8
+    params = w8a8_params(np.eye(n, dtype=np.int8), np.ones(n), np.ones(n), np.zeros(n))
+    index = ["weight", "w_scale", "act_smooth", "bias"].index(role)
+    params[index] = params[index].astype(f16)
+    x = np.ones((2, n), f32)
+    for constant in (True, False):
+        with pytest.raises(ORT_ERRORS, match=rf"{role if role != 'bias' else 'bias/LayerNorm'}.* must be float32"):
+            ort.expert_mlp(x, np.array([0, 2], i32), params, [0], [n, n], "gelu", False, quant_mode="w8a8",
+                           act_scales=[0.5], constant_params=constant)
+
+
+@pytest.mark.parametrize("role", ["w_scale", "act_smooth", "bias"])
+def test_w8a8_parameters_of_the_wrong_shape_are_refused(ort, role) -> None:
+    """Every role's shape is checked, act_smooth (the last role) included: one extra channel is refused."""
+    n = 8
+    params = w8a8_params(np.eye(n, dtype=np.int8), np.ones(n), np.ones(n), np.zeros(n))
+    index = ["weight", "w_scale", "act_smooth", "bias"].index(role)
+    params[index] = np.ones((1, n + 1), f32)
+    for constant in (True, False):
+        with pytest.raises(ORT_ERRORS, match=rf"layer 0 {role} \(input {index + 2}\) must have shape \[1, {n}\]"):
+            ort.expert_mlp(np.ones((2, n), f32), np.array([0, 2], i32), params, [0], [n, n], "gelu", False,
+                           quant_mode="w8a8", act_scales=[0.5], constant_params=constant)
+
+
+def test_constant_weights_are_checked_when_the_session_is_created() -> None:
+    """Initializer weights are packed (and their values checked) at session creation; graph-input weights at run."""
+    from op_graphs import expert_mlp_attrs, single_op_model
+
+    from pimoe_export.runtime.ort import create_session
+
+    n = 8
+    params = w8a8_params(np.eye(n, dtype=np.int8), np.zeros(n), np.ones(n), np.zeros(n))  # w_scale 0: refused
+    attrs = expert_mlp_attrs([0], [n, n], "gelu", False, quant_mode="w8a8", act_scales=[0.5])
+    inputs = [("x_sorted", np.ones((2, n), f32)), ("offsets", np.array([0, 2], i32))]
+    named = [(f"p{i}", p) for i, p in enumerate(params)]
+    outputs = [("y", f32, 2)]
+    with pytest.raises(ORT_ERRORS, match=r"w_scale \(layer 0, expert 0, channel 0\) must be positive"):
+        create_session(single_op_model("PiMoEExpertMLP", inputs, outputs, attrs, named))
+    session = create_session(single_op_model("PiMoEExpertMLP", inputs + named, outputs, attrs))
+    with pytest.raises(ORT_ERRORS, match=r"w_scale \(layer 0, expert 0, channel 0\) must be positive"):
+        session.run(None, dict(inputs + named))
+
+
+@pytest.mark.parametrize(("out", "refused"), [(2**15, True), (2**15 - 1, False)])
+def test_a_weight_of_exactly_2_to_the_31_elements_is_refused(out, refused) -> None:
+    """G * in * out must stay below 2^31 (int32 indexing): the attributes alone decide, so weights fed as graph
+    inputs (never allocated here) show the boundary at session creation."""
+    from op_graphs import expert_mlp_attrs, single_op_model
+
+    from pimoe_export.runtime.ort import create_session
+
+    widths = [2**16, out]
+    # only dtype and rank matter for a graph input's declaration (dynamic dims)
+    inputs = [(name, np.empty((0,) * rank, f32)) for name, rank in (("x_sorted", 2), ("p0", 3), ("p1", 2))]
+    inputs.insert(1, ("offsets", np.empty((0,), i32)))
+    model = single_op_model("PiMoEExpertMLP", inputs, [("y", f32, 2)], expert_mlp_attrs([0], widths, "gelu", False))
+    if refused:
+        with pytest.raises(ORT_ERRORS, match=r"layer 0 weight has >= 2\^31 elements"):
+            create_session(model)
+    else:
+        create_session(model)
 
 
 # ------------------------------------------------------------------------------------------ the portable kernels
