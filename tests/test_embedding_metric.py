@@ -63,3 +63,16 @@ def test_bare_layers_keep_their_tolerances() -> None:
         assert tolerances_for(precision) is TOLERANCES[precision]
     assert tolerances_for("fp32", whole_model=True) is TOLERANCES["fp32"]
     assert TOLERANCES["fp32"].min_embedding_cosine is None  # falls back to min_cosine
+
+
+def test_embedding_agreement_needs_states_over_the_mask() -> None:
+    from pimoe_export.validate.compare import embedding_agreement
+
+    states = [{"y": np.ones((2, 5, 4))}]
+    assert embedding_agreement(states, states, "y", [np.ones((2, 4))]) is None  # sequence lengths differ
+    assert embedding_agreement([{"y": np.ones((2, 5))}], [{"y": np.ones((2, 5))}], "y", [np.ones((2, 5))]) is None
+    half = [{"y": np.concatenate([np.ones((2, 5, 2)), np.zeros((2, 5, 2))], axis=-1)}]
+    other = [{"y": np.concatenate([np.ones((2, 5, 2)), np.ones((2, 5, 2))], axis=-1)}]
+    got = embedding_agreement(half, other, "y", [np.ones((2, 5))])
+    assert got == {"output": "y", "sequences": 2, "mean_cosine": pytest.approx(1 / np.sqrt(2)),
+                   "min_cosine": pytest.approx(1 / np.sqrt(2))}
