@@ -172,7 +172,11 @@ def test_expert_mlp_runs_every_shape_of_its_profile(harness, dtype, quant_mode) 
                                  group, list(widths), "gelu", layer_norm, 1e-5, quant_mode, act_scales).numpy()
             assert y.shape == ref.shape == (rows, widths[-1]) and y.dtype == dtype
             scale = max(1.0, float(np.abs(ref.astype(np.float32)).max(initial=0.0)))
-            # the tolerances of tests/test_ops_backends.py for each mode (documented in docs/precision.md)
+            # this test is about every shape of the profile running through the TensorRT call sequence; the int8
+            # kernels' exactness is held on the same emulated harness by tests/test_gpu_layer.py's `emu` backend
+            # (bit-identical without transcendentals, one code step of the last layer at scale). Here GELU and
+            # LayerNorm in fp32 against PyTorch's can move hidden codes by one step, so 1e-2 relative is the
+            # bound, not a precision claim
             if quant_mode != "none":
                 np.testing.assert_allclose(y.astype(np.float32), ref.astype(np.float32), rtol=1e-2, atol=1e-2 * scale)
             elif dtype == f32:
