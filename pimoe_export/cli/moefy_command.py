@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     before = embedding_fidelity(model, original, held_t)
     losses = distil(model, original, train_t, settings) if settings.finetune_epochs else []
     report = {"settings": dataclasses.asdict(settings), "data": source, "distillation_loss_per_epoch": losses,
-              "moe_vs_original_held_out": embedding_fidelity(model, original, held_t),
+              "moe_vs_original_held_out": embedding_fidelity(model, original, held_t) if losses else before,
               "moe_vs_original_held_out_before_distillation": before if losses else None}
     save_moefied(model, out.root, source_dir=args.hf_model_dir)
     (out.root / REPORT).write_text(json.dumps(report, indent=1) + "\n")
