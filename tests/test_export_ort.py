@@ -77,6 +77,33 @@ def test_bitwise_determinism_across_runs_sessions_and_threads(exported) -> None:
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["fp32", "w8a8_dynamic"])
+def test_concurrent_calls_of_different_sizes_keep_their_own_results(tmp_path, mode) -> None:
+    """The expert op reuses activation buffers across calls (a pool, one per concurrent call): calls of different
+    sizes at once, and a small call after a large one, must give exactly what a fresh session gives."""
+    model = create_from_preset("seed-types", seed=4)
+    path = tmp_path / "model.onnx"
+    export_onnx(model, path)
+    if mode != "fp32":
+        from pimoe_export.quantize import quantize_model
+
+        path = quantize_model(model, tmp_path / "model.int8.onnx", mode=mode).onnx_path
+    rng = np.random.default_rng(8)
+    inputs = [rng.standard_normal((1, t, model.hidden_size)).astype(np.float32) for t in (300, 7, 129, 1, 64, 300)]
+    expected = [create_session(path, threads=1).run(None, {"hidden_states": x}) for x in inputs]  # fresh each
+    shared = create_session(path, threads=2)
+    for x, want in zip(inputs, expected, strict=True):  # large, then small: a reused buffer holds stale rows
+        for a, b in zip(shared.run(None, {"hidden_states": x}), want, strict=True):
+            assert np.array_equal(a, b)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda i: (i, shared.run(None, {"hidden_states": inputs[i % 6]})), range(24)))
+    for i, got in results:
+        for a, b in zip(got, expected[i % 6], strict=True):
+            assert np.array_equal(a, b), f"concurrent call {i} (T={inputs[i % 6].shape[1]}) differs"
+
+
 @pytest.mark.slow
 def test_standard_op_graph_equals_custom_op_graph(exported, tmp_path) -> None:
     model, path = exported

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -40,7 +41,7 @@ const isa::Kernels& select_kernels() {
 
 constexpr int64_t kRowBlock = 48;    // rows per GEMM task (multiple of the 6-row register block)
 constexpr int64_t kPanelBlock = 8;   // 16-column panels per GEMM task (128 columns)
-constexpr int64_t kKBlock = 256;     // fp32 GEMM: k values per cache block
+constexpr int64_t kKBlock = 1024;    // fp32 GEMM: k values per block (no split up to 1024: fewer passes over C)
 
 float to_float(const void* data, DType dtype, int64_t index) {
   return dtype == DType::kF16 ? half_to_float(static_cast<const uint16_t*>(data)[index])
@@ -59,6 +60,40 @@ struct ExpertMLP::State {
   std::vector<std::vector<char>> smooth_is_one;  // per layer, per member: skip the division when all ones
   std::vector<std::vector<std::vector<int8_t>>> packed_i8;
   std::vector<int64_t> panels;  // per layer
+
+  // Activation buffers of one call, reused by later calls: fresh multi-megabyte buffers would be zero-filled and
+  // page-faulted in on every call (about 5% of a 2048-row call). A call takes a workspace from the pool (or makes
+  // one) and gives it back, so concurrent calls never share one; they are freed with the op.
+  struct Workspace {
+    template <typename T>
+    struct Buffer {
+      std::unique_ptr<T[]> data;
+      size_t size = 0;
+      T* get(size_t n) {  // uninitialised: every element read is written first in the same call
+        if (n > size) {
+          data.reset(new T[n]);
+          size = n;
+        }
+        return data.get();
+      }
+    };
+    Buffer<float> buf[2], input, row_scale;
+    Buffer<int16_t> codes;
+  };
+  mutable std::mutex pool_mutex;
+  mutable std::vector<std::unique_ptr<Workspace>> pool;
+
+  std::unique_ptr<Workspace> take_workspace() const {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    if (pool.empty()) return std::make_unique<Workspace>();
+    std::unique_ptr<Workspace> w = std::move(pool.back());
+    pool.pop_back();
+    return w;
+  }
+  void give_back(std::unique_ptr<Workspace> w) const {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    pool.push_back(std::move(w));
+  }
 };
 
 namespace {
@@ -197,10 +232,14 @@ class Pass {
  public:
   Pass(const State& st, const Parallel& parallel, std::vector<Segment> segments, int64_t compact_rows)
       : st_(st), a_(st.attrs), kern_(select_kernels()), parallel_(parallel), segments_(std::move(segments)),
-        rows_(compact_rows), buf_{std::vector<float>(at(rows_ * a_.max_width())),
-                                  std::vector<float>(at(rows_ * a_.max_width()))} {
-    if (a_.quantized()) row_scale_.resize(at(rows_));
+        rows_(compact_rows), ws_(st.take_workspace()) {
+    buf_[0] = ws_->buf[0].get(at(rows_ * a_.max_width()));
+    buf_[1] = ws_->buf[1].get(at(rows_ * a_.max_width()));
+    if (a_.quantized()) row_scale_ = ws_->row_scale.get(at(rows_));
   }
+  ~Pass() { st_.give_back(std::move(ws_)); }
+  Pass(const Pass&) = delete;
+  Pass& operator=(const Pass&) = delete;
 
   void run(const void* x, DType dtype, void* y) {
     gather_input(x, dtype);
@@ -209,7 +248,7 @@ class Pass {
       const int64_t out = a_.widths[at(l) + 1];
       const bool last = l == layers - 1;
       if (a_.quantized()) quantize_activations(l);
-      float* target = buf_[l % 2].data();
+      float* target = buf_[l % 2];
       const bool direct = last && dtype == DType::kF32;  // the last layer writes straight into an fp32 y
       gemm(l, direct ? static_cast<float*>(y) : target, direct);
       if (!last)
@@ -246,22 +285,22 @@ class Pass {
       current_ = static_cast<const float*>(x) + segments_[0].row * w;
       return;
     }
-    input_.resize(at(rows_ * w));
+    float* input = ws_->input.get(at(rows_ * w));
     for (const Segment& s : segments_) {
       if (dtype == DType::kF32)
-        std::memcpy(input_.data() + s.compact * w, static_cast<const float*>(x) + s.row * w,
+        std::memcpy(input + s.compact * w, static_cast<const float*>(x) + s.row * w,
                     at(s.count * w) * sizeof(float));
       else
-        kern_.half_to_float_row(static_cast<const uint16_t*>(x) + s.row * w, input_.data() + s.compact * w,
+        kern_.half_to_float_row(static_cast<const uint16_t*>(x) + s.row * w, input + s.compact * w,
                                 s.count * w);
     }
-    current_ = input_.data();
+    current_ = input;
   }
 
   // w8a8: activation codes for layer l, static per-(layer, expert) or dynamic per-row scales
   void quantize_activations(int64_t l) {
     const int64_t in = a_.widths[at(l)], k2 = (in + 1) / 2;
-    codes_.resize(at(rows_ * k2 * 2));
+    codes_ = ws_->codes.get(at(rows_ * k2 * 2));
     for_row_blocks([&](int64_t begin, int64_t end) {
       std::vector<float> smoothed;
       for (int64_t r = begin; r < end; ++r) {
@@ -277,7 +316,7 @@ class Pass {
                                 ? a_.act_scales[at(l * a_.num_group()) + member]
                                 : dynamic_scale(row, in);
         row_scale_[at(r)] = scale;
-        kern_.quantize_row(row, in, scale, codes_.data() + r * k2 * 2, k2 * 2);
+        kern_.quantize_row(row, in, scale, codes_ + r * k2 * 2, k2 * 2);
       }
     });
   }
@@ -327,8 +366,8 @@ class Pass {
     const int64_t r0 = s.compact + row0;
     for (int64_t p = p0; p < p_end; ++p) {
       const int64_t n_valid = std::min(isa::kPanel, out - p * isa::kPanel);
-      kern_.gemm_i8_panel(codes_.data() + r0 * k2 * 2, k2 * 2, rows,
-                          st_.packed_i8[li][mi].data() + p * k2 * 2 * isa::kPanel, k2, row_scale_.data() + r0,
+      kern_.gemm_i8_panel(codes_ + r0 * k2 * 2, k2 * 2, rows,
+                          st_.packed_i8[li][mi].data() + p * k2 * 2 * isa::kPanel, k2, row_scale_ + r0,
                           st_.w_scale[li][mi].data() + p * isa::kPanel, st_.bias[li][mi].data() + p * isa::kPanel,
                           c_rows + p * isa::kPanel, out, n_valid);
     }
@@ -373,8 +412,10 @@ class Pass {
   const Parallel& parallel_;
   const std::vector<Segment> segments_;
   const int64_t rows_;
-  std::vector<float> buf_[2], input_, row_scale_;
-  std::vector<int16_t> codes_;  // w8a8: quantised activations, rows padded to an even length
+  std::unique_ptr<State::Workspace> ws_;
+  float* buf_[2] = {nullptr, nullptr};
+  float* row_scale_ = nullptr;
+  int16_t* codes_ = nullptr;  // w8a8: quantised activations, rows padded to an even length
   const float* current_ = nullptr;
   int64_t current_ld_ = 0;
 };
