@@ -13,8 +13,14 @@ each point is the median of ``--repeats`` timed runs after warm-up. Variants:
 - ``ort_pimoe``: our custom-op graph on libpimoe_ort (fp32)
 - ``ort_pimoe_int8``: our W8A8 graph (quantised in this run unless ``--int8 PATH`` names one)
 
+and two roofline lines, the machine's GEMM rate on the same work: ``roofline_sgemm`` (one ``torch.mm``, MKL, with
+the experts' FLOPs: all routed rows times one matrix holding every expert layer's weights) and ``roofline_int8``
+(one ONNX Runtime ``MatMulInteger``, u8 x s8 on MLAS, with the same multiply-adds). Every thread count in
+``--threads`` is measured in full, and ``ort_pimoe``'s outputs are compared bit for bit across runs and thread
+counts.
+
 Usage:
-    .venv/bin/python scripts/bench_cpu.py --preset seed-512 --tokens 1,16,128,1024 --update-docs
+    .venv/bin/python scripts/bench_cpu.py --preset seed-512 --tokens 1,16,128,1024 --threads 1,2 --update-docs
 """
 
 from __future__ import annotations
@@ -108,9 +114,90 @@ def machine_description() -> str:
                 cpu = line.split(":", 1)[1].strip()
     except (OSError, subprocess.CalledProcessError):
         pass
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isa = [f for f in ("avx512f", "avx512_vnni", "avx_vnni", "avx2", "fma") if f" {f}" in flags]
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores available, ISA flags {'/'.join(isa) or 'n/a'}"
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    family = next((line.split(":")[1].strip() for line in info.splitlines() if line.startswith("cpu family")), "?")
+    model = next((line.split(":")[1].strip() for line in info.splitlines() if line.startswith("model\t")), "?")
+    isa = [f for f in ("avx512f", "avx512_vnni", "avx_vnni", "avx2", "fma") if f" {f}" in info]
+    return (f"{cpu} (family {family} model {model}), {len(os.sched_getaffinity(0))} cores available, "
+            f"ISA flags {'/'.join(isa) or 'n/a'}")
+
+
+def expert_flops(model, tokens: int) -> float:
+    """Multiply-add work of the experts for ``tokens`` tokens: top_k rows per token through its expert's layers."""
+    spec = model.config.expert_specs()[0]
+    rows = tokens * model.config.top_k
+    return 2.0 * rows * sum(a * b for a, b in zip(spec.widths[:-1], spec.widths[1:], strict=True))
+
+
+def roofline_shapes(model, tokens: int) -> tuple[int, int, int]:
+    """(M, K, N) of the one GEMM with the experts' FLOPs: all routed rows times one matrix of all layers' weights."""
+    spec = model.config.expert_specs()[0]
+    k = spec.widths[0]
+    return tokens * model.config.top_k, k, round(sum(a * b for a, b in zip(spec.widths[:-1], spec.widths[1:],
+                                                                          strict=True)) / k)
+
+
+def int8_gemm_session(m: int, k: int, n: int, threads: int):
+    """ONNX Runtime's own int8 GEMM (MatMulInteger u8 x s8 -> int32, MLAS), the int8 path's roofline."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "int8_gemm",
+                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [m, n])],
+                              [numpy_helper.from_array(np.random.default_rng(1).integers(-127, 128, (k, n))
+                                                       .astype(np.int8), "B")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(2).integers(0, 256, (m, k)).astype(np.uint8)
+    return lambda: session.run(None, {"A": a})
+
+
+def measure(model, args, variants: dict, tokens_list: list[int], inputs: dict, threads: int) -> tuple[list, dict]:
+    """One thread count: every variant, ``args.rounds`` rounds; returns the rows and ort_pimoe's outputs."""
+    torch.set_num_threads(threads)
+    repeats = {t: max(5, args.repeats if t <= 128 else args.repeats // 3) for t in tokens_list}
+    # Several rounds, each measuring every variant once; a cell is the median over rounds of per-round medians.
+    # Rounds spread every variant over the whole run, so a slow spell of this (virtual) machine does not land on
+    # one variant only; the spread across rounds is reported too.
+    samples: dict[int, dict[str, list[float]]] = {t: {} for t in tokens_list}
+    outputs: dict[tuple[str, int], list[np.ndarray]] = {}
+    gemm = {t: roofline_shapes(model, t) for t in tokens_list}
+    for _ in range(args.rounds):
+        with torch.inference_mode():
+            for t in tokens_list:
+                xt = torch.from_numpy(inputs[t])
+                a, b = torch.randn(gemm[t][0], gemm[t][1]), torch.randn(gemm[t][1], gemm[t][2])
+                samples[t].setdefault("roofline_sgemm", []).append(
+                    median_ms(lambda a=a, b=b: torch.mm(a, b), repeats[t]))
+                samples[t].setdefault("torch_eager_loop", []).append(
+                    median_ms(lambda xt=xt: eager_loop(model, xt), repeats[t]))
+                samples[t].setdefault("torch_pimoe", []).append(median_ms(lambda xt=xt: model(xt), repeats[t]))
+        if "ort_pimoe_int8" in variants:
+            for t in tokens_list:
+                run = int8_gemm_session(*gemm[t], threads)
+                samples[t].setdefault("roofline_int8", []).append(median_ms(run, repeats[t]))
+                del run
+        for name, make in variants.items():
+            session = make(threads)
+            for t in tokens_list:
+                feeds = {LAYER_INPUT: inputs[t]}
+                samples[t].setdefault(name, []).append(
+                    median_ms(lambda s=session, f=feeds: s.run(None, f), repeats[t]))
+                if name.startswith("ort_pimoe"):
+                    outputs.setdefault((name, t), []).append(session.run(None, feeds)[0])
+            del session
+            gc.collect()
+    rows = []
+    for t in tokens_list:
+        row: dict[str, float | int] = {"threads": threads, "tokens": t, "repeats": repeats[t],
+                                       "gflop": expert_flops(model, t) / 1e9}
+        row.update({name: float(np.median(v)) for name, v in samples[t].items()})
+        row["spread"] = max((max(v) - min(v)) / float(np.median(v)) for v in samples[t].values())
+        rows.append(row)
+    return rows, outputs
 
 
 def main() -> int:
@@ -118,7 +205,9 @@ def main() -> int:
     parser.add_argument("--preset", default="seed-512")
     parser.add_argument("--tokens", default="1,16,128,1024")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0))
+    parser.add_argument("--threads", default=",".join(str(t) for t in sorted({1, cores})),
+                        help="comma-separated thread counts, each measured in full (default: 1 and all cores)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all variants (median across rounds)")
     parser.add_argument("--int8", type=Path, help="a W8A8 ONNX of the same model (default: quantised here, "
                                                  "static scales, entropy calibration on seeded normal data)")
@@ -127,7 +216,6 @@ def main() -> int:
     parser.add_argument("--update-docs", action="store_true", help="rewrite the CPU section of docs/benchmarks.md")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
     model = create_from_preset(args.preset, seed=0)
     tmp = Path(tempfile.mkdtemp(prefix="pimoe-bench-"))
     custom, standard = tmp / "custom.onnx", tmp / "standard.onnx"
@@ -135,17 +223,18 @@ def main() -> int:
     export_onnx(model, standard, standard_ops=True)
     import onnxruntime as ort
 
-    def plain_session(source):
+    def plain_session(source, threads: int):
         options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
+        options.intra_op_num_threads = threads
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
+    contrib = contrib_moe_model(model, custom)
     # One variant at a time, its session released before the next is created: idle ONNX Runtime thread pools
     # spin, and on a 2-core machine a second live session would steal the cores from the one being timed.
     variants = {
-        "ort_standard": lambda: plain_session(str(standard)),
-        "ort_contrib_moe": lambda: plain_session(contrib_moe_model(model, custom)),
-        "ort_pimoe": lambda: create_session(custom, threads=args.threads),
+        "ort_standard": lambda th: plain_session(str(standard), th),
+        "ort_contrib_moe": lambda th: plain_session(contrib, th),
+        "ort_pimoe": lambda th: create_session(custom, threads=th),
     }
     if not args.no_int8:
         int8 = args.int8
@@ -153,41 +242,24 @@ def main() -> int:
             from pimoe_export.quantize import quantize_model
 
             int8 = quantize_model(model, tmp / "model.int8.onnx", method="entropy", fp32_onnx=custom).onnx_path
-        variants["ort_pimoe_int8"] = lambda: create_session(int8, threads=args.threads)
+        variants["ort_pimoe_int8"] = lambda th: create_session(int8, threads=th)
     tokens_list = [int(t) for t in args.tokens.split(",")]
     inputs = {t: np.random.default_rng(t).standard_normal((1, t, model.hidden_size)).astype(np.float32)
               for t in tokens_list}
-    repeats = {t: max(5, args.repeats if t <= 128 else args.repeats // 3) for t in tokens_list}
-    # Several rounds, each measuring every variant once; a cell is the median over rounds of per-round medians.
-    # Rounds spread every variant over the whole run, so a slow spell of this (virtual) machine does not land on
-    # one variant only; the spread across rounds is reported too.
-    samples: dict[int, dict[str, list[float]]] = {t: {} for t in tokens_list}
-    for _ in range(args.rounds):
-        with torch.inference_mode():
-            for t in tokens_list:
-                xt = torch.from_numpy(inputs[t])
-                samples[t].setdefault("torch_eager_loop", []).append(
-                    median_ms(lambda xt=xt: eager_loop(model, xt), repeats[t]))
-                samples[t].setdefault("torch_pimoe", []).append(median_ms(lambda xt=xt: model(xt), repeats[t]))
-        for name, make in variants.items():
-            session = make()
-            for t in tokens_list:
-                feeds = {LAYER_INPUT: inputs[t]}
-                samples[t].setdefault(name, []).append(
-                    median_ms(lambda s=session, f=feeds: s.run(None, f), repeats[t]))
-            del session
-            gc.collect()
-    rows = []
-    for t in tokens_list:
-        row: dict[str, float | int] = {"tokens": t, "repeats": repeats[t]}
-        row.update({name: float(np.median(v)) for name, v in samples[t].items()})
-        row["spread"] = max((max(v) - min(v)) / float(np.median(v)) for v in samples[t].values())
-        rows.append(row)
+    rows, identical = [], True
+    reference: dict[tuple[str, int], np.ndarray] = {}
+    for threads in [int(t) for t in args.threads.split(",")]:
+        thread_rows, outputs = measure(model, args, variants, tokens_list, inputs, threads)
+        rows += thread_rows
+        for key, outs in outputs.items():  # every run, every thread count: the same bits
+            reference.setdefault(key, outs[0])
+            identical = identical and all(np.array_equal(reference[key], o) for o in outs)
     for row in rows:
         print(json.dumps(row), flush=True)
     lib = check_ort_library(str(find_ort_library()))
     meta = {"preset": args.preset, "threads": args.threads, "rounds": args.rounds, "machine": machine_description(),
             "onnxruntime": ort.__version__, "torch": torch.__version__, "cpu_isa": lib["cpu_isa"],
+            "bit_identical_across_threads": identical,
             "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -199,32 +271,44 @@ def main() -> int:
 
 
 def render(meta: dict, rows: list[dict]) -> str:
-    names = [k for k in rows[0] if k not in ("tokens", "repeats", "spread")]
+    skip = ("threads", "tokens", "repeats", "spread", "gflop")
+    names = [k for k in rows[0] if k not in skip]
+    int8 = "ort_pimoe_int8" in names
     lines = [
         f"Command: `{meta['command'].replace(str(ROOT) + '/', '')}`  ",
-        f"Date: {meta['date']}; machine: {meta['machine']}; threads: {meta['threads']}; "
-        f"onnxruntime {meta['onnxruntime']}, torch {meta['torch']}, pimoe CPU kernels: {meta['cpu_isa']}.",
+        f"Date: {meta['date']}; machine: {meta['machine']}; onnxruntime {meta['onnxruntime']}, torch "
+        f"{meta['torch']}, pimoe CPU kernels: {meta['cpu_isa']}. `ort_pimoe` outputs bit-identical across runs and "
+        f"thread counts: {'yes' if meta['bit_identical_across_threads'] else '**no**'}.",
         "",
         f"Median latency (ms), batch 1, fp32 unless named; median over {meta['rounds']} rounds of per-round medians "
-        "(largest spread between rounds, relative: " + ", ".join(f"T={r['tokens']} {r['spread']:.0%}" for r in rows)
-        + "):",
+        "(largest spread between rounds, relative: " + ", ".join(
+            f"{r['threads']}t T={r['tokens']} {r['spread']:.0%}" for r in rows) + "). `roofline_sgemm`: one "
+        "`torch.mm` (MKL) with the experts' FLOPs; `roofline_int8`: one ONNX Runtime `MatMulInteger` (u8 x s8, "
+        "MLAS) with the same multiply-adds:",
         "",
-        "| tokens | " + " | ".join(names) + " |",
-        "|---" * (len(names) + 1) + "|",
+        "| threads | tokens | expert GFLOP | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 3) + "|",
     ]
     for row in rows:
-        lines.append(f"| {row['tokens']} | " + " | ".join(f"{row[n]:.3f}" for n in names) + " |")
+        lines.append(f"| {row['threads']} | {row['tokens']} | {row['gflop']:.3f} | "
+                     + " | ".join(f"{row[n]:.3f}" for n in names) + " |")
     ours = "ort_pimoe"
-    lines += ["", f"Speed-up of `{ours}` (higher is better):", "",
-              "| tokens | vs torch_eager_loop | vs torch_pimoe | vs ort_standard | vs ort_contrib_moe |"
-              + (" int8 vs contrib fp32 |" if "ort_pimoe_int8" in names else ""),
-              "|---|---|---|---|---|" + ("---|" if "ort_pimoe_int8" in names else "")]
+    head = ["vs torch_eager_loop", "vs torch_pimoe", "vs ort_standard", "vs ort_contrib_moe",
+            "GFLOP/s (share of roofline_sgemm)"]
+    if int8:
+        head += ["int8 vs contrib fp32", "int8 vs torch_eager_loop", "int8 GOP/s (share of roofline_int8)"]
+    lines += ["", f"Speed-up of `{ours}` (higher is better) and the rate of its expert work:", "",
+              "| threads | tokens | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
     for row in rows:
-        cells = [row[n] / row[ours] for n in ("torch_eager_loop", "torch_pimoe", "ort_standard", "ort_contrib_moe")]
-        line = f"| {row['tokens']} | " + " | ".join(f"{c:.2f}×" for c in cells) + " |"
-        if "ort_pimoe_int8" in names:
-            line += f" {row['ort_contrib_moe'] / row['ort_pimoe_int8']:.2f}× |"
-        lines.append(line)
+        cells = [f"{row[n] / row[ours]:.2f}×" for n in ("torch_eager_loop", "torch_pimoe", "ort_standard",
+                                                        "ort_contrib_moe")]
+        rate = row["gflop"] / row[ours] * 1e3
+        cells.append(f"{rate:.1f} ({row['roofline_sgemm'] / row[ours]:.0%})")
+        if int8:
+            q = "ort_pimoe_int8"
+            cells += [f"{row['ort_contrib_moe'] / row[q]:.2f}×", f"{row['torch_eager_loop'] / row[q]:.2f}×",
+                      f"{row['gflop'] / row[q] * 1e3:.1f} ({row['roofline_int8'] / row[q]:.0%})"]
+        lines.append(f"| {row['threads']} | {row['tokens']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
