@@ -81,6 +81,22 @@ def test_error_stats_nan_and_shape() -> None:
         error_stats(np.zeros((2, 3)), np.zeros((2, 2)))
 
 
+def test_error_stats_refuses_same_size_different_shape() -> None:
+    """A [3, 2] output against a [2, 3] reference (a transposed layout) has the same six elements: raveled, the
+    two would be compared element by element as if the layouts agreed. It is refused, naming both shapes."""
+    ref = np.arange(6.0).reshape(2, 3)
+    with pytest.raises(ValueError, match=r"reference \(2, 3\) vs actual \(3, 2\).*same shape"):
+        error_stats(ref, ref.reshape(3, 2))  # raveled these are identical: no error at all would be reported
+    with pytest.raises(ValueError, match=r"reference \(6,\) vs actual \(2, 3\)"):
+        error_stats(ref.ravel(), ref)
+    # equal shapes still compare: one element changed by 1 (|ref| = sqrt(55))
+    out = ref.copy()
+    out[1, 0] += 1.0
+    s = error_stats(ref, out)
+    assert (s.max_abs, s.elements) == (1.0, 6)
+    assert s.rel_l2 == pytest.approx(1.0 / math.sqrt(55.0))
+
+
 def test_error_stats_small_reference_is_still_relative() -> None:
     """|ref| = 0.5: relative L2 divides by it (an absolute fallback only when the reference is exactly zero)."""
     s = error_stats(np.array([0.3, 0.4]), np.array([0.3, 0.5]))

@@ -21,11 +21,14 @@ class ErrorStats:
 
 
 def error_stats(reference: np.ndarray, actual: np.ndarray) -> ErrorStats:
-    """Statistics of ``actual - reference`` in float64 (NaN anywhere makes every statistic NaN)."""
-    ref = np.asarray(reference, dtype=np.float64).ravel()
-    out = np.asarray(actual, dtype=np.float64).ravel()
+    """Statistics of ``actual - reference`` in float64 (NaN anywhere makes every statistic NaN). The two arrays must
+    have the same shape: a transposed or reshaped output of the same size is refused, not compared elementwise."""
+    ref = np.asarray(reference, dtype=np.float64)
+    out = np.asarray(actual, dtype=np.float64)
     if ref.shape != out.shape:
-        raise ValueError(f"shape mismatch: reference {np.shape(reference)} vs actual {np.shape(actual)}")
+        raise ValueError(f"shape mismatch: reference {ref.shape} vs actual {out.shape}: compare arrays of the same "
+                         f"shape (reshape one explicitly if the layouts are known to agree)")
+    ref, out = ref.ravel(), out.ravel()
     if ref.size == 0:
         return ErrorStats(0.0, 0.0, 0.0, 1.0, 0.0, 0)
     diff = out - ref
