@@ -435,6 +435,51 @@ def test_entropy_threshold_matches_the_written_out_algorithm(shape) -> None:
     assert got < amax  # both shapes have outliers worth clipping
 
 
+def test_entropy_threshold_keeps_the_range_q_represents_exactly() -> None:
+    """A histogram constant on each of the 128 levels of the full range (16 bins each): at i = BINS, Q spreads each
+    level's mass evenly over its bins, which is P itself, so KL = 0; every i < BINS folds the outliers into bin
+    i-1, which shares its level with a bin of another count (or, at i = 128, P gains the whole tail that Q lacks):
+    KL > 0. Known answer: no clipping, amax. The last level is light (1 per bin against 1000) so that a Q with the
+    last two levels merged, or any other misfit at the top of the range, makes clipping it look better."""
+    hist = np.full(BINS, 1000.0)
+    hist[-(BINS // (QLEVELS + 1)):] = 1.0
+    amax = 3.0
+    assert threshold(_stats(hist, amax), "entropy") == pytest.approx(amax, rel=1e-15)
+
+
+def test_entropy_threshold_with_one_sample_below_the_outliers() -> None:
+    """One sample in bin 127, every other sample in the top bin. The first candidate, i = 128 (one bin per level),
+    has P = the outliers folded into bin 127 and Q = that one sample: both all mass in bin 127, KL = 0, and KL is
+    never below 0, so the first candidate wins: (128 + 0.5) bin widths. Q holding a single sample (sum 1) is a
+    distribution like any other."""
+    hist = np.zeros(BINS)
+    hist[QLEVELS], hist[-1] = 1.0, 1000.0
+    amax = 2.0
+    assert threshold(_stats(hist, amax), "entropy") == pytest.approx((QLEVELS + 1.5) * amax / BINS, rel=1e-15)
+
+
+def test_entropy_threshold_exact_tie_keeps_the_smaller_threshold() -> None:
+    """All mass in bin 127 (a histogram handed in directly): every candidate i >= 128 has P = Q = that one bin, KL
+    exactly 0 for all of them. On an exact tie the first (smallest) candidate wins, as in the written-out
+    reference: the finest steps for the same divergence, (128 + 0.5) bin widths, not the whole range."""
+    hist = np.zeros(BINS)
+    hist[QLEVELS] = 50.0
+    amax = 4.0
+    expected = (QLEVELS + 1.5) * amax / BINS
+    assert _kl_threshold_oracle(hist, amax / BINS) == pytest.approx(expected, rel=1e-15)
+    assert threshold(_stats(hist, amax), "entropy") == pytest.approx(expected, rel=1e-15)
+
+
+@pytest.mark.filterwarnings("error")
+def test_entropy_threshold_of_a_top_bin_spike_is_quiet() -> None:
+    """Every sample in the top bin: below i = BINS, Q holds nothing, so those candidates are skipped rather than
+    divided by zero (which would print numpy's 'invalid value' warning during `quantize`); at i = BINS, P = Q:
+    no clipping, amax."""
+    hist = np.zeros(BINS)
+    hist[-1] = 300.0
+    assert threshold(_stats(hist, 5.0), "entropy") == pytest.approx(5.0, rel=1e-15)
+
+
 # ------------------------------------------------------------------------------------------ calibration data
 def test_calibration_token_limit_is_exact() -> None:
     """`quantize --calib-tokens N` promises at most N tokens: a batch that crosses the limit is cut, whatever the

@@ -279,7 +279,8 @@ def _entropy_threshold(hist: np.ndarray, width: float) -> float:
         merged = np.add.reduceat(sliced, starts)
         counts = np.add.reduceat(nonzero.astype(np.int64), starts)
         sizes = np.diff(np.append(starts, i))
-        q = np.repeat(np.divide(merged, counts, out=np.zeros_like(merged), where=counts > 0), sizes) * nonzero
+        # a level with no non-empty bin has merged == 0 (hist >= 0 and P >= hist): 0 / 1, no masked division
+        q = np.repeat(merged / np.maximum(counts, 1), sizes) * nonzero
         ps, qs = _smooth(p / p.sum()), (_smooth(q / q.sum()) if q.sum() > 0 else None)
         if ps is None or qs is None:
             continue
