@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Mutation testing of the C++ in plugins/ (CPU kernels, ONNX Runtime library, shared contract headers).
+"""Mutation testing of the C++ in plugins/ (CPU kernels, ONNX Runtime library, shared contract headers; with
+``--cuda`` also the CUDA kernels, on the emulated GPU).
 
 Each mutant is one small, deterministic source change (a relational, arithmetic or logical operator, a dropped
 ``!``, a constant 0 <-> 1, a loop bound one short, min <-> max, a removed ``if (...) return ...;`` check). It is
@@ -13,6 +14,13 @@ compile is 'invalid' and left out of the score.
     .venv/bin/python scripts/mutate_cpp.py --sample 70 --json build/mutation/report.json
     .venv/bin/python scripts/mutate_cpp.py --only 12,40           # selected mutants
     .venv/bin/python scripts/mutate_cpp.py --files plugins/ops/... --sample 10
+
+CUDA kernels (``--cuda``): mutants of plugins/kernels/cuda/*.cu are built into the TensorRT harness on the CPU CUDA
+emulator (plugins/emu, ``pimoe_trt_harness_emu``) and judged by the emulated-GPU tests: tests/test_emu.py (every
+plugin through its profile shapes against the PyTorch reference, guard bytes around every buffer) and the ``emu``
+backend of tests/test_ops_backends.py (PIMOE_TRT_HARNESS_EMU points at the mutant's harness).
+
+    .venv/bin/python scripts/mutate_cpp.py --cuda --files plugins/kernels/cuda/combine.cu --sample 5
 
 docs/mutation.md records the score and the survivors.
 """
@@ -46,6 +54,12 @@ SOURCES = [
     "plugins/common/pimoe_contract.h",
 ]
 AREAS = ("plugins/kernels/cpu", "plugins/ort", "plugins/common")
+CUDA_AREA = "plugins/kernels/cuda"
+CUDA_SOURCES = [f"{CUDA_AREA}/{name}.cu" for name in ("route", "dispatch", "combine", "expert_mlp", "gemm_f32_simt",
+                                                       "gemm_f16_wmma", "gemm_i8_wmma")]
+# the CUDA kernels on the emulated GPU: the harness's plugin-level tests and the op matrix's emu backend
+CUDA_TESTS = ["tests/test_emu.py", "tests/test_ops_backends.py"]
+CUDA_SELECT = "emu and not sanitizer and not selftest"
 GENERIC_ONLY = {"plugins/kernels/cpu/kernels_generic.cpp"}  # only reached with PIMOE_CPU_ISA=generic
 # The fast tests that exercise libpimoe_ort; the targeted boundary tests first (they fail fastest).
 TESTS = [
@@ -176,13 +190,14 @@ def find_mutants(files: list[str], base: Path = ROOT) -> list[Mutant]:
 
 
 def area_of(rel: str) -> str:
-    return next(a for a in AREAS if rel.startswith(a))
+    return next(a for a in (*AREAS, CUDA_AREA) if rel.startswith(a))
 
 
 def sample(mutants: list[Mutant], k: int, seed: int) -> list[Mutant]:
     """k mutants spread evenly over the areas (round robin, random within an area, fixed seed)."""
     rng = random.Random(seed)
-    pools = {a: [m for m in mutants if area_of(m.file) == a] for a in AREAS}
+    areas = [*AREAS, CUDA_AREA] if any(area_of(m.file) == CUDA_AREA for m in mutants) else AREAS
+    pools = {a: [m for m in mutants if area_of(m.file) == a] for a in areas}
     for pool in pools.values():
         rng.shuffle(pool)
     chosen: list[Mutant] = []
@@ -223,30 +238,53 @@ def copy_sources(work: Path, worktree: bool, commit: str = "HEAD") -> Path:
     return src
 
 
-def prepare_build(work: Path, jobs: int) -> Path:
-    """Configure and build the unmutated copy in work/build; returns the build folder."""
+def is_cuda(rel: str) -> bool:
+    return rel.startswith(CUDA_AREA)
+
+
+def target_of(rel: str) -> str:
+    """The library a mutant of ``rel`` is built into (empty rel: the unmutated CPU library)."""
+    return "pimoe_trt_harness_emu" if is_cuda(rel) else "pimoe_ort"
+
+
+def library_of(build: Path, rel: str) -> Path:
+    return build / "emu" / "libpimoe_trt_harness_emu.so" if is_cuda(rel) else build / "libpimoe_ort.so"
+
+
+def prepare_build(work: Path, jobs: int, cuda: bool = False) -> Path:
+    """Configure and build the unmutated copy in work/build (with ``cuda``, the emulated harness too)."""
     src, build = work / "src", work / "build"
     include = os.environ.get("ONNXRUNTIME_INCLUDE_DIR", str(ROOT / "build" / "deps" / "onnxruntime" / "include"))
     args = ["cmake", "-S", str(src / "plugins"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-            f"-DONNXRUNTIME_INCLUDE_DIR={include}"]
+            f"-DONNXRUNTIME_INCLUDE_DIR={include}", f"-DPIMOE_BUILD_EMU={'ON' if cuda else 'OFF'}"]
+    if cuda:  # the emulated harness compiles against the TensorRT headers scripts/setup.sh fetched
+        trt = os.environ.get("TENSORRT_INCLUDE_DIR", str(ROOT / "build" / "deps" / "tensorrt" / "include"))
+        args.append(f"-DTENSORRT_INCLUDE_DIR={trt}")
     if shutil.which("ccache"):
         args.append("-DCMAKE_CXX_COMPILER_LAUNCHER=ccache")
     code, out = run(args, 300)
     if code != 0:
         sys.exit(f"mutate_cpp: configuring {build} failed (run scripts/setup.sh first for the headers):\n{out}")
-    code, out = run(["cmake", "--build", str(build), "--target", "pimoe_ort", "--parallel", str(jobs)], 900)
-    if code != 0:
-        sys.exit(f"mutate_cpp: the unmutated copy of plugins/ does not build:\n{out}")
+    for target in ["pimoe_ort", *(["pimoe_trt_harness_emu"] if cuda else [])]:
+        code, out = run(["cmake", "--build", str(build), "--target", target, "--parallel", str(jobs)], 1800)
+        if code != 0:
+            sys.exit(f"mutate_cpp: the unmutated copy of plugins/ does not build ({target}):\n{out}")
     return build
 
 
-def test_command(pytest_args: list[str]) -> list[str]:
+def test_command(pytest_args: list[str], select: str = TEST_SELECT) -> list[str]:
     pytest_args = [a for a in pytest_args if a.startswith("-") or (ROOT / a.split("::")[0]).exists()]
     return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
-            "-k", TEST_SELECT, *pytest_args]
+            "-k", select, *pytest_args]
+
+
+def mutant_tests(rel: str, pytest_args: list[str]) -> list[str]:
+    return test_command(CUDA_TESTS, CUDA_SELECT) if is_cuda(rel) else test_command(pytest_args)
 
 
 def test_env(library: Path, rel: str) -> dict[str, str]:
+    if is_cuda(rel):
+        return {**os.environ, "PIMOE_TRT_HARNESS_EMU": str(library), "PIMOE_OP_EXAMPLES": OP_EXAMPLES}
     env = {**os.environ, "PIMOE_ORT_LIBRARY": str(library), "PIMOE_OP_EXAMPLES": OP_EXAMPLES}
     if rel in GENERIC_ONLY:
         env["PIMOE_CPU_ISA"] = "generic"
@@ -260,11 +298,13 @@ def evaluate(mutant: Mutant, build: Path, jobs: int, timeout: float, pytest_args
     start = time.monotonic()
     copy.write_text(mutant.apply(original))
     try:
-        code, out = run(["cmake", "--build", str(build), "--target", "pimoe_ort", "--parallel", str(jobs)], 600)
+        code, out = run(["cmake", "--build", str(build), "--target", target_of(mutant.file), "--parallel", str(jobs)],
+                        900)
         if code != 0:
             status, detail = "invalid", "\n".join(line for line in out.splitlines() if "error" in line)[:600]
         else:
-            code, out = run(test_command(pytest_args), timeout, env=test_env(build / "libpimoe_ort.so", mutant.file))
+            code, out = run(mutant_tests(mutant.file, pytest_args), timeout,
+                            env=test_env(library_of(build, mutant.file), mutant.file))
             status = "survived" if code == 0 else "timeout" if code == -9 else "killed"
             failed = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
             detail = failed[0][:300] if failed else ("crash or timeout" if status in ("killed", "timeout") and
@@ -306,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--only", help="comma-separated mutant ids (from --list)")
     parser.add_argument("--files", nargs="+", help=f"restrict to these sources (default: {', '.join(SOURCES)})")
+    parser.add_argument("--cuda", action="store_true",
+                        help=f"add the CUDA kernels ({CUDA_AREA}, on the emulated GPU) to the default sources")
     parser.add_argument("--sample", type=int, help="run K mutants spread over the areas (fixed seed)")
     parser.add_argument("--seed", type=int, default=17)
     parser.add_argument("--json", type=Path, help="write every result to this file")
@@ -318,10 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pytest-args", nargs="*", default=TESTS, help="test files/options to run per mutant")
     args = parser.parse_args(argv)
 
-    files = args.files or SOURCES
-    unknown = [f for f in files if f not in SOURCES]
+    files = args.files or (SOURCES + CUDA_SOURCES if args.cuda else SOURCES)
+    unknown = [f for f in files if f not in SOURCES + CUDA_SOURCES]
     if unknown:
-        parser.error(f"--files: {unknown} are not mutation targets; choose from {SOURCES}")
+        parser.error(f"--files: {unknown} are not mutation targets; choose from {SOURCES + CUDA_SOURCES}")
     work = args.work.resolve()
     commit = subprocess.run(["git", "rev-parse", "--short", args.commit], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.strip()
@@ -342,10 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     if not mutants:
         parser.error("no mutants selected")
 
-    build = prepare_build(work, args.jobs)
-    code, out = run(test_command(args.pytest_args), args.timeout * 2, env=test_env(build / "libpimoe_ort.so", ""))
-    if code != 0:  # every mutant would count as killed
-        sys.exit(f"mutate_cpp: the tests fail on the UNMUTATED library; fix that first:\n{out}")
+    cuda = any(is_cuda(m.file) for m in mutants)
+    build = prepare_build(work, args.jobs, cuda)
+    for rel in ["", *([CUDA_SOURCES[0]] if cuda else [])]:  # the unmutated libraries must pass the same tests
+        code, out = run(mutant_tests(rel, args.pytest_args), args.timeout * 2,
+                        env=test_env(library_of(build, rel), rel))
+        if code != 0:  # every mutant would count as killed
+            sys.exit(f"mutate_cpp: the tests fail on the UNMUTATED library; fix that first:\n{out}")
     results: list[dict] = []
     for i, m in enumerate(mutants, start=1):
         r = evaluate(m, build, args.jobs, args.timeout, args.pytest_args)
