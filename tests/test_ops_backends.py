@@ -186,6 +186,10 @@ def expert_cases(draw):
 @op_settings
 @given(case=expert_cases())
 def test_expert_mlp_matches_reference(backend_name, case) -> None:
+    check_expert_case(backend_name, case)
+
+
+def check_expert_case(backend_name, case) -> None:
     backend = get_backend(backend_name)
     x, offsets, params, expert_ids, widths, activation, layer_norm, constant = case
     y = backend.expert_mlp(x, offsets, params, expert_ids, widths, activation, layer_norm,
@@ -254,6 +258,10 @@ def test_expert_mlp_w8a8_within_one_quantisation_step(backend_name, case) -> Non
     epilogue, which can move an activation code by at most one step. So for the last layer
     |y - ref| <= s_a * w_scale[o] * sum_k |q_w[o, k]| (every input code one step off) + fp32 slack; a single
     layer (no hidden activation to re-quantise) must agree to fp32 rounding."""
+    check_w8a8_case(backend_name, case)
+
+
+def check_w8a8_case(backend_name, case) -> None:
     backend = get_backend(backend_name)
     if not getattr(backend, "supports_w8a8", True):
         pytest.skip(f"{backend_name} has no w8a8 kernels in this build")
@@ -285,6 +293,30 @@ def test_expert_mlp_w8a8_within_one_quantisation_step(backend_name, case) -> Non
         if hi > lo:
             a_scale = act_scales[(len(widths) - 2) * groups + g] if rows is None else rows[lo:hi, None] * (1 + 1e-5)
             assert (np.abs(y[lo:hi] - ref[lo:hi]) <= a_scale * s_last[g] * l1[g] + slack).all()
+
+
+# Widths the drawn cases (at most 37) never reach, found by mutating the CUDA kernels (docs/mutation.md): a K of
+# several 128-wide int8 steps with few rows (int8 split-K: every partial sum must be reduced), hidden rows wider
+# than 7 warps of a 256-thread block (block-wide LayerNorm statistics: the last warp's partial sum must count), and
+# K / N beyond the CPU kernels' 16-column panels and 1024-deep K blocks.
+WIDE = [264, 300, 40]
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@pytest.mark.parametrize("mode", ["none", "w8a8", "w8a8_dynamic"])
+def test_expert_mlp_wide_layers(backend_name, mode) -> None:
+    rng = np.random.default_rng(29)
+    x, offsets, params, expert_ids = make_expert_case(rng, e=4, groups=3, widths=WIDE, layer_norm=True,
+                                                      dtype=np.float32, rows_per_expert=6)
+    assert x.shape[0] > 0
+    if mode == "none":
+        check_expert_case(backend_name, (x, offsets, params, expert_ids, WIDE, "gelu", True, False))
+        return
+    backend = get_backend(backend_name)
+    if not getattr(backend, "supports_w8a8", True):
+        pytest.skip(f"{backend_name} has no w8a8 kernels in this build")
+    qparams, codes, act_scales = quantize_case(rng, x, params, WIDE, True, len(expert_ids), mode)
+    check_w8a8_case(backend_name, (x, offsets, qparams, codes, act_scales, expert_ids, WIDE, "relu", True, mode))
 
 
 def last_layer_row_scales(x, offsets, params, expert_ids, widths, activation, layer_norm) -> np.ndarray:
