@@ -278,8 +278,8 @@ def test_command(pytest_args: list[str], select: str = TEST_SELECT) -> list[str]
             "-k", select, *pytest_args]
 
 
-def mutant_tests(rel: str, pytest_args: list[str]) -> list[str]:
-    return test_command(CUDA_TESTS, CUDA_SELECT) if is_cuda(rel) else test_command(pytest_args)
+def mutant_tests(rel: str, pytest_args: list[str], cuda_tests: list[str] | None = None) -> list[str]:
+    return test_command(cuda_tests or CUDA_TESTS, CUDA_SELECT) if is_cuda(rel) else test_command(pytest_args)
 
 
 def test_env(library: Path, rel: str) -> dict[str, str]:
@@ -291,7 +291,8 @@ def test_env(library: Path, rel: str) -> dict[str, str]:
     return env
 
 
-def evaluate(mutant: Mutant, build: Path, jobs: int, timeout: float, pytest_args: list[str]) -> dict:
+def evaluate(mutant: Mutant, build: Path, jobs: int, timeout: float, pytest_args: list[str],
+             cuda_tests: list[str] | None = None) -> dict:
     """Apply, rebuild, test, restore. Status: killed, survived, invalid (does not compile), timeout (killed)."""
     copy = build.parent / "src" / mutant.file
     original = (build.parent / "src" / mutant.file).read_text()  # restored after every mutant: pristine
@@ -303,7 +304,7 @@ def evaluate(mutant: Mutant, build: Path, jobs: int, timeout: float, pytest_args
         if code != 0:
             status, detail = "invalid", "\n".join(line for line in out.splitlines() if "error" in line)[:600]
         else:
-            code, out = run(mutant_tests(mutant.file, pytest_args), timeout,
+            code, out = run(mutant_tests(mutant.file, pytest_args, cuda_tests), timeout,
                             env=test_env(library_of(build, mutant.file), mutant.file))
             status = "survived" if code == 0 else "timeout" if code == -9 else "killed"
             failed = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
@@ -358,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per mutant test run (then: killed)")
     parser.add_argument("--pytest-args", nargs="*", default=TESTS, help="test files/options to run per mutant")
+    parser.add_argument("--cuda-tests", nargs="*", default=CUDA_TESTS,
+                        help="test files run (their `emu` cases) against each CUDA mutant")
     args = parser.parse_args(argv)
 
     files = args.files or (SOURCES + CUDA_SOURCES if args.cuda else SOURCES)
@@ -387,13 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     cuda = any(is_cuda(m.file) for m in mutants)
     build = prepare_build(work, args.jobs, cuda)
     for rel in ["", *([CUDA_SOURCES[0]] if cuda else [])]:  # the unmutated libraries must pass the same tests
-        code, out = run(mutant_tests(rel, args.pytest_args), args.timeout * 2,
+        code, out = run(mutant_tests(rel, args.pytest_args, args.cuda_tests), args.timeout * 2,
                         env=test_env(library_of(build, rel), rel))
         if code != 0:  # every mutant would count as killed
             sys.exit(f"mutate_cpp: the tests fail on the UNMUTATED library; fix that first:\n{out}")
     results: list[dict] = []
     for i, m in enumerate(mutants, start=1):
-        r = evaluate(m, build, args.jobs, args.timeout, args.pytest_args)
+        r = evaluate(m, build, args.jobs, args.timeout, args.pytest_args, args.cuda_tests)
         results.append(r)
         print(f"[{i}/{len(mutants)}] #{m.id} {m.file}:{m.line} {m.op} {m.before!r}->{m.after!r}: {r['status']} "
               f"({r['seconds']}s) {r['detail'][:120]}", flush=True)
