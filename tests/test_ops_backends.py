@@ -319,6 +319,31 @@ def test_expert_mlp_wide_layers(backend_name, mode) -> None:
     check_w8a8_case(backend_name, (x, offsets, qparams, codes, act_scales, expert_ids, WIDE, "relu", True, mode))
 
 
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_expert_mlp_fp16_keeps_fp32_hidden_precision(backend_name) -> None:
+    """fp16 is storage: hidden activations stay fp32, so a later layer sees all of their bits (the CUDA tensor-core
+    GEMM splits each fp32 value into two fp16 halves for this). Constructed so the output is nothing but what fp16
+    would drop: every hidden value is 1000 + d (the fp16 grid is 0.5 apart there) and the last layer returns
+    differences of hidden pairs, d_2o - d_2o+1, of order 1. Rows 17-40 of an expert sit in the second 16-row
+    fragment of a 32-row warp tile (a CUDA mutant that read the wrong rows' low halves survived the other cases)."""
+    widths = [16, 64, 32]
+    rng = np.random.default_rng(31)
+    x, offsets, params, expert_ids = make_expert_case(rng, e=2, groups=2, widths=widths, layer_norm=False,
+                                                      dtype=np.float16, rows_per_expert=40)
+    offsets = np.array([0, 40, 75], dtype=np.int32)  # both experts fill both 16-row fragments of a warp tile
+    x = rng.normal(size=(75, widths[0])).astype(np.float16)
+    w0, b0, w1, b1 = params  # layout without LayerNorm: weight, bias per layer
+    assert b0.shape == (2, 64) and w1.shape == (2, 32, 64)
+    b0[:] = 1000.0
+    w1[:] = 0.0
+    w1[:, np.arange(32), 2 * np.arange(32)] = 1.0
+    w1[:, np.arange(32), 2 * np.arange(32) + 1] = -1.0
+    b1[:] = 0.0
+    ref = expert_reference(x, offsets, [w0, b0, w1, b1], expert_ids, widths, "relu", False).astype(np.float32)
+    assert 0.3 < float(np.abs(ref).mean()) < 10.0, "the outputs must be of order 1 (differences of hidden pairs)"
+    check_expert_case(backend_name, (x, offsets, [w0, b0, w1, b1], expert_ids, widths, "relu", False, False))
+
+
 def last_layer_row_scales(x, offsets, params, expert_ids, widths, activation, layer_norm) -> np.ndarray:
     """The fake-quant reference's w8a8_dynamic scale (max|h| / 127) of each row's last-layer input: the layers
     before it through the reference, then its LayerNorm, activation and SmoothQuant divisor."""
