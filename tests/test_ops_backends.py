@@ -261,7 +261,8 @@ def test_expert_mlp_w8a8_within_one_quantisation_step(backend_name, case) -> Non
     check_w8a8_case(backend_name, case)
 
 
-def check_w8a8_case(backend_name, case) -> None:
+def check_w8a8_case(backend_name, case) -> tuple[np.ndarray, np.ndarray, float]:
+    """The one-code-step bound (see the test above); returns (y, ref, fp32 slack) for stricter checks."""
     backend = get_backend(backend_name)
     if not getattr(backend, "supports_w8a8", True):
         pytest.skip(f"{backend_name} has no w8a8 kernels in this build")
@@ -280,7 +281,7 @@ def check_w8a8_case(backend_name, case) -> None:
     slack = 1e-5 * max(1.0, float(np.abs(ref).max(initial=0.0)))
     if len(widths) == 2:
         np.testing.assert_allclose(y, ref, rtol=1e-6, atol=slack)
-        return
+        return y, ref, slack
     q_last, s_last = codes[-1]
     l1 = np.abs(q_last.astype(np.float64)).sum(axis=-1)  # [G, out]
     groups = len(expert_ids)
@@ -293,6 +294,7 @@ def check_w8a8_case(backend_name, case) -> None:
         if hi > lo:
             a_scale = act_scales[(len(widths) - 2) * groups + g] if rows is None else rows[lo:hi, None] * (1 + 1e-5)
             assert (np.abs(y[lo:hi] - ref[lo:hi]) <= a_scale * s_last[g] * l1[g] + slack).all()
+    return y, ref, slack
 
 
 # Widths the drawn cases (at most 37) never reach, found by mutating the CUDA kernels (docs/mutation.md): a K of
@@ -307,8 +309,8 @@ WIDE = [264, 300, 40]
 def test_expert_mlp_wide_layers(backend_name, mode) -> None:
     rng = np.random.default_rng(29)
     x, offsets, params, expert_ids = make_expert_case(rng, e=4, groups=3, widths=WIDE, layer_norm=True,
-                                                      dtype=np.float32, rows_per_expert=6)
-    assert x.shape[0] > 0
+                                                      dtype=np.float32, rows_per_expert=14)
+    assert 16 <= x.shape[0] <= 64  # few rows: the int8 split-K path (at most 64 rows)
     if mode == "none":
         check_expert_case(backend_name, (x, offsets, params, expert_ids, WIDE, "gelu", True, False))
         return
@@ -316,7 +318,13 @@ def test_expert_mlp_wide_layers(backend_name, mode) -> None:
     if not getattr(backend, "supports_w8a8", True):
         pytest.skip(f"{backend_name} has no w8a8 kernels in this build")
     qparams, codes, act_scales = quantize_case(rng, x, params, WIDE, True, len(expert_ids), mode)
-    check_w8a8_case(backend_name, (x, offsets, qparams, codes, act_scales, expert_ids, WIDE, "relu", True, mode))
+    y, ref, slack = check_w8a8_case(backend_name,
+                                    (x, offsets, qparams, codes, act_scales, expert_ids, WIDE, "relu", True, mode))
+    # Stricter than one code step everywhere: without transcendentals the kernels run the reference's integer
+    # math, so a row differs only where fp32 rounding (LayerNorm statistics in another order) lands a hidden value on
+    # the other side of a code boundary, once in thousands of codes. Wrong statistics move every row.
+    differing = int((np.abs(y - ref) > slack).any(axis=1).sum())
+    assert differing <= 1, f"{differing} of {y.shape[0]} rows differ from the reference beyond fp32 rounding"
 
 
 @pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
