@@ -58,7 +58,7 @@ CUDA_AREA = "plugins/kernels/cuda"
 CUDA_SOURCES = [f"{CUDA_AREA}/{name}.cu" for name in ("route", "dispatch", "combine", "expert_mlp", "gemm_f32_simt",
                                                        "gemm_f16_wmma", "gemm_i8_wmma")]
 # the CUDA kernels on the emulated GPU: the harness's plugin-level tests and the op matrix's emu backend
-CUDA_TESTS = ["tests/test_emu.py", "tests/test_ops_backends.py"]
+CUDA_TESTS = ["tests/test_emu.py", "tests/test_ops_backends.py", "tests/test_contract_agreement.py"]
 CUDA_SELECT = "emu and not sanitizer and not selftest"
 GENERIC_ONLY = {"plugins/kernels/cpu/kernels_generic.cpp"}  # only reached with PIMOE_CPU_ISA=generic
 # The fast tests that exercise libpimoe_ort; the targeted boundary tests first (they fail fastest).

@@ -328,6 +328,20 @@ def test_expert_mlp_wide_layers(backend_name, mode) -> None:
 
 
 @pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_expert_mlp_w8a8_static_scales_of_a_group_of_600(backend_name) -> None:
+    """Static activation scales, one per (layer, expert), for a group larger than the 512 the CUDA kernel passes
+    per launch: every expert must quantise with its own scale (a mutant that indexed the second chunk's scales
+    wrongly survived the small drawn groups). One layer, so the result must equal the reference to fp32 rounding."""
+    rng = np.random.default_rng(37)
+    widths = [8, 8]
+    x, offsets, params, expert_ids = make_expert_case(rng, e=600, groups=600, widths=widths, layer_norm=False,
+                                                      dtype=np.float32, rows_per_expert=1)
+    assert offsets[-1] - offsets[513] > 20  # rows of experts beyond the first 512
+    qparams, codes, act_scales = quantize_case(rng, x, params, widths, False, 600, "w8a8")
+    check_w8a8_case(backend_name, (x, offsets, qparams, codes, act_scales, expert_ids, widths, "relu", False, "w8a8"))
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
 def test_expert_mlp_fp16_keeps_fp32_hidden_precision(backend_name) -> None:
     """fp16 is storage: hidden activations stay fp32, so a later layer sees all of their bits (the CUDA tensor-core
     GEMM splits each fp32 value into two fp16 halves for this). Constructed so the output is nothing but what fp16

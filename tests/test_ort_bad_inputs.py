@@ -77,6 +77,40 @@ def test_dispatch_wrong_id_dtype_is_rejected_when_the_session_is_built() -> None
     assert "PiMoEDispatch" in str(info.value) or "ids" in str(info.value)
 
 
+@pytest.mark.parametrize(("op", "e", "k", "fragment"), [
+    ("PiMoEDispatch", 0, 2, "attribute num_experts must be in [1, "),
+    ("PiMoEDispatch", -3, 2, "attribute num_experts must be in [1, "),
+    ("PiMoERoute", 4, 0, "attribute k must be in [1, 16]"),
+])
+def test_bad_attributes_are_refused_when_the_session_is_created(op, e, k, fragment) -> None:
+    """An attribute no input can make valid is refused at load time, before any batch is run (the run-time shape
+    checks would also refuse it, one batch later: a mutant that dropped the load-time check survived that)."""
+    if op == "PiMoEDispatch":
+        model, _ = dispatch_model(np.zeros((3, 8), f32), np.zeros((3, 2), np.int32), e=e)
+    else:
+        model, _ = route_model(np.zeros((3, e), f32), None, k)
+    with pytest.raises(ORT_ERRORS) as info:
+        create_session(model)
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_route_attributes_left_out_take_the_contract_defaults() -> None:
+    """A PiMoERoute node with only k: normalize defaults to 0 (the top-k softmax probabilities, not renormalised)
+    and scoring to softmax, as pimoe_export/ops/schema.py declares."""
+    from pimoe_export.ops import schema
+
+    defaults = {a.name: a.default for a in schema.ROUTE_SCHEMA.attributes}
+    assert defaults["normalize"] == 0 and defaults["scoring"] == "softmax"
+    logits = np.random.default_rng(4).standard_normal((7, 5)).astype(f32)
+    model, feeds = route_model(logits, None, 2)
+    weights, ids = run(model, feeds)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_array_equal(ids, np.argsort(-probs, axis=-1, kind="stable")[:, :2])
+    np.testing.assert_allclose(weights, np.take_along_axis(probs, ids.astype(np.int64), -1), rtol=1e-6)
+    assert (weights.sum(-1) < 0.999).all()  # not renormalised
+
+
 # ------------------------------------------------------------------------------------------ PiMoECombine
 @pytest.mark.parametrize(
     ("y_sorted", "f2s", "weights", "fragment"),
