@@ -119,6 +119,11 @@ def test_route_attributes_left_out_take_the_contract_defaults() -> None:
         (np.zeros((6, 4), f32), np.arange(5, dtype=np.int32), np.zeros((3, 2), f32), "must both have N*k = 6 rows"),
         (np.zeros((6,), f32), np.arange(6, dtype=np.int32), np.zeros((3, 2), f32), "y_sorted must have rank 2"),
         (np.zeros((6, 4), f32), np.array([0, 1, 2, 3, 4, 60], np.int32), np.zeros((3, 2), f32), "is outside [0, 6)"),
+        # k outside [1, 16] with every other shape consistent (a mutant that never refused k survived)
+        (np.zeros((34, 4), f32), np.arange(34, dtype=np.int32), np.zeros((2, 17), f32),
+         "weights dim 1 (k) must be in [1, 16], got 17"),
+        (np.zeros((0, 4), f32), np.arange(0, dtype=np.int32), np.zeros((3, 0), f32),
+         "weights dim 1 (k) must be in [1, 16], got 0"),
     ],
 )
 def test_combine_bad_inputs(y_sorted, f2s, weights, fragment) -> None:
