@@ -328,6 +328,19 @@ def test_expert_mlp_wide_layers(backend_name, mode) -> None:
 
 
 @pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_expert_mlp_with_the_most_layers_the_contract_allows(backend_name) -> None:
+    """Exactly MAX_LAYERS layers is accepted and computed (one more is refused: test_contract_agreement.py); a
+    mutant that refused the maximum itself survived the drawn cases of at most three layers."""
+    from pimoe_export.interface import MAX_LAYERS
+
+    widths = [6, 5, 7, 4, 6, 5, 3, 8, 4, 5, 6, 7][: MAX_LAYERS + 1]
+    assert len(widths) == MAX_LAYERS + 1
+    case = make_expert_case(np.random.default_rng(41), e=3, groups=2, widths=widths, layer_norm=True,
+                            dtype=np.float32, rows_per_expert=5)
+    check_expert_case(backend_name, (*case, widths, "gelu", True, False))
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
 def test_expert_mlp_w8a8_static_scales_of_a_group_of_600(backend_name) -> None:
     """Static activation scales, one per (layer, expert), for a group larger than the 512 the CUDA kernel passes
     per launch: every expert must quantise with its own scale (a mutant that indexed the second chunk's scales

@@ -64,6 +64,7 @@ def dispatch_model(x, ids, e=4):
         (np.zeros((3, 8), f32), np.array([[0, 1], [2, 9], [1, 1]], np.int32), "is outside [0, 4)"),
         (np.zeros((3, 8), f32), np.array([[0, 1], [2, -1], [1, 1]], np.int32), "is outside [0, 4)"),
         (np.zeros((3, 8), f32), np.zeros((3, 5), np.int32), "ids dim 1 (k) must be in [1, min(E"),
+        (np.zeros((3, 8), f32), np.zeros((3, 0), np.int32), "ids dim 1 (k) must be in [1, min(E"),
     ],
 )
 def test_dispatch_bad_inputs(x, ids, fragment) -> None:
@@ -197,6 +198,12 @@ def test_expert_mlp_bad_attributes() -> None:
         with pytest.raises(ORT_ERRORS) as info:
             run(model, feeds)
         assert fragment in str(info.value), str(info.value)
+    from pimoe_export.interface import MAX_LAYERS  # one layer too many (exactly MAX_LAYERS: test_ops_backends.py)
+
+    model, feeds = mlp_model(x, OFFSETS, mlp_params(), widths=(8,) * (MAX_LAYERS + 2), constant=False)
+    with pytest.raises(ORT_ERRORS) as info:
+        create_session(model)
+    assert f"widths must hold 2..{MAX_LAYERS + 1} entries (layers + 1), got {MAX_LAYERS + 2}" in str(info.value)
 
 
 def test_expert_mlp_weight_dtype_mismatch() -> None:
