@@ -131,10 +131,8 @@ def expert_flops(model, tokens: int) -> float:
 
 def roofline_shapes(model, tokens: int) -> tuple[int, int, int]:
     """(M, K, N) of the one GEMM with the experts' FLOPs: all routed rows times one matrix of all layers' weights."""
-    spec = model.config.expert_specs()[0]
-    k = spec.widths[0]
-    return tokens * model.config.top_k, k, round(sum(a * b for a, b in zip(spec.widths[:-1], spec.widths[1:],
-                                                                          strict=True)) / k)
+    rows, k = tokens * model.config.top_k, model.config.expert_specs()[0].widths[0]
+    return rows, k, round(expert_flops(model, tokens) / (2.0 * rows * k))
 
 
 def int8_gemm_session(m: int, k: int, n: int, threads: int):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import onnx
 import pytest
@@ -95,8 +97,6 @@ def test_concurrent_calls_of_different_sizes_keep_their_own_results(tmp_path, mo
     for x, want in zip(inputs, expected, strict=True):  # large, then small: a reused buffer holds stale rows
         for a, b in zip(shared.run(None, {"hidden_states": x}), want, strict=True):
             assert np.array_equal(a, b)
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda i: (i, shared.run(None, {"hidden_states": inputs[i % 6]})), range(24)))
     for i, got in results:
