@@ -41,6 +41,8 @@ const isa::Kernels& select_kernels() {
 
 constexpr int64_t kRowBlock = 48;    // rows per GEMM task (multiple of the 6-row register block)
 constexpr int64_t kPanelBlock = 8;   // 16-column panels per GEMM task (128 columns)
+constexpr int64_t kMinGemmTasks = 64; // GEMM: smaller panel blocks while a layer has fewer tasks than this
+constexpr int64_t kMinRowTasks = 16; // per-row stages: at least this many tasks when there are as many rows
 constexpr int64_t kKBlock = 1024;    // fp32 GEMM: k values per block (no split up to 1024: fewer passes over C)
 
 float to_float(const void* data, DType dtype, int64_t index) {
@@ -268,12 +270,15 @@ class Pass {
     return 0;
   }
 
-  // parallel over blocks of kRowBlock compact rows
+  // parallel over blocks of compact rows: kRowBlock rows, fewer when there are few rows (at least kMinRowTasks
+  // tasks where there are as many rows), so that a small batch's per-row work (quantisation, LayerNorm,
+  // activation) is still shared by every thread
   template <typename F>
   void for_row_blocks(F&& body) const {
-    parallel_(at((rows_ + kRowBlock - 1) / kRowBlock), [&](size_t task) {
-      const int64_t r0 = static_cast<int64_t>(task) * kRowBlock;
-      body(r0, std::min(rows_, r0 + kRowBlock));
+    const int64_t block = std::clamp<int64_t>((rows_ + kMinRowTasks - 1) / kMinRowTasks, 1, kRowBlock);
+    parallel_(at((rows_ + block - 1) / block), [&](size_t task) {
+      const int64_t r0 = static_cast<int64_t>(task) * block;
+      body(r0, std::min(rows_, r0 + block));
     });
   }
 
@@ -309,7 +314,7 @@ class Pass {
         if (!st_.smooth_is_one[at(l)][member]) {  // SmoothQuant: x / act_smooth
           const float* sm = st_.act_smooth[at(l)][member].data();
           smoothed.resize(at(in));
-          for (int64_t i = 0; i < in; ++i) smoothed[at(i)] = row[i] / sm[i];
+          kern_.divide_row(row, sm, smoothed.data(), in);
           row = smoothed.data();
         }
         const float scale = a_.quant_mode == contract::QuantMode::kW8A8
@@ -334,28 +339,32 @@ class Pass {
     return m > 0.0f ? m / 127.0f : 1.0f;
   }
 
-  // layer l's GEMM + bias over (segment x row block x panel block) tasks into c (compact rows, or y's rows)
+  // layer l's GEMM + bias over (segment x row block x panel block) tasks into c (compact rows, or y's rows).
+  // Panel blocks of kPanelBlock panels, halved (down to 2) while there are fewer than kMinGemmTasks tasks: a small
+  // batch has few rows per expert, and a few large tasks of unequal size leave a thread idle at the end.
   void gemm(int64_t l, float* c, bool rows_of_y) const {
     struct Task {
-      int64_t segment, row0, rows, block;
+      int64_t segment, row0, rows, p0, p_end;
     };
     const int64_t panels = st_.panels[at(l)];
-    const int64_t panel_blocks = (panels + kPanelBlock - 1) / kPanelBlock;
+    int64_t row_blocks = 0;
+    for (const Segment& s : segments_) row_blocks += (s.count + kRowBlock - 1) / kRowBlock;
+    int64_t block = kPanelBlock;
+    while (block > 2 && row_blocks * ((panels + block - 1) / block) < kMinGemmTasks) block /= 2;
     std::vector<Task> tasks;
     for (int64_t s = 0; s < static_cast<int64_t>(segments_.size()); ++s)
       for (int64_t r0 = 0; r0 < segments_[at(s)].count; r0 += kRowBlock)
-        for (int64_t pb = 0; pb < panel_blocks; ++pb)
-          tasks.push_back({s, r0, std::min(kRowBlock, segments_[at(s)].count - r0), pb});
+        for (int64_t p0 = 0; p0 < panels; p0 += block)
+          tasks.push_back({s, r0, std::min(kRowBlock, segments_[at(s)].count - r0), p0, std::min(panels, p0 + block)});
     parallel_(tasks.size(), [&](size_t index) {
       const Task& t = tasks[index];
       const Segment& s = segments_[at(t.segment)];
       const int64_t out = a_.widths[at(l) + 1];
       float* c_rows = c + ((rows_of_y ? s.row : s.compact) + t.row0) * out;
-      const int64_t p0 = t.block * kPanelBlock, p_end = std::min(panels, p0 + kPanelBlock);
       if (a_.quantized())
-        gemm_i8_block(l, s, t.row0, t.rows, p0, p_end, c_rows);
+        gemm_i8_block(l, s, t.row0, t.rows, t.p0, t.p_end, c_rows);
       else
-        gemm_f32_block(l, s, t.row0, t.rows, p0, p_end, c_rows);
+        gemm_f32_block(l, s, t.row0, t.rows, t.p0, t.p_end, c_rows);
     });
   }
 

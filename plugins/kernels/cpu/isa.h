@@ -29,6 +29,8 @@ struct Kernels {
                         int64_t n_valid);
   // q[i] = clamp(round_half_even(x[i] / scale), -127, 127) for i < n; q[n .. n_padded) = 0.
   void (*quantize_row)(const float* x, int64_t n, float scale, int16_t* q, int64_t n_padded);
+  // out[i] = x[i] / d[i] for i < n (SmoothQuant's per-channel divisor; IEEE division, so every ISA agrees)
+  void (*divide_row)(const float* x, const float* d, float* out, int64_t n);
   // In place on one row of n values: LayerNorm (when gamma != nullptr) then the activation (contract enum).
   void (*row_epilogue)(float* row, int64_t n, const float* gamma, const float* beta, float eps, int32_t activation);
   void (*half_to_float_row)(const uint16_t* src, float* dst, int64_t n);

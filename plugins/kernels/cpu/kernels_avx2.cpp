@@ -13,6 +13,15 @@ namespace isa {
 namespace {
 
 // ------------------------------------------------------------------------------------------ GEMM
+// Rows of the next register block when `left` rows remain: blocks of 6, but the last two blocks share their rows
+// evenly (7 rows -> 4 + 3, not 6 + 1): a 1- or 2-row block re-reads the whole panel for little work. Every row's
+// sum runs the same k order in any block, so the split does not change results.
+inline int64_t block_rows(int64_t left) {
+  if (left <= 6) return left;
+  if (left >= 12) return 6;
+  return (left + 1) / 2;
+}
+
 // Register block: MR rows x 16 columns (2 ymm); MR <= 6 keeps 12 accumulators + 2 B + 1 A in 16 registers.
 // The accumulators are named variables (not an array) so the compiler keeps them in registers.
 template <int MR>
@@ -66,17 +75,19 @@ inline void micro_kernel(const float* a, int64_t lda, const float* panel, int64_
 
 void gemm_f32_panel(const float* a, int64_t lda, int64_t m, const float* panel, int64_t k, const float* bias,
                     float* c, int64_t ldc, int64_t n_valid, bool acc) {
-  int64_t r = 0;
-  for (; r + 6 <= m; r += 6) micro_kernel<6>(a + r * lda, lda, panel, k, bias, c + r * ldc, ldc, n_valid, acc);
-  const float* ar = a + r * lda;
-  float* cr = c + r * ldc;
-  switch (m - r) {
-    case 5: micro_kernel<5>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
-    case 4: micro_kernel<4>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
-    case 3: micro_kernel<3>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
-    case 2: micro_kernel<2>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
-    case 1: micro_kernel<1>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
-    default: break;
+  for (int64_t r = 0; r < m;) {
+    const int64_t mr = block_rows(m - r);
+    const float* ar = a + r * lda;
+    float* cr = c + r * ldc;
+    switch (mr) {
+      case 6: micro_kernel<6>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
+      case 5: micro_kernel<5>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
+      case 4: micro_kernel<4>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
+      case 3: micro_kernel<3>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
+      case 2: micro_kernel<2>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
+      default: micro_kernel<1>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
+    }
+    r += mr;
   }
 }
 
@@ -138,18 +149,20 @@ inline void micro_kernel_i8(const int16_t* qa, int64_t lda, const int8_t* panel,
 
 void gemm_i8_panel(const int16_t* qa, int64_t lda, int64_t m, const int8_t* panel, int64_t k2, const float* a_scale,
                    const float* w_scale, const float* bias, float* c, int64_t ldc, int64_t n_valid) {
-  int64_t r = 0;
-  for (; r + 6 <= m; r += 6)
-    micro_kernel_i8<6>(qa + r * lda, lda, panel, k2, a_scale + r, w_scale, bias, c + r * ldc, ldc, n_valid);
-  const int16_t* qr = qa + r * lda;
-  float* cr = c + r * ldc;
-  switch (m - r) {
-    case 5: micro_kernel_i8<5>(qr, lda, panel, k2, a_scale + r, w_scale, bias, cr, ldc, n_valid); break;
-    case 4: micro_kernel_i8<4>(qr, lda, panel, k2, a_scale + r, w_scale, bias, cr, ldc, n_valid); break;
-    case 3: micro_kernel_i8<3>(qr, lda, panel, k2, a_scale + r, w_scale, bias, cr, ldc, n_valid); break;
-    case 2: micro_kernel_i8<2>(qr, lda, panel, k2, a_scale + r, w_scale, bias, cr, ldc, n_valid); break;
-    case 1: micro_kernel_i8<1>(qr, lda, panel, k2, a_scale + r, w_scale, bias, cr, ldc, n_valid); break;
-    default: break;
+  for (int64_t r = 0; r < m;) {
+    const int64_t mr = block_rows(m - r);
+    const int16_t* qr = qa + r * lda;
+    float* cr = c + r * ldc;
+    const float* sr = a_scale + r;
+    switch (mr) {
+      case 6: micro_kernel_i8<6>(qr, lda, panel, k2, sr, w_scale, bias, cr, ldc, n_valid); break;
+      case 5: micro_kernel_i8<5>(qr, lda, panel, k2, sr, w_scale, bias, cr, ldc, n_valid); break;
+      case 4: micro_kernel_i8<4>(qr, lda, panel, k2, sr, w_scale, bias, cr, ldc, n_valid); break;
+      case 3: micro_kernel_i8<3>(qr, lda, panel, k2, sr, w_scale, bias, cr, ldc, n_valid); break;
+      case 2: micro_kernel_i8<2>(qr, lda, panel, k2, sr, w_scale, bias, cr, ldc, n_valid); break;
+      default: micro_kernel_i8<1>(qr, lda, panel, k2, sr, w_scale, bias, cr, ldc, n_valid); break;
+    }
+    r += mr;
   }
 }
 
@@ -174,6 +187,12 @@ void quantize_row(const float* x, int64_t n, float scale, int16_t* q, int64_t n_
     q[i] = static_cast<int16_t>(std::nearbyint(v));
   }
   for (; i < n_padded; ++i) q[i] = 0;
+}
+
+void divide_row(const float* x, const float* d, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_div_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(d + i)));
+  for (; i < n; ++i) out[i] = x[i] / d[i];
 }
 
 // ------------------------------------------------------------------------------------------ vector math
@@ -327,7 +346,7 @@ void float_to_half_row(const float* src, uint16_t* dst, int64_t n) {
 }  // namespace
 
 const Kernels* avx2_kernels() {
-  static const Kernels kernels{"avx2", gemm_f32_panel, gemm_i8_panel, quantize_row, row_epilogue,
+  static const Kernels kernels{"avx2", gemm_f32_panel, gemm_i8_panel, quantize_row, divide_row, row_epilogue,
                                half_to_float_row, float_to_half_row};
   return &kernels;
 }

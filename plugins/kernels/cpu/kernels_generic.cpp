@@ -52,6 +52,10 @@ void quantize_row(const float* x, int64_t n, float scale, int16_t* q, int64_t n_
   for (int64_t i = n; i < n_padded; ++i) q[i] = 0;
 }
 
+void divide_row(const float* x, const float* d, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] / d[i];
+}
+
 float activate(float x, int32_t activation) {
   switch (activation) {
     case 0:  // gelu (erf)
@@ -95,7 +99,7 @@ void float_to_half_row(const float* src, uint16_t* dst, int64_t n) {
 }  // namespace
 
 const Kernels& generic_kernels() {
-  static const Kernels kernels{"generic", gemm_f32_panel, gemm_i8_panel, quantize_row, row_epilogue,
+  static const Kernels kernels{"generic", gemm_f32_panel, gemm_i8_panel, quantize_row, divide_row, row_epilogue,
                                half_to_float_row, float_to_half_row};
   return kernels;
 }
