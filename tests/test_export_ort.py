@@ -79,7 +79,7 @@ def test_bitwise_determinism_across_runs_sessions_and_threads(exported) -> None:
         assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("mode", ["fp32", "w8a8_dynamic"])
+@pytest.mark.parametrize("mode", ["fp32", "w8a8", "w8a8_dynamic"])
 def test_concurrent_calls_of_different_sizes_keep_their_own_results(tmp_path, mode) -> None:
     """The expert op reuses activation buffers across calls (a pool, one per concurrent call): calls of different
     sizes at once, and a small call after a large one, must give exactly what a fresh session gives."""
