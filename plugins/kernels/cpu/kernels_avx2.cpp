@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "isa.h"
 
@@ -20,6 +21,23 @@ inline int64_t block_rows(int64_t left) {
   if (left <= 6) return left;
   if (left >= 12) return 6;
   return (left + 1) / 2;
+}
+
+// body(first_row, std::integral_constant<int, MR>) for each register block of m rows
+template <typename F>
+inline void for_register_blocks(int64_t m, F&& body) {
+  for (int64_t r = 0; r < m;) {
+    const int64_t mr = block_rows(m - r);
+    switch (mr) {
+      case 6: body(r, std::integral_constant<int, 6>{}); break;
+      case 5: body(r, std::integral_constant<int, 5>{}); break;
+      case 4: body(r, std::integral_constant<int, 4>{}); break;
+      case 3: body(r, std::integral_constant<int, 3>{}); break;
+      case 2: body(r, std::integral_constant<int, 2>{}); break;
+      default: body(r, std::integral_constant<int, 1>{}); break;
+    }
+    r += mr;
+  }
 }
 
 // Register block: MR rows x 16 columns (2 ymm); MR <= 6 keeps 12 accumulators + 2 B + 1 A in 16 registers.
@@ -75,20 +93,9 @@ inline void micro_kernel(const float* a, int64_t lda, const float* panel, int64_
 
 void gemm_f32_panel(const float* a, int64_t lda, int64_t m, const float* panel, int64_t k, const float* bias,
                     float* c, int64_t ldc, int64_t n_valid, bool acc) {
-  for (int64_t r = 0; r < m;) {
-    const int64_t mr = block_rows(m - r);
-    const float* ar = a + r * lda;
-    float* cr = c + r * ldc;
-    switch (mr) {
-      case 6: micro_kernel<6>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
-      case 5: micro_kernel<5>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
-      case 4: micro_kernel<4>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
-      case 3: micro_kernel<3>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
-      case 2: micro_kernel<2>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
-      default: micro_kernel<1>(ar, lda, panel, k, bias, cr, ldc, n_valid, acc); break;
-    }
-    r += mr;
-  }
+  for_register_blocks(m, [&](int64_t r, auto mr) {
+    micro_kernel<decltype(mr)::value>(a + r * lda, lda, panel, k, bias, c + r * ldc, ldc, n_valid, acc);
+  });
 }
 
 // ------------------------------------------------------------------------------------------ int8 GEMM
@@ -149,21 +156,10 @@ inline void micro_kernel_i8(const int16_t* qa, int64_t lda, const int8_t* panel,
 
 void gemm_i8_panel(const int16_t* qa, int64_t lda, int64_t m, const int8_t* panel, int64_t k2, const float* a_scale,
                    const float* w_scale, const float* bias, float* c, int64_t ldc, int64_t n_valid) {
-  for (int64_t r = 0; r < m;) {
-    const int64_t mr = block_rows(m - r);
-    const int16_t* qr = qa + r * lda;
-    float* cr = c + r * ldc;
-    const float* sr = a_scale + r;
-    switch (mr) {
-      case 6: micro_kernel_i8<6>(qr, lda, panel, k2, sr, w_scale, bias, cr, ldc, n_valid); break;
-      case 5: micro_kernel_i8<5>(qr, lda, panel, k2, sr, w_scale, bias, cr, ldc, n_valid); break;
-      case 4: micro_kernel_i8<4>(qr, lda, panel, k2, sr, w_scale, bias, cr, ldc, n_valid); break;
-      case 3: micro_kernel_i8<3>(qr, lda, panel, k2, sr, w_scale, bias, cr, ldc, n_valid); break;
-      case 2: micro_kernel_i8<2>(qr, lda, panel, k2, sr, w_scale, bias, cr, ldc, n_valid); break;
-      default: micro_kernel_i8<1>(qr, lda, panel, k2, sr, w_scale, bias, cr, ldc, n_valid); break;
-    }
-    r += mr;
-  }
+  for_register_blocks(m, [&](int64_t r, auto mr) {
+    micro_kernel_i8<decltype(mr)::value>(qa + r * lda, lda, panel, k2, a_scale + r, w_scale, bias, c + r * ldc, ldc,
+                                         n_valid);
+  });
 }
 
 void quantize_row(const float* x, int64_t n, float scale, int16_t* q, int64_t n_padded) {
