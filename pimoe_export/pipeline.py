@@ -135,7 +135,7 @@ def step_int8(ctx: PipelineContext) -> dict[str, Any]:
 
 
 def step_units(ctx: PipelineContext) -> dict[str, Any]:
-    from pimoe_export.deploy.units import package_ort
+    from pimoe_export.build.units import package_ort
 
     units = {}
     for key, name in (("fp32", "ort-fp32"), ("fp16", "ort-fp16"), ("int8", "ort-int8")):
@@ -148,7 +148,7 @@ def step_units(ctx: PipelineContext) -> dict[str, Any]:
 
 
 def step_engines(ctx: PipelineContext) -> dict[str, Any] | Skip:
-    from pimoe_export.deploy.units import BuildOptions, build_unit, detect_flavour
+    from pimoe_export.build.units import BuildOptions, build_unit, detect_flavour
     from pimoe_export.errors import BackendUnavailableError
 
     try:
@@ -233,8 +233,8 @@ def step_benchmark(ctx: PipelineContext) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ whole models
 def step_whole_model(ctx: PipelineContext) -> dict[str, Any]:
     from pimoe_export.export.model_export import moe_layers
+    from pimoe_export.hf.moefy import load_moefied, model_feeds
     from pimoe_export.model.enhanced import DeploymentSettings
-    from pimoe_export.model.moefy import load_moefied, model_feeds
 
     assert ctx.model_dir is not None
     ctx.model = load_moefied(ctx.model_dir)
@@ -367,7 +367,7 @@ def run_pipeline(
     out.refuse_foreign(ENTRIES)
     ctx = PipelineContext(out, preset, Path(model_dir) if model_dir else None, seed, bench_repeats,
                           calib_text=calib_text, int8_mode=int8_mode)
-    from pimoe_export.model.moefy import is_moefied
+    from pimoe_export.hf.moefy import is_moefied
 
     steps = MODEL_STEPS if model_dir is not None and is_moefied(model_dir) else STEPS
     record = PipelineRecord(out)

@@ -183,7 +183,7 @@ def plugin_path(layer: Layer, x, harness, quant_mode: str = "none"):
     import torch
 
     from pimoe_export.ops import schema
-    from pimoe_export.runtime.harness import BoundOp, expert_mlp_fields
+    from pimoe_export.testing.harness import BoundOp, expert_mlp_fields
 
     t = x.shape[0]
     logits = torch.empty(t, layer.e, device="cuda")
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA GPU (torch.cuda is not available)", file=sys.stderr)
         return 2
-    from pimoe_export.runtime.harness import Harness, find_harness
+    from pimoe_export.testing.harness import Harness, find_harness
 
     path = find_harness()
     if path is None:

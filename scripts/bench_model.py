@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from pimoe_export.bench.timing import median_ms  # noqa: E402
 from pimoe_export.export.model_export import export_model  # noqa: E402
+from pimoe_export.hf.moefy import MoefySettings, moefy, random_feeds, require_transformers  # noqa: E402
 from pimoe_export.interface import ONNX_OPSET  # noqa: E402
-from pimoe_export.model.moefy import MoefySettings, moefy, random_feeds, require_transformers  # noqa: E402
 from pimoe_export.quantize.model_int8 import quantize_whole_model  # noqa: E402
 from pimoe_export.runtime.ort import create_session  # noqa: E402
 

@@ -3,7 +3,7 @@
 on top of the W8A8 experts, in ONNX Runtime on the CPU.
 
 Takes a `pimoe-export moefy` directory and the output of `pimoe-export pipeline --model` on it (its model.onnx and
-model.int8.onnx), writes model.int8-qdq.onnx (pimoe_export.runtime.ort_qdq: the non-PiMoE Linears QDQ int8,
+model.int8.onnx), writes model.int8-qdq.onnx (pimoe_export.quantize.qdq: the non-PiMoE Linears QDQ int8,
 routers fp32, calibrated on the same 4 of 5 text lines as the experts), then on the held-out fifth compares each
 graph's mean-pooled embeddings with the fp32 PyTorch model, and times the three graphs in one process, rounds
 interleaved, median over repeats (tokens/s = batch x sequence / median latency; padded sentences of the text).
@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pimoe_export.bench.timing import median_ms  # noqa: E402
-from pimoe_export.model.moefy import load_moefied, model_feeds  # noqa: E402
+from pimoe_export.hf.moefy import load_moefied, model_feeds  # noqa: E402
+from pimoe_export.quantize.qdq import quantize_linears  # noqa: E402
 from pimoe_export.runtime.ort import create_session  # noqa: E402
-from pimoe_export.runtime.ort_qdq import quantize_linears  # noqa: E402
 from pimoe_export.validate.metrics import pooled_embedding_cosine  # noqa: E402
 
 

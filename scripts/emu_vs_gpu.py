@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pimoe_export.ops import schema  # noqa: E402
-from pimoe_export.runtime.harness import Harness, HarnessOpBackend, expert_mlp_fields  # noqa: E402
+from pimoe_export.testing.harness import Harness, HarnessOpBackend, expert_mlp_fields  # noqa: E402
 
 # (kind of comparison, tolerance): "exact" = identical bits; "close" = |a - b| <= tol * max(1, max|b|)
 Case = tuple[Callable[[np.random.Generator], tuple[str, dict, list[np.ndarray]]], str, float]

@@ -88,7 +88,7 @@ mkdir -p build
 configure_and_build build/plugins plugins -DONNXRUNTIME_INCLUDE_DIR="$ort_include" -DPIMOE_BUILD_EMU=ON ${PIMOE_CMAKE_ARGS:-}
 .venv/bin/python -c 'from pimoe_export.runtime.ort import find_ort_library, check_ort_library; print("    ", check_ort_library(str(find_ort_library())))' \
   || fail "the built ONNX Runtime op library does not load"
-.venv/bin/python -c 'from pimoe_export.runtime.harness import Harness, find_harness; h = Harness(find_harness(emulated=True)); print("     emulated harness:", h.path)' \
+.venv/bin/python -c 'from pimoe_export.testing.harness import Harness, find_harness; h = Harness(find_harness(emulated=True)); print("     emulated harness:", h.path)' \
   || fail "the emulated-GPU harness does not load"
 
 # The emulated harness again under AddressSanitizer (+ UBSan alignment) and ThreadSanitizer, for the sanitizer runs
@@ -118,9 +118,9 @@ else
   [ -n "${PIMOE_CUDA_ARCHITECTURES:-}" ] && archs=(-DCMAKE_CUDA_ARCHITECTURES="$PIMOE_CUDA_ARCHITECTURES")
   configure_and_build build/plugins plugins-trt -DPIMOE_BUILD_TRT=ON -DCMAKE_CUDA_COMPILER="$nvcc_bin" "${archs[@]}"
   echo "    built in $(( $(date +%s) - trt_start )) s"
-  .venv/bin/python -c 'from pimoe_export.artefacts.libraries import find_plugin_library, check_plugin_library; print("    ", check_plugin_library(str(find_plugin_library())))' \
+  .venv/bin/python -c 'from pimoe_export.native.libraries import find_plugin_library, check_plugin_library; print("    ", check_plugin_library(str(find_plugin_library())))' \
     || fail "the built TensorRT plugin library does not load"
-  .venv/bin/python -c 'from pimoe_export.artefacts.libraries import find_ort_cuda_library, check_ort_library; print("    ", check_ort_library(str(find_ort_cuda_library())))' \
+  .venv/bin/python -c 'from pimoe_export.native.libraries import find_ort_cuda_library, check_ort_library; print("    ", check_ort_library(str(find_ort_cuda_library())))' \
     || fail "the built libpimoe_ort_cuda (CUDA execution-provider kernels) does not load"
 fi
 step "done: activate with 'source .venv/bin/activate' or call .venv/bin/pimoe-export"

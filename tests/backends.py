@@ -72,11 +72,11 @@ def get_backend(name: str):
         if name == "ort":
             _BACKENDS[name] = OrtOpBackend()
         elif name == "trt-harness":
-            from pimoe_export.runtime.harness import cuda_backend_or_none
+            from pimoe_export.testing.harness import cuda_backend_or_none
 
             _BACKENDS[name] = cuda_backend_or_none()
         elif name == "emu":
-            from pimoe_export.runtime.harness import emulated_backend_or_none
+            from pimoe_export.testing.harness import emulated_backend_or_none
 
             _BACKENDS[name] = emulated_backend_or_none()
         else:  # pragma: no cover

@@ -79,7 +79,7 @@ def edit_manifest(unit: Path, change: Callable[[dict], None]) -> None:
     (unit / "manifest.json").write_text(json.dumps(data))
 
 
-def artefact(data: dict, role: str) -> dict:
+def artifact(data: dict, role: str) -> dict:
     return next(a for a in data["artifacts"] if a["role"] == role)
 
 
@@ -88,12 +88,12 @@ def move_library_out(w: World) -> None:
     """The manifest names ../elsewhere/libpimoe_ort.so (a real copy with the right sha256)."""
     (w.root / "elsewhere").mkdir()
     shutil.copy(w.unit / "libpimoe_ort.so", w.root / "elsewhere" / "libpimoe_ort.so")
-    edit_manifest(w.unit, lambda d: artefact(d, "ort_library").update(file="../elsewhere/libpimoe_ort.so"))
+    edit_manifest(w.unit, lambda d: artifact(d, "ort_library").update(file="../elsewhere/libpimoe_ort.so"))
 
 
 def absolute_library(w: World) -> None:
     path = str((w.unit / "libpimoe_ort.so").resolve())
-    edit_manifest(w.unit, lambda d: artefact(d, "ort_library").update(file=path))
+    edit_manifest(w.unit, lambda d: artifact(d, "ort_library").update(file=path))
 
 
 def symlinked_library(w: World) -> None:
@@ -102,7 +102,7 @@ def symlinked_library(w: World) -> None:
     (w.unit / "libpimoe_ort.so").symlink_to(outside)
 
 
-def no_artefacts(w: World) -> None:
+def no_artifacts(w: World) -> None:
     edit_manifest(w.unit, lambda d: d.update(artifacts=[]))
 
 
@@ -154,7 +154,7 @@ UNIT_CASES = {
     "artefact path leaves the unit": (move_library_out, "outside the unit"),
     "absolute artefact path": (absolute_library, "absolute path"),
     "artefact symlinked to elsewhere": (symlinked_library, "outside the unit"),
-    "manifest with no artefacts": (no_artefacts, "lists no"),
+    "manifest with no artefacts": (no_artifacts, "lists no"),
     "library replaced with garbage": (garbage_library, "does not match its manifest sha256"),
     "ONNX tampered with": (tampered_onnx, "does not match its manifest sha256"),
     "manifest config differs from the ONNX": (lying_config, "config differs"),
@@ -205,7 +205,7 @@ def test_check_unit_runs_what_the_unit_ships(world) -> None:
 
 def test_triton_never_writes_outside_its_repository(world) -> None:
     victim = world.root.parent / "victim.txt"
-    edit_manifest(world.unit, lambda d: artefact(d, "ort_library").update(file="../../victim.txt"))
+    edit_manifest(world.unit, lambda d: artifact(d, "ort_library").update(file="../../victim.txt"))
     assert_clean_failure(cli("triton", str(world.unit), "-o", "repo", cwd=world.root), EXIT_BAD_INPUT,
                          "outside the unit")
     assert victim.read_text() == "user data" and not os.access(victim, os.X_OK)

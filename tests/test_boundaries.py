@@ -428,7 +428,7 @@ def test_a_weight_of_exactly_2_to_the_31_elements_is_refused(out, refused) -> No
 # ------------------------------------------------------------------------------------------ the portable kernels
 def test_the_library_runs_the_isa_asked_for() -> None:
     """PIMOE_CPU_ISA=generic forces the portable kernels; otherwise a CPU with AVX2, FMA and F16C gets them."""
-    from pimoe_export.artefacts.libraries import check_ort_library, find_ort_library
+    from pimoe_export.native.libraries import check_ort_library, find_ort_library
 
     isa = check_ort_library(str(find_ort_library()))["cpu_isa"]
     if os.environ.get("PIMOE_CPU_ISA") == "generic":

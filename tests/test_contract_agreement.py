@@ -20,8 +20,8 @@ from op_graphs import single_op_model
 from pimoe_export.errors import ArtifactError
 from pimoe_export.ops import schema
 from pimoe_export.ops.validation import attribute_problems
-from pimoe_export.runtime.harness import Harness, HarnessError, expert_mlp_fields, find_harness
 from pimoe_export.runtime.ort import create_session
+from pimoe_export.testing.harness import Harness, HarnessError, expert_mlp_fields, find_harness
 
 f32, i32 = np.float32, np.int32
 ORT_ERRORS = (Fail, InvalidArgument, InvalidGraph, RuntimeException, ArtifactError)
@@ -216,7 +216,7 @@ def test_bad_weight_scale_is_refused_by_the_cpu_kernel_and_reported_by_the_cuda_
     """A NaN w_scale used to be turned into 0 silently. The CPU kernel refuses any w_scale that is not a positive
     finite number; the CUDA kernel (emulated here) records it in the device status (zero included: a CUDA mutant
     that accepted 0 survived the NaN-only version of this test) and, for NaN, lets NaN flow (never a silent zero)."""
-    from pimoe_export.runtime.harness import HarnessDataError, HarnessOpBackend
+    from pimoe_export.testing.harness import HarnessDataError, HarnessOpBackend
 
     widths, attrs = [4, 4], {"expert_ids": [0], "widths": [4, 4], "activation": "relu", "layer_norm": 0,
                              "eps": 1e-5, "quant_mode": "w8a8_dynamic", "act_scales": []}

@@ -33,11 +33,11 @@ from test_ops_backends import expert_reference, make_expert_case, quantize_case
 
 from pimoe_export.model import functional
 from pimoe_export.ops import schema
-from pimoe_export.runtime.harness import (
+from pimoe_export.testing.harness import (
     Harness,
     HarnessOpBackend,
+    PluginProfile,
     PluginSession,
-    Profile,
     expert_mlp_fields,
     find_harness,
 )
@@ -78,11 +78,11 @@ def test_emulator_selftest_passes() -> None:
 
 
 # ------------------------------------------------------------------------------------------ profiles
-def profile_of(mins, opts, maxs, dtypes) -> Profile:
+def profile_of(mins, opts, maxs, dtypes) -> PluginProfile:
     def shapes(x):
         return tuple(tuple(int(d) for d in s) for s in x)
 
-    return Profile(shapes(mins), shapes(opts), shapes(maxs), tuple(np.dtype(d) for d in dtypes))
+    return PluginProfile(shapes(mins), shapes(opts), shapes(maxs), tuple(np.dtype(d) for d in dtypes))
 
 
 def test_route_runs_every_shape_of_its_profile(harness) -> None:
@@ -258,10 +258,10 @@ def test_dispatch_below_the_profile_maximum_stays_inside_its_workspace(tmp_path)
     Run in a subprocess: at 9ba5aa3 the overflowing kernel corrupts the heap (or trips the guard bytes)."""
     script = textwrap.dedent(f"""
         import numpy as np
-        from pimoe_export.runtime.harness import Harness, PluginSession, Profile
+        from pimoe_export.testing.harness import Harness, PluginSession, PluginProfile
         h = Harness({str(emulated_library())!r})
         f32, i32 = np.dtype(np.float32), np.dtype(np.int32)
-        profile = Profile(((1, 1), (1, 8)), ((4000, 1), (4000, 8)), ((5000, 1), (5000, 8)), (f32, i32))
+        profile = PluginProfile(((1, 1), (1, 8)), ((4000, 1), (4000, 8)), ((5000, 1), (5000, 8)), (f32, i32))
         rng = np.random.default_rng(0)
         with PluginSession(h, "PiMoEDispatch", {{"num_experts": 64}}, profile) as session:
             x = rng.normal(size=(4000, 1)).astype(np.float32)
@@ -420,7 +420,7 @@ def test_sanitizer_runs_do_report_a_planted_fault(sanitizer, tmp_path) -> None:
     if sanitizer == "address":
         script = textwrap.dedent(f"""
             import numpy as np
-            from pimoe_export.runtime.harness import Harness, Profile
+            from pimoe_export.testing.harness import Harness, PluginProfile
             h = Harness({str(library)!r})
             x = np.ones((64, 4), np.float32); ids = np.zeros((64, 2), np.int32)
             prepared = h.prepare("PiMoEDispatch", {{"num_experts": 8}}, [(x.shape, x.dtype), (ids.shape, ids.dtype)])

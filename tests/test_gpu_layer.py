@@ -34,7 +34,7 @@ from pimoe_export.export.modules import CustomOpPiMoE
 from pimoe_export.model import functional
 from pimoe_export.model.factory import create_from_preset
 from pimoe_export.ops import schema
-from pimoe_export.runtime.harness import HarnessDataError, HarnessError, expert_mlp_fields
+from pimoe_export.testing.harness import HarnessDataError, HarnessError, expert_mlp_fields
 from pimoe_export.validate.metrics import error_stats
 
 # fp16 tolerance (documented in docs/trt_plugins.md): against the fp16 reference (same fp16 weights, fp32 math) the

@@ -417,7 +417,7 @@ def test_portable_kernels_pass_the_same_op_tests(tmp_path) -> None:
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PIMOE_CPU_ISA": "generic"}
-    probe = subprocess.run([sys.executable, "-c", "from pimoe_export.artefacts.libraries import check_ort_library, "
+    probe = subprocess.run([sys.executable, "-c", "from pimoe_export.native.libraries import check_ort_library, "
                             "find_ort_library; print(check_ort_library(str(find_ort_library()))['cpu_isa'])"],
                            capture_output=True, text=True, env=env, cwd=root, timeout=120)
     if probe.returncode != 0:

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from pimoe_export.artefacts.libraries import check_ort_library, find_ort_cuda_library, find_ort_library
 from pimoe_export.errors import PluginLoadError
+from pimoe_export.native.libraries import check_ort_library, find_ort_cuda_library, find_ort_library
 from pimoe_export.ops import schema
 from pimoe_export.runtime.ort import CUDA_PROVIDER, create_session, op_library_for, session_options
 from pimoe_export.validate.metrics import error_stats

@@ -1,5 +1,5 @@
 """Standard Q/DQ INT8 of a whole model's non-PiMoE Linear layers through onnxruntime.quantization
-(pimoe_export/runtime/ort_qdq.py): which nodes it touches, and that the result still computes the model."""
+(pimoe_export/quantize/qdq.py): which nodes it touches, and that the result still computes the model."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers", reason="the hf extra (transfo
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
     from pimoe_export.export.model_export import export_model
-    from pimoe_export.model.moefy import MoefySettings, moefy, random_feeds
+    from pimoe_export.hf.moefy import MoefySettings, moefy, random_feeds
     from pimoe_export.quantize.model_int8 import quantize_whole_model
 
     torch.manual_seed(0)
@@ -32,7 +32,7 @@ def graphs(tmp_path_factory):
 
 
 def test_only_the_non_router_linears_become_qdq(graphs) -> None:
-    from pimoe_export.runtime.ort_qdq import quantize_linears
+    from pimoe_export.quantize.qdq import quantize_linears
 
     _, feeds, int8, root = graphs
     out = root / "model.int8-qdq.onnx"
@@ -55,8 +55,8 @@ def test_only_the_non_router_linears_become_qdq(graphs) -> None:
 
 
 def test_the_qdq_graph_still_computes_the_model(graphs) -> None:
+    from pimoe_export.quantize.qdq import quantize_linears
     from pimoe_export.runtime.ort import create_session
-    from pimoe_export.runtime.ort_qdq import quantize_linears
     from pimoe_export.validate.metrics import pooled_embedding_cosine
 
     model, feeds, int8, root = graphs
@@ -81,7 +81,7 @@ def session_fp(path, feed) -> np.ndarray:
 
 def test_bad_calibration_settings_are_refused(graphs, tmp_path) -> None:
     from pimoe_export.errors import PiMoEInputError
-    from pimoe_export.runtime.ort_qdq import quantize_linears
+    from pimoe_export.quantize.qdq import quantize_linears
 
     _, feeds, int8, _ = graphs
     with pytest.raises(PiMoEInputError, match="minmax"):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pimoe_export.artefacts import libraries
+from pimoe_export.artifacts import libraries
 from pimoe_export.errors import BackendUnavailableError
 
 ROOT = Path(__file__).resolve().parents[1]

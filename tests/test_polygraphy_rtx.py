@@ -1,6 +1,6 @@
-"""The TensorRT-RTX Polygraphy recipe (pimoe_export.deploy.polygraphy_rtx): Polygraphy's own CLI builds a TensorRT-RTX
+"""The TensorRT-RTX Polygraphy recipe (pimoe_export.build.polygraphy_rtx): Polygraphy's own CLI builds a TensorRT-RTX
 engine of an exported layer ahead of time (no GPU) with our plugins, and the plan matches the one our Python build
-path (pimoe_export.deploy.tensorrt.build_engine) makes from the same graph and profile.
+path (pimoe_export.build.engine_builder.build_engine) makes from the same graph and profile.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ PLUGINS = (schema.ROUTE, schema.DISPATCH, schema.EXPERT_MLP, schema.COMBINE)
 
 @pytest.fixture(scope="module")
 def layer(tmp_path_factory):
-    from pimoe_export.artefacts.libraries import check_plugin_library, find_plugin_library
-    from pimoe_export.artefacts.tensorrt import import_tensorrt
     from pimoe_export.export.onnx_export import export_onnx
     from pimoe_export.model import create_from_preset
+    from pimoe_export.native.libraries import check_plugin_library, find_plugin_library
+    from pimoe_export.native.tensorrt_loader import import_tensorrt
 
     try:
         import_tensorrt("rtx")
@@ -45,8 +45,8 @@ def _shape_args(profile) -> list[str]:
 
 
 def test_prepared_folder_holds_the_module_alias_and_the_library_link(tmp_path) -> None:
-    from pimoe_export.artefacts.tensorrt import rtx_library
-    from pimoe_export.deploy.polygraphy_rtx import polygraphy_environment, prepare_folder
+    from pimoe_export.build.polygraphy_rtx import polygraphy_environment, prepare_folder
+    from pimoe_export.native.tensorrt_loader import rtx_library
 
     try:
         folder = prepare_folder(tmp_path / "rtx")
@@ -62,13 +62,13 @@ def test_prepared_folder_holds_the_module_alias_and_the_library_link(tmp_path) -
 
 @pytest.mark.slow
 def test_polygraphy_convert_builds_the_rtx_engine_with_our_plugins(layer) -> None:
-    from pimoe_export.deploy.tensorrt import build_engine
+    from pimoe_export.build.engine_builder import build_engine
 
     root, profile = layer
     engine = root / "polygraphy.engine"
     argv = ["convert", str(root / "model.onnx"), "--convert-to", "trt", "-o", str(engine),
             "--compute-capabilities", "8.9", *_shape_args(profile)]
-    done = subprocess.run([sys.executable, "-m", "pimoe_export.deploy.polygraphy_rtx", *argv], cwd=root,
+    done = subprocess.run([sys.executable, "-m", "pimoe_export.build.polygraphy_rtx", *argv], cwd=root,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     plan = engine.read_bytes()

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pimoe_export"
 
 #: the pipeline, in order: a subpackage may import only those before it (and the foundation)
-ORDER = ("model", "ops", "export", "quantize", "artefacts", "deploy", "runtime", "validate", "bench", "pipeline",
-         "cli")
+ORDER = ("model", "ops", "native", "hf", "export", "quantize", "artifacts", "build", "runtime", "serve", "testing",
+         "validate", "bench", "pipeline", "cli")
 #: imported by everything, importing nothing of the pipeline
 FOUNDATION = ("errors", "interface", "_files")
 MAX_FUNCTION_LINES = 80

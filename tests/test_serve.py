@@ -322,7 +322,7 @@ def test_sigterm_finishes_the_request_in_flight_and_stops(server) -> None:
 def test_the_stub_gets_this_interpreters_libpython_first() -> None:
     import sysconfig
 
-    from pimoe_export.runtime.serve import stub_environment
+    from pimoe_export.serve.server import stub_environment
 
     libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
     if not (sysconfig.get_config_var("Py_ENABLE_SHARED") and (Path(libdir) / soname).exists()):

@@ -91,9 +91,9 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rtx_unit(tiny, tmp_path_factory) -> Path:
-    from pimoe_export.artefacts import libraries as L
-    from pimoe_export.artefacts import tensorrt as T
-    from pimoe_export.deploy.units import BuildOptions, build_unit
+    from pimoe_export.build.units import BuildOptions, build_unit
+    from pimoe_export.native import libraries as L
+    from pimoe_export.native import tensorrt_loader as T
 
     try:
         L.find_plugin_library()
@@ -107,7 +107,7 @@ def rtx_unit(tiny, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ort_unit(tiny, tmp_path_factory) -> Path:
-    from pimoe_export.deploy.units import package_ort
+    from pimoe_export.build.units import package_ort
 
     try:
         unit = tmp_path_factory.mktemp("units") / "ort-fp32"
@@ -118,7 +118,7 @@ def ort_unit(tiny, tmp_path_factory) -> Path:
 
 
 def _manifest(unit: Path):
-    from pimoe_export.artefacts.manifest import read_manifest
+    from pimoe_export.artifacts.manifest import read_manifest
 
     return read_manifest(unit)
 
@@ -139,7 +139,7 @@ def _onnx_io(path: Path) -> tuple[list[tuple[str, str, list[int]]], list[tuple[s
 # ------------------------------------------------------------------------------------------ TensorRT units
 @pytest.mark.trt
 def test_tensorrt_repository_matches_manifest_and_onnx(rtx_unit, tiny, tmp_path) -> None:
-    from pimoe_export.deploy.triton import write_triton_repository
+    from pimoe_export.serve.triton import write_triton_repository
 
     repo = tmp_path / "repo"
     model = write_triton_repository(rtx_unit, repo, name="pimoe_tiny", allow_rtx=True)
@@ -174,7 +174,7 @@ def test_tensorrt_repository_matches_manifest_and_onnx(rtx_unit, tiny, tmp_path)
 
 @pytest.mark.trt
 def test_rtx_unit_is_refused_without_allow_rtx(rtx_unit, tmp_path) -> None:
-    from pimoe_export.deploy.triton import TritonRepositoryError, write_triton_repository
+    from pimoe_export.serve.triton import TritonRepositoryError, write_triton_repository
 
     with pytest.raises(TritonRepositoryError, match=r"TensorRT-RTX engine.*--flavour tensorrt"):
         write_triton_repository(rtx_unit, tmp_path / "repo")
@@ -185,7 +185,7 @@ def test_rtx_unit_is_refused_without_allow_rtx(rtx_unit, tmp_path) -> None:
 @pytest.mark.parametrize("victim", ["model.engine", "libpimoe_trt_plugins.so", "manifest.json"])
 def test_tampered_unit_is_refused(tiny, rtx_unit, tmp_path, victim, capsys) -> None:
     from pimoe_export.cli import main
-    from pimoe_export.deploy.triton import write_triton_repository
+    from pimoe_export.serve.triton import write_triton_repository
 
     unit = tmp_path / "unit"
     shutil.copytree(rtx_unit, unit)
@@ -247,7 +247,7 @@ def test_cli_options(rtx_unit, tmp_path, capsys) -> None:
     ({"server_repository": "models"}, "--server-repo must be an absolute path"),
 ])
 def test_bad_options_are_refused(rtx_unit, tmp_path, options, message) -> None:
-    from pimoe_export.deploy.triton import TritonRepositoryError, write_triton_repository
+    from pimoe_export.serve.triton import TritonRepositoryError, write_triton_repository
 
     with pytest.raises(TritonRepositoryError, match=message):
         write_triton_repository(rtx_unit, tmp_path / "repo", allow_rtx=True, **options)
@@ -255,7 +255,7 @@ def test_bad_options_are_refused(rtx_unit, tmp_path, options, message) -> None:
 
 
 def test_force_does_not_delete_foreign_folders(ort_unit, tmp_path) -> None:
-    from pimoe_export.deploy.triton import TritonRepositoryError, write_triton_repository
+    from pimoe_export.serve.triton import TritonRepositoryError, write_triton_repository
 
     foreign = tmp_path / "repo" / "mine"
     foreign.mkdir(parents=True)
@@ -270,8 +270,8 @@ def test_onnxruntime_repository(ort_unit, tiny, tmp_path) -> None:
     """Served by Triton's ONNX Runtime backend: model.onnx + our op library via model_operations, on the CPU."""
     import torch
 
-    from pimoe_export.deploy.triton import write_triton_repository
     from pimoe_export.runtime.ort import create_session
+    from pimoe_export.serve.triton import write_triton_repository
 
     repo = tmp_path / "repo"
     write_triton_repository(ort_unit, repo, name="tiny_ort")
@@ -300,7 +300,7 @@ def test_onnxruntime_repository(ort_unit, tiny, tmp_path) -> None:
 
 
 def test_onnxruntime_repository_with_server_path(ort_unit, tmp_path) -> None:
-    from pimoe_export.deploy.triton import write_triton_repository
+    from pimoe_export.serve.triton import write_triton_repository
 
     write_triton_repository(ort_unit, tmp_path / "repo", name="m", server_repository="/models/")
     config = parse_pbtxt((tmp_path / "repo" / "m" / "config.pbtxt").read_text())
@@ -310,7 +310,7 @@ def test_onnxruntime_repository_with_server_path(ort_unit, tmp_path) -> None:
 def test_unit_without_io_is_refused(ort_unit, tmp_path) -> None:
     import json
 
-    from pimoe_export.deploy.triton import write_triton_repository
+    from pimoe_export.serve.triton import write_triton_repository
 
     unit = tmp_path / "unit"
     shutil.copytree(ort_unit, unit)
@@ -322,7 +322,7 @@ def test_unit_without_io_is_refused(ort_unit, tmp_path) -> None:
 
 
 def test_not_a_unit(tmp_path) -> None:
-    from pimoe_export.deploy.triton import write_triton_repository
+    from pimoe_export.serve.triton import write_triton_repository
 
     with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
         write_triton_repository(tmp_path, tmp_path / "repo")

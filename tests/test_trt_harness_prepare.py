@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pimoe_export.ops import schema
-from pimoe_export.runtime.harness import (
+from pimoe_export.testing.harness import (
     FIELD_INT64,
     Harness,
     HarnessError,

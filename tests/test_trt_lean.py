@@ -6,13 +6,12 @@
   and namespace, with the contract's attributes as declared fields.
 - Each creator builds plugins from field collections made from the contract (the types TensorRT's ONNX parser
   delivers) and rejects bad fields; the plugins report the contract's name, version, namespace and outputs.
-- pimoe_export.artefacts (libraries, tensorrt) reports missing pieces with its error types, and never imports torch.
+- pimoe_export.native (libraries, tensorrt_loader) reports missing pieces with its error types, and never imports torch.
 - The generated *_PluginConfig.yaml files match the contract.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def plugin_library_or_skip() -> Path:
-    from pimoe_export.artefacts.libraries import find_plugin_library
+    from pimoe_export.native.libraries import find_plugin_library
 
     try:
         return find_plugin_library()
@@ -38,7 +37,7 @@ def plugin_library_or_skip() -> Path:
 
 @pytest.fixture(scope="module")
 def lean():
-    from pimoe_export.artefacts import tensorrt as T
+    from pimoe_export.native import tensorrt_loader as T
 
     path = plugin_library_or_skip()
     try:
@@ -53,7 +52,7 @@ def lean():
 
 # ------------------------------------------------------------------------------------------ the library file
 def test_library_exports_entry_points_and_needs_no_tensorrt() -> None:
-    from pimoe_export.artefacts.libraries import check_plugin_library
+    from pimoe_export.native.libraries import check_plugin_library
 
     path = plugin_library_or_skip()
     info = check_plugin_library(str(path))
@@ -213,13 +212,13 @@ def test_creator_rejects_fields_of_the_wrong_type(lean) -> None:
 
 # ------------------------------------------------------------------------------------------ python helpers
 def test_tensorrt_helpers_never_import_torch() -> None:
-    code = ("import sys, pimoe_export.artefacts.tensorrt as t, pimoe_export.artefacts.libraries as l; "
+    code = ("import sys, pimoe_export.native.tensorrt_loader as t, pimoe_export.native.libraries as l; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_missing_plugin_library_is_a_plugin_load_error(monkeypatch, tmp_path) -> None:
-    from pimoe_export.artefacts import libraries as L
+    from pimoe_export.native import libraries as L
 
     monkeypatch.setenv(L.PLUGIN_LIBRARY_ENV, str(tmp_path / "missing.so"))
     with pytest.raises(PluginLoadError, match="PIMOE_TRT_PLUGINS"):
@@ -227,7 +226,7 @@ def test_missing_plugin_library_is_a_plugin_load_error(monkeypatch, tmp_path) ->
 
 
 def test_foreign_library_is_a_plugin_load_error() -> None:
-    from pimoe_export.artefacts.libraries import check_plugin_library
+    from pimoe_export.native.libraries import check_plugin_library
     from pimoe_export.runtime.ort import find_ort_library
 
     with pytest.raises(PluginLoadError, match="not a pimoe TensorRT plugin library"):
@@ -235,7 +234,7 @@ def test_foreign_library_is_a_plugin_load_error() -> None:
 
 
 def test_missing_tensorrt_module_is_backend_unavailable(monkeypatch) -> None:
-    from pimoe_export.artefacts import tensorrt as T
+    from pimoe_export.native import tensorrt_loader as T
 
     monkeypatch.setitem(T.FLAVOURS, "rtx", ("pimoe_no_such_tensorrt_module", "a pip requirement"))
     with pytest.raises(BackendUnavailableError, match="pip requirement"):
@@ -245,11 +244,8 @@ def test_missing_tensorrt_module_is_backend_unavailable(monkeypatch) -> None:
 
 
 def test_plugin_configs_match_the_contract() -> None:
-    script = ROOT / "scripts" / "gen_trt_plugin_configs.py"
-    spec = importlib.util.spec_from_file_location("gen_trt_plugin_configs", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from pimoe_export.ops import plugin_configs as module
+
     for op in schema.SCHEMAS.values():
         path = module.config_path(op.name)
-        assert path.read_text() == module.render(op), f"run python scripts/gen_trt_plugin_configs.py ({path})"
+        assert path.read_text() == module.render(op), f"run python -m pimoe_export.ops.codegen ({path})"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from op_graphs import expert_mlp_attrs, single_op_model
 
-from pimoe_export.deploy import tensorrt as D
+from pimoe_export.build import engine_builder as D
 from pimoe_export.errors import BackendUnavailableError, PluginLoadError
 from pimoe_export.interface import Profile, layer_interface, profile_shapes
 from pimoe_export.ops import schema
@@ -35,8 +35,8 @@ def layer_profile(hidden_size: int) -> dict:
 
 @pytest.fixture(scope="module")
 def rtx():
-    from pimoe_export.artefacts import libraries as L
-    from pimoe_export.artefacts import tensorrt as T
+    from pimoe_export.native import libraries as L
+    from pimoe_export.native import tensorrt_loader as T
 
     try:
         plugin = L.find_plugin_library()
@@ -212,8 +212,8 @@ def test_k_larger_than_experts_fails_the_build(rtx, tmp_path) -> None:
 
 STATIC_SCRIPT = r"""
 import ctypes, sys
-from pimoe_export.artefacts import tensorrt as T
-from pimoe_export.deploy import tensorrt as D
+from pimoe_export.native import tensorrt_loader as T
+from pimoe_export.build import engine_builder as D
 from pimoe_export.errors import PluginLoadError
 trt = T.import_tensorrt(sys.argv[1])
 registry = trt.get_plugin_registry()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pimoe_export.artefacts.manifest import read_manifest, verify
+from pimoe_export.artifacts.manifest import read_manifest, verify
+from pimoe_export.build.units import package_ort
 from pimoe_export.cli import main
-from pimoe_export.deploy.units import package_ort
 from pimoe_export.errors import ArtifactError, BackendUnavailableError, PiMoEInputError, PluginLoadError
 from pimoe_export.export.onnx_export import export_onnx
 from pimoe_export.interface import Profile
@@ -142,8 +142,8 @@ def test_missing_unit_and_inspect_cli(ort_unit, tmp_path, capsys) -> None:
 # ------------------------------------------------------------------------------------------ TensorRT(-RTX)
 def _rtx_or_skip():
     try:
-        from pimoe_export.artefacts.libraries import find_plugin_library
-        from pimoe_export.artefacts.tensorrt import import_tensorrt
+        from pimoe_export.native.libraries import find_plugin_library
+        from pimoe_export.native.tensorrt_loader import import_tensorrt
 
         import_tensorrt("rtx")
         find_plugin_library()
@@ -183,15 +183,15 @@ def test_cli_build_produces_rtx_units_with_manifests(preset, tmp_path, capsys) -
 def test_tensorrt_engine_runs_where_tensorrt_and_a_gpu_exist(tiny, tmp_path) -> None:
     """Runs in the docker/ server image (TensorRT + GPU); skipped elsewhere."""
     try:
-        from pimoe_export.artefacts.devices import local_gpu_sm
-        from pimoe_export.artefacts.tensorrt import import_tensorrt
+        from pimoe_export.native.devices import local_gpu_sm
+        from pimoe_export.native.tensorrt_loader import import_tensorrt
 
         import_tensorrt("tensorrt")
     except BackendUnavailableError as exc:
         pytest.skip(str(exc))
     if local_gpu_sm() is None:
         pytest.skip("no GPU")
-    from pimoe_export.deploy.units import BuildOptions, build_unit
+    from pimoe_export.build.units import BuildOptions, build_unit
 
     model, onnx_path, _ = tiny
     build_unit(onnx_path, tmp_path / "trt", options=BuildOptions(flavour="tensorrt"))

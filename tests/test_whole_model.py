@@ -117,7 +117,7 @@ def test_onnx_runtime_equals_pytorch_at_every_shape(exported) -> None:
 
 
 def test_unit_runs_named_inputs_and_check_passes_through_the_python_api(exported, tmp_path) -> None:
-    from pimoe_export.deploy.units import package_ort
+    from pimoe_export.build.units import package_ort
     from pimoe_export.runtime.engine import Engine
     from pimoe_export.validate.check import check_onnx, check_unit
 
@@ -165,10 +165,10 @@ def test_check_fails_when_one_layer_differs(exported, tmp_path) -> None:
 
 
 def test_rtx_builds_the_whole_model_fp32_and_int8(exported, tmp_path) -> None:
-    from pimoe_export.artefacts import libraries as L
-    from pimoe_export.artefacts import tensorrt as T
-    from pimoe_export.deploy.units import BuildOptions, build_unit
+    from pimoe_export.build.units import BuildOptions, build_unit
     from pimoe_export.errors import BackendUnavailableError
+    from pimoe_export.native import libraries as L
+    from pimoe_export.native import tensorrt_loader as T
 
     _, path, _ = exported
     try:
@@ -245,8 +245,8 @@ def test_fp16_whole_model_runs_within_fp16_rounding(exported, tmp_path) -> None:
 
 def test_triton_repository_for_a_multi_input_unit(exported, tmp_path) -> None:
     """A whole-model unit's Triton config lists every named input and output with its dtype and dynamic axes."""
-    from pimoe_export.deploy.triton import write_triton_repository
-    from pimoe_export.deploy.units import package_ort
+    from pimoe_export.build.units import package_ort
+    from pimoe_export.serve.triton import write_triton_repository
 
     _, path, _ = exported
     try:

@@ -23,7 +23,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pimoe_export._files import output_file
     from pimoe_export.export.onnx_export import export_onnx
-    from pimoe_export.model.moefy import is_moefied
+    from pimoe_export.hf.moefy import is_moefied
 
     precision = "fp16" if args.fp16 else "fp32"
     if is_moefied(args.model_dir):
@@ -47,7 +47,7 @@ def _export_whole_model(args: argparse.Namespace, precision: str):
     from pimoe_export._files import output_file
     from pimoe_export.errors import PiMoEInputError
     from pimoe_export.export.model_export import export_model
-    from pimoe_export.model.moefy import load_moefied, random_feeds
+    from pimoe_export.hf.moefy import load_moefied, random_feeds
 
     if args.standard_ops:
         raise PiMoEInputError("--standard-ops exports a bare PiMoE layer; a whole model is exported with the pimoe "

@@ -1,4 +1,4 @@
-"""`pimoe-export moefy`: a Hugging Face BERT-family encoder with PiMoE feed-forward blocks (model/moefy.py)."""
+"""`pimoe-export moefy`: a Hugging Face BERT-family encoder with PiMoE feed-forward blocks (hf/moefy.py)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def non_negative(text: str) -> float:
 def _split(args: argparse.Namespace, vocab_size: int) -> tuple[list, list, str]:
     """(training feeds, held-out feeds, a description): the text's lines 4:1 by position (held out: every fifth,
     when there are at least 5), or seeded random token ids."""
-    from pimoe_export.model.moefy import random_feeds, read_lines, text_feeds
+    from pimoe_export.hf.moefy import random_feeds, read_lines, text_feeds
 
     if args.calib is None:
         return random_feeds(vocab_size, args.seed), random_feeds(vocab_size, args.seed + 1, ((4, 24),) * 2), \
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pimoe_export._files import OutputDir
     from pimoe_export.errors import PiMoEConfigError
-    from pimoe_export.model.moefy import (
+    from pimoe_export.hf.moefy import (
         MANIFEST,
         TOKENIZER_FILES,
         WEIGHTS,

@@ -33,7 +33,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pimoe_export.model.moefy import is_moefied
+    from pimoe_export.hf.moefy import is_moefied
     from pimoe_export.pipeline import run_pipeline
 
     whole = args.model is not None and is_moefied(args.model)
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
             raise PiMoEInputError("--calib applies to whole models (a `pimoe-export moefy` directory); a PiMoE "
                                   "layer checkpoint calibrates on seeded hidden states")
-        from pimoe_export.model.moefy import read_lines
+        from pimoe_export.hf.moefy import read_lines
 
         read_lines(args.calib)
     summary = run_pipeline(output=args.output, preset=args.preset, model_dir=args.model, seed=args.seed,

@@ -1,4 +1,4 @@
-"""`Engine`: one API over the backends that serve a deployable unit (see pimoe_export.artefacts.manifest).
+"""`Engine`: one API over the backends that serve a deployable unit (see pimoe_export.artifacts.manifest).
 
     engine = Engine.load("engines/seed-512/ort-int8")     # the unit is verified before anything is loaded
     y = engine.run(x)                                      # numpy in -> numpy out, torch in -> torch out
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from pimoe_export.artefacts.manifest import Unit, read_manifest, verify
+from pimoe_export.artifacts.manifest import Unit, read_manifest, verify
 from pimoe_export.errors import ArtifactError, BackendUnavailableError, PiMoEError, PiMoEInputError
 from pimoe_export.interface import (
     BATCH_AXIS,
@@ -152,7 +152,7 @@ class Engine:
 
 class OrtEngine(Engine):
     def __init__(self, unit_dir: Path, threads: int | None = None, providers: list[str] | None = None) -> None:
-        from pimoe_export.artefacts.libraries import import_onnxruntime
+        from pimoe_export.native.libraries import import_onnxruntime
         from pimoe_export.runtime.ort import create_session
 
         ort = import_onnxruntime()
@@ -179,8 +179,8 @@ class TensorRTEngine(Engine):
     """TensorRT backend (needs TensorRT + a GPU of a target SM; exercised in the docker/ server image)."""
 
     def __init__(self, unit_dir: Path) -> None:
-        from pimoe_export.artefacts.devices import local_gpu_sm
-        from pimoe_export.artefacts.tensorrt import import_tensorrt, load_plugin_library, process_logger
+        from pimoe_export.native.devices import local_gpu_sm
+        from pimoe_export.native.tensorrt_loader import import_tensorrt, load_plugin_library, process_logger
 
         manifest = verify(unit_dir).manifest  # integrity first: a tampered unit is refused whatever the machine
         if manifest.backend == "tensorrt-rtx":

@@ -11,14 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pimoe_export.artefacts.libraries import (
+from pimoe_export.errors import ArtifactError, PluginLoadError
+from pimoe_export.interface import MIN_ONNXRUNTIME, version_tuple
+from pimoe_export.native.libraries import (
     check_ort_library,
     find_ort_cuda_library,
     find_ort_library,
     import_onnxruntime,
 )
-from pimoe_export.errors import ArtifactError, PluginLoadError
-from pimoe_export.interface import MIN_ONNXRUNTIME, version_tuple
 
 __all__ = ["check_ort_library", "create_session", "find_ort_library", "op_library_for", "session_options"]
 

@@ -64,7 +64,7 @@ def check_onnx(
     feeds: Sequence[dict[str, Any]] | None = None,
 ) -> CheckReport:
     """Compare the PyTorch ``model`` with the ONNX graph at ``onnx_path`` on ONNX Runtime (CPU)."""
-    from pimoe_export.artefacts.libraries import check_ort_library, find_ort_library, import_onnxruntime
+    from pimoe_export.native.libraries import check_ort_library, find_ort_library, import_onnxruntime
     from pimoe_export.ops.validation import check_graph
     from pimoe_export.validate.runners import onnx_runner
 

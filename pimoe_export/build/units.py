@@ -1,7 +1,7 @@
 """Create deployable units: ONNX Runtime units (CPU) and TensorRT / TensorRT-RTX engine units.
 
 Engine units are built through the TensorRT Python API from the custom-op ONNX with our plugin library
-(:func:`pimoe_export.deploy.tensorrt.build_engine`): strongly typed network, an optimisation profile over
+(:func:`pimoe_export.build.engine_builder.build_engine`): strongly typed network, an optimisation profile over
 ``hidden_states`` [batch, sequence, H], builder optimisation level, a timing cache that is loaded and saved,
 and version/hardware-compatibility options. With TensorRT-RTX the same code builds ahead of time for chosen
 compute capabilities on a machine without a GPU; with full TensorRT it builds for the local GPU.
@@ -14,15 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pimoe_export._files import OutputDir
-from pimoe_export.artefacts.devices import local_gpu_sm
-from pimoe_export.artefacts.libraries import (
-    check_ort_library,
-    check_plugin_library,
-    find_ort_library,
-    find_plugin_library,
-    import_onnxruntime,
-)
-from pimoe_export.artefacts.manifest import Artifact, Manifest, copy_artifact
+from pimoe_export.artifacts.manifest import Artifact, Manifest, copy_artifact
 from pimoe_export.errors import ArtifactError, BackendUnavailableError
 from pimoe_export.interface import (
     CUDA_ARCHITECTURES,
@@ -34,6 +26,14 @@ from pimoe_export.interface import (
     profile_shapes,
     read_metadata,
     sm_names,
+)
+from pimoe_export.native.devices import local_gpu_sm
+from pimoe_export.native.libraries import (
+    check_ort_library,
+    check_plugin_library,
+    find_ort_library,
+    find_plugin_library,
+    import_onnxruntime,
 )
 from pimoe_export.ops.validation import check_graph
 
@@ -113,7 +113,7 @@ class BuildOptions:
 
 def detect_flavour(preferred: str = "auto") -> str:
     """"tensorrt" when full TensorRT imports, else "rtx" when TensorRT-RTX does; BackendUnavailableError otherwise."""
-    from pimoe_export.artefacts.tensorrt import import_tensorrt
+    from pimoe_export.native.tensorrt_loader import import_tensorrt
 
     if preferred not in ("auto", "tensorrt", "rtx"):
         raise ArtifactError(f"unknown TensorRT flavour {preferred!r}; expected auto, tensorrt or rtx")
@@ -167,8 +167,8 @@ def build_unit(
 
     The engine is built before anything is written; ``unit_dir`` is an output directory (files in it that
     pimoe-export did not write are not replaced unless ``force``)."""
-    from pimoe_export.artefacts.tensorrt import import_tensorrt
-    from pimoe_export.deploy.tensorrt import build_engine
+    from pimoe_export.build.engine_builder import build_engine
+    from pimoe_export.native.tensorrt_loader import import_tensorrt
 
     options = options or BuildOptions()
     onnx_path, meta = _source(onnx_path)

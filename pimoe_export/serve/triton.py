@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pimoe_export._files import OutputDir, sha256_file
-from pimoe_export.artefacts.manifest import Manifest, Unit, verify
+from pimoe_export.artifacts.manifest import Manifest, Unit, verify
 from pimoe_export.errors import ArtifactError, PiMoEError
 from pimoe_export.interface import LAYER_INPUT
 
@@ -72,7 +72,7 @@ class TritonRepositoryError(PiMoEError, ValueError):
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class TritonTensor:
     """One model input or output as Triton sees it."""
 
     name: str
@@ -92,8 +92,8 @@ class TritonModel:
     model_file: Path
     library: Path
     readme: Path
-    inputs: list[TensorSpec] = field(default_factory=list)
-    outputs: list[TensorSpec] = field(default_factory=list)
+    inputs: list[TritonTensor] = field(default_factory=list)
+    outputs: list[TritonTensor] = field(default_factory=list)
     max_batch_size: int = 0
 
 
@@ -105,7 +105,7 @@ def default_model_name(unit_dir: str | Path) -> str:
     return name or "pimoe"
 
 
-def tensor_specs(manifest: Manifest) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def tensor_specs(manifest: Manifest) -> tuple[list[TritonTensor], list[TritonTensor]]:
     """Inputs and outputs from the manifest's ``io``.
 
     Entries are ``[name, dtype, shape]``; a dim that is a string (``"batch"``) or negative is dynamic (-1). An
@@ -117,7 +117,7 @@ def tensor_specs(manifest: Manifest) -> tuple[list[TensorSpec], list[TensorSpec]
         raise ArtifactError("the unit's manifest records no inputs/outputs (io); rebuild the unit with this "
                             "version of pimoe-export (`pimoe-export build` / `pimoe-export pipeline`)")
 
-    def convert(entries: list[Any], default_dtype: str | None) -> list[TensorSpec]:
+    def convert(entries: list[Any], default_dtype: str | None) -> list[TritonTensor]:
         specs = []
         for entry in entries:
             try:
@@ -129,7 +129,7 @@ def tensor_specs(manifest: Manifest) -> tuple[list[TensorSpec], list[TensorSpec]
                 raise TritonRepositoryError(f"tensor {name!r} has dtype {dtype!r}, which has no Triton data type "
                                             f"mapping here (known: {sorted(TRITON_DTYPES)})")
             dims = tuple(int(d) if isinstance(d, int) and d >= 0 else -1 for d in shape)
-            specs.append(TensorSpec(str(name), TRITON_DTYPES[dtype], dims))
+            specs.append(TritonTensor(str(name), TRITON_DTYPES[dtype], dims))
         return specs
 
     inputs = convert(list(io["inputs"]), None)
@@ -138,7 +138,7 @@ def tensor_specs(manifest: Manifest) -> tuple[list[TensorSpec], list[TensorSpec]
     return inputs, outputs
 
 
-def _tensor_block(kind: str, specs: list[TensorSpec], drop_batch: bool) -> str:
+def _tensor_block(kind: str, specs: list[TritonTensor], drop_batch: bool) -> str:
     entries = []
     for spec in specs:
         dims = spec.dims[1:] if drop_batch else spec.dims
@@ -154,8 +154,8 @@ def render_config(
     name: str,
     platform: str,
     model_filename: str,
-    inputs: list[TensorSpec],
-    outputs: list[TensorSpec],
+    inputs: list[TritonTensor],
+    outputs: list[TritonTensor],
     *,
     max_batch_size: int = 0,
     instances: int = 1,
@@ -340,8 +340,8 @@ def _claim_model_dir(repository: Path, name: str, force: bool) -> Path:
     return out.claim(name)
 
 
-def _finish(staging: Path, final: Path, name: str, platform: str, model_filename: str, inputs: list[TensorSpec],
-            outputs: list[TensorSpec], max_batch_size: int, instances: int, kind: str, server_dir: str, unit: Unit,
+def _finish(staging: Path, final: Path, name: str, platform: str, model_filename: str, inputs: list[TritonTensor],
+            outputs: list[TritonTensor], max_batch_size: int, instances: int, kind: str, server_dir: str, unit: Unit,
             repository: Path) -> TritonModel:
     """config.pbtxt and README.md into the staging folder; the returned paths are those after the rename."""
     manifest, unit_dir = unit.manifest, unit.dir

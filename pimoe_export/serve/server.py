@@ -42,10 +42,10 @@ from typing import Any
 
 import numpy as np
 
-from pimoe_export.deploy.triton import default_model_name
 from pimoe_export.errors import BackendUnavailableError, PiMoEError, PiMoEInputError
 from pimoe_export.interface import BATCH_AXIS, TensorInterface
 from pimoe_export.runtime.engine import Engine
+from pimoe_export.serve.triton import default_model_name
 
 MODEL_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")

@@ -1,4 +1,4 @@
-"""Loading TensorRT and our plugin library into it (no building here: pimoe_export.deploy.tensorrt builds).
+"""Loading TensorRT and our plugin library into it (no building here: pimoe_export.build.engine_builder builds).
 
 Three TensorRT flavours, each imported lazily (importing this module needs neither TensorRT nor CUDA, and it
 never imports torch):
@@ -22,8 +22,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pimoe_export.artefacts.libraries import check_plugin_library, find_plugin_library
 from pimoe_export.errors import BackendUnavailableError, PluginLoadError
+from pimoe_export.native.libraries import check_plugin_library, find_plugin_library
 from pimoe_export.ops import schema
 
 PLUGIN_NAMES = (schema.ROUTE, schema.DISPATCH, schema.EXPERT_MLP, schema.COMBINE)

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from pimoe_export.artefacts.libraries import find_ort_library, import_onnxruntime
 from pimoe_export.errors import PiMoEExportError, PiMoEInputError
+from pimoe_export.native.libraries import find_ort_library, import_onnxruntime
 from pimoe_export.ops.schema import DOMAIN
 
 ROUTE_OP, DISPATCH_OP = "PiMoERoute", "PiMoEDispatch"

@@ -51,7 +51,7 @@ GUARD_ENV = "PIMOE_HARNESS_GUARD_BYTES"
 _GUARD_BYTE = 0xA5
 
 Shape = tuple[int, ...]
-TensorSpec = tuple[Sequence[int], Any]  # (shape, numpy dtype)
+ShapeAndDtype = tuple[Sequence[int], Any]  # (shape, numpy dtype)
 
 
 class HarnessError(PiMoEError, RuntimeError):
@@ -127,7 +127,7 @@ def _desc(shape: Sequence[int], dtype: Any) -> _Desc:
     return d
 
 
-def _descs(specs: Sequence[TensorSpec]) -> ctypes.Array:
+def _descs(specs: Sequence[ShapeAndDtype]) -> ctypes.Array:
     return (_Desc * max(1, len(specs)))(*[_desc(s, d) for s, d in specs])
 
 
@@ -142,7 +142,7 @@ class Prepared:
 
 
 @dataclass(frozen=True)
-class Profile:
+class PluginProfile:
     """An optimisation profile: (min, opt, max) shape of every input, and the input dtypes."""
 
     min: tuple[Shape, ...]
@@ -151,11 +151,11 @@ class Profile:
     dtypes: tuple[np.dtype, ...]
 
     @classmethod
-    def fixed(cls, inputs: Sequence[TensorSpec]) -> Profile:
+    def fixed(cls, inputs: Sequence[ShapeAndDtype]) -> PluginProfile:
         shapes = tuple(tuple(int(d) for d in s) for s, _ in inputs)
         return cls(shapes, shapes, shapes, tuple(np.dtype(d) for _, d in inputs))
 
-    def specs(self, which: Sequence[Shape]) -> list[TensorSpec]:
+    def specs(self, which: Sequence[Shape]) -> list[ShapeAndDtype]:
         return list(zip(which, self.dtypes, strict=True))
 
 
@@ -194,7 +194,7 @@ class Harness:
             raise HarnessError(self.last_error())
 
     # -------------------------------------------------------------------------------------- build / shapes
-    def prepare(self, op: str, attrs: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> Prepared:
+    def prepare(self, op: str, attrs: Mapping[str, Any], inputs: Sequence[ShapeAndDtype]) -> Prepared:
         """Build `op` for fixed input shapes (a one-shape profile) and set them; no GPU needed."""
         fields, keep = make_fields(op, attrs)
         handle = ctypes.c_void_p()
@@ -205,7 +205,7 @@ class Harness:
         self._check(rc)
         return self._prepared(handle)
 
-    def prepare_profile(self, op: str, attrs: Mapping[str, Any], profile: Profile) -> Prepared:
+    def prepare_profile(self, op: str, attrs: Mapping[str, Any], profile: PluginProfile) -> Prepared:
         """Build `op` for an optimisation profile, as TensorRT's builder would; no GPU needed."""
         fields, keep = make_fields(op, attrs)
         handle = ctypes.c_void_p()
@@ -217,7 +217,7 @@ class Harness:
         self._check(rc)
         return self._prepared(handle)
 
-    def set_shapes(self, prepared: Prepared, inputs: Sequence[TensorSpec]) -> list[tuple[Shape, np.dtype]]:
+    def set_shapes(self, prepared: Prepared, inputs: Sequence[ShapeAndDtype]) -> list[tuple[Shape, np.dtype]]:
         """onShapeChange for run shapes inside the profile; returns (and records) the output shapes."""
         self._check(self.lib.pimoe_harness_set_input_shapes(prepared.handle,
                                                             ctypes.cast(_descs(inputs), ctypes.c_void_p), len(inputs)))
@@ -354,7 +354,7 @@ class PluginSession:
     data (unless ``check_status=False``).
     """
 
-    def __init__(self, harness: Harness, op: str, attrs: Mapping[str, Any], profile: Profile) -> None:
+    def __init__(self, harness: Harness, op: str, attrs: Mapping[str, Any], profile: PluginProfile) -> None:
         self.harness, self.op = harness, op
         self.guard = guard_bytes()
         self.prepared = harness.prepare_profile(op, attrs, profile)
@@ -426,7 +426,8 @@ class HarnessOpBackend:
     def run(self, op: str, attrs: Mapping[str, Any], arrays: Sequence[np.ndarray],
             check_status: bool = True) -> list[np.ndarray]:
         arrays = [np.ascontiguousarray(a) for a in arrays]
-        with PluginSession(self.harness, op, attrs, Profile.fixed([(a.shape, a.dtype) for a in arrays])) as session:
+        profile = PluginProfile.fixed([(a.shape, a.dtype) for a in arrays])
+        with PluginSession(self.harness, op, attrs, profile) as session:
             return session.run(arrays, check_status)
 
     def route(self, logits: np.ndarray, bias: np.ndarray | None, k: int, normalize: bool):
@@ -498,7 +499,7 @@ def _torch_to_np(dtype: Any) -> np.dtype:
 
 def find_harness(emulated: bool = False) -> Path | None:
     """The built harness library (``emulated``: the CPU-emulator build), or None when it has not been built."""
-    from pimoe_export.artefacts.libraries import find_harness_library
+    from pimoe_export.native.libraries import find_harness_library
 
     try:
         return find_harness_library(emulated=emulated)

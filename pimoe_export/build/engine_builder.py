@@ -1,5 +1,5 @@
 """TensorRT engine builds: parse the exported ONNX with TensorRT's parser (our plugins registered through
-:mod:`pimoe_export.artefacts.tensorrt`) and build a serialized engine, ahead of time with TensorRT-RTX on a machine
+:mod:`pimoe_export.native.tensorrt_loader`) and build a serialized engine, ahead of time with TensorRT-RTX on a machine
 without a GPU, or with full TensorRT for the local GPU. Parser/builder failures raise :class:`EngineBuildError`
 with TensorRT's and our plugin's own messages.
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pimoe_export.artefacts.libraries import find_plugin_library, plugin_last_error
-from pimoe_export.artefacts.tensorrt import import_tensorrt, load_plugin_library, process_logger
 from pimoe_export.errors import PiMoEError
+from pimoe_export.native.libraries import find_plugin_library, plugin_last_error
+from pimoe_export.native.tensorrt_loader import import_tensorrt, load_plugin_library, process_logger
 
 
 class EngineBuildError(PiMoEError, RuntimeError):

@@ -1,4 +1,4 @@
-"""Polygraphy's own CLI with TensorRT-RTX and the pimoe plugins: ``python -m pimoe_export.deploy.polygraphy_rtx``.
+"""Polygraphy's own CLI with TensorRT-RTX and the pimoe plugins: ``python -m pimoe_export.build.polygraphy_rtx``.
 
 Polygraphy (``POLYGRAPHY_USE_TENSORRT_RTX=1``) builds TensorRT-RTX engines ahead of time, without a GPU, once three
 things it cannot do itself are in place; this module puts them in a private folder and runs ``polygraphy`` with
@@ -8,7 +8,7 @@ them, so no file of any installed package is touched:
    holds a ``tensorrt_rtx`` module that is the bindings module (on ``PYTHONPATH``).
 2. TensorRT-RTX's ONNX parser ``dlopen()``s ``libtensorrt_rtx.so`` (unversioned) when it adds a plugin layer and
    aborts ("terminate called") without it; the wheel ships only ``libtensorrt_rtx.so.1``: the folder holds the
-   ``libtensorrt_rtx.so`` link (on ``LD_LIBRARY_PATH``; pimoe_export.artefacts.tensorrt makes the same link next to
+   ``libtensorrt_rtx.so`` link (on ``LD_LIBRARY_PATH``; pimoe_export.native.tensorrt_loader makes the same link next to
    the wheel's libraries for in-process builds).
 3. Polygraphy's ``--plugins`` only ``dlopen()``s a library; ours then registers its creators itself when
    ``PIMOE_TRT_STATIC_REGISTRATION=1`` (docs/trt_plugins.md, "Loading the library"). ``--plugins`` is added with the
@@ -16,9 +16,9 @@ them, so no file of any installed package is touched:
 
 Usage (arguments after the module are Polygraphy's)::
 
-    python -m pimoe_export.deploy.polygraphy_rtx convert model.onnx --convert-to trt -o model.engine \\
+    python -m pimoe_export.build.polygraphy_rtx convert model.onnx --convert-to trt -o model.engine \\
         --compute-capabilities 8.9 --trt-min-shapes hidden_states:[1,1,H] ... --trt-max-shapes hidden_states:[8,512,H]
-    python -m pimoe_export.deploy.polygraphy_rtx --print-env    # the environment, to run polygraphy yourself
+    python -m pimoe_export.build.polygraphy_rtx --print-env    # the environment, to run polygraphy yourself
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from pimoe_export.artefacts.libraries import check_plugin_library, find_plugin_library
-from pimoe_export.artefacts.tensorrt import FLAVOURS, rtx_library
 from pimoe_export.errors import BackendUnavailableError, PiMoEError
+from pimoe_export.native.libraries import check_plugin_library, find_plugin_library
+from pimoe_export.native.tensorrt_loader import FLAVOURS, rtx_library
 
 ALIAS = "import sys\nimport tensorrt_rtx_bindings\n\nsys.modules[__name__] = tensorrt_rtx_bindings\n"
 

@@ -188,7 +188,7 @@ class Unit:
         return getattr(self.manifest, name)
 
 
-def _check_artefacts(unit_dir: Path, manifest: Manifest, hint: str) -> dict[str, Path]:
+def _check_artifacts(unit_dir: Path, manifest: Manifest, hint: str) -> dict[str, Path]:
     files: dict[str, Path] = {}
     missing = [r for r in REQUIRED_ROLES[manifest.backend] if r not in {a.role for a in manifest.artifacts}]
     if missing:
@@ -246,7 +246,7 @@ def verify(unit_dir: str | Path, *, backend_version: str | None = None, device_s
     if manifest.contract_version != CONTRACT_VERSION:
         raise ArtifactError(f"{unit_dir} was built for op contract v{manifest.contract_version}; this package "
                             f"implements v{CONTRACT_VERSION}: {hint}")
-    files = _check_artefacts(unit_dir, manifest, hint)
+    files = _check_artifacts(unit_dir, manifest, hint)
     _check_against_onnx(unit_dir, manifest, files["onnx"], hint)
     # engines are tied to the exact TensorRT version that built them (ONNX Runtime units are not)
     if (backend_version is not None and manifest.backend_version and manifest.backend_version != backend_version
