@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pimoe_export.bench.timing import median_ms  # noqa: E402
-from pimoe_export.hf.moefy import load_moefied, model_feeds  # noqa: E402
+from pimoe_export.hf.checkpoint import load_moefied  # noqa: E402
+from pimoe_export.hf.feeds import model_feeds  # noqa: E402
 from pimoe_export.quantize.qdq import quantize_linears  # noqa: E402
 from pimoe_export.runtime.ort import create_session  # noqa: E402
 from pimoe_export.validate.metrics import pooled_embedding_cosine  # noqa: E402

@@ -37,7 +37,7 @@ def test_verdict_holds_the_mean_embedding_cosine_to_the_model_tolerance() -> Non
     mask = np.ones((8, 6), np.int64)
     compared = Compared("last_hidden_state", ("last_hidden_state", "layer/expert_weights"),
                         (("layer/expert_ids", "layer/expert_weights"),))
-    bound = tolerances_for("w8a8", whole_model=True)
+    bound = tolerances_for("w8a8", moe_layers=2)
     assert bound is MODEL_TOLERANCES["w8a8"] and bound.min_embedding_cosine == 0.999
     # one sequence rotated so that its pooled cosine is 0.99, the others exact: mean = (7 + 0.99) / 8 < 0.999
     bad = ref.copy()
@@ -61,7 +61,7 @@ def test_verdict_holds_the_mean_embedding_cosine_to_the_model_tolerance() -> Non
 def test_bare_layers_keep_their_tolerances() -> None:
     for precision in ("fp32", "fp16", "w8a8", "w8a8_dynamic"):
         assert tolerances_for(precision) is TOLERANCES[precision]
-    assert tolerances_for("fp32", whole_model=True) is TOLERANCES["fp32"]
+    assert tolerances_for("fp32", moe_layers=2) is TOLERANCES["fp32"]
     assert TOLERANCES["fp32"].min_embedding_cosine is None  # falls back to min_cosine
 
 

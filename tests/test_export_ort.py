@@ -10,8 +10,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from pimoe_export.export.exporter import export_onnx, get_metadata
 from pimoe_export.export.modules import CustomOpPiMoE
-from pimoe_export.export.onnx_export import export_onnx, get_metadata
 from pimoe_export.interface import META_CONFIG, META_CONTRACT, META_GRAPH
 from pimoe_export.model import PiMoEConfig, create_from_preset
 from pimoe_export.runtime.ort import create_session

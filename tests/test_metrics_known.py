@@ -484,7 +484,7 @@ def test_entropy_threshold_of_a_top_bin_spike_is_quiet() -> None:
 def test_calibration_token_limit_is_exact() -> None:
     """`quantize --calib-tokens N` promises at most N tokens: a batch that crosses the limit is cut, whatever the
     data's layout (one [N, H] array used to be taken whole)."""
-    from pimoe_export.quantize.calibrate import load_calibration_data
+    from pimoe_export.model.source import load_calibration_data
 
     x = np.arange(700 * 4, dtype=np.float32).reshape(700, 4)
     (cut,) = load_calibration_data(x, 4, max_tokens=300)
@@ -500,7 +500,7 @@ def test_calibration_token_limit_is_exact() -> None:
 
 
 def test_random_calibration_data_is_seeded_and_sized() -> None:
-    from pimoe_export.quantize.calibrate import random_calibration_data
+    from pimoe_export.model.source import random_calibration_data
 
     a, b = random_calibration_data(8, tokens=1024, seed=3), random_calibration_data(8, tokens=1024, seed=3)
     assert [tuple(t.shape) for t in a] == [(1, 256, 8)] * 4
@@ -547,7 +547,7 @@ def test_cli_argument_types() -> None:
 
 def test_calibration_files_and_refusals(tmp_path) -> None:
     from pimoe_export.errors import PiMoEInputError
-    from pimoe_export.quantize.calibrate import load_calibration_data
+    from pimoe_export.model.source import load_calibration_data
 
     x = np.random.default_rng(2).standard_normal((6, 4)).astype(np.float32)
     np.save(tmp_path / "c.npy", x)
@@ -581,7 +581,7 @@ def test_calibration_files_and_refusals(tmp_path) -> None:
 
 
 def random_calibration_data_default():
-    from pimoe_export.quantize.calibrate import random_calibration_data
+    from pimoe_export.model.source import random_calibration_data
 
     return random_calibration_data(4)  # documented: 4096 standard-normal tokens, seed 0
 

@@ -48,7 +48,8 @@ def bert(tmp_path_factory) -> Path:
 
 def test_moefication_with_every_expert_selected_is_the_dense_ffn(bert) -> None:
     """k = E: the chosen parts sum to the whole FFN (combine weights 1/k to ~1e-3): the dense model's output."""
-    from pimoe_export.hf.moefy import MoefySettings, moefy, random_feeds
+    from pimoe_export.hf.feeds import random_feeds
+    from pimoe_export.hf.moefy import MoefySettings, moefy
 
     dense = transformers.AutoModel.from_pretrained(str(bert), local_files_only=True).eval()
     feeds = [{k: torch.from_numpy(v) for k, v in f.items()} for f in random_feeds(dense.config.vocab_size, 0)]
@@ -69,7 +70,8 @@ def test_moefication_with_every_expert_selected_is_the_dense_ffn(bert) -> None:
 def test_noisy_top_k_without_noise_is_the_plain_layer_and_eval_ignores_the_noise(bert) -> None:
     """The distillation path (noisy top-k, hand-written dispatch) with a vanishing noise selects what the layer's
     own routing selects and computes the same output; in eval mode the noise setting has no effect."""
-    from pimoe_export.hf.moefy import MoEFeedForward, MoefySettings, moefy, random_feeds
+    from pimoe_export.hf.feeds import random_feeds
+    from pimoe_export.hf.moefy import MoEFeedForward, MoefySettings, moefy
 
     dense = transformers.AutoModel.from_pretrained(str(bert), local_files_only=True).eval()
     feeds = [{k: torch.from_numpy(v) for k, v in f.items()} for f in random_feeds(dense.config.vocab_size, 0)]
@@ -115,7 +117,7 @@ def test_whole_model_distillation_brings_the_moe_closer_to_the_original(bert, tm
 
 
 def test_moefy_command_saves_a_model_that_reloads_bit_exactly(bert, tmp_path) -> None:
-    from pimoe_export.hf.moefy import load_moefied
+    from pimoe_export.hf.checkpoint import load_moefied
 
     text = bert.parent / "sentences.txt"
     result = cli("moefy", str(bert), "-o", "moe", "--experts", "4", "--top-k", "2", "--calib", str(text),

@@ -62,7 +62,7 @@ def test_symbolic_token_count_is_kept_and_products_left_unknown() -> None:
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
-    from pimoe_export.export.onnx_export import export_onnx
+    from pimoe_export.export.exporter import export_onnx
     from pimoe_export.model.factory import create_from_preset
     from pimoe_export.quantize import quantize_model
 

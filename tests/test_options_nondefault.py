@@ -162,19 +162,20 @@ def test_pipeline_options_reach_run_pipeline(tmp_path, monkeypatch) -> None:
 @pytest.mark.slow
 def test_pipeline_steps_use_the_seed_and_int8_mode(tmp_path) -> None:
     from pimoe_export._files import OutputDir
-    from pimoe_export.pipeline import PipelineContext, step_export, step_int8, step_model
+    from pimoe_export.pipeline import PipelineOptions, Run, step_export, step_int8, step_model
 
-    ctx = PipelineContext(OutputDir(tmp_path / "p"), "tiny", None, seed=5, bench_repeats=1, int8_mode="w8a8_dynamic")
-    step_model(ctx)
+    run = Run(OutputDir(tmp_path / "p"), PipelineOptions("tiny", None, seed=5, bench_repeats=1,
+                                                         int8_mode="w8a8_dynamic"))
+    model = step_model(run)
     expected = create_from_preset("tiny", seed=5).state_dict()
     default = create_from_preset("tiny", seed=0).state_dict()
-    got = ctx.model.state_dict()
+    got = model.source.module.state_dict()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert not all(torch.equal(got[k], default[k]) for k in default)
-    step_export(ctx)
-    detail = step_int8(ctx)
+    int8 = step_int8(run, model, step_export(run, model))
+    detail = int8.detail()
     assert detail["mode"] == "w8a8_dynamic" and detail["method"] == "dynamic-per-row"
-    assert {a["quant_mode"] for a in _nodes(ctx.onnx["int8"], schema.EXPERT_MLP)} == {b"w8a8_dynamic"}
+    assert {a["quant_mode"] for a in _nodes(int8.onnx, schema.EXPERT_MLP)} == {b"w8a8_dynamic"}
 
 
 # ------------------------------------------------------------------------------------------ op attributes
@@ -192,7 +193,7 @@ ATTRIBUTE_CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(ATTRIBUTE_CASES))
 def test_op_attributes_at_non_default_values_reach_the_graph_and_ort(tmp_path, case) -> None:
-    from pimoe_export.export.onnx_export import export_onnx
+    from pimoe_export.export.exporter import export_onnx
     from pimoe_export.runtime.ort import create_session
 
     settings = ATTRIBUTE_CASES[case]

@@ -47,7 +47,7 @@ def cuda_library() -> str:
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory) -> dict[str, Path]:
     """fp32, fp16 and INT8 (w8a8) exports of one tiny layer."""
-    from pimoe_export.export.onnx_export import export_onnx
+    from pimoe_export.export.exporter import export_onnx
     from pimoe_export.model import create_from_preset
     from pimoe_export.quantize import quantize_model
 

@@ -13,9 +13,10 @@ transformers = pytest.importorskip("transformers", reason="the hf extra (transfo
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
-    from pimoe_export.export.model_export import export_model
-    from pimoe_export.hf.moefy import MoefySettings, moefy, random_feeds
-    from pimoe_export.quantize.model_int8 import quantize_whole_model
+    from pimoe_export.export.exporter import export_model
+    from pimoe_export.hf.feeds import random_feeds
+    from pimoe_export.hf.moefy import MoefySettings, moefy
+    from pimoe_export.quantize import quantize_model
 
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=90, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -27,7 +28,7 @@ def graphs(tmp_path_factory):
     root = tmp_path_factory.mktemp("qdq")
     example = {k: torch.from_numpy(v[:2]) for k, v in feeds[0].items()}
     fp32 = export_model(model, root / "model.onnx", example).path
-    int8 = quantize_whole_model(model, root / "model.int8.onnx", feeds, fp32_onnx=fp32).onnx_path
+    int8 = quantize_model(model, root / "model.int8.onnx", calibration=feeds, fp32_onnx=fp32).onnx_path
     return model, feeds, int8, root
 
 

@@ -123,7 +123,7 @@ def layer(tmp_path_factory):
     import torch
 
     from pimoe_export.errors import PluginLoadError
-    from pimoe_export.export.onnx_export import export_onnx
+    from pimoe_export.export.exporter import export_onnx
     from pimoe_export.model import create_from_preset
     from pimoe_export.runtime.ort import create_session, find_ort_library
 

@@ -31,7 +31,7 @@ def polygraphy() -> str:
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory):
     from pimoe_export.build.units import package_ort
-    from pimoe_export.export.onnx_export import export_onnx
+    from pimoe_export.export.exporter import export_onnx
     from pimoe_export.model.factory import create_from_preset
     from pimoe_export.validate.check import check_onnx, check_unit
 

@@ -20,7 +20,7 @@ PLUGINS = (schema.ROUTE, schema.DISPATCH, schema.EXPERT_MLP, schema.COMBINE)
 
 @pytest.fixture(scope="module")
 def layer(tmp_path_factory):
-    from pimoe_export.export.onnx_export import export_onnx
+    from pimoe_export.export.exporter import export_onnx
     from pimoe_export.model import create_from_preset
     from pimoe_export.native.libraries import check_plugin_library, find_plugin_library
     from pimoe_export.native.tensorrt_loader import import_tensorrt

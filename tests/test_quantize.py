@@ -11,16 +11,11 @@ import torch
 from onnx import numpy_helper
 
 from pimoe_export.errors import ArtifactError, PiMoEInputError
-from pimoe_export.export.onnx_export import export_onnx
+from pimoe_export.export.exporter import export_onnx
 from pimoe_export.model import create_from_preset
+from pimoe_export.model.source import load_calibration_data
 from pimoe_export.quantize import quantize_model
-from pimoe_export.quantize.calibrate import (
-    BINS,
-    LayerStats,
-    collect_stats,
-    load_calibration_data,
-    threshold,
-)
+from pimoe_export.quantize.calibrate import BINS, LayerStats, collect_stats, threshold
 from pimoe_export.quantize.int8 import FakeQuantPiMoE, quantize_weight, read_quant_params
 from pimoe_export.runtime.ort import create_session
 from pimoe_export.validate.check import check_onnx

@@ -80,7 +80,7 @@ def _dims(shape) -> list[int]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from pimoe_export.export.onnx_export import export_onnx
+    from pimoe_export.export.exporter import export_onnx
     from pimoe_export.model.factory import create_from_preset
 
     model = create_from_preset("tiny", seed=5).eval()

@@ -54,7 +54,7 @@ _EXPORTS: dict[tuple[str, str], tuple[Path, object]] = {}
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from pimoe_export.export.onnx_export import export_onnx
+    from pimoe_export.export.exporter import export_onnx
     from pimoe_export.model.factory import create_from_preset
 
     def get(preset: str, precision: str):

@@ -14,7 +14,7 @@ from pimoe_export.artifacts.manifest import read_manifest, verify
 from pimoe_export.build.units import package_ort
 from pimoe_export.cli import main
 from pimoe_export.errors import ArtifactError, BackendUnavailableError, PiMoEInputError, PluginLoadError
-from pimoe_export.export.onnx_export import export_onnx
+from pimoe_export.export.exporter import export_onnx
 from pimoe_export.interface import Profile
 from pimoe_export.model import create_from_preset
 from pimoe_export.runtime.engine import Engine

@@ -63,7 +63,7 @@ def feeds(seed: int, shapes=((1, 5), (3, 12), (2, 7))) -> list[dict[str, np.ndar
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from pimoe_export.export.model_export import export_model
+    from pimoe_export.export.exporter import export_model
 
     model = TinyEncoder().eval()
     path = tmp_path_factory.mktemp("whole") / "model.onnx"
@@ -180,15 +180,15 @@ def test_rtx_builds_the_whole_model_fp32_and_int8(exported, tmp_path) -> None:
     manifest = build_unit(path, tmp_path / "unit", options=options)
     assert [t[0] for t in manifest.io["inputs"]] == ["input_ids", "attention_mask"]
     assert (tmp_path / "unit" / "model.engine").stat().st_size > 0
-    from pimoe_export.quantize.model_int8 import quantize_whole_model
+    from pimoe_export.quantize import quantize_model
 
     model = exported[0]
-    int8 = quantize_whole_model(model, tmp_path / "int8.onnx", feeds(7, ((2, 8),)), fp32_onnx=path).onnx_path
+    int8 = quantize_model(model, tmp_path / "int8.onnx", calibration=feeds(7, ((2, 8),)), fp32_onnx=path).onnx_path
     assert build_unit(int8, tmp_path / "unit-int8", options=options).precision == "w8a8"
 
 
 def test_a_model_without_pimoe_layers_is_refused(tmp_path) -> None:
-    from pimoe_export.export.model_export import export_model
+    from pimoe_export.export.exporter import export_model
 
     with pytest.raises(PiMoEExportError, match="contains no PiMoE layer"):
         export_model(nn.Linear(4, 4), tmp_path / "x.onnx", {"x": torch.zeros(2, 4)})
@@ -196,12 +196,13 @@ def test_a_model_without_pimoe_layers_is_refused(tmp_path) -> None:
 
 def test_int8_of_the_whole_model_is_calibrated_per_layer_and_checked(exported, tmp_path) -> None:
     from pimoe_export.interface import read_metadata
+    from pimoe_export.quantize import quantize_model
     from pimoe_export.quantize.int8 import read_quant_params
-    from pimoe_export.quantize.model_int8 import quantize_whole_model
     from pimoe_export.validate.check import check_onnx
 
     model, path, _ = exported
-    result = quantize_whole_model(model, tmp_path / "model.int8.onnx", feeds(5, ((4, 16),) * 4), fp32_onnx=path)
+    result = quantize_model(model, tmp_path / "model.int8.onnx", calibration=feeds(5, ((4, 16),) * 4),
+                            fp32_onnx=path)
     meta = read_metadata(result.onnx_path)
     assert meta.precision == "w8a8" and meta.is_model
     assert set(meta.quantization["layers"]) == {"blocks.0.moe", "blocks.1.moe"}
@@ -224,7 +225,7 @@ def test_int8_of_the_whole_model_is_calibrated_per_layer_and_checked(exported, t
 
 def test_fp16_whole_model_runs_within_fp16_rounding(exported, tmp_path) -> None:
     """fp16: the model's own layers in fp16, the PiMoE layers' fp16 storage with fp32 routers, biases and math."""
-    from pimoe_export.export.model_export import export_model
+    from pimoe_export.export.exporter import export_model
     from pimoe_export.runtime.ort import create_session
 
     model = exported[0]

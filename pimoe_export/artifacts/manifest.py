@@ -28,7 +28,7 @@ from typing import Any
 
 from pimoe_export._files import read_format_json, resolve_inside, sha256_file
 from pimoe_export.errors import ArtifactError
-from pimoe_export.interface import PRECISIONS, GraphInterface, Profile, parse_metadata
+from pimoe_export.interface import PRECISIONS, GraphInterface, Profile, layer_configs, parse_metadata
 from pimoe_export.ops.schema import CONTRACT_VERSION
 
 MANIFEST_FILE = "manifest.json"
@@ -95,6 +95,11 @@ class Manifest:
     @property
     def interface(self) -> GraphInterface:
         return GraphInterface.from_dict(self.io)
+
+    @property
+    def layer_configs(self) -> dict[str, dict[str, Any]]:
+        """The PiMoE layer configs of the unit's graph by module path."""
+        return layer_configs(self.config)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "backend": self.backend, "backend_version": self.backend_version,

@@ -19,8 +19,8 @@ For each transformer layer (``encoder.layer.<i>``, BERT and MiniLM layout):
 
 The result is the same ``transformers`` model with ``layer.intermediate`` replaced by :class:`MoEFeedForward`
 and ``layer.output.dense`` by ``nn.Identity`` (``BertOutput`` still applies dropout, the residual and its
-LayerNorm). :func:`save_moefied` / :func:`load_moefied` store it as the Hugging Face config + a pimoe manifest +
-safetensors (no pickle), so export, quantisation and the pipeline take it.
+LayerNorm). :mod:`pimoe_export.hf.checkpoint` stores it as the Hugging Face config + a pimoe manifest + safetensors
+(no pickle), so export, quantisation and the pipeline take it.
 
 ``transformers`` is an optional dependency (the ``hf`` extra).
 """
@@ -28,26 +28,19 @@ safetensors (no pickle), so export, quantisation and the pipeline take it.
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from pimoe_export.errors import PiMoEConfigError, PiMoEInputError
+from pimoe_export.interface import MODEL_IDS_INPUT, MODEL_MASK_INPUT
 from pimoe_export.model.config import ExpertType, PiMoEConfig
 from pimoe_export.model.system import PiMoESystem
 
-MANIFEST = "pimoe_moefy.json"
-WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
 #: logits / TEMPERATURE: normalised top-k weights of a trained router are 1/k to ~1e-3 (see the module docstring)
 TEMPERATURE = 1000.0
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
@@ -98,15 +91,6 @@ class MoEFeedForward(nn.Module):
             if rows.numel():
                 out = out.index_add(0, rows, expert(flat[rows]) * weights[rows, slot, None])
         return out.reshape(hidden_states.shape)
-
-
-def require_transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise PiMoEConfigError("moefy", "needs the `transformers` package: pip install 'pimoe-export[hf]' (or "
-                               "scripts/setup.sh, which installs it)") from None
-    return transformers
 
 
 def encoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -228,7 +212,7 @@ def distil(model: nn.Module, teacher: nn.Module, feeds: list[dict[str, torch.Ten
             total = 0.0
             for index in generator.permutation(len(feeds)):
                 feed = feeds[int(index)]
-                mask = feed.get("attention_mask", torch.ones_like(feed["input_ids"]))
+                mask = feed.get(MODEL_MASK_INPUT, torch.ones_like(feed[MODEL_IDS_INPUT]))
                 with torch.no_grad():
                     target = teacher(**feed).last_hidden_state
                 states = model(**feed).last_hidden_state
@@ -261,7 +245,7 @@ def embedding_fidelity(model: nn.Module, reference: nn.Module, feeds: list[dict[
     try:
         with torch.no_grad():
             for feed in feeds:
-                mask = feed.get("attention_mask", torch.ones_like(feed["input_ids"]))
+                mask = feed.get(MODEL_MASK_INPUT, torch.ones_like(feed[MODEL_IDS_INPUT]))
                 a, b = model(**feed).last_hidden_state, reference(**feed).last_hidden_state
                 cosines.append(torch.nn.functional.cosine_similarity(_mean_pooled(a, mask), _mean_pooled(b, mask)))
                 valid = mask.bool()
@@ -290,8 +274,8 @@ def _ffn_inputs(model: nn.Module, layers: list[tuple[str, nn.Module]], feeds: li
     try:
         with torch.no_grad():
             for feed in feeds:
-                mask = feed.get("attention_mask")
-                masks.append(torch.ones(feed["input_ids"].numel(), dtype=torch.bool) if mask is None
+                mask = feed.get(MODEL_MASK_INPUT)
+                masks.append(torch.ones(feed[MODEL_IDS_INPUT].numel(), dtype=torch.bool) if mask is None
                              else mask.reshape(-1) != 0)
                 model(**feed)
     finally:
@@ -314,127 +298,14 @@ def moefy(model: nn.Module, feeds: list[dict[str, torch.Tensor]], settings: Moef
     converted = {}
     for path, layer in layers:
         moe = _build_moe(layer, inputs[path], settings)
-        _install(layer, moe)
+        install_moe(layer, moe)
         converted[path] = moe
     if teacher is not None:
         distil(model, teacher, feeds, settings)
     return model, converted
 
 
-def _install(layer: nn.Module, moe: PiMoESystem) -> None:
+def install_moe(layer: nn.Module, moe: PiMoESystem) -> None:
+    """Replace one encoder layer's FFN by ``moe`` (``intermediate`` computes the whole FFN, ``output.dense`` goes)."""
     layer.intermediate = MoEFeedForward(moe)
     layer.output.dense = nn.Identity()
-
-
-# ------------------------------------------------------------------------------------------ save / load
-def save_moefied(model: nn.Module, directory: str | Path, source_dir: str | Path | None = None) -> Path:
-    """The Hugging Face config, the pimoe manifest (each layer's PiMoEConfig) and all weights as safetensors;
-    the source model's tokenizer files are copied along."""
-    from safetensors.torch import save_model
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.config.to_json_file(str(directory / "config.json"))
-    layers = {path: json.loads(layer.intermediate.moe.config.to_json()) for path, layer in encoder_layers(model)
-              if isinstance(layer.intermediate, MoEFeedForward)}
-    manifest = {"format": FORMAT_VERSION, "kind": "moefied-hf-encoder", "architecture": type(model).__name__,
-                "layers": layers}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    save_model(model, str(directory / WEIGHTS))
-    if source_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(source_dir) / name).is_file():
-                shutil.copyfile(Path(source_dir) / name, directory / name)
-    return directory
-
-
-def is_moefied(directory: str | Path) -> bool:
-    return (Path(directory) / MANIFEST).is_file()
-
-
-def load_moefied(directory: str | Path) -> nn.Module:
-    """A model saved by :func:`save_moefied` (eval mode); weights loaded without pickle, every key checked."""
-    from safetensors.torch import load_model
-
-    from pimoe_export._files import read_json
-
-    transformers = require_transformers()
-    directory = Path(directory)
-    manifest = read_json(directory / MANIFEST, "moefy manifest", "re-create it with `pimoe-export moefy`")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or \
-            not isinstance(manifest.get("layers"), dict):
-        raise PiMoEConfigError("moefy", f"{directory / MANIFEST} is not a format-{FORMAT_VERSION} pimoe moefy "
-                               "manifest; re-create it with `pimoe-export moefy`")
-    config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    model = transformers.AutoModel.from_config(config)
-    by_path = dict(encoder_layers(model))
-    for path, layer_cfg in manifest["layers"].items():
-        if path not in by_path:
-            raise PiMoEConfigError("moefy", f"{directory / MANIFEST} names layer {path!r}, which the model lacks")
-        _install(by_path[path], PiMoESystem(config=PiMoEConfig.from_dict(layer_cfg)))
-    if not (directory / WEIGHTS).is_file():
-        raise PiMoEConfigError("moefy", f"{directory / WEIGHTS} is missing; re-create the model with moefy")
-    load_model(model, str(directory / WEIGHTS), strict=True)
-    return model.eval()
-
-
-# ------------------------------------------------------------------------------------------ inputs
-def read_lines(path: str | Path) -> list[str]:
-    """Non-empty lines of a UTF-8 text file (calibration or evaluation sentences)."""
-    path = Path(path)
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PiMoEInputError(f"cannot read text file {path} ({exc}); pass a UTF-8 file with one text per line") \
-            from None
-    lines = [line for line in lines if line]
-    if not lines:
-        raise PiMoEInputError(f"text file {path} has no non-empty line")
-    return lines
-
-
-def text_feeds(tokenizer_dir: str | Path, lines: list[str], batch: int = 16,
-               max_length: int = 128) -> list[dict[str, np.ndarray]]:
-    """``lines`` through the model's tokenizer (``tokenizer_dir``): batches of input_ids + attention_mask."""
-    transformers = require_transformers()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise PiMoEInputError(f"{tokenizer_dir} has no usable tokenizer ({exc}); copy the model's tokenizer files "
-                              f"({', '.join(TOKENIZER_FILES)}) next to it") from None
-    feeds = []
-    for start in range(0, len(lines), batch):
-        enc = tokenizer(lines[start:start + batch], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="np")
-        feeds.append({"input_ids": enc["input_ids"].astype(np.int64),
-                      "attention_mask": enc["attention_mask"].astype(np.int64)})
-    return feeds
-
-
-def random_feeds(vocab_size: int, seed: int, shapes: tuple[tuple[int, int], ...] = ((8, 32),) * 8
-                 ) -> list[dict[str, np.ndarray]]:
-    """Seeded uniform token ids with right padding (every row keeps at least one token): for models without
-    text, a weak stand-in for real calibration data."""
-    rng = np.random.default_rng(seed)
-    feeds = []
-    for b, s in shapes:
-        mask = np.ones((b, s), np.int64)
-        for row in range(b):
-            mask[row, rng.integers(1, s + 1):] = 0
-        feeds.append({"input_ids": rng.integers(0, vocab_size, (b, s)).astype(np.int64), "attention_mask": mask})
-    return feeds
-
-
-def model_feeds(directory: str | Path, text: str | Path | None, vocab_size: int,
-                seed: int = 0) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], str]:
-    """(calibration feeds, held-out check feeds, a description): the text's lines split 4:1 by position, or
-    seeded random tokens when there is no text."""
-    if text is None:
-        return random_feeds(vocab_size, seed), random_feeds(vocab_size, seed + 1, ((1, 5), (4, 24), (2, 64))), \
-            "seeded random token ids (no text given)"
-    lines = read_lines(text)
-    held = [line for i, line in enumerate(lines) if i % 5 == 4]
-    calib = [line for i, line in enumerate(lines) if i % 5 != 4]
-    if not held or not calib:
-        raise PiMoEInputError(f"{text}: at least 5 lines are needed (4 of 5 calibrate, 1 of 5 is held out)")
-    return text_feeds(directory, calib), text_feeds(directory, held), f"{len(calib)} + {len(held)} lines of {text}"

@@ -60,10 +60,10 @@ def check_graph(model: str | Path | Any) -> None:
     """Raise ArtifactError when a node of ``model`` (a path or a ModelProto) breaks the op contract: one of our op
     names in another domain, an op of our domain the contract does not define, an attribute out of range, a route
     whose k exceeds the dispatch's num_experts."""
-    import onnx
+    from pimoe_export.interface import read_onnx
 
     source = str(model) if isinstance(model, (str, Path)) else "the model"
-    proto = onnx.load(str(model), load_external_data=False) if isinstance(model, (str, Path)) else model
+    proto = read_onnx(model) if isinstance(model, (str, Path)) else model
     problems: list[str] = []
     ks, experts = [], []
     for index, node in enumerate(proto.graph.node):

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from pimoe_export.errors import PiMoEExportError, PiMoEInputError
+from pimoe_export.interface import read_onnx
 from pimoe_export.native.libraries import find_ort_library, import_onnxruntime
-from pimoe_export.ops.schema import DOMAIN
+from pimoe_export.ops.schema import DISPATCH, DOMAIN, ROUTE
 
-ROUTE_OP, DISPATCH_OP = "PiMoERoute", "PiMoEDispatch"
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
@@ -33,8 +33,8 @@ def router_nodes(graph: Any) -> set[str]:
     """Names of the nodes that compute a PiMoE router's inputs: every ancestor of a PiMoERoute input, walking back
     until the hidden states that the same layer's PiMoEDispatch takes (the layer's input)."""
     producer = {out: node for node in graph.node for out in node.output}
-    routes = [n for n in graph.node if n.domain == DOMAIN and n.op_type == ROUTE_OP]
-    stops = {n.input[0] for n in graph.node if n.domain == DOMAIN and n.op_type == DISPATCH_OP}
+    routes = [n for n in graph.node if n.domain == DOMAIN and n.op_type == ROUTE]
+    stops = {n.input[0] for n in graph.node if n.domain == DOMAIN and n.op_type == DISPATCH}
     found: set[str] = set()
     pending = [name for route in routes for name in route.input]
     while pending:
@@ -100,7 +100,6 @@ def quantize_linears(onnx_in: str | Path, onnx_out: str | Path, feeds: Sequence[
                      method: str = "minmax", library: str | Path | None = None) -> dict[str, Any]:
     """Write ``onnx_in`` with its non-PiMoE Linear layers in QDQ INT8 to ``onnx_out``, calibrated on ``feeds``
     (dicts of the graph's named inputs). Returns what was quantised."""
-    import onnx
 
     ort = import_onnxruntime()
     from onnxruntime.quantization import (
@@ -115,7 +114,7 @@ def quantize_linears(onnx_in: str | Path, onnx_out: str | Path, feeds: Sequence[
         raise PiMoEInputError(f"Q/DQ calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
     if not feeds:
         raise PiMoEInputError("Q/DQ of the Linear layers needs calibration inputs (feeds of the graph's inputs)")
-    model = onnx.load(str(onnx_in))
+    model = read_onnx(onnx_in, external_data=True)
     fold_weight_transposes(model)
     graph = model.graph
     nodes = linear_nodes(graph)

@@ -1,9 +1,10 @@
-"""torch -> ONNX for a whole model: any ``nn.Module`` with PiMoE layers inside becomes one graph with the four
-``pimoe`` ops at every MoE layer and standard ops everywhere else.
+"""What the exporter traces: a copy of the model whose PiMoE layers are :class:`ExportedLayer` modules, called with its
+named inputs, with flat named outputs (and every layer's routing).
 
 Every :class:`PiMoESystem` (adaptive included) or :class:`EnhancedPiMoEIntegration` submodule is replaced, in a
-copy of the model, by an :class:`ExportedLayer` (the same layer as :class:`CustomOpPiMoE`); the model's own
-``forward`` is traced unchanged with its inputs named and its batch/sequence axes dynamic.
+copy of the model, by an :class:`ExportedLayer` (the same layer as :class:`CustomOpPiMoE`, or
+:class:`StandardOpsPiMoE` for the plugin-free graph); the model's own ``forward`` is traced unchanged with its inputs
+named and its batch/sequence axes dynamic. A bare layer is the model whose root is the layer: it is replaced whole.
 
 Padding: an exported layer routes and computes every position, padded or not (each token is routed on its own, so
 padded tokens cannot change a valid token's result), and writes 0 where ``attention_mask`` is 0 — the same output
@@ -13,11 +14,7 @@ as the PyTorch layer, which skips those positions. Routing outputs, when asked f
 from __future__ import annotations
 
 import copy
-import json
-import time
-import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,21 +23,17 @@ import torch
 from torch import nn
 
 from pimoe_export.errors import PiMoEExportError
-from pimoe_export.export.modules import FLOAT_DTYPES, CustomOpPiMoE
-from pimoe_export.export.onnx_export import ExportResult, finish_export
+from pimoe_export.export.modules import FLOAT_DTYPES, CustomOpPiMoE, StandardOpsPiMoE
 from pimoe_export.interface import (
     BATCH_AXIS,
     LAYER_EXPERT_IDS,
     LAYER_EXPERT_WEIGHTS,
     LAYER_OUTPUT,
-    META_CONFIG,
-    META_INTERFACE,
-    ONNX_OPSET,
     SEQUENCE_AXIS,
     GraphInterface,
     TensorInterface,
 )
-from pimoe_export.model.enhanced import EnhancedPiMoEIntegration
+from pimoe_export.model.source import moe_layers
 from pimoe_export.model.system import PiMoESystem
 
 #: the largest batch and sequence the exported graph's dynamic axes declare
@@ -50,11 +43,21 @@ MAX_AXIS = 65536
 class ExportedLayer(nn.Module):
     """Drop-in replacement for a PiMoE layer inside a model being exported (see the module docstring)."""
 
-    def __init__(self, layer: PiMoESystem, path: str, precision: str, routing: list | None) -> None:
+    def __init__(self, layer: PiMoESystem, path: str, precision: str, routing: list | None,
+                 standard_ops: bool = False) -> None:
         super().__init__()
-        self.inner = CustomOpPiMoE(layer, precision)
+        self.inner: nn.Module = (StandardOpsPiMoE if standard_ops else CustomOpPiMoE)(layer, precision)
+        self.dtype = FLOAT_DTYPES[precision]
         self.path = path
         self._routing = routing  # the export's routing-output list, or None
+
+    @classmethod
+    def around(cls, inner: nn.Module, path: str, routing: list | None) -> ExportedLayer:
+        """The same stand-in around any module with CustomOpPiMoE's outputs (the fake-quant reference, fp32)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.inner, layer.dtype, layer.path, layer._routing = inner, torch.float32, path, routing
+        return layer
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 return_routing_info: bool = False, return_metrics: bool = False) -> torch.Tensor:
@@ -62,7 +65,7 @@ class ExportedLayer(nn.Module):
             raise PiMoEExportError(f"{self.path}: the model asks the PiMoE layer for routing info/metrics; export "
                                    "with routing_outputs=True instead and call the layer with hidden states only")
         dtype = hidden_states.dtype
-        y, ids, weights = self.inner(hidden_states.to(self.inner.dtype))
+        y, ids, weights = self.inner(hidden_states.to(self.dtype))
         if attention_mask is not None:
             keep = (attention_mask != 0).reshape(*attention_mask.shape[:2], 1)
             y = torch.where(keep, y, torch.zeros_like(y))
@@ -71,20 +74,8 @@ class ExportedLayer(nn.Module):
         return y.to(dtype)
 
 
-def moe_layers(model: nn.Module) -> dict[str, PiMoESystem]:
-    """The PiMoE layers inside ``model`` by module path (an Enhanced wrapper counts as its inner layer)."""
-    found: dict[str, PiMoESystem] = {}
-    for path, module in model.named_modules():
-        if any(path.startswith(p + ".") or (p == "" and path) for p in found):
-            continue  # inside a layer already found
-        if isinstance(module, EnhancedPiMoEIntegration):
-            found[path] = module.pimoe
-        elif isinstance(module, PiMoESystem):
-            found[path] = module
-    return found
-
-
-def _replace(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """``root`` with the submodule at ``path`` replaced by ``new`` (path "": ``new`` itself)."""
     if not path:
         return new
     parent_path, _, name = path.rpartition(".")
@@ -108,7 +99,7 @@ def flatten_outputs(out: Any, prefix: str = LAYER_OUTPUT) -> list[tuple[str, tor
                            "tuples/lists/dicts of tensors")
 
 
-class _ForExport(nn.Module):
+class ForExport(nn.Module):
     """Positional named inputs -> the model -> flat outputs (+ routing outputs of every layer, in call order)."""
 
     def __init__(self, model: nn.Module, input_names: list[str], routing: list | None) -> None:
@@ -131,15 +122,16 @@ class _ForExport(nn.Module):
 
 
 def routing_name(layer_path: str, output: str) -> str:
-    """Graph output name of a layer's routing output, e.g. ``encoder.layer.0.moe/expert_ids``."""
-    return f"{layer_path or 'layer'}/{output}"
+    """Graph output name of a layer's routing output, e.g. ``encoder.layer.0.moe/expert_ids``; a bare layer's
+    (path "") is the output's own name, as in the layer interface."""
+    return f"{layer_path}/{output}" if layer_path else output
 
 
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-def _axes(example: dict[str, torch.Tensor], dynamic_axes: Mapping[str, Mapping[int, str]] | None):
+def axes_of(example: dict[str, torch.Tensor], dynamic_axes: Mapping[str, Mapping[int, str]] | None):
     """torch.export Dims for every input (batch, sequence by default) and the axis names per input."""
     if dynamic_axes is None:
         dynamic_axes = {name: {0: BATCH_AXIS, 1: SEQUENCE_AXIS} if t.dim() >= 2 else {0: BATCH_AXIS}
@@ -159,7 +151,7 @@ def _axes(example: dict[str, torch.Tensor], dynamic_axes: Mapping[str, Mapping[i
     return specs, dynamic_axes
 
 
-def _interface(proto: onnx.ModelProto, example: dict[str, torch.Tensor], outputs: list[torch.Tensor],
+def graph_interface(proto: onnx.ModelProto, example: dict[str, torch.Tensor], outputs: list[torch.Tensor],
                output_names: list[str], axes: Mapping[str, Mapping[int, str]]) -> GraphInterface:
     """The graph's I/O with axis names: inputs from ``axes``; outputs take the name of an input axis they share
     in the exported graph (dim_param), fixed sizes otherwise."""
@@ -234,8 +226,8 @@ def split_sequences(proto: onnx.ModelProto) -> int:
     return rewritten
 
 
-def prepare_for_export(model: nn.Module, precision: str = "fp32",
-                       routing_outputs: bool = False) -> tuple[nn.Module, dict[str, PiMoESystem], list | None]:
+def prepare_for_export(model: nn.Module, precision: str = "fp32", routing_outputs: bool = False,
+                       standard_ops: bool = False) -> tuple[nn.Module, dict[str, PiMoESystem], list | None]:
     """A copy of ``model`` (eval mode, ``precision``) whose PiMoE layers are :class:`ExportedLayer`s."""
     if precision not in FLOAT_DTYPES:
         raise PiMoEExportError(f"precision must be one of {sorted(FLOAT_DTYPES)} (INT8: quantize the exported "
@@ -243,60 +235,11 @@ def prepare_for_export(model: nn.Module, precision: str = "fp32",
     layers = moe_layers(model)
     if not layers:
         raise PiMoEExportError(f"{type(model).__name__} contains no PiMoE layer (PiMoESystem, AdaptivePiMoE or "
-                               "EnhancedPiMoEIntegration); export a bare layer with export_onnx")
+                               "EnhancedPiMoEIntegration); there is nothing to express with the pimoe ops")
     routing: list | None = [] if routing_outputs else None
     work = copy.deepcopy(model).eval()
     if precision == "fp16":
         work = work.half()  # before the layers are replaced: their fp32 router, biases and norms stay fp32
     for path, layer in layers.items():  # built from the caller's (fp32) layers
-        work = _replace(work, path, ExportedLayer(layer, path, precision, routing))
+        work = replace_module(work, path, ExportedLayer(layer, path, precision, routing, standard_ops))
     return work, layers, routing
-
-
-def export_model(
-    model: nn.Module,
-    path: str | Path,
-    example_inputs: Mapping[str, torch.Tensor],
-    *,
-    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
-    precision: str = "fp32",
-    routing_outputs: bool = False,
-) -> ExportResult:
-    """Export ``model`` (called as ``model(**inputs)``) to one ONNX graph at ``path``.
-
-    ``example_inputs``: the named inputs (their names become the graph's). ``dynamic_axes``: {input: {axis: name}},
-    default axis 0 ``batch`` and axis 1 ``sequence`` of every input. Outputs are named by :func:`flatten_outputs`;
-    ``routing_outputs`` adds ``<layer path>/expert_ids`` and ``/expert_weights`` for every PiMoE layer.
-    """
-    start = time.perf_counter()
-    example = dict(example_inputs)
-    if not example or not all(isinstance(t, torch.Tensor) for t in example.values()):
-        raise PiMoEExportError("example_inputs must map input names to tensors")
-    work, layers, routing = prepare_for_export(model, precision, routing_outputs)
-    wrapper = _ForExport(work, list(example), routing).eval()
-    if precision == "fp16":
-        example = {n: t.half() if t.is_floating_point() else t for n, t in example.items()}
-    specs, axes = _axes(example, dynamic_axes)
-    from pimoe_export.ops.onnx_translation import custom_translation_table
-
-    with torch.no_grad():
-        outputs = wrapper(*example.values())  # eager: output names, and the model runs at all
-        names = list(wrapper.output_names)
-        if len(set(names)) != len(names):
-            raise PiMoEExportError(f"the model's outputs have repeated names {names}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                wrapper, tuple(example.values()), dynamo=True, custom_translation_table=custom_translation_table(),
-                dynamic_shapes={"args": tuple(specs)}, input_names=list(example), output_names=names,
-                opset_version=ONNX_OPSET, optimize=False, verify=False, report=False, verbose=False)
-    if program is None:
-        raise PiMoEExportError("torch.onnx.export returned no program")
-    proto = program.model_proto
-    split_sequences(proto)
-    interface = _interface(proto, example, list(outputs), names, axes)
-    configs = {p: json.loads(layer.config.to_json()) for p, layer in layers.items()}
-    return finish_export(proto, path, model, "custom-ops", precision, {
-        META_CONFIG: json.dumps({"model": type(model).__name__, "layers": configs}),
-        META_INTERFACE: json.dumps(interface.to_dict()),
-    }, start)
