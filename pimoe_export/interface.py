@@ -45,6 +45,9 @@ LAYER_OUTPUT = "output"
 LAYER_EXPERT_IDS = "expert_ids"
 LAYER_EXPERT_WEIGHTS = "expert_weights"
 LAYER_OUTPUTS = (LAYER_OUTPUT, LAYER_EXPERT_IDS, LAYER_EXPERT_WEIGHTS)
+#: the module path of a PiMoE layer that is the whole model (a bare layer): its routing outputs keep the layer
+#: interface's names, and its graph keeps the layer-graph metadata encoding (:func:`graph_metadata`)
+ROOT_LAYER = ""
 #: whole models: the input whose non-zero positions are the valid tokens (the Hugging Face convention); a check
 #: pools the primary [B, S, H] output over it (sentence-embedding cosine)
 MODEL_MASK_INPUT = "attention_mask"
@@ -167,16 +170,27 @@ class OnnxMetadata:
         return layer_configs(self.config)
 
 
+def quantization_metadata(layers: dict[str, dict[str, Any]], calibration: str) -> dict[str, Any]:
+    """The ``pimoe.quantization`` metadata of an INT8 graph from each PiMoE layer's settings by module path: a graph
+    that is one PiMoE layer keeps the layer-graph encoding (that layer's settings), any other graph records them by
+    layer."""
+    if list(layers) == [ROOT_LAYER]:
+        return {**layers[ROOT_LAYER], "calibration_data": calibration}
+    first = next(iter(layers.values()))
+    return {"mode": first["mode"], "router": "fp32", "layers": layers, "method": first["method"],
+            "calibration_data": calibration}
+
+
 def graph_metadata(model_name: str, layer_configs: dict[str, str], interface: GraphInterface) -> dict[str, str]:
     """The ``pimoe.config`` (and ``pimoe.interface``) metadata of an exported graph, what :func:`parse_metadata`
     reads back. ``layer_configs``: each PiMoE layer's config JSON by module path. A graph that is one PiMoE layer
     with the layer interface keeps the layer-graph encoding of contract v1: the layer's config alone, the interface
     implied by it (:func:`layer_interface`); any other graph records its layers' configs and its interface."""
-    if list(layer_configs) == [""]:
-        config = json.loads(layer_configs[""])
+    if list(layer_configs) == [ROOT_LAYER]:
+        config = json.loads(layer_configs[ROOT_LAYER])
         implied = [layer_interface(int(config["hidden_size"]), int(config["top_k"]), p) for p in ("fp32", "fp16")]
         if interface in implied:
-            return {META_CONFIG: layer_configs[""]}
+            return {META_CONFIG: layer_configs[ROOT_LAYER]}
     layers = {path: json.loads(text) for path, text in layer_configs.items()}
     return {META_CONFIG: json.dumps({"model": model_name, "layers": layers}),
             META_INTERFACE: json.dumps(interface.to_dict())}
@@ -203,7 +217,7 @@ def layer_configs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     layers = config.get("layers")
     if "model" in config and isinstance(layers, dict):
         return dict(layers)
-    return {"": config}
+    return {ROOT_LAYER: config}
 
 
 def metadata_props(onnx_path: str | Path) -> dict[str, str]:

@@ -33,7 +33,7 @@ from pimoe_export.export.exporter import export_model  # noqa: E402
 from pimoe_export.hf.checkpoint import require_transformers  # noqa: E402
 from pimoe_export.hf.feeds import random_feeds  # noqa: E402
 from pimoe_export.hf.moefy import MoefySettings, moefy  # noqa: E402
-from pimoe_export.interface import ONNX_OPSET  # noqa: E402
+from pimoe_export.interface import MODEL_IDS_INPUT, MODEL_MASK_INPUT, ONNX_OPSET  # noqa: E402
 from pimoe_export.quantize import quantize_model  # noqa: E402
 from pimoe_export.runtime.ort import create_session  # noqa: E402
 
@@ -76,8 +76,8 @@ def main() -> int:
                                            fp32_onnx=paths["ort_moe_fp32"]).onnx_path
     sessions = {name: create_session(path, threads=args.threads) for name, path in paths.items()}
     rng = np.random.default_rng(1)
-    feeds = {s: {"input_ids": rng.integers(0, config.vocab_size, s).astype(np.int64),
-                 "attention_mask": np.ones(s, np.int64)} for s in shapes}
+    feeds = {s: {MODEL_IDS_INPUT: rng.integers(0, config.vocab_size, s).astype(np.int64),
+                 MODEL_MASK_INPUT: np.ones(s, np.int64)} for s in shapes}
     samples: dict[tuple[int, int], dict[str, list[float]]] = {s: {} for s in shapes}
     for _ in range(args.rounds):
         for s in shapes:

@@ -28,8 +28,9 @@ from typing import Any
 
 from pimoe_export._files import read_format_json, resolve_inside, sha256_file
 from pimoe_export.errors import ArtifactError
-from pimoe_export.interface import PRECISIONS, GraphInterface, Profile, layer_configs, parse_metadata
+from pimoe_export.interface import INT32_LIMIT, PRECISIONS, GraphInterface, Profile, layer_configs, parse_metadata
 from pimoe_export.ops.schema import CONTRACT_VERSION
+from pimoe_export.ops.validation import elements_per_token
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "pimoe-export-unit/1"
@@ -182,6 +183,9 @@ class Unit:
     dir: Path
     manifest: Manifest
     files: dict[str, Path]
+    #: the most tokens (batch x sequence) one call may hold: the op contract keeps every element count an op
+    #: indexes below INT32_LIMIT
+    max_tokens: int = INT32_LIMIT
 
     @property
     def interface(self) -> GraphInterface:
@@ -208,8 +212,9 @@ def _check_artifacts(unit_dir: Path, manifest: Manifest, hint: str) -> dict[str,
     return files
 
 
-def _check_against_onnx(unit_dir: Path, manifest: Manifest, onnx_path: Path, hint: str) -> None:
-    """The manifest describes the ONNX it ships: config, precision, contract version, graph I/O."""
+def _check_against_onnx(unit_dir: Path, manifest: Manifest, onnx_path: Path, hint: str) -> int:
+    """The manifest describes the ONNX it ships: config, precision, contract version, graph I/O. Returns the most
+    tokens one call of the graph may hold under the op contract's element limits."""
     import onnx
 
     try:
@@ -241,6 +246,8 @@ def _check_against_onnx(unit_dir: Path, manifest: Manifest, onnx_path: Path, hin
     if problems:
         raise ArtifactError(f"{unit_dir}: the manifest does not describe the ONNX it ships: {'; '.join(problems)}: "
                             f"{hint}")
+    per_token = elements_per_token(proto)
+    return (INT32_LIMIT - 1) // per_token if per_token else INT32_LIMIT
 
 
 def verify(unit_dir: str | Path, *, backend_version: str | None = None, device_sm: str | None = None) -> Unit:
@@ -252,7 +259,7 @@ def verify(unit_dir: str | Path, *, backend_version: str | None = None, device_s
         raise ArtifactError(f"{unit_dir} was built for op contract v{manifest.contract_version}; this package "
                             f"implements v{CONTRACT_VERSION}: {hint}")
     files = _check_artifacts(unit_dir, manifest, hint)
-    _check_against_onnx(unit_dir, manifest, files["onnx"], hint)
+    max_tokens = _check_against_onnx(unit_dir, manifest, files["onnx"], hint)
     # engines are tied to the exact TensorRT version that built them (ONNX Runtime units are not)
     if (backend_version is not None and manifest.backend_version and manifest.backend_version != backend_version
             and manifest.backend != "onnxruntime"):
@@ -260,7 +267,7 @@ def verify(unit_dir: str | Path, *, backend_version: str | None = None, device_s
                             f"machine has {backend_version}: {hint}")
     if device_sm is not None and manifest.target_sms and device_sm not in manifest.target_sms:
         raise ArtifactError(f"{unit_dir} targets {manifest.target_sms}, this GPU is {device_sm}: {hint}")
-    return Unit(unit_dir, manifest, files)
+    return Unit(unit_dir, manifest, files, max_tokens)
 
 
 def copy_artifact(src: str | Path, dst: Path) -> Path:

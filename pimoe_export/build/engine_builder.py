@@ -14,7 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pimoe_export.errors import PiMoEError
+from pimoe_export.errors import PiMoEError, PiMoEInputError
 from pimoe_export.native.libraries import find_plugin_library, plugin_last_error
 from pimoe_export.native.tensorrt_loader import import_tensorrt, load_plugin_library, process_logger
 
@@ -55,6 +55,16 @@ def _plugin_name(trt: ModuleType, layer: Any) -> str:
         return str(core.plugin_name)
     except Exception:  # bindings without IPluginV3Layer: fall back to the layer name
         return str(layer.name)
+
+
+def compute_capability(trt: ModuleType, name: str) -> Any:
+    """TensorRT-RTX's ComputeCapability of an ahead-of-time target name ("SM89"); PiMoEInputError if it has none."""
+    try:
+        return getattr(trt.ComputeCapability, name)
+    except AttributeError:
+        known = sorted(n for n in dir(trt.ComputeCapability) if n.startswith("SM"))
+        raise PiMoEInputError(f"unknown compute capability {name!r}; this TensorRT-RTX builds for {known} (choose "
+                              "from them with --sm)") from None
 
 
 def summarize_network(trt: ModuleType, network: Any) -> LayerSummary:
@@ -119,11 +129,7 @@ def build_engine(
     if compute_capabilities and hasattr(config, "set_compute_capability"):
         config.num_compute_capabilities = len(compute_capabilities)
         for index, name in enumerate(compute_capabilities):
-            try:
-                capability = getattr(trt.ComputeCapability, name)
-            except AttributeError:
-                known = [n for n in dir(trt.ComputeCapability) if n.startswith("SM")]
-                raise ValueError(f"unknown compute capability {name!r}; this TensorRT knows {known}") from None
+            capability = compute_capability(trt, name)
             config.set_compute_capability(capability, index)
     if profile:
         optimization = builder.create_optimization_profile()

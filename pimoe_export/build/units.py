@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pimoe_export._files import OutputDir
-from pimoe_export.artifacts.manifest import Artifact, Manifest, copy_artifact
+from pimoe_export.artifacts.manifest import MANIFEST_FILE, Artifact, Manifest, copy_artifact
 from pimoe_export.errors import ArtifactError, BackendUnavailableError
 from pimoe_export.interface import (
     CUDA_ARCHITECTURES,
@@ -72,7 +72,7 @@ def package_ort(
     out = OutputDir(unit_dir, force=force, command="package")
     target = out.claim("model.onnx")
     lib_copy = out.claim("libpimoe_ort.so")
-    manifest_path = out.claim("manifest.json")
+    manifest_path = out.claim(MANIFEST_FILE)
     if move and onnx_path.resolve() != target.resolve():
         onnx_path.replace(target)
     else:
@@ -167,7 +167,7 @@ def build_unit(
 
     The engine is built before anything is written; ``unit_dir`` is an output directory (files in it that
     pimoe-export did not write are not replaced unless ``force``)."""
-    from pimoe_export.build.engine_builder import build_engine
+    from pimoe_export.build.engine_builder import build_engine, compute_capability
     from pimoe_export.native.tensorrt_loader import import_tensorrt
 
     options = options or BuildOptions()
@@ -175,11 +175,13 @@ def build_unit(
     interface = _interface(meta)
     flavour = detect_flavour(options.flavour)
     trt = import_tensorrt(flavour)
+    capabilities = options.compute_capabilities if flavour == "rtx" else ()
+    for name in capabilities:  # before the (long) build
+        compute_capability(trt, name)
     plugin = Path(plugin_path or find_plugin_library())
     check_plugin_library(str(plugin))
     out = OutputDir(unit_dir, force=force, command="build")  # refuses before the (long) build, not after
     holder: dict[str, Any] = {}
-    capabilities = options.compute_capabilities if flavour == "rtx" else ()
     plan, summary = build_engine(onnx_path, plugin, profile_shapes(options.profile, interface), capabilities,
                                  strongly_typed=True, flavour=flavour, configure=_configure(options, flavour, holder))
     if options.timing_cache and "cache" in holder:
@@ -188,7 +190,7 @@ def build_unit(
     engine_path.write_bytes(plan)
     onnx_copy = copy_artifact(onnx_path, out.claim("model.onnx"))
     plugin_copy = copy_artifact(plugin, out.claim("libpimoe_trt_plugins.so"))
-    manifest_path = out.claim("manifest.json")
+    manifest_path = out.claim(MANIFEST_FILE)
     onnx_art = Artifact.of("onnx", onnx_copy)
     manifest = Manifest(
         backend="tensorrt-rtx" if flavour == "rtx" else "tensorrt",

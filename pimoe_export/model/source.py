@@ -26,8 +26,6 @@ from pimoe_export.model.system import PiMoESystem
 
 #: one input of every named input of a model, as numpy arrays
 Feed = dict[str, np.ndarray]
-#: module path of a PiMoE layer that is the whole model (a bare layer)
-ROOT_LAYER = ""
 
 
 def moe_layers(model: nn.Module) -> dict[str, PiMoESystem]:

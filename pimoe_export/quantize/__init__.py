@@ -76,6 +76,7 @@ def quantize_model(
     needs activations the model produced from data, also in ``w8a8_dynamic`` mode.
     """
     from pimoe_export.export.exporter import export_source
+    from pimoe_export.interface import quantization_metadata
     from pimoe_export.quantize.capture import capture_layer_inputs
     from pimoe_export.quantize.int8 import write_int8_onnx
 
@@ -94,7 +95,7 @@ def quantize_model(
     layers = {path: _quantize_layer(source.layers[path], batches if statistics else None, method, mode, percentile,
                                     smooth_alpha, progress)
               for path, batches in captured.items()}
-    info = quantization_info({path: params.info for path, params in layers.items()}, data.description)
+    info = quantization_metadata({path: params.info for path, params in layers.items()}, data.description)
     path = write_int8_onnx(fp32_onnx, list(layers.values()), output, info=info)
     return QuantizeResult(path, layers, Path(fp32_onnx), data.description, info)
 
@@ -107,16 +108,6 @@ def _quantize_layer(layer: Any, batches: list | None, method: str, mode: str, pe
     stats = None if batches is None else collect_stats(layer.eval(), batches, progress=progress,
                                                        smooth_alpha=smooth_alpha)
     return compute_quant_params(layer, stats, method, mode, percentile)
-
-
-def quantization_info(layers: dict[str, dict[str, Any]], calibration: str) -> dict[str, Any]:
-    """The ``pimoe.quantization`` metadata: a graph that is one PiMoE layer records that layer's settings (the
-    layer-graph encoding of contract v1), any other graph its layers' by module path."""
-    if list(layers) == [""]:
-        return {**layers[""], "calibration_data": calibration}
-    first = next(iter(layers.values()))
-    return {"mode": first["mode"], "router": "fp32", "layers": layers, "method": first["method"],
-            "calibration_data": calibration}
 
 
 def default_fp32_path(output: Path) -> Path:

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from pimoe_export.artifacts.manifest import Unit, read_manifest, verify
-from pimoe_export.errors import ArtifactError, BackendUnavailableError, PiMoEError, PiMoEInputError
+from pimoe_export.errors import ArtifactError, BackendUnavailableError, PiMoEInputError, RunError
 from pimoe_export.interface import (
     BATCH_AXIS,
+    INT32_LIMIT,
     LAYER_OUTPUTS,
     MAX_HOST_ELEMENTS,
     SEQUENCE_AXIS,
@@ -38,10 +39,6 @@ from pimoe_export.interface import (
     TensorInterface,
     element_count,
 )
-
-
-class RunError(PiMoEError, RuntimeError):
-    """The backend refused to run the unit on these inputs (its own message is kept)."""
 
 
 def _is_torch(x: Any) -> bool:
@@ -94,6 +91,10 @@ class Engine:
         if element_count(shape) > MAX_HOST_ELEMENTS:
             raise PiMoEInputError(f"input {spec.name} has {element_count(shape)} elements, more than "
                                   f"{MAX_HOST_ELEMENTS}; split the batch")
+        if batch * sequence > self.unit.max_tokens:  # before anything is copied: a broadcast input costs nothing yet
+            raise PiMoEInputError(f"input {spec.name} holds {batch * sequence} tokens; this unit's ops index at most "
+                                  f"{self.unit.max_tokens} per call (the op contract's element counts stay below "
+                                  f"{INT32_LIMIT}); split the batch")
         return batch, sequence
 
     def _feeds(self, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], bool]:

@@ -45,7 +45,7 @@ def session_options(threads: int | None = None, library: str | Path | None = Non
     options.register_custom_ops_library(path)
     if threads is not None:
         options.intra_op_num_threads = int(threads)
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a refused run or load reaches the caller as a typed error
     return options
 
 
