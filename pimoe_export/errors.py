@@ -100,7 +100,9 @@ def user_message(error: BaseException) -> str | None:
         return f"cannot access{where}: {error.strerror or error}; check the path and its permissions"
     if refused_input(error):
         lines = str(error).strip().splitlines()
-        library = (type(error).__module__ or "").split(".")[0]
+        module = type(error).__module__ or ""
+        library = next((name for name in INPUT_LIBRARIES if module == name or module.startswith(name + ".")),
+                       "a text decoder")
         return (f"{library} refused an input of this command ({type(error).__name__}: "
                 f"{lines[0] if lines else 'no detail'}); check the files and data you passed (--debug shows where)")
     return None

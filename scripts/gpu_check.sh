@@ -2,11 +2,11 @@
 # Rung 6 of the verification ladder in one command, for a CUDA machine WITHOUT network and WITHOUT TensorRT
 # (torch with CUDA, nvcc, CMake, compute-sanitizer, pytest, numpy, onnx, onnxruntime):
 #   1. build libpimoe_trt_plugins.so + libpimoe_trt_harness.so with the local nvcc (for this GPU's architecture)
-#   2. pytest -m gpu            (tests/test_gpu_layer.py, tests/test_ops_backends.py[trt-harness], ...; fp32, fp16
-#                               and the int8 W8A8 kernels; tests/test_ort_cuda.py: libpimoe_ort_cuda's CUDA
+#   2. pytest -m gpu            (tests/emu/test_gpu_layer.py, tests/ops/test_ops_backends.py[trt-harness], ...; fp32, fp16
+#                               and the int8 W8A8 kernels; tests/runtime/test_ort_cuda.py: libpimoe_ort_cuda's CUDA
 #                               execution-provider kernels, built when build/deps/onnxruntime is carried, run when
 #                               the Python has onnxruntime-gpu, else skipped with the reason)
-#   3. compute-sanitizer memcheck and racecheck over tests/test_gpu_layer.py::test_sanitizer_case
+#   3. compute-sanitizer memcheck and racecheck over tests/emu/test_gpu_layer.py::test_sanitizer_case
 #   4. the emulator checked by the GPU: plugins/emu/tests/selftest.cu built with nvcc and run on the GPU (WMMA and
 #      mma.sync fragment layouts, shuffles, cp.async against host references), and scripts/emu_vs_gpu.py: the same
 #      plugin calls through the CUDA harness and the emulated one (built here with g++), outputs compared
@@ -120,7 +120,7 @@ status=0
 pytest_start=$(date +%s)
 # the files holding gpu tests (collecting the whole suite would import CPU-only dependencies this machine lacks)
 timeout "$(limit 200 200)" "$python" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --durations=15 \
-  tests/test_gpu_layer.py tests/test_ops_backends.py tests/test_ort_cuda.py > "$out/pytest.log" 2>&1
+  tests/emu/test_gpu_layer.py tests/ops/test_ops_backends.py tests/runtime/test_ort_cuda.py > "$out/pytest.log" 2>&1
 rc=$?
 [ $rc -ne 0 ] && status=1
 note "pytest -m gpu: rc=$rc, $(grep -E ' in [0-9.]+s' "$out/pytest.log" | tail -n 1 | tr -d '=' | xargs) ($(( $(date +%s) - pytest_start )) s; pytest.log)"
@@ -133,7 +133,7 @@ for tool in memcheck racecheck; do
   t0=$(date +%s)
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(limit 90 110)" "$sanitizer" --tool "$tool" --error-exitcode 86 \
     --target-processes all "$python" -m pytest -q -p no:cacheprovider -o addopts="" \
-    "tests/test_gpu_layer.py::test_sanitizer_case[trt-harness]" >> "$out/sanitizer.log" 2>&1
+    "tests/emu/test_gpu_layer.py::test_sanitizer_case[trt-harness]" >> "$out/sanitizer.log" 2>&1
   rc=$?
   errors=$(grep -Eo "ERROR SUMMARY: [0-9]+ error" "$out/sanitizer.log" | tail -n 1)
   [ $rc -ne 0 ] && status=1

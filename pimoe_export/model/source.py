@@ -163,8 +163,19 @@ def model_source(module: nn.Module, calibration: Sequence[Mapping[str, Any]], *,
     def read(given: Any, max_tokens: int | None) -> Calibration:
         return Calibration(_feed_list(given), type(given).__name__)
 
-    def cycle(batch: int, sequence: int, seed: int) -> Feed:
-        raise PiMoEInputError(f"{type(module).__name__} has no random inputs; give its source a random_feed")
+    def like_calibration(batch: int, sequence: int, seed: int) -> Feed:
+        """Seeded inputs shaped like the calibration feeds: standard normal floats, integers (token ids, masks) in
+        the range the calibration feeds use."""
+        rng = np.random.default_rng(seed)
+        feed = {}
+        for name, value in feeds[0].items():
+            shape = (batch, sequence, *value.shape[2:])[: value.ndim]
+            if value.dtype.kind == "f":
+                feed[name] = rng.standard_normal(shape).astype(value.dtype)
+            else:
+                top = max(int(np.max(f[name])) for f in feeds if f[name].size)
+                feed[name] = rng.integers(0, top + 1, shape).astype(value.dtype)
+        return feed
 
     def nothing(directory: Path) -> Any:
         raise PiMoEInputError(f"{type(module).__name__} has no checkpoint format; give its source a save function")
@@ -172,8 +183,9 @@ def model_source(module: nn.Module, calibration: Sequence[Mapping[str, Any]], *,
     return ModelSource(
         module=module, inputs=feed_inputs(feeds[0]), example={k: v[:2] for k, v in feeds[0].items()},
         calibration=lambda: Calibration(feeds, data), read_calibration=read_calibration or read,
-        random_feed=random_feed or cycle, describe=describe or (lambda: {"architecture": type(module).__name__}),
-        save=save or nothing, evaluation=None if evaluation is None else _feed_list(evaluation))
+        random_feed=random_feed or like_calibration,
+        describe=describe or (lambda: {"architecture": type(module).__name__}), save=save or nothing,
+        evaluation=None if evaluation is None else _feed_list(evaluation))
 
 
 def _feed_list(feeds: Any) -> list[Feed]:

@@ -26,7 +26,7 @@ How Triton gets our custom code (facts from Triton's sources and docs, see docke
   ``RegisterCustomOpsLibrary``, so it must be an absolute path as the server sees it).
 
 Nothing here has been run against a real tritonserver (no Docker engine or GPU on the CI machines): CI checks
-the generated files (tests/test_triton.py), not that Triton serves them.
+the generated files (tests/serve/test_triton.py), not that Triton serves them.
 """
 
 from __future__ import annotations

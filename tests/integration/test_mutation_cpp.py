@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 W_SCALE_CHECK = ('if (s != kF32) return msg("PiMoEExpertMLP: w_scale (layer ", l, ") must be float32, got ", '
                  'type_name(s));')
@@ -69,7 +69,7 @@ def test_boundary_tests_kill_the_picked_mutants(tmp_path) -> None:
     ids = ",".join(str(i) for i in pick_ids(runner))
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "mutate_cpp.py"), "--only", ids,
                              "--worktree", "--work", str(tmp_path / "work"), "--json", str(report),
-                             "--pytest-args", "tests/test_boundaries.py"],
+                             "--pytest-args", "tests/ops/test_op_boundaries.py"],
                             capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert report.is_file(), result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads(report.read_text())

@@ -10,15 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 
-ROOT = Path(__file__).resolve().parents[1]
-WORDS = [f"w{i}" for i in range(60)]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -27,23 +25,9 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory) -> Path:
-    """A tiny BERT with a tokenizer, saved as a Hugging Face model directory (safetensors)."""
-    root = tmp_path_factory.mktemp("bert")
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
-    model = transformers.BertModel(config).eval()
-    directory = root / "tiny-bert"
-    model.save_pretrained(str(directory), safe_serialization=True)
-    tokenizer.save_pretrained(str(directory))
-    rng = np.random.default_rng(0)
-    text = root / "sentences.txt"
-    text.write_text("\n".join(" ".join(rng.choice(WORDS, rng.integers(3, 20))) for _ in range(80)) + "\n")
-    return directory
+def bert(tiny_bert) -> Path:
+    """A tiny BERT with a tokenizer, saved as a Hugging Face model directory (conftest: built once per session)."""
+    return tiny_bert
 
 
 def test_moefication_with_every_expert_selected_is_the_dense_ffn(bert) -> None:

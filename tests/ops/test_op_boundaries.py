@@ -1,6 +1,6 @@
 """The ONNX Runtime ops at boundaries built on purpose, each against an independent reference.
 
-The hypothesis op tests (tests/test_ops_backends.py) draw random cases; mutation testing of plugins/
+The hypothesis op tests (tests/ops/test_ops_backends.py) draw random cases; mutation testing of plugins/
 (scripts/mutate_cpp.py, docs/mutation.md) showed which boundaries such cases never hit. Here they are constructed:
 exact ties in routing scores (ties go to the lower index), NaN mixed with numbers in one row (NaN ranks after every
 number), every fp16 bit pattern through the fp16 conversions, activations exactly half-way between two int8 codes
@@ -445,7 +445,7 @@ def test_the_library_runs_the_isa_asked_for() -> None:
 def test_boundaries_hold_on_the_portable_kernels(tmp_path) -> None:
     """The same boundaries on the generic (non-AVX2) kernels, which only run when PIMOE_CPU_ISA=generic (read once
     per process, hence the subprocess)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PIMOE_CPU_ISA": "generic"}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
                              str(Path(__file__)), "-k", "not portable", "--basetemp", str(tmp_path / "t")],

@@ -27,7 +27,7 @@ import torch
 from pimoe_export._files import sha256_file
 from pimoe_export.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ArtifactError, PiMoEInputError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

@@ -22,12 +22,9 @@ from pimoe_export.runtime.ort import create_session
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    model = create_from_preset("tiny", seed=5)
-    root = tmp_path_factory.mktemp("units")
-    onnx_path = root / "model.onnx"
-    export_onnx(model, onnx_path)
-    return model, onnx_path, root
+def tiny(exported_layer):
+    model, onnx_path = exported_layer("tiny", 5)
+    return model, onnx_path, onnx_path.parent
 
 
 @pytest.fixture
@@ -236,3 +233,28 @@ def test_comparison_of_precomputed_backend_outputs(tiny, tmp_path) -> None:
     actual[1]["output"] = actual[1]["output"] * 1.01
     passed, failures = compare()
     assert not passed and failures
+
+
+def test_a_broadcast_input_beyond_the_contract_is_refused_before_it_is_copied(tiny, tmp_path) -> None:
+    """An 8 GiB (2^31 float32) zero-stride input inside a unit whose profile allows it: the op contract's element
+    limits refuse it before anything is made contiguous (nothing near its size is allocated)."""
+    import tracemalloc
+
+    from pimoe_export.runtime.engine import Engine
+
+    _, onnx_path, _ = tiny
+    package_ort(onnx_path, tmp_path / "unit", profile=Profile((1, 1), (1, 64), (65536, 65536)))
+    huge = np.broadcast_to(np.zeros(1, np.float32), (8192, 16384, 16))
+    assert huge.size == 2**31 and huge.nbytes == 8 * 2**30
+    with Engine.load(tmp_path / "unit") as engine:
+        tracemalloc.start()
+        try:
+            with pytest.raises(PiMoEInputError, match=r"ops index at most \d+ per call"):
+                engine.run(huge)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 2**20, peak
+        assert engine.unit.max_tokens == (2**31 - 1) // (2 * 64)  # k * the widest layer of the tiny experts
+        y = engine.run(np.broadcast_to(np.ones(1, np.float32), (2, 3, 16)))  # a small broadcast input still runs
+        assert y.shape == (2, 3, 16)

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pimoe_export.artifacts import libraries
 from pimoe_export.errors import BackendUnavailableError
+from pimoe_export.native import libraries
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WHEELHOUSE = ROOT / "build" / "deps" / "ort-wheels"
 FLAVOURS = {"cpu": "onnxruntime", "gpu": "onnxruntime-gpu"}
 

@@ -14,8 +14,8 @@ TensorRT drives them.
 - The emulated suite under AddressSanitizer (+ UBSan alignment) and ThreadSanitizer, in subprocesses: any report
   fails the test.
 
-The op matrix (tests/test_ops_backends.py) and the whole-layer tests (tests/test_gpu_layer.py) run on the emulator
-too, through their ``emu`` backend.
+The op matrix (tests/ops/test_ops_backends.py) and the whole-layer tests (tests/emu/test_gpu_layer.py) run on the
+emulator too, through their ``emu`` backend.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from pimoe_export.testing.harness import (
 )
 
 pytestmark = pytest.mark.emu
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 f32, f16, i32, i8 = np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int32), np.dtype(np.int8)
 
 
@@ -173,7 +173,7 @@ def test_expert_mlp_runs_every_shape_of_its_profile(harness, dtype, quant_mode) 
             assert y.shape == ref.shape == (rows, widths[-1]) and y.dtype == dtype
             scale = max(1.0, float(np.abs(ref.astype(np.float32)).max(initial=0.0)))
             # this test is about every shape of the profile running through the TensorRT call sequence; the int8
-            # kernels' exactness is held on the same emulated harness by tests/test_gpu_layer.py's `emu` backend
+            # kernels' exactness is held on the same emulated harness by tests/emu/test_gpu_layer.py's `emu` backend
             # (bit-identical without transcendentals, one code step of the last layer at scale). Here GELU and
             # LayerNorm in fp32 against PyTorch's can move hidden codes by one step, so 1e-2 relative is the
             # bound, not a precision claim
@@ -343,19 +343,19 @@ def test_small_case_every_kernel_path(harness) -> None:
 
         ref = ops.expert_mlp(torch.from_numpy(xs), torch.from_numpy(offs), [torch.from_numpy(p) for p in qparams],
                              group, widths, "relu", False, 1e-5, mode, scales).numpy()
-        np.testing.assert_array_equal(y, ref)  # relu, no LayerNorm: bit-exact (tests/test_gpu_layer.py)
+        np.testing.assert_array_equal(y, ref)  # relu, no LayerNorm: bit-exact (tests/emu/test_gpu_layer.py)
 
 
 SANITIZERS = {
     # build folder (scripts/setup.sh), runtime library, options, what to run
     "address": ("build/plugins-emu-asan", "libasan.so", "ASAN_OPTIONS", "detect_leaks=0:abort_on_error=0",
-                ["tests/test_ops_backends.py", "-k", "emu",
-                 "tests/test_emu.py::test_small_case_every_kernel_path",
-                 "tests/test_emu.py::test_dispatch_runs_every_shape_of_its_profile",
-                 "tests/test_emu.py::test_expert_mlp_runs_every_shape_of_its_profile",
-                 "tests/test_emu.py::test_fp16_hidden_values_beyond_the_fp16_range_stay_finite"]),
+                ["tests/ops/test_ops_backends.py", "-k", "emu",
+                 "tests/emu/test_emu.py::test_small_case_every_kernel_path",
+                 "tests/emu/test_emu.py::test_dispatch_runs_every_shape_of_its_profile",
+                 "tests/emu/test_emu.py::test_expert_mlp_runs_every_shape_of_its_profile",
+                 "tests/emu/test_emu.py::test_fp16_hidden_values_beyond_the_fp16_range_stay_finite"]),
     "thread": ("build/plugins-emu-tsan", "libtsan.so", "TSAN_OPTIONS", "",
-               ["tests/test_emu.py::test_small_case_every_kernel_path"]),
+               ["tests/emu/test_emu.py::test_small_case_every_kernel_path"]),
 }
 
 

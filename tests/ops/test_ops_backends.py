@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pimoe_export.model import functional
 from pimoe_export.ops import schema
 
-# 200 examples per op and backend; the sanitizer runs of the emulated backend (tests/test_emu.py) ask for fewer
+# 200 examples per op and backend; the sanitizer runs of the emulated backend (tests/emu/test_emu.py) ask for fewer
 EXAMPLES = int(os.environ.get("PIMOE_OP_EXAMPLES", "200"))
 op_settings = settings(max_examples=EXAMPLES, deadline=None,
                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -415,7 +415,7 @@ def test_portable_kernels_pass_the_same_op_tests(tmp_path) -> None:
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PIMOE_CPU_ISA": "generic"}
     probe = subprocess.run([sys.executable, "-c", "from pimoe_export.native.libraries import check_ort_library, "
                             "find_ort_library; print(check_ort_library(str(find_ort_library()))['cpu_isa'])"],

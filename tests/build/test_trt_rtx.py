@@ -25,7 +25,7 @@ from pimoe_export.interface import Profile, layer_interface, profile_shapes
 from pimoe_export.ops import schema
 
 pytestmark = pytest.mark.trt
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def layer_profile(hidden_size: int) -> dict:
@@ -49,22 +49,11 @@ def rtx():
     return T, plugin
 
 
-_EXPORTS: dict[tuple[str, str], tuple[Path, object]] = {}
-
-
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    from pimoe_export.export.exporter import export_onnx
-    from pimoe_export.model.factory import create_from_preset
-
+def exported(exported_layer):
     def get(preset: str, precision: str):
-        key = (preset, precision)
-        if key not in _EXPORTS:
-            model = create_from_preset(preset, seed=3)
-            path = tmp_path_factory.mktemp(f"{preset}-{precision}") / "model.onnx"
-            export_onnx(model, path, precision=precision)
-            _EXPORTS[key] = (path, model.config)
-        return _EXPORTS[key]
+        model, path = exported_layer(preset, 3, precision)
+        return path, model.config
 
     return get
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = [ROOT / "docker" / "server" / "Dockerfile", ROOT / "docker" / "jetson" / "Dockerfile"]
 SCRIPTS = [ROOT / "docker" / "server" / "entrypoint.sh", ROOT / "docker" / "build_in_image.sh"]
 #: what `docker/build_in_image.sh` (scripts/setup.sh, pip install -e .) needs from the build context

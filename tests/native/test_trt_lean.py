@@ -23,7 +23,7 @@ import pytest
 from pimoe_export.errors import BackendUnavailableError, PluginLoadError
 from pimoe_export.ops import schema
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def plugin_library_or_skip() -> Path:

@@ -79,14 +79,8 @@ def _dims(shape) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from pimoe_export.export.exporter import export_onnx
-    from pimoe_export.model.factory import create_from_preset
-
-    model = create_from_preset("tiny", seed=5).eval()
-    path = tmp_path_factory.mktemp("tiny") / "model.onnx"
-    export_onnx(model, path)
-    return model, path
+def tiny(exported_layer):
+    return exported_layer("tiny", 5)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 from pimoe_export.errors import PluginLoadError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def polygraphy() -> str:

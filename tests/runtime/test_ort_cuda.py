@@ -5,8 +5,8 @@
   ops in one domain) is accepted, and on the CPU provider it gives libpimoe_ort's outputs bit for bit, fp32 and INT8.
 - ``emu`` (CI): libpimoe_ort_cuda_emu, the same CUDA-provider kernel code on the CPU CUDA emulator (plugins/emu),
   registered for the CPU provider: the wrappers (input checks, parameter roles, act_scales, scratch sizes, device
-  status) give libpimoe_ort's outputs within the GPU tolerances of tests/test_gpu_layer.py, fp32/fp16/INT8; bad expert
-  ids are clamped, and reported as a run error with PIMOE_ORT_SYNC_CHECK=1.
+  status) give libpimoe_ort's outputs within the GPU tolerances of tests/emu/test_gpu_layer.py, fp32/fp16/INT8;
+  bad expert ids are clamped, and reported as a run error with PIMOE_ORT_SYNC_CHECK=1.
 - ``gpu``: with onnxruntime-gpu on a CUDA GPU, every pimoe node runs on the CUDA provider (ONNX Runtime's profile
   names the provider of each node), the outputs match the CPU provider within the same tolerances, and two runs are
   bit-identical. Skipped, with the reason, without a GPU or without onnxruntime-gpu (PIMOE_SETUP_ORT=gpu
@@ -32,8 +32,8 @@ from pimoe_export.runtime.ort import CUDA_PROVIDER, create_session, op_library_f
 from pimoe_export.validate.metrics import error_stats
 
 PIMOE_OPS = {schema.ROUTE, schema.DISPATCH, schema.EXPERT_MLP, schema.COMBINE}
-FP16_MAX_ABS = 4e-3  # x max|y|: tests/test_gpu_layer.py's fp16 bound (fp32 summation order, fp16 rounding flips)
-INT8_REL_L2 = 1e-3  # tests/test_gpu_layer.py's bound of the int8 GPU path against the fake-quant reference
+FP16_MAX_ABS = 4e-3  # x max|y|: tests/emu/test_gpu_layer.py's fp16 bound (fp32 summation order, fp16 rounding flips)
+INT8_REL_L2 = 1e-3  # tests/emu/test_gpu_layer.py's bound of the int8 GPU path against the fake-quant reference
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +141,9 @@ else:
 @pytest.mark.parametrize("sync_check", ["0", "1"])
 def test_bad_expert_ids_are_clamped_or_reported(emu_library, sync_check) -> None:
     env = {**os.environ, "PIMOE_ORT_SYNC_CHECK": sync_check,
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", BAD_IDS, emu_library], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).parents[1])
+                          timeout=120, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr
     line = done.stdout.strip().splitlines()[-1]
     if sync_check == "1":

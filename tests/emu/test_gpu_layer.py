@@ -18,7 +18,8 @@ plugins and harness built against plugins/emu). Every test runs on both with the
   as an error and never makes a kernel touch memory out of bounds; empty batches give empty outputs.
 
 The GPU half needs a CUDA GPU: scripts/gpu_check.sh runs it (and compute-sanitizer over test_sanitizer_case); it
-skips cleanly elsewhere. The emulated half runs in CI (and under AddressSanitizer/ThreadSanitizer, tests/test_emu.py).
+skips cleanly elsewhere. The emulated half runs in CI (and under AddressSanitizer/ThreadSanitizer,
+tests/emu/test_emu.py).
 Argument checks of the host side alone are in test_trt_harness_prepare.py; the TensorRT call sequence with
 optimisation profiles is in test_emu.py.
 """
