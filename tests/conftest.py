@@ -80,14 +80,3 @@ def tiny_bert(tmp_path_factory) -> Path:
     text = root / "sentences.txt"
     text.write_text("\n".join(" ".join(rng.choice(words, rng.integers(3, 20))) for _ in range(80)) + "\n")
     return directory
-
-
-@pytest.fixture(scope="session")
-def moefied_bert(tiny_bert, tmp_path_factory) -> Path:
-    """``tiny_bert`` MoEfied by the command line (4 experts, top-2, calibrated on its sentences), once per session."""
-    from pimoe_export.cli import main
-
-    out = tmp_path_factory.mktemp("moefied") / "moe"
-    assert main(["moefy", str(tiny_bert), "-o", str(out), "--experts", "4", "--top-k", "2", "--calib",
-                 str(tiny_bert.parent / "sentences.txt")]) == 0
-    return out
