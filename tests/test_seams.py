@@ -265,6 +265,13 @@ def test_every_module_folder_and_path_the_docs_name_exists() -> None:
     assert not stale, stale
 
 
+def test_every_module_and_path_the_shell_scripts_and_dockerfiles_name_exists() -> None:
+    """The same for shell scripts and Dockerfiles (they name test files, modules in inline Python, folders)."""
+    scripts = [p for p in _tracked("*.sh", "docker", ".ci") if p.suffix == ".sh" or p.name in ("Dockerfile", "run")]
+    stale = _stale_doc_references(ROOT, scripts)
+    assert not stale, stale
+
+
 def test_the_docs_check_finds_planted_stale_names(tmp_path) -> None:
     """The checker can fail: a moved module, a vanished folder, a renamed file and a missing attribute are found."""
     (tmp_path / "pimoe_export" / "runtime").mkdir(parents=True)
