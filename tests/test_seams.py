@@ -185,6 +185,27 @@ def test_the_stray_copy_search_finds_a_planted_copy(tmp_path) -> None:
         assert re.search(FACTS[fact][0], line), fact
 
 
+def _british_spelt_identifiers(files: list[Path]) -> list[str]:
+    import io
+    import tokenize
+
+    hits = []
+    for path in files:
+        for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            if token.type == tokenize.NAME and "artefact" in token.string.lower():
+                hits.append(f"{path.name}:{token.start[0]}: {token.string}")
+    return hits
+
+
+def test_identifiers_spell_artifact_one_way(tmp_path) -> None:
+    """Names in code say "artifact" (ArtifactError, the artifacts package, the manifest's artifacts); prose may
+    say artefact."""
+    assert not _british_spelt_identifiers(_tracked("*.py")), _british_spelt_identifiers(_tracked("*.py"))
+    probe = tmp_path / "probe.py"
+    probe.write_text('"""an artefact in prose"""\ndef check_artefacts():  # and in a comment: artefact\n    pass\n')
+    assert _british_spelt_identifiers([probe]) == ["probe.py:2: check_artefacts"]
+
+
 def test_docker_images_default_to_the_interface_targets() -> None:
     from pimoe_export.interface import CUDA_ARCHITECTURES, IMAGE_CUDA_ARCHITECTURES
 
