@@ -212,6 +212,33 @@ def _check_artifacts(unit_dir: Path, manifest: Manifest, hint: str) -> dict[str,
     return files
 
 
+def _dims_problems(io: GraphInterface, proto: Any) -> list[str]:
+    """Where the manifest's dims are not the graph's: a fixed size must be the graph's size, a named axis a dynamic
+    dimension of the graph, and each dynamic dimension of the graph (its dim_param) one named axis throughout."""
+    graph = {v.name: v.type.tensor_type.shape.dim for v in (*proto.graph.input, *proto.graph.output)
+             if v.type.tensor_type.HasField("shape")}
+    axis_of: dict[str, str] = {}
+    problems = []
+    for t in (*io.inputs, *io.outputs):
+        if t.name not in graph:
+            continue
+        dims = graph[t.name]
+        shown = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in dims]
+        if len(dims) != len(t.dims):
+            problems.append(f"{t.name}: {list(t.dims)} vs {shown}")
+            continue
+        for mine, theirs in zip(t.dims, dims, strict=True):
+            if isinstance(mine, int):
+                ok = theirs.HasField("dim_value") and theirs.dim_value == mine
+            else:
+                ok = not theirs.HasField("dim_value") and (not theirs.dim_param
+                                                           or axis_of.setdefault(theirs.dim_param, mine) == mine)
+            if not ok:
+                problems.append(f"{t.name}: {list(t.dims)} vs {shown}")
+                break
+    return problems
+
+
 def _check_against_onnx(unit_dir: Path, manifest: Manifest, onnx_path: Path, hint: str) -> int:
     """The manifest describes the ONNX it ships: config, precision, contract version, graph I/O. Returns the most
     tokens one call of the graph may hold under the op contract's element limits."""
@@ -243,6 +270,8 @@ def _check_against_onnx(unit_dir: Path, manifest: Manifest, onnx_path: Path, hin
                  if t.name in dtypes and dtypes[t.name] != t.dtype]
         if wrong:
             problems.append(f"its I/O dtypes differ from the ONNX's ({', '.join(wrong)})")
+        if wrong_dims := _dims_problems(io, proto):
+            problems.append(f"its I/O dims differ from the ONNX's ({', '.join(wrong_dims)})")
     if problems:
         raise ArtifactError(f"{unit_dir}: the manifest does not describe the ONNX it ships: {'; '.join(problems)}: "
                             f"{hint}")
