@@ -1,0 +1,336 @@
+"""`pimoe-export serve` options at values other than their defaults, in this process (no tritonserver): the command's
+flags reach ServeOptions; batching turned off (--max-batch 0) gives Triton models without a batcher whose tensors
+keep their batch axis, and runs every request alone; a batch limit the unit's profile cannot hold is refused; the
+instance count and queue delay reach Triton's model configuration.
+
+Triton itself is replaced by a recorder of what the server binds (pytriton's Triton class); answers are compared
+with Engine.run_named on each request alone (the server must compute exactly that)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton.triton", reason="nvidia-pytriton is not installed (the serve extra)")
+
+from pimoe_export.build.units import package_ort
+from pimoe_export.errors import PiMoEInputError, PluginLoadError
+from pimoe_export.interface import Profile
+from pimoe_export.serve.server import (
+    ServedModel,
+    ServeError,
+    ServeOptions,
+    Server,
+    check_ports_free,
+    infer_requests,
+    load_models,
+    make_infer_function,
+    stub_environment,
+    triton_config,
+    triton_tensors,
+)
+
+PROFILE = Profile((1, 1), (2, 8), (4, 64))
+
+
+@pytest.fixture(scope="module")
+def units(exported_layer, tmp_path_factory) -> dict[str, Path]:
+    """Two units of the tiny layer under a pipeline folder: batch 1..4 and batch 2..4 (which cannot batch)."""
+    _, onnx_path = exported_layer("tiny", 3)
+    root = tmp_path_factory.mktemp("serve-options") / "tiny"
+    try:
+        package_ort(onnx_path, root / "ort-fp32", profile=PROFILE)
+        package_ort(onnx_path, root / "min2", profile=Profile((2, 1), (2, 8), (4, 64)))
+    except PluginLoadError as exc:
+        pytest.skip(f"libpimoe_ort is not built: {exc}")
+    return {"ort": root / "ort-fp32", "min2": root / "min2"}
+
+
+def tokens(seed: int, batch: int, sequence: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, sequence, 16)).astype(np.float32)
+
+
+class CountingEngine:
+    """The engine, counting its run_named calls and the batch of each."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.batches = engine, []
+        self.interface, self.manifest, self.unit_dir = engine.interface, engine.manifest, engine.unit_dir
+
+    def run_named(self, feeds):
+        self.batches.append(next(iter(feeds.values())).shape[0])
+        return self.engine.run_named(feeds)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+# ------------------------------------------------------------------------------------------ options -> models
+def test_batching_off_serves_every_unit_without_a_batcher(units) -> None:
+    models = load_models([units["ort"], units["min2"]], None, ServeOptions(max_batch=0))
+    try:
+        assert [(m.name, m.batching, m.max_batch) for m in models] == [("tiny_ort-fp32", False, 0),
+                                                                        ("tiny_min2", False, 0)]
+    finally:
+        for m in models:
+            m.engine.close()
+
+
+@pytest.mark.parametrize(("max_batch", "refused"), [(1, False), (3, False), (4, False), (5, True)])
+def test_the_batch_limit_must_fit_the_profile(units, max_batch, refused) -> None:
+    if refused:
+        with pytest.raises(ServeError, match=rf"--max-batch {max_batch} does not fit .*profile \(batch 1\.\.4\); use "
+                                             r"--max-batch between 1 and 4, or 0"):
+            load_models([units["ort"]], "m", ServeOptions(max_batch=max_batch))
+        return
+    (model,) = load_models([units["ort"]], "m", ServeOptions(max_batch=max_batch))
+    model.engine.close()
+    assert (model.name, model.batching, model.max_batch) == ("m", True, max_batch)
+
+
+def test_a_unit_whose_batch_starts_above_1_cannot_batch_but_serves_alone(units) -> None:
+    with pytest.raises(ServeError, match=r"does not fit .*profile \(batch 2\.\.4\)"):
+        load_models([units["min2"]], None, ServeOptions(max_batch=2))
+    (model,) = load_models([units["min2"]], None, ServeOptions(max_batch=0))
+    model.engine.close()
+    assert not model.batching
+
+
+@pytest.mark.parametrize(("options", "fragment"), [
+    (ServeOptions(http_port=9000, grpc_port=9000), "must be distinct"),
+    (ServeOptions(metrics_port=0), "must be distinct and in 1..65535"),
+    (ServeOptions(grpc_port=65536), "must be distinct and in 1..65535"),
+    (ServeOptions(max_batch=-1), "--max-batch and --queue-delay-us must be >= 0"),
+    (ServeOptions(queue_delay_us=-1), "--max-batch and --queue-delay-us must be >= 0"),
+    (ServeOptions(instances=0), "--instances >= 1"),
+])
+def test_options_no_server_can_take_are_refused_before_any_unit_is_loaded(tmp_path, options, fragment) -> None:
+    with pytest.raises(ServeError, match=fragment):
+        load_models([tmp_path / "not-a-unit"], None, options)
+
+
+def test_ports_at_the_ends_of_their_range_are_accepted(units) -> None:
+    (model,) = load_models([units["ort"]], None, ServeOptions(http_port=1, grpc_port=65535, metrics_port=2,
+                                                              max_batch=0, queue_delay_us=0, instances=64))
+    model.engine.close()
+
+
+@pytest.mark.parametrize(("names", "name", "fragment"), [
+    (["ort", "min2"], "both", "--name names one model, but 2 units were given"),
+    (["ort"], ".hidden", "is not usable by Triton"),
+    (["ort"], "a b", "is not usable by Triton"),
+    (["ort"], "", "is not usable by Triton"),
+    (["ort", "ort"], None, "two units would be served under the same model name"),
+])
+def test_model_names_triton_cannot_take_are_refused(units, names, name, fragment) -> None:
+    with pytest.raises(ServeError, match=fragment):
+        load_models([units[n] for n in names], name, ServeOptions(max_batch=0))
+
+
+def test_names_triton_takes(units) -> None:
+    for name in ("a", "m_1.v-2", "_x", "9"):
+        (model,) = load_models([units["ort"]], name, ServeOptions(max_batch=0))
+        model.engine.close()
+        assert model.name == name
+
+
+# ------------------------------------------------------------------------------------------ requests
+@pytest.mark.parametrize("batching", [False, True])
+def test_requests_are_run_alone_without_batching_and_joined_with_it(units, batching) -> None:
+    """Requests of equal [sequence, H] are joined along the batch axis only with batching; the answers are each
+    request's own either way."""
+    from pimoe_export.runtime.engine import Engine
+
+    engine = CountingEngine(Engine.load(units["ort"]))
+    model = ServedModel("m", engine, batching=batching, max_batch=4 if batching else 0)
+    shapes = [(1, 5), (2, 5), (1, 7), (1, 7), (1, 5)]
+    requests = [{"hidden_states": tokens(i, *s)} for i, s in enumerate(shapes)]
+    answers = infer_requests(model, requests)
+    # joined: consecutive equal shapes only ((1,5)+(2,5), (1,7)+(1,7), (1,5)); alone: one call per request
+    assert engine.batches == ([3, 2, 1] if batching else [1, 2, 1, 1, 1])
+    assert model.calls == 1
+    for request, answer in zip(requests, answers, strict=True):
+        alone = engine.engine.run_named(request)
+        assert set(answer) == set(alone)
+        for key in alone:
+            assert answer[key].shape == alone[key].shape
+            np.testing.assert_array_equal(answer[key], alone[key], err_msg=key)
+    engine.close()
+
+
+def test_a_request_missing_an_input_is_refused_by_name(units) -> None:
+    from pimoe_export.runtime.engine import Engine
+
+    model = ServedModel("tiny", Engine.load(units["ort"]))
+    infer = make_infer_function(model)
+    assert infer.__name__ == "infer_tiny"
+    with pytest.raises(PiMoEInputError, match=r"^model tiny: model tiny takes the inputs \['hidden_states'\]; "
+                                              r"missing \['hidden_states'\]$"):
+        infer([{"x": tokens(0, 1, 3)}])
+    with pytest.raises(PiMoEInputError, match=r"^model tiny: this fp32 unit takes float32 input, got float64"):
+        infer([{"hidden_states": tokens(0, 1, 3).astype(np.float64)}])
+    model.engine.close()
+    with pytest.raises(PiMoEInputError, match=r"model tiny: the engine of .* was closed"):
+        infer([{"hidden_states": tokens(0, 1, 3)}])
+    assert make_infer_function(ServedModel("a.b-c", model.engine)).__name__ == "infer_a_b_c"
+
+
+# ------------------------------------------------------------------------------------------ what Triton is told
+class RecordingTriton:
+    """Stands in for pytriton.triton.Triton: records the config and every bind."""
+
+    instances: ClassVar[list] = []
+
+    def __init__(self, config) -> None:
+        self.config, self.bound, self.running, self.stopped = config, [], False, False
+        RecordingTriton.instances.append(self)
+
+    def bind(self, **kwargs) -> None:
+        self.bound.append(kwargs)
+
+    def run(self) -> None:
+        self.running = True
+
+    def is_alive(self) -> bool:
+        return self.running and not self.stopped
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.parametrize("max_batch", [0, 3])
+def test_what_the_server_binds_for_each_option(units, monkeypatch, max_batch) -> None:
+    import pytriton.triton
+
+    monkeypatch.setattr(pytriton.triton, "Triton", RecordingTriton)
+    RecordingTriton.instances = []
+    http, grpc, metrics = _free_ports(3)
+    options = ServeOptions(host="127.0.0.1", http_port=http, grpc_port=grpc, metrics_port=metrics,
+                           max_batch=max_batch, queue_delay_us=1234, instances=3, exit_timeout_s=7)
+    models = load_models([units["ort"]], "tiny", options)
+    server = Server(models, options)
+    server.start()
+    try:
+        (triton,) = RecordingTriton.instances
+        assert server.is_alive()
+        (bound,) = triton.bound
+        assert bound["model_name"] == "tiny" and bound["model_version"] == 1 and bound["strict"] is True
+        assert len(bound["infer_func"]) == 3  # one inference function per instance
+        config = bound["config"]
+        assert config.batching is (max_batch > 0) and config.max_batch_size == max_batch
+        assert config.batcher.max_queue_delay_microseconds == 1234
+        shapes = {t.name: t.shape for t in (*bound["inputs"], *bound["outputs"])}
+        if max_batch:  # Triton adds the batch axis itself
+            assert shapes == {"hidden_states": (-1, 16), "output": (-1, 16), "expert_ids": (-1, 2),
+                              "expert_weights": (-1, 2)}
+        else:  # no batcher: the batch axis is the tensors' own
+            assert shapes == {"hidden_states": (-1, -1, 16), "output": (-1, -1, 16), "expert_ids": (-1, -1, 2),
+                              "expert_weights": (-1, -1, 2)}
+        dtypes = {t.name: np.dtype(t.dtype) for t in (*bound["inputs"], *bound["outputs"])}
+        assert dtypes == {"hidden_states": np.float32, "output": np.float32, "expert_ids": np.int32,
+                          "expert_weights": np.float32}
+        tc = triton.config
+        assert (tc.http_address, tc.http_port, tc.grpc_address, tc.grpc_port, tc.metrics_address, tc.metrics_port) \
+            == ("127.0.0.1", http, "127.0.0.1", grpc, "127.0.0.1", metrics)
+        assert tc.exit_timeout_secs == 7 and tc.allow_metrics and not tc.allow_gpu_metrics
+        assert server.urls() == {"http": f"http://127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}",
+                                 "metrics": f"http://127.0.0.1:{metrics}/metrics"}
+        x = tokens(5, 2, 3)
+        (answer,) = bound["infer_func"][2]([{"hidden_states": x}])
+        np.testing.assert_array_equal(answer["output"], models[0].engine.run(x))
+    finally:
+        server.stop()
+    assert triton.stopped and not server.is_alive()
+    with pytest.raises(Exception, match="closed"):
+        models[0].engine.run(tokens(0, 1, 1))
+
+
+def test_urls_of_an_ipv6_host() -> None:
+    server = Server([], ServeOptions(host="::1", http_port=1, grpc_port=2, metrics_port=3))
+    assert server.urls() == {"http": "http://[::1]:1", "grpc": "[::1]:2", "metrics": "http://[::1]:3/metrics"}
+    assert not server.is_alive()
+
+
+def test_triton_config_listens_only_where_asked() -> None:
+    config = triton_config(ServeOptions(host="10.1.2.3", http_port=18000, grpc_port=18001, metrics_port=18002,
+                                        exit_timeout_s=11, log_verbose=2))
+    assert (config.http_address, config.grpc_address, config.metrics_address) == ("10.1.2.3",) * 3
+    assert (config.http_port, config.grpc_port, config.metrics_port) == (18000, 18001, 18002)
+    assert config.exit_timeout_secs == 11 and config.log_verbose == 2
+    assert not config.allow_sagemaker and not config.allow_vertex_ai and config.allow_cpu_metrics
+
+
+def test_triton_tensors_keep_fixed_dims_and_mark_dynamic_ones() -> None:
+    from pimoe_export.interface import TensorInterface
+
+    specs = [TensorInterface("input_ids", "int64", ("batch", "sequence")),
+             TensorInterface("pooled", "float32", ("batch", 32))]
+    assert [(t.name, t.shape, np.dtype(t.dtype)) for t in triton_tensors(specs, batching=False)] == \
+        [("input_ids", (-1, -1), np.int64), ("pooled", (-1, 32), np.float32)]
+    assert [t.shape for t in triton_tensors(specs, batching=True)] == [(-1,), (32,)]
+
+
+def test_a_port_in_use_is_refused_naming_its_flag() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        free = _free_ports(2)
+        for flag, options in (("--http-port", ServeOptions(http_port=port, grpc_port=free[0], metrics_port=free[1])),
+                              ("--grpc-port", ServeOptions(http_port=free[0], grpc_port=port, metrics_port=free[1])),
+                              ("--metrics-port", ServeOptions(http_port=free[0], grpc_port=free[1],
+                                                              metrics_port=port))):
+            with pytest.raises(ServeError, match=rf"cannot listen on 127\.0\.0\.1:{port} .*choose another {flag}, or "
+                                                 "another --host"):
+                check_ports_free(options)
+    check_ports_free(ServeOptions(http_port=free[0], grpc_port=free[1], metrics_port=_free_ports(1)[0]))
+
+
+def test_the_stub_finds_this_interpreters_libpython_first() -> None:
+    import sysconfig
+
+    libdir = sysconfig.get_config_var("LIBDIR")
+    shared = bool(sysconfig.get_config_var("Py_ENABLE_SHARED"))
+    soname = sysconfig.get_config_var("INSTSONAME") or ""
+    if not (shared and libdir and (Path(libdir) / soname).exists()):
+        pytest.skip("this Python has no shared libpython")
+    assert stub_environment({}) == {"LD_LIBRARY_PATH": libdir}
+    assert stub_environment({"LD_LIBRARY_PATH": f"/a:{libdir}:/b"}) == {"LD_LIBRARY_PATH": f"{libdir}:/a:/b"}
+    assert stub_environment({"LD_LIBRARY_PATH": f"{libdir}:/a"}) == {}
+    assert stub_environment({"LD_LIBRARY_PATH": "::/a:"}) == {"LD_LIBRARY_PATH": f"{libdir}:/a"}
+
+
+# ------------------------------------------------------------------------------------------ the command's flags
+def test_the_commands_flags_reach_the_server_options(units, monkeypatch) -> None:
+    import pimoe_export.serve.server as server_module
+    from pimoe_export.cli import main
+
+    seen = {}
+
+    def load(unit_dirs, name, options, threads=None):
+        seen.update(units=list(unit_dirs), name=name, options=options, threads=threads)
+        raise ServeError("stop here")
+    monkeypatch.setattr(server_module, "load_models", load)
+    argv = ["serve", str(units["ort"]), "--name", "x", "--host", "127.0.0.2", "--http-port", "18080", "--grpc-port",
+            "18081", "--metrics-port", "18082", "--max-batch", "0", "--queue-delay-us", "0", "--instances", "4",
+            "--threads", "2", "--exit-timeout", "5"]
+    assert main(argv) == 2
+    assert seen == {"units": [units["ort"]], "name": "x", "threads": 2, "options": ServeOptions(
+        host="127.0.0.2", http_port=18080, grpc_port=18081, metrics_port=18082, max_batch=0, queue_delay_us=0,
+        instances=4, exit_timeout_s=5)}
+    assert main(["serve", str(units["ort"])]) == 2  # the defaults are ServeOptions' own
+    assert seen["options"] == ServeOptions() and seen["name"] is None and seen["threads"] is None
