@@ -5,6 +5,8 @@ The cases are derived from the schema itself: for every attribute, the values ju
 that is not a choice) must be refused by all three, and the boundary values inside it accepted by all three. The
 C++ checks are written by hand (plugins/common/pimoe_attrs.h): this is what keeps them equal to the schema. Shape
 cases the schema states in words (selection_bias exactly [E], at most MAX_EXPERTS experts) are added by hand.
+Every refusal runs in a separate process (tests/isolated.py): a backend that accepted the value and crashed fails the
+case, naming it, instead of ending the test run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from isolated import assert_refused, harness_prepare, isolated, ort_run
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, RuntimeException
 from op_graphs import single_op_model
 
@@ -21,10 +24,11 @@ from pimoe_export.errors import ArtifactError
 from pimoe_export.ops import schema
 from pimoe_export.ops.validation import attribute_problems
 from pimoe_export.runtime.ort import create_session
-from pimoe_export.testing.harness import Harness, HarnessError, expert_mlp_fields, find_harness
+from pimoe_export.testing.harness import Harness, expert_mlp_fields, find_harness
 
 f32, i32 = np.float32, np.int32
 ORT_ERRORS = (Fail, InvalidArgument, InvalidGraph, RuntimeException, ArtifactError)
+ORT_ERROR_TYPES = tuple(t.__name__ for t in ORT_ERRORS)
 E = 32  # experts in the baselines (k up to 16 fits)
 
 
@@ -117,11 +121,16 @@ def with_value(op: str, name: str, value: Any) -> dict[str, Any]:
     return attrs
 
 
-def harnesses() -> list[Harness]:
-    found = [p for p in (find_harness(emulated=True), find_harness()) if p is not None]
+def harness_kinds() -> list[bool]:
+    """The harness builds here (emulated: True, a real GPU's: False)."""
+    found = [emulated for emulated in (True, False) if find_harness(emulated=emulated) is not None]
     if not found:
         pytest.skip("no harness build (scripts/setup.sh builds the emulated one)")
-    return [Harness(p) for p in found]
+    return found
+
+
+def harnesses() -> list[Harness]:
+    return [Harness(find_harness(emulated=emulated)) for emulated in harness_kinds()]
 
 
 def onnx_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -129,12 +138,16 @@ def onnx_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if v != []}
 
 
-def ort_run(op: str, attrs: dict[str, Any]) -> None:
+def ort_model(op: str, attrs: dict[str, Any]) -> tuple[bytes, dict[str, np.ndarray]]:
     inputs, outputs = baseline(op, attrs)
     fixed = [inputs[0], inputs[1]] if op == schema.EXPERT_MLP else inputs
     initializers = inputs[2:] if op == schema.EXPERT_MLP else []
-    model = single_op_model(op, fixed, outputs, onnx_attrs(attrs), initializers)
-    create_session(model, threads=1).run(None, dict(fixed))
+    return single_op_model(op, fixed, outputs, onnx_attrs(attrs), initializers), dict(fixed)
+
+
+def ort_run_here(op: str, attrs: dict[str, Any]) -> None:
+    model, feeds = ort_model(op, attrs)
+    create_session(model, threads=1).run(None, feeds)
 
 
 def plugin_fields(op: str, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -164,11 +177,14 @@ def test_every_bounded_attribute_has_cases() -> None:
 def test_values_outside_the_schema_are_refused_everywhere(op, name, value) -> None:
     attrs = with_value(op, name, value)
     assert attribute_problems(op, attrs), "schema.py accepts it"
-    with pytest.raises(ORT_ERRORS):
-        ort_run(op, attrs)
-    for harness in harnesses():
-        with pytest.raises(HarnessError):
-            plugin_prepare(harness, op, attrs)
+    what = f"{op} with {name}={value!r}"
+    assert_refused(isolated().call(ort_run, *ort_model(op, attrs), threads=1), "", f"ONNX Runtime: {what}",
+                   ORT_ERROR_TYPES)
+    for emulated in harness_kinds():
+        inputs, _ = baseline(op, attrs)
+        outcome = isolated().call(harness_prepare, op, plugin_fields(op, attrs),
+                                  [(a.shape, a.dtype) for _, a in inputs], emulated=emulated)
+        assert_refused(outcome, "", f"the {'emulated ' if emulated else ''}plugin: {what}", ("HarnessError",))
 
 
 @pytest.mark.parametrize(("op", "name", "value"), INSIDE, ids=[f"{o}.{n}={v!r}" for o, n, v in INSIDE])
@@ -177,7 +193,7 @@ def test_boundary_values_inside_the_schema_are_accepted_everywhere(op, name, val
     if op == schema.EXPERT_MLP and name in ("activation", "layer_norm", "eps"):
         attrs["quant_mode"], attrs["act_scales"] = "none", []
     assert not attribute_problems(op, attrs)
-    ort_run(op, attrs)
+    ort_run_here(op, attrs)
     for harness in harnesses():
         plugin_prepare(harness, op, attrs)
 
@@ -199,15 +215,11 @@ def test_input_shapes_outside_the_contract_are_refused_everywhere(op, attrs, inp
     names = ["logits", "selection_bias"] if op == schema.ROUTE else ["x_sorted", "offsets", "p0", "p1"]
     outputs = [("weights", f32, 2), ("ids", i32, 2)] if op == schema.ROUTE else [("y_sorted", f32, 2)]
     model = single_op_model(op, list(zip(names, arrays, strict=True)), outputs, onnx_attrs(attrs))
-    with pytest.raises(ORT_ERRORS, match=fragment.replace("[", r"\[")):
-        create_session(model, threads=1).run(None, dict(zip(names, arrays, strict=True)))
-    for harness in harnesses():
-        with pytest.raises(HarnessError, match=fragment.replace("[", r"\[")):
-            plugin_prepare_raw(harness, op, attrs, inputs)
-
-
-def plugin_prepare_raw(harness: Harness, op: str, attrs: dict[str, Any], inputs) -> None:
-    harness.release(harness.prepare(op, plugin_fields(op, attrs), inputs))
+    outcome = isolated().call(ort_run, model, dict(zip(names, arrays, strict=True)), threads=1)
+    assert_refused(outcome, fragment, f"ONNX Runtime: {op} with inputs {inputs}", ORT_ERROR_TYPES)
+    for emulated in harness_kinds():
+        outcome = isolated().call(harness_prepare, op, plugin_fields(op, attrs), inputs, emulated=emulated)
+        assert_refused(outcome, fragment, f"the plugin: {op} with inputs {inputs}", ("HarnessError",))
 
 
 @pytest.mark.emu
@@ -216,7 +228,9 @@ def test_bad_weight_scale_is_refused_by_the_cpu_kernel_and_reported_by_the_cuda_
     """A NaN w_scale used to be turned into 0 silently. The CPU kernel refuses any w_scale that is not a positive
     finite number; the CUDA kernel (emulated here) records it in the device status (zero included: a CUDA mutant
     that accepted 0 survived the NaN-only version of this test) and, for NaN, lets NaN flow (never a silent zero)."""
-    from pimoe_export.testing.harness import HarnessDataError, HarnessOpBackend
+    from isolated import emulated_op
+
+    from pimoe_export.testing.harness import HarnessOpBackend
 
     widths, attrs = [4, 4], {"expert_ids": [0], "widths": [4, 4], "activation": "relu", "layer_norm": 0,
                              "eps": 1e-5, "quant_mode": "w8a8_dynamic", "act_scales": []}
@@ -226,15 +240,17 @@ def test_bad_weight_scale_is_refused_by_the_cpu_kernel_and_reported_by_the_cuda_
     params[1][0, 2] = bad  # w_scale of channel 2
     model = single_op_model(schema.EXPERT_MLP, [("x_sorted", x), ("offsets", offsets)], [("y_sorted", f32, 2)],
                             onnx_attrs(attrs), [(f"p{i}", p) for i, p in enumerate(params)])
-    with pytest.raises(ORT_ERRORS, match=r"w_scale .* must be positive and finite, got "):
-        create_session(model, threads=1).run(None, {"x_sorted": x, "offsets": offsets})
+    message = assert_refused(isolated().call(ort_run, model, {"x_sorted": x, "offsets": offsets}, threads=1),
+                             "must be positive and finite, got ", f"ONNX Runtime: w_scale {bad}", ORT_ERROR_TYPES)
+    assert "w_scale" in message
     emulated = find_harness(emulated=True)
     if emulated is None:
         pytest.skip("emulated harness not built")
     backend = HarnessOpBackend(Harness(emulated))
     args = (x, offsets, params, [0], widths, "relu", False)
-    with pytest.raises(HarnessDataError, match=r"layer 0 w_scale\[2\] is not a positive finite number"):
-        backend.expert_mlp(*args, quant_mode="w8a8_dynamic")
+    assert_refused(isolated().call(emulated_op, "expert_mlp", *args, quant_mode="w8a8_dynamic"),
+                   "layer 0 w_scale[2] is not a positive finite number", f"the emulated kernel: w_scale {bad}",
+                   ("HarnessDataError",))
     y = backend.run(schema.EXPERT_MLP, plugin_fields(schema.EXPERT_MLP, attrs), [x, offsets, *params],
                     check_status=False)[0]
     assert np.isfinite(y[:, [0, 1, 3]]).all()

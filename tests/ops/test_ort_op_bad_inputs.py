@@ -1,4 +1,7 @@
-"""Bad inputs to each ONNX Runtime op fail with one clear error naming the problem (never a crash)."""
+"""Bad inputs to each ONNX Runtime op fail with one clear error naming the problem (never a crash).
+
+Every bad input runs in a separate process (tests/isolated.py): a kernel that accepted it and crashed would fail the
+case that fed it, saying so, instead of ending the test run."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+from isolated import assert_refused, isolated, ort_run, ort_session
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, RuntimeException
 from op_graphs import expert_mlp_attrs, single_op_model
 
@@ -17,14 +21,21 @@ ORT_ERRORS = (Fail, InvalidArgument, InvalidGraph, RuntimeException, ArtifactErr
 f32 = np.float32
 
 
+ORT_ERROR_TYPES = tuple(t.__name__ for t in ORT_ERRORS)
+
+
 def run(model: bytes, feeds: dict):
     return create_session(model).run(None, feeds)
 
 
-def expect_error(fragment: str, model: bytes, feeds: dict) -> None:
-    with pytest.raises(ORT_ERRORS) as info:
-        run(model, feeds)
-    assert fragment in str(info.value), str(info.value)
+def expect_error(fragment: str, model: bytes, feeds: dict) -> str:
+    """Creating the session and running ``feeds`` (in a separate process) is refused, saying ``fragment``."""
+    return assert_refused(isolated().call(ort_run, model, feeds), fragment, "the op run", ORT_ERROR_TYPES)
+
+
+def expect_session_error(fragment: str, model: bytes) -> str:
+    """Creating the session alone (in a separate process) is refused, saying ``fragment``."""
+    return assert_refused(isolated().call(ort_session, model), fragment, "the session", ORT_ERROR_TYPES)
 
 
 # ------------------------------------------------------------------------------------------ PiMoERoute
@@ -73,9 +84,8 @@ def test_dispatch_bad_inputs(x, ids, fragment) -> None:
 
 def test_dispatch_wrong_id_dtype_is_rejected_when_the_session_is_built() -> None:
     model, _ = dispatch_model(np.zeros((3, 8), f32), np.zeros((3, 2), np.int64))
-    with pytest.raises(ORT_ERRORS) as info:
-        create_session(model)
-    assert "PiMoEDispatch" in str(info.value) or "ids" in str(info.value)
+    message = expect_session_error("", model)
+    assert "PiMoEDispatch" in message or "ids" in message
 
 
 @pytest.mark.parametrize(("op", "e", "k", "fragment"), [
@@ -90,9 +100,7 @@ def test_bad_attributes_are_refused_when_the_session_is_created(op, e, k, fragme
         model, _ = dispatch_model(np.zeros((3, 8), f32), np.zeros((3, 2), np.int32), e=e)
     else:
         model, _ = route_model(np.zeros((3, e), f32), None, k)
-    with pytest.raises(ORT_ERRORS) as info:
-        create_session(model)
-    assert fragment in str(info.value), str(info.value)
+    expect_session_error(fragment, model)
 
 
 def test_route_attributes_left_out_take_the_contract_defaults() -> None:
@@ -179,13 +187,9 @@ def test_expert_mlp_bad_weight_shape_and_count(constant) -> None:
     params = mlp_params()
     params[0] = np.ones((1, 15, 8), f32)
     model, feeds = mlp_model(x, OFFSETS, params, constant=constant)
-    with pytest.raises(ORT_ERRORS) as info:
-        run(model, feeds)
-    assert "layer 0 weight (input 2) must have shape [1, 16, 8], got [1, 15, 8]" in str(info.value)
+    expect_error("layer 0 weight (input 2) must have shape [1, 16, 8], got [1, 15, 8]", model, feeds)
     model, feeds = mlp_model(x, OFFSETS, mlp_params()[:-1], constant=constant)
-    with pytest.raises(ORT_ERRORS) as info:
-        run(model, feeds)
-    assert "expected 6 parameter inputs" in str(info.value)
+    expect_error("expected 6 parameter inputs", model, feeds)
 
 
 def test_expert_mlp_bad_attributes() -> None:
@@ -195,23 +199,17 @@ def test_expert_mlp_bad_attributes() -> None:
                             ({"expert_ids": (0, 0)}, "lists expert 0 twice")):
         kwargs = {"expert_ids": (0,), "activation": "gelu", **attrs}
         model, feeds = mlp_model(x, OFFSETS, mlp_params(g=len(kwargs["expert_ids"])), constant=False, **kwargs)
-        with pytest.raises(ORT_ERRORS) as info:
-            run(model, feeds)
-        assert fragment in str(info.value), str(info.value)
+        expect_error(fragment, model, feeds)
     from pimoe_export.interface import MAX_LAYERS  # one layer too many (exactly MAX_LAYERS: test_ops_backends.py)
 
     model, feeds = mlp_model(x, OFFSETS, mlp_params(), widths=(8,) * (MAX_LAYERS + 2), constant=False)
-    with pytest.raises(ORT_ERRORS) as info:
-        create_session(model)
-    assert f"widths must hold 2..{MAX_LAYERS + 1} entries (layers + 1), got {MAX_LAYERS + 2}" in str(info.value)
+    expect_session_error(f"widths must hold 2..{MAX_LAYERS + 1} entries (layers + 1), got {MAX_LAYERS + 2}", model)
 
 
 def test_expert_mlp_weight_dtype_mismatch() -> None:
     x = np.zeros((3, 8), np.float16)
     model, feeds = mlp_model(x, OFFSETS, mlp_params(dtype=f32))
-    with pytest.raises(ORT_ERRORS) as info:
-        run(model, feeds)
-    assert "weight is float32 but x_sorted is float16" in str(info.value)
+    expect_error("weight is float32 but x_sorted is float16", model, feeds)
 
 
 # ------------------------------------------------------------------------------------------ library
