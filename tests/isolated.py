@@ -141,3 +141,25 @@ def emulated_available() -> bool:
     from pimoe_export.testing.harness import find_harness
 
     return find_harness(emulated=True) is not None
+
+
+def harness_backend_run(emulated: bool, op: str, attrs: dict[str, Any], arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """One run of ``op`` through the plugin objects of the emulated (or the CUDA) harness build."""
+    from pimoe_export.testing.harness import Harness, HarnessOpBackend, find_harness
+
+    path = find_harness(emulated=emulated)
+    if path is None:
+        raise LookupError("harness not built")
+    return HarnessOpBackend(Harness(path)).run(op, attrs, arrays)
+
+
+def profile_session_run(op: str, attrs: dict[str, Any], profile: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Build ``op`` for ``profile`` on the emulated harness and run it once on ``arrays`` (shapes the profile may
+    not cover)."""
+    from pimoe_export.testing.harness import Harness, PluginSession, find_harness
+
+    path = find_harness(emulated=True)
+    if path is None:
+        raise LookupError("emulated harness not built")
+    with PluginSession(Harness(path), op, attrs, profile) as session:
+        return session.run(arrays)

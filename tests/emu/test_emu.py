@@ -186,12 +186,16 @@ def test_expert_mlp_runs_every_shape_of_its_profile(harness, dtype, quant_mode) 
 
 
 def test_runs_outside_the_profile_are_refused(harness) -> None:
+    """Each bad shape runs in a separate process (tests/isolated.py): a check that let it through and crashed
+    fails this test, naming the shape."""
+    from isolated import assert_ran, assert_refused, isolated, profile_session_run
+
     profile = profile_of([(1, 8)], [(4, 8)], [(16, 8)], [f32])
-    with PluginSession(harness, schema.ROUTE, {"k": 2}, profile) as session:
-        for bad in ((17, 8), (0, 8)):
-            with pytest.raises(Exception, match="outside the profile"):
-                session.run([np.zeros(bad, np.float32)])
-        assert session.run([np.zeros((16, 8), np.float32)])[1].shape == (16, 2)
+    for bad in ((17, 8), (0, 8)):
+        outcome = isolated().call(profile_session_run, schema.ROUTE, {"k": 2}, profile, [np.zeros(bad, np.float32)])
+        assert_refused(outcome, "outside the profile", f"PiMoERoute run at {bad} for a profile of 1..16 rows")
+    outcome = isolated().call(profile_session_run, schema.ROUTE, {"k": 2}, profile, [np.zeros((16, 8), np.float32)])
+    assert assert_ran(outcome, "the profile's maximum")[1].shape == (16, 2)
 
 
 # ------------------------------------------------------------------------------------------ workspace sizes
