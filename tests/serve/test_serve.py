@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -73,16 +74,15 @@ class Served:
         return self.log.read_text(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def server(units, tmp_path_factory):
+@contextmanager
+def serving(unit_dirs: list[Path], options: list[str], log: Path, engines: dict[str, Engine]):
+    """`pimoe-export serve UNITS OPTIONS` on free loopback ports, until it says it is ready; stopped with SIGTERM
+    (killed after 60 s) on the way out."""
     ports = _free_ports(3)
-    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    argv = [sys.executable, "-m", "pimoe_export.cli", "serve", *map(str, units.values()),
-            "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-            "--max-batch", str(MAX_BATCH), "--queue-delay-us", "2000"]
+    argv = [sys.executable, "-m", "pimoe_export.cli", "serve", *map(str, unit_dirs),
+            "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *options]
     with log.open("w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    engines = {f"tiny_{u}": Engine.load(path) for u, path in units.items()}
     served = Served(process, log, ports, engines)
     try:
         deadline = time.monotonic() + STARTUP_S
@@ -99,6 +99,14 @@ def server(units, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(units, tmp_path_factory):
+    engines = {f"tiny_{u}": Engine.load(path) for u, path in units.items()}
+    with serving(list(units.values()), ["--max-batch", str(MAX_BATCH), "--queue-delay-us", "2000"],
+                 tmp_path_factory.mktemp("serve-log") / "serve.log", engines) as served:
+        yield served
 
 
 def _infer(module, url: str, model: str, x: np.ndarray, name: str = "hidden_states", datatype: str = "FP32"):
@@ -317,6 +325,35 @@ def test_sigterm_finishes_the_request_in_flight_and_stops(server) -> None:
     for port in server.ports:
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still accepts connections"
+
+
+def test_batching_turned_off_serves_each_request_alone_with_its_own_batch_axis(units, tmp_path) -> None:
+    """--max-batch 0 (and two instances, no queue delay): Triton's model has no batcher (max_batch_size 0) and the
+    batch axis is part of every tensor's dims, so a request of any batch the unit's profile holds is answered, even
+    one larger than a batching server would take; every answer is Engine.run_named's on that request alone."""
+    name = "tiny_alone"
+    engine = Engine.load(units["ort-fp32"])
+    options = ["--name", name, "--max-batch", "0", "--instances", "2", "--queue-delay-us", "0"]
+    with serving([units["ort-fp32"]], options, tmp_path / "serve.log", {name: engine}) as served:
+        assert "no batching" in served.output()
+        client = httpclient.InferenceServerClient(served.http)
+        try:
+            config = client.get_model_config(name)
+        finally:
+            client.close()
+        assert config.get("max_batch_size", 0) == 0 and "dynamic_batching" not in config, config
+        dims = {t["name"]: [int(d) for d in t["dims"]] for t in (*config["input"], *config["output"])}
+        assert dims == {"hidden_states": [-1, -1, 16], "output": [-1, -1, 16], "expert_ids": [-1, -1, 2],
+                        "expert_weights": [-1, -1, 2]}, config
+        assert len(config["instance_group"]) == 1 and config["instance_group"][0]["count"] == 2, config
+        for module, url in ((httpclient, served.http), (grpcclient, served.grpc)):
+            for seed, (batch, sequence) in enumerate([(1, 1), (3, 7), (MAX_BATCH + 1, 5)]):
+                x = _tokens(100 + seed, batch, sequence)
+                got = _infer(module, url, name, x)
+                for key, value in engine.run_named({"hidden_states": x}).items():
+                    assert got[key].shape == value.shape and np.array_equal(got[key], value), (module.__name__, key)
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(90) == 0, served.output()[-3000:]
 
 
 def test_the_stub_gets_this_interpreters_libpython_first() -> None:
