@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -163,3 +165,39 @@ def profile_session_run(op: str, attrs: dict[str, Any], profile: Any, arrays: li
         raise LookupError("emulated harness not built")
     with PluginSession(Harness(path), op, attrs, profile) as session:
         return session.run(arrays)
+
+
+@contextmanager
+def limited_memory(extra_bytes: int) -> Iterator[None]:
+    """Cap this (worker) process's address space at what it maps now plus ``extra_bytes`` while inside: a copy the
+    code under test should never make fails with MemoryError instead of exhausting the machine."""
+    import resource
+
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    mapped = int(status["VmSize"].split()[0]) * 1024
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + extra_bytes, before[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, before)
+
+
+def engine_run_broadcast(unit_dir: str, shape: tuple[int, ...], extra_bytes: int) -> tuple[str, str, int]:
+    """Engine.run on a zero-stride float32 input of ``shape`` with the address space capped (:func:`limit_memory`):
+    (the error type, its message, the peak of Python allocations) when the engine refuses it."""
+    import tracemalloc
+
+    from pimoe_export.errors import PiMoEInputError
+    from pimoe_export.runtime.engine import Engine
+
+    with Engine.load(unit_dir) as engine, limited_memory(extra_bytes):
+        huge = np.broadcast_to(np.zeros(1, np.float32), shape)
+        tracemalloc.start()
+        try:
+            engine.run(huge)
+        except PiMoEInputError as exc:
+            return type(exc).__name__, str(exc), tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    return "accepted", "", 0

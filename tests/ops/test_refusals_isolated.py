@@ -129,3 +129,20 @@ def test_expert_mlp_refuses_an_expert_id_equal_to_e(backend) -> None:
     outcome, types = call(backend, "expert_mlp", x, offsets, params, [2], [4, 4], "relu", False)
     assert_refused(outcome, "expert_ids[0]=2 is outside [0, 2)", f"{backend}: PiMoEExpertMLP expert id 2 with E = 2",
                    types)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("offsets", "fragment_ort", "fragment_emu"), [
+    ([0, 2, 1, 3], "non-decreasing", "offsets is not a partition"),
+    ([0, 1, 4], "must equal the number of rows 3", "offsets is not a partition"),
+    ([1, 2, 3], "offsets[0]", "offsets is not a partition"),
+    ([0, 2_000_000_000, 3], "non-decreasing", "offsets is not a partition"),
+])
+def test_expert_mlp_refuses_offsets_that_are_not_a_partition_of_the_rows(backend, offsets, fragment_ort,
+                                                                         fragment_emu) -> None:
+    """An offset past the rows would make the kernel read and write rows that do not exist."""
+    params = [np.eye(4, dtype=f32)[None], np.zeros((1, 4), f32)]
+    x = np.ones((3, 4), f32)
+    outcome, types = call(backend, "expert_mlp", x, np.array(offsets, i32), params, [1], [4, 4], "relu", False)
+    assert_refused(outcome, fragment_emu if backend == "emu" else fragment_ort, f"{backend}: offsets {offsets}",
+                   types)
