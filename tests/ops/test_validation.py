@@ -235,6 +235,10 @@ def test_the_layout_refuses_an_unknown_mode_and_split_checks_the_count() -> None
     assert [float(t) for t in roles["ln_gamma"]] == [2.0] and [float(t) for t in roles["ln_beta"]] == [3.0]
     with pytest.raises(ValueError, match="PiMoEExpertMLP expects 6 parameter tensors, got 5"):
         split_expert_params(tensors[:5], 2, True, "none")
+    roles = split_expert_params([torch.full((1,), float(i)) for i in range(8)], 2, False, "w8a8")
+    assert {role: [float(t) for t in ts] for role, ts in roles.items()} == {
+        "weight": [0.0, 4.0], "w_scale": [1.0, 5.0], "act_smooth": [2.0, 6.0], "bias": [3.0, 7.0], "ln_gamma": [],
+        "ln_beta": []}
 
 
 def test_range_text_of_the_docs_table() -> None:

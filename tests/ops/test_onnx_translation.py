@@ -1,0 +1,57 @@
+"""The ONNX nodes the exporter's translations emit: every input of the torch op reaches its pimoe node. A selection
+bias of zeros (every freshly built layer) hides a dropped bias input; here the bias decides the routing, and ONNX
+Runtime must route as PyTorch does."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from pimoe_export.errors import PluginLoadError
+from pimoe_export.export.exporter import export_onnx
+from pimoe_export.model.factory import create_from_preset
+
+
+@pytest.fixture(scope="module")
+def biased(tmp_path_factory):
+    """tiny (E = 4, k = 2) with a selection bias that puts expert 3 in every token's top 2."""
+    model = create_from_preset("tiny", seed=1).eval()
+    with torch.no_grad():
+        model.router.selection_bias.copy_(torch.tensor([0.0, -0.2, 0.1, 10.0]))
+    path = tmp_path_factory.mktemp("biased") / "model.onnx"
+    export_onnx(model, path)
+    return model, path
+
+
+def test_the_route_node_takes_the_selection_bias(biased) -> None:
+    _, path = biased
+    proto = onnx.load(str(path))
+    (route,) = [n for n in proto.graph.node if n.op_type == "PiMoERoute"]
+    assert len(route.input) == 2
+    initializers = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    np.testing.assert_array_equal(initializers[route.input[1]], np.array([0.0, -0.2, 0.1, 10.0], np.float32))
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in route.attribute}
+    assert attrs == {"k": 2, "normalize": 1, "scoring": b"softmax"}
+    (dispatch,) = [n for n in proto.graph.node if n.op_type == "PiMoEDispatch"]
+    assert list(dispatch.input)[1] == route.output[1] and len(dispatch.output) == 3
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in dispatch.attribute} == {"num_experts": 4}
+
+
+def test_onnx_runtime_routes_with_the_bias_as_pytorch_does(biased) -> None:
+    from pimoe_export.runtime.ort import create_session
+
+    model, path = biased
+    x = np.random.default_rng(0).standard_normal((3, 7, 16)).astype(np.float32)
+    try:
+        session = create_session(path)
+    except PluginLoadError as exc:
+        pytest.skip(f"libpimoe_ort is not built: {exc}")
+    y, ids, weights = session.run(None, {"hidden_states": x})
+    assert (ids == 3).any(axis=-1).all()  # the bias put expert 3 in every top 2
+    with torch.no_grad():
+        ref, info = model(torch.from_numpy(x), return_routing_info=True)
+    np.testing.assert_array_equal(ids, info.ids.numpy())
+    np.testing.assert_allclose(y, ref.numpy(), rtol=1e-5, atol=1e-5 * float(np.abs(ref.numpy()).max()))
