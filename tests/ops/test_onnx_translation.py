@@ -54,4 +54,5 @@ def test_onnx_runtime_routes_with_the_bias_as_pytorch_does(biased) -> None:
     with torch.no_grad():
         ref, info = model(torch.from_numpy(x), return_routing_info=True)
     np.testing.assert_array_equal(ids, info.ids.numpy())
+    np.testing.assert_allclose(weights, info.weights.numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(y, ref.numpy(), rtol=1e-5, atol=1e-5 * float(np.abs(ref.numpy()).max()))
