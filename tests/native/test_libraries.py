@@ -35,8 +35,13 @@ def test_the_environment_variable_wins_and_must_name_a_file(monkeypatch, tmp_pat
     with pytest.raises(PluginLoadError, match=r"^PIMOE_ORT_LIBRARY=.*missing\.so does not exist; point it at a built "
                                               r"libpimoe_ort\.so or unset it$"):
         libraries.find_ort_library()
+    tree = tmp_path / "tree"
+    (tree / "build" / "plugins").mkdir(parents=True)
+    (tree / "build" / "plugins" / "libpimoe_ort.so").write_bytes(b"built")
+    monkeypatch.setattr(libraries, "_PACKAGED", tree / "_lib")
+    monkeypatch.setattr(libraries, "BUILD_TREE", tree / "build" / "plugins")
     monkeypatch.setenv("PIMOE_ORT_LIBRARY", "")  # empty: as if unset
-    assert libraries.find_ort_library() != lib
+    assert libraries.find_ort_library() == tree / "build" / "plugins" / "libpimoe_ort.so"
 
 
 @pytest.mark.parametrize(("find", "env", "name", "subdir"), [
