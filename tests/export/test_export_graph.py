@@ -1,0 +1,142 @@
+"""What an export writes besides the computation: the graph kind, precision and exporter record in its metadata, the
+opsets, the outputs a whole model exports with and without routing, its validation, and the exporter's own checks
+of dynamic axes and sequence rewrites. Each against the graph file itself or a hand-built graph."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from pimoe_export.errors import PiMoEExportError
+from pimoe_export.export.exporter import export_model, export_onnx, validate_onnx, weights_fingerprint
+from pimoe_export.export.tracing import axes_of, split_sequences
+from pimoe_export.interface import META_EXPORTER, META_WEIGHTS, read_metadata
+
+
+def test_the_exporter_record_and_the_opsets(exported_layer) -> None:
+    model, path = exported_layer("tiny", 0)
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props[META_EXPORTER]) == {"torch": torch.__version__, "onnx": onnx.__version__}
+    assert props[META_WEIGHTS] == weights_fingerprint(model)
+    assert proto.producer_name == "pimoe-export"
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 18
+    assert {o.domain: o.version for o in proto.opset_import}["pimoe"] == 1
+    meta = read_metadata(path)
+    assert (meta.graph, meta.precision, meta.contract_version) == ("custom-ops", "fp32", 1)
+
+
+def test_an_fp16_export_is_an_fp16_graph(exported_layer) -> None:
+    _, path = exported_layer("tiny", 0, "fp16")
+    proto = onnx.load(str(path))
+    assert read_metadata(path).precision == "fp16"
+    assert proto.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert proto.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+
+
+def test_a_standard_ops_export_says_so_and_holds_no_pimoe_node(exported_layer, tmp_path) -> None:
+    model, _ = exported_layer("tiny", 0)
+    result = export_onnx(model, tmp_path / "std.onnx", standard_ops=True)
+    assert result.graph == "standard-ops" and result.precision == "fp32"
+    meta = read_metadata(result.path)
+    assert meta.graph == "standard-ops" and meta.precision == "fp32"
+    proto = onnx.load(str(result.path))
+    assert not any(n.domain == "pimoe" for n in proto.graph.node)
+    assert not any(o.domain == "pimoe" for o in proto.opset_import)
+    assert not any(k.startswith("pimoe::") for k in result.node_counts)
+
+
+class TwoOutputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from pimoe_export.model.factory import create_from_preset
+
+        self.moe = create_from_preset("tiny", seed=2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = self.moe(x)
+        return {"y": y, "total": y.sum(-1)}
+
+
+@pytest.mark.parametrize("routing", [False, True])
+def test_routing_outputs_only_when_asked(tmp_path, routing) -> None:
+    kwargs = {"routing_outputs": True} if routing else {}
+    result = export_model(TwoOutputs().eval(), tmp_path / "m.onnx", {"x": torch.randn(2, 3, 16)}, **kwargs)
+    names = [o.name for o in onnx.load(str(result.path)).graph.output]
+    assert names == (["y", "total", "moe/expert_ids", "moe/expert_weights"] if routing else ["y", "total"])
+    assert list(read_metadata(result.path).interface.output_names) == names
+
+
+def test_validation_runs_the_full_check() -> None:
+    """A graph whose declared output type contradicts what its node computes passes the structural check but not
+    the full one (type inference): the export is refused."""
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)  # structurally fine
+    with pytest.raises(PiMoEExportError, match=r"^the exported ONNX failed validation: .*Inferred elem type differs"):
+        validate_onnx(model)
+    node = helper.make_node("PiMoERoute", ["x"], ["w", "i"], domain="pimoe", k=0)
+    bad = helper.make_model(helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                         [2, 4])], []))
+    with pytest.raises(PiMoEExportError, match=r"^the exported ONNX breaks the op contract: .*attribute k must be "
+                                               r">= 1, got 0"):
+        validate_onnx(bad)
+
+
+@pytest.mark.parametrize("axes", [{2: "seq"}, {-1: "seq"}, {5: "x"}])
+def test_dynamic_axes_must_be_axes_of_the_input(axes) -> None:
+    with pytest.raises(PiMoEExportError, match=r"dynamic_axes\['ids'\] names axes .* of a 2-d input"):
+        axes_of({"ids": torch.zeros(2, 3, dtype=torch.long)}, {"ids": axes})
+    specs, named = axes_of({"ids": torch.zeros(2, 3, dtype=torch.long)}, {"ids": {0: "batch", 1: "sequence"}})
+    assert named == {"ids": {0: "batch", 1: "sequence"}} and set(specs[0]) == {0, 1}
+
+
+def sequence_graph(split, consumers=(0, 1), length=6) -> onnx.ModelProto:
+    """x [length, 2] -> SplitToSequence(split) -> SequenceAt(i) for i in consumers -> outputs y_i."""
+    nodes = [helper.make_node("SplitToSequence", ["x", "split"], ["seq"], axis=0)]
+    inits = [numpy_helper.from_array(np.asarray(split, np.int64), "split")]
+    outputs = []
+    for i in consumers:
+        inits.append(numpy_helper.from_array(np.asarray(i, np.int64), f"i{i}"))
+        nodes.append(helper.make_node("SequenceAt", ["seq", f"i{i}"], [f"y{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [length, 2])],
+                              outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize(("split", "consumers", "sizes"), [(2, (0, 2), [2, 2, 2]), ([1, 5], (0, 1), [1, 5]),
+                                                           (4, (1,), [4, 2])])
+def test_split_to_sequence_becomes_one_split(split, consumers, sizes) -> None:
+    """TensorRT's parser has no sequence types: a constant split and constant positions become Split + Identity,
+    with the same values (onnx.reference runs both)."""
+    from onnx.reference import ReferenceEvaluator
+
+    model = sequence_graph(split, consumers)
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    before = ReferenceEvaluator(model).run(None, {"x": x})
+    assert split_sequences(model) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == ["Split"] + ["Identity"] * len(consumers)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert inits["seq__sizes"].tolist() == sizes
+    after = ReferenceEvaluator(model).run(None, {"x": x})
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_sequence_that_cannot_be_resolved_is_left_alone() -> None:
+    model = sequence_graph(2, (0,))
+    model.graph.node[1].input[1] = "x"  # a position that is not a constant
+    assert split_sequences(model) == 0
+    assert [n.op_type for n in model.graph.node] == ["SplitToSequence", "SequenceAt"]
