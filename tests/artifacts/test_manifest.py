@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -277,3 +278,95 @@ def test_manifest_round_trip_keeps_every_field(ort_unit_template) -> None:
     manifest = read_manifest(ort_unit_template)
     again = Manifest.from_dict(json.loads(json.dumps(manifest.to_dict())))
     assert again == manifest
+
+
+# ------------------------------------------------------------------------------------------ messages
+# A refused unit's message names the unit, what is wrong and the command that rebuilds it (the user's fix).
+def ort_hint(unit: Path) -> str:
+    return f"re-create the unit: `pimoe-export package MODEL.onnx -o {unit} --force` (or `pimoe-export pipeline`)"
+
+
+def engine_hint(unit: Path) -> str:
+    return f"rebuild it: `pimoe-export build MODEL.onnx -o {unit} --force` on the target machine"
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", *ENGINE_BACKENDS])
+def test_every_refusal_ends_with_the_backends_rebuild_command(ort_unit_template, tmp_path, backend) -> None:
+    unit = make_unit(ort_unit_template, tmp_path, backend)
+    hint = ort_hint(unit) if backend == "onnxruntime" else engine_hint(unit)
+    edit_manifest(unit, lambda data: data.update(precision="fp16"))
+    with pytest.raises(ArtifactError) as info:
+        verify(unit)
+    assert str(info.value) == (f"{unit}: the manifest does not describe the ONNX it ships: its precision 'fp16' "
+                               f"differs from the ONNX's 'fp32': {hint}")
+    edit_manifest(unit, lambda data: data["artifacts"][0].update(file="../outside.bin"))
+    (tmp_path / "outside.bin").write_bytes(b"x")
+    with pytest.raises(ArtifactError) as info:
+        verify(unit)
+    role = json.loads((unit / "manifest.json").read_text())["artifacts"][0]["role"]
+    assert str(info.value).startswith(f"{unit}: manifest artefact {role!r} ('../outside.bin') resolves to ")
+    assert str(info.value).endswith(f"outside the unit; a unit may only name files inside itself (no '..', no "
+                                    f"symlinks to elsewhere): {hint}")
+
+
+def test_the_messages_of_a_malformed_manifest(ort_unit_template, tmp_path) -> None:
+    unit = make_unit(ort_unit_template, tmp_path, "onnxruntime")
+    data = json.loads((unit / "manifest.json").read_text())
+    cases = [
+        ({**data, "colour": "red"}, "malformed manifest (unknown fields ['colour'], missing []); rebuild the unit"),
+        ({k: v for k, v in data.items() if k not in ("backend", "config")},
+         "malformed manifest (unknown fields [], missing ['backend', 'config']); rebuild the unit"),
+        ({**data, "target_sms": "sm_89"}, "malformed manifest: target_sms must be a list of strings; rebuild the unit"),
+        ({**data, "target_sms": [89]}, "malformed manifest: target_sms must be a list of strings; rebuild the unit"),
+        ({**data, "host": [], "io": "x"},
+         "malformed manifest: io must be an object; host must be an object; rebuild the unit"),
+        ({**data, "backend": "tvm", "precision": "int4", "contract_version": "1", "created": 3},
+         "malformed manifest: backend 'tvm' is not one of ('onnxruntime', 'tensorrt', 'tensorrt-rtx'); precision "
+         "'int4' is not one of ('fp32', 'fp16', 'w8a8', 'w8a8_dynamic'); contract_version must be an integer; created "
+         "must be a string; rebuild the unit"),
+        ({**data, "artifacts": {}},
+         "malformed manifest (artifacts must be a list, config an object); rebuild the unit"),
+    ]
+    for payload, message in cases:
+        (unit / "manifest.json").write_text(json.dumps(payload))
+        with pytest.raises(ArtifactError) as info:
+            read_manifest(unit)
+        assert str(info.value) == message, payload
+    (unit / "manifest.json").write_text("{")
+    with pytest.raises(ArtifactError) as info:
+        read_manifest(unit)
+    assert str(info.value).startswith(f"{unit / 'manifest.json'} is not valid JSON (")
+    assert str(info.value).endswith("); the manifest is corrupt, rebuild the unit")
+    (unit / "manifest.json").write_text(json.dumps({**data, "format": "other/2"}))
+    with pytest.raises(ArtifactError) as info:
+        read_manifest(unit)
+    assert str(info.value) == (f"{unit / 'manifest.json'}: expected format 'pimoe-export-unit/1', found 'other/2'; "
+                               "rebuild the unit")
+
+
+def test_a_directory_that_is_no_unit(tmp_path) -> None:
+    with pytest.raises(ArtifactError) as info:
+        read_manifest(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path} is not a pimoe-export unit: manifest.json is missing. Create one with `pimoe-export build "
+        f"MODEL.onnx -o {tmp_path}`, `pimoe-export package MODEL.onnx -o {tmp_path}` or `pimoe-export pipeline`")
+
+
+def test_dims_of_unknown_size_are_shown_as_such(ort_unit_template, tmp_path) -> None:
+    """A graph dimension with neither a size nor a name is shown as '?' when the manifest's rank differs."""
+    import onnx
+
+    unit = make_unit(ort_unit_template, tmp_path, "onnxruntime")
+    proto = onnx.load(str(unit / "model.onnx"))
+    proto.graph.output[2].type.tensor_type.shape.dim[1].Clear()
+    onnx.save(proto, str(unit / "model.onnx"))
+    manifest = read_manifest(unit)
+    manifest.artifacts = [Artifact.of(a.role, unit / a.file) for a in manifest.artifacts]
+    manifest.io["outputs"][2][2] = ["batch", "sequence"]
+    manifest.write(unit)
+    with pytest.raises(ArtifactError, match=re.escape("its I/O dims differ from the ONNX's (expert_weights: "
+                                                      "['batch', 'sequence'] vs ['batch', '?', 2])")):
+        verify(unit)
+    manifest.io["outputs"][2][2] = ["batch", "sequence", 2]  # an unknown graph dim takes any named axis
+    manifest.write(unit)
+    assert verify(unit).interface.outputs[2].dims == ("batch", "sequence", 2)
