@@ -109,3 +109,53 @@ def test_padding_never_reaches_the_calibration(model, tmp_path) -> None:
     for path in LAYERS:
         assert a.layers[path].info["thresholds"] == b.layers[path].info["thresholds"]
         assert [g.act_scales for g in a.layers[path].groups] == [g.act_scales for g in b.layers[path].groups]
+
+
+def test_calibration_data_that_overflows_a_layer_names_it(model) -> None:
+    from pimoe_export.errors import PiMoEInputError
+    from pimoe_export.model.factory import create_from_preset
+
+    layer = create_from_preset("tiny", seed=0).eval()
+    with pytest.raises(PiMoEInputError) as info:
+        capture_layer_inputs(layer, [{"hidden_states": np.full((1, 3, 16), np.inf, np.float32)}])
+    assert str(info.value) == ("the calibration data drives the PiMoE layer to NaN or Inf (values beyond the float32 "
+                               "range, or an overflow upstream); scale or clean the calibration data")
+    calibration = feeds(3, ((1, 4),))
+    with torch.no_grad():
+        model.embed.weight[calibration[0]["input_ids"][0, 0]] = float("nan")
+    try:
+        with pytest.raises(PiMoEInputError) as info:
+            capture_layer_inputs(model, calibration)
+        assert str(info.value).startswith("the calibration data drives PiMoE layer 'blocks.0.moe' to NaN or Inf")
+    finally:
+        model.embed.weight.data.copy_(TinyEncoder().embed.weight)
+
+
+def test_quantising_another_models_export_is_refused_naming_both(model, exported_layer, tmp_path) -> None:
+    from pimoe_export.errors import ArtifactError
+    from pimoe_export.quantize import check_same_model
+
+    _, layer_onnx = exported_layer("tiny", 0)
+    with pytest.raises(ArtifactError) as info:
+        check_same_model(model, layer_onnx)
+    assert str(info.value) == (f"{layer_onnx} is not the export of this model (its PiMoE layers [''], the model's "
+                               "['blocks.0.moe', 'blocks.1.moe']); export this model and quantise that graph")
+    layer, _ = exported_layer("tiny", 0)
+    check_same_model(layer, layer_onnx)
+    from pimoe_export.model.factory import create_from_preset
+
+    with pytest.raises(ArtifactError) as info:
+        check_same_model(create_from_preset("tiny", seed=1), layer_onnx)
+    assert str(info.value) == (f"{layer_onnx} was exported from different weights than this model; export this "
+                               "model again (`pimoe-export export MODEL_DIR -o ...`) or omit --onnx")
+    import onnx
+
+    proto = onnx.load(str(layer_onnx))
+    kept = [p for p in proto.metadata_props if p.key != "pimoe.weights_sha256"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, str(tmp_path / "nofp.onnx"))
+    with pytest.raises(ArtifactError) as info:
+        check_same_model(layer, tmp_path / "nofp.onnx")
+    assert str(info.value) == (f"{tmp_path / 'nofp.onnx'} carries no pimoe.weights_sha256: re-export it with "
+                               "`pimoe-export export`")
