@@ -1,0 +1,75 @@
+"""ONNX Runtime units as build.units.package_ort writes them (no TensorRT needed): what the manifest records of its
+source, moving instead of copying the ONNX, and --force, which alone lets it replace files pimoe-export did not
+write; and the environment Polygraphy gets for TensorRT-RTX."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pimoe_export.artifacts.manifest import verify
+from pimoe_export.build.polygraphy_rtx import polygraphy_environment
+from pimoe_export.build.units import package_ort
+from pimoe_export.errors import OutputError, PluginLoadError
+
+
+@pytest.fixture
+def onnx_copy(exported_layer, tmp_path) -> Path:
+    _, path = exported_layer("tiny", 0)
+    copy = tmp_path / "src" / "model.onnx"
+    copy.parent.mkdir()
+    shutil.copyfile(path, copy)
+    return copy
+
+
+def package(*args, **kwargs):
+    try:
+        return package_ort(*args, **kwargs)
+    except PluginLoadError as exc:
+        pytest.skip(f"libpimoe_ort is not built: {exc}")
+
+
+def test_the_manifest_records_its_source_and_the_unit_verifies(onnx_copy, tmp_path) -> None:
+    source_hash = hashlib.sha256(onnx_copy.read_bytes()).hexdigest()
+    manifest = package(onnx_copy, tmp_path / "unit")
+    assert manifest.source_onnx_sha256 == source_hash
+    saved = json.loads((tmp_path / "unit" / "manifest.json").read_text())
+    assert saved["source_onnx_sha256"] == source_hash and saved["backend"] == "onnxruntime"
+    assert saved["build_options"]["cpu_isa"] in ("avx2", "generic", "avx512")
+    assert onnx_copy.exists()  # copied, not moved
+    assert verify(tmp_path / "unit").files["onnx"].read_bytes() == onnx_copy.read_bytes()
+
+
+def test_move_takes_the_onnx_instead_of_copying_it(onnx_copy, tmp_path) -> None:
+    data = onnx_copy.read_bytes()
+    package(onnx_copy, tmp_path / "unit", move=True)
+    assert not onnx_copy.exists()
+    assert (tmp_path / "unit" / "model.onnx").read_bytes() == data
+    verify(tmp_path / "unit")
+
+
+def test_only_force_replaces_the_users_files(onnx_copy, tmp_path) -> None:
+    unit = tmp_path / "unit"
+    unit.mkdir()
+    (unit / "model.onnx").write_text("the user's own")
+    with pytest.raises(OutputError, match=r"model\.onnx exists and was not written by pimoe-export"):
+        package(onnx_copy, unit)
+    assert (unit / "model.onnx").read_text() == "the user's own" and not (unit / "manifest.json").exists()
+    package(onnx_copy, unit, force=True)
+    verify(unit)
+    package(onnx_copy, unit)  # its own files now: replaced without --force
+
+
+def test_polygraphy_gets_the_rtx_switches_and_the_folder_first(tmp_path) -> None:
+    folder = tmp_path / "rtx"
+    env = polygraphy_environment(folder, {"PYTHONPATH": "/a", "LD_LIBRARY_PATH": "/b:/c", "KEEP": "x"})
+    assert env == {"PYTHONPATH": f"{folder}{os.pathsep}/a", "LD_LIBRARY_PATH": f"{folder}{os.pathsep}/b:/c",
+                   "KEEP": "x", "POLYGRAPHY_USE_TENSORRT_RTX": "1", "PIMOE_TRT_STATIC_REGISTRATION": "1"}
+    env = polygraphy_environment(folder, {"LD_LIBRARY_PATH": ""})
+    assert env["PYTHONPATH"] == str(folder) and env["LD_LIBRARY_PATH"] == str(folder)
+    assert polygraphy_environment(folder)["PATH"] == os.environ["PATH"]  # this process's environment by default
