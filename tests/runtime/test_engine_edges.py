@@ -1,0 +1,98 @@
+"""Engine input checks at their edges (the exact token limit, torch tensors of every kind, names, shapes shared by
+several inputs) and the errors a backend's refusal becomes. The limits are set on the verified unit directly, so the
+boundary itself is tested, not the arithmetic that computes it (test_manifest.py checks that)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pimoe_export.build.units import package_ort
+from pimoe_export.errors import PiMoEInputError, PluginLoadError, RunError
+from pimoe_export.interface import Profile
+from pimoe_export.runtime.engine import Engine
+
+
+@pytest.fixture(scope="module")
+def unit(exported_layer, tmp_path_factory):
+    _, onnx_path = exported_layer("tiny", 0)
+    path = tmp_path_factory.mktemp("edges") / "unit"
+    try:
+        package_ort(onnx_path, path, profile=Profile((1, 1), (1, 4), (4, 64)))
+    except PluginLoadError as exc:
+        pytest.skip(f"libpimoe_ort is not built: {exc}")
+    return path
+
+
+def test_exactly_the_most_tokens_a_call_may_hold(unit) -> None:
+    with Engine.load(unit) as engine:
+        engine.unit.max_tokens = 6
+        assert engine.run(np.zeros((2, 3, 16), np.float32)).shape == (2, 3, 16)
+        assert engine.run(np.zeros((1, 6, 16), np.float32)).shape == (1, 6, 16)
+        with pytest.raises(PiMoEInputError) as info:
+            engine.run(np.zeros((1, 7, 16), np.float32))
+        assert str(info.value) == ("input hidden_states holds 7 tokens; this unit's ops index at most 6 per call (the "
+                                   "op contract's element counts stay below 2147483648); split the batch")
+        with pytest.raises(PiMoEInputError, match="holds 8 tokens"):
+            engine.run(np.zeros((4, 2, 16), np.float32))
+
+
+def test_torch_tensors_of_every_kind_in_and_out(unit) -> None:
+    x = torch.randn(2, 3, 16)
+    with Engine.load(unit) as engine:
+        expected = engine.run(x.numpy())
+        strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # the same values, not contiguous
+        for given in (x, torch.nn.Parameter(x.clone(), requires_grad=True), x.clone().requires_grad_(True), strided):
+            y = engine.run(given)
+            assert isinstance(y, torch.Tensor) and y.dtype == torch.float32
+            np.testing.assert_array_equal(y.numpy(), expected)
+        with pytest.raises(PiMoEInputError, match=r"takes float32 input, got float64 for hidden_states; convert it "
+                                                  r"\(numpy: x\.astype\(np\.float32\)\)"):
+            engine.run(x.double())
+        with pytest.raises(PiMoEInputError, match=r"must be a numpy array or torch tensor \[batch, sequence, 16\], "
+                                                  r"got list"):
+            engine.run([[0.0] * 16])
+
+
+def test_inputs_by_name(unit) -> None:
+    with Engine.load(unit) as engine:
+        x = np.random.default_rng(0).standard_normal((1, 4, 16)).astype(np.float32)
+        named = engine.run_named({"hidden_states": x})
+        assert list(named) == ["output", "expert_ids", "expert_weights"]
+        np.testing.assert_array_equal(named["output"], engine.run(x))
+        for feeds in ({}, {"x": x}, {"hidden_states": x, "extra": x}):
+            with pytest.raises(PiMoEInputError, match=r"this unit takes the inputs \['hidden_states'\], got "):
+                engine.run_named(feeds)
+        with pytest.raises(PiMoEInputError, match=r"must be \[batch, sequence, 16\], got shape \[1, 4, 16, 1\]"):
+            engine.run(x[..., None])
+
+
+def test_a_refusal_of_onnx_runtime_becomes_a_run_error(unit) -> None:
+    class Refusing:
+        def __init__(self, message: str) -> None:
+            self.message = message
+
+        def run(self, names, feeds):
+            raise RuntimeError(self.message)
+
+    with Engine.load(unit) as engine:
+        engine.session = Refusing("  first line of the reason\n second line")
+        with pytest.raises(RunError) as info:
+            engine.run(np.zeros((1, 2, 16), np.float32))
+        assert str(info.value) == f"ONNX Runtime could not run {unit}: first line of the reason"
+        engine.session = Refusing("   ")
+        with pytest.raises(RunError) as info:
+            engine.run(np.zeros((1, 2, 16), np.float32))
+        assert str(info.value) == f"ONNX Runtime could not run {unit}: RuntimeError"
+    with pytest.raises(RunError, match=rf"the engine of {unit} was closed"):
+        engine.run(np.zeros((1, 2, 16), np.float32))
+
+
+def test_what_an_engine_describes(unit) -> None:
+    with Engine.load(unit) as engine:
+        described = engine.describe()
+    assert described["unit"] == str(unit) and described["backend"] == "onnxruntime"
+    assert described["precision"] == "fp32" and described["target_sms"] == []
+    assert described["profile"] == {"min": (1, 1), "opt": (1, 4), "max": (4, 64)}
+    assert described["io"]["inputs"] == [["hidden_states", "float32", ["batch", "sequence", 16]]]
