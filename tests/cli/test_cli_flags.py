@@ -1,0 +1,208 @@
+"""Every command's flags at values other than their defaults reach the function that does the work, unchanged and
+under the right name (a flag wired to the wrong parameter is the command line's commonest bug). The work itself is
+replaced by a recorder; the defaults are checked once too, against the library functions' own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pimoe_export.cli import COMMANDS, build_parser, main
+
+
+class Stop(Exception):
+    """Raised by a recorder once it has what it needs (main maps it to exit 70, an internal error)."""
+
+
+def recorder(seen: dict, result=None):
+    def record(*args, **kwargs):
+        seen.update(args=args, kwargs=kwargs)
+        if result is None:
+            raise Stop
+        return result
+    return record
+
+
+def test_every_command_is_listed_with_its_help() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == list(COMMANDS)
+    assert COMMANDS == ("create", "info", "moefy", "export", "quantize", "check", "package", "build", "inspect",
+                        "triton", "serve", "pipeline")
+    for name, command in sub.choices.items():
+        assert command.description, name
+
+
+def test_build_flags(monkeypatch, tmp_path, capsys) -> None:
+    import pimoe_export.build.units as units
+
+    seen: dict = {}
+    monkeypatch.setattr(units, "build_unit", recorder(seen))
+    cache = tmp_path / "timing.cache"
+    argv = ["build", "m.onnx", "-o", "unit", "--plugins", "p.so", "--flavour", "rtx", "--sm", "sm80, Sm89,",
+            "--min-tokens", "2x3", "--opt-tokens", "4x8", "--max-tokens", "16x128", "--opt-level", "5",
+            "--timing-cache", str(cache), "--version-compatible", "--hardware-compatible", "--force"]
+    assert main(argv) == 70
+    (onnx, output), kwargs = seen["args"], seen["kwargs"]
+    assert (onnx, output) == (Path("m.onnx"), Path("unit"))
+    assert kwargs["plugin_path"] == Path("p.so") and kwargs["force"] is True
+    options = kwargs["options"]
+    assert options.flavour == "rtx" and options.compute_capabilities == ("SM80", "SM89")
+    assert (options.profile.min_shape, options.profile.opt_shape, options.profile.max_shape) == ((2, 3), (4, 8),
+                                                                                                 (16, 128))
+    assert (options.optimization_level, options.timing_cache) == (5, str(cache))
+    assert options.version_compatible and options.hardware_compatible
+    capsys.readouterr()
+
+
+def test_build_defaults(monkeypatch) -> None:
+    import pimoe_export.build.units as units
+    from pimoe_export.interface import DEFAULT_ENGINE_PROFILE, DEFAULT_RTX_TARGETS
+
+    seen: dict = {}
+    monkeypatch.setattr(units, "build_unit", recorder(seen))
+    assert main(["build", "m.onnx", "-o", "unit"]) == 70
+    options = seen["kwargs"]["options"]
+    assert options.flavour == "auto" and options.compute_capabilities == DEFAULT_RTX_TARGETS
+    assert options.profile == DEFAULT_ENGINE_PROFILE
+    assert (options.optimization_level, options.timing_cache, options.version_compatible,
+            options.hardware_compatible) == (None, None, False, False)
+    assert seen["kwargs"]["plugin_path"] is None and seen["kwargs"]["force"] is False
+
+
+def test_quantize_flags(monkeypatch, tmp_path, exported_layer, capsys) -> None:
+    import pimoe_export.quantize as quantize
+
+    model, onnx_path = exported_layer("tiny", 0)
+    model.save_pretrained(tmp_path / "ckpt")
+    seen: dict = {}
+    monkeypatch.setattr(quantize, "quantize_model", recorder(seen))
+    argv = ["quantize", str(tmp_path / "ckpt"), "-o", str(tmp_path / "q.int8.onnx"), "--calib", "data.npz",
+            "--method", "percentile", "--percentile", "99.5", "--dynamic", "--smooth-alpha", "0.25", "--onnx",
+            str(onnx_path), "--calib-tokens", "300", "--force"]
+    assert main(argv) == 70
+    (source, path), kwargs = seen["args"], seen["kwargs"]
+    assert path == tmp_path / "q.int8.onnx" and list(source.layers) == [""]
+    assert kwargs == {"calibration": "data.npz", "method": "percentile", "mode": "w8a8_dynamic", "percentile": 99.5,
+                      "smooth_alpha": 0.25, "fp32_onnx": onnx_path, "max_tokens": 300, "progress": True}
+    assert not (tmp_path / "q.int8.fp32.onnx").exists()
+    assert main(["quantize", str(tmp_path / "ckpt"), "-o", str(tmp_path / "r.int8.onnx")]) == 70
+    assert seen["kwargs"] == {"calibration": None, "method": "entropy", "mode": "w8a8", "percentile": 99.99,
+                              "smooth_alpha": 0.5, "fp32_onnx": None, "max_tokens": 65536, "progress": True}
+    capsys.readouterr()
+
+
+def test_quantize_refuses_bad_settings_before_writing(tmp_path, exported_layer, capsys) -> None:
+    model, _ = exported_layer("tiny", 0)
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(SystemExit):
+        main(["quantize", str(tmp_path / "ckpt"), "-o", str(tmp_path / "q.onnx"), "--percentile", "0"])
+    assert "must be a finite number in (0, 100]" in capsys.readouterr().err
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_quantize_reports_what_it_wrote(monkeypatch, tmp_path, exported_layer, capsys) -> None:
+    import pimoe_export.quantize as quantize
+
+    model, onnx_path = exported_layer("tiny", 0)
+    model.save_pretrained(tmp_path / "ckpt")
+    summary = {"mode": "w8a8", "method": "max", "calibration_tokens": 77,
+               "uncalibrated_experts": {"": [1, 3], "blocks.1.moe": [0]}}
+    result = SimpleNamespace(onnx_path=tmp_path / "q.onnx", summary=lambda: summary)
+    monkeypatch.setattr(quantize, "quantize_model", recorder({}, result))
+    assert main(["quantize", str(tmp_path / "ckpt"), "-o", str(tmp_path / "q.onnx"), "--onnx", str(onnx_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"wrote {tmp_path / 'q.onnx'} (w8a8, activations: max, 77 calibration tokens; router fp32)"
+    assert out[1].startswith("  warning: experts [1, 3] received no calibration token")
+    assert out[2].startswith("  warning: experts [0] of blocks.1.moe received no calibration token")
+    assert out[3] == f"  check it: pimoe-export check {tmp_path / 'ckpt'} --onnx {tmp_path / 'q.onnx'}"
+
+
+def test_export_flags(monkeypatch, tmp_path, exported_layer, capsys) -> None:
+    import pimoe_export.export.exporter as exporter
+
+    model, _ = exported_layer("tiny", 0)
+    model.save_pretrained(tmp_path / "ckpt")
+    seen: dict = {}
+    monkeypatch.setattr(exporter, "export_source", recorder(seen))
+    assert main(["export", str(tmp_path / "ckpt"), "-o", str(tmp_path / "m.onnx"), "--standard-ops", "--fp16"]) == 70
+    assert seen["args"][1] == tmp_path / "m.onnx"
+    assert seen["kwargs"] == {"precision": "fp16", "standard_ops": True}
+    assert main(["export", str(tmp_path / "ckpt"), "-o", str(tmp_path / "n.onnx")]) == 70
+    assert seen["kwargs"] == {"precision": "fp32", "standard_ops": False}
+    capsys.readouterr()
+
+
+def test_check_flags(monkeypatch, tmp_path, exported_layer, capsys) -> None:
+    import pimoe_export.validate.check as check
+
+    model, onnx_path = exported_layer("tiny", 0)
+    model.save_pretrained(tmp_path / "ckpt")
+    seen: dict = {}
+    monkeypatch.setattr(check, "check_onnx", recorder(seen))
+    monkeypatch.setattr(check, "check_unit", recorder(seen))
+    assert main(["check", str(tmp_path / "ckpt"), "--onnx", str(onnx_path), "-o", str(tmp_path / "r"), "--shapes",
+                 "1x2,3x4", "--seed", "7", "--no-plots", "-v", "--force"]) == 70
+    assert seen["args"][1:] == (onnx_path, tmp_path / "r")
+    assert seen["kwargs"] == {"shapes": [(1, 2), (3, 4)], "seed": 7, "plots": False, "verbose": True, "force": True,
+                              "feeds": None}
+    assert main(["check", str(tmp_path / "ckpt"), "--onnx", str(onnx_path)]) == 70
+    assert seen["args"][2] == onnx_path.with_name(onnx_path.stem + "_report")
+    assert seen["kwargs"]["shapes"] == check.DEFAULT_SHAPES and seen["kwargs"]["seed"] == 1234
+    assert seen["kwargs"]["plots"] is True and seen["kwargs"]["verbose"] is False
+    assert main(["check", str(tmp_path / "ckpt"), "--unit", str(tmp_path / "unit")]) == 70
+    assert seen["args"][1:] == (tmp_path / "unit", tmp_path / "unit" / "report")
+    capsys.readouterr()
+
+
+def test_triton_flags(monkeypatch, capsys) -> None:
+    import pimoe_export.serve.triton as triton
+
+    seen: dict = {}
+    monkeypatch.setattr(triton, "write_triton_repository", recorder(seen))
+    assert main(["triton", "unit", "-o", "repo", "--name", "m", "--max-batch-size", "4", "--instances", "3",
+                 "--server-repo", "/models", "--allow-rtx", "--force"]) == 70
+    assert seen["args"] == (Path("unit"), Path("repo"))
+    assert seen["kwargs"] == {"name": "m", "max_batch_size": 4, "instances": 3, "server_repository": "/models",
+                              "allow_rtx": True, "force": True}
+    assert main(["triton", "unit", "-o", "repo"]) == 70
+    assert seen["kwargs"] == {"name": None, "max_batch_size": 0, "instances": 1, "server_repository": None,
+                              "allow_rtx": False, "force": False}
+    capsys.readouterr()
+
+
+def test_package_flags(monkeypatch, capsys) -> None:
+    import pimoe_export.build.units as units
+
+    seen: dict = {}
+    manifest = SimpleNamespace(precision="w8a8", build_options={"cpu_isa": "avx2"})
+    monkeypatch.setattr(units, "package_ort", recorder(seen, manifest))
+    assert main(["package", "m.onnx", "-o", "unit", "--library", "lib.so", "--force"]) == 0
+    assert seen["args"] == (Path("m.onnx"), Path("unit"))
+    assert seen["kwargs"] == {"library": Path("lib.so"), "force": True}
+    assert capsys.readouterr().out.strip() == ("packaged w8a8 ONNX Runtime unit in unit (op library: avx2 kernels); "
+                                               "verify it with `pimoe-export inspect unit`")
+    assert main(["package", "m.onnx", "-o", "unit"]) == 0
+    assert seen["kwargs"] == {"library": None, "force": False}
+
+
+def test_pipeline_prints_its_verdict_and_exits_1_when_it_failed(monkeypatch, tmp_path, capsys) -> None:
+    import pimoe_export.pipeline as pipeline
+
+    for passed, code in ((True, 0), (False, 1)):
+        monkeypatch.setattr(pipeline, "run_pipeline", recorder({}, {"passed": passed}))
+        assert main(["pipeline", "--preset", "tiny", "-o", str(tmp_path / "out")]) == code
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {
+            "passed": passed, "summary": str(tmp_path / "out" / "pipeline.json")}
+
+
+def test_pipeline_refuses_text_for_a_layer_preset(tmp_path, capsys) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("a\n")
+    assert main(["pipeline", "--preset", "tiny", "-o", str(tmp_path / "out"), "--calib", str(text)]) == 2
+    assert "--calib applies to whole models" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
