@@ -206,3 +206,43 @@ def test_pipeline_refuses_text_for_a_layer_preset(tmp_path, capsys) -> None:
     assert main(["pipeline", "--preset", "tiny", "-o", str(tmp_path / "out"), "--calib", str(text)]) == 2
     assert "--calib applies to whole models" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_of_a_model_directory_checks_it_and_passes_its_text(monkeypatch, tmp_path, capsys) -> None:
+    import pimoe_export.hf.importers as importers
+    import pimoe_export.pipeline as pipeline
+
+    checked: dict = {}
+    seen: dict = {}
+    monkeypatch.setattr(importers, "check_source", lambda model, calib: checked.update(model=model, calib=calib))
+    monkeypatch.setattr(pipeline, "run_pipeline", recorder(seen, {"passed": True}))
+    text = tmp_path / "lines.txt"
+    assert main(["pipeline", "--model", str(tmp_path / "moe"), "-o", str(tmp_path / "out"), "--calib", str(text)]) == 0
+    assert checked == {"model": tmp_path / "moe", "calib": text}
+    assert seen["kwargs"]["model_dir"] == tmp_path / "moe" and seen["kwargs"]["calib_text"] == text
+    assert seen["kwargs"]["preset"] is None
+    capsys.readouterr()
+
+
+def test_create_and_check_say_what_they_did(monkeypatch, tmp_path, exported_layer, capsys) -> None:
+    import pimoe_export.validate.check as check
+    from pimoe_export.validate.metrics import ErrorStats
+
+    assert main(["create", "--preset", "tiny", "--seed", "4", "-o", str(tmp_path / "ckpt")]) == 0
+    assert capsys.readouterr().out.strip() == f"created preset 'tiny' (seed 4) in {tmp_path / 'ckpt'}"
+    _, onnx_path = exported_layer("tiny", 0)
+    stats = ErrorStats(max_abs=0.5, mean_abs=0.25, rel_l2=0.125, cosine=0.75, ref_max_abs=2.0, elements=8)
+    for polygraphy, passed in ((False, False), (True, True)):
+        report = SimpleNamespace(passed=passed, precision="fp32", backend="onnxruntime", primary="output",
+                                 output_stats={"output": stats}, routing_agreement=0.5,
+                                 polygraphy_passed=polygraphy, failures=[] if passed else ["cosine too low"],
+                                 files={"markdown": "r/report.md"})
+        monkeypatch.setattr(check, "check_onnx", recorder({}, report))
+        code = main(["check", str(tmp_path / "ckpt"), "--onnx", str(onnx_path)])
+        out = capsys.readouterr().out.splitlines()
+        assert code == (0 if passed else 1)
+        assert out[0] == f"{'PASSED' if passed else 'FAILED'}: {onnx_path} (fp32) vs PyTorch on onnxruntime"
+        assert out[1] == "  output: max abs 5.000e-01, mean abs 2.500e-01, rel L2 1.250e-01, cosine 0.75000000"
+        assert out[2] == f"  routing agreement 50.0000%; Polygraphy {'passed' if polygraphy else 'failed'}"
+        assert out[-1] == "  report: r/report.md"
+        assert ("  - cosine too low" in out) is (not passed)
