@@ -227,3 +227,90 @@ def test_a_folder_that_is_no_hugging_face_model(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "is not a loadable Hugging Face model with safetensors weights" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_random_feeds_cover_every_length_and_every_token() -> None:
+    """Valid lengths are uniform in 1..S (full rows and one-token rows both occur) and ids uniform in [0, vocab)."""
+    (feed,) = random_feeds(7, 5, ((200, 4),))
+    lengths = feed["attention_mask"].sum(axis=1)
+    assert set(lengths.tolist()) == {1, 2, 3, 4}
+    assert set(np.unique(feed["input_ids"]).tolist()) == set(range(7))
+
+
+def test_a_moefied_sources_random_feed_draws_every_token(moefied) -> None:
+    source = importers.load_source(moefied)
+    ids = source.random_feed(64, 64, 0)["input_ids"]
+    assert ids.min() == 0 and ids.max() == 64  # vocab 65: [0, 65)
+
+
+def test_transformers_missing_is_named_with_the_extra(monkeypatch) -> None:
+    import sys
+
+    from pimoe_export.errors import PiMoEConfigError
+    from pimoe_export.hf.checkpoint import require_transformers
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(PiMoEConfigError) as info:
+        require_transformers()
+    assert info.value.field == "moefy"
+    assert str(info.value) == ("PiMoEConfig.moefy: needs the `transformers` package: pip install 'pimoe-export[hf]' "
+                               "(or scripts/setup.sh, which installs it)")
+
+
+def test_a_model_without_bert_layers_and_the_settings_each_layer_records(tiny_bert) -> None:
+    from dataclasses import asdict
+
+    from pimoe_export.errors import PiMoEConfigError
+    from pimoe_export.hf.moefy import MoefySettings, encoder_layers, layer_config
+
+    with pytest.raises(PiMoEConfigError) as info:
+        encoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    assert info.value.field == "moefy"
+    assert str(info.value) == ("PiMoEConfig.moefy: Sequential has no BERT-style layers (intermediate.dense, "
+                               "output.dense, output.LayerNorm); supported: BERT-family encoders (BERT, MiniLM)")
+    settings = MoefySettings(experts=4, top_k=2, routing_noise=0.5, seed=9)
+    config = layer_config(32, 64, settings)
+    assert config.metadata == {"moefy": asdict(settings)}
+    assert (config.hidden_size, config.num_experts, config.top_k, config.intermediate_size) == (32, 4, 2, 16)
+    assert config.normalize and not config.use_gating and config.router_hidden_size == 32
+    with pytest.raises(PiMoEConfigError, match="the FFN width 64 must divide into 3 equal experts"):
+        layer_config(32, 64, MoefySettings(experts=3))
+
+
+def test_routing_noise_of_0_is_plain_top_k_and_a_negative_one_is_refused(tiny_bert) -> None:
+    from pimoe_export.errors import PiMoEConfigError
+    from pimoe_export.hf.moefy import MoefySettings, moefy
+
+    model = transformers.AutoModel.from_pretrained(str(tiny_bert), local_files_only=True).eval()
+    feeds = [{k: torch.from_numpy(v) for k, v in f.items()} for f in random_feeds(65, 0, ((4, 8),))]
+    moefy(model, feeds, MoefySettings(experts=4, top_k=2, router_epochs=1, routing_noise=0.0))
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(PiMoEConfigError, match="routing_noise"):
+            moefy(model, feeds, MoefySettings(experts=4, top_k=2, router_epochs=1, routing_noise=bad))
+
+
+def test_embedding_fidelity_by_hand() -> None:
+    """Two stand-in models with known token states: the cosine of the mask-pooled embeddings and the relative L2 of
+    the valid token states, written out."""
+    from types import SimpleNamespace
+
+    from pimoe_export.hf.moefy import embedding_fidelity
+
+    a = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]]])
+    b = torch.tensor([[[1.0, 1.0], [0.0, 2.0], [-5.0, 9.0]]])
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, states):
+            super().__init__()
+            self.states = states
+
+        def forward(self, **feed):
+            return SimpleNamespace(last_hidden_state=self.states)
+
+    feed = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0]])}
+    got = embedding_fidelity(Fixed(a), Fixed(b), [feed])
+    pooled_a, pooled_b = np.array([0.5, 1.0]), np.array([0.5, 1.5])  # the third token is padding
+    cosine = pooled_a @ pooled_b / (np.linalg.norm(pooled_a) * np.linalg.norm(pooled_b))
+    assert got["sentences"] == 1
+    assert got["embedding_cosine_mean"] == pytest.approx(cosine) == got["embedding_cosine_min"]
+    assert got["token_state_rel_l2"] == pytest.approx(np.sqrt(1.0 / (2.0 + 4.0)))  # |a-b|^2 = 1; |b|^2 = 2 + 4

@@ -44,26 +44,34 @@ def test_the_environment_variable_wins_and_must_name_a_file(monkeypatch, tmp_pat
     assert libraries.find_ort_library() == tree / "build" / "plugins" / "libpimoe_ort.so"
 
 
-@pytest.mark.parametrize(("find", "env", "name", "subdir"), [
-    (lambda: libraries.find_ort_library(), "PIMOE_ORT_LIBRARY", "libpimoe_ort.so", ""),
-    (lambda: libraries.find_ort_cuda_library(), "PIMOE_ORT_CUDA_LIBRARY", "libpimoe_ort_cuda.so", ""),
+NVCC = "needs nvcc: the TensorRT section of setup.sh builds"
+
+
+@pytest.mark.parametrize(("find", "env", "name", "subdir", "how"), [
+    (lambda: libraries.find_ort_library(), "PIMOE_ORT_LIBRARY", "libpimoe_ort.so", "",
+     "it builds the ONNX Runtime op library with any C++17 compiler"),
+    (lambda: libraries.find_ort_cuda_library(), "PIMOE_ORT_CUDA_LIBRARY", "libpimoe_ort_cuda.so", "",
+     f"{NVCC} it when CUDA is installed"),
     (lambda: libraries.find_ort_cuda_library(emulated=True), "PIMOE_ORT_CUDA_EMU_LIBRARY",
-     "libpimoe_ort_cuda_emu.so", "emu"),
-    (lambda: libraries.find_plugin_library(), "PIMOE_TRT_PLUGINS", "libpimoe_trt_plugins.so", "trt"),
-    (lambda: libraries.find_harness_library(), "PIMOE_TRT_HARNESS", "libpimoe_trt_harness.so", "harness"),
+     "libpimoe_ort_cuda_emu.so", "emu",
+     "it builds it with the emulated harness: needs g++, python and the TensorRT and ONNX Runtime headers"),
+    (lambda: libraries.find_plugin_library(), "PIMOE_TRT_PLUGINS", "libpimoe_trt_plugins.so", "trt",
+     f"{NVCC} the plugins when CUDA is installed"),
+    (lambda: libraries.find_harness_library(), "PIMOE_TRT_HARNESS", "libpimoe_trt_harness.so", "harness",
+     "needs nvcc"),
     (lambda: libraries.find_harness_library(emulated=True), "PIMOE_TRT_HARNESS_EMU", "libpimoe_trt_harness_emu.so",
-     "emu"),
+     "emu", "it builds the emulated harness by default: needs g++, python and the TensorRT headers"),
 ])
 def test_each_library_is_looked_for_packaged_first_then_in_the_build_tree(monkeypatch, tmp_path, no_overrides,
-                                                                          find, env, name, subdir) -> None:
+                                                                          find, env, name, subdir, how) -> None:
+    """Not found: the message says where it looked, what builds the library (each its own way) and the variable."""
     packaged, tree = tmp_path / "_lib", tmp_path / "build" / "plugins"
     monkeypatch.setattr(libraries, "_PACKAGED", packaged)
     monkeypatch.setattr(libraries, "BUILD_TREE", tree)
     with pytest.raises(PluginLoadError) as info:
         find()
-    message = str(info.value)
-    assert message.startswith(f"{name} was not found in {tree / subdir}; build it with scripts/setup.sh (")
-    assert message.endswith(f"or set {env} to its path")
+    assert str(info.value) == (f"{name} was not found in {tree / subdir}; build it with scripts/setup.sh ({how}), "
+                               f"or set {env} to its path")
     (tree / subdir).mkdir(parents=True, exist_ok=True)
     (tree / subdir / name).write_bytes(b"built")
     assert find() == tree / subdir / name
@@ -180,10 +188,11 @@ def test_onnxruntime_missing_names_both_packages(monkeypatch) -> None:
     ("  8.0  \n", "sm_80"),
 ])
 def test_the_gpu_is_named_from_nvidia_smi(monkeypatch, stdout, expected) -> None:
-    def run(argv, **kwargs):
+    def run(argv, **kwargs):  # as subprocess.run does: text only when asked for
         assert argv == ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"]
         assert kwargs["check"] is True and kwargs["timeout"] > 0
-        return subprocess.CompletedProcess(argv, 0, stdout=stdout)
+        text = kwargs.get("text") or kwargs.get("universal_newlines")
+        return subprocess.CompletedProcess(argv, 0, stdout=stdout if text else stdout.encode())
     monkeypatch.setattr(devices.subprocess, "run", run)
     assert devices.local_gpu_sm() == expected
 
@@ -287,3 +296,29 @@ def test_unknown_flavour_and_missing_modules(monkeypatch) -> None:
     with pytest.raises(BackendUnavailableError, match=r"tensorrt_rtx_libs is not installed .*install "
                                                       r"tensorrt-rtx-cu13-libs"):
         tensorrt_loader.rtx_library()
+
+
+def test_the_rtx_flavour_makes_its_parser_link_first(monkeypatch) -> None:
+    made = []
+    monkeypatch.setattr(tensorrt_loader, "ensure_rtx_parser_symlink", lambda: made.append(1))
+    monkeypatch.setattr(tensorrt_loader.importlib, "import_module", lambda name: name)
+    assert tensorrt_loader.import_tensorrt("rtx") == "tensorrt_rtx_bindings" and made == [1]
+    assert tensorrt_loader.import_tensorrt("lean") == "tensorrt_lean_bindings" and made == [1]
+    assert tensorrt_loader.import_tensorrt("tensorrt") == "tensorrt" and made == [1]
+
+
+def test_the_parser_link_points_at_the_versioned_library(monkeypatch, tmp_path) -> None:
+    library = tmp_path / "libtensorrt_rtx.so.1"
+    library.write_bytes(b"elf")
+    monkeypatch.setattr(tensorrt_loader, "rtx_library", lambda: library)
+    link = tensorrt_loader.ensure_rtx_parser_symlink()
+    assert link == tmp_path / "libtensorrt_rtx.so" and link.is_symlink()
+    assert str(link.readlink()) == "libtensorrt_rtx.so.1" and link.resolve() == library.resolve()
+    assert tensorrt_loader.ensure_rtx_parser_symlink() == link  # there already: kept
+
+
+def test_a_logger_that_keeps_no_errors_is_not_asked_for_them(plugin_library) -> None:
+    class Quiet:
+        pass
+    with pytest.raises(PluginLoadError, match=r"TensorRT said: \(nothing\)$"):
+        tensorrt_loader.load_plugin_library(None, plugin_library, registry=Registry(loads=[[]]), logger=Quiet())

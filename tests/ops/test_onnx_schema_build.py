@@ -137,3 +137,35 @@ def test_range_text_of_any_attribute() -> None:
     assert schema.AttrSpec("x", "float", minimum=0.0, maximum=1e10).range_text() == "≥ 0, ≤ 1e+10"
     assert schema.AttrSpec("x", "int", flag=True, minimum=0, maximum=1).range_text() == "0 or 1"
     assert schema.AttrSpec("x", "string", choices=("a", "b")).range_text() == '"a" \\| "b"'
+
+
+def test_a_variadic_input_after_fixed_ones_is_collapsed_and_one_that_comes_first_is_kept() -> None:
+    """The registered signature of any op the contract may add: fixed inputs followed by a variadic one become one
+    heterogeneous variadic input over all their dtypes; a variadic input that comes first stays as it is."""
+    from pimoe_export.ops.onnx_schema import _collapse_variadic
+
+    fixed = schema.TensorSpec("a", ("float32",), "[N]")
+    second = schema.TensorSpec("b", ("int32",), "[N]")
+    variadic = schema.TensorSpec("rest", ("int8",), "", variadic=True)
+    collapsed = _collapse_variadic(schema.OpSchema("X", inputs=(fixed, second, variadic), outputs=()))
+    assert [(s.name, s.dtypes, s.variadic, s.type_param) for s in collapsed] == [
+        ("inputs", ("float32", "int32", "int8"), True, "V")]
+    assert collapsed[0].doc == "a, b, rest (see schema.py)"
+    first = schema.OpSchema("Y", inputs=(variadic, fixed), outputs=())
+    assert _collapse_variadic(first) == first.inputs
+    plain = schema.OpSchema("Z", inputs=(fixed, second), outputs=())
+    assert _collapse_variadic(plain) == plain.inputs
+
+
+def test_an_expert_mlp_with_empty_widths_leaves_its_output_width_unknown() -> None:
+    """widths[-1] of an empty list is unknown, not an error inside inference (the contract check refuses the node
+    with a message later: test_validation.py)."""
+    from onnx import AttributeProto
+
+    node = helper.make_node("PiMoEExpertMLP", ["xs", "off"], ["y"], domain="pimoe", expert_ids=[0])
+    node.attribute.append(helper.make_attribute("widths", [], attr_type=AttributeProto.INTS))
+    types = {"xs": helper.make_tensor_type_proto(TensorProto.FLOAT, [12, 16]),
+             "off": helper.make_tensor_type_proto(TensorProto.INT32, [5])}
+    out = onnx.shape_inference.infer_node_outputs(built("PiMoEExpertMLP"), node, types)
+    dims = out["y"].tensor_type.shape.dim
+    assert dims[0].dim_value == 12 and not dims[1].HasField("dim_value") and not dims[1].dim_param
