@@ -64,9 +64,11 @@ class TwoOutputs(torch.nn.Module):
 
 
 @pytest.mark.parametrize("routing", [False, True])
-def test_routing_outputs_only_when_asked(tmp_path, routing) -> None:
+def test_routing_outputs_only_when_asked(tmp_path, capfd, routing) -> None:
     kwargs = {"routing_outputs": True} if routing else {}
+    capfd.readouterr()
     result = export_model(TwoOutputs().eval(), tmp_path / "m.onnx", {"x": torch.randn(2, 3, 16)}, **kwargs)
+    assert capfd.readouterr().out == ""  # the exporter's own progress lines stay quiet (the CLI prints its own)
     names = [o.name for o in onnx.load(str(result.path)).graph.output]
     assert names == (["y", "total", "moe/expert_ids", "moe/expert_weights"] if routing else ["y", "total"])
     assert list(read_metadata(result.path).interface.output_names) == names
