@@ -146,17 +146,22 @@ def random_offsets(rng, rows: int, experts: int) -> np.ndarray:
 MLP_RUNS = [0, 1, 3, 65, 300, 64, 400]
 
 
-@pytest.mark.parametrize(("dtype", "quant_mode"), [(f32, "none"), (f16, "none"), (f32, "w8a8"), (f16, "w8a8_dynamic")])
-def test_expert_mlp_runs_every_shape_of_its_profile(harness, dtype, quant_mode) -> None:
-    widths, e, group, layer_norm = [40, 72, 24], 4, [1, 3], True
+@pytest.mark.parametrize(("dtype", "quant_mode", "gated"), [(f32, "none", False), (f16, "none", False),
+                                                            (f32, "w8a8", False), (f16, "w8a8_dynamic", False),
+                                                            (f16, "none", True), (f32, "w8a8", True)])
+def test_expert_mlp_runs_every_shape_of_its_profile(harness, dtype, quant_mode, gated) -> None:
+    """gated (contract v2): the GLU buffer of the workspace, sized for the profile maximum, serves every smaller R."""
+    widths, e, group, layer_norm = [40, 72, 24], 4, [1, 3], not gated
+    v2 = {"gated": True, "bias": False} if gated else {}
     rng = np.random.default_rng(3)
     x0, _, float_params, _ = make_expert_case(rng, e=e, groups=len(group), widths=widths, layer_norm=layer_norm,
-                                              dtype=dtype, rows_per_expert=2)
+                                              dtype=dtype, rows_per_expert=2, gated=gated, bias=not gated)
     act_scales: list[float] = []
     params = float_params
     if quant_mode != "none":
-        params, _, act_scales = quantize_case(rng, x0, float_params, widths, layer_norm, len(group), quant_mode)
-    attrs = expert_mlp_fields(group, widths, "gelu", layer_norm, quant_mode=quant_mode, act_scales=act_scales)
+        params, _, act_scales = quantize_case(rng, x0, float_params, widths, layer_norm, len(group), quant_mode,
+                                              bias=not gated)
+    attrs = expert_mlp_fields(group, widths, "gelu", layer_norm, quant_mode=quant_mode, act_scales=act_scales, **v2)
     dtypes = [dtype, i32, *[p.dtype for p in params]]
     fixed = [p.shape for p in params]
     profile = profile_of([(0, widths[0]), (e + 1,), *fixed], [(32, widths[0]), (e + 1,), *fixed],
@@ -169,7 +174,7 @@ def test_expert_mlp_runs_every_shape_of_its_profile(harness, dtype, quant_mode) 
             offsets = random_offsets(rng, rows, e)
             y = session.run([x, offsets, *params])[0]
             ref = ops.expert_mlp(torch.from_numpy(x), torch.from_numpy(offsets), [torch.from_numpy(p) for p in params],
-                                 group, list(widths), "gelu", layer_norm, 1e-5, quant_mode, act_scales).numpy()
+                                 group, list(widths), "gelu", layer_norm, 1e-5, quant_mode, act_scales, **v2).numpy()
             assert y.shape == ref.shape == (rows, widths[-1]) and y.dtype == dtype
             scale = max(1.0, float(np.abs(ref.astype(np.float32)).max(initial=0.0)))
             # this test is about every shape of the profile running through the TensorRT call sequence; the int8
@@ -234,17 +239,22 @@ def test_dispatch_workspace_for_a_profile_maximum_covers_every_smaller_batch(har
             assert size(pairs) <= given, (top, pairs, size(pairs), given)
 
 
-@pytest.mark.parametrize(("dtype", "quant_mode"), [(f32, "none"), (f16, "none"), (f16, "w8a8")])
-def test_expert_mlp_workspace_never_decreases_with_rows(harness, dtype, quant_mode) -> None:
+@pytest.mark.parametrize(("dtype", "quant_mode", "gated"), [(f32, "none", False), (f16, "none", False),
+                                                            (f16, "w8a8", False), (f16, "none", True),
+                                                            (f32, "w8a8", True)])
+def test_expert_mlp_workspace_never_decreases_with_rows(harness, dtype, quant_mode, gated) -> None:
     widths, group = [16, 64, 33, 16], [1]
-    layout = schema.expert_mlp_param_layout(len(widths) - 1, True, quant_mode)
+    layout = schema.expert_mlp_param_layout(len(widths) - 1, not gated, quant_mode)
     params = []
     for layer, role in layout:
-        out, inp = widths[layer + 1], widths[layer]
+        out, inp = schema.expert_mlp_param_rows(widths, layer, gated), widths[layer]
+        if role in ("ln_gamma", "ln_beta"):
+            out = widths[layer + 1]
         shape = (1, out, inp) if role == "weight" else (1, inp) if role == "act_smooth" else (1, out)
         params.append((shape, i8 if role == "weight" and quant_mode != "none" else dtype if role == "weight" else f32))
-    attrs = expert_mlp_fields(group, widths, "gelu", True, quant_mode=quant_mode,
-                              act_scales=[0.02] * 3 if quant_mode == "w8a8" else ())
+    attrs = expert_mlp_fields(group, widths, "gelu", not gated, quant_mode=quant_mode,
+                              act_scales=[0.02] * 3 if quant_mode == "w8a8" else (), **({"gated": True} if gated
+                                                                                          else {}))
     previous = 0
     for rows in [0, 1, 2, 15, 16, 17, 63, 64, 65, 255, 256, 257, 1000, 4096]:
         shapes = [(rows, widths[0]), (3,), *[s for s, _ in params]]
@@ -344,12 +354,44 @@ def test_small_case_every_kernel_path(harness) -> None:
         ref = ops.expert_mlp(torch.from_numpy(xs), torch.from_numpy(offs), [torch.from_numpy(p) for p in qparams],
                              group, widths, "relu", False, 1e-5, mode, scales).numpy()
         np.testing.assert_array_equal(y, ref)  # relu, no LayerNorm: bit-exact (tests/test_gpu_layer.py)
+    # contract v2: every routing mode, grouped selection, the expert-order combine, gated layers (fp32, fp16 split-K,
+    # W8A8 with swiglu_oai), bias-free
+    logits = rng.normal(size=(9, 8)).astype(np.float32)
+    for attrs in ({"scoring": "sigmoid", "num_groups": 4, "groups_kept": 2, "group_score": "sum_top2",
+                   "routed_scaling_factor": 2.5, "normalize_eps": 1e-20}, {"scoring": "softmax_topk"},
+                  {"scoring": "sigmoid"}, {"scoring": "softmax", "num_groups": 2, "groups_kept": 1}):
+        b = rng.normal(0, 0.1, 8).astype(np.float32) if attrs.get("num_groups", 1) > 1 else None
+        weights, ids = backend.route(logits, b, 2, True, **attrs)
+        ref_w, ref_ids = functional.route(torch.from_numpy(logits), None if b is None else torch.from_numpy(b), 2,
+                                          True, **attrs)
+        np.testing.assert_array_equal(ids, ref_ids.numpy())
+        np.testing.assert_allclose(weights, ref_w.numpy(), rtol=2e-6, atol=1e-7)
+    np.testing.assert_array_equal(
+        backend.combine(x_sorted, f2s, weights, order="expert"),
+        functional.combine(torch.from_numpy(x_sorted), torch.from_numpy(f2s), torch.from_numpy(weights),
+                           "expert").numpy())
+    for dtype, rows_per_expert, mode, activation in ((np.float32, 3, "none", "silu"), (np.float16, 2, "none", "gelu"),
+                                                    (np.float32, 3, "w8a8", "swiglu_oai"),
+                                                    (np.float32, 90, "w8a8_dynamic", "silu")):
+        xs, offs, params, group = make_expert_case(rng, e=4, groups=2, widths=widths, layer_norm=False, dtype=dtype,
+                                                   rows_per_expert=rows_per_expert, gated=True, bias=False)
+        scales: list[float] = []
+        if mode != "none":
+            params, _, scales = quantize_case(rng, xs, params, widths, False, 2, mode, bias=False)
+        y = backend.expert_mlp(xs, offs, params, group, widths, activation, False, quant_mode=mode, act_scales=scales,
+                               gated=True, bias=False)
+        import pimoe_export.ops.torch_ops as ops
+
+        ref = ops.expert_mlp(torch.from_numpy(xs), torch.from_numpy(offs), [torch.from_numpy(p) for p in params],
+                             group, widths, activation, False, 1e-5, mode, scales, gated=True, bias=False).numpy()
+        scale = max(1.0, float(np.abs(ref.astype(np.float32)).max(initial=0.0)))
+        np.testing.assert_allclose(y.astype(np.float32), ref.astype(np.float32), rtol=2e-2, atol=2e-2 * scale)
 
 
 SANITIZERS = {
     # build folder (scripts/setup.sh), runtime library, options, what to run
     "address": ("build/plugins-emu-asan", "libasan.so", "ASAN_OPTIONS", "detect_leaks=0:abort_on_error=0",
-                ["tests/test_ops_backends.py", "-k", "emu",
+                ["tests/test_ops_backends.py", "-k", "emu and not ort",
                  "tests/test_emu.py::test_small_case_every_kernel_path",
                  "tests/test_emu.py::test_dispatch_runs_every_shape_of_its_profile",
                  "tests/test_emu.py::test_expert_mlp_runs_every_shape_of_its_profile",

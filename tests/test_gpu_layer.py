@@ -417,3 +417,44 @@ def test_sanitizer_case(backend) -> None:
     test_ids_out_of_range_are_reported_and_clamped(backend)
     test_bad_offsets_zero_the_output_and_are_reported(backend)
     test_flat_to_sorted_out_of_range_gives_nan_and_an_error(backend)
+    contract_v2_paths(backend)
+
+
+def contract_v2_paths(backend) -> None:
+    """Every contract-v2 kernel path once: grouped sigmoid routing and softmax_topk, the expert-order combine, gated
+    layers (fp32 SIMT, fp16 split-K and 64-row tiles, W8A8 with swiglu_oai), bias-free."""
+    from test_ops_backends import make_expert_case, quantize_case
+
+    import pimoe_export.ops.torch_ops as ops
+
+    rng = np.random.default_rng(9)
+    logits = rng.normal(size=(40, 64)).astype(np.float32)
+    bias = rng.normal(0, 0.1, 64).astype(np.float32)
+    grouped = {"scoring": "sigmoid", "num_groups": 8, "groups_kept": 4, "group_score": "sum_top2",
+               "routed_scaling_factor": 2.5, "normalize_eps": 1e-20}
+    for attrs, b in ((grouped, bias), ({"scoring": "softmax_topk"}, None)):
+        weights, ids = backend.route(logits, b, 8, True, **attrs)
+        ref_w, ref_ids = functional.route(torch.from_numpy(logits), None if b is None else torch.from_numpy(b), 8,
+                                          True, **attrs)
+        np.testing.assert_array_equal(ids, ref_ids.numpy())
+        np.testing.assert_allclose(weights, ref_w.numpy(), rtol=2e-6, atol=1e-7)
+    y_sorted = rng.normal(size=(320, 48)).astype(np.float32)
+    f2s = rng.permutation(320).astype(np.int32)
+    np.testing.assert_array_equal(backend.combine(y_sorted, f2s, weights, order="expert"),
+                                  functional.combine(torch.from_numpy(y_sorted), torch.from_numpy(f2s),
+                                                     torch.from_numpy(weights), "expert").numpy())
+    widths = [64, 96, 64]
+    for dtype, rows, mode, activation in ((np.float32, 3, "none", "silu"), (np.float16, 2, "none", "gelu"),
+                                          (np.float16, 90, "none", "silu"), (np.float32, 3, "w8a8", "swiglu_oai"),
+                                          (np.float16, 90, "w8a8_dynamic", "silu")):
+        xs, offs, params, group = make_expert_case(rng, e=4, groups=2, widths=widths, layer_norm=False, dtype=dtype,
+                                                   rows_per_expert=rows, gated=True, bias=False)
+        scales: list[float] = []
+        if mode != "none":
+            params, _, scales = quantize_case(rng, xs, params, widths, False, 2, mode, bias=False)
+        y = backend.expert_mlp(xs, offs, params, group, widths, activation, False, quant_mode=mode, act_scales=scales,
+                               gated=True, bias=False)
+        ref = ops.expert_mlp(torch.from_numpy(xs), torch.from_numpy(offs), [torch.from_numpy(p) for p in params],
+                             group, widths, activation, False, 1e-5, mode, scales, gated=True, bias=False).numpy()
+        scale = max(1.0, float(np.abs(ref.astype(np.float32)).max(initial=0.0)))
+        np.testing.assert_allclose(y.astype(np.float32), ref.astype(np.float32), rtol=2e-2, atol=2e-2 * scale)

@@ -134,6 +134,16 @@ VALID = [
     (schema.EXPERT_MLP, {"expert_ids": [2], "widths": [4096, 14336, 4096], "layer_norm": 0,
                          "quant_mode": "w8a8_dynamic"}),
     (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [131072, 8], "quant_mode": "w8a8", "act_scales": [1.0]}),
+    # contract v2
+    *[(schema.ROUTE, {"k": 2, "scoring": scoring}) for scoring in schema.SCORING],
+    (schema.ROUTE, {"k": 8, "normalize": 1, "scoring": "sigmoid", "num_groups": 8, "groups_kept": 4,
+                    "group_score": "sum_top2", "routed_scaling_factor": 2.5, "normalize_eps": 1e-20}),
+    (schema.COMBINE, {"order": "expert"}),
+    *[(schema.EXPERT_MLP, {"expert_ids": [0, 7], "widths": [4096, 14336, 4096], "layer_norm": 0, "gated": 1,
+                           "bias": 0, "activation": act}) for act in schema.ALL_ACTIVATIONS],
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [2880, 2880, 2880], "layer_norm": 0, "gated": 1,
+                         "activation": "swiglu_oai", "alpha": 1.702, "limit": 7.0, "quant_mode": "w8a8",
+                         "act_scales": [0.1, 0.2]}),
 ]
 
 
@@ -184,6 +194,24 @@ BAD = [
     (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8], "quant_mode": "w8a8", "act_scales": [float("nan")]}),
     (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [131073, 8], "quant_mode": "w8a8_dynamic"}),
     (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8], "quant_mode": "W8A8", "act_scales": [0.1]}),
+    # contract v2
+    (schema.ROUTE, {"k": 2, "num_groups": 0}),
+    (schema.ROUTE, {"k": 2, "num_groups": 2, "groups_kept": 3}),
+    (schema.ROUTE, {"k": 2, "num_groups": 2, "groups_kept": 1, "scoring": "softmax_topk"}),
+    (schema.ROUTE, {"k": 2, "group_score": "mean"}),
+    (schema.ROUTE, {"k": 2, "routed_scaling_factor": 0.0}),
+    (schema.ROUTE, {"k": 2, "routed_scaling_factor": float("inf")}),
+    (schema.ROUTE, {"k": 2, "normalize_eps": -1e-20}),
+    (schema.COMBINE, {"order": "token"}),
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8, 8], "gated": 1}),  # gated with LayerNorm
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8], "layer_norm": 0, "gated": 1}),  # no hidden layer
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8, 8], "layer_norm": 0, "activation": "swiglu_oai"}),
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8, 8], "layer_norm": 0, "gated": 2}),
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8, 8], "layer_norm": 0, "bias": -1}),
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8, 8], "layer_norm": 0, "gated": 1,
+                         "activation": "swiglu_oai", "limit": 0.0}),
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8, 8], "layer_norm": 0, "gated": 1,
+                         "activation": "swiglu_oai", "alpha": float("nan")}),
 ]
 
 

@@ -111,11 +111,16 @@ def make_fields(op: str, attrs: Mapping[str, Any]) -> tuple[ctypes.Array, list[A
     return fields, keep
 
 
-def expert_mlp_fields(expert_ids, widths, activation, layer_norm, eps=1e-5, quant_mode="none", act_scales=()):
-    """PiMoEExpertMLP plugin fields from the op's attributes."""
+def expert_mlp_fields(expert_ids, widths, activation, layer_norm, eps=1e-5, quant_mode="none", act_scales=(),
+                      **v2: Any) -> dict[str, Any]:
+    """PiMoEExpertMLP plugin fields from the op's attributes (``v2``: gated, bias, alpha, limit, given ones only)."""
     return {"expert_ids": [int(e) for e in expert_ids], "widths": [int(w) for w in widths], "activation": activation,
             "layer_norm": int(layer_norm), "eps": float(eps), "quant_mode": quant_mode,
-            "act_scales": [float(s) for s in act_scales]}
+            "act_scales": [float(s) for s in act_scales]} | _fields_v2(v2)
+
+
+def _fields_v2(v2: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: int(value) if isinstance(value, bool) else value for name, value in v2.items()}
 
 
 def _desc(shape: Sequence[int], dtype: Any) -> _Desc:
@@ -429,21 +434,21 @@ class HarnessOpBackend:
         with PluginSession(self.harness, op, attrs, Profile.fixed([(a.shape, a.dtype) for a in arrays])) as session:
             return session.run(arrays, check_status)
 
-    def route(self, logits: np.ndarray, bias: np.ndarray | None, k: int, normalize: bool):
+    def route(self, logits: np.ndarray, bias: np.ndarray | None, k: int, normalize: bool, **v2: Any):
         arrays = [logits] + ([bias] if bias is not None else [])
-        return self.run(schema.ROUTE, {"k": k, "normalize": int(normalize)}, arrays)
+        return self.run(schema.ROUTE, {"k": k, "normalize": int(normalize)} | _fields_v2(v2), arrays)
 
     def dispatch(self, x: np.ndarray, ids: np.ndarray, num_experts: int):
         return self.run(schema.DISPATCH, {"num_experts": num_experts}, [x, ids])
 
-    def combine(self, y_sorted: np.ndarray, flat_to_sorted: np.ndarray, weights: np.ndarray):
-        return self.run(schema.COMBINE, {}, [y_sorted, flat_to_sorted, weights])[0]
+    def combine(self, y_sorted: np.ndarray, flat_to_sorted: np.ndarray, weights: np.ndarray, **v2: Any):
+        return self.run(schema.COMBINE, _fields_v2(v2), [y_sorted, flat_to_sorted, weights])[0]
 
     def expert_mlp(self, x_sorted: np.ndarray, offsets: np.ndarray, params: Sequence[np.ndarray], expert_ids,
                    widths, activation: str, layer_norm: bool, eps: float = 1e-5, quant_mode: str = "none",
-                   act_scales: Sequence[float] = (), constant_params: bool = True):
+                   act_scales: Sequence[float] = (), constant_params: bool = True, **v2: Any):
         # TensorRT hands constant initializers to the plugin as ordinary inputs: constant_params changes nothing
-        attrs = expert_mlp_fields(expert_ids, widths, activation, layer_norm, eps, quant_mode, act_scales)
+        attrs = expert_mlp_fields(expert_ids, widths, activation, layer_norm, eps, quant_mode, act_scales, **v2)
         return self.run(schema.EXPERT_MLP, attrs, [x_sorted, offsets, *params])[0]
 
 

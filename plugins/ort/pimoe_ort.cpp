@@ -1,4 +1,5 @@
-// libpimoe_ort: the four pimoe ops as an ONNX Runtime custom-op library (domain "pimoe", CPU provider).
+// libpimoe_ort: the four pimoe ops as an ONNX Runtime custom-op library (domain "pimoe", CPU provider; op contract v2,
+// which runs v1 graphs unchanged: every attribute v2 added defaults to v1).
 // Compiled again with PIMOE_ORT_CUDA=1 (CMake target pimoe_ort_cuda, built where nvcc is) it is
 // libpimoe_ort_cuda: the same CPU ops plus CUDA execution-provider kernels for the four ops (pimoe_ort_cuda.inc),
 // on the CUDA launchers of plugins/kernels/cuda that the TensorRT plugins use.
@@ -230,9 +231,9 @@ struct RouteKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
     RouteIO io;
     PIMOE_RETURN_IF(route_io(ctx, attrs, &io));
-    cpu::route(io.logits.data, to_dtype(io.logits.type),
-               io.bias.value ? static_cast<const float*>(io.bias.data) : nullptr, io.n, io.experts, attrs.k,
-               attrs.normalize, static_cast<float*>(io.weights), static_cast<int32_t*>(io.ids), make_parallel(ctx));
+    cpu::route(attrs, io.logits.data, to_dtype(io.logits.type),
+               io.bias.value ? static_cast<const float*>(io.bias.data) : nullptr, io.n, io.experts,
+               static_cast<float*>(io.weights), static_cast<int32_t*>(io.ids), make_parallel(ctx));
     return nullptr;
   }
 };
@@ -242,14 +243,28 @@ struct RouteOp : Ort::CustomOpBase<RouteOp<Kernel>, Kernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     AttrReader r{info, {}};
     auto k = std::make_unique<Kernel>();
-    k->attrs.k = r.get_int(contract::kATTR_K, 0, true);
+    RouteAttrs& a = k->attrs;
+    a.k = r.get_int(contract::kATTR_K, 0, true);
     const int64_t normalize = r.get_int(contract::kATTR_NORMALIZE, 0, false);
     const std::string scoring = r.get_string(contract::kATTR_SCORING, "softmax");
+    a.num_groups = r.get_int(contract::kATTR_NUM_GROUPS, 1, false);
+    a.groups_kept = r.get_int(contract::kATTR_GROUPS_KEPT, 1, false);
+    const std::string group_score = r.get_string(contract::kATTR_GROUP_SCORE, "max");
+    a.routed_scaling_factor = r.get_float(contract::kATTR_ROUTED_SCALING_FACTOR, 1.0f);
+    a.normalize_eps = r.get_float(contract::kATTR_NORMALIZE_EPS, 0.0f);
     if (!r.problem.empty()) return error(msg("PiMoERoute: ", r.problem));
-    if (auto e = parse_flag("PiMoERoute", contract::kATTR_NORMALIZE, normalize, &k->attrs.normalize); !e.empty())
+    if (auto e = parse_flag("PiMoERoute", contract::kATTR_NORMALIZE, normalize, &a.normalize); !e.empty())
       return error(e);
-    if (scoring != "softmax") return error(msg("PiMoERoute: scoring '", scoring, "' is not supported (softmax)"));
-    if (auto e = validate_attrs(k->attrs); !e.empty()) return error(e);
+    int32_t value = 0;
+    if (!parse_enum(scoring.c_str(), contract::kSCORING_NAMES, contract::kSCORING_COUNT, &value))
+      return error(msg("PiMoERoute: unknown scoring '", scoring, "'; expected one of ",
+                       enum_choices(contract::kSCORING_NAMES, contract::kSCORING_COUNT)));
+    a.scoring = static_cast<contract::Scoring>(value);
+    if (!parse_enum(group_score.c_str(), contract::kGROUPSCORE_NAMES, contract::kGROUPSCORE_COUNT, &value))
+      return error(msg("PiMoERoute: unknown group_score '", group_score, "'; expected one of ",
+                       enum_choices(contract::kGROUPSCORE_NAMES, contract::kGROUPSCORE_COUNT)));
+    a.group_score = static_cast<contract::GroupScore>(value);
+    if (auto e = validate_attrs(a); !e.empty()) return error(e);
     PIMOE_RETURN_IF(k->init(info));
     *kernel = k.release();
     return nullptr;
@@ -345,13 +360,15 @@ OrtStatusPtr combine_io(OrtKernelContext* ctx, CombineIO* io) {
 
 struct CombineKernel {
   static constexpr const char* kProvider = nullptr;
+  CombineAttrs attrs;
 
   OrtStatusPtr init(const OrtKernelInfo*) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
     CombineIO io;
     PIMOE_RETURN_IF(combine_io(ctx, &io));
     auto e = cpu::combine(io.y_sorted.data, to_dtype(io.y_sorted.type), static_cast<const int32_t*>(io.f2s.data),
-                          static_cast<const float*>(io.weights.data), io.n, io.k, io.h, io.y, make_parallel(ctx));
+                          static_cast<const float*>(io.weights.data), io.n, io.k, io.h, io.y, make_parallel(ctx),
+                          attrs.order);
     return e.empty() ? nullptr : error(e);
   }
 };
@@ -359,7 +376,15 @@ struct CombineKernel {
 template <ONNXTensorElementDataType T, class Kernel>
 struct CombineOp : Ort::CustomOpBase<CombineOp<T, Kernel>, Kernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    AttrReader r{info, {}};
     auto k = std::make_unique<Kernel>();
+    const std::string order = r.get_string(contract::kATTR_ORDER, "slot");
+    int32_t value = 0;
+    if (!parse_enum(order.c_str(), contract::kCOMBINEORDER_NAMES, contract::kCOMBINEORDER_COUNT, &value))
+      return error(msg("PiMoECombine: unknown order '", order, "'; expected one of ",
+                       enum_choices(contract::kCOMBINEORDER_NAMES, contract::kCOMBINEORDER_COUNT)));
+    k->attrs.order = static_cast<contract::CombineOrder>(value);
+    if (auto e = validate_attrs(k->attrs); !e.empty()) return error(e);
     PIMOE_RETURN_IF(k->init(info));
     *kernel = k.release();
     return nullptr;
@@ -500,9 +525,15 @@ struct ExpertMLPOp : Ort::CustomOpBase<ExpertMLPOp<T, Kernel>, Kernel, true> {
     a.eps = r.get_float(contract::kATTR_EPS, 1e-5f);
     const std::string quant = r.get_string(contract::kATTR_QUANT_MODE, "none");
     a.act_scales = r.get_array<float>(contract::kATTR_ACT_SCALES, false);
+    const int64_t gated = r.get_int(contract::kATTR_GATED, 0, false);
+    const int64_t bias = r.get_int(contract::kATTR_BIAS, 1, false);
+    a.alpha = r.get_float(contract::kATTR_ALPHA, contract::kSWIGLU_OAI_ALPHA);
+    a.limit = r.get_float(contract::kATTR_LIMIT, contract::kSWIGLU_OAI_LIMIT);
     if (!r.problem.empty()) return error(msg("PiMoEExpertMLP: ", r.problem));
     if (auto e = parse_flag("PiMoEExpertMLP", contract::kATTR_LAYER_NORM, layer_norm, &a.layer_norm); !e.empty())
       return error(e);
+    if (auto e = parse_flag("PiMoEExpertMLP", contract::kATTR_GATED, gated, &a.gated); !e.empty()) return error(e);
+    if (auto e = parse_flag("PiMoEExpertMLP", contract::kATTR_BIAS, bias, &a.bias); !e.empty()) return error(e);
     int32_t value = 0;
     if (!parse_enum(activation.c_str(), contract::kACTIVATION_NAMES, contract::kACTIVATION_COUNT, &value))
       return error(msg("PiMoEExpertMLP: unknown activation '", activation, "'; expected one of ",
@@ -524,7 +555,7 @@ struct ExpertMLPOp : Ort::CustomOpBase<ExpertMLPOp<T, Kernel>, Kernel, true> {
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i == 2 ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
   }
-  int GetVariadicInputMinArity() const { return 2; }
+  int GetVariadicInputMinArity() const { return 1; }  // one bias-free layer: its weight alone
   bool GetVariadicInputHomogeneity() const { return false; }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return T; }

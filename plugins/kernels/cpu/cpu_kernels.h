@@ -51,17 +51,19 @@ uint16_t float_to_half(float f);
 // portable path.
 const char* active_isa();
 
-// PiMoERoute. logits [n, e] (f32/f16), bias [e] or nullptr -> weights [n, k] f32, ids [n, k] i32.
-void route(const void* logits, DType dtype, const float* bias, int64_t n, int64_t e, int64_t k, bool normalize,
+// PiMoERoute. logits [n, e] (f32/f16), bias [e] or nullptr -> weights [n, k] f32, ids [n, k] i32 (k = attrs.k).
+// attrs must have passed check_route for these shapes.
+void route(const RouteAttrs& attrs, const void* logits, DType dtype, const float* bias, int64_t n, int64_t e,
            float* weights, int32_t* ids, const Parallel& parallel);
 
 // PiMoEDispatch. Returns an error if an id is outside [0, e).
 std::string dispatch(const void* x, DType dtype, const int32_t* ids, int64_t n, int64_t h, int64_t k, int64_t e,
                      void* x_sorted, int32_t* offsets, int32_t* flat_to_sorted, const Parallel& parallel);
 
-// PiMoECombine. Returns an error if a flat_to_sorted entry is outside [0, n*k).
+// PiMoECombine (order: contract::CombineOrder). Returns an error if a flat_to_sorted entry is outside [0, n*k).
 std::string combine(const void* y_sorted, DType dtype, const int32_t* flat_to_sorted, const float* weights,
-                    int64_t n, int64_t k, int64_t h, void* y, const Parallel& parallel);
+                    int64_t n, int64_t k, int64_t h, void* y, const Parallel& parallel,
+                    contract::CombineOrder order = contract::CombineOrder::kSLOT);
 
 // PiMoEExpertMLP: weights are packed once by prepare() (at session creation when they are constant
 // initializers) into the GEMM's panel layout; run() may then be called concurrently.

@@ -2,6 +2,13 @@
 // parallel GEMM over (expert segment x row block x panel block) tasks followed by one parallel epilogue
 // (LayerNorm + activation) over rows. Each output element is computed by exactly one task with a fixed
 // summation order, so results do not depend on the thread count.
+//
+// Gated (GLU) hidden layers (contract v2) reuse the same kernel-table entry points: the GEMM writes the layer's 2*out
+// columns [gate | up] (bias fused as for any layer; a bias-free node gets zeros), then the GLU epilogue here runs
+// row_epilogue on the gate half (the activation, no LayerNorm) and multiplies it by the up half in place; the next
+// layer reads the first out columns of each 2*out-wide row (lda = 2*out). swiglu_oai (clamps, sigmoid) is computed
+// here in scalar code. An ISA variant of isa::Kernels therefore only has to provide row_epilogue with gamma == nullptr
+// and any hidden activation, and GEMMs with lda >= k: nothing GLU-specific.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -130,7 +137,7 @@ std::vector<float> pack_f32(const Param& w, int64_t base, int64_t out, int64_t i
 // w8a8: the member's weight scales (padded to whole panels) and SmoothQuant divisors, both positive and finite
 std::string prepare_scales(State& st, const std::vector<Param>& params, int64_t l, int64_t g, int64_t panels) {
   const ExpertMLPAttrs& attrs = st.attrs;
-  const int64_t in = attrs.widths[at(l)], out = attrs.widths[at(l) + 1];
+  const int64_t in = attrs.widths[at(l)], out = attrs.rows(l);
   const int64_t expert = attrs.expert_ids[at(g)];
   const Param& s = params[at(attrs.param_index(l, ParamRole::kW_SCALE))];
   std::vector<float> scales(at(panels * isa::kPanel), 0.0f);
@@ -158,13 +165,16 @@ std::string prepare_scales(State& st, const std::vector<Param>& params, int64_t 
   return {};
 }
 
-// bias (padded to whole panels) and, for hidden layers with LayerNorm, gamma and beta of member g
+// bias (padded to whole panels; zeros for a bias-free node) and, for hidden layers with LayerNorm, gamma and beta
+// of member g
 void prepare_vectors(State& st, const std::vector<Param>& params, int64_t l, int64_t g, int64_t panels) {
   const ExpertMLPAttrs& attrs = st.attrs;
-  const int64_t out = attrs.widths[at(l) + 1];
-  const Param& b = params[at(attrs.param_index(l, ParamRole::kBIAS))];
+  const int64_t out = attrs.widths[at(l) + 1], rows = attrs.rows(l);
   std::vector<float> bias(at(panels * isa::kPanel), 0.0f);
-  for (int64_t o = 0; o < out; ++o) bias[at(o)] = to_float(b.data, b.dtype, g * out + o);
+  if (attrs.bias) {
+    const Param& b = params[at(attrs.param_index(l, ParamRole::kBIAS))];
+    for (int64_t o = 0; o < rows; ++o) bias[at(o)] = to_float(b.data, b.dtype, g * rows + o);
+  }
   st.bias[at(l)].push_back(std::move(bias));
   if (!attrs.has_ln(l)) return;
   const Param& ga = params[at(attrs.param_index(l, ParamRole::kLN_GAMMA))];
@@ -180,7 +190,7 @@ void prepare_vectors(State& st, const std::vector<Param>& params, int64_t l, int
 
 std::string prepare_layer(State& st, const std::vector<Param>& params, int64_t l) {
   const ExpertMLPAttrs& attrs = st.attrs;
-  const int64_t in = attrs.widths[at(l)], out = attrs.widths[at(l) + 1];
+  const int64_t in = attrs.widths[at(l)], out = attrs.rows(l);  // a gated layer's GEMM has 2*out columns
   const int64_t panels = (out + isa::kPanel - 1) / isa::kPanel;
   const bool quantized = attrs.quantized();
   st.panels[at(l)] = panels;
@@ -247,19 +257,21 @@ class Pass {
     gather_input(x, dtype);
     const int64_t layers = a_.num_layers();
     for (int64_t l = 0; l < layers; ++l) {
-      const int64_t out = a_.widths[at(l) + 1];
+      const int64_t out = a_.rows(l);  // GEMM columns (2*out for a gated layer); the last layer is never gated
       const bool last = l == layers - 1;
       if (a_.quantized()) quantize_activations(l);
       float* target = buf_[l % 2];
       const bool direct = last && dtype == DType::kF32;  // the last layer writes straight into an fp32 y
       gemm(l, direct ? static_cast<float*>(y) : target, direct);
-      if (!last)
+      if (!last && a_.is_gated(l))
+        glu_epilogue(l, target);
+      else if (!last)
         epilogue(l, target);
       else if (!direct)
         for (const Segment& s : segments_)
           kern_.float_to_half_row(target + s.compact * out, static_cast<uint16_t*>(y) + s.row * out, s.count * out);
       current_ = target;
-      current_ld_ = out;
+      current_ld_ = out;  // a gated layer's GLU values are the first widths[l+1] of each 2*out-wide row
     }
   }
 
@@ -359,7 +371,7 @@ class Pass {
     parallel_(tasks.size(), [&](size_t index) {
       const Task& t = tasks[index];
       const Segment& s = segments_[at(t.segment)];
-      const int64_t out = a_.widths[at(l) + 1];
+      const int64_t out = a_.rows(l);
       float* c_rows = c + ((rows_of_y ? s.row : s.compact) + t.row0) * out;
       if (a_.quantized())
         gemm_i8_block(l, s, t.row0, t.rows, t.p0, t.p_end, c_rows);
@@ -370,7 +382,7 @@ class Pass {
 
   void gemm_i8_block(int64_t l, const Segment& s, int64_t row0, int64_t rows, int64_t p0, int64_t p_end,
                      float* c_rows) const {
-    const int64_t in = a_.widths[at(l)], out = a_.widths[at(l) + 1], k2 = (in + 1) / 2;
+    const int64_t in = a_.widths[at(l)], out = a_.rows(l), k2 = (in + 1) / 2;
     const size_t li = at(l), mi = at(s.member);
     const int64_t r0 = s.compact + row0;
     for (int64_t p = p0; p < p_end; ++p) {
@@ -386,7 +398,7 @@ class Pass {
   // panels of this task; fixed block order, so results stay deterministic
   void gemm_f32_block(int64_t l, const Segment& s, int64_t row0, int64_t rows, int64_t p0, int64_t p_end,
                       float* c_rows) const {
-    const int64_t in = a_.widths[at(l)], out = a_.widths[at(l) + 1];
+    const int64_t in = a_.widths[at(l)], out = a_.rows(l);
     const size_t li = at(l), mi = at(s.member);
     const float* a_rows = current_ + (s.compact + row0) * current_ld_;
     const float* packed = st_.packed[li][mi].data();
@@ -399,6 +411,30 @@ class Pass {
                              bias + p * isa::kPanel, c_rows + p * isa::kPanel, out, n_valid, k0 > 0);
       }
     }
+  }
+
+  // gated hidden layers: h = act(gate) * up over each row's [gate | up] (2*out values), written in place into the
+  // row's first out values (element i reads only i and out + i); the next layer reads them with lda = 2*out
+  void glu_epilogue(int64_t l, float* target) const {
+    const int64_t out = a_.widths[at(l) + 1], width = a_.rows(l);
+    const bool oai = a_.activation == contract::Activation::kSWIGLU_OAI;
+    const float alpha = a_.alpha, limit = a_.limit;
+    for_row_blocks([&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        float* gate = target + r * width;
+        const float* up = gate + out;
+        if (oai) {  // GPT-OSS: g = min(gate, limit), u = clamp(up, -limit, limit), (u + 1) * (g * sigmoid(g * alpha))
+          for (int64_t i = 0; i < out; ++i) {
+            const float g = gate[i] > limit ? limit : gate[i];  // a NaN stays NaN, as torch.clamp
+            const float u = up[i] > limit ? limit : up[i] < -limit ? -limit : up[i];
+            gate[i] = (u + 1.0f) * (g * (1.0f / (1.0f + std::exp(-(g * alpha)))));
+          }
+        } else {
+          kern_.row_epilogue(gate, out, nullptr, nullptr, a_.eps, static_cast<int32_t>(a_.activation));
+          for (int64_t i = 0; i < out; ++i) gate[i] = gate[i] * up[i];
+        }
+      }
+    });
   }
 
   // hidden layers: [LayerNorm] + activation in place, per row

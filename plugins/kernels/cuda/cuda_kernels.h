@@ -1,4 +1,4 @@
-// CUDA implementations of the four pimoe ops (op contract v1), host-side launch API.
+// CUDA implementations of the four pimoe ops (op contract v2), host-side launch API.
 //
 // Same semantics as the CPU kernels (plugins/kernels/cpu) and the PyTorch reference
 // (pimoe_export/model/functional.py): fp32 math whatever the storage dtype, deterministic results (every
@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <string>
 
+#include "pimoe_attrs.h"
 #include "pimoe_contract.h"
 
 namespace pimoe {
@@ -50,9 +51,10 @@ cudaError_t clear_status(DeviceStatus* status, cudaStream_t stream);
 std::string describe_status(const DeviceStatus& status);
 
 // ------------------------------------------------------------------------------------------ PiMoERoute
-// logits [n, e] (f32/f16), bias [e] f32 or nullptr -> weights [n, k] f32, ids [n, k] i32 (always in [0, e)).
+// logits [n, e] (f32/f16), bias [e] f32 or nullptr -> weights [n, k] f32, ids [n, k] i32 (always in [0, e)),
+// k = attrs.k; attrs must have passed check_route for [n, e] (else cudaErrorInvalidValue).
 // No input data can be inconsistent here; `status` (may be null) is only cleared, like every op's.
-cudaError_t route(const void* logits, DType dtype, const float* bias, int64_t n, int64_t e, int64_t k, bool normalize,
+cudaError_t route(const RouteAttrs& attrs, const void* logits, DType dtype, const float* bias, int64_t n, int64_t e,
                   float* weights, int32_t* ids, DeviceStatus* status, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------ PiMoEDispatch
@@ -63,10 +65,12 @@ cudaError_t dispatch(const void* x, DType dtype, const int32_t* ids, int64_t n, 
                      size_t workspace_bytes, DeviceStatus* status, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------ PiMoECombine
-// y[t] = sum_j weights[t, j] * y_sorted[flat_to_sorted[t*k + j]], fp32, slot order, one multiply and one add
-// per slot (compiled with --fmad=false): bit-identical to the PyTorch reference.
+// y[t] = sum_j weights[t, j] * y_sorted[flat_to_sorted[t*k + j]], fp32, one multiply and one add per slot (compiled
+// with --fmad=false), in slot order or (order kEXPERT) from 0 by ascending sorted row: bit-identical to the PyTorch
+// reference.
 cudaError_t combine(const void* y_sorted, DType dtype, const int32_t* flat_to_sorted, const float* weights, int64_t n,
-                    int64_t k, int64_t h, void* y, DeviceStatus* status, cudaStream_t stream);
+                    int64_t k, int64_t h, void* y, DeviceStatus* status, cudaStream_t stream,
+                    contract::CombineOrder order = contract::CombineOrder::kSLOT);
 
 // ------------------------------------------------------------------------------------------ PiMoEExpertMLP
 // Contract limits (generated from pimoe_export/ops/schema.py): every launcher checks them.
@@ -83,13 +87,13 @@ static_assert(kMAX_EXPERTS <= kEXPERT_BLOCK, "one thread per expert in the singl
 constexpr int64_t kMAX_I8_WIDTH = 131072;
 
 struct MLPLayer {
-  const void* weight = nullptr;       // [G, out, in]: the activation dtype (quant_mode none) or int8 (w8a8 modes)
+  const void* weight = nullptr;       // [G, rows, in]: the activation dtype (quant_mode none) or int8 (w8a8 modes)
   DType weight_dtype = DType::kF32;
-  const float* w_scale = nullptr;     // [G, out] per-output-channel weight scale (w8a8 modes)
+  const float* w_scale = nullptr;     // [G, rows] per-output-channel (per-row) weight scale (w8a8 modes)
   const float* act_smooth = nullptr;  // [G, in] SmoothQuant divisor of the layer input (w8a8 modes)
   const float* act_scales = nullptr;  // HOST memory, [G]: static activation scale per member (w8a8 only); read
                                       // during the call (passed to the kernels by value), not kept
-  const float* bias = nullptr;        // [G, out]
+  const float* bias = nullptr;        // [G, rows] (rows = 2*out for a gated hidden layer), nullptr without bias
   const float* ln_gamma = nullptr;    // [G, out] (hidden layers with LayerNorm) or nullptr
   const float* ln_beta = nullptr;     // [G, out] or nullptr
 };
@@ -107,6 +111,14 @@ struct ExpertMLPShape {
   bool layer_norm = false;
   float eps = 1e-5f;
   int32_t quant_mode = 0;     // contract::QuantMode: 0 none, 1 w8a8 (static scales), 2 w8a8_dynamic
+  // contract v2 (defaults: v1)
+  bool gated = false;  // hidden layers are GLUs over their 2*out rows [gate; up] (no LayerNorm)
+  bool bias = true;    // false: MLPLayer::bias is nullptr for every layer
+  float alpha = contract::kSWIGLU_OAI_ALPHA;  // activation swiglu_oai
+  float limit = contract::kSWIGLU_OAI_LIMIT;
+
+  bool is_gated(int32_t layer) const { return gated && layer < num_layers - 1; }
+  int32_t rows_of(int32_t layer) const { return widths[layer + 1] * (is_gated(layer) ? 2 : 1); }
 };
 
 size_t expert_mlp_workspace_size(const ExpertMLPShape& shape);
@@ -115,6 +127,8 @@ size_t expert_mlp_workspace_size(const ExpertMLPShape& shape);
 // w8a8 modes (the math of pimoe_export/quantize/reference.py, per layer): x / act_smooth -> int8 codes with the
 // static scale act_scales[g] or a dynamic per-row scale max|x| / 127 -> int8 tensor-core GEMM with int32
 // accumulation -> float(acc) * (s * w_scale) + bias (separate multiply and add) -> [LayerNorm] -> activation.
+// Gated hidden layers: the GEMM writes the 2*out columns [gate | up] (bias fused) into a workspace buffer, then one
+// pass computes h = act(gate) * up (swiglu_oai: the clamped SwiGLU) into the hidden buffer the next layer reads.
 cudaError_t expert_mlp(const ExpertMLPShape& shape, const MLPLayer* layers, const void* x, const int32_t* offsets,
                        void* y, void* workspace, size_t workspace_bytes, DeviceStatus* status, cudaStream_t stream);
 

@@ -65,12 +65,21 @@ __device__ __forceinline__ int member_of_row(const PlanView& plan, const int* of
   return plan.member_of_expert()[lo];
 }
 
+// A member's bias row (nullptr: the layer has no bias, contract v2 `bias`=0) and the bias add of the epilogues: no add
+// at all without a bias, as the reference computes a bias-free layer.
+__device__ __forceinline__ const float* member_bias(const float* bias, int member, int n) {
+  return bias != nullptr ? bias + static_cast<long long>(member) * n : nullptr;
+}
+__device__ __forceinline__ float add_bias(float v, const float* bias, int col) {
+  return bias != nullptr ? v + bias[col] : v;
+}
+
 // One linear layer over the plan's row tiles: C[r, n] = epilogue(sum_k A[r, k] * W[member, n, k] + bias[member, n]).
 struct GemmArgs {
   const void* a;     // activations [R, K] (row stride K): fp32, or fp16 when !a_f32 (tensor-core kernel only)
   bool a_f32;
   const void* w;     // [G, N, K]
-  const float* bias;  // [G, N]
+  const float* bias;  // [G, N], or nullptr (no bias)
   void* c;           // [R, N] (row stride N)
   bool c_f32;        // output stored as fp32 (else the kernel's storage dtype)
   int k;
@@ -110,7 +119,7 @@ struct GemmI8Args {
   int lda;
   const int8_t* w;         // [G, N, K]
   const float* w_scale;    // [G, N]
-  const float* bias;       // [G, N]
+  const float* bias;       // [G, N], or nullptr (no bias)
   const float* row_scale;  // [R] activation scale of every row (static or dynamic)
   void* c;                 // [R, N] (row stride N)
   bool c_f32;              // fp32 output, else fp16

@@ -7,11 +7,11 @@ namespace {
 constexpr const char* kOP = contract::kCOMBINE_NAME;
 }
 
-CombinePlugin::CombinePlugin() : PluginBase(contract::kCOMBINE_NAME) {}
+CombinePlugin::CombinePlugin(const CombineAttrs& attrs) : PluginBase(contract::kCOMBINE_NAME), mAttrs(attrs) {}
 
 nvinfer1::IPluginV3* CombinePlugin::clone() noexcept {
   try {
-    auto* copy = new CombinePlugin();
+    auto* copy = new CombinePlugin(mAttrs);
     copy->mNbInputs = mNbInputs;
     return copy;
   } catch (...) {
@@ -94,7 +94,7 @@ int32_t CombinePlugin::enqueue(const PluginTensorDesc* inputDesc, const PluginTe
       return fail(msg(kOP, ": null tensor pointer"));
     const cudaError_t err = cuda::combine(inputs[0], to_cuda(in[0].type), static_cast<const int32_t*>(inputs[1]),
                                           static_cast<const float*>(inputs[2]), n, k, h, outputs[0],
-                                          status_of(workspace), stream);
+                                          status_of(workspace), stream, mAttrs.order);
     return finish_enqueue(err, status_of(workspace), stream);
   } catch (...) {
     return fail(msg(kOP, ": enqueue failed"));
@@ -104,6 +104,7 @@ int32_t CombinePlugin::enqueue(const PluginTensorDesc* inputDesc, const PluginTe
 const PluginFieldCollection* CombinePlugin::getFieldsToSerialize() noexcept {
   try {
     mSerialized.clear();
+    mSerialized.add_string(contract::kATTR_ORDER, contract::kCOMBINEORDER_NAMES[static_cast<int32_t>(mAttrs.order)]);
     return mSerialized.collection();
   } catch (...) {
     fail(msg(kOP, ": getFieldsToSerialize failed"));
@@ -111,14 +112,27 @@ const PluginFieldCollection* CombinePlugin::getFieldsToSerialize() noexcept {
   }
 }
 
-CombineCreator::CombineCreator() : CreatorBase(contract::kCOMBINE_NAME) {}
+CombineCreator::CombineCreator() : CreatorBase(contract::kCOMBINE_NAME) {
+  mDeclarations.add(contract::kATTR_ORDER, PluginFieldType::kCHAR, 0);
+}
 
 nvinfer1::IPluginV3* CombineCreator::createPlugin(const char*, const PluginFieldCollection* fc,
                                                   nvinfer1::TensorRTPhase) noexcept {
   try {
     FieldReader r(kOP, fc);
-    r.warn_unknown({});
-    return new CombinePlugin();
+    r.warn_unknown({contract::kATTR_ORDER});
+    CombineAttrs attrs;
+    const std::string order = r.get_string(contract::kATTR_ORDER, "slot");
+    std::string e = r.problem();
+    if (e.empty())
+      e = parse_choice(kOP, contract::kATTR_ORDER, order, contract::kCOMBINEORDER_NAMES, contract::kCOMBINEORDER_COUNT,
+                       &attrs.order);
+    if (e.empty()) e = validate_attrs(attrs);
+    if (!e.empty()) {
+      fail(e);
+      return nullptr;
+    }
+    return new CombinePlugin(attrs);
   } catch (...) {
     fail(msg(kOP, ": createPlugin failed (out of memory)"));
     return nullptr;

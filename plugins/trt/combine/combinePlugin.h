@@ -1,4 +1,4 @@
-// PiMoECombine as a TensorRT IPluginV3: gather + fp32 weighted sum in slot order (bit-reproducible,
+// PiMoECombine as a TensorRT IPluginV3: gather + fp32 weighted sum in slot or expert order (bit-reproducible,
 // no atomics). See README.md in this folder for I/O, fields, formats and limits.
 #pragma once
 
@@ -9,7 +9,7 @@ namespace trt {
 
 class CombinePlugin final : public PluginBase {
  public:
-  CombinePlugin();
+  explicit CombinePlugin(const CombineAttrs& attrs = {});
 
   nvinfer1::IPluginV3* clone() noexcept override;
 
@@ -33,6 +33,7 @@ class CombinePlugin final : public PluginBase {
  private:
   std::string check_io(const std::vector<TensorInfo>& in, int32_t nbOutputs) const override;
 
+  CombineAttrs mAttrs;
   FieldWriter mSerialized;
 };
 

@@ -102,6 +102,10 @@ cuda::ExpertMLPShape ExpertMLPPlugin::kernel_shape(int64_t rows, int64_t experts
   s.layer_norm = mAttrs.layer_norm;
   s.eps = mAttrs.eps;
   s.quant_mode = static_cast<int32_t>(mAttrs.quant_mode);
+  s.gated = mAttrs.gated;
+  s.bias = mAttrs.bias;
+  s.alpha = mAttrs.alpha;
+  s.limit = mAttrs.limit;
   return s;
 }
 
@@ -221,6 +225,10 @@ const PluginFieldCollection* ExpertMLPPlugin::getFieldsToSerialize() noexcept {
     mSerialized.add_string(contract::kATTR_QUANT_MODE,
                            contract::kQUANTMODE_NAMES[static_cast<int32_t>(mAttrs.quant_mode)]);
     mSerialized.add_floats(contract::kATTR_ACT_SCALES, mAttrs.act_scales);
+    mSerialized.add_int(contract::kATTR_GATED, mAttrs.gated ? 1 : 0);
+    mSerialized.add_int(contract::kATTR_BIAS, mAttrs.bias ? 1 : 0);
+    mSerialized.add_float(contract::kATTR_ALPHA, mAttrs.alpha);
+    mSerialized.add_float(contract::kATTR_LIMIT, mAttrs.limit);
     return mSerialized.collection();
   } catch (...) {
     fail(msg(kOP, ": getFieldsToSerialize failed"));
@@ -236,6 +244,10 @@ ExpertMLPCreator::ExpertMLPCreator() : CreatorBase(contract::kEXPERTMLP_NAME) {
   mDeclarations.add(contract::kATTR_EPS, PluginFieldType::kFLOAT32, 1);
   mDeclarations.add(contract::kATTR_QUANT_MODE, PluginFieldType::kCHAR, 0);
   mDeclarations.add(contract::kATTR_ACT_SCALES, PluginFieldType::kFLOAT32, 0);
+  mDeclarations.add(contract::kATTR_GATED, PluginFieldType::kINT32, 1);
+  mDeclarations.add(contract::kATTR_BIAS, PluginFieldType::kINT32, 1);
+  mDeclarations.add(contract::kATTR_ALPHA, PluginFieldType::kFLOAT32, 1);
+  mDeclarations.add(contract::kATTR_LIMIT, PluginFieldType::kFLOAT32, 1);
 }
 
 nvinfer1::IPluginV3* ExpertMLPCreator::createPlugin(const char*, const PluginFieldCollection* fc,
@@ -244,7 +256,8 @@ nvinfer1::IPluginV3* ExpertMLPCreator::createPlugin(const char*, const PluginFie
     FieldReader r(kOP, fc);
     r.warn_unknown({contract::kATTR_EXPERT_IDS, contract::kATTR_WIDTHS, contract::kATTR_ACTIVATION,
                     contract::kATTR_LAYER_NORM, contract::kATTR_EPS, contract::kATTR_QUANT_MODE,
-                    contract::kATTR_ACT_SCALES});
+                    contract::kATTR_ACT_SCALES, contract::kATTR_GATED, contract::kATTR_BIAS, contract::kATTR_ALPHA,
+                    contract::kATTR_LIMIT});
     ExpertMLPAttrs a;
     a.expert_ids = r.get_ints(contract::kATTR_EXPERT_IDS, true);
     a.widths = r.get_ints(contract::kATTR_WIDTHS, true);
@@ -253,12 +266,19 @@ nvinfer1::IPluginV3* ExpertMLPCreator::createPlugin(const char*, const PluginFie
     a.eps = r.get_float(contract::kATTR_EPS, 1e-5f);
     const std::string quant = r.get_string(contract::kATTR_QUANT_MODE, "none");
     a.act_scales = r.get_floats(contract::kATTR_ACT_SCALES);
+    const int64_t gated = r.get_int(contract::kATTR_GATED, 0, false);
+    const int64_t bias = r.get_int(contract::kATTR_BIAS, 1, false);
+    a.alpha = r.get_float(contract::kATTR_ALPHA, contract::kSWIGLU_OAI_ALPHA);
+    a.limit = r.get_float(contract::kATTR_LIMIT, contract::kSWIGLU_OAI_LIMIT);
     if (!r.problem().empty()) {
       fail(r.problem());
       return nullptr;
     }
-    if (auto e = parse_flag(kOP, contract::kATTR_LAYER_NORM, layer_norm, &a.layer_norm); !e.empty()) {
-      fail(e);
+    std::string flag_problem = parse_flag(kOP, contract::kATTR_LAYER_NORM, layer_norm, &a.layer_norm);
+    if (flag_problem.empty()) flag_problem = parse_flag(kOP, contract::kATTR_GATED, gated, &a.gated);
+    if (flag_problem.empty()) flag_problem = parse_flag(kOP, contract::kATTR_BIAS, bias, &a.bias);
+    if (!flag_problem.empty()) {
+      fail(flag_problem);
       return nullptr;
     }
     int32_t value = 0;

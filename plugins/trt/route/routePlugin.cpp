@@ -98,10 +98,9 @@ int32_t RoutePlugin::enqueue(const PluginTensorDesc* inputDesc, const PluginTens
     const int64_t n = in[0].dims[0], e = in[0].dims[1];
     if (n > 0 && (inputs[0] == nullptr || outputs[0] == nullptr || outputs[1] == nullptr))
       return fail(msg(kOP, ": null tensor pointer"));
-    const cudaError_t err = cuda::route(inputs[0], to_cuda(in[0].type),
-                                        nb_inputs == 2 ? static_cast<const float*>(inputs[1]) : nullptr, n, e, mAttrs.k,
-                                        mAttrs.normalize, static_cast<float*>(outputs[0]),
-                                        static_cast<int32_t*>(outputs[1]),
+    const cudaError_t err = cuda::route(mAttrs, inputs[0], to_cuda(in[0].type),
+                                        nb_inputs == 2 ? static_cast<const float*>(inputs[1]) : nullptr, n, e,
+                                        static_cast<float*>(outputs[0]), static_cast<int32_t*>(outputs[1]),
                                         workspace != nullptr ? status_of(workspace) : nullptr, stream);
     return finish_enqueue(err, workspace != nullptr ? status_of(workspace) : nullptr, stream);
   } catch (...) {
@@ -114,7 +113,13 @@ const PluginFieldCollection* RoutePlugin::getFieldsToSerialize() noexcept {
     mSerialized.clear();
     mSerialized.add_int(contract::kATTR_K, mAttrs.k);
     mSerialized.add_int(contract::kATTR_NORMALIZE, mAttrs.normalize ? 1 : 0);
-    mSerialized.add_string(contract::kATTR_SCORING, "softmax");
+    mSerialized.add_string(contract::kATTR_SCORING, contract::kSCORING_NAMES[static_cast<int32_t>(mAttrs.scoring)]);
+    mSerialized.add_int(contract::kATTR_NUM_GROUPS, mAttrs.num_groups);
+    mSerialized.add_int(contract::kATTR_GROUPS_KEPT, mAttrs.groups_kept);
+    mSerialized.add_string(contract::kATTR_GROUP_SCORE,
+                           contract::kGROUPSCORE_NAMES[static_cast<int32_t>(mAttrs.group_score)]);
+    mSerialized.add_float(contract::kATTR_ROUTED_SCALING_FACTOR, mAttrs.routed_scaling_factor);
+    mSerialized.add_float(contract::kATTR_NORMALIZE_EPS, mAttrs.normalize_eps);
     return mSerialized.collection();
   } catch (...) {
     fail(msg(kOP, ": getFieldsToSerialize failed"));
@@ -126,30 +131,42 @@ RouteCreator::RouteCreator() : CreatorBase(contract::kROUTE_NAME) {
   mDeclarations.add(contract::kATTR_K, PluginFieldType::kINT32, 1);
   mDeclarations.add(contract::kATTR_NORMALIZE, PluginFieldType::kINT32, 1);
   mDeclarations.add(contract::kATTR_SCORING, PluginFieldType::kCHAR, 0);
+  mDeclarations.add(contract::kATTR_NUM_GROUPS, PluginFieldType::kINT32, 1);
+  mDeclarations.add(contract::kATTR_GROUPS_KEPT, PluginFieldType::kINT32, 1);
+  mDeclarations.add(contract::kATTR_GROUP_SCORE, PluginFieldType::kCHAR, 0);
+  mDeclarations.add(contract::kATTR_ROUTED_SCALING_FACTOR, PluginFieldType::kFLOAT32, 1);
+  mDeclarations.add(contract::kATTR_NORMALIZE_EPS, PluginFieldType::kFLOAT32, 1);
 }
 
 nvinfer1::IPluginV3* RouteCreator::createPlugin(const char*, const PluginFieldCollection* fc,
                                                 nvinfer1::TensorRTPhase) noexcept {
   try {
     FieldReader r(kOP, fc);
-    r.warn_unknown({contract::kATTR_K, contract::kATTR_NORMALIZE, contract::kATTR_SCORING});
+    r.warn_unknown({contract::kATTR_K, contract::kATTR_NORMALIZE, contract::kATTR_SCORING, contract::kATTR_NUM_GROUPS,
+                    contract::kATTR_GROUPS_KEPT, contract::kATTR_GROUP_SCORE, contract::kATTR_ROUTED_SCALING_FACTOR,
+                    contract::kATTR_NORMALIZE_EPS});
     RouteAttrs attrs;
     attrs.k = r.get_int(contract::kATTR_K, 0, true);
     const int64_t normalize = r.get_int(contract::kATTR_NORMALIZE, 0, false);
     const std::string scoring = r.get_string(contract::kATTR_SCORING, "softmax");
+    attrs.num_groups = r.get_int(contract::kATTR_NUM_GROUPS, 1, false);
+    attrs.groups_kept = r.get_int(contract::kATTR_GROUPS_KEPT, 1, false);
+    const std::string group_score = r.get_string(contract::kATTR_GROUP_SCORE, "max");
+    attrs.routed_scaling_factor = r.get_float(contract::kATTR_ROUTED_SCALING_FACTOR, 1.0f);
+    attrs.normalize_eps = r.get_float(contract::kATTR_NORMALIZE_EPS, 0.0f);
     if (!r.problem().empty()) {
       fail(r.problem());
       return nullptr;
     }
-    if (auto e = parse_flag(kOP, contract::kATTR_NORMALIZE, normalize, &attrs.normalize); !e.empty()) {
-      fail(e);
-      return nullptr;
-    }
-    if (scoring != "softmax") {
-      fail(msg(kOP, ": scoring '", scoring, "' is not supported (only softmax)"));
-      return nullptr;
-    }
-    if (auto e = validate_attrs(attrs); !e.empty()) {
+    std::string e = parse_flag(kOP, contract::kATTR_NORMALIZE, normalize, &attrs.normalize);
+    if (e.empty())
+      e = parse_choice(kOP, contract::kATTR_SCORING, scoring, contract::kSCORING_NAMES, contract::kSCORING_COUNT,
+                       &attrs.scoring);
+    if (e.empty())
+      e = parse_choice(kOP, contract::kATTR_GROUP_SCORE, group_score, contract::kGROUPSCORE_NAMES,
+                       contract::kGROUPSCORE_COUNT, &attrs.group_score);
+    if (e.empty()) e = validate_attrs(attrs);
+    if (!e.empty()) {
       fail(e);
       return nullptr;
     }

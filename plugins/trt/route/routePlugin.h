@@ -1,5 +1,5 @@
-// PiMoERoute as a TensorRT IPluginV3: softmax (fp32) -> top-k (ties to the lower index, NaN lowest) ->
-// combine weights. See README.md in this folder for I/O, fields, formats and limits.
+// PiMoERoute as a TensorRT IPluginV3: fp32 scores (softmax, softmax_topk or sigmoid) -> [grouped selection] ->
+// top-k (ties to the lower index, NaN lowest) -> combine weights. See README.md in this folder for I/O, fields, formats and limits.
 #pragma once
 
 #include "pimoePluginCommon.h"
