@@ -520,6 +520,31 @@ def test_expert_mlp_gated_matches_reference(backend_name, drawn) -> None:
 
 
 @pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "w8a8", "w8a8_dynamic"])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("activation", schema.ALL_ACTIVATIONS)
+def test_expert_mlp_gated_every_activation_bias_and_precision(backend_name, activation, with_bias, precision) -> None:
+    """Every combination once, deterministically (the drawn cases above cover them only in expectation)."""
+    import zlib
+
+    rng = np.random.default_rng(zlib.crc32(f"{activation}-{with_bias}-{precision}".encode()))
+    widths = [24, 13, 8]
+    dtype = np.float16 if precision == "fp16" else np.float32
+    x, offsets, params, expert_ids = make_expert_case(rng, e=5, groups=3, widths=widths, layer_norm=False, dtype=dtype,
+                                                      rows_per_expert=6, gated=True, bias=with_bias)
+    v2 = {"gated": True, "bias": with_bias}
+    if activation == "swiglu_oai":
+        v2 |= {"alpha": 1.702, "limit": 1.5}  # clamps often at this scale
+    if precision in ("fp32", "fp16"):
+        check_expert_case(backend_name, (x, offsets, params, expert_ids, widths, activation, False, True), **v2)
+        return
+    qparams, codes, act_scales = quantize_case(rng, x, params, widths, False, len(expert_ids), precision,
+                                               bias=with_bias)
+    check_w8a8_case(backend_name, (x, offsets, qparams, codes, act_scales, expert_ids, widths, activation, False,
+                                   precision), **v2)
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_expert_mlp_swiglu_oai_clamps(backend_name, dtype) -> None:
     """swiglu_oai on a grid of (gate, up) across both clamps (a [2 -> 1 -> 1] expert whose gate is x[0] and up
