@@ -62,10 +62,14 @@ def test_experts_of_dropped_groups_score_zero_not_minus_infinity() -> None:
     assert w == [0.5, 0.5]  # sigmoid weights come from the unmasked scores (DeepSeek-V3's gather)
     ids, w = route([5.0, 4.0, 0.0, 0.0, 1.0, 0.0], None, k=3, scoring="softmax", num_groups=3, groups_kept=2)
     assert ids == [0, 1, 4] and w[2] > 0  # groups 0 and 2 kept (max 5 and 1)
-    ids, w = route([5.0, 4.0, 3.0, 0.0, 1.0, 0.0], None, k=3, scoring="softmax", num_groups=3, groups_kept=1)
-    # one group kept, k = 3: a dropped expert (score 0) is selected, the lower index; softmax weights are gathered
-    # from the masked scores (DeepSeek-V2's tmp_scores): 0, not its probability softmax(...)[2] ~ 0.24
-    assert ids == [0, 1, 2] and w[2] == 0.0
+    ids, w = route([0.0, 0.0, 100.0, -100.0], None, k=2, scoring="softmax", num_groups=2, groups_kept=1)
+    # group 1 kept; its second expert's probability underflows to 0, which ties with the dropped experts' 0: the
+    # lower index wins, a dropped expert, whose softmax weight comes from the masked scores (DeepSeek-V2's
+    # tmp_scores): 0, not its probability exp(-100) ~ 4e-44
+    assert ids == [2, 0] and w[1] == 0.0
+    assert torch.softmax(torch.tensor([0.0, 0.0, 100.0, -100.0]), -1)[0] > 0
+    with pytest.raises(PiMoEInputError, match="kept groups"):  # k beyond the kept groups' experts: refused
+        route([5.0, 4.0, 3.0, 0.0, 1.0, 0.0], None, k=3, scoring="softmax", num_groups=3, groups_kept=1)
 
 
 def test_normalize_eps_and_routed_scaling_factor() -> None:

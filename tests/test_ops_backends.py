@@ -153,6 +153,40 @@ def test_route_v2_modes_match_reference(backend_name, case) -> None:
     np.testing.assert_allclose(weights[same], ref_w.numpy()[same], rtol=2e-6, atol=1e-7, equal_nan=True)
 
 
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_route_v2_known_answers(backend_name) -> None:
+    """Ties, groups and saturation with answers worked out by hand (tests/test_contract_v2_oracle.py holds the same
+    for the reference): every backend must give exactly these ids."""
+    backend = get_backend(backend_name)
+    keys = np.array([0.9, 0.0, 0.6, 0.55, 0.7, 0.1, 0.5, 0.45], np.float32)
+    zeros = np.zeros((1, 8), np.float32)  # sigmoid(0) = 0.5: the bias sets every key
+    grouped = {"scoring": "sigmoid", "num_groups": 4, "groups_kept": 2}
+    cases = [  # (logits, bias, k, attrs, ids)
+        (zeros, keys - 0.5, 2, {**grouped, "group_score": "max"}, [0, 4]),
+        (zeros, keys - 0.5, 3, {**grouped, "group_score": "max"}, [0, 4, 5]),
+        (zeros, keys - 0.5, 2, {**grouped, "group_score": "sum_top2"}, [2, 3]),
+        # kept keys -0.2, -0.3 lose to the dropped group's experts, masked to 0 (tied: lower index first)
+        (zeros[:, :4], np.array([-0.7, -0.8, -1.0, -1.1], np.float32), 2,
+         {"scoring": "sigmoid", "num_groups": 2, "groups_kept": 1}, [2, 3]),
+        # fp32 sigmoid is 1 for all four: without a bias the logits are ranked; with one, ties to the lower index
+        (np.array([[20.0, 30.0, 17.5, 25.0]], np.float32), None, 2, {"scoring": "sigmoid"}, [1, 3]),
+        (np.array([[20.0, 30.0, 17.5, 25.0]], np.float32), np.zeros(4, np.float32), 2, {"scoring": "sigmoid"}, [0, 1]),
+        (np.array([[1.0, 3.0, 3.0, 2.0]], np.float32), None, 2, {"scoring": "softmax_topk"}, [1, 2]),
+        # a kept expert's probability underflows to 0 and ties with the dropped experts' 0: the lower index, dropped
+        (np.array([[0.0, 0.0, 100.0, -100.0]], np.float32), None, 2,
+         {"scoring": "softmax", "num_groups": 2, "groups_kept": 1}, [2, 0]),
+    ]
+    for logits, bias, k, attrs, want in cases:
+        weights, ids = backend.route(logits, bias, k, False, **attrs)
+        assert ids[0].tolist() == want, (attrs, ids[0].tolist(), want)
+        ref_w = functional.route(torch.from_numpy(logits), None if bias is None else torch.from_numpy(bias), k, False,
+                                 **attrs)[0].numpy()
+        np.testing.assert_allclose(weights, ref_w, rtol=2e-6, atol=1e-7)
+    # softmax with groups: a dropped expert's weight is 0 (DeepSeek-V2 gathers from the masked scores), not its
+    # probability exp(-100) ~ 4e-44
+    assert weights[0, 1] == 0.0
+
+
 # ------------------------------------------------------------------------------------------ PiMoEDispatch
 @st.composite
 def dispatch_cases(draw):

@@ -98,6 +98,9 @@ def route(
         raise PiMoEInputError(f"route: unknown scoring {scoring!r}; expected one of softmax, softmax_topk, sigmoid")
     if num_groups > 1:
         kept = kept_group_mask(keys, num_groups, groups_kept, group_score)
+        if k > groups_kept * (keys.shape[-1] // num_groups):
+            raise PiMoEInputError(f"route: k={k} exceeds the experts of the kept groups, groups_kept * E/num_groups = "
+                                  f"{groups_kept * (keys.shape[-1] // num_groups)}")
         keys = keys.masked_fill(~kept, 0.0)
         if scoring == "softmax" and source is not None:
             source = source.masked_fill(~kept, 0.0)
