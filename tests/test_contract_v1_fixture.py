@@ -144,3 +144,19 @@ def test_v1_unit_loads_and_runs_bit_identical(recordings, tmp_path) -> None:
     with Engine.load(unit) as engine:
         y, ids, weights = engine.run(recordings["fp32/x"], routing=True)
     assert_recorded([y, ids, weights], recordings, "fp32", f"ort-{isa}")
+
+
+def test_v1_graph_packaged_by_the_current_code_runs_bit_identical(recordings, tmp_path) -> None:
+    """`package` of a v1 graph records contract 1 (what the graph needs), and the unit loads and computes the
+    recorded bits with the current library."""
+    from pimoe_export.deploy.units import package_ort
+    from pimoe_export.runtime.engine import Engine
+
+    manifest = package_ort(FIXTURE / "tiny_fp32.onnx", tmp_path / "unit")
+    assert manifest.contract_version == 1
+    isa = check_ort_library(str(find_ort_library()))["cpu_isa"]
+    if f"fp32/ort-{isa}/output" not in recordings:
+        pytest.skip(f"no v1 recording for the {isa} kernels")
+    with Engine.load(tmp_path / "unit") as engine:
+        y, ids, weights = engine.run(recordings["fp32/x"], routing=True)
+    assert_recorded([y, ids, weights], recordings, "fp32", f"ort-{isa}")
