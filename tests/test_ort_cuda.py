@@ -1,5 +1,5 @@
 """libpimoe_ort_cuda: libpimoe_ort's CPU ops plus CUDA execution-provider kernels for the four pimoe ops
-(plugins/ort/pimoe_ort_cuda.inc, on the plugins/kernels/cuda launchers the TensorRT plugins use; built with nvcc).
+(plugins/ort/pimoe_ort_cuda.cpp, on the plugins/kernels/cuda launchers the TensorRT plugins use; built with nvcc).
 
 - Everywhere it is built (CI builds it with nvcc): registering it in ONNX Runtime (CPU and CUDA kernels of the same
   ops in one domain) is accepted, and on the CPU provider it gives libpimoe_ort's outputs bit for bit, fp32 and INT8.
