@@ -25,6 +25,11 @@ optimisation profiles is in test_emu.py.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -398,6 +403,50 @@ def test_flat_to_sorted_out_of_range_gives_nan_and_an_error(backend) -> None:
         backend.run(schema.COMBINE, {}, [y_sorted, f2s, weights])
     y = backend.run(schema.COMBINE, {}, [y_sorted, f2s, weights], check_status=False)[0]
     assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
+
+
+UNCHECKED_FAULTS = """
+import sys
+import numpy as np
+from pimoe_export.ops import schema
+from pimoe_export.runtime.harness import Harness, HarnessDataError
+
+h = Harness(sys.argv[1])
+x = np.arange(48, dtype=np.float32).reshape(6, 8)
+ids = np.array([[0, 1], [2, 9], [3, -4], [1, 2], [0, 3], [2, 1]], dtype=np.int32)  # flat 3 and 5 out of range
+for runs, check in ((3, False), (1, True)):
+    prepared = h.prepare(schema.DISPATCH, {"num_experts": 4}, [(x.shape, x.dtype), (ids.shape, ids.dtype)])
+    ins = [h.alloc(a.nbytes) for a in (x, ids)]
+    h.upload(ins[0], x)
+    h.upload(ins[1], ids)
+    outs = [h.alloc(int(np.prod(s)) * np.dtype(d).itemsize) for s, d in prepared.outputs]
+    workspace = h.alloc(max(prepared.workspace, 256))
+    for _ in range(runs):
+        h.enqueue(prepared, ins, outs, workspace)
+    if check:
+        try:
+            h.check_status(prepared)
+        except HarnessDataError as exc:
+            print("checked:", exc, flush=True)
+    print(f"released after {runs} runs", flush=True)
+    h.release(prepared)
+"""
+
+
+def test_unchecked_faults_are_counted_and_reported_at_teardown(backend) -> None:
+    """What a TensorRT user sees of bad input data without PIMOE_TRT_SYNC_CHECK (issue 25, fix 2): the kernels
+    record and count it in the plugin's own status block (not in the workspace that the next layer reuses), across
+    runs and without any synchronisation, and the plugin's teardown logs the count and the lowest offender. A check
+    (the harness's, or the sync check) reads and clears the block, so a checked fault is not reported again."""
+    env = {**os.environ, "PIMOE_TRT_LOG": "warning"}
+    result = subprocess.run([sys.executable, "-c", UNCHECKED_FAULTS, backend.harness.path], capture_output=True,
+                            text=True, timeout=300, env=env, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "inconsistent input entr" in line]
+    # 2 bad ids per run, 3 unchecked runs; the checked plugin says nothing at teardown
+    assert len(warnings) == 1 and "PiMoEDispatch: 6 inconsistent input entries" in warnings[0], result.stderr
+    assert "(flat index 3) holds expert id 9" in warnings[0], warnings[0]
+    assert "checked: PiMoEDispatch: ids (flat index 3) holds expert id 9" in result.stdout, result.stdout
 
 
 def test_sanitizer_case(backend) -> None:
