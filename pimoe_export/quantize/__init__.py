@@ -43,8 +43,7 @@ def quantize_model(
     channels into the weights; it needs calibration data, also in ``w8a8_dynamic`` mode.
     """
     from pimoe_export.export.onnx_export import export_onnx
-    from pimoe_export.quantize.calibrate import collect_stats, load_calibration_data, random_calibration_data
-    from pimoe_export.quantize.int8 import compute_quant_params, write_int8_onnx
+    from pimoe_export.quantize.int8 import write_int8_onnx
 
     check_settings(method=method, mode=mode, percentile=percentile, smooth_alpha=smooth_alpha, max_tokens=max_tokens)
     output = Path(output)
@@ -55,6 +54,29 @@ def quantize_model(
         if fp32_onnx == output:
             fp32_onnx = output.with_suffix(".fp32.onnx")
         export_onnx(model, fp32_onnx)
+    params = calibrated_params(model, calibration=calibration, method=method, mode=mode, percentile=percentile,
+                               smooth_alpha=smooth_alpha, max_tokens=max_tokens, progress=progress)
+    path = write_int8_onnx(fp32_onnx, params, output)
+    return QuantizeResult(path, params, Path(fp32_onnx))
+
+
+def calibrated_params(
+    model: PiMoESystem,
+    *,
+    calibration: Any = None,
+    method: str = "entropy",
+    mode: str = "w8a8",
+    percentile: float = 99.99,
+    smooth_alpha: float | None = 0.5,
+    max_tokens: int | None = 65536,
+    progress: bool = False,
+) -> Any:
+    """The quantisation parameters (QuantParams) ``quantize_model`` writes into the INT8 ONNX, computed without
+    exporting anything (the GPU tests use them, so that they do not depend on the exporter of the machine)."""
+    from pimoe_export.quantize.calibrate import collect_stats, load_calibration_data, random_calibration_data
+    from pimoe_export.quantize.int8 import compute_quant_params
+
+    check_settings(method=method, mode=mode, percentile=percentile, smooth_alpha=smooth_alpha, max_tokens=max_tokens)
     stats = None
     if mode == "w8a8" or (calibration is not None and smooth_alpha):
         batches = (random_calibration_data(model.hidden_size) if calibration is None
@@ -63,8 +85,7 @@ def quantize_model(
     params = compute_quant_params(model, stats, method, mode, percentile)
     params.info["calibration_data"] = "seeded standard normal (default)" if calibration is None else (
         str(calibration) if isinstance(calibration, (str, Path)) else type(calibration).__name__)
-    path = write_int8_onnx(fp32_onnx, params, output)
-    return QuantizeResult(path, params, Path(fp32_onnx))
+    return params
 
 
 def check_settings(*, method: str, mode: str, percentile: float, smooth_alpha: float | None,
@@ -117,4 +138,4 @@ def pipeline_step(model: PiMoESystem, fp32_onnx: Path, output: Path) -> dict[str
             "uncalibrated_experts": result.params.info["uncalibrated_experts"]}
 
 
-__all__ = ["QuantizeResult", "pipeline_step", "quantize_model"]
+__all__ = ["QuantizeResult", "calibrated_params", "pipeline_step", "quantize_model"]
