@@ -87,6 +87,7 @@ esac
 """
 
 
+@pytest.mark.slow
 def test_planted_failures_show_as_failed(tmp_path) -> None:
     sanitizer = tmp_path / "compute-sanitizer"
     sanitizer.write_text(FAKE_SANITIZER)
