@@ -107,12 +107,6 @@ std::vector<TensorInfo> tensor_infos(const PluginTensorDesc* desc, int32_t count
   return out;
 }
 
-bool all_linear(const PluginTensorDesc* desc, int32_t count) noexcept {
-  for (int32_t i = 0; i < count; ++i)
-    if (desc[i].format != nvinfer1::TensorFormat::kLINEAR) return false;
-  return true;
-}
-
 std::string require_type(const char* op, const char* what, DataType got, std::initializer_list<DataType> allowed) {
   for (DataType t : allowed)
     if (t == got) return {};

@@ -59,8 +59,6 @@ struct TensorInfo {
 std::vector<TensorInfo> tensor_infos(const DynamicPluginTensorDesc* desc, int32_t count);
 // From run-time descriptions: the actual dims.
 std::vector<TensorInfo> tensor_infos(const PluginTensorDesc* desc, int32_t count);
-// True when every input/output of a call uses the linear format.
-bool all_linear(const PluginTensorDesc* desc, int32_t count) noexcept;
 
 // "<op>: <what> must be float32 or float16, got int8" style check; empty when the type is allowed
 std::string require_type(const char* op, const char* what, DataType got, std::initializer_list<DataType> allowed);
