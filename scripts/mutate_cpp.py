@@ -49,6 +49,8 @@ SOURCES = [
     "plugins/kernels/cpu/expert_mlp.cpp",
     "plugins/kernels/cpu/kernels_generic.cpp",
     "plugins/kernels/cpu/kernels_avx2.cpp",
+    "plugins/ort/pimoe_ort_io.cpp",
+    "plugins/ort/pimoe_ort_cpu.cpp",
     "plugins/ort/pimoe_ort.cpp",
     "plugins/common/pimoe_attrs.h",
     "plugins/common/pimoe_contract.h",

@@ -69,7 +69,8 @@ def generate() -> str:
     for name in attr_names:
         lines.append(f'constexpr char kATTR_{name.upper()}[] = "{name}";')
     lines.append("")
-    for enum_name, values in (("Activation", schema.ACTIVATIONS), ("QuantMode", schema.QUANT_MODES)):
+    for enum_name, values in (("Activation", schema.ACTIVATIONS), ("QuantMode", schema.QUANT_MODES),
+                              ("Scoring", schema.SCORING)):
         members = ", ".join(f"{_ident(v)} = {i}" for i, v in enumerate(values))
         lines.append(f"enum class {enum_name} : int32_t {{ {members} }};")
         names = ", ".join(f'"{v}"' for v in values)

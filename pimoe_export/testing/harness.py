@@ -175,6 +175,8 @@ class Harness:
         lib.pimoe_harness_workspace_size.restype = size
         lib.pimoe_harness_enqueue.argtypes = [vp, vp, vp, vp, vp]
         lib.pimoe_harness_check_status.argtypes = [vp, vp]
+        lib.pimoe_harness_enqueue_counting_allocations.argtypes = [vp, vp, vp, vp, vp,
+                                                                   ctypes.POINTER(ctypes.c_longlong)]
         lib.pimoe_harness_release.argtypes = [vp]
         lib.pimoe_harness_device_alloc.argtypes = [size, ctypes.POINTER(vp)]
         lib.pimoe_harness_device_free.argtypes = [vp]
@@ -252,9 +254,21 @@ class Harness:
         self._check(self.lib.pimoe_harness_enqueue(prepared.handle, in_ptrs, out_ptrs, workspace or None,
                                                    stream or None))
 
-    def check_status(self, workspace: int, stream: int = 0, raise_data_error: bool = True) -> None:
-        """Synchronise and read the kernels' device status: HarnessDataError for bad input data (when asked)."""
-        status = self.lib.pimoe_harness_check_status(workspace, stream or None)
+    def enqueue_counting_allocations(self, prepared: Prepared, inputs: Sequence[int], outputs: Sequence[int],
+                                     workspace: int, stream: int = 0) -> int:
+        """``enqueue``, returning the heap allocations the calling thread made during it. Needs the counting
+        allocator (libpimoe_alloc_counter.so, next to the harness) in LD_PRELOAD."""
+        in_ptrs = (ctypes.c_void_p * max(1, len(inputs)))(*[p or None for p in inputs])
+        out_ptrs = (ctypes.c_void_p * max(1, len(outputs)))(*[p or None for p in outputs])
+        count = ctypes.c_longlong(-1)
+        self._check(self.lib.pimoe_harness_enqueue_counting_allocations(
+            prepared.handle, in_ptrs, out_ptrs, workspace or None, stream or None, ctypes.byref(count)))
+        return int(count.value)
+
+    def check_status(self, prepared: Prepared, stream: int = 0, raise_data_error: bool = True) -> None:
+        """Synchronise, read and clear the plugin's device status (it persists across enqueues):
+        HarnessDataError for bad input data met since the last check (when asked)."""
+        status = self.lib.pimoe_harness_check_status(prepared.handle, stream or None)
         if status < 0:
             raise HarnessError(self.last_error())
         if status > 0 and raise_data_error:
@@ -299,7 +313,7 @@ class Harness:
             stream = torch.cuda.current_stream(device).cuda_stream
             self.enqueue(prepared, [t.data_ptr() for t in inputs], [t.data_ptr() for t in outputs],
                          workspace.data_ptr(), stream)
-            self.check_status(workspace.data_ptr(), stream, check_status)
+            self.check_status(prepared, stream, check_status)
             return outputs
         finally:
             self.release(prepared)
@@ -375,7 +389,7 @@ class PluginSession:
             outs = [self._buffer(int(np.prod(s)) * np.dtype(d).itemsize, buffers) for s, d in outputs]
             self.harness.emulator_diagnostics()  # reports of earlier runs are theirs, not this run's
             self.harness.enqueue(self.prepared, [b.ptr for b in ins], [b.ptr for b in outs], self.workspace.ptr)
-            self.harness.check_status(self.workspace.ptr, raise_data_error=check_status)
+            self.harness.check_status(self.prepared, raise_data_error=check_status)
             if reports := self.harness.emulator_diagnostics():
                 raise HarnessError(f"{self.op}: the CUDA emulator reported {reports} problem(s) in this run's kernels "
                                    "(races on barriers, bad warp collectives, misaligned accesses: see its messages "
@@ -477,7 +491,7 @@ class BoundOp:
         import torch
 
         stream = torch.cuda.current_stream(self.workspace.device).cuda_stream
-        self.harness.check_status(self.workspace.data_ptr(), stream)
+        self.harness.check_status(self.prepared, stream)
 
     def close(self) -> None:
         self.harness.release(self.prepared)

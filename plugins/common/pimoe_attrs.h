@@ -1,7 +1,20 @@
-// Attribute structs and argument validation for op contract v1, shared by every backend
+// Attribute structs, attribute lists and argument validation for op contract v1, shared by every backend
 // (ONNX Runtime custom ops, TensorRT plugins, the GPU harness). Header-only, no exceptions:
 // every check returns an empty string when the arguments are valid, else one message that names the
 // problem and what was expected.
+//
+// Attribute lists: visit_attrs(attrs, v) names every attribute of an op once, in contract order, as calls on a
+// visitor `v` whose member functions are
+//   integer(name, int64_t& member, Need)                  a required or optional int
+//   flag(name, bool& member)                               an int that must be 0 or 1 (parse_flag)
+//   real(name, float& member)                              an optional float
+//   integers(name, std::vector<int64_t>& member, Need)     a list of ints
+//   reals(name, std::vector<float>& member)                an optional list of floats
+//   choice(name, Enum& member, names, count)               a string naming one value of a contract enum
+// An optional attribute's default is the member's initial value. The backends implement the visitor (TensorRT:
+// plugin-field declarations, reader and writer in plugins/trt/common; ONNX Runtime: the attribute reader in
+// plugins/ort), so adding an attribute is: a member with its default in the struct, one line in its visit_attrs,
+// its checks in validate_attrs, and its use in the kernels. Every backend then reads, declares and serialises it.
 #pragma once
 
 #include <cmath>
@@ -56,11 +69,21 @@ inline std::string enum_choices(const char* const* names, int32_t count) {
   return s;
 }
 
+enum class Need : int32_t { kOPTIONAL = 0, kREQUIRED = 1 };
+
 // ------------------------------------------------------------------------------------------ PiMoERoute
 struct RouteAttrs {
   int64_t k = 1;
   bool normalize = false;
+  contract::Scoring scoring = contract::Scoring::kSOFTMAX;
 };
+
+template <class V>
+void visit_attrs(RouteAttrs& a, V& v) {
+  v.integer(contract::kATTR_K, a.k, Need::kREQUIRED);
+  v.flag(contract::kATTR_NORMALIZE, a.normalize);
+  v.choice(contract::kATTR_SCORING, a.scoring, contract::kSCORING_NAMES, contract::kSCORING_COUNT);
+}
 
 inline std::string validate_attrs(const RouteAttrs& a) {
   if (a.k < 1 || a.k > contract::kMAX_TOP_K)
@@ -92,6 +115,11 @@ struct DispatchAttrs {
   int64_t num_experts = 0;
 };
 
+template <class V>
+void visit_attrs(DispatchAttrs& a, V& v) {
+  v.integer(contract::kATTR_NUM_EXPERTS, a.num_experts, Need::kREQUIRED);
+}
+
 inline std::string validate_attrs(const DispatchAttrs& a) {
   if (a.num_experts < 1 || a.num_experts > contract::kMAX_EXPERTS)
     return msg("PiMoEDispatch: attribute num_experts must be in [1, ", contract::kMAX_EXPERTS, "], got ",
@@ -113,6 +141,13 @@ inline std::string check_dispatch(const DispatchAttrs& a, const Dims& x, const D
 }
 
 // ------------------------------------------------------------------------------------------ PiMoECombine
+struct CombineAttrs {};
+
+template <class V>
+void visit_attrs(CombineAttrs&, V&) {}
+
+inline std::string validate_attrs(const CombineAttrs&) { return {}; }
+
 inline std::string check_combine(const Dims& y_sorted, const Dims& flat_to_sorted, const Dims& weights) {
   if (y_sorted.size() != 2)
     return msg("PiMoECombine: y_sorted must have rank 2 [N*k, H], got shape ", dims_str(y_sorted));
@@ -189,6 +224,17 @@ struct ExpertMLPAttrs {
     return m;
   }
 };
+
+template <class V>
+void visit_attrs(ExpertMLPAttrs& a, V& v) {
+  v.integers(contract::kATTR_EXPERT_IDS, a.expert_ids, Need::kREQUIRED);
+  v.integers(contract::kATTR_WIDTHS, a.widths, Need::kREQUIRED);
+  v.choice(contract::kATTR_ACTIVATION, a.activation, contract::kACTIVATION_NAMES, contract::kACTIVATION_COUNT);
+  v.flag(contract::kATTR_LAYER_NORM, a.layer_norm);
+  v.real(contract::kATTR_EPS, a.eps);
+  v.choice(contract::kATTR_QUANT_MODE, a.quant_mode, contract::kQUANTMODE_NAMES, contract::kQUANTMODE_COUNT);
+  v.reals(contract::kATTR_ACT_SCALES, a.act_scales);
+}
 
 inline std::string validate_attrs(const ExpertMLPAttrs& a, int64_t num_experts = -1) {
   if (a.expert_ids.empty() || static_cast<int64_t>(a.expert_ids.size()) > contract::kMAX_EXPERTS)

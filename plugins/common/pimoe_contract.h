@@ -79,5 +79,9 @@ enum class QuantMode : int32_t { kNONE = 0, kW8A8 = 1, kW8A8_DYNAMIC = 2 };
 constexpr const char* kQUANTMODE_NAMES[] = {"none", "w8a8", "w8a8_dynamic"};
 constexpr int32_t kQUANTMODE_COUNT = 3;
 
+enum class Scoring : int32_t { kSOFTMAX = 0 };
+constexpr const char* kSCORING_NAMES[] = {"softmax"};
+constexpr int32_t kSCORING_COUNT = 1;
+
 }  // namespace contract
 }  // namespace pimoe

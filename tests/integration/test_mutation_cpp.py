@@ -30,7 +30,7 @@ PICKS = [
      "eq", "==", "!=", 0),
     ("plugins/common/pimoe_attrs.h",
      "if (e < 0 || e >= contract::kMAX_EXPERTS || (num_experts > 0 && e >= num_experts))", "rel", ">=", ">", 1),
-    ("plugins/ort/pimoe_ort.cpp", W_SCALE_CHECK, "drop-check", W_SCALE_CHECK, ";", 0),
+    ("plugins/ort/pimoe_ort_io.cpp", W_SCALE_CHECK, "drop-check", W_SCALE_CHECK, ";", 0),
 ]
 
 

@@ -95,8 +95,7 @@ __global__ void route_kernel(const T* __restrict__ logits, const float* __restri
 }  // namespace
 
 cudaError_t route(const void* logits, DType dtype, const float* bias, int64_t n, int64_t e, int64_t k, bool normalize,
-                  float* weights, int32_t* ids, DeviceStatus* status, cudaStream_t stream) {
-  if (cudaError_t err = clear_status(status, stream); err != cudaSuccess) return err;
+                  float* weights, int32_t* ids, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   if (e < 1 || e > kMAX_EXPERTS || k < 1 || k > kMAX_TOP_K || k > e) return cudaErrorInvalidValue;
   const unsigned int blocks = detail::grid_for(n, kWARPS_PER_BLOCK);
