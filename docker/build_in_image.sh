@@ -68,7 +68,7 @@ PIMOE_SETUP_EXTRAS=${PIMOE_SETUP_EXTRAS:-dev} PIMOE_CUDA_ARCHITECTURES="$archs" 
 
 step "the image's TensorRT registers our plugin creators (global registry; no GPU at build time)"
 .venv/bin/python - <<'EOF' || echo "    WARNING: the registration check failed here (TensorRT may need a GPU for it); the container's 'check' command exercises it on a GPU"
-from pimoe_export.build import tensorrt as T
+from pimoe_export.native import tensorrt_loader as T
 trt = T.import_tensorrt("tensorrt")
 registry = trt.get_plugin_registry()
 T.load_plugin_library(trt, T.find_plugin_library(), registry=registry)

@@ -25,7 +25,7 @@ _LAZY = {
     "create_from_preset": "pimoe_export.model.factory",
     "PRESETS": "pimoe_export.model.factory",
     "load_pretrained": "pimoe_export.model.io",
-    "export_model": "pimoe_export.export.model_export",
+    "export_model": "pimoe_export.export.exporter",
 }
 
 __all__ = [*_LAZY, "__version__"]

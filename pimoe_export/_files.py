@@ -72,13 +72,19 @@ def read_json(path: Path, kind: str, fix: str, max_bytes: int = 64 << 20) -> Any
         raise ArtifactError(f"{path} is not valid JSON ({exc}); the {kind} is corrupt, {fix}") from None
 
 
-def read_format_json(path: Path, fmt: str, kind: str, fix: str) -> dict[str, Any]:
-    """The JSON object in ``path`` whose "format" is ``fmt``; an ArtifactError naming the ``kind`` of artefact
-    (checkpoint, manifest) and the ``fix`` otherwise. The caller checks first that the file exists."""
+def read_format_json(path: Path, fmt: str, kind: str, fix: str, fields: dict[str, type] | None = None
+                     ) -> dict[str, Any]:
+    """The JSON object in ``path`` whose "format" is ``fmt`` and that holds every one of ``fields`` (name: JSON
+    type); an ArtifactError naming the ``kind`` of artefact (checkpoint, manifest), what is wrong and the ``fix``
+    otherwise. The caller checks first that the file exists."""
     data = read_json(path, kind, fix)
     if not isinstance(data, dict) or data.get("format") != fmt:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise ArtifactError(f"{path}: expected format {fmt!r}, found {found!r}; {fix}")
+    wrong = [f"{name!r} ({kind_of.__name__})" for name, kind_of in (fields or {}).items()
+             if not isinstance(data.get(name), kind_of)]
+    if wrong:
+        raise ArtifactError(f"{path}: this {kind} lacks {', '.join(wrong)} or holds another type there; {fix}")
     return data
 
 

@@ -49,6 +49,11 @@ class OutputError(PiMoEError, RuntimeError):
     outside the directory the user named, or the location is not writable."""
 
 
+class RunError(PiMoEError, RuntimeError):
+    """A backend refused to run an artefact on these inputs (its own message is kept): the graph or the inputs are
+    not what the ops accept."""
+
+
 class ParityError(PiMoEError, RuntimeError):
     """A parity check ran to the end and the artefact does not match the PyTorch reference (exit code 1)."""
 
@@ -58,6 +63,22 @@ class ParityError(PiMoEError, RuntimeError):
 EXIT_OK, EXIT_PARITY_FAILED, EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
 
 
+#: The libraries pimoe-export hands the user's files and data to (by the module of their exception types). One of
+#: their exceptions reaching the command line means that library refused an input the user gave: a corrupt
+#: protobuf, a graph or inputs ONNX Runtime will not run, an unreadable safetensors file. It is bad input (exit 2),
+#: reported with the library's own message; the readers of the package turn the common cases into typed errors
+#: with a fix first.
+INPUT_LIBRARIES = ("google.protobuf", "onnx", "onnxruntime", "safetensors", "json")
+
+
+def refused_input(error: BaseException) -> bool:
+    """Whether ``error`` is an input-handling library refusing an input (see :data:`INPUT_LIBRARIES`)."""
+    if isinstance(error, UnicodeDecodeError):  # a text or JSON file that is not UTF-8
+        return True
+    module = type(error).__module__ or ""
+    return any(module == name or module.startswith(name + ".") for name in INPUT_LIBRARIES)
+
+
 def exit_code(error: BaseException) -> int:
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED
@@ -65,6 +86,23 @@ def exit_code(error: BaseException) -> int:
         return EXIT_PARITY_FAILED
     if isinstance(error, (BackendUnavailableError, PluginLoadError)):
         return EXIT_ENVIRONMENT
-    if isinstance(error, PiMoEError):
+    if isinstance(error, (PiMoEError, OSError)) or refused_input(error):
         return EXIT_BAD_INPUT
     return EXIT_INTERNAL
+
+
+def user_message(error: BaseException) -> str | None:
+    """The one message the command line prints for a failure the user can fix (None: an internal error, a bug)."""
+    if isinstance(error, PiMoEError):
+        return str(error)
+    if isinstance(error, OSError):  # a file a command reads or writes (permissions, a full disk, a vanished path)
+        where = f" {error.filename}" if getattr(error, "filename", None) else ""
+        return f"cannot access{where}: {error.strerror or error}; check the path and its permissions"
+    if refused_input(error):
+        lines = str(error).strip().splitlines()
+        module = type(error).__module__ or ""
+        library = next((name for name in INPUT_LIBRARIES if module == name or module.startswith(name + ".")),
+                       "a text decoder")
+        return (f"{library} refused an input of this command ({type(error).__name__}: "
+                f"{lines[0] if lines else 'no detail'}); check the files and data you passed (--debug shows where)")
+    return None

@@ -45,9 +45,14 @@ LAYER_OUTPUT = "output"
 LAYER_EXPERT_IDS = "expert_ids"
 LAYER_EXPERT_WEIGHTS = "expert_weights"
 LAYER_OUTPUTS = (LAYER_OUTPUT, LAYER_EXPERT_IDS, LAYER_EXPERT_WEIGHTS)
+#: the module path of a PiMoE layer that is the whole model (a bare layer): its routing outputs keep the layer
+#: interface's names, and its graph keeps the layer-graph metadata encoding (:func:`graph_metadata`)
+ROOT_LAYER = ""
 #: whole models: the input whose non-zero positions are the valid tokens (the Hugging Face convention); a check
 #: pools the primary [B, S, H] output over it (sentence-embedding cosine)
 MODEL_MASK_INPUT = "attention_mask"
+#: Hugging Face text models: the token ids input
+MODEL_IDS_INPUT = "input_ids"
 
 DTYPES = ("float32", "float16", "int32", "int64", "int8", "bool")
 
@@ -162,22 +167,62 @@ class OnnxMetadata:
     @property
     def layer_configs(self) -> dict[str, dict[str, Any]]:
         """PiMoE layer configs by module path ("" for a bare layer graph)."""
-        return dict(self.config.get("layers", {})) if self.is_model else {"": self.config}
+        return layer_configs(self.config)
 
 
-def metadata_props(onnx_path: str | Path) -> dict[str, str]:
-    """The raw metadata_props of an ONNX file (no external data loaded)."""
+def quantization_metadata(layers: dict[str, dict[str, Any]], calibration: str) -> dict[str, Any]:
+    """The ``pimoe.quantization`` metadata of an INT8 graph from each PiMoE layer's settings by module path: a graph
+    that is one PiMoE layer keeps the layer-graph encoding (that layer's settings), any other graph records them by
+    layer."""
+    if list(layers) == [ROOT_LAYER]:
+        return {**layers[ROOT_LAYER], "calibration_data": calibration}
+    first = next(iter(layers.values()))
+    return {"mode": first["mode"], "router": "fp32", "layers": layers, "method": first["method"],
+            "calibration_data": calibration}
+
+
+def graph_metadata(model_name: str, layer_configs: dict[str, str], interface: GraphInterface) -> dict[str, str]:
+    """The ``pimoe.config`` (and ``pimoe.interface``) metadata of an exported graph, what :func:`parse_metadata`
+    reads back. ``layer_configs``: each PiMoE layer's config JSON by module path. A graph that is one PiMoE layer
+    with the layer interface keeps the layer-graph encoding of contract v1: the layer's config alone, the interface
+    implied by it (:func:`layer_interface`); any other graph records its layers' configs and its interface."""
+    if list(layer_configs) == [ROOT_LAYER]:
+        config = json.loads(layer_configs[ROOT_LAYER])
+        implied = [layer_interface(int(config["hidden_size"]), int(config["top_k"]), p) for p in ("fp32", "fp16")]
+        if interface in implied:
+            return {META_CONFIG: layer_configs[ROOT_LAYER]}
+    layers = {path: json.loads(text) for path, text in layer_configs.items()}
+    return {META_CONFIG: json.dumps({"model": model_name, "layers": layers}),
+            META_INTERFACE: json.dumps(interface.to_dict())}
+
+
+def read_onnx(onnx_path: str | Path, external_data: bool = False) -> Any:
+    """The ModelProto of an ONNX file: the one place the package loads an ONNX file it is given, so a missing or
+    corrupt one is always an ArtifactError naming the file."""
     import onnx
 
     path = Path(onnx_path)
     if not path.is_file():
         raise ArtifactError(f"{path} does not exist; write it with `pimoe-export export` or `pimoe-export quantize`")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=external_data)
     except Exception as exc:  # onnx raises DecodeError, ValueError, ... for a corrupt file
         raise ArtifactError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); re-export it") \
             from None
-    return {p.key: p.value for p in proto.metadata_props}
+
+
+def layer_configs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The PiMoE layer configs by module path of a graph's ``pimoe.config`` (or a unit manifest's ``config``): the
+    recorded layers, or the layer-graph encoding's one config at path "" (see :func:`graph_metadata`)."""
+    layers = config.get("layers")
+    if "model" in config and isinstance(layers, dict):
+        return dict(layers)
+    return {ROOT_LAYER: config}
+
+
+def metadata_props(onnx_path: str | Path) -> dict[str, str]:
+    """The raw metadata_props of an ONNX file (no external data loaded)."""
+    return {p.key: p.value for p in read_onnx(onnx_path).metadata_props}
 
 
 def parse_metadata(props: dict[str, str], source: str) -> OnnxMetadata:
@@ -329,10 +374,10 @@ MODEL_TOLERANCES["w8a8_dynamic"] = MODEL_TOLERANCES["w8a8"]
 MAX_KERNEL_REL_L2 = 2e-3
 
 
-def tolerances_for(precision: str, whole_model: bool = False) -> Tolerances:
-    """The pass criteria of a check at ``precision``; ``whole_model``: a graph of a model with PiMoE layers
-    (MODEL_TOLERANCES where they differ from a bare layer's)."""
-    if whole_model and precision in MODEL_TOLERANCES:
+def tolerances_for(precision: str, moe_layers: int = 1) -> Tolerances:
+    """The pass criteria of a check at ``precision`` of a graph with ``moe_layers`` PiMoE layers (MODEL_TOLERANCES
+    where they differ, for graphs whose PiMoE layers feed one another: see there)."""
+    if moe_layers > 1 and precision in MODEL_TOLERANCES:
         return MODEL_TOLERANCES[precision]
     return TOLERANCES.get(precision, TOLERANCES["fp32"])
 

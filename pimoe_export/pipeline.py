@@ -1,13 +1,17 @@
-"""`pimoe-export pipeline`: the whole job, step by step, into one output directory.
+"""`pimoe-export pipeline`: the whole job, step by step, into one output directory: one step table for a bare PiMoE
+layer and a whole model alike (both are a :class:`~pimoe_export.model.source.ModelSource`).
 
-    model -> export -> int8 -> units -> engines -> runtime -> check -> benchmark
+    model ──► export ──► int8 ──► units ──► engines ──► runtime ──► check ──► benchmark
+    Loaded    Exported   Quantized Packaged  Built       Ran         Checked   Benchmarked
 
-Each step takes the :class:`PipelineContext` (what earlier steps produced) and returns its details, or a
-:class:`Skip` with the reason; ``pipeline.json`` records every step as done / skipped / failed. The record says
-``"status": "running"`` from the first moment and the verdict is written last, so an interrupted run (Ctrl-C,
-SIGTERM, a kill) is never reported as passed; a skipped step never counts as a pass. Every entry the pipeline
-writes is claimed in the output directory first: files there that pimoe-export did not write are left alone unless
-``force``.
+Each step is a function of the :class:`Run` (output directory, options) and of the typed results of the earlier
+steps it names: it NEEDS some (without one it cannot run: it fails, saying which step failed) and USES others (it
+runs without them and says what it could not do: the check step reports that the engine units were not checked
+when the runtime step failed). It returns its own typed result, or a :class:`Skip` with the reason.
+``pipeline.json`` records every step as done / skipped / failed, with its notes. The record says ``"status":
+"running"`` from the first moment and the verdict is written last, so an interrupted run (Ctrl-C, SIGTERM, a kill)
+is never reported as passed; a skipped step never counts as a pass. Every entry the pipeline writes is claimed in
+the output directory first: files there that pimoe-export did not write are left alone unless ``force``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pimoe_export._files import OutputDir
+from pimoe_export.artifacts.manifest import MANIFEST_FILE
 
 RECORD = "pipeline.json"
 #: every entry a pipeline run may write into its output directory (checked before the first step)
@@ -31,6 +36,31 @@ ENTRIES = [RECORD, "model", "model.pruned", "model.onnx", "model.standard.onnx",
            "benchmark.md", "benchmark.json",
            *[f"{kind}-{p}" for kind in ("trt", "trt-rtx") for p in ("fp32", "fp16", "int8")],
            *[f"report_{kind}-{p}" for kind in ("trt", "trt-rtx") for p in ("fp32", "fp16", "int8")]]
+#: the graphs a run may export, their files, units and report directories
+GRAPHS = {"fp32": ("model.onnx", "ort-fp32", "report"), "fp16": ("model.fp16.onnx", "ort-fp16", "report_fp16"),
+          "int8": ("model.int8.onnx", "ort-int8", "report_int8")}
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    preset: str | None = None
+    model_dir: Path | None = None
+    seed: int = 0
+    bench_repeats: int = 20
+    calib_text: Path | None = None  # text models: calibration/evaluation sentences
+    int8_mode: str = "w8a8"  # static ("w8a8") or dynamic per-row ("w8a8_dynamic") activation scales
+
+
+@dataclass
+class Run:
+    """What every step may read: the output directory and the options of the run."""
+
+    out: OutputDir
+    options: PipelineOptions
+
+    @property
+    def root(self) -> Path:
+        return self.out.root
 
 
 @dataclass(frozen=True)
@@ -40,115 +70,176 @@ class Skip:
     reason: str
 
 
-@dataclass
-class PipelineContext:
-    """What the steps share: the output directory and the artefacts produced so far."""
+@dataclass(frozen=True)
+class Unavailable:
+    """The result of an earlier step that has none: it failed or was skipped (``reason`` says which and why)."""
 
-    out: OutputDir
-    preset: str | None
-    model_dir: Path | None
-    seed: int
-    bench_repeats: int
-    model: Any = None
-    settings: Any = None  # DeploymentSettings of the checkpoint
-    onnx: dict[str, Path] = field(default_factory=dict)  # "fp32", "standard", "fp16", "int8"
-    units: list[str] = field(default_factory=list)
-    engine_units: list[str] = field(default_factory=list)  # engine units this machine can run
-    calib_text: Path | None = None  # whole models: calibration/evaluation sentences
-    calibration: list[dict[str, Any]] | None = None  # whole models: feeds of the model's named inputs
-    check_feeds: list[dict[str, Any]] | None = None  # whole models: held-out feeds for the parity checks
-    int8_mode: str = "w8a8"  # static ("w8a8") or dynamic per-row ("w8a8_dynamic") activation scales
+    step: str
+    reason: str
+
+
+# ------------------------------------------------------------------------------------------ step results
+@dataclass(frozen=True)
+class Loaded:
+    source: Any  # ModelSource
+    model_dir: Path
+    pruning: dict[str, Any] | None = None
+
+    def detail(self) -> dict[str, Any]:
+        extra = {} if self.pruning is None else {"pruning": self.pruning}
+        return {"model_dir": str(self.model_dir), **self.source.describe(), **extra}
+
+
+@dataclass(frozen=True)
+class Exported:
+    graphs: dict[str, Path]  # "fp32" (custom ops), "standard", "fp16"
+    pimoe_nodes: dict[str, int]
+
+    def detail(self) -> dict[str, Any]:
+        detail = {"onnx": str(self.graphs["fp32"])}
+        if "standard" in self.graphs:
+            detail["onnx_standard_ops"] = str(self.graphs["standard"])
+        detail["pimoe_nodes"] = self.pimoe_nodes
+        if "fp16" in self.graphs:
+            detail["onnx_fp16"] = str(self.graphs["fp16"])
+        return detail
+
+
+@dataclass(frozen=True)
+class Quantized:
+    result: Any  # QuantizeResult
 
     @property
-    def root(self) -> Path:
-        return self.out.root
+    def onnx(self) -> Path:
+        return self.result.onnx_path
+
+    def detail(self) -> dict[str, Any]:
+        return self.result.summary()
 
 
-@dataclass
-class StepRecord:
-    name: str
-    status: str = "pending"  # done | skipped | failed
-    seconds: float = 0.0
-    detail: dict[str, Any] = field(default_factory=dict)
-    reason: str = ""
+@dataclass(frozen=True)
+class Packaged:
+    units: dict[str, dict[str, Any]]  # unit name -> what it is
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "seconds": round(self.seconds, 3), "reason": self.reason,
-                "detail": self.detail}
+    def detail(self) -> dict[str, Any]:
+        return self.units
+
+
+@dataclass(frozen=True)
+class Built(Packaged):
+    pass
+
+
+@dataclass(frozen=True)
+class Ran:
+    units: dict[str, dict[str, Any]]
+    engine_units: tuple[str, ...]  # units of a TensorRT flavour this machine ran
+
+    def detail(self) -> dict[str, Any]:
+        return self.units
+
+
+@dataclass(frozen=True)
+class Checked:
+    reports: dict[str, dict[str, Any]]
+    not_checked: dict[str, str] = field(default_factory=dict)  # what could not be checked, and why
+
+    def detail(self) -> dict[str, Any]:
+        return {**self.reports, **({"not_checked": self.not_checked} if self.not_checked else {})}
+
+    def notes(self) -> list[str]:
+        return [f"{what} not checked: {why}" for what, why in self.not_checked.items()]
+
+
+@dataclass(frozen=True)
+class Benchmarked:
+    rows: list[dict[str, Any]]
+    markdown: Path
+
+    def detail(self) -> dict[str, Any]:
+        return {"rows": self.rows, "markdown": str(self.markdown)}
 
 
 # ------------------------------------------------------------------------------------------ steps
-def step_model(ctx: PipelineContext) -> dict[str, Any]:
+def step_model(run: Run) -> Loaded:
+    from pimoe_export.hf.importers import load_source
+    from pimoe_export.model.factory import create_from_preset
+    from pimoe_export.model.source import layer_source
+
+    options = run.options
+    if options.model_dir is not None:
+        source = load_source(options.model_dir, text=options.calib_text, seed=options.seed)
+        model_dir = options.model_dir
+    else:
+        source = layer_source(create_from_preset(options.preset, seed=options.seed))
+        model_dir = run.out.claim_dir("model").root
+        source.save(model_dir)
+    if not source.settings.enable_pruning:
+        return Loaded(source, model_dir)
+    pruning = prune(source)  # EnhancedPiMoEIntegration(enable_pruning=True): prune before export
+    model_dir = run.out.claim_dir("model.pruned").root
+    source.save(model_dir)
+    return Loaded(source, model_dir, pruning)
+
+
+def prune(source: Any) -> dict[str, Any]:
+    """Prune every PiMoE layer as the source's deployment settings say; one report over them all."""
     import torch
 
-    from pimoe_export.model.enhanced import DeploymentSettings
-    from pimoe_export.model.factory import create_from_preset
-    from pimoe_export.model.io import load_pretrained
-    from pimoe_export.model.summary import summarize
+    from pimoe_export.model.pruning import magnitude_prune, merge_reports, structured_prune
 
-    if ctx.model_dir is not None:
-        ctx.model = load_pretrained(ctx.model_dir)
-    else:
-        ctx.model = create_from_preset(ctx.preset, seed=ctx.seed)
-        ctx.model_dir = ctx.out.claim_dir("model").root
-        ctx.model.save_pretrained(ctx.model_dir)
-    ctx.settings = DeploymentSettings.of(ctx.model.config)
-    detail: dict[str, Any] = {}
-    if ctx.settings.enable_pruning:  # EnhancedPiMoEIntegration(enable_pruning=True): prune before export
-        from pimoe_export.model.pruning import magnitude_prune, structured_prune
-
-        prune = structured_prune if ctx.settings.pruning_structured else magnitude_prune
-        probe = torch.randn(2, 32, ctx.model.hidden_size, generator=torch.Generator().manual_seed(0))
-        detail["pruning"] = prune(ctx.model, ctx.settings.pruning_amount, probe).to_dict()
-        ctx.model_dir = ctx.out.claim_dir("model.pruned").root
-        ctx.model.save_pretrained(ctx.model_dir)
-    summary = summarize(ctx.model.config)
-    return {"model_dir": str(ctx.model_dir), "params": summary["params_total"],
-            "expert_groups": [g["experts"] for g in summary["expert_groups"]],
-            "deployment": ctx.settings.to_dict() if ctx.settings.recorded else "none recorded (defaults)", **detail}
+    settings = source.settings
+    method = structured_prune if settings.pruning_structured else magnitude_prune
+    reports = {}
+    for path, layer in source.layers.items():
+        probe = torch.randn(2, 32, layer.hidden_size, generator=torch.Generator().manual_seed(0))
+        reports[path] = method(layer, settings.pruning_amount, probe)
+    return merge_reports(reports).to_dict()
 
 
-def step_export(ctx: PipelineContext) -> dict[str, Any]:
-    from pimoe_export.export.onnx_export import export_onnx
+def step_export(run: Run, model: Loaded) -> Exported:
+    from pimoe_export.export.exporter import export_source
 
-    custom = export_onnx(ctx.model, ctx.out.claim("model.onnx"))
-    standard = export_onnx(ctx.model, ctx.out.claim("model.standard.onnx"), standard_ops=True)
-    ctx.onnx.update(fp32=custom.path, standard=standard.path)
-    result = {"onnx": str(custom.path), "onnx_standard_ops": str(standard.path),
-              "pimoe_nodes": {k: v for k, v in custom.node_counts.items() if k.startswith("pimoe::")}}
-    if ctx.settings.export_precision == "fp16":  # optimization_level advanced/maximum
-        ctx.onnx["fp16"] = export_onnx(ctx.model, ctx.out.claim("model.fp16.onnx"), precision="fp16").path
-        result["onnx_fp16"] = str(ctx.onnx["fp16"])
-    return result
+    source = model.source
+    custom = export_source(source, run.out.claim("model.onnx"))
+    graphs = {"fp32": custom.path}
+    if source.standard_ops:  # the plugin-free baseline the benchmark times
+        graphs["standard"] = export_source(source, run.out.claim("model.standard.onnx"), standard_ops=True).path
+    if source.settings.export_precision == "fp16":  # optimization_level advanced/maximum
+        graphs["fp16"] = export_source(source, run.out.claim("model.fp16.onnx"), precision="fp16").path
+    return Exported(graphs, {k: v for k, v in custom.node_counts.items() if k.startswith("pimoe::")})
 
 
-def step_int8(ctx: PipelineContext) -> dict[str, Any]:
+def step_int8(run: Run, model: Loaded, export: Exported) -> Quantized:
     from pimoe_export.quantize import quantize_model
 
-    result = quantize_model(ctx.model, ctx.out.claim("model.int8.onnx"), method=ctx.settings.calibration_method,
-                            fp32_onnx=ctx.onnx["fp32"], mode=ctx.int8_mode)
-    ctx.onnx["int8"] = result.onnx_path
-    info = result.params.info
-    return {"onnx_int8": str(result.onnx_path), "method": info["method"], "mode": ctx.int8_mode,
-            "calibration_tokens": info["calibration_tokens"], "calibration_data": info["calibration_data"],
-            "uncalibrated_experts": info["uncalibrated_experts"]}
+    return Quantized(quantize_model(model.source, run.out.claim("model.int8.onnx"),
+                                    method=model.source.settings.calibration_method, fp32_onnx=export.graphs["fp32"],
+                                    mode=run.options.int8_mode))
 
 
-def step_units(ctx: PipelineContext) -> dict[str, Any]:
-    from pimoe_export.deploy.units import package_ort
+def _graphs(export: Exported, int8: Quantized | Unavailable) -> dict[str, Path]:
+    """The deployable graphs of the run: fp32 and fp16 custom-op exports, and the INT8 graph when there is one."""
+    graphs = {k: v for k, v in export.graphs.items() if k in GRAPHS}
+    if isinstance(int8, Quantized):
+        graphs["int8"] = int8.onnx
+    return graphs
+
+
+def step_units(run: Run, export: Exported, int8: Quantized | Unavailable) -> Packaged:
+    from pimoe_export.build.units import package_ort
 
     units = {}
-    for key, name in (("fp32", "ort-fp32"), ("fp16", "ort-fp16"), ("int8", "ort-int8")):
-        if key in ctx.onnx:
-            manifest = package_ort(ctx.onnx[key], ctx.out.claim_dir(name).root, force=True)
-            units[name] = {"backend": manifest.backend, "precision": manifest.precision,
-                           "manifest": str(ctx.root / name / "manifest.json")}
-            ctx.units.append(name)
-    return units
+    for key, path in _graphs(export, int8).items():
+        name = GRAPHS[key][1]
+        manifest = package_ort(path, run.out.claim_dir(name).root, force=True)
+        units[name] = {"backend": manifest.backend, "precision": manifest.precision,
+                       "manifest": str(run.root / name / MANIFEST_FILE)}
+    return Packaged(units)
 
 
-def step_engines(ctx: PipelineContext) -> dict[str, Any] | Skip:
-    from pimoe_export.deploy.units import BuildOptions, build_unit, detect_flavour
+def step_engines(run: Run, model: Loaded, export: Exported, int8: Quantized | Unavailable) -> Built | Skip:
+    from pimoe_export.build.units import BuildOptions, build_unit, detect_flavour
     from pimoe_export.errors import BackendUnavailableError
 
     try:
@@ -156,56 +247,60 @@ def step_engines(ctx: PipelineContext) -> dict[str, Any] | Skip:
     except BackendUnavailableError as exc:
         return Skip(f"no TensorRT builder installed ({exc})")
     built = {}
-    for key, precision in (("fp32", "fp32"), ("fp16", "fp16"), ("int8", "int8")):
-        if key not in ctx.onnx:
-            continue
+    for precision, path in _graphs(export, int8).items():
         name = f"{'trt' if flavour == 'tensorrt' else 'trt-rtx'}-{precision}"
-        options = BuildOptions(flavour=flavour, optimization_level=ctx.settings.builder_optimization_level,
-                               timing_cache=str(ctx.out.claim("timing.cache")))
-        manifest = build_unit(ctx.onnx[key], ctx.out.claim_dir(name).root, options=options, force=True)
+        options = BuildOptions(flavour=flavour, optimization_level=model.source.settings.builder_optimization_level,
+                               timing_cache=str(run.out.claim("timing.cache")))
+        manifest = build_unit(path, run.out.claim_dir(name).root, options=options, force=True)
         built[name] = {"backend": manifest.backend, "version": manifest.backend_version,
                        "targets": manifest.target_sms, "plugin_layers": manifest.build_options["plugin_layers"]}
-        ctx.units.append(name)
-    return built
+    return Built(built)
 
 
-def step_runtime(ctx: PipelineContext) -> dict[str, Any]:
+def step_runtime(run: Run, model: Loaded, units: Packaged, engines: Built | Unavailable) -> Ran:
     from pimoe_export.errors import BackendUnavailableError
     from pimoe_export.runtime.engine import Engine
 
-    x = np.random.default_rng(0).standard_normal((1, 4, ctx.model.hidden_size))
-    loaded = {}
-    for name in ctx.units:
+    feed = model.source.smoke_feed()
+    loaded, engine_units = {}, []
+    for name in [*units.units, *(engines.units if isinstance(engines, Built) else {})]:
         try:
-            engine = Engine.load(ctx.root / name)
+            engine = Engine.load(run.root / name)
         except BackendUnavailableError as exc:  # e.g. an RTX engine on a machine without an RTX GPU
             loaded[name] = {"loaded": False, "reason": str(exc).split(";")[0]}
             continue
         with engine:
-            y = engine.run(x.astype(engine.input_dtype))
-            if not np.isfinite(y).all():
+            outputs = engine.run_named({t.name: np.asarray(feed[t.name]).astype(t.dtype)
+                                        for t in engine.interface.inputs})
+            if not all(np.isfinite(v).all() for v in outputs.values()):
                 raise RuntimeError(f"{name}: non-finite outputs on finite inputs")
-            loaded[name] = {"loaded": True, "backend": engine.backend, "output_shape": list(y.shape)}
+            loaded[name] = {"loaded": True, "backend": engine.backend,
+                            "outputs": {k: list(v.shape) for k, v in outputs.items()}}
             if engine.backend != "onnxruntime":
-                ctx.engine_units.append(name)
-    return loaded
+                engine_units.append(name)
+    return Ran(loaded, tuple(engine_units))
 
 
-def step_check(ctx: PipelineContext) -> dict[str, Any]:
+def step_check(run: Run, model: Loaded, export: Exported, int8: Quantized | Unavailable,
+               runtime: Ran | Unavailable) -> Checked:
     from pimoe_export.validate.check import check_onnx, check_unit
 
-    feeds = ctx.check_feeds  # None: random inputs of the layer's interface
+    source = model.source
+    feeds = source.evaluation  # None: random inputs of the graph interface
     checks: list[tuple[str, Callable[[Path], Any]]] = [
-        (name, lambda out, path=ctx.onnx[key]: check_onnx(ctx.model, path, out, force=True, feeds=feeds))
-        for key, name in (("fp32", "report"), ("fp16", "report_fp16"), ("int8", "report_int8")) if key in ctx.onnx]
-    # engine units that this machine can run (a TensorRT GPU box) are checked through their Engine
-    checks += [(f"report_{unit}", lambda out, unit=unit: check_unit(ctx.model, ctx.root / unit, out, force=True,
-                                                                    feeds=feeds))
-               for unit in ctx.engine_units]
+        (GRAPHS[key][2], lambda out, path=path: check_onnx(source.module, path, out, force=True, feeds=feeds))
+        for key, path in _graphs(export, int8).items()]
+    not_checked = {}
+    if isinstance(runtime, Ran):  # engine units that this machine ran (a TensorRT GPU box), through their Engine
+        checks += [(f"report_{unit}", lambda out, unit=unit: check_unit(source.module, run.root / unit, out,
+                                                                        force=True, feeds=feeds))
+                   for unit in runtime.engine_units]
+    else:
+        not_checked["engine units"] = f"the runtime step {runtime.reason}"
     reports: dict[str, Any] = {}
     failed = []
     for name, check in checks:
-        rep = check(ctx.out.claim_dir(name).root)
+        rep = check(run.out.claim_dir(name).root)
         reports[name] = {"passed": rep.passed, "precision": rep.precision, "backend": rep.backend,
                          "routing_agreement": rep.routing_agreement, "output": rep.output_stats[rep.primary].to_dict(),
                          "routing_by_layer": rep.routing_by_layer, "embedding": rep.embedding,
@@ -214,100 +309,64 @@ def step_check(ctx: PipelineContext) -> dict[str, Any]:
             failed.append(f"{name}: {rep.failures}")
     if failed:
         raise RuntimeError(f"parity check failed: {failed}")
-    return reports
+    return Checked(reports, not_checked)
 
 
-def step_benchmark(ctx: PipelineContext) -> dict[str, Any]:
-    from pimoe_export.bench.summary import benchmark_layer, render_markdown
+def step_benchmark(run: Run, model: Loaded, export: Exported, int8: Quantized | Unavailable) -> Benchmarked:
+    from pimoe_export.bench.summary import benchmark_source, render_markdown
 
-    variants = {"ort_pimoe_ops": ctx.onnx["fp32"], "ort_standard_ops": ctx.onnx["standard"]}
-    if "int8" in ctx.onnx:
-        variants["ort_pimoe_int8"] = ctx.onnx["int8"]
-    rows = benchmark_layer(ctx.model, variants, tokens=(1, 16, 128), repeats=ctx.bench_repeats)
-    markdown, data = ctx.out.claim("benchmark.md"), ctx.out.claim("benchmark.json")
-    markdown.write_text(render_markdown(rows, ctx.bench_repeats))
+    variants = {"ort_pimoe_ops": export.graphs["fp32"]}
+    if "standard" in export.graphs:
+        variants["ort_standard_ops"] = export.graphs["standard"]
+    if isinstance(int8, Quantized):
+        variants["ort_pimoe_int8"] = int8.onnx
+    repeats = run.options.bench_repeats
+    rows = benchmark_source(model.source, variants, tokens=(1, 16, 128), repeats=repeats)
+    markdown, data = run.out.claim("benchmark.md"), run.out.claim("benchmark.json")
+    markdown.write_text(render_markdown(rows, repeats))
     data.write_text(json.dumps(rows, indent=2) + "\n")
-    return {"rows": rows, "markdown": str(markdown)}
+    return Benchmarked(rows, markdown)
 
 
-# ------------------------------------------------------------------------------------------ whole models
-def step_whole_model(ctx: PipelineContext) -> dict[str, Any]:
-    from pimoe_export.export.model_export import moe_layers
-    from pimoe_export.model.enhanced import DeploymentSettings
-    from pimoe_export.model.moefy import load_moefied, model_feeds
+@dataclass(frozen=True)
+class Step:
+    """A step of the table: ``needs`` names the results it cannot run without, ``uses`` those it takes when they
+    exist (else an :class:`Unavailable`); ``required``: later steps cannot go on after its failure."""
 
-    assert ctx.model_dir is not None
-    ctx.model = load_moefied(ctx.model_dir)
-    ctx.settings = DeploymentSettings()
-    ctx.calibration, ctx.check_feeds, source = model_feeds(ctx.model_dir, ctx.calib_text,
-                                                           int(ctx.model.config.vocab_size), ctx.seed)
-    return {"model_dir": str(ctx.model_dir), "architecture": type(ctx.model).__name__,
-            "pimoe_layers": sorted(moe_layers(ctx.model)), "data": source}
+    name: str
+    run: Callable[..., Any]
+    needs: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
+    required: bool = False
 
 
-def step_whole_export(ctx: PipelineContext) -> dict[str, Any]:
-    import torch
-
-    from pimoe_export.export.model_export import export_model
-
-    assert ctx.calibration is not None
-    example = {k: torch.from_numpy(v[:2]) for k, v in ctx.calibration[0].items()}
-    result = export_model(ctx.model, ctx.out.claim("model.onnx"), example, routing_outputs=True)
-    ctx.onnx["fp32"] = result.path
-    return {"onnx": str(result.path), "pimoe_nodes": {k: v for k, v in result.node_counts.items()
-                                                      if k.startswith("pimoe::")}}
-
-
-def step_whole_int8(ctx: PipelineContext) -> dict[str, Any]:
-    from pimoe_export.quantize.model_int8 import quantize_whole_model
-
-    assert ctx.calibration is not None
-    result = quantize_whole_model(ctx.model, ctx.out.claim("model.int8.onnx"), ctx.calibration,
-                                  fp32_onnx=ctx.onnx["fp32"], method=ctx.settings.calibration_method,
-                                  mode=ctx.int8_mode)
-    ctx.onnx["int8"] = result.onnx_path
-    return {"onnx_int8": str(result.onnx_path), "layers": len(result.params), "mode": ctx.int8_mode}
-
-
-def step_whole_runtime(ctx: PipelineContext) -> dict[str, Any]:
-    from pimoe_export.errors import BackendUnavailableError
-    from pimoe_export.runtime.engine import Engine
-
-    assert ctx.check_feeds is not None
-    loaded = {}
-    for name in ctx.units:
-        try:
-            engine = Engine.load(ctx.root / name)
-        except BackendUnavailableError as exc:
-            loaded[name] = {"loaded": False, "reason": str(exc).split(";")[0]}
-            continue
-        with engine:
-            outputs = engine.run_named(ctx.check_feeds[0])
-            if not all(np.isfinite(v).all() for v in outputs.values()):
-                raise RuntimeError(f"{name}: non-finite outputs on real inputs")
-            loaded[name] = {"loaded": True, "backend": engine.backend,
-                            "outputs": {k: list(v.shape) for k, v in outputs.items()}}
-            if engine.backend != "onnxruntime":
-                ctx.engine_units.append(name)
-    return loaded
-
-
-Step = Callable[[PipelineContext], "dict[str, Any] | Skip"]
-#: (name, step, later steps need it: a failure stops the pipeline)
-STEPS: tuple[tuple[str, Step, bool], ...] = (
-    ("model", step_model, True), ("export", step_export, True), ("int8", step_int8, False),
-    ("units", step_units, True), ("engines", step_engines, False), ("runtime", step_runtime, False),
-    ("check", step_check, False), ("benchmark", step_benchmark, False),
-)
-#: a saved whole model (pimoe-export moefy): the same chain over named inputs, calibrated on real inputs
-MODEL_STEPS: tuple[tuple[str, Step, bool], ...] = (
-    ("model", step_whole_model, True), ("export", step_whole_export, True), ("int8", step_whole_int8, False),
-    ("units", step_units, True), ("engines", step_engines, False), ("runtime", step_whole_runtime, False),
-    ("check", step_check, False),
+STEPS: tuple[Step, ...] = (
+    Step("model", step_model, required=True),
+    Step("export", step_export, needs=("model",), required=True),
+    Step("int8", step_int8, needs=("model", "export")),
+    Step("units", step_units, needs=("export",), uses=("int8",), required=True),
+    Step("engines", step_engines, needs=("model", "export"), uses=("int8",)),
+    Step("runtime", step_runtime, needs=("model", "units"), uses=("engines",)),
+    Step("check", step_check, needs=("model", "export"), uses=("int8", "runtime")),
+    Step("benchmark", step_benchmark, needs=("model", "export"), uses=("int8",)),
 )
 
 
 # ------------------------------------------------------------------------------------------ running
+@dataclass
+class StepRecord:
+    name: str
+    status: str = "pending"  # done | skipped | failed
+    seconds: float = 0.0
+    detail: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "seconds": round(self.seconds, 3), "reason": self.reason,
+                "detail": self.detail, **({"notes": self.notes} if self.notes else {})}
+
+
 class PipelineRecord:
     """``pipeline.json``: the state of the run, rewritten after every step; the verdict comes last."""
 
@@ -326,22 +385,57 @@ class PipelineRecord:
         return summary
 
 
-def run_step(name: str, step: Step, ctx: PipelineContext, log: Callable[[str], None]) -> StepRecord:
-    record = StepRecord(name)
+def run_step(step: Step, run: Run, results: dict[str, Any], log: Callable[[str], None]) -> StepRecord:
+    """Run one step on the results so far (``results``: step name -> its result or an :class:`Unavailable`)."""
+    record = StepRecord(step.name)
     start = time.perf_counter()
+    missing = [results.get(name, Unavailable(name, "has not run")) for name in step.needs
+               if not _available(results.get(name))]
+    lacking = [results[name] for name in step.uses if isinstance(results.get(name), Unavailable)
+               and results[name].reason.startswith("failed")]
     try:
-        out = step(ctx)
+        if missing:
+            raise RuntimeError("; ".join(f"needs the {m.step} step's result, which it {m.reason}" for m in missing))
+        out = step.run(run, **{name: results.get(name, Unavailable(name, "has not run"))
+                               for name in (*step.needs, *step.uses)})
         if isinstance(out, Skip):
             record.status, record.reason = "skipped", out.reason
+            results[step.name] = Unavailable(step.name, f"was skipped ({out.reason})")
         else:
-            record.status, record.detail = "done", out
+            record.status, record.detail = "done", out.detail()
+            notes = getattr(out, "notes", None)
+            record.notes = list(notes()) if notes is not None else []
+            results[step.name] = out
     except Exception as exc:  # recorded, reported, and the pipeline fails (KeyboardInterrupt is not caught here)
         record.status, record.reason = "failed", f"{type(exc).__name__}: {exc}"
-        record.detail["traceback"] = traceback.format_exc(limit=6)
+        if not missing:
+            record.detail["traceback"] = traceback.format_exc(limit=6)
+        results[step.name] = Unavailable(step.name, f"failed ({record.reason})")
+    if record.status == "done":  # what it did without (unless its own notes say so)
+        record.notes += [f"ran without the {u.step} step's result: it {u.reason}" for u in lacking
+                         if not any(f"the {u.step} step" in note for note in record.notes)]
     record.seconds = time.perf_counter() - start
     mark = {"done": "ok", "skipped": "skipped", "failed": "FAILED"}[record.status]
     log(f"      {mark} ({record.seconds:.1f} s){': ' + record.reason if record.reason else ''}")
+    for note in record.notes:
+        log(f"      note: {note}")
     return record
+
+
+def _available(result: Any) -> bool:
+    return result is not None and not isinstance(result, Unavailable)
+
+
+def run_steps(run: Run, record: PipelineRecord, steps: tuple[Step, ...], log: Callable[[str], None]) -> bool:
+    """Every step in order into ``record``; True when all ran without failing."""
+    results: dict[str, Any] = {}
+    for index, step in enumerate(steps, 1):
+        log(f"[{index}/{len(steps)}] {step.name} ...")
+        record.steps.append(run_step(step, run, results, log))
+        record.write("running")
+        if record.steps[-1].status == "failed" and step.required:
+            break  # later steps need this one's artefacts
+    return len(record.steps) == len(steps) and all(s.status != "failed" for s in record.steps)
 
 
 def run_pipeline(
@@ -355,9 +449,10 @@ def run_pipeline(
     force: bool = False,
     calib_text: Path | None = None,
     int8_mode: str = "w8a8",
+    steps: tuple[Step, ...] = STEPS,
 ) -> dict[str, Any]:
-    """Run every step into ``output``; returns (and writes) the pipeline record. A ``model_dir`` written by
-    `pimoe-export moefy` runs the whole-model chain (MODEL_STEPS), calibrated on ``calib_text`` when given.
+    """Run every step into ``output``; returns (and writes) the pipeline record. ``model_dir``: any model directory
+    an importer recognises (pimoe_export.hf.importers), ``calib_text``: its calibration sentences (text models).
     ``int8_mode``: "w8a8" (static activation scales) or "w8a8_dynamic" (per-row scales at run time)."""
     def log(text: str) -> None:
         if progress:
@@ -365,23 +460,14 @@ def run_pipeline(
 
     out = OutputDir(output, force=force, command="pipeline")
     out.refuse_foreign(ENTRIES)
-    ctx = PipelineContext(out, preset, Path(model_dir) if model_dir else None, seed, bench_repeats,
-                          calib_text=calib_text, int8_mode=int8_mode)
-    from pimoe_export.model.moefy import is_moefied
-
-    steps = MODEL_STEPS if model_dir is not None and is_moefied(model_dir) else STEPS
+    run = Run(out, PipelineOptions(preset, Path(model_dir) if model_dir else None, seed, bench_repeats,
+                                   Path(calib_text) if calib_text else None, int8_mode))
     record = PipelineRecord(out)
     try:
-        for index, (name, step, required) in enumerate(steps, 1):
-            log(f"[{index}/{len(steps)}] {name} ...")
-            record.steps.append(run_step(name, step, ctx, log))
-            record.write("running")
-            if record.steps[-1].status == "failed" and required:
-                break  # later steps need this one's artefacts
+        passed = run_steps(run, record, steps, log)
     except BaseException:
         record.write("interrupted")
         raise
-    passed = len(record.steps) == len(steps) and all(s.status != "failed" for s in record.steps)
     summary = record.write("finished", passed)
     log(f"pipeline {'PASSED' if passed else 'FAILED'}; skipped: "
         f"{[s.name for s in record.steps if s.status == 'skipped'] or 'none'}; summary in {record.path}")

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pimoe_export.bench.timing import median_ms  # noqa: E402
-from pimoe_export.export.onnx_export import export_onnx  # noqa: E402
+from pimoe_export.export.exporter import export_onnx  # noqa: E402
 from pimoe_export.interface import LAYER_INPUT, LAYER_OUTPUT  # noqa: E402
 from pimoe_export.model import functional  # noqa: E402
 from pimoe_export.model.factory import create_from_preset  # noqa: E402
@@ -72,12 +72,14 @@ def contrib_moe_model(model, custom_onnx: Path) -> bytes:
     specs = model.config.expert_specs()
     if len({s for s in specs}) != 1 or specs[0].num_layers != 2:
         raise SystemExit("com.microsoft.MoE needs uniform two-layer experts (use --preset seed-512)")
+    from pimoe_export.ops import schema
+
     proto = onnx.load(str(custom_onnx))
     graph = proto.graph
-    nodes = {n.op_type: n for n in graph.node if n.domain == "pimoe"}
-    logits, x_flat = nodes["PiMoERoute"].input[0], nodes["PiMoEDispatch"].input[0]
-    y_flat = nodes["PiMoECombine"].output[0]
-    keep = [n for n in graph.node if n.domain != "pimoe"]
+    nodes = {n.op_type: n for n in graph.node if n.domain == schema.DOMAIN}
+    logits, x_flat = nodes[schema.ROUTE].input[0], nodes[schema.DISPATCH].input[0]
+    y_flat = nodes[schema.COMBINE].output[0]
+    keep = [n for n in graph.node if n.domain != schema.DOMAIN]
     produced = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     changed = True
     while changed:  # drop nodes that fed only on pimoe outputs (the routing outputs' reshapes)

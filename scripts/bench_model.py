@@ -29,10 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pimoe_export.bench.timing import median_ms  # noqa: E402
-from pimoe_export.export.model_export import export_model  # noqa: E402
-from pimoe_export.interface import ONNX_OPSET  # noqa: E402
-from pimoe_export.model.moefy import MoefySettings, moefy, random_feeds, require_transformers  # noqa: E402
-from pimoe_export.quantize.model_int8 import quantize_whole_model  # noqa: E402
+from pimoe_export.export.exporter import export_model  # noqa: E402
+from pimoe_export.hf.checkpoint import require_transformers  # noqa: E402
+from pimoe_export.hf.feeds import random_feeds  # noqa: E402
+from pimoe_export.hf.moefy import MoefySettings, moefy  # noqa: E402
+from pimoe_export.interface import MODEL_IDS_INPUT, MODEL_MASK_INPUT, ONNX_OPSET  # noqa: E402
+from pimoe_export.quantize import quantize_model  # noqa: E402
 from pimoe_export.runtime.ort import create_session  # noqa: E402
 
 
@@ -70,12 +72,12 @@ def main() -> int:
     example = {k: torch.from_numpy(v[:2]) for k, v in calib[0].items()}
     paths = {"ort_dense_fp32": dense_onnx(dense, work / "dense.onnx", example),
              "ort_moe_fp32": export_model(moe, work / "moe.onnx", example).path}
-    paths["ort_moe_int8"] = quantize_whole_model(moe, work / "moe.int8.onnx", calib,
-                                                 fp32_onnx=paths["ort_moe_fp32"]).onnx_path
+    paths["ort_moe_int8"] = quantize_model(moe, work / "moe.int8.onnx", calibration=calib,
+                                           fp32_onnx=paths["ort_moe_fp32"]).onnx_path
     sessions = {name: create_session(path, threads=args.threads) for name, path in paths.items()}
     rng = np.random.default_rng(1)
-    feeds = {s: {"input_ids": rng.integers(0, config.vocab_size, s).astype(np.int64),
-                 "attention_mask": np.ones(s, np.int64)} for s in shapes}
+    feeds = {s: {MODEL_IDS_INPUT: rng.integers(0, config.vocab_size, s).astype(np.int64),
+                 MODEL_MASK_INPUT: np.ones(s, np.int64)} for s in shapes}
     samples: dict[tuple[int, int], dict[str, list[float]]] = {s: {} for s in shapes}
     for _ in range(args.rounds):
         for s in shapes:

@@ -3,7 +3,7 @@
 on top of the W8A8 experts, in ONNX Runtime on the CPU.
 
 Takes a `pimoe-export moefy` directory and the output of `pimoe-export pipeline --model` on it (its model.onnx and
-model.int8.onnx), writes model.int8-qdq.onnx (pimoe_export.runtime.ort_qdq: the non-PiMoE Linears QDQ int8,
+model.int8.onnx), writes model.int8-qdq.onnx (pimoe_export.quantize.qdq: the non-PiMoE Linears QDQ int8,
 routers fp32, calibrated on the same 4 of 5 text lines as the experts), then on the held-out fifth compares each
 graph's mean-pooled embeddings with the fp32 PyTorch model, and times the three graphs in one process, rounds
 interleaved, median over repeats (tokens/s = batch x sequence / median latency; padded sentences of the text).
@@ -27,9 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pimoe_export.bench.timing import median_ms  # noqa: E402
-from pimoe_export.model.moefy import load_moefied, model_feeds  # noqa: E402
+from pimoe_export.hf.checkpoint import load_moefied  # noqa: E402
+from pimoe_export.hf.feeds import model_feeds  # noqa: E402
+from pimoe_export.interface import MODEL_IDS_INPUT, MODEL_MASK_INPUT  # noqa: E402
+from pimoe_export.quantize.qdq import quantize_linears  # noqa: E402
 from pimoe_export.runtime.ort import create_session  # noqa: E402
-from pimoe_export.runtime.ort_qdq import quantize_linears  # noqa: E402
 from pimoe_export.validate.metrics import pooled_embedding_cosine  # noqa: E402
 
 
@@ -39,16 +41,16 @@ def embedding_cosines(session, model, feeds) -> np.ndarray:
         got = session.run(["last_hidden_state"], feed)[0]
         with torch.no_grad():
             ref = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.numpy()
-        out.append(pooled_embedding_cosine(ref, got, feed["attention_mask"]))
+        out.append(pooled_embedding_cosine(ref, got, feed[MODEL_MASK_INPUT]))
     return np.concatenate(out)
 
 
 def timing_feed(feeds, batch: int, seq: int) -> dict[str, np.ndarray]:
     """``batch`` x ``seq`` token ids cut from the text's tokenised batches (no padding inside the window)."""
-    ids = np.concatenate([f["input_ids"][f["attention_mask"] != 0] for f in feeds])
+    ids = np.concatenate([f[MODEL_IDS_INPUT][f[MODEL_MASK_INPUT] != 0] for f in feeds])
     need = batch * seq
     ids = np.resize(ids, need).reshape(batch, seq)
-    return {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((batch, seq), np.int64)}
+    return {MODEL_IDS_INPUT: ids.astype(np.int64), MODEL_MASK_INPUT: np.ones((batch, seq), np.int64)}
 
 
 def main() -> int:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pimoe_export.ops import schema  # noqa: E402
-from pimoe_export.runtime.harness import Harness, HarnessOpBackend, expert_mlp_fields  # noqa: E402
+from pimoe_export.testing.harness import Harness, HarnessOpBackend, expert_mlp_fields  # noqa: E402
 
 # (kind of comparison, tolerance): "exact" = identical bits; "close" = |a - b| <= tol * max(1, max|b|)
 Case = tuple[Callable[[np.random.Generator], tuple[str, dict, list[np.ndarray]]], str, float]
@@ -151,13 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda", required=True, help="libpimoe_trt_harness.so (CUDA build)")
     parser.add_argument("--emu", required=True, help="libpimoe_trt_harness_emu.so (emulated build)")
     parser.add_argument("--out", default="gpu-results")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="both sides emulated (scripts/gpu_check.sh --dry-run: checks this script, not the GPU)")
     args = parser.parse_args(argv)
     for path in (args.cuda, args.emu):
         if not Path(path).is_file():
             print(f"emu_vs_gpu.py: {path} does not exist", file=sys.stderr)
             return 2
     gpu, emu = HarnessOpBackend(Harness(args.cuda)), HarnessOpBackend(Harness(args.emu))
-    if gpu.harness.emulated or not emu.harness.emulated:
+    if (gpu.harness.emulated and not args.dry_run) or not emu.harness.emulated:
         print("emu_vs_gpu.py: --cuda must be the CUDA build and --emu the emulated one", file=sys.stderr)
         return 2
     rows, failed = [], 0

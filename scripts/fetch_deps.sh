@@ -4,7 +4,7 @@
 #   build/deps/tensorrt/include      TensorRT 10.14 NvInfer*.h (from the kernel-lens 2.0.1 wheel, Apache-2.0)
 #   build/deps/ort-wheels            (component ort-wheels, not in the default) the onnxruntime and onnxruntime-gpu
 #                                    wheels + their dependencies, for the fresh-venv packaging tests
-#                                    (tests/test_packaging.py installs from here with --no-index)
+#                                    (tests/integration/test_packaging.py installs from here with --no-index)
 # Installed copies win: ONNXRUNTIME_INCLUDE_DIR, TENSORRT_ROOT (or /usr/include/x86_64-linux-gnu/NvInfer.h).
 # Idempotent: a component already present is not fetched again.
 # Usage: scripts/fetch_deps.sh [ort] [trt] [ort-wheels]   (default: ort trt)

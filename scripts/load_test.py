@@ -35,8 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pimoe_export.deploy.triton import default_model_name  # noqa: E402
 from pimoe_export.runtime.engine import Engine  # noqa: E402
+from pimoe_export.serve.triton import default_model_name  # noqa: E402
 
 
 @dataclass

@@ -16,9 +16,9 @@ compile is 'invalid' and left out of the score.
     .venv/bin/python scripts/mutate_cpp.py --files plugins/ops/... --sample 10
 
 CUDA kernels (``--cuda``): mutants of plugins/kernels/cuda/*.cu are built into the TensorRT harness on the CPU CUDA
-emulator (plugins/emu, ``pimoe_trt_harness_emu``) and judged by the emulated-GPU tests: tests/test_emu.py (every
+emulator (plugins/emu, ``pimoe_trt_harness_emu``) and judged by the emulated-GPU tests: tests/emu/test_emu.py (every
 plugin through its profile shapes against the PyTorch reference, guard bytes around every buffer) and the ``emu``
-backend of tests/test_ops_backends.py (PIMOE_TRT_HARNESS_EMU points at the mutant's harness).
+backend of tests/ops/test_ops_backends.py (PIMOE_TRT_HARNESS_EMU points at the mutant's harness).
 
     .venv/bin/python scripts/mutate_cpp.py --cuda --files plugins/kernels/cuda/combine.cu --sample 5
 
@@ -49,6 +49,8 @@ SOURCES = [
     "plugins/kernels/cpu/expert_mlp.cpp",
     "plugins/kernels/cpu/kernels_generic.cpp",
     "plugins/kernels/cpu/kernels_avx2.cpp",
+    "plugins/ort/pimoe_ort_io.cpp",
+    "plugins/ort/pimoe_ort_cpu.cpp",
     "plugins/ort/pimoe_ort.cpp",
     "plugins/common/pimoe_attrs.h",
     "plugins/common/pimoe_contract.h",
@@ -58,15 +60,15 @@ CUDA_AREA = "plugins/kernels/cuda"
 CUDA_SOURCES = [f"{CUDA_AREA}/{name}.cu" for name in ("route", "dispatch", "combine", "expert_mlp", "gemm_f32_simt",
                                                        "gemm_f16_wmma", "gemm_i8_wmma")]
 # the CUDA kernels on the emulated GPU: the harness's plugin-level tests and the op matrix's emu backend
-CUDA_TESTS = ["tests/test_emu.py", "tests/test_ops_backends.py", "tests/test_contract_agreement.py"]
+CUDA_TESTS = ["tests/emu/test_emu.py", "tests/ops/test_ops_backends.py", "tests/ops/test_contract_agreement.py"]
 CUDA_SELECT = "emu and not sanitizer and not selftest"
 GENERIC_ONLY = {"plugins/kernels/cpu/kernels_generic.cpp"}  # only reached with PIMOE_CPU_ISA=generic
 # The fast tests that exercise libpimoe_ort; the targeted boundary tests first (they fail fastest).
 TESTS = [
-    "tests/test_boundaries.py",
-    "tests/test_ort_bad_inputs.py",
-    "tests/test_contract_agreement.py",
-    "tests/test_ops_backends.py",
+    "tests/ops/test_op_boundaries.py",
+    "tests/ops/test_ort_op_bad_inputs.py",
+    "tests/ops/test_contract_agreement.py",
+    "tests/ops/test_ops_backends.py",
 ]
 TEST_SELECT = "not emu and not trt and not harness and not portable"
 OP_EXAMPLES = "12"  # hypothesis examples per op test (the suite runs 200)

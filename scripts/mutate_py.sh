@@ -23,12 +23,15 @@ MODULES=(
   pimoe_export/cli/_common.py
 )
 TESTS=(
-  tests/test_metrics_known.py
-  tests/test_quantize.py::test_weight_quantisation_is_symmetric_per_channel
-  tests/test_quantize.py::test_thresholds_on_known_distributions
-  tests/test_quantize.py::test_calibration_data_formats_and_errors
-  tests/test_quantize.py::test_calibration_sees_every_expert_layer_input
-  tests/test_embedding_metric.py
+  tests/validate/test_metrics.py
+  tests/quantize/test_calibrate.py
+  tests/cli/test_cli_arguments.py
+  tests/test_interface.py
+  tests/quantize/test_quantize.py::test_weight_quantisation_is_symmetric_per_channel
+  tests/quantize/test_quantize.py::test_thresholds_on_known_distributions
+  tests/quantize/test_quantize.py::test_calibration_data_formats_and_errors
+  tests/quantize/test_quantize.py::test_calibration_sees_every_expert_layer_input
+  tests/validate/test_embedding_metric.py
 )
 # a listed file that this checkout lacks is left out (mutmut would stop on it)
 present=()

@@ -9,7 +9,7 @@
 # Environment: PYTHON (interpreter for the venv, default python3),
 #              PIMOE_SETUP_EXTRAS (default "dev,tensorrt-cpu,hf,serve"),
 #              PIMOE_SKIP_PLUGINS=1 (Python only), PIMOE_SETUP_EMU_SANITIZERS=0 (no sanitizer builds),
-#              PIMOE_SETUP_ORT_WHEELS=0 (no onnxruntime wheelhouse for tests/test_packaging.py),
+#              PIMOE_SETUP_ORT_WHEELS=0 (no onnxruntime wheelhouse for tests/integration/test_packaging.py),
 #              PIMOE_CUDA_ARCHITECTURES (nvcc targets), CMAKE_BUILD_PARALLEL_LEVEL (default: nproc),
 #              PIMOE_SETUP_ORT: which ONNX Runtime, "cpu" (default: onnxruntime, extra `cpu`), "gpu" (onnxruntime-gpu,
 #              extra `gpu`; replaces an installed onnxruntime) or "none" (keep whatever is installed)
@@ -63,7 +63,7 @@ fi
 
 step "build-time headers"
 PYTHON="$root/.venv/bin/python" scripts/fetch_deps.sh ort trt || fail "fetching the ONNX Runtime / TensorRT headers failed"
-# the onnxruntime and onnxruntime-gpu wheels for the fresh-venv packaging tests (tests/test_packaging.py; ~290 MB)
+# the onnxruntime and onnxruntime-gpu wheels for the fresh-venv packaging tests (tests/integration/test_packaging.py; ~290 MB)
 if [ "${PIMOE_SETUP_ORT_WHEELS:-1}" != "0" ]; then
   PYTHON="$root/.venv/bin/python" scripts/fetch_deps.sh ort-wheels || fail "fetching the onnxruntime wheels failed"
 fi
@@ -88,11 +88,11 @@ mkdir -p build
 configure_and_build build/plugins plugins -DONNXRUNTIME_INCLUDE_DIR="$ort_include" -DPIMOE_BUILD_EMU=ON ${PIMOE_CMAKE_ARGS:-}
 .venv/bin/python -c 'from pimoe_export.runtime.ort import find_ort_library, check_ort_library; print("    ", check_ort_library(str(find_ort_library())))' \
   || fail "the built ONNX Runtime op library does not load"
-.venv/bin/python -c 'from pimoe_export.runtime.harness import Harness, find_harness; h = Harness(find_harness(emulated=True)); print("     emulated harness:", h.path)' \
+.venv/bin/python -c 'from pimoe_export.testing.harness import Harness, find_harness; h = Harness(find_harness(emulated=True)); print("     emulated harness:", h.path)' \
   || fail "the emulated-GPU harness does not load"
 
 # The emulated harness again under AddressSanitizer (+ UBSan alignment) and ThreadSanitizer, for the sanitizer runs
-# of the test suite (tests/test_emu.py). PIMOE_SETUP_EMU_SANITIZERS=0 skips them.
+# of the test suite (tests/emu/test_emu.py). PIMOE_SETUP_EMU_SANITIZERS=0 skips them.
 if [ "${PIMOE_SETUP_EMU_SANITIZERS:-1}" != "0" ]; then
   for san in address thread; do
     dir=build/plugins-emu-$([ "$san" = address ] && echo asan || echo tsan)
@@ -118,9 +118,9 @@ else
   [ -n "${PIMOE_CUDA_ARCHITECTURES:-}" ] && archs=(-DCMAKE_CUDA_ARCHITECTURES="$PIMOE_CUDA_ARCHITECTURES")
   configure_and_build build/plugins plugins-trt -DPIMOE_BUILD_TRT=ON -DCMAKE_CUDA_COMPILER="$nvcc_bin" "${archs[@]}"
   echo "    built in $(( $(date +%s) - trt_start )) s"
-  .venv/bin/python -c 'from pimoe_export.artefacts.libraries import find_plugin_library, check_plugin_library; print("    ", check_plugin_library(str(find_plugin_library())))' \
+  .venv/bin/python -c 'from pimoe_export.native.libraries import find_plugin_library, check_plugin_library; print("    ", check_plugin_library(str(find_plugin_library())))' \
     || fail "the built TensorRT plugin library does not load"
-  .venv/bin/python -c 'from pimoe_export.artefacts.libraries import find_ort_cuda_library, check_ort_library; print("    ", check_ort_library(str(find_ort_cuda_library())))' \
+  .venv/bin/python -c 'from pimoe_export.native.libraries import find_ort_cuda_library, check_ort_library; print("    ", check_ort_library(str(find_ort_cuda_library())))' \
     || fail "the built libpimoe_ort_cuda (CUDA execution-provider kernels) does not load"
 fi
 step "done: activate with 'source .venv/bin/activate' or call .venv/bin/pimoe-export"

@@ -77,16 +77,16 @@ def get_backend(name: str):
         if name == "ort":
             _BACKENDS[name] = OrtOpBackend()
         elif name == "trt-harness":
-            from pimoe_export.runtime.harness import cuda_backend_or_none
+            from pimoe_export.testing.harness import cuda_backend_or_none
 
             _BACKENDS[name] = cuda_backend_or_none()
         elif name == "emu":
-            from pimoe_export.runtime.harness import emulated_backend_or_none
+            from pimoe_export.testing.harness import emulated_backend_or_none
 
             _BACKENDS[name] = emulated_backend_or_none()
         elif name == "ort-cuda-emu":
-            from pimoe_export.artefacts.libraries import find_ort_cuda_library
             from pimoe_export.errors import PluginLoadError
+            from pimoe_export.native.libraries import find_ort_cuda_library
 
             try:
                 _BACKENDS[name] = OrtOpBackend(str(find_ort_cuda_library(emulated=True)))

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # make tests/oracle.py importable as `oracle`
+TESTS = Path(__file__).parent
+#: the test helpers (tests/oracle.py, backends.py, op_graphs.py) and the test modules of every folder importable by
+#: their names from any folder (test file names are unique across folders)
+sys.path[:0] = [str(TESTS), *(str(p) for p in sorted(TESTS.iterdir()) if p.is_dir() and any(p.glob("test_*.py")))]
 
 # hypothesis profile: CI runs the stated example counts, deterministic derandomised search
 try:
@@ -28,3 +31,66 @@ def _deterministic_torch():
 
     torch.manual_seed(0)
     yield
+
+
+# ------------------------------------------------------------------------------------------ shared tiny artefacts
+@pytest.fixture(scope="session")
+def exported_layer(tmp_path_factory):
+    """Tiny exported PiMoE layers, each built once per session: ``exported_layer(preset, seed, precision)`` ->
+    (model, ONNX path). Tests may read both but change neither (copy the model first)."""
+    from pimoe_export.export.exporter import export_onnx
+    from pimoe_export.model.factory import create_from_preset
+
+    cache: dict[tuple[str, int, str], tuple[object, Path]] = {}
+
+    def get(preset: str = "tiny", seed: int = 0, precision: str = "fp32") -> tuple[object, Path]:
+        key = (preset, seed, precision)
+        if key not in cache:
+            model = create_from_preset(preset, seed=seed).eval()
+            path = tmp_path_factory.mktemp(f"{preset}-seed{seed}-{precision}") / "model.onnx"
+            export_onnx(model, path, precision=precision)
+            cache[key] = (model, path)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny BERT (2 layers, H=32) with a tokenizer, saved as a Hugging Face model directory (safetensors, randomly
+    initialised from a transformers config: no download), and ``sentences.txt`` (80 lines of its words) next to it.
+    Skips without the hf extra."""
+    transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    import numpy as np
+    import torch
+
+    words = [f"w{i}" for i in range(60)]
+    root = tmp_path_factory.mktemp("bert")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+    model = transformers.BertModel(config).eval()
+    directory = root / "tiny-bert"
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+    rng = np.random.default_rng(0)
+    text = root / "sentences.txt"
+    text.write_text("\n".join(" ".join(rng.choice(words, rng.integers(3, 20))) for _ in range(80)) + "\n")
+    return directory
+
+
+# PIMOE_TESTS_NO_EXPORT=1 (scripts/gpu_check.sh sets it for the GPU tests): any ONNX export (torch.onnx.export, the
+# exporter's only entry) raises, in every fixture and test, so a GPU run never depends on the exporter of the GPU
+# machine (its torch / onnx-ir versions differ from the ones the exporter is developed on). The dry run of
+# gpu_check.sh runs the same test selection with it, which proves the selection export-free.
+if os.environ.get("PIMOE_TESTS_NO_EXPORT") == "1":
+    import torch.onnx
+
+    def _refuse_export(*args, **kwargs):
+        raise RuntimeError("PIMOE_TESTS_NO_EXPORT=1: this test exports ONNX, which the GPU check must not depend on "
+                           "(compute what it needs in memory, as tests/emu/test_gpu_layer.py does)")
+
+    torch.onnx.export = _refuse_export

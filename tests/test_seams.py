@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pimoe_export"
 
 #: the pipeline, in order: a subpackage may import only those before it (and the foundation)
-ORDER = ("model", "ops", "export", "quantize", "artefacts", "deploy", "runtime", "validate", "bench", "pipeline",
-         "cli")
+ORDER = ("model", "ops", "native", "hf", "export", "quantize", "artifacts", "build", "runtime", "serve", "testing",
+         "validate", "bench", "pipeline", "cli")
 #: imported by everything, importing nothing of the pipeline
 FOUNDATION = ("errors", "interface", "_files")
 MAX_FUNCTION_LINES = 80
@@ -131,6 +131,13 @@ FACTS = {
     "contract limits": (r"^\s*(MAX_EXPERTS|MAX_TOP_K|MAX_LAYERS|INT32_LIMIT)\s*[:=]", _python_sources, INTERFACE),
     "default profiles": (r"^\s*\w*PROFILE\w*\s*(: [^=]+)?=\s*Profile\(", _python_sources, INTERFACE),
     "tolerances": (r"\bTolerances\(", _python_sources, INTERFACE),
+    "model input names": (r"""["'](attention_mask|input_ids)["']""", _python_sources, INTERFACE),
+    "the unit manifest's file name": (r"""["']manifest\.json["']""", _python_sources,
+                                      {"pimoe_export/artifacts/manifest.py"}),
+    "the checkpoint weights' file name": (r"""["']model\.safetensors["']""", _python_sources,
+                                          {"pimoe_export/model/io.py"}),
+    "op names": (r"""["']PiMoE(Route|Dispatch|ExpertMLP|Combine)["']""", _python_sources,
+                 {"pimoe_export/ops/schema.py"}),
     "ONNX opset": (r"opset_version\s*=\s*\d", _python_sources, INTERFACE),
     "CUDA architecture list": (r"""80.{1,4}86""",
                                lambda: [p for p in _tracked("pimoe_export", "scripts", "plugins", "docker",
@@ -162,6 +169,10 @@ def test_the_stray_copy_search_finds_a_planted_copy(tmp_path) -> None:
         "contract limits": "MAX_TOP_K = 16",
         "default profiles": "MY_PROFILE = Profile((1, 1), (1, 8), (4, 64))",
         "tolerances": "Tolerances(1e-5, 1e-5)",
+        "model input names": 'mask = feed["attention_mask"]',
+        "the unit manifest's file name": 'path = unit / "manifest.json"',
+        "the checkpoint weights' file name": 'save_file(state, directory / "model.safetensors")',
+        "op names": 'routes = [n for n in graph.node if n.op_type == "PiMoERoute"]',
         "ONNX opset": "torch.onnx.export(m, x, f, opset_version=18)",
         "CUDA architecture list": 'set(archs "80;86;89")',
         "contract limits in the C++/CUDA": "if (k > 16) return cudaErrorInvalidValue;",
@@ -172,6 +183,27 @@ def test_the_stray_copy_search_finds_a_planted_copy(tmp_path) -> None:
         probe = tmp_path / f"probe{suffix}"
         probe.write_text(line + "\n")
         assert re.search(FACTS[fact][0], line), fact
+
+
+def _british_spelt_identifiers(files: list[Path]) -> list[str]:
+    import io
+    import tokenize
+
+    hits = []
+    for path in files:
+        for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            if token.type == tokenize.NAME and "artefact" in token.string.lower():
+                hits.append(f"{path.name}:{token.start[0]}: {token.string}")
+    return hits
+
+
+def test_identifiers_spell_artifact_one_way(tmp_path) -> None:
+    """Names in code say "artifact" (ArtifactError, the artifacts package, the manifest's artifacts); prose may
+    say artefact."""
+    assert not _british_spelt_identifiers(_tracked("*.py")), _british_spelt_identifiers(_tracked("*.py"))
+    probe = tmp_path / "probe.py"
+    probe.write_text('"""an artefact in prose"""\ndef check_artefacts():  # and in a comment: artefact\n    pass\n')
+    assert _british_spelt_identifiers([probe]) == ["probe.py:2: check_artefacts"]
 
 
 def test_docker_images_default_to_the_interface_targets() -> None:
@@ -200,12 +232,107 @@ def test_scripts_do_not_import_tests() -> None:
     assert not hits, hits
 
 
-def test_every_repository_path_the_docs_name_exists() -> None:
-    """Docs drift when code moves: each `pimoe_export/...py`, `scripts/...` or `tests/...py` path they name exists."""
-    pattern = re.compile(r"(?<![\w/.])((?:pimoe_export|scripts|tests)/[\w/]+\.(?:py|sh))")
-    missing = []
-    for doc in _tracked("*.md"):
+#: repository paths docs name: a file or a folder under one of the tracked top-level folders (engines/ holds outputs)
+DOC_PATH = re.compile(r"(?<![\w/.-])((?:pimoe_export|scripts|tests|plugins|docs|docker)/[\w/.*-]*)")
+#: dotted module names docs name: pimoe_export.<package>[.<module>][.<attribute>]
+DOC_MODULE = re.compile(r"(?<![\w/.])(pimoe_export(?:\.\w+)+)")
+
+
+def _top_level_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, ast.ImportFrom | ast.Import):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def _stale_doc_references(root: Path, docs: list[Path]) -> list[str]:
+    """Every path, folder or dotted module name the docs give that does not exist under ``root`` (a path: from the
+    root or from the doc's folder, globs matching something; a dotted name: the longest prefix that is a module, and
+    the first attribute after it, which the module must define)."""
+    stale = []
+    for doc in docs:
         for number, line in enumerate(doc.read_text().splitlines(), 1):
-            missing += [f"{doc.relative_to(ROOT)}:{number}: {m}" for m in pattern.findall(line)
-                        if not (ROOT / m).exists()]
-    assert not missing, missing
+            where = f"{doc.relative_to(root)}:{number}"
+            for path in DOC_PATH.findall(line):  # from the repository root, or from the doc's folder (a glob too)
+                path = path.rstrip(".")
+                if not any(next(base.glob(path), None) for base in (root, doc.parent)):
+                    stale.append(f"{where}: {path}")
+            for dotted in DOC_MODULE.findall(line):
+                parts = dotted.split(".")
+                for end in range(len(parts), 0, -1):
+                    base = root.joinpath(*parts[:end])
+                    module = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+                    if module.is_file():
+                        rest = parts[end:]
+                        if rest and rest[0] not in _top_level_names(module) and not (base / f"{rest[0]}.py").exists():
+                            stale.append(f"{where}: {dotted} ({rest[0]} is not in {module.relative_to(root)})")
+                        break
+                else:
+                    stale.append(f"{where}: {dotted}")
+    return stale
+
+
+def test_every_module_folder_and_path_the_docs_name_exists() -> None:
+    """Docs drift when code moves: every repository path and folder (pimoe_export/..., scripts/..., tests/...,
+    plugins/..., docs/..., docker/...) and every dotted module name (pimoe_export.a.b[.name]) that a
+    Markdown file gives exists."""
+    stale = _stale_doc_references(ROOT, _tracked("*.md"))
+    assert not stale, stale
+
+
+def test_every_module_and_path_the_shell_scripts_and_dockerfiles_name_exists() -> None:
+    """The same for shell scripts and Dockerfiles (they name test files, modules in inline Python, folders)."""
+    scripts = [p for p in _tracked("*.sh", "docker", ".ci") if p.suffix == ".sh" or p.name in ("Dockerfile", "run")]
+    stale = _stale_doc_references(ROOT, scripts)
+    assert not stale, stale
+
+
+def test_the_docs_check_finds_planted_stale_names(tmp_path) -> None:
+    """The checker can fail: a moved module, a vanished folder, a renamed file and a missing attribute are found."""
+    (tmp_path / "pimoe_export" / "runtime").mkdir(parents=True)
+    (tmp_path / "pimoe_export" / "__init__.py").write_text("")
+    (tmp_path / "pimoe_export" / "runtime" / "__init__.py").write_text("")
+    (tmp_path / "pimoe_export" / "runtime" / "engine.py").write_text("class Engine:\n    pass\n")
+    doc = tmp_path / "README.md"
+    doc.write_text("`pimoe_export.runtime.engine.Engine` and `pimoe_export/runtime/` exist;\n"
+                   "`pimoe_export.runtime.harness`, `pimoe_export.build.tensorrt`, `pimoe_export/deploy/`,\n"
+                   "`tests/test_gone.py` and `pimoe_export.runtime.engine.RunError` do not.\n")
+    stale = _stale_doc_references(tmp_path, [doc])
+    assert sorted(s.split(": ", 1)[1].split(" ")[0] for s in stale) == [
+        "pimoe_export.build.tensorrt", "pimoe_export.runtime.engine.RunError", "pimoe_export.runtime.harness",
+        "pimoe_export/deploy/", "tests/test_gone.py"], stale
+
+
+def _imported_modules(path: Path) -> list[tuple[str, int]]:
+    """(top-level module, line) of every import in the file, at any depth (relative imports: the package's)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(a.name.split(".")[0], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.append((node.module.split(".")[0], node.lineno))
+    return found
+
+
+def _transformers_outside_hf(package: Path) -> list[str]:
+    return [f"{path.relative_to(package.parent)}:{line}" for path in sorted(package.rglob("*.py"))
+            for module, line in _imported_modules(path)
+            if module == "transformers" and path.relative_to(package).parts[0] != "hf"]
+
+
+def test_transformers_is_imported_only_in_the_hugging_face_package() -> None:
+    offenders = _transformers_outside_hf(PACKAGE)
+    assert not offenders, f"transformers imported outside pimoe_export/hf: {offenders}"
+
+
+def test_the_transformers_check_finds_a_planted_import(tmp_path) -> None:
+    for folder, text in (("hf", "import transformers\n"), ("export", "def f():\n    from transformers import x\n")):
+        (tmp_path / "pimoe_export" / folder).mkdir(parents=True)
+        (tmp_path / "pimoe_export" / folder / "probe.py").write_text(text)
+    assert _transformers_outside_hf(tmp_path / "pimoe_export") == ["pimoe_export/export/probe.py:2"]

@@ -1,5 +1,5 @@
-"""The pipeline's benchmark summary: the PiMoE layer in PyTorch vs its ONNX graphs on ONNX Runtime (CPU), medians
-of repeated runs, and the Markdown table of it (docs/benchmarks.md holds the full benchmarks and their commands)."""
+"""The pipeline's benchmark summary: the model in PyTorch vs its ONNX graphs on ONNX Runtime (CPU), medians of
+repeated runs, and the Markdown table of it (docs/benchmarks.md holds the full benchmarks and their commands)."""
 
 from __future__ import annotations
 
@@ -10,31 +10,27 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pimoe_export.bench.timing import median_ms
-from pimoe_export.interface import LAYER_INPUT
 
 
-def benchmark_layer(model: Any, variants: Mapping[str, Path], tokens: Sequence[int] = (1, 16, 128),
-                    repeats: int = 20) -> list[dict[str, Any]]:
-    """One row per token count: ``pytorch_ms`` and ``<variant>_ms`` for every ONNX graph in ``variants``."""
+def benchmark_source(source: Any, variants: Mapping[str, Path], tokens: Sequence[int] = (1, 16, 128),
+                     repeats: int = 20) -> list[dict[str, Any]]:
+    """One row per token count (batch 1): ``pytorch_ms`` of the source's module and ``<variant>_ms`` of every ONNX
+    graph in ``variants``, on the source's seeded random inputs."""
     import torch
 
     from pimoe_export.runtime.ort import create_session
 
-    inputs = {t: np.random.default_rng(t).standard_normal((1, t, model.hidden_size)).astype(np.float32)
-              for t in tokens}
+    inputs = {t: source.random_feed(1, t, t) for t in tokens}
     table: dict[int, dict[str, Any]] = {t: {"tokens": t} for t in tokens}
     with torch.inference_mode():
         for t in tokens:
-            xt = torch.from_numpy(inputs[t])
-            table[t]["pytorch_ms"] = median_ms(lambda xt=xt: model(xt), repeats)
+            feed = {k: torch.from_numpy(v) for k, v in inputs[t].items()}
+            table[t]["pytorch_ms"] = median_ms(lambda feed=feed: source.module(**feed), repeats)
     for name, path in variants.items():  # one live session at a time (idle ORT pools spin)
         session = create_session(path)
         for t in tokens:
-            feeds = {LAYER_INPUT: inputs[t]}
-            table[t][f"{name}_ms"] = median_ms(lambda s=session, f=feeds: s.run(None, f), repeats)
+            table[t][f"{name}_ms"] = median_ms(lambda s=session, f=inputs[t]: s.run(None, f), repeats)
         del session
         gc.collect()
     return [table[t] for t in tokens]

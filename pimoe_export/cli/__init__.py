@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Sequence
 from types import ModuleType
 
-from pimoe_export.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, PiMoEError, exit_code
+from pimoe_export.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, exit_code, user_message
 
 COMMANDS = ("create", "info", "moefy", "export", "quantize", "check", "package", "build", "inspect", "triton",
             "serve", "pipeline")
@@ -56,24 +56,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pimoe-export {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except PiMoEError as exc:
+    except Exception as exc:  # one mapping for every failure: the user's to fix (a message, exit 2/3), or a bug (70)
         if args.debug:
             traceback.print_exc()
-        print(f"pimoe-export {args.command}: error: {exc}", file=sys.stderr)
+        message = user_message(exc)
+        if message is None:
+            print(f"pimoe-export {args.command}: internal error ({type(exc).__name__}: {exc}); this is a bug in "
+                  "pimoe-export: rerun with --debug for the traceback and report it", file=sys.stderr)
+            return EXIT_INTERNAL
+        print(f"pimoe-export {args.command}: error: {message}", file=sys.stderr)
         return exit_code(exc)
-    except OSError as exc:  # a file this command reads or writes (permissions, a full disk, a vanished path)
-        if args.debug:
-            traceback.print_exc()
-        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-        print(f"pimoe-export {args.command}: error: cannot access{where}: {exc.strerror or exc}; check the path "
-              "and its permissions", file=sys.stderr)
-        return exit_code(PiMoEError())
-    except Exception as exc:  # a bug: say so, briefly, and how to see more
-        if args.debug:
-            traceback.print_exc()
-        print(f"pimoe-export {args.command}: internal error ({type(exc).__name__}: {exc}); this is a bug in "
-              "pimoe-export: rerun with --debug for the traceback and report it", file=sys.stderr)
-        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

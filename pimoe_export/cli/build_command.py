@@ -33,7 +33,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pimoe_export.deploy.units import BuildOptions, build_unit
+    from pimoe_export.build.units import BuildOptions, build_unit
     from pimoe_export.interface import Profile
 
     options = BuildOptions(

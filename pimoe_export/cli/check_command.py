@@ -6,14 +6,14 @@ import argparse
 from pathlib import Path
 
 from pimoe_export.cli._common import SEED, add_force, shapes
-from pimoe_export.interface import LAYER_OUTPUT
 
 NAME = "check"
 HELP = "compare an ONNX graph or a unit with the PyTorch reference (Polygraphy) and write a report; exit 1 on failure"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", type=Path, help="checkpoint directory holding the PyTorch reference")
+    p.add_argument("model_dir", type=Path, help="checkpoint directory holding the PyTorch reference (a PiMoE layer, "
+                                                "or a whole model written by `pimoe-export moefy`)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--onnx", type=Path, help="exported (or quantised) ONNX to check on ONNX Runtime")
     target.add_argument("--unit", type=Path, help="a deployable unit (verified, then run as it ships)")
@@ -27,12 +27,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pimoe_export.model.io import load_pretrained
+    from pimoe_export.hf.importers import load_source
     from pimoe_export.validate.check import DEFAULT_SHAPES, check_onnx, check_unit
 
-    model = load_pretrained(args.model_dir)
+    source = load_source(args.model_dir)
+    model = source.module
     options = {"shapes": args.shapes or DEFAULT_SHAPES, "seed": args.seed, "plots": not args.no_plots,
-               "verbose": args.verbose, "force": args.force}
+               "verbose": args.verbose, "force": args.force, "feeds": source.evaluation}
     if args.unit is not None:
         target = args.unit
         report = check_unit(model, args.unit, args.output or args.unit / "report", **options)
@@ -40,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
         target = args.onnx
         report = check_onnx(model, args.onnx, args.output or args.onnx.with_name(args.onnx.stem + "_report"),
                             **options)
-    s = report.output_stats[LAYER_OUTPUT]
+    s = report.output_stats[report.primary]
     print(f"{'PASSED' if report.passed else 'FAILED'}: {target} ({report.precision}) vs PyTorch on {report.backend}")
-    print(f"  output: max abs {s.max_abs:.3e}, mean abs {s.mean_abs:.3e}, rel L2 {s.rel_l2:.3e}, cosine {s.cosine:.8f}")
+    print(f"  {report.primary}: max abs {s.max_abs:.3e}, mean abs {s.mean_abs:.3e}, rel L2 {s.rel_l2:.3e}, "
+          f"cosine {s.cosine:.8f}")
     verdict = "passed" if report.polygraphy_passed else "failed"
     print(f"  routing agreement {report.routing_agreement:.4%}; Polygraphy {verdict}")
     for failure in report.failures:

@@ -22,37 +22,17 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pimoe_export._files import output_file
-    from pimoe_export.export.onnx_export import export_onnx
-    from pimoe_export.model.moefy import is_moefied
+    from pimoe_export.errors import PiMoEInputError
+    from pimoe_export.export.exporter import export_source
+    from pimoe_export.hf.importers import load_source
 
-    precision = "fp16" if args.fp16 else "fp32"
-    if is_moefied(args.model_dir):
-        result = _export_whole_model(args, precision)
-    else:
-        from pimoe_export.model.io import load_pretrained
-
-        model = load_pretrained(args.model_dir)
-        path = output_file(args.output, force=args.force, command=NAME)
-        result = export_onnx(model, path, precision=precision, standard_ops=args.standard_ops)
+    source = load_source(args.model_dir)
+    if args.standard_ops and not source.standard_ops:
+        raise PiMoEInputError("--standard-ops exports a bare PiMoE layer; a whole model is exported with the pimoe "
+                              "ops (drop --standard-ops)")
+    path = output_file(args.output, force=args.force, command=NAME)
+    result = export_source(source, path, precision="fp16" if args.fp16 else "fp32", standard_ops=args.standard_ops)
     pimoe_nodes = {k: v for k, v in result.node_counts.items() if k.startswith("pimoe::")}
     print(f"exported {result.graph} {result.precision} graph to {result.path} in {result.seconds:.1f} s")
     print(f"  pimoe nodes: {pimoe_nodes or 'none (standard ops)'}; {sum(result.node_counts.values())} nodes in all")
     return 0
-
-
-def _export_whole_model(args: argparse.Namespace, precision: str):
-    """A `pimoe-export moefy` directory: input_ids + attention_mask in, every output + each layer's routing out."""
-    import torch
-
-    from pimoe_export._files import output_file
-    from pimoe_export.errors import PiMoEInputError
-    from pimoe_export.export.model_export import export_model
-    from pimoe_export.model.moefy import load_moefied, random_feeds
-
-    if args.standard_ops:
-        raise PiMoEInputError("--standard-ops exports a bare PiMoE layer; a whole model is exported with the pimoe "
-                              "ops (drop --standard-ops)")
-    model = load_moefied(args.model_dir)
-    example = {k: torch.from_numpy(v[:2]) for k, v in random_feeds(int(model.config.vocab_size), 0)[0].items()}
-    path = output_file(args.output, force=args.force, command=NAME)
-    return export_model(model, path, example, precision=precision, routing_outputs=True)

@@ -16,7 +16,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pimoe_export.artefacts.manifest import read_manifest, verify
+    from pimoe_export.artifacts.manifest import read_manifest, verify
     from pimoe_export.errors import EXIT_BAD_INPUT, ArtifactError
 
     manifest = read_manifest(args.unit_dir)  # a manifest that cannot be read at all is an error (exit 2)

@@ -1,4 +1,4 @@
-"""`pimoe-export moefy`: a Hugging Face BERT-family encoder with PiMoE feed-forward blocks (model/moefy.py)."""
+"""`pimoe-export moefy`: a Hugging Face BERT-family encoder with PiMoE feed-forward blocks (hf/moefy.py)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def non_negative(text: str) -> float:
 def _split(args: argparse.Namespace, vocab_size: int) -> tuple[list, list, str]:
     """(training feeds, held-out feeds, a description): the text's lines 4:1 by position (held out: every fifth,
     when there are at least 5), or seeded random token ids."""
-    from pimoe_export.model.moefy import random_feeds, read_lines, text_feeds
+    from pimoe_export.hf.feeds import random_feeds, read_lines, text_feeds
 
     if args.calib is None:
         return random_feeds(vocab_size, args.seed), random_feeds(vocab_size, args.seed + 1, ((4, 24),) * 2), \
@@ -63,17 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
     from pimoe_export._files import OutputDir
     from pimoe_export.errors import PiMoEConfigError
-    from pimoe_export.model.moefy import (
-        MANIFEST,
-        TOKENIZER_FILES,
-        WEIGHTS,
-        MoefySettings,
-        distil,
-        embedding_fidelity,
-        moefy,
-        require_transformers,
-        save_moefied,
-    )
+    from pimoe_export.hf.checkpoint import MANIFEST, TOKENIZER_FILES, require_transformers, save_moefied
+    from pimoe_export.hf.moefy import MoefySettings, distil, embedding_fidelity, moefy
+    from pimoe_export.model.io import WEIGHTS_FILE
 
     transformers = require_transformers()
     settings = MoefySettings(experts=args.experts, top_k=args.top_k, finetune_epochs=args.finetune_epochs,
@@ -90,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     train_t, held_t = ([{k: torch.from_numpy(np.asarray(v)) for k, v in f.items()} for f in feeds]
                        for feeds in (train, held))
     out = OutputDir(args.output, force=args.force, command="moefy")
-    for name in ("config.json", MANIFEST, WEIGHTS, REPORT, *TOKENIZER_FILES):
+    for name in ("config.json", MANIFEST, WEIGHTS_FILE, REPORT, *TOKENIZER_FILES):
         out.claim(name)
     torch.manual_seed(args.seed)
     original = copy.deepcopy(model.float().eval())

@@ -20,7 +20,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pimoe_export.deploy.units import package_ort
+    from pimoe_export.build.units import package_ort
 
     manifest = package_ort(args.onnx, args.output, library=args.library, force=args.force)
     print(f"packaged {manifest.precision} ONNX Runtime unit in {args.output} (op library: "

@@ -33,23 +33,17 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pimoe_export.model.moefy import is_moefied
     from pimoe_export.pipeline import run_pipeline
 
-    whole = args.model is not None and is_moefied(args.model)
-    if args.model is not None and not whole:  # read (and validate) the checkpoint before the output is touched
-        from pimoe_export.model.io import read_checkpoint_config
+    if args.model is not None:  # read (and validate) the model before the output is touched
+        from pimoe_export.hf.importers import check_source
 
-        read_checkpoint_config(args.model)
-    if args.calib is not None:
-        if not whole:
-            from pimoe_export.errors import PiMoEInputError
+        check_source(args.model, args.calib)
+    elif args.calib is not None:
+        from pimoe_export.errors import PiMoEInputError
 
-            raise PiMoEInputError("--calib applies to whole models (a `pimoe-export moefy` directory); a PiMoE "
-                                  "layer checkpoint calibrates on seeded hidden states")
-        from pimoe_export.model.moefy import read_lines
-
-        read_lines(args.calib)
+        raise PiMoEInputError("--calib applies to whole models (a `pimoe-export moefy` directory); a PiMoE layer "
+                              "preset calibrates on seeded hidden states")
     summary = run_pipeline(output=args.output, preset=args.preset, model_dir=args.model, seed=args.seed,
                            bench_repeats=args.bench_repeats, progress=not args.quiet, force=args.force,
                            calib_text=args.calib, int8_mode=args.int8_mode)

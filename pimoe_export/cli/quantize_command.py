@@ -14,11 +14,13 @@ HELP = "calibrate and write the W8A8 INT8 ONNX (experts int8, router fp32)"
 def configure(p: argparse.ArgumentParser) -> None:
     from pimoe_export.quantize.calibrate import METHODS
 
-    p.add_argument("model_dir", type=Path, help="checkpoint directory")
+    p.add_argument("model_dir", type=Path, help="checkpoint directory (a PiMoE layer, or a whole model written by "
+                                                "`pimoe-export moefy`)")
     p.add_argument("-o", "--output", required=True, type=Path, help="INT8 ONNX to write (e.g. model.int8.onnx)")
     p.add_argument("--calib", default=None,
                    help="calibration data: .npz/.npy/.safetensors of [N, H] or [B, S, H] hidden states "
-                        "(default: 4096 seeded standard-normal tokens)")
+                        "(default: 4096 seeded standard-normal tokens); for a whole text model, a text file with "
+                        "one sentence per line (default: 4 of 5 seeded random token batches)")
     p.add_argument("--method", choices=METHODS, default="entropy", help="activation threshold method")
     p.add_argument("--percentile", type=number(0, 100, open_low=True), default=99.99,
                    help="for --method percentile, in (0, 100]")
@@ -32,25 +34,25 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pimoe_export._files import output_file
-    from pimoe_export.model.io import load_pretrained
-    from pimoe_export.quantize import check_settings, quantize_model
+    from pimoe_export.hf.importers import load_source
+    from pimoe_export.quantize import check_settings, default_fp32_path, quantize_model
 
     mode = "w8a8_dynamic" if args.dynamic else "w8a8"
     check_settings(method=args.method, mode=mode, percentile=args.percentile, smooth_alpha=args.smooth_alpha,
                    max_tokens=args.calib_tokens)
-    model = load_pretrained(args.model_dir)
+    source = load_source(args.model_dir)
     path = output_file(args.output, force=args.force, command=NAME)
     if args.onnx is None:  # the fp32 export written next to the output
-        output_file(path.with_name(path.name.replace(".int8", "") + ".fp32.onnx") if ".int8" in path.name
-                    else path.with_suffix(".fp32.onnx"), force=args.force, command=NAME)
-    result = quantize_model(model, path, calibration=args.calib, method=args.method, mode=mode,
+        output_file(default_fp32_path(path), force=args.force, command=NAME)
+    result = quantize_model(source, path, calibration=args.calib, method=args.method, mode=mode,
                             percentile=args.percentile, smooth_alpha=args.smooth_alpha, fp32_onnx=args.onnx,
                             max_tokens=args.calib_tokens, progress=True)
-    info = result.params.info
-    print(f"wrote {result.onnx_path} ({info['mode']}, activations: {info['method']}, "
-          f"{info['calibration_tokens']} calibration tokens; router fp32)")
-    if info["uncalibrated_experts"]:
-        print(f"  warning: experts {info['uncalibrated_experts']} received no calibration token; they use their "
-              f"group's widest range. Calibrate with more (or more varied) data.")
+    summary = result.summary()
+    print(f"wrote {result.onnx_path} ({summary['mode']}, activations: {summary['method']}, "
+          f"{summary['calibration_tokens']} calibration tokens; router fp32)")
+    for layer, experts in summary["uncalibrated_experts"].items():
+        where = f" of {layer}" if layer else ""
+        print(f"  warning: experts {experts}{where} received no calibration token; they use their group's widest "
+              "range. Calibrate with more (or more varied) data.")
     print(f"  check it: pimoe-export check {args.model_dir} --onnx {result.onnx_path}")
     return 0

@@ -40,7 +40,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pimoe_export.runtime.serve import ServeOptions, Server, import_pytriton, load_models
+    from pimoe_export.serve.server import ServeOptions, Server, import_pytriton, load_models
 
     import_pytriton()  # exit 3 with the install hint before any unit is loaded
     options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,

@@ -30,7 +30,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pimoe_export.deploy.triton import write_triton_repository
+    from pimoe_export.serve.triton import write_triton_repository
 
     model = write_triton_repository(
         args.unit_dir, args.output, name=args.name, max_batch_size=args.max_batch_size, instances=args.instances,

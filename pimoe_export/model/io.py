@@ -61,7 +61,8 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
             f"{directory} is not a pimoe-export checkpoint: {CONFIG_FILE} is missing; create one with "
             f"`pimoe-export create --preset NAME -o {directory}` or model.save_pretrained()"
         )
-    return read_format_json(path, CHECKPOINT_FORMAT, "checkpoint", "re-save it")
+    return read_format_json(path, CHECKPOINT_FORMAT, "checkpoint", "re-save it",
+                            fields={"architecture": str, "config": dict})
 
 
 def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> PiMoESystem:

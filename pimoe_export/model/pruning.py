@@ -39,6 +39,17 @@ class PruningReport:
         return data
 
 
+def merge_reports(reports: dict[str, PruningReport]) -> PruningReport:
+    """One report over several PiMoE layers (by module path): counts summed, the largest output change, each
+    per-expert row tagged with its layer's path (a bare layer's, path "", untagged)."""
+    first, every = next(iter(reports.values())), list(reports.values())
+    changes = [r.output_rel_l2_change for r in every if r.output_rel_l2_change is not None]
+    rows = [{**row, "layer": path} if path else row for path, r in reports.items() for row in r.per_expert]
+    return PruningReport(first.method, first.amount, sum(r.params_before for r in every),
+                         sum(r.params_after for r in every), sum(r.nonzero_before for r in every),
+                         sum(r.nonzero_after for r in every), rows, max(changes) if changes else None)
+
+
 def _expert_counts(experts: nn.ModuleList) -> tuple[int, int]:
     params = [p for ex in experts for p in ex.parameters()]
     return sum(p.numel() for p in params), sum(int((p != 0).sum()) for p in params)

@@ -4,9 +4,10 @@ need of them, so they cannot drift:
 - ``plugins/common/pimoe_contract.h`` (names, limits, enums for the C++ kernels and plugins);
 - the tables of ``docs/op_contract.md`` between its ``generated:contract`` markers (inputs, outputs, attributes
   with their allowed values, limits);
-- ``plugins/cmake/cuda_architectures.txt`` (the nvcc targets CMake builds by default).
+- ``plugins/cmake/cuda_architectures.txt`` (the nvcc targets CMake builds by default);
+- ``plugins/trt/<op>/<Op>_PluginConfig.yaml`` (TensorRT OSS-style plugin configs: :mod:`.plugin_configs`).
 
-``python -m pimoe_export.ops.codegen`` rewrites all three; ``--check`` exits non-zero if a committed file differs
+``python -m pimoe_export.ops.codegen`` rewrites them all; ``--check`` exits non-zero if a committed file differs
 from what the sources generate (the test-suite runs the same comparison).
 """
 
@@ -130,14 +131,15 @@ def _doc_with_tables(current: str) -> str:
 def generated_files() -> dict[Path, str]:
     """Every generated file and its expected content."""
     from pimoe_export.interface import CUDA_ARCHITECTURES
+    from pimoe_export.ops.plugin_configs import generated_configs
 
     return {HEADER: generate(), CONTRACT_DOC: _doc_with_tables(CONTRACT_DOC.read_text()),
-            ARCHITECTURES: ";".join(CUDA_ARCHITECTURES) + "\n"}
+            ARCHITECTURES: ";".join(CUDA_ARCHITECTURES) + "\n", **generated_configs()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="fail if the committed header is out of date")
+    parser.add_argument("--check", action="store_true", help="fail if a committed file is out of date")
     args = parser.parse_args(argv)
     stale = []
     for path, text in generated_files().items():

@@ -110,10 +110,10 @@ def check_graph(model: str | Path | Any) -> None:
     names in another domain, an op of our domain the contract does not define, a ``pimoe`` opset newer than this
     package's, an attribute out of range or newer than the graph's opset, inconsistent route attributes (also against
     the dispatch's num_experts), a route whose k exceeds the dispatch's num_experts."""
-    import onnx
+    from pimoe_export.interface import read_onnx
 
     source = str(model) if isinstance(model, (str, Path)) else "the model"
-    proto = onnx.load(str(model), load_external_data=False) if isinstance(model, (str, Path)) else model
+    proto = read_onnx(model) if isinstance(model, (str, Path)) else model
     problems: list[str] = []
     version = pimoe_opset(proto) or schema.OPSET_VERSION
     if version > schema.OPSET_VERSION:
@@ -148,3 +148,22 @@ def check_graph(model: str | Path | Any) -> None:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise ArtifactError(f"{source} breaks the pimoe op contract: {shown}. Re-export it with `pimoe-export "
                             "export` (or `quantize`) from a valid checkpoint")
+
+
+def elements_per_token(model: Any) -> int:
+    """The largest number of elements a pimoe op of ``model`` (a ModelProto) indexes per token: E for the routing
+    probabilities, k times the widest activation for the dispatched rows (0 without pimoe ops). The contract keeps
+    every indexed count below INT32_LIMIT, so a graph runs at most ``(INT32_LIMIT - 1) // elements_per_token``
+    tokens per call."""
+    k, widest, experts = 1, 1, 1
+    for node in model.graph.node:
+        if node.domain != schema.DOMAIN:
+            continue
+        attrs = {a.name: _attribute_value(a) for a in node.attribute}
+        if node.op_type == schema.ROUTE and isinstance(attrs.get("k"), int):
+            k = max(k, attrs["k"])
+        elif node.op_type == schema.DISPATCH and isinstance(attrs.get("num_experts"), int):
+            experts = max(experts, attrs["num_experts"])
+        elif node.op_type == schema.EXPERT_MLP and attrs.get("widths"):
+            widest = max(widest, *(int(w) for w in attrs["widths"]))
+    return max(experts, k * widest) if any(n.domain == schema.DOMAIN for n in model.graph.node) else 0

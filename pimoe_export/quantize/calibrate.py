@@ -16,9 +16,8 @@ scale = threshold / 127 (symmetric int8, codes in [-127, 127]).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,80 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from pimoe_export.errors import PiMoEInputError
-from pimoe_export.interface import LAYER_INPUT
 from pimoe_export.model import functional
 from pimoe_export.model.system import PiMoESystem
 
 METHODS = ("max", "percentile", "entropy", "mse")
 BINS = 2048
 QLEVELS = 127
-
-
-# ------------------------------------------------------------------------------------------ data
-def _read_calibration_file(path: Path) -> list[Any]:
-    """The arrays of a .npz (every array, or the one named ``hidden_states``), .npy or .safetensors file; a file
-    that cannot be read as one (corrupt, pickled objects, another format) is a PiMoEInputError."""
-    if not path.is_file():
-        raise PiMoEInputError(f"calibration data {path} does not exist")
-    if path.suffix not in (".npz", ".npy", ".safetensors"):
-        raise PiMoEInputError(f"calibration data {path}: expected .npz, .npy or .safetensors")
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                keys = [LAYER_INPUT] if LAYER_INPUT in archive.files else archive.files
-                return [archive[k] for k in keys]
-        if path.suffix == ".npy":
-            return [np.load(path, allow_pickle=False)]
-        from safetensors.numpy import load_file
-
-        return list(load_file(str(path)).values())
-    except Exception as exc:  # numpy/zipfile/safetensors each raise their own types for a bad file
-        raise PiMoEInputError(f"calibration data {path} cannot be read as {path.suffix} ({type(exc).__name__}: "
-                              f"{str(exc)[:200]}); write it with numpy.savez / numpy.save / safetensors") from None
-
-
-def load_calibration_data(data: Any, hidden_size: int, max_tokens: int | None = None) -> list[torch.Tensor]:
-    """Calibration batches as a list of fp32 [B, S, H] tensors.
-
-    Accepts a tensor/array ([N, H] or [B, S, H]), a path to ``.npz`` (every array, or the one named
-    ``hidden_states``), ``.safetensors`` or ``.npy``, or an iterable of tensors/arrays.
-    """
-    if isinstance(data, (str, Path)):
-        items: Iterable[Any] = _read_calibration_file(Path(data))
-    elif isinstance(data, (torch.Tensor, np.ndarray)):
-        items = [data]
-    else:
-        items = data
-    batches: list[torch.Tensor] = []
-    tokens = 0
-    for item in items:
-        array = item if isinstance(item, torch.Tensor) else np.asarray(item)
-        if not isinstance(array, torch.Tensor) and array.dtype.kind not in "fiu":
-            raise PiMoEInputError(f"calibration data must hold numbers (float arrays [N, {hidden_size}] or "
-                                  f"[B, S, {hidden_size}]), got an array of dtype {array.dtype}")
-        t = torch.as_tensor(array).float()
-        if t.dim() == 2:
-            t = t.unsqueeze(0)
-        if t.dim() != 3 or t.shape[-1] != hidden_size:
-            raise PiMoEInputError(f"calibration tensors must be [N, {hidden_size}] or [B, S, {hidden_size}], "
-                                  f"got {tuple(t.shape)}")
-        if not torch.isfinite(t).all():
-            raise PiMoEInputError("calibration data contains NaN or Inf; clean it before calibrating")
-        if max_tokens is not None and tokens + t.shape[0] * t.shape[1] > max_tokens:  # at most max_tokens in all
-            t = t.reshape(1, -1, hidden_size)[:, : max_tokens - tokens]
-        batches.append(t)
-        tokens += t.shape[0] * t.shape[1]
-        if max_tokens is not None and tokens >= max_tokens:
-            break
-    if not batches or tokens == 0:
-        raise PiMoEInputError("calibration data is empty")
-    return batches
-
-
-def random_calibration_data(hidden_size: int, tokens: int = 4096, seed: int = 0) -> list[torch.Tensor]:
-    """Default data when the user gives none: standard normal tokens (documented, seeded)."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(1, 256, hidden_size, generator=g) for _ in range(max(1, tokens // 256))]
 
 
 # ------------------------------------------------------------------------------------------ observation
@@ -179,6 +110,9 @@ def collect_stats(
             bar.update(1)
         for (e, layer), entry in stats.layers.items():
             assert entry.channel_amax is not None
+            if not np.isfinite(entry.channel_amax).all():
+                raise PiMoEInputError(f"the calibration data drives expert {e}'s layer {layer} input to NaN or Inf "
+                                      "(an overflow of float32 on the way); scale or clean the calibration data")
             if smooth_alpha:
                 weight = model.experts[e].layers[layer].weight
                 entry.smooth = smoothing_factors(entry.channel_amax, weight, smooth_alpha)

@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 
 from pimoe_export.errors import PiMoEExportError
 from pimoe_export.export.modules import CustomOpPiMoE
-from pimoe_export.interface import META_PRECISION, META_QUANT
+from pimoe_export.interface import META_PRECISION, META_QUANT, read_onnx
 from pimoe_export.model.system import PiMoESystem
 from pimoe_export.ops import schema
 from pimoe_export.quantize.calibrate import CalibrationStats, threshold
@@ -115,20 +115,13 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _groups_for(nodes: list[onnx.NodeProto], params: QuantParams | list[QuantParams], source: Any) -> list[GroupQuant]:
-    """The quantisation parameters of each PiMoEExpertMLP node. One layer: matched by expert ids. A whole model
-    (one QuantParams per PiMoE layer, in the order the layers run): matched in graph order, each node checked."""
-    layers = params if isinstance(params, list) else [params]
-    groups = [g for p in layers for g in p.groups]
+def _groups_for(nodes: list[onnx.NodeProto], params: list[QuantParams], source: Any) -> list[GroupQuant]:
+    """The quantisation parameters of each PiMoEExpertMLP node: one QuantParams per PiMoE layer, in the order the
+    layers run (the order of their nodes in the graph), each node checked against its group."""
+    groups = [g for p in params for g in p.groups]
     if len(nodes) != len(groups):
         raise PiMoEExportError(f"{source} has {len(nodes)} PiMoEExpertMLP nodes, the quantisation parameters "
                                f"cover {len(groups)} expert groups; quantise the ONNX exported from this model")
-    if not isinstance(params, list):
-        by_ids = {tuple(g.expert_ids): g for g in groups}
-        missing = [_attrs(n)["expert_ids"] for n in nodes if tuple(_attrs(n)["expert_ids"]) not in by_ids]
-        if missing:
-            raise PiMoEExportError(f"no quantisation parameters for expert group {missing[0]}")
-        return [by_ids[tuple(_attrs(n)["expert_ids"])] for n in nodes]
     for node, group in zip(nodes, groups, strict=True):
         attrs = _attrs(node)
         widths = [int(w) for w in attrs["widths"]]
@@ -142,16 +135,18 @@ def _groups_for(nodes: list[onnx.NodeProto], params: QuantParams | list[QuantPar
 def write_int8_onnx(fp32_onnx: str | Path, params: QuantParams | list[QuantParams], out_path: str | Path,
                     info: dict[str, Any] | None = None) -> Path:
     """Rewrite the fp32 custom-op graph: every PiMoEExpertMLP gets int8 weights, per-channel scales and the
-    activation scales; everything else (router included) stays as exported. ``params``: one QuantParams (a layer
-    graph) or one per PiMoE layer of a whole-model graph, in execution order (``info`` then describes them all)."""
-    from pimoe_export.export.onnx_export import set_metadata, validate_onnx
+    activation scales; everything else (router included) stays as exported. ``params``: one QuantParams per PiMoE
+    layer of the graph, in the order the layers run (one alone for a graph of one layer); ``info`` describes them
+    all (default: the first layer's)."""
+    from pimoe_export.export.exporter import set_metadata, validate_onnx
 
-    proto = onnx.load(str(fp32_onnx))
+    proto = read_onnx(fp32_onnx, external_data=True)
     graph = proto.graph
     nodes = [n for n in graph.node if n.domain == schema.DOMAIN and n.op_type == schema.EXPERT_MLP]
     if any(_attrs(n).get("quant_mode", b"none") not in (b"none", "none") for n in nodes):
         raise PiMoEExportError(f"{fp32_onnx} is already quantised")
-    mode = params[0].mode if isinstance(params, list) else params.mode
+    params = params if isinstance(params, list) else [params]
+    mode = params[0].mode
     new_inits = []
     for index, (node, group) in enumerate(zip(nodes, _groups_for(nodes, params, fp32_onnx), strict=True)):
         attrs = _attrs(node)
@@ -187,7 +182,7 @@ def write_int8_onnx(fp32_onnx: str | Path, params: QuantParams | list[QuantParam
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    info = info if info is not None else (params[0].info if isinstance(params, list) else params.info)
+    info = info if info is not None else params[0].info
     set_metadata(proto, {META_PRECISION: mode, META_QUANT: json.dumps(info, sort_keys=True)})
     proto = validate_onnx(proto)
     out_path = Path(out_path)
@@ -198,7 +193,7 @@ def write_int8_onnx(fp32_onnx: str | Path, params: QuantParams | list[QuantParam
 
 def read_quant_params(onnx_path: str | Path) -> QuantParams:
     """The quantisation parameters stored in an INT8 ONNX (codes, scales, activation scales)."""
-    proto = onnx.load(str(onnx_path))
+    proto = read_onnx(onnx_path, external_data=True)
     inits = {t.name: t for t in proto.graph.initializer}
     meta = {p.key: p.value for p in proto.metadata_props}
     groups = []

@@ -1,4 +1,4 @@
-"""`Engine`: one API over the backends that serve a deployable unit (see pimoe_export.artefacts.manifest).
+"""`Engine`: one API over the backends that serve a deployable unit (see pimoe_export.artifacts.manifest).
 
     engine = Engine.load("engines/seed-512/ort-int8")     # the unit is verified before anything is loaded
     y = engine.run(x)                                      # numpy in -> numpy out, torch in -> torch out
@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from pimoe_export.artefacts.manifest import Unit, read_manifest, verify
-from pimoe_export.errors import ArtifactError, BackendUnavailableError, PiMoEError, PiMoEInputError
+from pimoe_export.artifacts.manifest import Unit, read_manifest, verify
+from pimoe_export.errors import ArtifactError, BackendUnavailableError, PiMoEInputError, RunError
 from pimoe_export.interface import (
     BATCH_AXIS,
+    INT32_LIMIT,
     LAYER_OUTPUTS,
     MAX_HOST_ELEMENTS,
     SEQUENCE_AXIS,
@@ -38,10 +39,6 @@ from pimoe_export.interface import (
     TensorInterface,
     element_count,
 )
-
-
-class RunError(PiMoEError, RuntimeError):
-    """The backend refused to run the unit on these inputs (its own message is kept)."""
 
 
 def _is_torch(x: Any) -> bool:
@@ -94,6 +91,10 @@ class Engine:
         if element_count(shape) > MAX_HOST_ELEMENTS:
             raise PiMoEInputError(f"input {spec.name} has {element_count(shape)} elements, more than "
                                   f"{MAX_HOST_ELEMENTS}; split the batch")
+        if batch * sequence > self.unit.max_tokens:  # before anything is copied: a broadcast input costs nothing yet
+            raise PiMoEInputError(f"input {spec.name} holds {batch * sequence} tokens; this unit's ops index at most "
+                                  f"{self.unit.max_tokens} per call (the op contract's element counts stay below "
+                                  f"{INT32_LIMIT}); split the batch")
         return batch, sequence
 
     def _feeds(self, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], bool]:
@@ -152,7 +153,7 @@ class Engine:
 
 class OrtEngine(Engine):
     def __init__(self, unit_dir: Path, threads: int | None = None, providers: list[str] | None = None) -> None:
-        from pimoe_export.artefacts.libraries import import_onnxruntime
+        from pimoe_export.native.libraries import import_onnxruntime
         from pimoe_export.runtime.ort import create_session
 
         ort = import_onnxruntime()
@@ -179,8 +180,8 @@ class TensorRTEngine(Engine):
     """TensorRT backend (needs TensorRT + a GPU of a target SM; exercised in the docker/ server image)."""
 
     def __init__(self, unit_dir: Path) -> None:
-        from pimoe_export.artefacts.devices import local_gpu_sm
-        from pimoe_export.artefacts.tensorrt import import_tensorrt, load_plugin_library, process_logger
+        from pimoe_export.native.devices import local_gpu_sm
+        from pimoe_export.native.tensorrt_loader import import_tensorrt, load_plugin_library, process_logger
 
         manifest = verify(unit_dir).manifest  # integrity first: a tampered unit is refused whatever the machine
         if manifest.backend == "tensorrt-rtx":

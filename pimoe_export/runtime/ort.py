@@ -11,14 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pimoe_export.artefacts.libraries import (
+from pimoe_export.errors import ArtifactError, PluginLoadError
+from pimoe_export.interface import MIN_ONNXRUNTIME, version_tuple
+from pimoe_export.native.libraries import (
     check_ort_library,
     find_ort_cuda_library,
     find_ort_library,
     import_onnxruntime,
 )
-from pimoe_export.errors import ArtifactError, PluginLoadError
-from pimoe_export.interface import MIN_ONNXRUNTIME, version_tuple
 
 __all__ = ["check_ort_library", "create_session", "find_ort_library", "op_library_for", "session_options"]
 
@@ -47,7 +47,7 @@ def session_options(threads: int | None = None, library: str | Path | None = Non
     options.register_custom_ops_library(path)
     if threads is not None:
         options.intra_op_num_threads = int(threads)
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a refused run or load reaches the caller as a typed error
     return options
 
 

@@ -39,7 +39,7 @@ from pimoe_export.validate.compare import (
     polygraphy_cli_args,
     verdict,
 )
-from pimoe_export.validate.reference import PyTorchLayerRunner, PyTorchModelRunner, make_inputs
+from pimoe_export.validate.reference import PyTorchRunner, make_inputs
 from pimoe_export.validate.report import CheckReport, write_report
 from pimoe_export.validate.report import plots as write_plots
 
@@ -64,7 +64,7 @@ def check_onnx(
     feeds: Sequence[dict[str, Any]] | None = None,
 ) -> CheckReport:
     """Compare the PyTorch ``model`` with the ONNX graph at ``onnx_path`` on ONNX Runtime (CPU)."""
-    from pimoe_export.artefacts.libraries import check_ort_library, find_ort_library, import_onnxruntime
+    from pimoe_export.native.libraries import check_ort_library, find_ort_library, import_onnxruntime
     from pimoe_export.ops.validation import check_graph
     from pimoe_export.validate.runners import onnx_runner
 
@@ -79,7 +79,7 @@ def check_onnx(
     return run_check(model, onnx_runner(onnx_path, threads), interface, meta.precision, "onnxruntime-cpu+pimoe",
                      out_dir, shapes=shapes, seed=seed, tolerances=tolerances, plots=plots, verbose=verbose,
                      force=force, quantized_onnx=onnx_path if meta.quantized else None, environment=environment,
-                     replay=("--pimoe-onnxrt", onnx_path), feeds=feeds)
+                     replay=("--pimoe-onnxrt", onnx_path), feeds=feeds, layer_configs=meta.layer_configs)
 
 
 def check_unit(
@@ -107,9 +107,31 @@ def check_unit(
         return run_check(model, runner, runner.engine.interface, m.precision, f"{m.backend} {m.backend_version}",
                          out_dir, shapes=shapes, seed=seed, plots=plots, verbose=verbose, force=force,
                          quantized_onnx=onnx_path if m.precision in ("w8a8", "w8a8_dynamic") else None,
-                         environment=environment, replay=("--pimoe-unit", Path(unit_dir)), feeds=feeds)
+                         environment=environment, replay=("--pimoe-unit", Path(unit_dir)), feeds=feeds,
+                         layer_configs=m.layer_configs)
     finally:
         runner.close()
+
+
+def check_layers(model: Any, layer_configs: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """The artefact's PiMoE layer configs, refused unless ``model`` holds the same layers (module paths, hidden
+    sizes): a check compares an artefact with the model it was exported from."""
+    from pimoe_export.model.source import moe_layers
+
+    layers = moe_layers(model)
+    if layer_configs is None:
+        return {path: layer.config.to_dict() for path, layer in layers.items()}
+    fix = "check an artefact against the checkpoint it was exported from"
+    if sorted(layers) != sorted(layer_configs):
+        raise ArtifactError(f"the checkpoint's PiMoE layers {sorted(layers)} are not the artefact's "
+                            f"{sorted(layer_configs)}: {fix}")
+    for path, layer in layers.items():
+        expected = layer_configs[path].get("hidden_size")
+        if layer.hidden_size != expected:
+            where = f" of {path}" if path else ""
+            raise ArtifactError(f"the checkpoint's hidden size{where} {layer.hidden_size} does not match the "
+                                f"artefact's {expected}: {fix}")
+    return layer_configs
 
 
 def _save_compared(results: Any, compared: Compared, feeds: list[dict[str, Any]],
@@ -150,8 +172,12 @@ def run_check(
     environment: dict[str, Any] | None = None,
     replay: tuple[str, Path] | None = None,
     feeds: Sequence[dict[str, Any]] | None = None,
+    layer_configs: dict[str, dict[str, Any]] | None = None,
 ) -> CheckReport:
     """The PyTorch ``model`` against any Polygraphy ``runner`` of an artefact with the given interface.
+
+    ``layer_configs``: the artefact's PiMoE layer configs by module path (checked against the model's layers;
+    default: the model's own).
 
     ``replay``: the ``polygraphy run`` runner option and model path that re-run this artefact (the report then
     gives the command that replays the comparison from the saved inputs and PyTorch outputs). ``feeds``: the inputs
@@ -162,15 +188,9 @@ def run_check(
     if not verbose:  # Polygraphy's per-iteration tables are useful when debugging, noise otherwise
         G_LOGGER.module_severity = G_LOGGER.ERROR
     compared = Compared.of(interface)
-    if compared.is_layer:
-        expected = interface.inputs[0].dims[-1]
-        if model.hidden_size != expected:
-            raise ArtifactError(f"the checkpoint's hidden size {model.hidden_size} does not match the artefact's "
-                                f"{expected}: check an artefact against the checkpoint it was exported from")
-        reference_runner: Any = PyTorchLayerRunner(model)
-    else:
-        reference_runner = PyTorchModelRunner(model, interface)
-    tolerances = tolerances or tolerances_for(precision, whole_model=not compared.is_layer)
+    layer_configs = check_layers(model, layer_configs)
+    reference_runner = PyTorchRunner(model, interface)
+    tolerances = tolerances or tolerances_for(precision, moe_layers=len(layer_configs))
     out = OutputDir(out_dir, force=force, command="check")
     out.refuse_foreign(list(REPORT_FILES))
     if feeds is None:
@@ -182,12 +202,11 @@ def run_check(
     reference, actual = ([dict(it) for it in entry[1]] for entry in results)
     entries, files = _save_compared(results, compared, feeds, out)
     settings = compare_settings(tolerances, reference, compared)
-    masks = [np.asarray(f[MODEL_MASK_INPUT]) for f in feeds] if not compared.is_layer and \
-        all(MODEL_MASK_INPUT in f for f in feeds) else None
+    masks = [np.asarray(f[MODEL_MASK_INPUT]) for f in feeds] if all(MODEL_MASK_INPUT in f for f in feeds) else None
     result = verdict(reference, actual, tolerances, polygraphy_accuracy(*entries, settings), compared, masks)
     kernel = {}
-    if quantized_onnx is not None and compared.is_layer:  # the fake-quant reference is of a bare layer
-        kernel = kernel_vs_fake_quant(model, quantized_onnx, feeds, actual, MAX_KERNEL_REL_L2)
+    if quantized_onnx is not None and len(compared.routing) == 1 == len(layer_configs):
+        kernel = kernel_vs_fake_quant(model, quantized_onnx, feeds, actual, MAX_KERNEL_REL_L2, compared)
         if not kernel[LAYER_OUTPUT]["rel_l2"] <= MAX_KERNEL_REL_L2:
             result.failures.append(f"kernels differ from the fake-quant reference: rel L2 "
                                    f"{kernel[LAYER_OUTPUT]['rel_l2']:.2e} > {MAX_KERNEL_REL_L2}")
@@ -195,7 +214,7 @@ def run_check(
         backend=backend, precision=precision, shapes=[tuple(s) for s in shapes], tolerances=tolerances,
         output_stats=result.output_stats, routing_agreement=result.routing_agreement,
         polygraphy_passed=result.polygraphy_passed, passed=result.passed, failures=result.failures,
-        per_expert_mean_abs=per_expert_error(reference, actual) if compared.is_layer else {},
+        per_expert_mean_abs=per_expert_error(reference, actual, compared) if len(compared.routing) == 1 else {},
         kernel_vs_fake_quant=kernel, primary=compared.primary, routing_by_layer=result.routing_by_layer or {},
         embedding=result.embedding or {},
         environment={**(environment or {}), "machine": platform.machine(), "python": platform.python_version()},

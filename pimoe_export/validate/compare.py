@@ -51,6 +51,7 @@ class Compared:
 
     @property
     def is_layer(self) -> bool:
+        """The outputs of the layer interface (a bare PiMoE layer's graph)."""
         return self.routing == ((LAYER_EXPERT_IDS, LAYER_EXPERT_WEIGHTS),)
 
 
@@ -152,17 +153,19 @@ def verdict(reference: Outputs, actual: Outputs, tolerances: Tolerances, polygra
         if not embedding["mean_cosine"] >= embedding["required_mean_cosine"]:
             failures.append(f"{compared.primary} mean-pooled embedding cosine {embedding['mean_cosine']:.6f} < "
                             f"{embedding['required_mean_cosine']}")
-    return Verdict(polygraphy_passed, stats, agreement, failures, by_layer if not compared.is_layer else None,
-                   embedding)
+    # routing by layer is reported where the layers have paths (a bare layer's routing is the one agreement)
+    return Verdict(polygraphy_passed, stats, agreement, failures, by_layer if any(by_layer) else None, embedding)
 
 
-def per_expert_error(reference: Outputs, actual: Outputs) -> dict[int, float]:
-    """Mean |error| of the output grouped by each token's reference top-1 expert."""
+def per_expert_error(reference: Outputs, actual: Outputs, compared: Compared = LAYER_COMPARED) -> dict[int, float]:
+    """Mean |error| of the primary output grouped by each token's reference top-1 expert (of the graph's one PiMoE
+    layer)."""
+    ((ids, _),), primary = compared.routing, compared.primary
     sums: dict[int, float] = {}
     counts: dict[int, int] = {}
     for r, a in zip(reference, actual, strict=True):
-        top1 = r[LAYER_EXPERT_IDS][..., 0].reshape(-1)
-        err = np.abs(a[LAYER_OUTPUT].astype(np.float64) - r[LAYER_OUTPUT]).reshape(len(top1), -1).mean(axis=1)
+        top1 = r[ids][..., 0].reshape(-1)
+        err = np.abs(a[primary].astype(np.float64) - r[primary]).reshape(len(top1), -1).mean(axis=1)
         for e, v in zip(top1.tolist(), err.tolist(), strict=True):
             sums[e] = sums.get(e, 0.0) + v
             counts[e] = counts.get(e, 0) + 1
@@ -170,22 +173,34 @@ def per_expert_error(reference: Outputs, actual: Outputs) -> dict[int, float]:
 
 
 def kernel_vs_fake_quant(model: Any, onnx_path: Any, feeds: list[dict[str, np.ndarray]], actual: Outputs,
-                         max_rel_l2: float) -> dict[str, Any]:
+                         max_rel_l2: float, compared: Compared = LAYER_COMPARED) -> dict[str, Any]:
     """A quantised graph's outputs against the fake-quant PyTorch reference of the same codes and scales (the
-    kernels' error alone; the comparison with the fp32 model is quantisation + kernel error)."""
+    kernels' error alone; the comparison with the fp32 model is quantisation + kernel error): the model with its
+    one PiMoE layer computed by :class:`~pimoe_export.quantize.int8.FakeQuantPiMoE`. (With several layers, one
+    layer's kernel error moves the next layers' routing, and the comparison would no longer isolate the kernels.)"""
+    import copy
+
     import torch
 
+    from pimoe_export.export.tracing import ExportedLayer, flatten_outputs, replace_module
+    from pimoe_export.model.source import moe_layers
     from pimoe_export.quantize.int8 import FakeQuantPiMoE, read_quant_params
 
-    reference = FakeQuantPiMoE(model.float().eval(), read_quant_params(onnx_path)).eval()
+    ((path, layer),) = moe_layers(model).items()
+    routing: list = []
+    fake = FakeQuantPiMoE(copy.deepcopy(layer).float().eval(), read_quant_params(onnx_path)).eval()
+    work = replace_module(copy.deepcopy(model).float().eval(), path, ExportedLayer.around(fake, path, routing))
     outs, ids = [], []
     with torch.no_grad():
         for feed in feeds:
-            (x,) = feed.values()
-            y, i, _ = reference(torch.from_numpy(np.asarray(x, np.float32)))
-            outs.append(y.numpy())
+            routing.clear()
+            inputs = {k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()}
+            inputs = {k: t.float() if t.is_floating_point() else t for k, t in inputs.items()}
+            outs.append(dict(flatten_outputs(work(**inputs)))[compared.primary].numpy())
+            ((_, i, _),) = routing
             ids.append(i.numpy().reshape(-1, i.shape[-1]))
-    stats = merge_stats([error_stats(r, a[LAYER_OUTPUT]) for r, a in zip(outs, actual, strict=True)])
-    got = np.concatenate([a[LAYER_EXPERT_IDS].reshape(-1, a[LAYER_EXPERT_IDS].shape[-1]) for a in actual])
+    name = compared.routing[0][0]
+    stats = merge_stats([error_stats(r, a[compared.primary]) for r, a in zip(outs, actual, strict=True)])
+    got = np.concatenate([a[name].reshape(-1, a[name].shape[-1]) for a in actual])
     return {LAYER_OUTPUT: stats.to_dict(), "routing_agreement": routing_agreement(np.concatenate(ids), got),
             "max_rel_l2": max_rel_l2}

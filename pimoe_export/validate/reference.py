@@ -17,9 +17,9 @@ from pimoe_export.interface import (
     LAYER_EXPERT_IDS,
     LAYER_EXPERT_WEIGHTS,
     LAYER_INPUT,
-    LAYER_OUTPUT,
     SEQUENCE_AXIS,
     GraphInterface,
+    layer_interface,
 )
 
 
@@ -45,57 +45,22 @@ def input_metadata(interface: GraphInterface) -> TensorMetadata:
     return meta
 
 
-class PyTorchLayerRunner(BaseRunner):
-    """The fp32 PyTorch PiMoE layer, inputs upcast to fp32, outputs named like the exported graph's."""
-
-    def __init__(self, model: Any, name: str = "pytorch") -> None:
-        super().__init__(name=name, prefix="pytorch-runner")
-        self.model = model
-
-    def activate_impl(self) -> None:
-        self.model = self.model.float().eval()
-        self._tracking = self.model.track_stats
-        self.model.track_stats = False  # a parity run must not change the model's statistics
-
-    def get_input_metadata_impl(self) -> TensorMetadata:
-        return TensorMetadata().add(LAYER_INPUT, np.float32, (-1, -1, self.model.hidden_size))
-
-    def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
-        import torch
-
-        (x,) = feed_dict.values()
-        start = time.perf_counter()
-        with torch.no_grad():
-            y, info = self.model(torch.from_numpy(np.asarray(x, dtype=np.float32)), return_routing_info=True)
-        self.inference_time = time.perf_counter() - start
-        return OrderedDict([(LAYER_OUTPUT, y.numpy()), (LAYER_EXPERT_IDS, info.ids.numpy()),
-                            (LAYER_EXPERT_WEIGHTS, info.weights.float().numpy())])
-
-    def deactivate_impl(self) -> None:
-        self.model.track_stats = self._tracking
-
-
-def pytorch_reference(model: Any, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """Outputs of the fp32 PyTorch model for each feed."""
-    with PyTorchLayerRunner(model) as runner:
-        return [dict(runner.infer(feed)) for feed in feeds]
-
-
-class PyTorchModelRunner(BaseRunner):
-    """A whole PyTorch model with PiMoE layers inside, called as ``model(**inputs)``; outputs named as
-    :func:`pimoe_export.export.model_export.export_model` names them, with every layer's routing when the graph
-    has routing outputs. A layer's routing is taken from a second, unmasked call of the layer (the exported graph
-    routes padded positions too); its output is the model's own (masked) call."""
+class PyTorchRunner(BaseRunner):
+    """The fp32 PyTorch model with PiMoE layers inside (a bare layer too), called as ``model(**inputs)`` with float
+    inputs upcast to fp32; outputs named as :func:`pimoe_export.export.exporter.export_model` names them, with every
+    layer's routing when the graph has routing outputs. A layer's routing is taken from a second, unmasked call of
+    the layer (the exported graph routes padded positions too); its output is the model's own (masked) call. The
+    model is run on a copy, so a check never changes its statistics."""
 
     def __init__(self, model: Any, interface: GraphInterface, name: str = "pytorch") -> None:
-        super().__init__(name=name, prefix="pytorch-model-runner")
+        super().__init__(name=name, prefix="pytorch-runner")
         self.model = model
         self.interface = interface
 
     def activate_impl(self) -> None:
         import copy
 
-        from pimoe_export.export.model_export import moe_layers
+        from pimoe_export.model.source import moe_layers
 
         self.work = copy.deepcopy(self.model).float().eval()
         self.routing: dict[str, tuple[Any, Any]] = {}
@@ -117,7 +82,7 @@ class PyTorchModelRunner(BaseRunner):
     def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         import torch
 
-        from pimoe_export.export.model_export import flatten_outputs, routing_name
+        from pimoe_export.export.tracing import flatten_outputs, routing_name
 
         inputs = {}
         for name, x in feed_dict.items():
@@ -135,6 +100,16 @@ class PyTorchModelRunner(BaseRunner):
 
     def deactivate_impl(self) -> None:
         del self.work
+
+
+def pytorch_reference(model: Any, feeds: Sequence[dict[str, np.ndarray]],
+                      interface: GraphInterface | None = None) -> list[dict[str, np.ndarray]]:
+    """Outputs of the fp32 PyTorch model for each feed (``interface``: the graph's; default: the layer interface of
+    a bare layer)."""
+    if interface is None:
+        interface = layer_interface(model.hidden_size, model.config.top_k, "fp32")
+    with PyTorchRunner(model, interface) as runner:
+        return [dict(runner.infer(feed)) for feed in feeds]
 
 
 class _hooks_off:

@@ -46,9 +46,19 @@ class EngineRunner(BaseRunner):
 
 
 def onnx_runner(onnx_path: str | Path, threads: int | None = None) -> Any:
-    """Polygraphy's OnnxrtRunner over a session of ``onnx_path`` with the build tree's libpimoe_ort registered."""
+    """Polygraphy's OnnxrtRunner over a session of ``onnx_path`` with the build tree's libpimoe_ort registered; a run
+    ONNX Runtime refuses (the ops' own checks) is a RunError naming the graph."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
+    from pimoe_export.errors import RunError
     from pimoe_export.runtime.ort import create_session
 
-    return OnnxrtRunner(create_session(onnx_path, threads=threads), name="onnxrt-pimoe")
+    class Runner(OnnxrtRunner):
+        def infer_impl(self, feed_dict: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().infer_impl(feed_dict, *args, **kwargs)
+            except Exception as exc:  # onnxruntime's own Fail / InvalidArgument / RuntimeException
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise RunError(f"ONNX Runtime could not run {onnx_path}: {detail}") from None
+
+    return Runner(create_session(onnx_path, threads=threads), name="onnxrt-pimoe")

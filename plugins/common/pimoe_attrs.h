@@ -1,7 +1,20 @@
-// Attribute structs and argument validation for op contract v2, shared by every backend
+// Attribute structs, attribute lists and argument validation for op contract v2, shared by every backend
 // (ONNX Runtime custom ops, TensorRT plugins, the GPU harness). Header-only, no exceptions:
 // every check returns an empty string when the arguments are valid, else one message that names the
 // problem and what was expected.
+//
+// Attribute lists: visit_attrs(attrs, v) names every attribute of an op once, in contract order, as calls on a
+// visitor `v` whose member functions are
+//   integer(name, int64_t& member, Need)                  a required or optional int
+//   flag(name, bool& member)                               an int that must be 0 or 1 (parse_flag)
+//   real(name, float& member)                              an optional float
+//   integers(name, std::vector<int64_t>& member, Need)     a list of ints
+//   reals(name, std::vector<float>& member)                an optional list of floats
+//   choice(name, Enum& member, names, count)               a string naming one value of a contract enum
+// An optional attribute's default is the member's initial value. The backends implement the visitor (TensorRT:
+// plugin-field declarations, reader and writer in plugins/trt/common; ONNX Runtime: the attribute reader in
+// plugins/ort), so adding an attribute is: a member with its default in the struct, one line in its visit_attrs,
+// its checks in validate_attrs, and its use in the kernels. Every backend then reads, declares and serialises it.
 #pragma once
 
 #include <cmath>
@@ -56,16 +69,7 @@ inline std::string enum_choices(const char* const* names, int32_t count) {
   return s;
 }
 
-// A string attribute naming one value of a contract enum: sets *out, or returns the problem.
-template <class Enum>
-std::string parse_choice(const char* op, const char* name, const std::string& text, const char* const* names,
-                         int32_t count, Enum* out) {
-  int32_t value = 0;
-  if (!parse_enum(text.c_str(), names, count, &value))
-    return msg(op, ": unknown ", name, " '", text, "'; expected one of ", enum_choices(names, count));
-  *out = static_cast<Enum>(value);
-  return {};
-}
+enum class Need : int32_t { kOPTIONAL = 0, kREQUIRED = 1 };
 
 // ------------------------------------------------------------------------------------------ PiMoERoute
 // Every member added by contract v2 defaults to the v1 behaviour (docs/op_contract.md, "Semantics").
@@ -85,6 +89,18 @@ struct RouteAttrs {
     return scoring == contract::Scoring::kSIGMOID && !has_bias && !grouped();
   }
 };
+
+template <class V>
+void visit_attrs(RouteAttrs& a, V& v) {
+  v.integer(contract::kATTR_K, a.k, Need::kREQUIRED);
+  v.flag(contract::kATTR_NORMALIZE, a.normalize);
+  v.choice(contract::kATTR_SCORING, a.scoring, contract::kSCORING_NAMES, contract::kSCORING_COUNT);
+  v.integer(contract::kATTR_NUM_GROUPS, a.num_groups, Need::kOPTIONAL);
+  v.integer(contract::kATTR_GROUPS_KEPT, a.groups_kept, Need::kOPTIONAL);
+  v.choice(contract::kATTR_GROUP_SCORE, a.group_score, contract::kGROUPSCORE_NAMES, contract::kGROUPSCORE_COUNT);
+  v.real(contract::kATTR_ROUTED_SCALING_FACTOR, a.routed_scaling_factor);
+  v.real(contract::kATTR_NORMALIZE_EPS, a.normalize_eps);
+}
 
 inline std::string validate_attrs(const RouteAttrs& a) {
   if (a.k < 1 || a.k > contract::kMAX_TOP_K)
@@ -138,6 +154,11 @@ struct DispatchAttrs {
   int64_t num_experts = 0;
 };
 
+template <class V>
+void visit_attrs(DispatchAttrs& a, V& v) {
+  v.integer(contract::kATTR_NUM_EXPERTS, a.num_experts, Need::kREQUIRED);
+}
+
 inline std::string validate_attrs(const DispatchAttrs& a) {
   if (a.num_experts < 1 || a.num_experts > contract::kMAX_EXPERTS)
     return msg("PiMoEDispatch: attribute num_experts must be in [1, ", contract::kMAX_EXPERTS, "], got ",
@@ -163,6 +184,11 @@ struct CombineAttrs {
   // slot (v1): acc = w_0*y_0 + ... in slot order; expert: acc = 0 + ... by ascending sorted row (= expert id)
   contract::CombineOrder order = contract::CombineOrder::kSLOT;
 };
+
+template <class V>
+void visit_attrs(CombineAttrs& a, V& v) {
+  v.choice(contract::kATTR_ORDER, a.order, contract::kCOMBINEORDER_NAMES, contract::kCOMBINEORDER_COUNT);
+}
 
 inline std::string validate_attrs(const CombineAttrs& a) {
   if (static_cast<int32_t>(a.order) < 0 || static_cast<int32_t>(a.order) >= contract::kCOMBINEORDER_COUNT)
@@ -256,6 +282,21 @@ struct ExpertMLPAttrs {
     return m;
   }
 };
+
+template <class V>
+void visit_attrs(ExpertMLPAttrs& a, V& v) {
+  v.integers(contract::kATTR_EXPERT_IDS, a.expert_ids, Need::kREQUIRED);
+  v.integers(contract::kATTR_WIDTHS, a.widths, Need::kREQUIRED);
+  v.choice(contract::kATTR_ACTIVATION, a.activation, contract::kACTIVATION_NAMES, contract::kACTIVATION_COUNT);
+  v.flag(contract::kATTR_LAYER_NORM, a.layer_norm);
+  v.real(contract::kATTR_EPS, a.eps);
+  v.choice(contract::kATTR_QUANT_MODE, a.quant_mode, contract::kQUANTMODE_NAMES, contract::kQUANTMODE_COUNT);
+  v.reals(contract::kATTR_ACT_SCALES, a.act_scales);
+  v.flag(contract::kATTR_GATED, a.gated);
+  v.flag(contract::kATTR_BIAS, a.bias);
+  v.real(contract::kATTR_ALPHA, a.alpha);
+  v.real(contract::kATTR_LIMIT, a.limit);
+}
 
 inline std::string validate_attrs(const ExpertMLPAttrs& a, int64_t num_experts = -1) {
   if (a.expert_ids.empty() || static_cast<int64_t>(a.expert_ids.size()) > contract::kMAX_EXPERTS)

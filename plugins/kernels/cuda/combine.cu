@@ -37,7 +37,7 @@ __global__ void combine_kernel(const T* __restrict__ y_sorted, const int* __rest
       const int row = flat_to_sorted[flat];
       float term;
       if (row < 0 || row >= pairs) {
-        if (c == 0) detail::report(&status->bad_flat_to_sorted, flat, row);
+        if (c == 0) detail::report(status, &status->bad_flat_to_sorted, flat, row);
         term = NAN;
       } else {
         term = detail::to_float(y_sorted[static_cast<long long>(row) * h + c]) * weights[flat];
@@ -54,7 +54,6 @@ cudaError_t combine(const void* y_sorted, DType dtype, const int32_t* flat_to_so
                     int64_t k, int64_t h, void* y, DeviceStatus* status, cudaStream_t stream,
                     contract::CombineOrder order) {
   if (status == nullptr) return cudaErrorInvalidValue;
-  if (cudaError_t err = clear_status(status, stream); err != cudaSuccess) return err;
   if (n < 0 || k < 1 || k > kMAX_TOP_K || h < 0) return cudaErrorInvalidValue;
   if (n == 0 || h == 0) return cudaSuccess;
   const unsigned int blocks = detail::grid_for(n * h, 256);

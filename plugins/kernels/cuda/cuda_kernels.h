@@ -6,10 +6,12 @@
 // outside the given tensors for ANY input data. Shapes must have passed the checks of
 // plugins/common/pimoe_attrs.h; data that cannot be checked on the host without a synchronisation (expert ids,
 // offsets, flat_to_sorted values) is checked on the device: offending entries are clamped or skipped, and the
-// first one is recorded in a DeviceStatus that the caller can read back after the stream has finished.
+// first one is recorded, and counted, in a DeviceStatus that the caller owns and can read back after the stream
+// has finished.
 //
-// Nothing here allocates memory or synchronises: every function only enqueues kernels (and one
-// cudaMemsetAsync of the status block) on `stream`, so the calls can be captured into a CUDA graph.
+// Nothing here allocates memory or synchronises: every op function only enqueues kernels (and memsets of its
+// outputs) on `stream`, so the calls can be captured into a CUDA graph (StatusBlock's allocate/read do both, and
+// belong to set-up and diagnostics).
 // Functions return the launch error (cudaSuccess when everything was enqueued).
 #pragma once
 
@@ -30,32 +32,57 @@ enum class DType : int32_t { kF32 = 0, kF16 = 1, kI8 = 2 };
 inline size_t dtype_size(DType t) { return t == DType::kF32 ? 4 : t == DType::kF16 ? 2 : 1; }
 
 // ------------------------------------------------------------------------------------------ device status
-// Written by kernels when input DATA is inconsistent (never for shape errors, which the host rejects).
-// Each entry is (index << 32) | uint32(value) of the lowest offending index, or ~0ull when there is none, so
-// the recorded entry does not depend on thread scheduling (it is an atomicMin over integers).
+// Where kernels record input DATA that is inconsistent (never shape errors, which the host rejects): a block in
+// device memory that the CALLER owns and keeps across launches (one per TensorRT plugin instance / ONNX Runtime
+// kernel object: StatusBlock below). Nothing here clears it: every slot keeps (index << 32) | uint32(value) of the
+// lowest offending index met since the last clear (an atomicMin, so the entry does not depend on thread scheduling;
+// ~0ull when there is none), and `faults` counts every offending entry met (an atomicAdd on the fault path only:
+// the normal path neither reads nor writes the block).
 struct DeviceStatus {
   unsigned long long bad_expert_id;       // PiMoEDispatch: flat pair index, id outside [0, E) (clamped)
   unsigned long long bad_offsets;         // PiMoEExpertMLP: expert index, offsets not a partition of [0, R)
   unsigned long long bad_flat_to_sorted;  // PiMoECombine: flat pair index, entry outside [0, N*k) (slot -> NaN)
   unsigned long long bad_scale;           // PiMoEExpertMLP w8a8: element index of a w_scale / act_smooth that is not
                                           // positive and finite; value = 2 * layer (+1 for act_smooth). NaN flows on
+  unsigned long long faults;              // offending entries met since the last clear (0 when clean)
 };
 constexpr unsigned long long kSTATUS_CLEAR = ~0ull;
-// every op reserves this many bytes at the start of its workspace for its DeviceStatus
-constexpr size_t kSTATUS_BYTES = 256;
 
-// Marks `status` as clear (enqueued; every op launcher below does it first).
+// Marks `status` as clear (slots ~0, count 0); enqueued on `stream`.
 cudaError_t clear_status(DeviceStatus* status, cudaStream_t stream);
 
-// Empty string when the status is clear, else one message naming the first offending entry.
+// Empty string when the status is clear, else one message naming the first offending entry of each kind.
 std::string describe_status(const DeviceStatus& status);
+
+// The DeviceStatus of one plugin instance or kernel object: device memory allocated once (allocate(): cudaMalloc
+// and a synchronous clear, never on an enqueue path), freed by the destructor. read() is the only way back to the
+// host and synchronises `stream` first.
+class StatusBlock {
+ public:
+  StatusBlock() = default;
+  StatusBlock(const StatusBlock&) = delete;
+  StatusBlock& operator=(const StatusBlock&) = delete;
+  ~StatusBlock();
+  // on the current device; a no-op when already allocated
+  cudaError_t allocate();
+  DeviceStatus* get() const { return mBlock; }
+  // synchronises `stream`, copies the block into *out and, when `clear`, clears it (also synchronously)
+  cudaError_t read(cudaStream_t stream, DeviceStatus* out, bool clear);
+  // For teardown (destructors): "" when the block is clean or cannot be read, else "<count> inconsistent input
+  // entries ... : <describe_status>". Synchronous (cudaMemcpy): call after the work is done.
+  std::string teardown_report();
+
+ private:
+  DeviceStatus* mBlock = nullptr;
+};
 
 // ------------------------------------------------------------------------------------------ PiMoERoute
 // logits [n, e] (f32/f16), bias [e] f32 or nullptr -> weights [n, k] f32, ids [n, k] i32 (always in [0, e)),
-// k = attrs.k; attrs must have passed check_route for [n, e] (else cudaErrorInvalidValue).
-// No input data can be inconsistent here; `status` (may be null) is only cleared, like every op's.
+// k = attrs.k; attrs must have passed check_route for [n, e] (the launcher refuses what the kernel cannot index with
+// cudaErrorInvalidValue, without validating the attributes again).
+// No input data can be inconsistent here (NaN logits rank lowest): route has no device status.
 cudaError_t route(const RouteAttrs& attrs, const void* logits, DType dtype, const float* bias, int64_t n, int64_t e,
-                  float* weights, int32_t* ids, DeviceStatus* status, cudaStream_t stream);
+                  float* weights, int32_t* ids, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------ PiMoEDispatch
 // Deterministic stable counting sort (per-tile histograms, exclusive scan, stable per-tile ranks, row copy).

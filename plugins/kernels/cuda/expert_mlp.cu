@@ -50,17 +50,17 @@ __global__ void plan_kernel(const int* __restrict__ offsets, int experts, int ro
     const int lo = offsets[e], hi = offsets[e + 1];
     if (hi < lo) {
       bad = true;
-      detail::report(&status->bad_offsets, e + 1, hi);
+      detail::report(status, &status->bad_offsets, e + 1, hi);
     }
   }
   if (tid == 0) {
     if (offsets[0] != 0) {
       bad = true;
-      detail::report(&status->bad_offsets, 0, offsets[0]);
+      detail::report(status, &status->bad_offsets, 0, offsets[0]);
     }
     if (offsets[experts] != rows) {
       bad = true;
-      detail::report(&status->bad_offsets, experts, offsets[experts]);
+      detail::report(status, &status->bad_offsets, experts, offsets[experts]);
     }
   }
   bad = __syncthreads_or(bad) != 0;
@@ -227,7 +227,8 @@ __global__ void check_scales_kernel(const float* __restrict__ w_scale, long long
        i += stride) {
     const bool is_w = i < w_count;
     const float v = is_w ? w_scale[i] : smooth[i - w_count];
-    if (!(v > 0.0f && v <= 3.402823466e38f)) detail::report(&status->bad_scale, is_w ? i : i - w_count, 2 * layer + !is_w);
+    if (!(v > 0.0f && v <= 3.402823466e38f))
+      detail::report(status, &status->bad_scale, is_w ? i : i - w_count, 2 * layer + !is_w);
   }
 }
 
@@ -536,7 +537,6 @@ size_t expert_mlp_workspace_size(const ExpertMLPShape& shape) { return layout_of
 cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const void* x, const int32_t* offsets, void* y,
                        void* workspace, size_t workspace_bytes, DeviceStatus* status, cudaStream_t stream) {
   if (status == nullptr) return cudaErrorInvalidValue;
-  if (cudaError_t err = clear_status(status, stream); err != cudaSuccess) return err;
   if (s.num_layers < 1 || s.num_layers > kMAX_LAYERS || s.num_group < 1 || s.num_group > kMAX_GROUP ||
       s.num_experts < 1 || s.num_experts > kMAX_EXPERTS || s.rows < 0 || s.rows >= (1ll << 31))
     return cudaErrorInvalidValue;

@@ -190,18 +190,20 @@ __global__ void route_kernel(const T* __restrict__ logits, const float* __restri
   }
 }
 
-}  // namespace
-
+// dynamic shared memory of a block: per warp, E floats + num_groups scores + num_groups flags (<= 48 KB for E <= 1024)
 size_t route_shared_bytes(int64_t e, int64_t groups) {
   return static_cast<size_t>(kWARPS_PER_BLOCK) * static_cast<size_t>(e + 2 * groups) * sizeof(float);
 }
 
+}  // namespace
+
 cudaError_t route(const RouteAttrs& attrs, const void* logits, DType dtype, const float* bias, int64_t n, int64_t e,
-                  float* weights, int32_t* ids, DeviceStatus* status, cudaStream_t stream) {
-  if (cudaError_t err = clear_status(status, stream); err != cudaSuccess) return err;
+                  float* weights, int32_t* ids, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  if (!validate_attrs(attrs).empty() || e < 1 || e > kMAX_EXPERTS || attrs.k > e || e % attrs.num_groups != 0 ||
-      attrs.k > attrs.groups_kept * (e / attrs.num_groups))
+  // what the kernel indexes by (the attributes were validated once, at plugin / kernel creation)
+  if (e < 1 || e > kMAX_EXPERTS || attrs.k < 1 || attrs.k > kMAX_TOP_K || attrs.k > e || attrs.num_groups < 1 ||
+      attrs.num_groups > e || e % attrs.num_groups != 0 || attrs.groups_kept < 1 ||
+      attrs.groups_kept > attrs.num_groups || attrs.k > attrs.groups_kept * (e / attrs.num_groups))
     return cudaErrorInvalidValue;
   RouteParams p{};
   p.n = static_cast<int>(n);

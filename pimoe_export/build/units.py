@@ -1,0 +1,214 @@
+"""Create deployable units: ONNX Runtime units (CPU) and TensorRT / TensorRT-RTX engine units.
+
+Engine units are built through the TensorRT Python API from the custom-op ONNX with our plugin library
+(:func:`pimoe_export.build.engine_builder.build_engine`): strongly typed network, an optimisation profile over
+``hidden_states`` [batch, sequence, H], builder optimisation level, a timing cache that is loaded and saved,
+and version/hardware-compatibility options. With TensorRT-RTX the same code builds ahead of time for chosen
+compute capabilities on a machine without a GPU; with full TensorRT it builds for the local GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pimoe_export._files import OutputDir
+from pimoe_export.artifacts.manifest import MANIFEST_FILE, Artifact, Manifest, copy_artifact
+from pimoe_export.errors import ArtifactError, BackendUnavailableError
+from pimoe_export.interface import (
+    CUDA_ARCHITECTURES,
+    DEFAULT_ENGINE_PROFILE,
+    DEFAULT_ORT_PROFILE,
+    DEFAULT_RTX_TARGETS,
+    OnnxMetadata,
+    Profile,
+    profile_shapes,
+    read_metadata,
+    sm_names,
+)
+from pimoe_export.native.devices import local_gpu_sm
+from pimoe_export.native.libraries import (
+    check_ort_library,
+    check_plugin_library,
+    find_ort_library,
+    find_plugin_library,
+    import_onnxruntime,
+)
+from pimoe_export.ops.schema import CONTRACT_VERSION
+from pimoe_export.ops.validation import check_graph
+
+
+def _source(onnx_path: str | Path) -> tuple[Path, OnnxMetadata]:
+    """The exported ONNX a unit is made from: its metadata, and its pimoe nodes checked against the contract."""
+    onnx_path = Path(onnx_path)
+    meta = read_metadata(onnx_path)
+    if meta.graph != "custom-ops":
+        raise ArtifactError(f"{onnx_path} is a {meta.graph} graph; units are made from the custom-op export "
+                            "(`pimoe-export export` without --standard-ops, or `pimoe-export quantize`)")
+    check_graph(onnx_path)
+    return onnx_path, meta
+
+
+def _interface(meta: OnnxMetadata):
+    return meta.interface
+
+
+def package_ort(
+    onnx_path: str | Path,
+    unit_dir: str | Path,
+    *,
+    library: str | Path | None = None,
+    profile: Profile | None = None,
+    move: bool = False,
+    force: bool = False,
+) -> Manifest:
+    """An ONNX Runtime unit: the ONNX (copied, or moved with ``move``) + libpimoe_ort + manifest.
+
+    ``unit_dir`` is an output directory (see :class:`~pimoe_export._files.OutputDir`): files in it that
+    pimoe-export did not write are not replaced unless ``force``."""
+    onnx_path, meta = _source(onnx_path)
+    lib = Path(library or find_ort_library())
+    info = check_ort_library(str(lib))
+    out = OutputDir(unit_dir, force=force, command="package")
+    target = out.claim("model.onnx")
+    lib_copy = out.claim("libpimoe_ort.so")
+    manifest_path = out.claim(MANIFEST_FILE)
+    if move and onnx_path.resolve() != target.resolve():
+        onnx_path.replace(target)
+    else:
+        copy_artifact(onnx_path, target)
+    copy_artifact(lib, lib_copy)
+    ort = import_onnxruntime()
+    onnx_art = Artifact.of("onnx", target)
+    manifest = Manifest(
+        backend="onnxruntime",
+        contract_version=meta.contract_version or CONTRACT_VERSION,  # what the graph needs (a v1 graph: 1)
+        precision=meta.precision,
+        profile=profile or DEFAULT_ORT_PROFILE,
+        config=meta.config,
+        artifacts=[onnx_art, Artifact.of("ort_library", lib_copy)],
+        backend_version=ort.__version__,
+        build_options={"cpu_isa": info["cpu_isa"]},
+        io=_interface(meta).to_dict(),
+        source_onnx_sha256=onnx_art.sha256,
+    )
+    manifest.write(manifest_path.parent)
+    return manifest
+
+
+@dataclass
+class BuildOptions:
+    flavour: str = "auto"  # "auto" (tensorrt if installed, else TensorRT-RTX), "tensorrt" or "rtx"
+    compute_capabilities: tuple[str, ...] = DEFAULT_RTX_TARGETS  # TensorRT-RTX ahead-of-time targets
+    profile: Profile = DEFAULT_ENGINE_PROFILE
+    optimization_level: int | None = None  # builder optimisation level 0..5 (None: TensorRT's default, 3)
+    timing_cache: str | None = None  # full TensorRT: loaded when it exists, saved after the build
+    version_compatible: bool = False  # full TensorRT: engine runs on later TensorRT versions (lean runtime)
+    hardware_compatible: bool = False  # full TensorRT: Ampere-and-newer compatible engine
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["profile"] = self.profile.to_dict()
+        return data
+
+
+def detect_flavour(preferred: str = "auto") -> str:
+    """"tensorrt" when full TensorRT imports, else "rtx" when TensorRT-RTX does; BackendUnavailableError otherwise."""
+    from pimoe_export.native.tensorrt_loader import import_tensorrt
+
+    if preferred not in ("auto", "tensorrt", "rtx"):
+        raise ArtifactError(f"unknown TensorRT flavour {preferred!r}; expected auto, tensorrt or rtx")
+    candidates = ("tensorrt", "rtx") if preferred == "auto" else (preferred,)
+    problems = []
+    for flavour in candidates:
+        try:
+            import_tensorrt(flavour)
+            return flavour
+        except BackendUnavailableError as exc:
+            problems.append(str(exc))
+    raise BackendUnavailableError("no TensorRT builder is installed: " + " | ".join(problems))
+
+
+def _configure(options: BuildOptions, flavour: str, cache_holder: dict[str, Any]):
+    def configure(trt: Any, builder: Any, config: Any) -> None:
+        if options.optimization_level is not None and hasattr(config, "builder_optimization_level"):
+            config.builder_optimization_level = int(options.optimization_level)
+        # TensorRT-RTX documents timing-cache operations as no-ops (it has no tactic timing): full TensorRT only
+        if options.timing_cache and flavour == "tensorrt" and hasattr(config, "create_timing_cache"):
+            path = Path(options.timing_cache)
+            cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+            config.set_timing_cache(cache, ignore_mismatch=False)
+            cache_holder["cache"] = cache
+        if flavour == "tensorrt":
+            if options.version_compatible:
+                config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+            if options.hardware_compatible:
+                config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+
+    return configure
+
+
+def _targets(flavour: str, options: BuildOptions, capabilities: tuple[str, ...]) -> list[str]:
+    if flavour == "rtx":
+        return [c.lower().replace("sm", "sm_") for c in capabilities]
+    if options.hardware_compatible:
+        return sm_names(CUDA_ARCHITECTURES)
+    return [s for s in (local_gpu_sm(),) if s]
+
+
+def build_unit(
+    onnx_path: str | Path,
+    unit_dir: str | Path,
+    *,
+    plugin_path: str | Path | None = None,
+    options: BuildOptions | None = None,
+    force: bool = False,
+) -> Manifest:
+    """Build a TensorRT (or TensorRT-RTX) engine unit from a custom-op ONNX. Needs a TensorRT builder.
+
+    The engine is built before anything is written; ``unit_dir`` is an output directory (files in it that
+    pimoe-export did not write are not replaced unless ``force``)."""
+    from pimoe_export.build.engine_builder import build_engine, compute_capability
+    from pimoe_export.native.tensorrt_loader import import_tensorrt
+
+    options = options or BuildOptions()
+    onnx_path, meta = _source(onnx_path)
+    interface = _interface(meta)
+    flavour = detect_flavour(options.flavour)
+    trt = import_tensorrt(flavour)
+    capabilities = options.compute_capabilities if flavour == "rtx" else ()
+    for name in capabilities:  # before the (long) build
+        compute_capability(trt, name)
+    plugin = Path(plugin_path or find_plugin_library())
+    check_plugin_library(str(plugin))
+    out = OutputDir(unit_dir, force=force, command="build")  # refuses before the (long) build, not after
+    holder: dict[str, Any] = {}
+    plan, summary = build_engine(onnx_path, plugin, profile_shapes(options.profile, interface), capabilities,
+                                 strongly_typed=True, flavour=flavour, configure=_configure(options, flavour, holder))
+    if options.timing_cache and "cache" in holder:
+        Path(options.timing_cache).write_bytes(bytes(memoryview(holder["cache"].serialize())))
+    engine_path = out.claim("model.engine")
+    engine_path.write_bytes(plan)
+    onnx_copy = copy_artifact(onnx_path, out.claim("model.onnx"))
+    plugin_copy = copy_artifact(plugin, out.claim("libpimoe_trt_plugins.so"))
+    manifest_path = out.claim(MANIFEST_FILE)
+    onnx_art = Artifact.of("onnx", onnx_copy)
+    manifest = Manifest(
+        backend="tensorrt-rtx" if flavour == "rtx" else "tensorrt",
+        contract_version=meta.contract_version or CONTRACT_VERSION,  # what the graph needs (a v1 graph: 1)
+        precision=meta.precision,
+        profile=options.profile,
+        config=meta.config,
+        artifacts=[Artifact.of("engine", engine_path), onnx_art, Artifact.of("plugin_library", plugin_copy)],
+        backend_version=str(getattr(trt, "__version__", "")),
+        target_sms=_targets(flavour, options, capabilities),
+        build_options={**options.to_dict(), "flavour": flavour,
+                       "timing_cache_used": "cache" in holder,
+                       "plugin_layers": summary.plugin_counts(), "layers": summary.num_layers,
+                       "strongly_typed": True, "build_host_gpu": local_gpu_sm()},
+        io=interface.to_dict(),
+        source_onnx_sha256=onnx_art.sha256,
+    )
+    manifest.write(manifest_path.parent)
+    return manifest

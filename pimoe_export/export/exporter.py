@@ -1,0 +1,204 @@
+"""torch -> ONNX: the one export entry point, for a bare PiMoE layer and for a whole model alike.
+
+    model (nn.Module with PiMoE layers) + named example inputs
+      -> a copy whose PiMoE layers are ExportedLayers (tracing.py): the four pimoe ops (or standard ops only)
+      -> torch.onnx (dynamo), inputs named, batch/sequence axes dynamic, outputs flat and named
+      -> metadata (config of every layer, graph interface, contract, precision, weights fingerprint)
+      -> contract check, onnx.checker, shape inference -> the file
+
+:func:`export_model` is that path. :func:`export_source` feeds it a :class:`~pimoe_export.model.source.ModelSource`
+(what the pipeline and the CLI hold); :func:`export_onnx` a bare layer with the layer interface
+(``hidden_states`` in; ``output``, ``expert_ids``, ``expert_weights`` out).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from pimoe_export.errors import PiMoEExportError
+from pimoe_export.export.tracing import ForExport, axes_of, graph_interface, prepare_for_export, split_sequences
+from pimoe_export.interface import (
+    META_CONTRACT,
+    META_EXPORTER,
+    META_GRAPH,
+    META_PRECISION,
+    META_WEIGHTS,
+    ONNX_OPSET,
+    graph_metadata,
+)
+from pimoe_export.model.source import ModelSource, layer_source
+from pimoe_export.model.system import PiMoESystem
+from pimoe_export.ops import schema
+from pimoe_export.ops.onnx_schema import register_onnx_schemas
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the model's parameters and buffers (name, dtype, shape, bytes), in state_dict order;
+    statistics buffers excluded."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        leaf = name.rsplit(".", 1)[-1]  # a layer's own buffers, or those of the layers inside a whole model
+        if leaf in ("expert_usage_count", "routed_prob_mass", "total_tokens") or leaf.startswith("window_"):
+            continue
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    graph: str
+    precision: str
+    seconds: float
+    node_counts: dict[str, int]
+
+
+def set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in values.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            model.metadata_props.add(key=key, value=value)
+
+
+def get_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def validate_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx.checker (full check) and shape inference; returns the shape-inferred model."""
+    from pimoe_export.errors import ArtifactError
+    from pimoe_export.ops.validation import check_graph
+
+    register_onnx_schemas()
+    try:
+        check_graph(model)  # the op contract: attribute ranges, domains (the checker knows types, not ranges)
+    except ArtifactError as exc:
+        raise PiMoEExportError(f"the exported ONNX breaks the op contract: {exc}") from None
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise PiMoEExportError(f"the exported ONNX failed validation: {exc}") from None
+
+
+def finish_export(proto: onnx.ModelProto, path: str | Path, model: torch.nn.Module, graph: str, precision: str,
+                  metadata: dict[str, str], start: float) -> ExportResult:
+    """The common end of every export: the pimoe opset, metadata (``metadata`` plus contract, graph kind,
+    precision, exporter versions, weights fingerprint), validation, the file, node counts."""
+    if graph == "custom-ops" and not any(o.domain == schema.DOMAIN for o in proto.opset_import):
+        proto.opset_import.add(domain=schema.DOMAIN, version=schema.OPSET_VERSION)
+    set_metadata(proto, {
+        **metadata,
+        META_CONTRACT: str(schema.CONTRACT_VERSION),
+        META_GRAPH: graph,
+        META_PRECISION: precision,
+        META_EXPORTER: json.dumps({"torch": torch.__version__, "onnx": onnx.__version__}),
+        META_WEIGHTS: weights_fingerprint(model),
+    })
+    proto.producer_name = "pimoe-export"
+    proto = validate_onnx(proto)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(proto, str(path))
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return ExportResult(path, graph, precision, time.perf_counter() - start, counts)
+
+
+def export_model(
+    model: nn.Module,
+    path: str | Path,
+    example_inputs: Mapping[str, torch.Tensor],
+    *,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    precision: str = "fp32",
+    routing_outputs: bool = False,
+    standard_ops: bool = False,
+) -> ExportResult:
+    """Export ``model`` (called as ``model(**inputs)``) to one ONNX graph at ``path``.
+
+    ``example_inputs``: the named inputs (their names become the graph's). ``dynamic_axes``: {input: {axis: name}},
+    default axis 0 ``batch`` and axis 1 ``sequence`` of every input. Outputs are named by
+    :func:`~pimoe_export.export.tracing.flatten_outputs`; ``routing_outputs`` adds ``<layer path>/expert_ids`` and
+    ``/expert_weights`` for every PiMoE layer (a bare layer's: ``expert_ids``, ``expert_weights``).
+    ``standard_ops``: every PiMoE layer with standard ONNX ops only (TopK, every expert evaluated densely).
+    """
+    start = time.perf_counter()
+    example = dict(example_inputs)
+    if not example or not all(isinstance(t, torch.Tensor) for t in example.values()):
+        raise PiMoEExportError("example_inputs must map input names to tensors")
+    work, layers, routing = prepare_for_export(model, precision, routing_outputs, standard_ops)
+    wrapper = ForExport(work, list(example), routing).eval()
+    if precision == "fp16":
+        example = {n: t.half() if t.is_floating_point() else t for n, t in example.items()}
+    specs, axes = axes_of(example, dynamic_axes)
+    table = None
+    if not standard_ops:
+        from pimoe_export.ops.onnx_translation import custom_translation_table
+
+        table = custom_translation_table()
+
+    with torch.no_grad():
+        outputs = wrapper(*example.values())  # eager: output names, and the model runs at all
+        names = list(wrapper.output_names)
+        if len(set(names)) != len(names):
+            raise PiMoEExportError(f"the model's outputs have repeated names {names}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapper, tuple(example.values()), dynamo=True, custom_translation_table=table,
+                dynamic_shapes={"args": tuple(specs)}, input_names=list(example), output_names=names,
+                opset_version=ONNX_OPSET, optimize=False, verify=False, report=False, verbose=False)
+    if program is None:
+        raise PiMoEExportError("torch.onnx.export returned no program")
+    proto = program.model_proto
+    split_sequences(proto)
+    interface = graph_interface(proto, example, list(outputs), names, axes)
+    metadata = graph_metadata(type(model).__name__, {p: layer.config.to_json() for p, layer in layers.items()},
+                              interface)
+    return finish_export(proto, path, model, "standard-ops" if standard_ops else "custom-ops", precision, metadata,
+                         start)
+
+
+def export_source(source: ModelSource, path: str | Path, *, precision: str = "fp32",
+                  standard_ops: bool = False) -> ExportResult:
+    """Export a model source with its example inputs and every layer's routing as outputs."""
+    if standard_ops and not source.standard_ops:
+        raise PiMoEExportError("this model is exported with the pimoe ops only (its source offers no standard-op "
+                               "graph); drop standard_ops")
+    return export_model(source.module, path, source.example_tensors(), precision=precision, routing_outputs=True,
+                        standard_ops=standard_ops)
+
+
+def export_onnx(
+    model: PiMoESystem,
+    path: str | Path,
+    *,
+    precision: str = "fp32",
+    standard_ops: bool = False,
+    example_shape: tuple[int, int] = (2, 8),
+) -> ExportResult:
+    """Export a bare PiMoE layer with dynamic batch and sequence axes (:func:`export_source` of its
+    :func:`~pimoe_export.model.source.layer_source`).
+
+    Inputs: ``hidden_states`` [batch, sequence, H] (fp32 or fp16). Outputs: ``output`` [batch, sequence, H],
+    ``expert_ids`` [batch, sequence, k] int32, ``expert_weights`` [batch, sequence, k] fp32.
+    """
+    return export_source(layer_source(model, example_shape), path, precision=precision, standard_ops=standard_ops)
