@@ -11,6 +11,7 @@ time limits, summary and tar, with the emulated harness; issue 25).
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -46,6 +47,15 @@ def dry_run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, Pa
     return result, out, lines
 
 
+def emu_vs_gpu_cases() -> int:
+    """How many cases scripts/emu_vs_gpu.py compares (the entries of its CASES literal)."""
+    for node in ast.parse((ROOT / "scripts" / "emu_vs_gpu.py").read_text()).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "CASES":
+            assert isinstance(node.value, ast.Dict)
+            return len(node.value.keys)
+    raise AssertionError("scripts/emu_vs_gpu.py has no CASES literal")
+
+
 def step_lines(lines: list[str]) -> dict[str, str]:
     return {m.group(1): m.group(2) for line in lines if (m := re.match(r"step ([\w-]+): (.*)", line))}
 
@@ -65,7 +75,8 @@ def test_dry_run_passes_end_to_end_within_its_budget(tmp_path) -> None:
     for name in ("build", "gpu-tests", "bench", "emu-self"):
         assert steps[name].startswith("PASS"), (name, steps[name])
     assert re.match(r"PASS \d+ passed, 0 failed, 0 errors, 0 skipped", steps["gpu-tests"]), steps["gpu-tests"]
-    assert "2 rows" in steps["bench"] and "12/12 cases agree" in steps["emu-self"], lines
+    cases = emu_vs_gpu_cases()
+    assert "2 rows" in steps["bench"] and f"{cases}/{cases} cases agree" in steps["emu-self"], lines
     for name in ("memcheck", "racecheck"):  # no compute-sanitizer in a dry run: said, and the run went on
         assert steps[name].startswith("REFUSED"), steps[name]
     total = int(re.search(r"^total (\d+) s; overall PASS", "\n".join(lines), re.M).group(1))
