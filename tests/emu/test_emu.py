@@ -331,23 +331,30 @@ rng = np.random.default_rng(0)
 f32, f16, i32, i8 = np.float32, np.float16, np.int32, np.int8
 
 
-def mlp_case(dtype, mode):
+def mlp_case(dtype, mode, gated=False, activation="gelu"):
+    # gated (contract v2): GLU hidden layers over [gate; up] rows, no bias, no LayerNorm
     widths, groups, experts, rows = [32, 64, 32], [1, 3], 4, 100
     offsets = np.array([0, 30, 55, 80, rows], i32)
+    layer_norm = not gated
     params = []
-    for layer, role in schema.expert_mlp_param_layout(2, True, mode):
+    for layer, role in schema.expert_mlp_param_layout(2, layer_norm, mode, bias=not gated):
         out, inp = widths[layer + 1], widths[layer]
+        rows_l = schema.expert_mlp_param_rows(widths, layer, gated)
         if role == "weight":
-            w = rng.integers(-127, 128, (2, out, inp)).astype(i8) if mode != "none" else rng.normal(size=(2, out, inp))
+            shape = (2, rows_l, inp)
+            w = rng.integers(-127, 128, shape).astype(i8) if mode != "none" else rng.normal(size=shape)
             params.append(w.astype(i8 if mode != "none" else dtype))
         elif role == "act_smooth":
             params.append(rng.uniform(0.5, 2.0, (2, inp)).astype(f32))
-        elif role in ("w_scale", "ln_gamma"):
+        elif role == "w_scale":
+            params.append(rng.uniform(0.01, 0.02, (2, rows_l)).astype(f32))
+        elif role == "ln_gamma":
             params.append(rng.uniform(0.01, 0.02, (2, out)).astype(f32))
         else:
-            params.append(rng.normal(0, 0.1, (2, out)).astype(f32))
+            params.append(rng.normal(0, 0.1, (2, rows_l if role == "bias" else out)).astype(f32))
     scales = [0.05] * 4 if mode == "w8a8" else []
-    attrs = expert_mlp_fields(groups, widths, "gelu", True, quant_mode=mode, act_scales=scales)
+    v2 = {"gated": True, "bias": False, "alpha": 1.5, "limit": 6.0} if gated else {}
+    attrs = expert_mlp_fields(groups, widths, activation, layer_norm, quant_mode=mode, act_scales=scales, **v2)
     return schema.EXPERT_MLP, attrs, [rng.normal(size=(rows, 32)).astype(dtype), offsets, *params]
 
 
@@ -362,6 +369,19 @@ cases = {
     "expert_mlp fp16": mlp_case(f16, "none"),
     "expert_mlp w8a8": mlp_case(f16, "w8a8"),
     "expert_mlp w8a8_dynamic": mlp_case(f32, "w8a8_dynamic"),
+    # contract v2 attributes
+    "route sigmoid, groups, scaled": (schema.ROUTE, {"k": 2, "normalize": 1, "scoring": "sigmoid", "num_groups": 4,
+                                                      "groups_kept": 2, "group_score": "sum_top2",
+                                                      "routed_scaling_factor": 2.5, "normalize_eps": 1e-20},
+                                      [rng.normal(size=(64, 8)).astype(f16), rng.normal(0, 0.1, 8).astype(f32)]),
+    "route softmax_topk": (schema.ROUTE, {"k": 2, "scoring": "softmax_topk"}, [rng.normal(size=(64, 8)).astype(f32)]),
+    "combine expert order": (schema.COMBINE, {"order": "expert"},
+                             [rng.normal(size=(128, 16)).astype(f32), rng.permutation(128).astype(i32),
+                              rng.random((64, 2)).astype(f32)]),
+    "expert_mlp gated fp32 swiglu_oai": mlp_case(f32, "none", gated=True, activation="swiglu_oai"),
+    "expert_mlp gated fp16 silu": mlp_case(f16, "none", gated=True, activation="silu"),
+    "expert_mlp gated w8a8": mlp_case(f32, "w8a8", gated=True, activation="swiglu_oai"),
+    "expert_mlp gated w8a8_dynamic": mlp_case(f16, "w8a8_dynamic", gated=True, activation="silu"),
 }
 counts = {}
 for name, (op, attrs, arrays) in cases.items():
@@ -387,10 +407,11 @@ print(json.dumps(counts))
 
 
 def test_enqueue_allocates_nothing() -> None:
-    """Enqueue does no attribute validation and no heap allocation (issue 25): a warm enqueue of every op, the
-    plugin's checks, launchers and the emulated launches included, makes no malloc/new of any kind (counted by
-    libpimoe_alloc_counter.so, preloaded). The counter is shown live by a refused enqueue, whose message
-    allocates."""
+    """Enqueue does no attribute validation and no heap allocation (issue 25): a warm enqueue of every op (with the
+    attributes of contract v1 and v2: every scoring, grouped selection, the expert-order combine, gated bias-free
+    layers in every precision), the plugin's checks, launchers and the emulated launches included, makes no
+    malloc/new of any kind (counted by libpimoe_alloc_counter.so, preloaded). The counter is shown live by a refused
+    enqueue, whose message allocates."""
     library = emulated_library()
     counter = library.parent / "libpimoe_alloc_counter.so"
     assert counter.is_file(), f"{counter} is not built (plugins/emu builds it next to the emulated harness)"
