@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 import subprocess
 import sys
@@ -100,6 +101,18 @@ def test_creator_registered_with_contract_fields(lean, op) -> None:
     assert declared == expected
 
 
+def field_collection(trt, fields: list[tuple[str, np.ndarray, object]]) -> object:
+    """A PluginFieldCollection of (name, array, PluginFieldType) that keeps its arrays alive: trt.PluginField keeps
+    only the address of its buffer, so an array freed after the field is made leaves the plugin reading freed
+    memory."""
+    class Fields(trt.PluginFieldCollection):
+        pass
+
+    collection = Fields([trt.PluginField(name, data, kind) for name, data, kind in fields])
+    collection.arrays = [data for _, data, _ in fields]
+    return collection
+
+
 def contract_fields(trt, op: str, **values) -> object:
     """A field collection for `op`: every attribute of the contract (defaults unless given), typed as the ONNX
     parser delivers them. A value of None leaves the field out."""
@@ -114,8 +127,21 @@ def contract_fields(trt, op: str, **values) -> object:
             data, kind = np.atleast_1d(np.asarray(value, dtype=np.float32)), trt.PluginFieldType.FLOAT32
         else:
             data, kind = np.frombuffer(str(value).encode() + b"\0", dtype=np.int8).copy(), trt.PluginFieldType.CHAR
-        fields.append(trt.PluginField(attr.name, data, kind))
-    return trt.PluginFieldCollection(fields)
+        fields.append((attr.name, data, kind))
+    return field_collection(trt, fields)
+
+
+@pytest.mark.trt
+def test_field_collections_keep_their_values(lean) -> None:
+    """The helper above: the values a creator reads are the ones given, after the arrays' other owners are gone and
+    the memory has been reused."""
+    trt, _ = lean
+    fields = contract_fields(trt, schema.ROUTE, k=3, routed_scaling_factor=2.5)
+    gc.collect()
+    reuse = [np.full(1, -1, np.int32) for _ in range(20000)]  # the same size as the fields: reuses their memory
+    read = {f.name: np.asarray(f.data).copy() for f in fields}
+    assert len(reuse) == 20000 and read["k"].view(np.int32)[0] == 3
+    assert read["routed_scaling_factor"].view(np.float32)[0] == 2.5
 
 
 VALID = [
@@ -163,7 +189,7 @@ def test_creator_builds_plugin_from_contract_fields(lean, op, values) -> None:
 @pytest.mark.trt
 def test_int64_fields_are_accepted(lean) -> None:
     trt, registry = lean
-    fields = trt.PluginFieldCollection([trt.PluginField("k", np.array([2], np.int64), trt.PluginFieldType.INT64)])
+    fields = field_collection(trt, [("k", np.array([2], np.int64), trt.PluginFieldType.INT64)])
     assert registry.get_creator(schema.ROUTE, "1", "").create_plugin("n", fields, trt.TensorRTPhase.BUILD) is not None
 
 
@@ -227,13 +253,10 @@ def test_creator_rejects_bad_fields(lean, op, values) -> None:
 def test_creator_rejects_fields_of_the_wrong_type(lean) -> None:
     trt, registry = lean
     creator = registry.get_creator(schema.ROUTE, "1", "")
-    as_float = trt.PluginFieldCollection([trt.PluginField("k", np.array([2.0], np.float32),
-                                                          trt.PluginFieldType.FLOAT32)])
-    two_values = trt.PluginFieldCollection([trt.PluginField("k", np.array([2, 3], np.int32),
-                                                            trt.PluginFieldType.INT32)])
-    scoring_int = trt.PluginFieldCollection([trt.PluginField("k", np.array([2], np.int32), trt.PluginFieldType.INT32),
-                                             trt.PluginField("scoring", np.array([1], np.int32),
-                                                             trt.PluginFieldType.INT32)])
+    as_float = field_collection(trt, [("k", np.array([2.0], np.float32), trt.PluginFieldType.FLOAT32)])
+    two_values = field_collection(trt, [("k", np.array([2, 3], np.int32), trt.PluginFieldType.INT32)])
+    scoring_int = field_collection(trt, [("k", np.array([2], np.int32), trt.PluginFieldType.INT32),
+                                         ("scoring", np.array([1], np.int32), trt.PluginFieldType.INT32)])
     for fields in (as_float, two_values, scoring_int):
         assert creator.create_plugin("n", fields, trt.TensorRTPhase.BUILD) is None
 
