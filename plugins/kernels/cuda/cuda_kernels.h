@@ -151,7 +151,7 @@ struct ExpertMLPShape {
 size_t expert_mlp_workspace_size(const ExpertMLPShape& shape);
 // x [R, widths[0]], offsets [E+1] (device), layers[0..L) -> y [R, widths[L]]; rows of experts outside the
 // group are written as 0. `shape.rows` is the actual R here.
-// w8a8 modes (the math of pimoe_export/quantize/reference.py, per layer): x / act_smooth -> int8 codes with the
+// w8a8 modes (the math of pimoe_export/model/quant_reference.py, per layer): x / act_smooth -> int8 codes with the
 // static scale act_scales[g] or a dynamic per-row scale max|x| / 127 -> int8 tensor-core GEMM with int32
 // accumulation -> float(acc) * (s * w_scale) + bias (separate multiply and add) -> [LayerNorm] -> activation.
 // Gated hidden layers: the GEMM writes the 2*out columns [gate | up] (bias fused) into a workspace buffer, then one

@@ -12,7 +12,7 @@
 // accumulation, whose fp32 inputs (layers >= 1) are split into two fp16 halves (gemm_f16_wmma.cu), after a
 // per-row power-of-two scaling (row_exponent_kernel) that keeps values of any fp32 magnitude inside fp16's range.
 //
-// w8a8 modes (quant_mode w8a8 / w8a8_dynamic), per layer, the integer math of pimoe_export/quantize/reference.py:
+// w8a8 modes (quant_mode w8a8 / w8a8_dynamic), per layer, the integer math of pimoe_export/model/quant_reference.py:
 //   quantize  block per row: [LayerNorm + activation of the previous layer,] x / act_smooth (__fdiv_rn), the
 //             static scale of the row's expert or the dynamic scale max|x| / 127 (1 for a zero or NaN row),
 //             codes = __float2int_rn(clamp(nan_to_zero(x / s), -127, 127)) (round half to even), zero-padded rows

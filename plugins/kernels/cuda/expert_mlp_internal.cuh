@@ -113,7 +113,7 @@ cudaError_t launch_gemm_f32(const GemmArgs& args, cudaStream_t stream);
 // One quantised linear layer over the plan's row tiles (gemm_i8_wmma.cu):
 //   acc[r, n] = sum_k codes[r, k] * W[member, n, k]   (int8 x int8 -> exact int32)
 //   C[r, n]   = epilogue(float(acc) * (row_scale[r] * w_scale[member, n]) + bias[member, n])
-// with one rounding per multiply and per add (no FMA), as pimoe_export/quantize/reference.py computes it.
+// with one rounding per multiply and per add (no FMA), as pimoe_export/model/quant_reference.py computes it.
 struct GemmI8Args {
   const int8_t* a;         // activation codes [R, lda], zero-padded to lda (a multiple of 16), 16-byte aligned
   int lda;

@@ -4,7 +4,7 @@
 //   acc = sum_k codes[r, k] * W[member, n, k]                exact (int32; K <= kMAX_I8_WIDTH cannot overflow)
 //   y   = float(acc) * (row_scale[r] * w_scale[member, n]) + bias[member, n]
 // computed with __int2float_rn / __fmul_rn / __fadd_rn: one rounding per operation, never an FMA, exactly the
-// operation sequence of pimoe_export/quantize/reference.py (and of the CPU kernels). Integer sums do not depend
+// operation sequence of pimoe_export/model/quant_reference.py (and of the CPU kernels). Integer sums do not depend
 // on their order, so the result is bit-identical for every tiling and split-K choice.
 //
 // Two tile configurations (4 warps each, K step 128 bytes):

@@ -23,7 +23,7 @@
 // Validation happens once per set of attributes (createPlugin: Op::validate) and once per set of shapes
 // (configurePlugin / onShapeChange: Op::check_io, then Op::plan). enqueue compares the tensor descriptions it is
 // given with those of onShapeChange, checks pointers and launches: no attribute validation and no heap allocation
-// (tests/test_emu.py counts the allocations of enqueue on the emulated harness).
+// (tests/emu/test_emu.py counts the allocations of enqueue on the emulated harness).
 //
 // Adding an attribute to an op: a member in its Attrs struct and a line in its visit_attrs (pimoe_attrs.h), its
 // checks in validate_attrs, its use in the Op's plan/launch. Declaration (getFieldNames), reading (createPlugin)

@@ -48,7 +48,7 @@ bool DispatchOp::supports(int32_t pos, const DynamicPluginTensorDesc* io, int32_
 }
 
 // TensorRT hands every run the workspace of the profile's maximum, which covers the run's need because
-// dispatch_workspace_size never decreases with N*k (tests/test_emu.py checks both)
+// dispatch_workspace_size never decreases with N*k (tests/emu/test_emu.py checks both)
 size_t DispatchOp::workspace_size(const DynamicPluginTensorDesc* in, int32_t nbInputs) const {
   if (nbInputs != 2 || in[1].max.nbDims != 2) return 0;
   const int64_t pairs = in[1].max.d[0] * in[1].max.d[1];  // maximum N*k of the profile
