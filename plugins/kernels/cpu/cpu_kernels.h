@@ -47,8 +47,9 @@ class Parallel {
 float half_to_float(uint16_t h);
 uint16_t float_to_half(float f);
 
-// Which vector ISA the kernels use on this machine ("avx2" or "generic"); PIMOE_CPU_ISA=generic forces the
-// portable path.
+// Which kernel table the expert op uses in this process: "avx512", "avx2" or "generic", the best this CPU runs, or
+// the one PIMOE_CPU_ISA names (also "avx512-simde": the AVX-512 source on portable intrinsics); "unavailable: ..."
+// with the reason when PIMOE_CPU_ISA names one this library or CPU cannot run (the expert op then refuses to load).
 const char* active_isa();
 
 // PiMoERoute. logits [n, e] (f32/f16), bias [e] or nullptr -> weights [n, k] f32, ids [n, k] i32.
