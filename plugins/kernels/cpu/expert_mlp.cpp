@@ -218,15 +218,15 @@ class Pass {
   void run(const void* x, DType dtype, void* y) {
     gather_input(x, dtype);
     const int64_t layers = a_.num_layers();
+    if (a_.quantized()) quantize_activations(0);
     for (int64_t l = 0; l < layers; ++l) {
       const int64_t out = a_.widths[at(l) + 1];
       const bool last = l == layers - 1;
-      if (a_.quantized()) quantize_activations(l);
       float* target = buf_[l % 2];
       const bool direct = last && dtype == DType::kF32;  // the last layer writes straight into an fp32 y
       gemm(l, direct ? static_cast<float*>(y) : target, direct);
       if (!last)
-        epilogue(l, target);
+        epilogue(l, target);  // w8a8: also quantises the rows for layer l + 1
       else if (!direct)
         for (const Segment& s : segments_)
           kern_.float_to_half_row(target + s.compact * out, static_cast<uint16_t*>(y) + s.row * out, s.count * out);
@@ -254,12 +254,15 @@ class Pass {
     });
   }
 
-  // the layer-0 input as compact fp32 rows (one contiguous fp32 segment is used in place)
+  // the layer-0 input as compact fp32 rows (fp32 rows already in compact order, e.g. a group of consecutive
+  // experts, are used in place)
   void gather_input(const void* x, DType dtype) {
     const int64_t w = a_.widths.front();
     current_ld_ = w;
-    if (dtype == DType::kF32 && segments_.size() == 1) {
-      current_ = static_cast<const float*>(x) + segments_[0].row * w;
+    const int64_t shift = segments_[0].row - segments_[0].compact;
+    if (dtype == DType::kF32 &&
+        std::all_of(segments_.begin(), segments_.end(), [&](const Segment& s) { return s.row - s.compact == shift; })) {
+      current_ = static_cast<const float*>(x) + shift * w;
       return;
     }
     float* input = ws_->input.get(at(rows_ * w));
@@ -373,16 +376,20 @@ class Pass {
                      out, n_valid, k0 > 0);
   }
 
-  // hidden layers: [LayerNorm] + activation in place, per row
-  void epilogue(int64_t l, float* target) const {
+  // hidden layers: [LayerNorm] + activation in place, per row; in w8a8 modes each row is quantised for the next
+  // layer in the same pass, while it is in cache
+  void epilogue(int64_t l, float* target) {
     const int64_t out = a_.widths[at(l) + 1];
-    const bool ln = a_.has_ln(l);
+    const bool ln = a_.has_ln(l), quantize_next = a_.quantized();
+    if (quantize_next) prepare_codes(l + 1);
     for_row_blocks([&](int64_t begin, int64_t end) {
+      std::vector<float> smoothed;
       for (int64_t r = begin; r < end; ++r) {
         const size_t member = at(member_of(r));
         kern_.row_epilogue(target + r * out, out, ln ? st_.gamma[at(l)][member].data() : nullptr,
                            ln ? st_.beta[at(l)][member].data() : nullptr, a_.eps,
                            static_cast<int32_t>(a_.activation));
+        if (quantize_next) quantize_row(l + 1, r, target + r * out, smoothed);
       }
     });
   }
