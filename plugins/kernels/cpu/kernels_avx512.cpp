@@ -128,8 +128,12 @@ static_assert(kMaxRows == 6 && kMaxPanels == 4, "PIMOE_RJ spells out the 6 x 4 r
   PIMOE_ROW_CELLS(X, 5)
 
 // ------------------------------------------------------------------------------------------ fp32 GEMM
-// Row r's NR result vectors go to out(r, v): the output stage of the block (here bias or C added and stored; a
-// fused gated layer would combine a gate panel and an up panel of the same columns in its own output stage).
+// Row r's NR result vectors go to out(r, v), the block's output stage: here bias or C added and stored. A gated
+// layer ([gate; up] fused, GLU) plugs in here: packed with gate panel p and up panel p side by side (panels 2p and
+// 2p + 1), its output stage gets both halves of 16 output columns in one call (v[0], v[1] and v[2], v[3] with
+// NR = 4) and stores act(gate + bias) * (up + bias) through math::activate<Ops512> (for int8: each half
+// dequantised first), so the [T, 2I] intermediate is never written; K-blocked fp32 stores the raw sums for every
+// K block but the last.
 template <int MR, int NR, typename Out>
 inline void f32_block(const float* a, int64_t lda, const float* panels, int64_t stride, int64_t k, Out&& out) {
 #define PIMOE_DECLARE(R, J) __m512 c##R##J = _mm512_setzero_ps();
