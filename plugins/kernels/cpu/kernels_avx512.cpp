@@ -88,17 +88,19 @@ inline void for_register_blocks(int64_t m, int64_t np, F&& body) {
   }
 }
 
-// lanes [0, n) of a 16-lane vector, n clamped to [0, 16]
+constexpr int64_t kLanes = 16;  // floats per zmm (= kPanel)
+
+// lanes [0, n) of a vector, n clamped to [0, kLanes]
 inline __mmask16 lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? static_cast<__mmask16>(0)
-                                                            : static_cast<__mmask16>((1u << n) - 1u);
+  return n >= kLanes ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? static_cast<__mmask16>(0)
+                                                                : static_cast<__mmask16>((1u << n) - 1u);
 }
 
-// The first n lanes (n clamped to [0, 16]) from memory, the others 0; and to memory, the rest untouched. Nothing
+// The first n lanes (n clamped to [0, kLanes]) from memory, the others 0; and to memory, the rest untouched. Nothing
 // past them is read or written: SIMDe 0.8's masked loads and stores access all 16 lanes (and its masked store
 // writes zeros into the masked-off ones), so its build copies through a buffer.
 inline __m512 load_first(const float* p, int64_t n) {
-  if (n >= 16) return _mm512_loadu_ps(p);
+  if (n >= kLanes) return _mm512_loadu_ps(p);
 #if defined(PIMOE_AVX512_SIMDE)
   alignas(64) float tmp[16] = {};
   if (n > 0) std::memcpy(tmp, p, static_cast<size_t>(n) * sizeof(float));
@@ -109,7 +111,7 @@ inline __m512 load_first(const float* p, int64_t n) {
 }
 
 inline void store_first(float* p, int64_t n, __m512 v) {
-  if (n >= 16) return _mm512_storeu_ps(p, v);
+  if (n >= kLanes) return _mm512_storeu_ps(p, v);
 #if defined(PIMOE_AVX512_SIMDE)
   alignas(64) float tmp[16];
   _mm512_store_ps(tmp, v);
@@ -285,7 +287,7 @@ void quantize_row(const float* x, int64_t n, float scale, uint8_t* codes) {
     const __m512i q = _mm512_cvtps_epi32(v);  // round half to even (default MXCSR)
     // [-127, 127] -> int8 (no saturation happens) -> + 128 as the byte's top bit flipped
     const __m128i u = _mm_xor_si128(_mm512_cvtsepi32_epi8(q), offset);
-    if (n - i >= 16) {
+    if (n - i >= kLanes) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), u);
     } else {
       alignas(16) uint8_t tmp[16];
