@@ -94,3 +94,12 @@ if os.environ.get("PIMOE_TESTS_NO_EXPORT") == "1":
                            "(compute what it needs in memory, as tests/emu/test_gpu_layer.py does)")
 
     torch.onnx.export = _refuse_export
+
+
+def pytest_report_header(config) -> list[str]:
+    """Say which CPU kernel sets the ONNX Runtime op tests run here (tests/cpu_kernel_sets.py): native or SIMDe."""
+    from cpu_kernel_sets import DESCRIPTION, default_kernel_set, other_kernel_sets
+
+    own = default_kernel_set()
+    others = ", ".join(DESCRIPTION[s] for s in other_kernel_sets()) or "none"
+    return [f"pimoe CPU kernels: {DESCRIPTION.get(own, own)} in this process; in subprocesses: {others}"]

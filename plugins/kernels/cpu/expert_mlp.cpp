@@ -11,7 +11,6 @@
 // and any hidden activation, and GEMMs with lda >= k: nothing GLU-specific.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -23,28 +22,6 @@ namespace pimoe {
 namespace cpu {
 
 namespace {
-
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
-
-const isa::Kernels& select_kernels() {
-  static const isa::Kernels* chosen = [] {
-    const char* forced = std::getenv("PIMOE_CPU_ISA");
-    const bool force_generic = forced != nullptr && std::strcmp(forced, "generic") == 0;
-#ifdef PIMOE_HAVE_AVX2
-    if (!force_generic && cpu_has_avx2()) return isa::avx2_kernels();
-#endif
-    (void)force_generic;
-    return &isa::generic_kernels();
-  }();
-  return *chosen;
-}
 
 constexpr int64_t kRowBlock = 48;    // rows per GEMM task (multiple of the 6-row register block)
 constexpr int64_t kPanelBlock = 8;   // 16-column panels per GEMM task (128 columns)
@@ -58,8 +35,6 @@ float to_float(const void* data, DType dtype, int64_t index) {
 }
 
 }  // namespace
-
-const char* active_isa() { return select_kernels().name; }
 
 struct ExpertMLP::State {
   ExpertMLPAttrs attrs;
@@ -87,7 +62,7 @@ struct ExpertMLP::State {
       }
     };
     Buffer<float> buf[2], input, row_scale;
-    Buffer<int16_t> codes;
+    Buffer<uint8_t> codes;
   };
   mutable std::mutex pool_mutex;
   mutable std::vector<std::unique_ptr<Workspace>> pool;
@@ -113,14 +88,10 @@ using Param = ExpertMLP::Param;
 size_t at(int64_t i) { return static_cast<size_t>(i); }
 
 // ------------------------------------------------------------------------------------------ prepare: packing
-// int8 weights [out, in] -> 16-column panels of (k pair, column) int16-friendly pairs, zero-padded
-std::vector<int8_t> pack_i8(const int8_t* w, int64_t out, int64_t in, int64_t panels) {
-  const int64_t k2 = (in + 1) / 2;
-  std::vector<int8_t> packed(at(panels * k2 * 2 * isa::kPanel), 0);
-  for (int64_t o = 0; o < out; ++o) {
-    int8_t* dst = packed.data() + (o / isa::kPanel) * k2 * 2 * isa::kPanel + (o % isa::kPanel) * 2;
-    for (int64_t i = 0; i < in; ++i) dst[(i / 2) * 2 * isa::kPanel + (i % 2)] = w[o * in + i];
-  }
+// int8 weights [out, in] -> the kernel table's packed panels, zero-padded
+std::vector<int8_t> pack_i8(const isa::Kernels& kern, const int8_t* w, int64_t out, int64_t in, int64_t panels) {
+  std::vector<int8_t> packed(at(panels * kern.i8_panel_bytes(in)));
+  kern.pack_i8(w, out, in, packed.data());
   return packed;
 }
 
@@ -201,7 +172,8 @@ std::string prepare_layer(State& st, const std::vector<Param>& params, int64_t l
   for (int64_t g = 0; g < attrs.num_group(); ++g) {
     const int64_t base = g * out * in;
     if (quantized) {
-      st.packed_i8[at(l)].push_back(pack_i8(static_cast<const int8_t*>(w.data) + base, out, in, panels));
+      st.packed_i8[at(l)].push_back(
+          pack_i8(*isa::selected(), static_cast<const int8_t*>(w.data) + base, out, in, panels));
       if (auto e = prepare_scales(st, params, l, g, panels); !e.empty()) return e;
     } else {
       st.packed[at(l)].push_back(pack_f32(w, base, out, in, panels));
@@ -243,7 +215,7 @@ void zero_other_rows(const std::vector<Segment>& segments, int64_t rows, int64_t
 class Pass {
  public:
   Pass(const State& st, const Parallel& parallel, std::vector<Segment> segments, int64_t compact_rows)
-      : st_(st), a_(st.attrs), kern_(select_kernels()), parallel_(parallel), segments_(std::move(segments)),
+      : st_(st), a_(st.attrs), kern_(*isa::selected()), parallel_(parallel), segments_(std::move(segments)),
         rows_(compact_rows), ws_(st.take_workspace()) {
     buf_[0] = ws_->buf[0].get(at(rows_ * a_.max_width()));
     buf_[1] = ws_->buf[1].get(at(rows_ * a_.max_width()));
@@ -256,17 +228,17 @@ class Pass {
   void run(const void* x, DType dtype, void* y) {
     gather_input(x, dtype);
     const int64_t layers = a_.num_layers();
+    if (a_.quantized()) quantize_activations(0);
     for (int64_t l = 0; l < layers; ++l) {
       const int64_t out = a_.rows(l);  // GEMM columns (2*out for a gated layer); the last layer is never gated
       const bool last = l == layers - 1;
-      if (a_.quantized()) quantize_activations(l);
       float* target = buf_[l % 2];
       const bool direct = last && dtype == DType::kF32;  // the last layer writes straight into an fp32 y
       gemm(l, direct ? static_cast<float*>(y) : target, direct);
       if (!last && a_.is_gated(l))
-        glu_epilogue(l, target);
+        glu_epilogue(l, target);  // w8a8: also quantises the rows for layer l + 1
       else if (!last)
-        epilogue(l, target);
+        epilogue(l, target);  // w8a8: also quantises the rows for layer l + 1
       else if (!direct)
         for (const Segment& s : segments_)
           kern_.float_to_half_row(target + s.compact * out, static_cast<uint16_t*>(y) + s.row * out, s.count * out);
@@ -294,12 +266,15 @@ class Pass {
     });
   }
 
-  // the layer-0 input as compact fp32 rows (one contiguous fp32 segment is used in place)
+  // the layer-0 input as compact fp32 rows (fp32 rows already in compact order, e.g. a group of consecutive
+  // experts, are used in place)
   void gather_input(const void* x, DType dtype) {
     const int64_t w = a_.widths.front();
     current_ld_ = w;
-    if (dtype == DType::kF32 && segments_.size() == 1) {
-      current_ = static_cast<const float*>(x) + segments_[0].row * w;
+    const int64_t shift = segments_[0].row - segments_[0].compact;
+    if (dtype == DType::kF32 &&
+        std::all_of(segments_.begin(), segments_.end(), [&](const Segment& s) { return s.row - s.compact == shift; })) {
+      current_ = static_cast<const float*>(x) + shift * w;
       return;
     }
     float* input = ws_->input.get(at(rows_ * w));
@@ -316,26 +291,33 @@ class Pass {
 
   // w8a8: activation codes for layer l, static per-(layer, expert) or dynamic per-row scales
   void quantize_activations(int64_t l) {
-    const int64_t in = a_.widths[at(l)], k2 = (in + 1) / 2;
-    codes_ = ws_->codes.get(at(rows_ * k2 * 2));
+    prepare_codes(l);
     for_row_blocks([&](int64_t begin, int64_t end) {
       std::vector<float> smoothed;
-      for (int64_t r = begin; r < end; ++r) {
-        const float* row = current_ + r * current_ld_;
-        const size_t member = at(member_of(r));
-        if (!st_.smooth_is_one[at(l)][member]) {  // SmoothQuant: x / act_smooth
-          const float* sm = st_.act_smooth[at(l)][member].data();
-          smoothed.resize(at(in));
-          kern_.divide_row(row, sm, smoothed.data(), in);
-          row = smoothed.data();
-        }
-        const float scale = a_.quant_mode == contract::QuantMode::kW8A8
-                                ? a_.act_scales[at(l * a_.num_group()) + member]
-                                : dynamic_scale(row, in);
-        row_scale_[at(r)] = scale;
-        kern_.quantize_row(row, in, scale, codes_ + r * k2 * 2, k2 * 2);
-      }
+      for (int64_t r = begin; r < end; ++r) quantize_row(l, r, current_ + r * current_ld_, smoothed);
     });
+  }
+
+  // w8a8: the code buffer for layer l's input, before a parallel pass fills it (the previous layer's codes are done)
+  void prepare_codes(int64_t l) {
+    code_bytes_ = kern_.i8_code_bytes(a_.widths[at(l)]);
+    codes_ = ws_->codes.get(at(rows_ * code_bytes_));
+  }
+
+  // w8a8: compact row r's codes and scale for layer l from its fp32 values
+  void quantize_row(int64_t l, int64_t r, const float* row, std::vector<float>& smoothed) const {
+    const int64_t in = a_.widths[at(l)];
+    const size_t member = at(member_of(r));
+    if (!st_.smooth_is_one[at(l)][member]) {  // SmoothQuant: x / act_smooth
+      const float* sm = st_.act_smooth[at(l)][member].data();
+      smoothed.resize(at(in));
+      kern_.divide_row(row, sm, smoothed.data(), in);
+      row = smoothed.data();
+    }
+    const float scale = a_.quant_mode == contract::QuantMode::kW8A8 ? a_.act_scales[at(l * a_.num_group()) + member]
+                                                                    : dynamic_scale(row, in);
+    row_scale_[at(r)] = scale;
+    kern_.quantize_row(row, in, scale, codes_ + r * code_bytes_);
   }
 
   // max |x| / 127 of a row (1 for an all-zero row); a NaN row gets scale 1 and codes 0, like torch.amax's NaN
@@ -382,44 +364,40 @@ class Pass {
 
   void gemm_i8_block(int64_t l, const Segment& s, int64_t row0, int64_t rows, int64_t p0, int64_t p_end,
                      float* c_rows) const {
-    const int64_t in = a_.widths[at(l)], out = a_.rows(l), k2 = (in + 1) / 2;
+    const int64_t in = a_.widths[at(l)], out = a_.rows(l);
     const size_t li = at(l), mi = at(s.member);
     const int64_t r0 = s.compact + row0;
-    for (int64_t p = p0; p < p_end; ++p) {
-      const int64_t n_valid = std::min(isa::kPanel, out - p * isa::kPanel);
-      kern_.gemm_i8_panel(codes_ + r0 * k2 * 2, k2 * 2, rows,
-                          st_.packed_i8[li][mi].data() + p * k2 * 2 * isa::kPanel, k2, row_scale_ + r0,
-                          st_.w_scale[li][mi].data() + p * isa::kPanel, st_.bias[li][mi].data() + p * isa::kPanel,
-                          c_rows + p * isa::kPanel, out, n_valid);
-    }
+    kern_.gemm_i8(codes_ + r0 * code_bytes_, code_bytes_, rows,
+                  st_.packed_i8[li][mi].data() + p0 * kern_.i8_panel_bytes(in), p_end - p0, in, row_scale_ + r0,
+                  st_.w_scale[li][mi].data() + p0 * isa::kPanel, st_.bias[li][mi].data() + p0 * isa::kPanel,
+                  c_rows + p0 * isa::kPanel, out, std::min((p_end - p0) * isa::kPanel, out - p0 * isa::kPanel));
   }
 
-  // K in cache-sized blocks: a block of the panel (kKBlock x 16 floats) and of the rows stays in L1/L2 across the
-  // panels of this task; fixed block order, so results stay deterministic
+  // K in cache-sized blocks: a block of the panels (kKBlock x 16 floats each) and of the rows stays in L1/L2 across
+  // the panels of this task; fixed block order, so results stay deterministic
   void gemm_f32_block(int64_t l, const Segment& s, int64_t row0, int64_t rows, int64_t p0, int64_t p_end,
                       float* c_rows) const {
     const int64_t in = a_.widths[at(l)], out = a_.rows(l);
     const size_t li = at(l), mi = at(s.member);
     const float* a_rows = current_ + (s.compact + row0) * current_ld_;
-    const float* packed = st_.packed[li][mi].data();
-    const float* bias = st_.bias[li][mi].data();
-    for (int64_t k0 = 0; k0 < in; k0 += kKBlock) {
-      const int64_t kc = std::min(kKBlock, in - k0);
-      for (int64_t p = p0; p < p_end; ++p) {
-        const int64_t n_valid = std::min(isa::kPanel, out - p * isa::kPanel);
-        kern_.gemm_f32_panel(a_rows + k0, current_ld_, rows, packed + p * in * isa::kPanel + k0 * isa::kPanel, kc,
-                             bias + p * isa::kPanel, c_rows + p * isa::kPanel, out, n_valid, k0 > 0);
-      }
-    }
+    const float* packed = st_.packed[li][mi].data() + p0 * in * isa::kPanel;
+    const int64_t n_valid = std::min((p_end - p0) * isa::kPanel, out - p0 * isa::kPanel);
+    for (int64_t k0 = 0; k0 < in; k0 += kKBlock)
+      kern_.gemm_f32(a_rows + k0, current_ld_, rows, packed + k0 * isa::kPanel, in * isa::kPanel, p_end - p0,
+                     std::min(kKBlock, in - k0), st_.bias[li][mi].data() + p0 * isa::kPanel, c_rows + p0 * isa::kPanel,
+                     out, n_valid, k0 > 0);
   }
 
   // gated hidden layers: h = act(gate) * up over each row's [gate | up] (2*out values), written in place into the
-  // row's first out values (element i reads only i and out + i); the next layer reads them with lda = 2*out
-  void glu_epilogue(int64_t l, float* target) const {
+  // row's first out values (element i reads only i and out + i); the next layer reads them with lda = 2*out. In
+  // w8a8 modes each row is quantised for the next layer in the same pass, like epilogue() below.
+  void glu_epilogue(int64_t l, float* target) {
     const int64_t out = a_.widths[at(l) + 1], width = a_.rows(l);
-    const bool oai = a_.activation == contract::Activation::kSWIGLU_OAI;
+    const bool oai = a_.activation == contract::Activation::kSWIGLU_OAI, quantize_next = a_.quantized();
     const float alpha = a_.alpha, limit = a_.limit;
+    if (quantize_next) prepare_codes(l + 1);
     for_row_blocks([&](int64_t begin, int64_t end) {
+      std::vector<float> smoothed;
       for (int64_t r = begin; r < end; ++r) {
         float* gate = target + r * width;
         const float* up = gate + out;
@@ -433,20 +411,25 @@ class Pass {
           kern_.row_epilogue(gate, out, nullptr, nullptr, a_.eps, static_cast<int32_t>(a_.activation));
           for (int64_t i = 0; i < out; ++i) gate[i] = gate[i] * up[i];
         }
+        if (quantize_next) quantize_row(l + 1, r, gate, smoothed);
       }
     });
   }
 
-  // hidden layers: [LayerNorm] + activation in place, per row
-  void epilogue(int64_t l, float* target) const {
+  // hidden layers: [LayerNorm] + activation in place, per row; in w8a8 modes each row is quantised for the next
+  // layer in the same pass, while it is in cache
+  void epilogue(int64_t l, float* target) {
     const int64_t out = a_.widths[at(l) + 1];
-    const bool ln = a_.has_ln(l);
+    const bool ln = a_.has_ln(l), quantize_next = a_.quantized();
+    if (quantize_next) prepare_codes(l + 1);
     for_row_blocks([&](int64_t begin, int64_t end) {
+      std::vector<float> smoothed;
       for (int64_t r = begin; r < end; ++r) {
         const size_t member = at(member_of(r));
         kern_.row_epilogue(target + r * out, out, ln ? st_.gamma[at(l)][member].data() : nullptr,
                            ln ? st_.beta[at(l)][member].data() : nullptr, a_.eps,
                            static_cast<int32_t>(a_.activation));
+        if (quantize_next) quantize_row(l + 1, r, target + r * out, smoothed);
       }
     });
   }
@@ -460,7 +443,8 @@ class Pass {
   std::unique_ptr<State::Workspace> ws_;
   float* buf_[2] = {nullptr, nullptr};
   float* row_scale_ = nullptr;
-  int16_t* codes_ = nullptr;  // w8a8: quantised activations, rows padded to an even length
+  uint8_t* codes_ = nullptr;  // w8a8: quantised activations in the kernel table's layout
+  int64_t code_bytes_ = 0;    // bytes per row of codes_
   const float* current_ = nullptr;
   int64_t current_ld_ = 0;
 };
@@ -475,6 +459,7 @@ bool ExpertMLP::prepared() const { return state_ != nullptr; }
 std::string ExpertMLP::prepare(const ExpertMLPAttrs& attrs, const std::vector<Param>& params) {
   if (static_cast<int64_t>(params.size()) != attrs.num_params())
     return msg("PiMoEExpertMLP: expected ", attrs.num_params(), " parameter inputs, got ", params.size());
+  if (isa::selected() == nullptr) return msg("PiMoEExpertMLP: ", isa::selection_error());
   auto state = std::make_unique<State>();
   state->attrs = attrs;
   const size_t layers = at(attrs.num_layers());
