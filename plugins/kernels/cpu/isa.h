@@ -9,6 +9,7 @@
 // - fp32 GEMM: each element is one chain of fused multiply-adds over k in order, starting from 0, added to bias
 //   (or to C for the K blocks after the first). The SIMD tables (avx2, avx512, avx512-simde) give the same bits;
 //   the portable kernels round each multiply and add separately (no FMA instruction to rely on).
+// - gated layers: the GEMM's gate and up values as above, then simd_math.h's glu() lane by lane (glu_row).
 // - row epilogue: LayerNorm and the activations in one canonical order (simd_math.h), the same on every ISA:
 //   the row's sum and sum of squared deviations in 64 lanes (element i into lane i % 64, each lane in order of i,
 //   squares by fused multiply-add; independent chains, so the sums run at the adder's throughput), the lanes
@@ -36,6 +37,13 @@ constexpr int64_t kPanel = 16;
 //   multiplies unsigned by signed bytes), rows of 4 * K4 codes; sum_k (a + 128) w - 128 sum_k w is the exact
 //   sum_k a w (int32 arithmetic wraps, and the true sum fits in int32 whenever the pairs' sum does).
 // Padding (columns past the last, k past K) is zero weight; padded codes are the code of 0.
+
+// The GLU of a gated layer (contract v2): the contract's activation (swiglu_oai included) and swiglu_oai's constants
+struct Glu {
+  int32_t activation;
+  float alpha, limit;
+};
+
 struct Kernels {
   const char* name;
   // C[r, c] = sum_k A[r, k] * W[k, c] + bias[c] for r < m, c < n_valid (<= 16 * np), over np consecutive panels
@@ -56,6 +64,8 @@ struct Kernels {
   void (*gemm_i8)(const uint8_t* codes, int64_t lda, int64_t m, const int8_t* panels, int64_t np, int64_t k,
                   const float* a_scale, const float* w_scale, const float* bias, float* c, int64_t ldc,
                   int64_t n_valid);
+  // Gated layers: h[i] = math::glu(gate[i], up[i]) for i < n (simd_math.h; h may be gate or up)
+  void (*glu_row)(const float* gate, const float* up, float* h, int64_t n, const Glu& glu);
   // out[i] = x[i] / d[i] for i < n (SmoothQuant's per-channel divisor; IEEE division, so every ISA agrees)
   void (*divide_row)(const float* x, const float* d, float* out, int64_t n);
   // In place on one row of n values: LayerNorm (when gamma != nullptr) then the activation (contract enum; < 0:

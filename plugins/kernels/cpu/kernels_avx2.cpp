@@ -305,6 +305,26 @@ void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, 
   }
 }
 
+void glu_row(const float* gate, const float* up, float* h, int64_t n, const Glu& glu) {
+  const __m256 alpha = _mm256_set1_ps(glu.alpha), limit = _mm256_set1_ps(glu.limit);
+  math::with_activation(glu.activation, [&](auto act) {
+    constexpr int32_t kAct = decltype(act)::value;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(h + i,
+                       math::glu<Ops256>(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i), kAct, alpha, limit));
+    if (i < n) {  // tail through padded vectors so the tail rounds like the body
+      alignas(32) float g[8] = {0, 0, 0, 0, 0, 0, 0, 0}, u[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t j = i; j < n; ++j) {
+        g[j - i] = gate[j];
+        u[j - i] = up[j];
+      }
+      _mm256_store_ps(g, math::glu<Ops256>(_mm256_load_ps(g), _mm256_load_ps(u), kAct, alpha, limit));
+      for (int64_t j = i; j < n; ++j) h[j] = g[j - i];
+    }
+  });
+}
+
 void half_to_float_row(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -323,9 +343,9 @@ void float_to_half_row(const float* src, uint16_t* dst, int64_t n) {
 }  // namespace
 
 const Kernels* avx2_kernels() {
-  static const Kernels kernels{"avx2",        gemm_f32,     pairs_panel_bytes, pairs_code_bytes,
-                               pack_i8_pairs, quantize_row, gemm_i8,           divide_row,
-                               row_epilogue,  half_to_float_row, float_to_half_row};
+  static const Kernels kernels{"avx2",        gemm_f32, pairs_panel_bytes, pairs_code_bytes,  pack_i8_pairs,
+                               quantize_row,  gemm_i8,  glu_row,           divide_row,        row_epilogue,
+                               half_to_float_row, float_to_half_row};
   return &kernels;
 }
 

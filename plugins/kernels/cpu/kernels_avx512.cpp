@@ -130,12 +130,8 @@ static_assert(kMaxRows == 6 && kMaxPanels == 4, "PIMOE_RJ spells out the 6 x 4 r
   PIMOE_ROW_CELLS(X, 5)
 
 // ------------------------------------------------------------------------------------------ fp32 GEMM
-// Row r's NR result vectors go to out(r, v), the block's output stage: here bias or C added and stored. A gated
-// layer ([gate; up] fused, GLU) plugs in here: packed with gate panel p and up panel p side by side (panels 2p and
-// 2p + 1), its output stage gets both halves of 16 output columns in one call (v[0], v[1] and v[2], v[3] with
-// NR = 4) and stores act(gate + bias) * (up + bias) through math::activate<Ops512> (for int8: each half
-// dequantised first), so the [T, 2I] intermediate is never written; K-blocked fp32 stores the raw sums for every
-// K block but the last.
+// Row r's NR result vectors go to out(r, v), the block's output stage: here bias or C added and stored. (A gated
+// layer's GLU runs on each GEMM task's [gate | up] tile while it is in L1, through glu_row: expert_mlp.cpp.)
 template <int MR, int NR, typename Out>
 inline void f32_block(const float* a, int64_t lda, const float* panels, int64_t stride, int64_t k, Out&& out) {
 #define PIMOE_DECLARE(R, J) __m512 c##R##J = _mm512_setzero_ps();
@@ -402,6 +398,18 @@ void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, 
   });
 }
 
+void glu_row(const float* gate, const float* up, float* h, int64_t n, const Glu& glu) {
+  const __m512 alpha = _mm512_set1_ps(glu.alpha), limit = _mm512_set1_ps(glu.limit);
+  math::with_activation(glu.activation, [&](auto act) {
+    constexpr int32_t kAct = decltype(act)::value;
+    for (int64_t i = 0; i < n; i += kLanes) {
+      const int64_t left = n - i;
+      store_first(h + i, left, math::glu<Ops512>(load_first(gate + i, left), load_first(up + i, left), kAct, alpha,
+                                                 limit));
+    }
+  });
+}
+
 // fp16 <-> fp32 with F16C (256 bits; both builds have it)
 void half_to_float_row(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
@@ -421,9 +429,9 @@ void float_to_half_row(const float* src, uint16_t* dst, int64_t n) {
 }  // namespace
 
 const Kernels* PIMOE_AVX512_TABLE() {
-  static const Kernels kernels{PIMOE_AVX512_NAME, gemm_f32,     quads_panel_bytes, quads_code_bytes,
-                               pack_i8_quads,     quantize_row, gemm_i8,           divide_row,
-                               row_epilogue,      half_to_float_row, float_to_half_row};
+  static const Kernels kernels{PIMOE_AVX512_NAME, gemm_f32, quads_panel_bytes, quads_code_bytes,  pack_i8_quads,
+                               quantize_row,      gemm_i8,  glu_row,           divide_row,        row_epilogue,
+                               half_to_float_row, float_to_half_row};
   return &kernels;
 }
 

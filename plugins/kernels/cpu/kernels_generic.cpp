@@ -142,6 +142,13 @@ void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, 
     for (int64_t i = 0; i < n; ++i) row[i] = math::activate<Scalar>(row[i], activation);
 }
 
+void glu_row(const float* gate, const float* up, float* h, int64_t n, const Glu& glu) {
+  math::with_activation(glu.activation, [&](auto act) {
+    constexpr int32_t kAct = decltype(act)::value;
+    for (int64_t i = 0; i < n; ++i) h[i] = math::glu<Scalar>(gate[i], up[i], kAct, glu.alpha, glu.limit);
+  });
+}
+
 void half_to_float_row(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(src[i]);
 }
@@ -165,9 +172,9 @@ void pack_i8_pairs(const int8_t* w, int64_t out, int64_t in, int8_t* packed) {
 }
 
 const Kernels& generic_kernels() {
-  static const Kernels kernels{"generic",  gemm_f32,     pairs_panel_bytes, pairs_code_bytes,
-                               pack_i8_pairs, quantize_row, gemm_i8,        divide_row,
-                               row_epilogue,  half_to_float_row, float_to_half_row};
+  static const Kernels kernels{"generic",     gemm_f32, pairs_panel_bytes, pairs_code_bytes,  pack_i8_pairs,
+                               quantize_row,  gemm_i8,  glu_row,           divide_row,        row_epilogue,
+                               half_to_float_row, float_to_half_row};
   return kernels;
 }
 

@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "pimoe_contract.h"
+
 namespace pimoe {
 namespace cpu {
 namespace isa {
@@ -108,7 +110,7 @@ inline typename O::F tanh(typename O::F x) {
   return O::select(O::is_nan(x), x, result);
 }
 
-// The contract's activation enum: 0 gelu (erf), 1 gelu_tanh, 2 relu, 3 silu, 4 tanh
+// The contract's activation enum: 0 gelu (erf), 1 gelu_tanh, 2 relu, 3 silu, 4 tanh (5, swiglu_oai: glu() below)
 template <class O>
 inline typename O::F activate(typename O::F x, int32_t activation) {
   using F = typename O::F;
@@ -130,8 +132,26 @@ inline typename O::F activate(typename O::F x, int32_t activation) {
   }
 }
 
-// body(std::integral_constant<int32_t, A>{}) with A the activation (-1: none), so that a row loop is compiled once
-// per activation with activate()'s switch folded away
+// The gated layers' GLU (contract v2): h = act(gate) * up for activations 0..4 (one multiply after activate()), and
+// 5, swiglu_oai, GPT-OSS's clamped SwiGLU in its operation order: g = min(gate, limit), u = clamp(up, -limit,
+// limit), h = (u + 1) * (g * sigmoid(g * alpha)) with sigmoid(x) = 1 / (1 + exp(0 - x)). The clamps take the bound
+// as min's and max's first operand, so a NaN gate or up stays NaN (torch.clamp), and give the bound otherwise.
+constexpr int32_t kSwigluOai = static_cast<int32_t>(contract::Activation::kSWIGLU_OAI);
+
+template <class O>
+inline typename O::F glu(typename O::F gate, typename O::F up, int32_t activation, typename O::F alpha,
+                         typename O::F limit) {
+  using F = typename O::F;
+  const F one = O::set(1.0f);
+  if (activation != kSwigluOai) return O::mul(activate<O>(gate, activation), up);
+  const F g = O::min(limit, gate);
+  const F u = O::max(O::sub(O::set(0.0f), limit), O::min(limit, up));
+  const F sigmoid = O::div(one, O::add(one, exp<O>(O::sub(O::set(0.0f), O::mul(g, alpha)))));
+  return O::mul(O::add(u, one), O::mul(g, sigmoid));
+}
+
+// body(std::integral_constant<int32_t, A>{}) with A the activation (-1: none; 5: swiglu_oai, only in glu()), so
+// that a row loop is compiled once per activation with activate()'s and glu()'s switches folded away
 template <typename Body>
 inline void with_activation(int32_t activation, Body&& body) {
   switch (activation < 0 ? -1 : activation) {
@@ -140,6 +160,7 @@ inline void with_activation(int32_t activation, Body&& body) {
     case 1: return body(std::integral_constant<int32_t, 1>{});
     case 2: return body(std::integral_constant<int32_t, 2>{});
     case 3: return body(std::integral_constant<int32_t, 3>{});
+    case kSwigluOai: return body(std::integral_constant<int32_t, kSwigluOai>{});
     default: return body(std::integral_constant<int32_t, 4>{});
   }
 }
