@@ -6,7 +6,10 @@ The library picks its kernels once per process, so each set runs in a subprocess
 same single-op PiMoEExpertMLP graphs: every activation, with and without LayerNorm, fp32 / w8a8 (static scales,
 SmoothQuant divisors) / w8a8_dynamic, widths that leave tails in every vector loop (1 to 16 lanes, 64-lane
 LayerNorm sums, 4-panel register groups), a NaN row, rows large enough to saturate the activations, and fp16
-I/O. A set this CPU lacks is skipped with the reason; the SIMDe build runs wherever AVX2 does.
+I/O; and gated (GLU) layers: every activation with swiglu_oai (clamping often), with and without bias, a gated
+layer after a gated layer, odd output panel counts (GLU tasks take 4, 2 or 1 output panels), an fp32 layer over
+more than one K block (the GLU tile accumulates them), fp16 I/O. A set this CPU lacks is skipped with the reason;
+the SIMDe build runs wherever AVX2 does.
 """
 
 from __future__ import annotations
@@ -29,15 +32,30 @@ RUNNER = ROOT / "tests" / "cpu_kernel_sets.py"
 GROUP = [0, 2, 3]  # of 4 experts: expert 1's rows belong to another group (zero rows, non-contiguous segments)
 ROWS = [[20, 3, 14, 5], [1, 0, 7, 0]]  # rows per expert of the two inputs of every case (two sizes)
 WIDTHS = [[37, 70, 29], [16, 136, 64, 9]]  # odd widths: every vector loop has a tail; 136 = 8.5 panels
+KBLOCKED = [1030, 24, 40, 5]  # a gated layer over two fp32 K blocks (1024 + 6), then a gated layer after it
+SWIGLU_OAI = {"alpha": 1.702, "limit": 2.0}  # a low clamp, so that both clamps act on many elements
+
+
+def case_names() -> list[str]:
+    """The models of the ``cases`` fixture, per quant mode (each run on the two inputs of ROWS)."""
+    names = []
+    for mode in schema.QUANT_MODES:
+        names += [f"{mode}-{a}-{ln}" for a in schema.ACTIVATIONS for ln in ("ln", "noln")] + [f"{mode}-fp16"]
+        names += [f"{mode}-glu-{a}-{b}" for a in schema.ALL_ACTIVATIONS for b in ("bias", "nobias")]
+        names += [f"{mode}-glu-kblocked", f"{mode}-glu-fp16"]
+    return names
 
 
 def expert_case(rng: np.random.Generator, widths: list[int], activation: str, layer_norm: bool, mode: str,
-                dtype: type) -> tuple[bytes, dict[str, np.ndarray]]:
-    """One PiMoEExpertMLP model (constant parameters) and its two inputs, keyed '<input>/<i>'."""
+                dtype: type, gated: bool = False, bias: bool = True) -> tuple[bytes, dict[str, np.ndarray]]:
+    """One PiMoEExpertMLP model (constant parameters) and its two inputs, keyed '<input>/<i>'; ``gated``: every hidden
+    layer a GLU with rows [gate; up] (contract v2), ``bias`` False: no bias inputs."""
     groups, layers = len(GROUP), len(widths) - 1
     params = []
-    for layer, role in schema.expert_mlp_param_layout(layers, layer_norm, mode):
+    for layer, role in schema.expert_mlp_param_layout(layers, layer_norm, mode, bias=bias):
         out, inp = widths[layer + 1], widths[layer]
+        if role in ("weight", "w_scale", "bias"):
+            out = schema.expert_mlp_param_rows(widths, layer, gated)
         if role == "weight":
             w = (rng.normal(size=(groups, out, inp)) / np.sqrt(inp)).astype(np.float32)
             params.append(quantize_weight(w)[0] if mode != "none" else w.astype(dtype))
@@ -51,7 +69,8 @@ def expert_case(rng: np.random.Generator, widths: list[int], activation: str, la
         else:
             params.append(rng.normal(0, 0.1, size=(groups, out)).astype(np.float32))
     act_scales = [] if mode != "w8a8" else [float(np.float32(rng.uniform(0.01, 0.05))) for _ in range(layers * groups)]
-    attrs = expert_mlp_attrs(GROUP, widths, activation, layer_norm, quant_mode=mode, act_scales=act_scales)
+    v2 = ({"gated": True, "bias": bias} | (SWIGLU_OAI if activation == "swiglu_oai" else {})) if gated else {}
+    attrs = expert_mlp_attrs(GROUP, widths, activation, layer_norm, quant_mode=mode, act_scales=act_scales, **v2)
     feeds: dict[str, np.ndarray] = {}
     for i, rows in enumerate(ROWS):
         x = rng.normal(0, 2, size=(sum(rows), widths[0])).astype(np.float32)
@@ -81,6 +100,18 @@ def cases(tmp_path_factory) -> Path:
         model, feeds = expert_case(rng, WIDTHS[0], "gelu", True, mode, np.float16)
         (folder / f"{mode}-fp16.onnx").write_bytes(model)
         np.savez(folder / f"{mode}-fp16.npz", **feeds)
+        for a, activation in enumerate(schema.ALL_ACTIVATIONS):
+            for bias in (True, False):
+                model, feeds = expert_case(rng, WIDTHS[(a + bias) % 2], activation, False, mode, np.float32,
+                                           gated=True, bias=bias)
+                name = f"{mode}-glu-{activation}-{'bias' if bias else 'nobias'}"
+                (folder / f"{name}.onnx").write_bytes(model)
+                np.savez(folder / f"{name}.npz", **feeds)
+        for name, widths, dtype in (("kblocked", KBLOCKED, np.float32), ("fp16", WIDTHS[1], np.float16)):
+            model, feeds = expert_case(rng, widths, "silu", False, mode, dtype, gated=True)
+            (folder / f"{mode}-glu-{name}.onnx").write_bytes(model)
+            np.savez(folder / f"{mode}-glu-{name}.npz", **feeds)
+    assert sorted(p.stem for p in folder.glob("*.onnx")) == sorted(case_names())
     return folder
 
 
@@ -122,7 +153,7 @@ def test_each_kernel_set_is_deterministic_across_threads_and_concurrent_calls(ke
     library must run the set asked for (native or SIMDe: the test id says which)."""
     result, ys = outputs(kernel_set)
     assert result.stdout.strip().splitlines()[-1] == kernel_set
-    assert len(ys) == 2 * 3 * (2 * len(schema.ACTIVATIONS) + 1)
+    assert sorted(ys) == sorted(f"{name}/{i}/0" for name in case_names() for i in range(len(ROWS)))
 
 
 @pytest.mark.parametrize("kernel_set", [s for s in KERNEL_SETS if s != "generic"])
@@ -130,7 +161,8 @@ def test_int8_outputs_are_bit_identical_to_the_portable_kernels(kernel_set, outp
     _, portable = outputs("generic")
     _, ys = outputs(kernel_set)
     int8 = [k for k in portable if k.startswith("w8a8")]
-    assert len(int8) == 2 * 2 * (2 * len(schema.ACTIVATIONS) + 1)
+    assert len(int8) == len(ROWS) * sum(name.startswith("w8a8") for name in case_names())
+    assert sum("-glu-" in k for k in int8) == len(ROWS) * 2 * (2 * len(schema.ALL_ACTIVATIONS) + 2)
     differ = [k for k in int8 if not same_bits(ys[k], portable[k])]
     assert not differ, f"{kernel_set} differs from generic on {differ}"
 
