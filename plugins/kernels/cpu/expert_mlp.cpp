@@ -365,7 +365,8 @@ class Pass {
 
   // layer l's GEMM + bias over (segment x row block x panel block) tasks into c (compact rows, or y's rows).
   // Panel blocks of kPanelBlock panels, halved (down to 2) while there are fewer than kMinGemmTasks tasks: a small
-  // batch has few rows per expert, and a few large tasks of unequal size leave a thread idle at the end.
+  // batch has few rows per expert, and a few large tasks of unequal size leave a thread idle at the end. A gated
+  // layer's tasks take blocks of its output panels (kGluPanelBlock, down to 1), each with as many gate and up panels.
   void gemm(int64_t l, float* c, bool rows_of_y) const {
     struct Task {
       int64_t segment, row0, rows, p0, p_end;
@@ -432,21 +433,24 @@ class Pass {
     const int64_t np = p_end - p0, cols = np * isa::kPanel, ld = 2 * cols;
     const size_t li = at(l), mi = at(s.member);
     const float* bias = st_.bias[li][mi].data();
-    for (int64_t part = 0; part < 2; ++part) {  // gate, then up
-      const int64_t p = p0 + part * half;
-      float* c = tile + part * cols;
-      if (a_.quantized()) {
-        const int64_t r0 = s.compact + row0;
+    if (a_.quantized()) {
+      const int64_t r0 = s.compact + row0;
+      for (int64_t part = 0; part < 2; ++part) {  // gate panels p0.., then up panels half + p0..
+        const int64_t p = p0 + part * half;
         kern_.gemm_i8(codes_ + r0 * code_bytes_, code_bytes_, rows,
                       st_.packed_i8[li][mi].data() + p * kern_.i8_panel_bytes(in), np, in, row_scale_ + r0,
-                      st_.w_scale[li][mi].data() + p * isa::kPanel, bias + p * isa::kPanel, c, ld, cols);
-      } else {
-        const float* a_rows = current_ + (s.compact + row0) * current_ld_;
-        const float* packed = st_.packed[li][mi].data() + p * in * isa::kPanel;
-        for (int64_t k0 = 0; k0 < in; k0 += kKBlock)
-          kern_.gemm_f32(a_rows + k0, current_ld_, rows, packed + k0 * isa::kPanel, in * isa::kPanel, np,
-                         std::min(kKBlock, in - k0), bias + p * isa::kPanel, c, ld, cols, k0 > 0);
+                      st_.w_scale[li][mi].data() + p * isa::kPanel, bias + p * isa::kPanel, tile + part * cols, ld,
+                      cols);
       }
+    } else {
+      const float* a_rows = current_ + (s.compact + row0) * current_ld_;
+      for (int64_t k0 = 0; k0 < in; k0 += kKBlock)  // a K block of the rows serves the gate and the up panels
+        for (int64_t part = 0; part < 2; ++part) {
+          const int64_t p = p0 + part * half;
+          kern_.gemm_f32(a_rows + k0, current_ld_, rows, st_.packed[li][mi].data() + (p * in + k0) * isa::kPanel,
+                         in * isa::kPanel, np, std::min(kKBlock, in - k0), bias + p * isa::kPanel, tile + part * cols,
+                         ld, cols, k0 > 0);
+        }
     }
     const isa::Glu glu{static_cast<int32_t>(a_.activation), a_.alpha, a_.limit};
     const int64_t n = std::min(cols, out - p0 * isa::kPanel);
