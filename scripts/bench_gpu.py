@@ -21,10 +21,15 @@ measured in the same run (device-to-device copy of 1 GiB, read + write bytes).
 
 Weights are created on the GPU directly (mixtral-ffn is 1.9 GB in fp16; never through the fp32 CPU model).
 Timings are medians of CUDA-event measurements. Needs a CUDA GPU (scripts/gpu_check.sh runs it); writes
-bench_gpu.json and bench_gpu.md into --out.
+bench_gpu.json and bench_gpu.md into --out after EVERY (config, T) row, configs in the order given (smallest first
+by default), so a run cut short by a time limit keeps every row it finished.
+
+--emulated (the dry run of scripts/gpu_check.sh, on a CPU): the same driver and files, the plugin path through the
+emulated harness (plugins/emu) against an fp32 dense reference on the CPU; its times are the emulator's, NOT GPU
+numbers, and the files say so.
 
 usage: python scripts/bench_gpu.py [--configs seed-512,mixtral-ffn] [--tokens 1,16,128,1024] [--iters 30]
-                                   [--no-int8] [--out gpu-results]
+                                   [--no-int8] [--emulated] [--out gpu-results]
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +88,7 @@ def graphed(step: Callable[[], object]) -> Callable[[], object]:
 class Layer:
     """Random weights of one preset's uniform expert group, created on the GPU."""
 
-    def __init__(self, preset: str, seed: int = 0) -> None:
+    def __init__(self, preset: str, seed: int = 0, device: str = "cuda") -> None:
         import torch
 
         from pimoe_export.model.factory import preset_config
@@ -96,8 +101,8 @@ class Layer:
         self.name, self.cfg, self.spec = preset, cfg, spec
         self.e, self.h, self.k = cfg.num_experts, cfg.hidden_size, cfg.top_k
         self.normalize, self.eps = bool(cfg.normalize), float(cfg.layer_norm_eps)
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        dev = "cuda"
+        g = torch.Generator(device=device).manual_seed(seed)
+        dev = device
         self.router = torch.randn(self.e, self.h, generator=g, device=dev) / self.h ** 0.5
         self.router_bias = torch.zeros(self.e, device=dev)
         self.w, self.b, self.gamma, self.beta = [], [], [], []
@@ -347,13 +352,13 @@ def bench_int8(layer: Layer, x, harness, iters: int, fp16_out, bandwidth_gbs: fl
             "int8_vs_fp16_rel_l2": vs_fp16, "int8_dyn_vs_fp16_rel_l2": dyn_vs_fp16}
 
 
-def bench_config(preset: str, tokens: list[int], iters: int, harness, bandwidth_gbs: float | None) -> list[dict]:
+def bench_config(preset: str, tokens: list[int], iters: int, harness, bandwidth_gbs: float | None) -> Iterator[dict]:
+    """One record per token count, yielded as soon as it is measured."""
     import torch
 
     layer = Layer(preset)
     if bandwidth_gbs is not None:
         layer.quantize()
-    records = []
     for t in tokens:
         x = torch.randn(t, layer.h, device="cuda", dtype=torch.float16)
         results: dict[str, dict] = {}
@@ -393,7 +398,6 @@ def bench_config(preset: str, tokens: list[int], iters: int, harness, bandwidth_
             record["speedup_plugins_graph_vs_grouped_mm"] = base / results["plugins-graph"]["median_ms"]
         if int8 is not None:
             record["int8"] = int8
-        records.append(record)
         print(f"{preset:12s} T={t:5d} " + "  ".join(
             f"{p}={results[p].get('median_ms', float('nan')):.3f}ms" for p in PATHS) + f"  check={check:.2e}",
             flush=True)
@@ -407,9 +411,71 @@ def bench_config(preset: str, tokens: list[int], iters: int, harness, bandwidth_
             print(f"{'':12s} int8: {int8['error']}", flush=True)
         del x
         torch.cuda.empty_cache()
+        yield record
     del layer
     torch.cuda.empty_cache()
-    return records
+
+
+def bench_emulated(preset: str, tokens: list[int], iters: int, harness) -> Iterator[dict]:
+    """The dry-run rows: the plugin path (fp16) through the emulated harness, checked against an fp32 dense
+    reference, timed on the CPU (the emulator's speed, not a GPU's)."""
+    import numpy as np
+    import torch
+
+    from pimoe_export.ops import schema
+    from pimoe_export.testing.harness import HarnessOpBackend, expert_mlp_fields
+
+    layer = Layer(preset, device="cpu")
+    backend = HarnessOpBackend(harness)
+    attrs = expert_mlp_fields(list(range(layer.e)), layer.spec.widths, layer.spec.activation, layer.spec.layer_norm,
+                              layer.eps)
+    params = [p.contiguous().numpy() for p in layer.params()]
+    for t in tokens:
+        x = torch.randn(t, layer.h, generator=torch.Generator().manual_seed(t)).half()
+
+        def step(x=x):
+            logits = torch.nn.functional.linear(x.float(), layer.router).numpy()
+            weights, ids = backend.route(logits, layer.router_bias.numpy(), layer.k, layer.normalize)
+            x_sorted, offsets, f2s = backend.dispatch(x.numpy(), ids, layer.e)
+            y_sorted = backend.run(schema.EXPERT_MLP, attrs, [x_sorted, offsets, *params])[0]
+            return backend.combine(y_sorted, f2s, weights)
+
+        out = torch.from_numpy(step()).float()
+        weights, ids = layer.routing(x)
+        ref = torch.zeros(t, layer.h)
+        for slot in range(layer.k):  # fp32 dense reference, expert by expert
+            for e in range(layer.e):
+                rows = ids[:, slot] == e
+                h = x[rows].float()
+                for i in range(layer.spec.num_layers):
+                    h = torch.nn.functional.linear(h, layer.w[i][e].float(), layer.b[i][e])
+                    if i < layer.spec.num_layers - 1:
+                        if i < len(layer.gamma):
+                            h = torch.nn.functional.layer_norm(h, (h.shape[-1],), layer.gamma[i][e], layer.beta[i][e],
+                                                               layer.eps)
+                        h = layer.act(h)
+                ref[rows] += weights[rows, slot, None] * h
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1e3)
+        check = rel_l2(out, ref)
+        print(f"{preset:12s} T={t:5d} plugins-emulated={statistics.median(times):.1f}ms (CPU)  check={check:.2e}",
+              flush=True)
+        yield {"config": preset, "tokens": t, "dtype": "fp16 (emulated)", "plugins_vs_dense_rel_l2": check,
+               "paths": {"plugins-emulated": {"median_ms": statistics.median(times), "p10_ms": float(np.min(times)),
+                                              "p90_ms": float(np.max(times))}}}
+
+
+def markdown_emulated(records: list[dict], when: str) -> str:
+    lines = [f"EMULATED dry run ({when}): the plugin path on plugins/emu (CPU); milliseconds of the emulator, NOT of a "
+             "GPU", "", "| config | T | plugins-emulated (CPU ms) | plugins vs fp32 dense (rel L2) |",
+             "|---|---:|---:|---:|"]
+    for r in records:
+        lines.append(f"| {r['config']} | {r['tokens']} | {r['paths']['plugins-emulated']['median_ms']:.1f} | "
+                     f"{r['plugins_vs_dense_rel_l2']:.1e} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_int8(records: list[dict], bandwidth_gbs: float) -> list[str]:
@@ -459,10 +525,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", default="1,16,128,1024")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--no-int8", action="store_true", help="skip the INT8 (W8A8) plugin paths")
+    parser.add_argument("--emulated", action="store_true",
+                        help="dry run on a CPU: the emulated harness, CPU timings (not GPU numbers)")
     parser.add_argument("--out", default="gpu-results")
     args = parser.parse_args(argv)
     import torch
 
+    if args.emulated:
+        return main_emulated(args)
     if not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA GPU (torch.cuda is not available)", file=sys.stderr)
         return 2
@@ -486,14 +556,44 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict] = []
     table = ""
     for preset in args.configs.split(","):
-        records += bench_config(preset, tokens, args.iters, harness, bandwidth)
-        # written after every config, so a run cut short by a time limit still leaves its results
-        (out / "bench_gpu.json").write_text(json.dumps({"gpu": gpu, "date": when, "torch": torch.__version__,
-                                                        "copy_bandwidth_gbs": bandwidth,
-                                                        "seconds": time.perf_counter() - start,
-                                                        "records": records}, indent=2))
-        table = markdown(records, gpu, when, bandwidth)
-        (out / "bench_gpu.md").write_text(table)
+        for record in bench_config(preset, tokens, args.iters, harness, bandwidth):
+            records.append(record)
+            # written after every row, so a run cut short by a time limit still leaves every finished row
+            write_results(out, {"gpu": gpu, "date": when, "torch": torch.__version__, "copy_bandwidth_gbs": bandwidth,
+                                "seconds": time.perf_counter() - start, "records": records},
+                          table := markdown(records, gpu, when, bandwidth))
+    print(table)
+    return 0
+
+
+def write_results(out: Path, data: dict, table: str) -> None:
+    """bench_gpu.json and bench_gpu.md, each replaced whole (a reader never sees half a file)."""
+    for name, text in (("bench_gpu.json", json.dumps(data, indent=2)), ("bench_gpu.md", table)):
+        partial = out / f".{name}.partial"
+        partial.write_text(text)
+        partial.replace(out / name)
+
+
+def main_emulated(args: argparse.Namespace) -> int:
+    from pimoe_export.testing.harness import Harness, find_harness
+
+    path = find_harness(emulated=True)
+    if path is None:
+        print("libpimoe_trt_harness_emu.so not found: run scripts/setup.sh", file=sys.stderr)
+        return 2
+    harness = Harness(path)
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    start = time.perf_counter()
+    table = ""
+    for preset in args.configs.split(","):
+        for record in bench_emulated(preset, [int(t) for t in args.tokens.split(",")], args.iters, harness):
+            records.append(record)
+            write_results(out, {"gpu": "none (emulated dry run)", "date": when, "emulated": True,
+                                "seconds": time.perf_counter() - start, "records": records},
+                          table := markdown_emulated(records, when))
     print(table)
     return 0
 

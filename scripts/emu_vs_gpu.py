@@ -31,10 +31,13 @@ from pimoe_export.testing.harness import Harness, HarnessOpBackend, expert_mlp_f
 Case = tuple[Callable[[np.random.Generator], tuple[str, dict, list[np.ndarray]]], str, float]
 
 
-def route_case(dtype):
+def route_case(dtype, **v2):
+    """``v2``: contract-v2 attributes (scoring, groups, ...); sigmoid without groups gets no bias (ranks logits)."""
     def make(rng):
         logits = rng.normal(0, 2, size=(257, 64)).astype(dtype)
-        return schema.ROUTE, {"k": 4, "normalize": 1}, [logits, rng.normal(0, 0.05, 64).astype(np.float32)]
+        bias = [] if v2.get("scoring") == "sigmoid" and v2.get("num_groups", 1) == 1 else \
+            [rng.normal(0, 0.05, 64).astype(np.float32)]
+        return schema.ROUTE, {"k": 4, "normalize": 1, **v2}, [logits, *bias]
     return make
 
 
@@ -45,17 +48,20 @@ def dispatch_case(dtype, n, k, e, h):
     return make
 
 
-def combine_case(dtype):
+def combine_case(dtype, order="slot"):
     def make(rng):
-        n, k, h = 300, 2, 72
-        return schema.COMBINE, {}, [rng.normal(size=(n * k, h)).astype(dtype), rng.permutation(n * k).astype(np.int32),
-                                    rng.random(size=(n, k)).astype(np.float32)]
+        n, k, h = 300, 2 if order == "slot" else 6, 72
+        attrs = {} if order == "slot" else {"order": order}
+        return schema.COMBINE, attrs, [rng.normal(size=(n * k, h)).astype(dtype),
+                                       rng.permutation(n * k).astype(np.int32),
+                                       rng.random(size=(n, k)).astype(np.float32)]
     return make
 
 
-def mlp_case(dtype, rows_per_expert, quant_mode="none", activation="gelu", layer_norm=True, widths=(64, 256, 64)):
+def mlp_case(dtype, rows_per_expert, quant_mode="none", activation="gelu", layer_norm=True, widths=(64, 256, 64),
+             gated=False):
     """3 of 8 experts with random segment lengths; int8 weights with per-channel scales, SmoothQuant divisors and
-    static activation scales in the w8a8 modes."""
+    static activation scales in the w8a8 modes. ``gated``: contract-v2 GLU hidden layers, bias-free."""
     def make(rng):
         from pimoe_export.quantize.int8 import quantize_weight
 
@@ -63,8 +69,10 @@ def mlp_case(dtype, rows_per_expert, quant_mode="none", activation="gelu", layer
         offsets = np.concatenate([[0], np.cumsum(rng.integers(0, rows_per_expert + 1, size=e))]).astype(np.int32)
         x = rng.normal(size=(int(offsets[-1]), widths[0])).astype(dtype)
         params = []
-        for layer, role in schema.expert_mlp_param_layout(len(widths) - 1, layer_norm, quant_mode):
+        for layer, role in schema.expert_mlp_param_layout(len(widths) - 1, layer_norm, quant_mode, bias=not gated):
             out, inp = widths[layer + 1], widths[layer]
+            if role in ("weight", "w_scale", "bias"):
+                out = schema.expert_mlp_param_rows(list(widths), layer, gated)
             if role == "weight":
                 w = (rng.normal(size=(len(group), out, inp)) / np.sqrt(inp)).astype(np.float32)
                 codes, w_scale = quantize_weight(w) if quant_mode != "none" else (w.astype(dtype), None)
@@ -79,7 +87,8 @@ def mlp_case(dtype, rows_per_expert, quant_mode="none", activation="gelu", layer
                 params.append(rng.normal(0, 0.1, size=(len(group), out)).astype(np.float32))
         scales = ([float(np.float32(rng.uniform(0.005, 0.05))) for _ in range((len(widths) - 1) * len(group))]
                   if quant_mode == "w8a8" else [])
-        attrs = expert_mlp_fields(group, widths, activation, layer_norm, quant_mode=quant_mode, act_scales=scales)
+        v2 = {"gated": True, "bias": False} if gated else {}
+        attrs = expert_mlp_fields(group, widths, activation, layer_norm, quant_mode=quant_mode, act_scales=scales, **v2)
         return schema.EXPERT_MLP, attrs, [x, offsets, *params]
     return make
 
@@ -99,6 +108,20 @@ CASES: dict[str, Case] = {
     "expert MLP w8a8_dynamic fp16, 150 rows/expert (64-row tiles)": (
         mlp_case(np.float16, 150, "w8a8_dynamic", "relu", False), "exact", 0),
     "expert MLP w8a8 + LayerNorm + gelu": (mlp_case(np.float32, 40, "w8a8", "gelu", True), "close", 1e-2),
+    # contract v2
+    "route sigmoid, 8 groups, sum of top 2, scaled": (route_case(np.float32, scoring="sigmoid", num_groups=8,
+                                                                 groups_kept=4, group_score="sum_top2",
+                                                                 routed_scaling_factor=2.5, normalize_eps=1e-20),
+                                                      "close", 2e-6),
+    "route softmax_topk fp16": (route_case(np.float16, scoring="softmax_topk"), "close", 2e-6),
+    "route sigmoid without bias (ranks logits)": (route_case(np.float32, scoring="sigmoid"), "close", 2e-6),
+    "combine fp32, expert order": (combine_case(np.float32, "expert"), "exact", 0),
+    "expert MLP gated fp32 silu (SIMT, GLU pass)": (mlp_case(np.float32, 40, "none", "silu", False, gated=True),
+                                                    "close", 1e-5),
+    "expert MLP gated fp16 swiglu_oai, few rows (split-K)": (
+        mlp_case(np.float16, 3, "none", "swiglu_oai", False, gated=True), "close", 4e-3),
+    "expert MLP gated w8a8_dynamic relu": (mlp_case(np.float32, 40, "w8a8_dynamic", "relu", False, gated=True),
+                                           "exact", 0),
 }
 
 
@@ -128,13 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda", required=True, help="libpimoe_trt_harness.so (CUDA build)")
     parser.add_argument("--emu", required=True, help="libpimoe_trt_harness_emu.so (emulated build)")
     parser.add_argument("--out", default="gpu-results")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="both sides emulated (scripts/gpu_check.sh --dry-run: checks this script, not the GPU)")
     args = parser.parse_args(argv)
     for path in (args.cuda, args.emu):
         if not Path(path).is_file():
             print(f"emu_vs_gpu.py: {path} does not exist", file=sys.stderr)
             return 2
     gpu, emu = HarnessOpBackend(Harness(args.cuda)), HarnessOpBackend(Harness(args.emu))
-    if gpu.harness.emulated or not emu.harness.emulated:
+    if (gpu.harness.emulated and not args.dry_run) or not emu.harness.emulated:
         print("emu_vs_gpu.py: --cuda must be the CUDA build and --emu the emulated one", file=sys.stderr)
         return 2
     rows, failed = [], 0

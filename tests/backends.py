@@ -5,6 +5,9 @@
   skipped without a GPU (``gpu`` mark).
 - ``emu``: the same plugin objects and CUDA kernels built against the CPU CUDA emulator (plugins/emu), with
   numpy buffers as device memory (``emu`` mark; runs in CI).
+- ``ort-cuda-emu``: the ONNX Runtime CUDA execution-provider kernels of libpimoe_ort_cuda (attribute readers, input
+  checks, parameter roles, scratch sizes) on the same emulated CUDA kernels, registered for the CPU provider
+  (libpimoe_ort_cuda_emu; ``emu`` mark).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-from op_graphs import expert_mlp_attrs, single_op_model
+from op_graphs import expert_mlp_attrs, single_op_model, v2_attrs
 
 from pimoe_export.runtime.ort import create_session
 
@@ -21,21 +24,23 @@ from pimoe_export.runtime.ort import create_session
 class OrtOpBackend:
     name = "ort"
 
-    def __init__(self) -> None:
+    def __init__(self, library: str | None = None) -> None:
         self._cache: dict[bytes, object] = {}
+        self._library = library
 
     def _run(self, model: bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         session = self._cache.get(model)
         if session is None:
-            session = create_session(model, threads=2)
+            session = create_session(model, threads=2, library=self._library)
             if len(self._cache) < 64:
                 self._cache[model] = session
         return session.run(None, feeds)  # type: ignore[attr-defined]
 
-    def route(self, logits: np.ndarray, bias: np.ndarray | None, k: int, normalize: bool):
+    def route(self, logits: np.ndarray, bias: np.ndarray | None, k: int, normalize: bool, **v2):
+        """``v2``: contract-v2 attributes (scoring, num_groups, ...), written on the node when given."""
         inputs = [("logits", logits)] + ([("selection_bias", bias)] if bias is not None else [])
         model = single_op_model("PiMoERoute", inputs, [("weights", np.float32, 2), ("ids", np.int32, 2)],
-                                {"k": k, "normalize": int(normalize)})
+                                {"k": k, "normalize": int(normalize)} | v2_attrs(v2))
         return self._run(model, dict(inputs))
 
     def dispatch(self, x: np.ndarray, ids: np.ndarray, num_experts: int):
@@ -44,15 +49,15 @@ class OrtOpBackend:
                                 {"num_experts": num_experts})
         return self._run(model, {"x": x, "ids": ids})
 
-    def combine(self, y_sorted: np.ndarray, flat_to_sorted: np.ndarray, weights: np.ndarray):
+    def combine(self, y_sorted: np.ndarray, flat_to_sorted: np.ndarray, weights: np.ndarray, **v2):
         model = single_op_model("PiMoECombine", [("y_sorted", y_sorted), ("flat_to_sorted", flat_to_sorted),
-                                                 ("weights", weights)], [("y", y_sorted.dtype, 2)], {})
+                                                 ("weights", weights)], [("y", y_sorted.dtype, 2)], v2_attrs(v2))
         return self._run(model, {"y_sorted": y_sorted, "flat_to_sorted": flat_to_sorted, "weights": weights})[0]
 
     def expert_mlp(self, x_sorted: np.ndarray, offsets: np.ndarray, params: Sequence[np.ndarray], expert_ids,
                    widths, activation: str, layer_norm: bool, eps: float = 1e-5, quant_mode: str = "none",
-                   act_scales: Sequence[float] = (), constant_params: bool = True):
-        attrs = expert_mlp_attrs(expert_ids, widths, activation, layer_norm, eps, quant_mode, act_scales)
+                   act_scales: Sequence[float] = (), constant_params: bool = True, **v2):
+        attrs = expert_mlp_attrs(expert_ids, widths, activation, layer_norm, eps, quant_mode, act_scales, **v2)
         named = [(f"p{i}", p) for i, p in enumerate(params)]
         inputs = [("x_sorted", x_sorted), ("offsets", offsets)]
         if constant_params:
@@ -79,6 +84,14 @@ def get_backend(name: str):
             from pimoe_export.testing.harness import emulated_backend_or_none
 
             _BACKENDS[name] = emulated_backend_or_none()
+        elif name == "ort-cuda-emu":
+            from pimoe_export.errors import PluginLoadError
+            from pimoe_export.native.libraries import find_ort_cuda_library
+
+            try:
+                _BACKENDS[name] = OrtOpBackend(str(find_ort_cuda_library(emulated=True)))
+            except PluginLoadError:
+                _BACKENDS[name] = None
         else:  # pragma: no cover
             raise ValueError(name)
     backend = _BACKENDS[name]
@@ -91,4 +104,5 @@ BACKEND_PARAMS = [
     pytest.param("ort", id="ort"),
     pytest.param("trt-harness", id="trt-harness", marks=pytest.mark.gpu),
     pytest.param("emu", id="emu", marks=pytest.mark.emu),
+    pytest.param("ort-cuda-emu", id="ort-cuda-emu", marks=pytest.mark.emu),
 ]

@@ -80,3 +80,26 @@ def tiny_bert(tmp_path_factory) -> Path:
     text = root / "sentences.txt"
     text.write_text("\n".join(" ".join(rng.choice(words, rng.integers(3, 20))) for _ in range(80)) + "\n")
     return directory
+
+
+# PIMOE_TESTS_NO_EXPORT=1 (scripts/gpu_check.sh sets it for the GPU tests): any ONNX export (torch.onnx.export, the
+# exporter's only entry) raises, in every fixture and test, so a GPU run never depends on the exporter of the GPU
+# machine (its torch / onnx-ir versions differ from the ones the exporter is developed on). The dry run of
+# gpu_check.sh runs the same test selection with it, which proves the selection export-free.
+if os.environ.get("PIMOE_TESTS_NO_EXPORT") == "1":
+    import torch.onnx
+
+    def _refuse_export(*args, **kwargs):
+        raise RuntimeError("PIMOE_TESTS_NO_EXPORT=1: this test exports ONNX, which the GPU check must not depend on "
+                           "(compute what it needs in memory, as tests/emu/test_gpu_layer.py does)")
+
+    torch.onnx.export = _refuse_export
+
+
+def pytest_report_header(config) -> list[str]:
+    """Say which CPU kernel sets the ONNX Runtime op tests run here (tests/cpu_kernel_sets.py): native or SIMDe."""
+    from cpu_kernel_sets import DESCRIPTION, default_kernel_set, other_kernel_sets
+
+    own = default_kernel_set()
+    others = ", ".join(DESCRIPTION[s] for s in other_kernel_sets()) or "none"
+    return [f"pimoe CPU kernels: {DESCRIPTION.get(own, own)} in this process; in subprocesses: {others}"]

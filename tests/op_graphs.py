@@ -50,9 +50,19 @@ def single_op_model(
     return model.SerializeToString()
 
 
-def expert_mlp_attrs(expert_ids, widths, activation, layer_norm, eps=1e-5, quant_mode="none", act_scales=()):
+def expert_mlp_attrs(expert_ids, widths, activation, layer_norm, eps=1e-5, quant_mode="none", act_scales=(),
+                     **v2):
+    """The node's attributes; ``v2``: contract-v2 attributes (gated, bias, alpha, limit), written when given."""
     attrs = {"expert_ids": list(expert_ids), "widths": list(widths), "activation": activation,
              "layer_norm": int(layer_norm), "eps": float(eps), "quant_mode": quant_mode}
     if act_scales:
         attrs["act_scales"] = [float(s) for s in act_scales]
-    return attrs
+    return attrs | v2_attrs(v2)
+
+
+def v2_attrs(v2: dict[str, Any]) -> dict[str, Any]:
+    """Contract-v2 attributes as ONNX attribute values (flags as ints, numbers as floats)."""
+    out: dict[str, Any] = {}
+    for name, value in v2.items():
+        out[name] = int(value) if isinstance(value, bool) else float(value) if isinstance(value, float) else value
+    return out

@@ -127,3 +127,73 @@ def oracle_forward(model, x: torch.Tensor, mask: torch.Tensor | None = None):
             y[bi, si] = torch.tensor(acc, dtype=torch.float64)
             all_ids[bi, si] = torch.tensor(ids)
     return y, all_ids
+
+
+# ------------------------------------------------------------------------------------------ op contract v2
+def sigmoid(v: float) -> float:
+    if math.isnan(v):
+        return v
+    return 1.0 / (1.0 + math.exp(-v)) if v >= -700 else 0.0
+
+
+def _better(a: float, b: float) -> bool:
+    """a ranks before b (same index order assumed): a number beats NaN; larger beats smaller."""
+    return (math.isnan(b) and not math.isnan(a)) or (not math.isnan(a) and not math.isnan(b) and a > b)
+
+
+def route_token_v2(logits: list[float], bias: list[float] | None, k: int, normalize: bool, scoring: str = "softmax",
+                   num_groups: int = 1, groups_kept: int = 1, group_score: str = "max", scaling: float = 1.0,
+                   eps: float = 0.0) -> tuple[list[int], list[float]]:
+    """One token through PiMoERoute, written from docs/op_contract.md with loops (float64)."""
+    e = len(logits)
+    b = bias if bias is not None else [0.0] * e
+    if scoring == "softmax":
+        source = softmax(logits) if not any(math.isnan(v) or v == math.inf for v in logits) else [math.nan] * e
+        keys = [p + bb for p, bb in zip(source, b, strict=True)]
+    elif scoring == "sigmoid":
+        source = [sigmoid(v) for v in logits]
+        # without a bias (and groups) the logits are ranked: sigmoid's order without its saturation ties
+        keys = list(logits) if bias is None and num_groups == 1 else [s + bb for s, bb in zip(source, b, strict=True)]
+    else:  # softmax_topk
+        source = []
+        keys = [v + bb for v, bb in zip(logits, b, strict=True)]
+    if num_groups > 1:
+        size = e // num_groups
+        scores = []
+        for g in range(num_groups):
+            members = keys[g * size:(g + 1) * size]
+            best = select_topk(members, 2 if group_score == "sum_top2" else 1)
+            scores.append(sum(members[i] for i in best))
+        kept = select_topk(scores, groups_kept)
+        for j in range(e):
+            if j // size not in kept:
+                keys[j] = 0.0
+                if scoring == "softmax":
+                    source[j] = 0.0
+    ids = select_topk(keys, k)
+    if scoring == "softmax_topk":
+        chosen = [logits[i] for i in ids]
+        weights = softmax(chosen) if not any(math.isnan(v) for v in chosen) else [math.nan] * k
+    else:
+        weights = [source[i] for i in ids]
+    if normalize:
+        total = sum(weights) + eps
+        weights = [w / total for w in weights]
+    return ids, [w * scaling for w in weights]
+
+
+def swiglu_oai(gate: float, up: float, alpha: float, limit: float) -> float:
+    g = gate if math.isnan(gate) else min(gate, limit)
+    u = up if math.isnan(up) else max(-limit, min(up, limit))
+    return (u + 1.0) * g * sigmoid(alpha * g)
+
+
+def glu_expert(w0, b0, w1, b1, v: list[float], activation: str, alpha: float = 1.702, limit: float = 7.0):
+    """A two-layer gated expert: w0 [2I, H] rows [gate; up], h = act(gate) * up, then w1 [H, I] (b: None or bias)."""
+    inter = w0.shape[0] // 2
+    z = _linear(w0, b0 if b0 is not None else torch.zeros(w0.shape[0], dtype=torch.float64), v)
+    if activation == "swiglu_oai":
+        h = [swiglu_oai(z[i], z[inter + i], alpha, limit) for i in range(inter)]
+    else:
+        h = [_act(activation, z[i]) * z[inter + i] for i in range(inter)]
+    return _linear(w1, b1 if b1 is not None else torch.zeros(w1.shape[0], dtype=torch.float64), h)

@@ -284,9 +284,9 @@ def verify(unit_dir: str | Path, *, backend_version: str | None = None, device_s
     unit_dir = Path(unit_dir)
     manifest = read_manifest(unit_dir)
     hint = rebuild_hint(manifest, unit_dir)
-    if manifest.contract_version != CONTRACT_VERSION:
+    if not 1 <= manifest.contract_version <= CONTRACT_VERSION:  # contracts only grow: older units still run
         raise ArtifactError(f"{unit_dir} was built for op contract v{manifest.contract_version}; this package "
-                            f"implements v{CONTRACT_VERSION}: {hint}")
+                            f"implements v1 to v{CONTRACT_VERSION}: {hint}")
     files = _check_artifacts(unit_dir, manifest, hint)
     max_tokens = _check_against_onnx(unit_dir, manifest, files["onnx"], hint)
     # engines are tied to the exact TensorRT version that built them (ONNX Runtime units are not)

@@ -35,6 +35,7 @@ from pimoe_export.native.libraries import (
     find_plugin_library,
     import_onnxruntime,
 )
+from pimoe_export.ops.schema import CONTRACT_VERSION
 from pimoe_export.ops.validation import check_graph
 
 
@@ -82,6 +83,7 @@ def package_ort(
     onnx_art = Artifact.of("onnx", target)
     manifest = Manifest(
         backend="onnxruntime",
+        contract_version=meta.contract_version or CONTRACT_VERSION,  # what the graph needs (a v1 graph: 1)
         precision=meta.precision,
         profile=profile or DEFAULT_ORT_PROFILE,
         config=meta.config,
@@ -194,6 +196,7 @@ def build_unit(
     onnx_art = Artifact.of("onnx", onnx_copy)
     manifest = Manifest(
         backend="tensorrt-rtx" if flavour == "rtx" else "tensorrt",
+        contract_version=meta.contract_version or CONTRACT_VERSION,  # what the graph needs (a v1 graph: 1)
         precision=meta.precision,
         profile=options.profile,
         config=meta.config,

@@ -7,8 +7,9 @@ carry the matching per-column multiplication):
            | max|x_row| / 127, or 1 for an all-zero/NaN row  (w8a8_dynamic: per row)
     q      = round_half_even(clamp(nan_to_zero(x / s), -127, 127))      int8 codes
     acc    = sum_k q[k] * W_q[o, k]                       exact integer (int32 in the kernels)
-    y      = float32(acc) * (s * w_scale[o]) + b[o]       one multiply, one add
-    hidden layers: LayerNorm (fp32) then activation; the result is the next layer's x.
+    y      = float32(acc) * (s * w_scale[o]) + b[o]       one multiply, one add (no add without bias)
+    hidden layers: LayerNorm (fp32) then activation; gated hidden layers: the GLU of the 2*out rows [gate; up]
+    (functional.glu); the result is the next layer's x (one activation scale per layer input).
 
 The kernels compute every step the same way, so the only differences left are fp32 rounding in LayerNorm and
 the activation (~1e-7 relative), which can move an activation code by one step at a rounding boundary.
@@ -54,8 +55,11 @@ def expert_mlp_w8a8(
     eps: float,
     quant_mode: str,
     act_scales: Sequence[float],
+    gated: bool = False,
+    alpha: float = 1.702,
+    limit: float = 7.0,
 ) -> torch.Tensor:
-    weights, w_scales, biases = roles["weight"], roles["w_scale"], roles["bias"]
+    weights, w_scales, biases = roles["weight"], roles["w_scale"], roles.get("bias") or None
     n_layers, groups = len(weights), len(expert_ids)
     if quant_mode == "w8a8" and len(act_scales) != n_layers * groups:
         raise ValueError(f"w8a8 needs {n_layers * groups} act_scales (layers x experts), got {len(act_scales)}")
@@ -73,8 +77,13 @@ def expert_mlp_w8a8(
             else:
                 scale = activation_scale_rowwise(h)
             acc = int_matmul(quantize_activations(h, scale), weights[layer][g])
-            h = acc * (scale * w_scales[layer][g].float()) + biases[layer][g].float()
+            h = acc * (scale * w_scales[layer][g].float())
+            if biases is not None:
+                h = h + biases[layer][g].float()
             if layer < n_layers - 1:
+                if gated:
+                    h = functional.glu(h, activation, alpha, limit)
+                    continue
                 if layer_norm:
                     h = F.layer_norm(h, (h.shape[-1],), roles["ln_gamma"][layer][g].float(),
                                      roles["ln_beta"][layer][g].float(), eps)

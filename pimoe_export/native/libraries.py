@@ -127,9 +127,23 @@ def _load(path: str, fix: str) -> ctypes.CDLL:
         raise PluginLoadError(f"cannot load {path}: {exc}; {fix}") from None
 
 
+def _check_contract(path: str, version: int, needs: int) -> None:
+    """A library implements op contract ``version``; the artefact it runs needs ``needs`` (a unit of an older release
+    ships the library it was built with: contracts only grow, so any version from ``needs`` up to this package's runs
+    it)."""
+    if version > CONTRACT_VERSION:
+        raise PluginLoadError(f"{path} implements op contract v{version}, newer than this package's "
+                              f"v{CONTRACT_VERSION}; upgrade pimoe-export")
+    if version < needs:
+        what = "this package needs" if needs == CONTRACT_VERSION else "the unit needs"
+        raise PluginLoadError(f"{path} implements op contract v{version}, {what} v{needs}; rebuild it with "
+                              f"scripts/setup.sh")
+
+
 @lru_cache(maxsize=8)
-def check_ort_library(path: str) -> dict[str, Any]:
-    """Load the library once with ctypes and verify it implements this package's op-contract version."""
+def check_ort_library(path: str, needs: int = CONTRACT_VERSION) -> dict[str, Any]:
+    """Load the library once with ctypes and verify it implements op contract ``needs`` (default: this package's; an
+    older unit names its own, which its bundled library may implement)."""
     lib = _load(path, "rebuild it with scripts/setup.sh")
     try:
         version = int(lib.pimoe_ort_contract_version())
@@ -142,15 +156,14 @@ def check_ort_library(path: str) -> dict[str, Any]:
     except AttributeError:
         raise PluginLoadError(f"{path} is not a pimoe ONNX Runtime op library (no pimoe_ort_contract_version "
                               f"symbol); rebuild it with scripts/setup.sh") from None
-    if version != CONTRACT_VERSION:
-        raise PluginLoadError(f"{path} implements op contract v{version}, this package needs v{CONTRACT_VERSION}; "
-                              f"rebuild it with scripts/setup.sh")
+    _check_contract(path, version, needs)
     return {"path": path, "contract_version": version, "cpu_isa": isa, "providers": providers}
 
 
 @lru_cache(maxsize=8)
-def check_plugin_library(path: str) -> dict[str, Any]:
-    """Load ``path`` with ctypes (no TensorRT needed) and check that it is our plugin library for this contract.
+def check_plugin_library(path: str, needs: int = CONTRACT_VERSION) -> dict[str, Any]:
+    """Load ``path`` with ctypes (no TensorRT needed) and check that it is our plugin library for op contract ``needs``
+    (default: this package's; a unit names its own).
 
     Returns ``{"path", "contract_version", "tensorrt_header_version"}``.
     """
@@ -160,9 +173,7 @@ def check_plugin_library(path: str) -> dict[str, Any]:
         raise PluginLoadError(f"{path} does not export {missing}: it is not a pimoe TensorRT plugin library; "
                               f"rebuild it with scripts/setup.sh")
     version = int(lib.pimoe_trt_contract_version())
-    if version != CONTRACT_VERSION:
-        raise PluginLoadError(f"{path} implements op contract v{version}, this package needs v{CONTRACT_VERSION}; "
-                              f"rebuild it with scripts/setup.sh")
+    _check_contract(path, version, needs)
     return {"path": path, "contract_version": version, "tensorrt_header_version": int(lib.pimoe_trt_header_version())}
 
 

@@ -156,17 +156,18 @@ def _registered(registry: Any) -> list[str]:
 
 
 def load_plugin_library(trt: ModuleType, path: str | Path | None = None, *, registry: Any = None,
-                        logger: Any = None) -> Any:
+                        logger: Any = None, needs: int | None = None) -> Any:
     """Register our four creators with ``registry`` (default: the flavour's global registry) via ``load_library``.
 
     Create the TensorRT logger (and builder) before calling this, so TensorRT can report why a load fails. When
     all four creators are already registered (an earlier call in this process), nothing is loaded again and None
-    is returned; otherwise the library handle.
+    is returned; otherwise the library handle. ``needs``: the op contract the engine was built for (default: this
+    package's).
     """
     path = Path(path) if path is not None else find_plugin_library()
     if not path.is_file():
         raise PluginLoadError(f"plugin library {path} does not exist; build it with scripts/setup.sh")
-    check_plugin_library(str(path))
+    check_plugin_library(str(path), *(() if needs is None else (needs,)))
     if registry is None:
         registry = trt.get_plugin_registry()
     present = _registered(registry)

@@ -1,4 +1,8 @@
-"""Register op contract v1 with ONNX's schema registry (``onnx.defs.register_schema``).
+"""Register the op contract with ONNX's schema registry (``onnx.defs.register_schema``), once per contract version.
+
+Each op is registered at every ``pimoe`` opset version 1..OPSET_VERSION with the attributes that version defines
+(``AttrSpec.since``), so ``onnx.checker`` validates a v1 graph (opset import ``pimoe`` 1) against v1 and refuses a
+v2 attribute in it.
 
 With the schemas registered, ``onnx.checker`` validates our nodes (inputs, attributes, type constraints)
 instead of skipping an unknown domain, onnxscript can build ``pimoe`` nodes, and shape inference types every
@@ -141,7 +145,7 @@ def _inference(op: schema.OpSchema) -> Any:
     return infer
 
 
-def onnx_op_schema(op: schema.OpSchema) -> OpSchema:
+def onnx_op_schema(op: schema.OpSchema, version: int = schema.OPSET_VERSION) -> OpSchema:
     inputs = _collapse_variadic(op)
     constraints: dict[str, set[str]] = {}
     for spec in (*inputs, *op.outputs):
@@ -150,12 +154,12 @@ def onnx_op_schema(op: schema.OpSchema) -> OpSchema:
     registered = OpSchema(
         op.name,
         schema.DOMAIN,
-        schema.OPSET_VERSION,
+        version,
         op.doc,
         inputs=[_formal(s) for s in inputs],
         outputs=[_formal(s) for s in op.outputs],
         type_constraints=[(name, sorted(types), "") for name, types in constraints.items()],
-        attributes=[_attribute(a) for a in op.attributes],
+        attributes=[_attribute(a) for a in op.attributes if a.since <= version],
     )
     registered.set_type_and_shape_inference_function(_inference(op))
     return registered
@@ -163,10 +167,13 @@ def onnx_op_schema(op: schema.OpSchema) -> OpSchema:
 
 def register_onnx_schemas() -> None:
     for op in schema.SCHEMAS.values():
-        try:
-            onnx.defs.get_schema(op.name, schema.OPSET_VERSION, schema.DOMAIN)
-        except onnx.defs.SchemaError:
-            onnx.defs.register_schema(onnx_op_schema(op))
+        for version in range(1, schema.OPSET_VERSION + 1):
+            try:
+                registered = onnx.defs.get_schema(op.name, version, schema.DOMAIN)
+            except onnx.defs.SchemaError:
+                registered = None
+            if registered is None or registered.since_version != version:
+                onnx.defs.register_schema(onnx_op_schema(op, version))
 
 
 register_onnx_schemas()

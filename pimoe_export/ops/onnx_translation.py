@@ -1,7 +1,8 @@
 """ONNX translations of the torch custom ops, for ``torch.onnx.export(..., dynamo=True)``.
 
-Each translation emits one node of domain ``pimoe`` (op contract v1) with the contract's attribute names;
-``custom_translation_table()`` is passed to the exporter.
+Each translation emits one node of domain ``pimoe`` (op contract v2) with the contract's attribute names;
+attributes that v2 added are written only when they differ from their (v1) defaults, so a graph using v1 features
+only carries v1 attributes. ``custom_translation_table()`` is passed to the exporter.
 """
 
 from __future__ import annotations
@@ -26,10 +27,22 @@ def _set_types(*pairs: tuple[Any, Any]) -> None:
         value.dtype = dtype
 
 
-def route_onnx(logits: Any, selection_bias: Any, k: int, normalize: bool) -> tuple[Any, Any]:
-    weights, ids = PIMOE.PiMoERoute(
-        logits, selection_bias, k=k, normalize=int(normalize), scoring="softmax", _outputs=2
-    )
+def _changed(op: str, attrs: dict[str, Any]) -> dict[str, Any]:
+    """The v2 attributes of ``attrs`` whose value differs from the contract default (v1 attributes stay)."""
+    spec = schema.SCHEMAS[op]
+    return {name: value for name, value in attrs.items()
+            if spec.attribute(name).since == 1 or value != spec.attribute(name).default}
+
+
+def route_onnx(logits: Any, selection_bias: Any, k: int, normalize: bool, scoring: str = "softmax",
+               num_groups: int = 1, groups_kept: int = 1, group_score: str = "max",
+               routed_scaling_factor: float = 1.0, normalize_eps: float = 0.0) -> tuple[Any, Any]:
+    attrs = _changed(schema.ROUTE, {"k": k, "normalize": int(normalize), "scoring": scoring,
+                                    "num_groups": num_groups, "groups_kept": groups_kept, "group_score": group_score,
+                                    "routed_scaling_factor": float(routed_scaling_factor),
+                                    "normalize_eps": float(normalize_eps)})
+    inputs = (logits,) if selection_bias is None else (logits, selection_bias)  # absent, not "": see op_contract.md
+    weights, ids = PIMOE.PiMoERoute(*inputs, **attrs, _outputs=2)
     _set_types((weights, ir.DataType.FLOAT), (ids, ir.DataType.INT32))
     return weights, ids
 
@@ -51,15 +64,23 @@ def expert_mlp_onnx(
     eps: float,
     quant_mode: str,
     act_scales: Sequence[float],
+    gated: bool = False,
+    bias: bool = True,
+    alpha: float = schema.SWIGLU_OAI_ALPHA,
+    limit: float = schema.SWIGLU_OAI_LIMIT,
 ) -> Any:
-    attrs: dict[str, Any] = {
+    attrs: dict[str, Any] = _changed(schema.EXPERT_MLP, {
         "expert_ids": list(expert_ids),
         "widths": list(widths),
         "activation": activation,
         "layer_norm": int(layer_norm),
         "eps": float(eps),
         "quant_mode": quant_mode,
-    }
+        "gated": int(gated),
+        "bias": int(bias),
+        "alpha": float(alpha) if activation == "swiglu_oai" else schema.SWIGLU_OAI_ALPHA,
+        "limit": float(limit) if activation == "swiglu_oai" else schema.SWIGLU_OAI_LIMIT,
+    })
     if act_scales:
         attrs["act_scales"] = [float(s) for s in act_scales]
     y_sorted = PIMOE.PiMoEExpertMLP(x_sorted, offsets, *params, **attrs)
@@ -67,8 +88,8 @@ def expert_mlp_onnx(
     return y_sorted
 
 
-def combine_onnx(y_sorted: Any, flat_to_sorted: Any, weights: Any) -> Any:
-    y = PIMOE.PiMoECombine(y_sorted, flat_to_sorted, weights)
+def combine_onnx(y_sorted: Any, flat_to_sorted: Any, weights: Any, order: str = "slot") -> Any:
+    y = PIMOE.PiMoECombine(y_sorted, flat_to_sorted, weights, **_changed(schema.COMBINE, {"order": order}))
     _set_types((y, y_sorted.dtype))
     return y
 

@@ -22,7 +22,8 @@ FOLDERS = {schema.ROUTE: "route", schema.DISPATCH: "dispatch", schema.EXPERT_MLP
 SHAPES: dict[str, dict[str, object]] = {
     schema.ROUTE: {
         "input_dims": {"logits": 2, "selection_bias": 1},
-        "constraints": ["selection_bias_0 == logits_1", "k <= logits_1"],
+        "constraints": ["selection_bias_0 == logits_1", "k <= logits_1", "logits_1 % num_groups == 0",
+                        "k <= groups_kept * logits_1 / num_groups"],
         "output_dims": {"weights": "logits_0, k", "ids": "logits_0, k"},
     },
     schema.DISPATCH: {
@@ -33,7 +34,8 @@ SHAPES: dict[str, dict[str, object]] = {
     schema.EXPERT_MLP: {
         "input_dims": {"x_sorted": 2, "offsets": 1, "params": "1 or 3 each (see README.md)"},
         "constraints": ["x_sorted_1 == widths[0]", "expert_ids[g] < offsets_0 - 1",
-                        "params: per layer l W_l [G, widths[l+1], widths[l]], b_l and LayerNorm [G, widths[l+1]]"],
+                        "params: per layer l W_l [G, rows_l, widths[l]] (rows_l = 2 * widths[l+1] for a gated hidden "
+                        "layer, else widths[l+1]), b_l [G, rows_l] unless bias = 0, LayerNorm [G, widths[l+1]]"],
         "output_dims": {"y_sorted": "x_sorted_0, widths[-1]"},
     },
     schema.COMBINE: {

@@ -1,4 +1,9 @@
-"""Op contract v1: THE definition of the four `pimoe` ops (names, inputs, outputs, attributes, limits).
+"""Op contract v2: THE definition of the four `pimoe` ops (names, inputs, outputs, attributes, limits).
+
+v2 extends v1 (the MoE families of docs/op_contract.md): every attribute v2 added defaults to the v1 behaviour, so a
+v1 node (opset ``pimoe`` 1) computes bit for bit what it computed under v1. ``AttrSpec.since`` / ``choice_since``
+name the contract version that introduced an attribute or an allowed value; a node of a graph importing an older
+``pimoe`` opset may not use them (:mod:`pimoe_export.ops.validation`).
 
 Every implementation mirrors this module: the torch custom ops (:mod:`pimoe_export.ops.torch_ops`), the
 ONNX translations (:mod:`pimoe_export.ops.onnx_translation`), the ONNX Runtime kernels and the TensorRT
@@ -16,9 +21,11 @@ from dataclasses import dataclass, field
 from pimoe_export.interface import INT32_LIMIT, MAX_EXPERTS, MAX_LAYERS, MAX_TOP_K  # noqa: F401  (part of the contract)
 
 DOMAIN = "pimoe"
-OPSET_VERSION = 1
-CONTRACT_VERSION = 1
-#: TensorRT plugin version string and namespace the ONNX parser looks up for our nodes.
+OPSET_VERSION = 2
+CONTRACT_VERSION = 2
+#: TensorRT plugin version string and namespace the ONNX parser looks up for our nodes. It stays "1": the plugins
+#: of contract v2 are a superset of v1's (every new field defaults to v1), so v1 and v2 graphs find the same creators;
+#: the library's own contract version (pimoe_trt_contract_version) keeps a v1 library away from v2 graphs.
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = ""
 
@@ -30,9 +37,18 @@ DISPATCH = "PiMoEDispatch"
 EXPERT_MLP = "PiMoEExpertMLP"
 COMBINE = "PiMoECombine"
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "tanh")  # index = C++ enum value
+#: activations of any hidden layer (plain or gated)
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "tanh")
+#: activations of gated (GLU) layers only: the clamped OpenAI SwiGLU of GPT-OSS (alpha, limit)
+GLU_ONLY_ACTIVATIONS = ("swiglu_oai",)
+ALL_ACTIVATIONS = ACTIVATIONS + GLU_ONLY_ACTIVATIONS  # index = C++ enum value
 QUANT_MODES = ("none", "w8a8", "w8a8_dynamic")  # index = C++ enum value
-SCORING = ("softmax",)
+SCORING = ("softmax", "softmax_topk", "sigmoid")  # index = C++ enum value
+GROUP_SCORES = ("max", "sum_top2")  # index = C++ enum value
+COMBINE_ORDERS = ("slot", "expert")  # index = C++ enum value
+#: GPT-OSS's clamped SwiGLU constants (the defaults of the alpha and limit attributes)
+SWIGLU_OAI_ALPHA = 1.702
+SWIGLU_OAI_LIMIT = 7.0
 
 FLOAT_TYPES = ("float32", "float16")
 
@@ -59,6 +75,14 @@ class AttrSpec:
     maximum: float | None = None
     exclusive_minimum: bool = False  # the value must be greater than ``minimum`` (eps > 0)
     flag: bool = False  # a boolean carried as an int: exactly 0 or 1
+    since: int = 1  # the contract (= pimoe opset) version that introduced the attribute
+    choice_since: tuple[int, ...] = ()  # per choice, the version that introduced it (empty: every choice since 1)
+
+    def introduced(self, value: object) -> int:
+        """The contract version a node needs to carry this attribute with ``value``."""
+        if self.choice_since and value in self.choices:
+            return max(self.since, self.choice_since[self.choices.index(value)])
+        return self.since
 
     def accepts(self, value: object) -> str:
         """Empty when ``value`` (as read from an ONNX attribute) satisfies this spec, else the problem."""
@@ -87,7 +111,9 @@ class AttrSpec:
         if self.flag:
             return "0 or 1"
         if self.choices:
-            return " \\| ".join(f'"{c}"' for c in self.choices)
+            since = self.choice_since or (1,) * len(self.choices)
+            return " \\| ".join(f'"{c}"' + (f" (v{v})" if v > self.since else "")
+                                  for c, v in zip(self.choices, since, strict=True))
         def text(v: float) -> str:
             return str(int(v)) if float(v).is_integer() and self.kind in ("int", "ints") else f"{v:g}"
 
@@ -118,18 +144,33 @@ ROUTE_SCHEMA = OpSchema(
     inputs=(
         TensorSpec("logits", FLOAT_TYPES, "[N, E]", type_param="T", doc="router logits (temperature and gate applied)"),
         TensorSpec("selection_bias", ("float32",), "[E]", optional=True,
-                   doc="added to the probabilities for selection only"),
+                   doc="added to the selection scores only (softmax: probs; softmax_topk: logits; sigmoid: sigma); "
+                       "sigmoid without it ranks the logits"),
     ),
     outputs=(
-        TensorSpec("weights", ("float32",), "[N, k]", doc="combine weights = probs[ids], renormalised if normalize"),
+        TensorSpec("weights", ("float32",), "[N, k]",
+                   doc="combine weights (see scoring), renormalised if normalize, times routed_scaling_factor"),
         TensorSpec("ids", ("int32",), "[N, k]", doc="selected experts, best first; always in [0, E)"),
     ),
     attributes=(
         AttrSpec("k", "int", doc="experts per token", minimum=1, maximum=MAX_TOP_K),
-        AttrSpec("normalize", "int", 0, doc="1: divide the k weights by their sum", minimum=0, maximum=1, flag=True),
-        AttrSpec("scoring", "string", "softmax", doc="probability function", choices=SCORING),
+        AttrSpec("normalize", "int", 0, doc="1: divide the k weights by (their sum + normalize_eps)", minimum=0,
+                 maximum=1, flag=True),
+        AttrSpec("scoring", "string", "softmax", choices=SCORING, choice_since=(1, 2, 2),
+                 doc="softmax: top-k of softmax(logits) + bias, weights = probs; softmax_topk: top-k of logits + bias, "
+                     "weights = softmax over the k logits; sigmoid: top-k of sigma(logits) + bias, weights = sigma"),
+        AttrSpec("num_groups", "int", 1, since=2, minimum=1, maximum=MAX_EXPERTS,
+                 doc="grouped selection: E/num_groups consecutive experts per group (1: no groups)"),
+        AttrSpec("groups_kept", "int", 1, since=2, minimum=1, maximum=MAX_EXPERTS,
+                 doc="groups whose experts may be selected (the best by group score; others score 0)"),
+        AttrSpec("group_score", "string", "max", since=2, choices=GROUP_SCORES,
+                 doc="a group's score: the max of its selection scores, or the sum of its best two"),
+        AttrSpec("routed_scaling_factor", "float", 1.0, since=2, minimum=0.0, exclusive_minimum=True,
+                 doc="multiplies the final weights"),
+        AttrSpec("normalize_eps", "float", 0.0, since=2, minimum=0.0,
+                 doc="added to the sum of the k weights before normalize divides by it"),
     ),
-    doc="softmax(logits) in fp32 -> top-k of (probs + bias), ties to the lower index, NaN ranked lowest",
+    doc="fp32 scores -> [groups] -> top-k, ties to the lower index, NaN ranked lowest -> weights",
 )
 
 DISPATCH_SCHEMA = OpSchema(
@@ -154,9 +195,10 @@ EXPERT_MLP_SCHEMA = OpSchema(
         TensorSpec("offsets", ("int32",), "[E+1]"),
         TensorSpec(
             "params", ("float32", "float16", "int8"), "per layer", variadic=True, type_param="P",
-            doc="per layer l: W_l [G, out_l, in_l] (x_sorted's dtype, or int8 in w8a8 modes); w8a8 modes: "
-                "w_scale_l [G, out_l] and act_smooth_l [G, in_l]; b_l [G, out_l]; hidden layers with layer_norm: "
-                "ln_gamma_l, ln_beta_l [G, out_l]. Everything but W_l is float32.",
+            doc="per layer l, rows_l = 2*out_l for a gated hidden layer (rows [gate; up]), else out_l: W_l [G, rows_l, "
+                "in_l] (x_sorted's dtype, or int8 in w8a8 modes); w8a8 modes: w_scale_l [G, rows_l] and act_smooth_l "
+                "[G, in_l]; with bias: b_l [G, rows_l]; hidden layers with layer_norm: ln_gamma_l, ln_beta_l "
+                "[G, out_l]. Everything but W_l is float32.",
         ),
     ),
     outputs=(TensorSpec("y_sorted", FLOAT_TYPES, "[R, widths[-1]]", type_param="T",
@@ -166,7 +208,8 @@ EXPERT_MLP_SCHEMA = OpSchema(
                  maximum=MAX_EXPERTS - 1),
         AttrSpec("widths", "ints", doc="layer widths, input first (len = layers + 1, at most MAX_LAYERS + 1)",
                  minimum=1, maximum=INT32_LIMIT - 1),
-        AttrSpec("activation", "string", "gelu", doc="hidden activation", choices=ACTIVATIONS),
+        AttrSpec("activation", "string", "gelu", choices=ALL_ACTIVATIONS, choice_since=(1, 1, 1, 1, 1, 2),
+                 doc="hidden activation (of the gate half when gated; swiglu_oai: gated only)"),
         AttrSpec("layer_norm", "int", 1, doc="1: LayerNorm after every hidden Linear", minimum=0, maximum=1,
                  flag=True),
         AttrSpec("eps", "float", 1e-5, doc="LayerNorm epsilon", minimum=0.0, exclusive_minimum=True),
@@ -174,6 +217,14 @@ EXPERT_MLP_SCHEMA = OpSchema(
         AttrSpec("act_scales", "floats", [],
                  doc="w8a8: static input scale per (layer, expert): [L * G], layer-major", minimum=0.0,
                  exclusive_minimum=True),
+        AttrSpec("gated", "int", 0, since=2, minimum=0, maximum=1, flag=True,
+                 doc="1: every hidden layer is a GLU: h = act(gate) * up over its rows [gate; up] (no LayerNorm)"),
+        AttrSpec("bias", "int", 1, since=2, minimum=0, maximum=1, flag=True,
+                 doc="0: the layers have no bias (no b_l inputs)"),
+        AttrSpec("alpha", "float", SWIGLU_OAI_ALPHA, since=2,
+                 doc="swiglu_oai: h = (clamp(up, -limit, limit) + 1) * g * sigma(alpha * g), g = min(gate, limit)"),
+        AttrSpec("limit", "float", SWIGLU_OAI_LIMIT, since=2, minimum=0.0, exclusive_minimum=True,
+                 doc="swiglu_oai: the clamp bound"),
     ),
     doc="one group of structurally identical experts over their contiguous row segments",
 )
@@ -186,18 +237,25 @@ COMBINE_SCHEMA = OpSchema(
         TensorSpec("weights", ("float32",), "[N, k]"),
     ),
     outputs=(TensorSpec("y", FLOAT_TYPES, "[N, H]", type_param="T"),),
-    doc="y[t] = sum_j weights[t,j] * y_sorted[flat_to_sorted[t*k+j]], fp32, slot order, no atomics",
+    attributes=(
+        AttrSpec("order", "string", "slot", since=2, choices=COMBINE_ORDERS,
+                 doc="slot: acc = w_0*y_0, then + w_j*y_j in slot order; expert: acc = 0, then + w_j*y_j by ascending "
+                     "expert id (= ascending flat_to_sorted row; Hugging Face's index_add_ order)"),
+    ),
+    doc="y[t] = sum_j weights[t,j] * y_sorted[flat_to_sorted[t*k+j]], fp32, fixed order, no atomics",
 )
 
 SCHEMAS: dict[str, OpSchema] = {s.name: s for s in (ROUTE_SCHEMA, DISPATCH_SCHEMA, EXPERT_MLP_SCHEMA, COMBINE_SCHEMA)}
 
 
-def expert_mlp_param_layout(num_layers: int, layer_norm: bool, quant_mode: str) -> list[tuple[int, str]]:
+def expert_mlp_param_layout(num_layers: int, layer_norm: bool, quant_mode: str, *, bias: bool = True
+                            ) -> list[tuple[int, str]]:
     """Order of the variadic ``params`` of `PiMoEExpertMLP`: a list of (layer, role).
 
-    Roles: "weight", "w_scale" and "act_smooth" (w8a8 modes), "bias", "ln_gamma", "ln_beta" (hidden layers with
-    layer_norm). act_smooth divides the layer input per channel before quantisation (SmoothQuant); the int8
-    weights carry the matching per-column multiplication.
+    Roles: "weight", "w_scale" and "act_smooth" (w8a8 modes), "bias" (unless ``bias`` is off), "ln_gamma", "ln_beta"
+    (hidden layers with layer_norm). act_smooth divides the layer input per channel before quantisation
+    (SmoothQuant); the int8 weights carry the matching per-column multiplication. Gated layers have the same roles
+    (their weight, w_scale and bias cover the 2*out rows [gate; up]: :func:`expert_mlp_param_rows`).
     """
     if quant_mode not in QUANT_MODES:
         raise ValueError(f"quant_mode must be one of {QUANT_MODES}, got {quant_mode!r}")
@@ -207,8 +265,15 @@ def expert_mlp_param_layout(num_layers: int, layer_norm: bool, quant_mode: str) 
         if quant_mode != "none":
             layout.append((layer, "w_scale"))
             layout.append((layer, "act_smooth"))
-        layout.append((layer, "bias"))
+        if bias:
+            layout.append((layer, "bias"))
         if layer_norm and layer < num_layers - 1:
             layout.append((layer, "ln_gamma"))
             layout.append((layer, "ln_beta"))
     return layout
+
+
+def expert_mlp_param_rows(widths: list[int] | tuple[int, ...], layer: int, gated: bool) -> int:
+    """Rows of layer ``layer``'s weight (and of its w_scale and bias): 2*out for a gated hidden layer, else out."""
+    out = int(widths[layer + 1])
+    return 2 * out if gated and layer < len(widths) - 2 else out

@@ -25,8 +25,9 @@ def _attribute_value(attr: Any) -> Any:
     return value
 
 
-def attribute_problems(op: str, attrs: dict[str, Any]) -> list[str]:
-    """Contract violations of one node's attributes (unknown, missing required, wrong kind or out of range)."""
+def attribute_problems(op: str, attrs: dict[str, Any], version: int = schema.OPSET_VERSION) -> list[str]:
+    """Contract violations of one node's attributes (unknown, missing required, wrong kind or out of range, newer
+    than the ``pimoe`` opset ``version`` the graph imports, inconsistent with each other)."""
     spec = schema.SCHEMAS[op]
     known = {a.name: a for a in spec.attributes}
     problems = [f"unknown attribute {name!r}" for name in attrs if name not in known]
@@ -37,8 +38,40 @@ def attribute_problems(op: str, attrs: dict[str, Any]) -> list[str]:
             continue
         if problem := attr.accepts(attrs[name]):
             problems.append(f"attribute {name} {problem}")
-    if op == schema.EXPERT_MLP and not problems:
+        elif attr.introduced(attrs[name]) > version:
+            what = name if attr.since > version else f"{name}={attrs[name]!r}"
+            problems.append(f"attribute {what} needs pimoe opset {attr.introduced(attrs[name])} (op contract "
+                            f"v{attr.introduced(attrs[name])}) but the graph imports opset {version}")
+    if problems:
+        return problems
+    if op == schema.EXPERT_MLP:
         problems += _expert_mlp_problems(attrs)
+    if op == schema.ROUTE:
+        problems += _route_problems(attrs)
+    return problems
+
+
+def _value(op: str, attrs: dict[str, Any], name: str) -> Any:
+    return attrs.get(name, schema.SCHEMAS[op].attribute(name).default)
+
+
+def _route_problems(attrs: dict[str, Any], num_experts: int | None = None) -> list[str]:
+    """Route attributes against each other (and against E where the graph's Dispatch gives it)."""
+    groups, kept = _value(schema.ROUTE, attrs, "num_groups"), _value(schema.ROUTE, attrs, "groups_kept")
+    problems = []
+    if kept > groups:
+        problems.append(f"groups_kept={kept} exceeds num_groups={groups}")
+    if groups > 1 and _value(schema.ROUTE, attrs, "scoring") == "softmax_topk":
+        problems.append("grouped selection (num_groups > 1) needs scoring softmax or sigmoid, not softmax_topk")
+    if num_experts is not None and not problems:
+        if num_experts % groups:
+            problems.append(f"num_groups={groups} does not divide the number of experts E={num_experts}")
+        elif groups > 1 and _value(schema.ROUTE, attrs, "group_score") == "sum_top2" and num_experts // groups < 2:
+            problems.append(f"group_score sum_top2 needs at least 2 experts per group, got E/num_groups="
+                            f"{num_experts // groups}")
+        elif attrs["k"] > kept * (num_experts // groups):
+            problems.append(f"k={attrs['k']} exceeds the experts of the kept groups, groups_kept * E/num_groups = "
+                            f"{kept * (num_experts // groups)}")
     return problems
 
 
@@ -53,19 +86,40 @@ def _expert_mlp_problems(attrs: dict[str, Any]) -> list[str]:
     if attrs.get("quant_mode", "none") == "w8a8" and len(scales) != (len(widths) - 1) * len(ids):
         problems.append(f"quant_mode w8a8 needs act_scales with layers*G = {(len(widths) - 1) * len(ids)} entries, "
                         f"got {len(scales)}")
+    gated = _value(schema.EXPERT_MLP, attrs, "gated") == 1
+    if gated and _value(schema.EXPERT_MLP, attrs, "layer_norm") == 1:
+        problems.append("gated layers have no LayerNorm: set layer_norm=0")
+    if gated and len(widths) < 3:
+        problems.append("gated needs at least one hidden layer (widths with 3 or more entries)")
+    activation = _value(schema.EXPERT_MLP, attrs, "activation")
+    if activation in schema.GLU_ONLY_ACTIVATIONS and not gated:
+        problems.append(f"activation {activation} is for gated layers only: set gated=1")
     return problems
+
+
+def pimoe_opset(proto: Any) -> int | None:
+    """The ``pimoe`` opset version a model imports (None: it imports none)."""
+    for opset in proto.opset_import:
+        if opset.domain == schema.DOMAIN:
+            return int(opset.version)
+    return None
 
 
 def check_graph(model: str | Path | Any) -> None:
     """Raise ArtifactError when a node of ``model`` (a path or a ModelProto) breaks the op contract: one of our op
-    names in another domain, an op of our domain the contract does not define, an attribute out of range, a route
-    whose k exceeds the dispatch's num_experts."""
+    names in another domain, an op of our domain the contract does not define, a ``pimoe`` opset newer than this
+    package's, an attribute out of range or newer than the graph's opset, inconsistent route attributes (also against
+    the dispatch's num_experts), a route whose k exceeds the dispatch's num_experts."""
     from pimoe_export.interface import read_onnx
 
     source = str(model) if isinstance(model, (str, Path)) else "the model"
     proto = read_onnx(model) if isinstance(model, (str, Path)) else model
     problems: list[str] = []
-    ks, experts = [], []
+    version = pimoe_opset(proto) or schema.OPSET_VERSION
+    if version > schema.OPSET_VERSION:
+        problems.append(f"it imports pimoe opset {version}, newer than this package's op contract "
+                        f"v{schema.CONTRACT_VERSION}: upgrade pimoe-export")
+    routes, experts = [], []
     for index, node in enumerate(proto.graph.node):
         where = f"node {index} ({node.name or node.op_type})"
         ours = node.op_type in schema.SCHEMAS
@@ -77,13 +131,19 @@ def check_graph(model: str | Path | Any) -> None:
                             f"{schema.DOMAIN!r}; no runtime implements it there")
         elif ours:
             attrs = {a.name: _attribute_value(a) for a in node.attribute}
-            problems += [f"{where}: {p}" for p in attribute_problems(node.op_type, attrs)]
-            if node.op_type == schema.ROUTE and isinstance(attrs.get("k"), int):
-                ks.append(attrs["k"])
+            found = attribute_problems(node.op_type, attrs, min(version, schema.OPSET_VERSION))
+            problems += [f"{where}: {p}" for p in found]
+            if node.op_type == schema.ROUTE and not found:
+                routes.append((where, attrs))
             if node.op_type == schema.DISPATCH and isinstance(attrs.get("num_experts"), int):
                 experts.append(attrs["num_experts"])
-    if ks and experts and max(ks) > min(experts):
-        problems.append(f"PiMoERoute k={max(ks)} exceeds PiMoEDispatch num_experts={min(experts)} (k <= E)")
+    if routes and experts:
+        ks = [attrs["k"] for _, attrs in routes]
+        if max(ks) > min(experts):
+            problems.append(f"PiMoERoute k={max(ks)} exceeds PiMoEDispatch num_experts={min(experts)} (k <= E)")
+        elif len(set(experts)) == 1:
+            for where, attrs in routes:
+                problems += [f"{where}: {p}" for p in _route_problems(attrs, experts[0])]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise ArtifactError(f"{source} breaks the pimoe op contract: {shown}. Re-export it with `pimoe-export "

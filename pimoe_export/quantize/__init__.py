@@ -77,7 +77,6 @@ def quantize_model(
     """
     from pimoe_export.export.exporter import export_source
     from pimoe_export.interface import quantization_metadata
-    from pimoe_export.quantize.capture import capture_layer_inputs
     from pimoe_export.quantize.int8 import write_int8_onnx
 
     check_settings(method=method, mode=mode, percentile=percentile, smooth_alpha=smooth_alpha, max_tokens=max_tokens)
@@ -90,14 +89,43 @@ def quantize_model(
     else:
         fp32_onnx = default_fp32_path(output)
         export_source(source, fp32_onnx)
-    captured = capture_layer_inputs(source.module, data.feeds)  # also the order the layers run
-    statistics = mode == "w8a8" or bool(smooth_alpha and not data.synthetic)
-    layers = {path: _quantize_layer(source.layers[path], batches if statistics else None, method, mode, percentile,
-                                    smooth_alpha, progress)
-              for path, batches in captured.items()}
+    layers = _calibrate_layers(source, data, method, mode, percentile, smooth_alpha, progress)
     info = quantization_metadata({path: params.info for path, params in layers.items()}, data.description)
     path = write_int8_onnx(fp32_onnx, list(layers.values()), output, info=info)
     return QuantizeResult(path, layers, Path(fp32_onnx), data.description, info)
+
+
+def calibrated_params(
+    model: ModelSource | nn.Module,
+    *,
+    calibration: Any = None,
+    method: str = "entropy",
+    mode: str = "w8a8",
+    percentile: float = 99.99,
+    smooth_alpha: float | None = 0.5,
+    max_tokens: int | None = 65536,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The QuantParams :func:`quantize_model` writes into the INT8 ONNX, by PiMoE layer path ("" for a bare layer),
+    computed without exporting anything (the GPU tests use them, so that they do not depend on the exporter of the
+    GPU machine; tests/quantize/test_quantize.py checks that the file carries them exactly)."""
+    check_settings(method=method, mode=mode, percentile=percentile, smooth_alpha=smooth_alpha, max_tokens=max_tokens)
+    source = as_source(model, calibration)
+    data = calibration if isinstance(calibration, Calibration) else source.calibration() if calibration is None \
+        else source.read_calibration(calibration, max_tokens)
+    return _calibrate_layers(source, data, method, mode, percentile, smooth_alpha, progress)
+
+
+def _calibrate_layers(source: ModelSource, data: Calibration, method: str, mode: str, percentile: float,
+                      smooth_alpha: float | None, progress: bool) -> dict[str, Any]:
+    """Every PiMoE layer calibrated on the activations that reach it, in the order the layers run."""
+    from pimoe_export.quantize.capture import capture_layer_inputs
+
+    captured = capture_layer_inputs(source.module, data.feeds)  # also the order the layers run
+    statistics = mode == "w8a8" or bool(smooth_alpha and not data.synthetic)
+    return {path: _quantize_layer(source.layers[path], batches if statistics else None, method, mode, percentile,
+                                  smooth_alpha, progress)
+            for path, batches in captured.items()}
 
 
 def _quantize_layer(layer: Any, batches: list | None, method: str, mode: str, percentile: float,
@@ -159,4 +187,4 @@ def check_same_model(model: nn.Module, fp32_onnx: str | Path) -> None:
                             f"again (`pimoe-export export MODEL_DIR -o ...`) or omit --onnx")
 
 
-__all__ = ["QuantizeResult", "check_settings", "quantize_model"]
+__all__ = ["QuantizeResult", "calibrated_params", "check_settings", "quantize_model"]

@@ -151,11 +151,12 @@ def write_int8_onnx(fp32_onnx: str | Path, params: QuantParams | list[QuantParam
     for index, (node, group) in enumerate(zip(nodes, _groups_for(nodes, params, fp32_onnx), strict=True)):
         attrs = _attrs(node)
         n_layers = len(attrs["widths"]) - 1
-        layer_norm = bool(attrs.get("layer_norm", 1))
-        old = dict(zip(schema.expert_mlp_param_layout(n_layers, layer_norm, "none"), node.input[2:], strict=True))
+        layer_norm, bias = bool(attrs.get("layer_norm", 1)), bool(attrs.get("bias", 1))  # bias: contract v2
+        old = dict(zip(schema.expert_mlp_param_layout(n_layers, layer_norm, "none", bias=bias), node.input[2:],
+                       strict=True))
         inputs = list(node.input[:2])
         prefix = f"expert_group{index}"
-        for layer, role in schema.expert_mlp_param_layout(n_layers, layer_norm, mode):
+        for layer, role in schema.expert_mlp_param_layout(n_layers, layer_norm, mode, bias=bias):
             if role == "weight":
                 name = f"{prefix}.weight_{layer}.int8"
                 new_inits.append(numpy_helper.from_array(group.layers[layer].weight, name))
@@ -203,8 +204,8 @@ def read_quant_params(onnx_path: str | Path) -> QuantParams:
         attrs = _attrs(node)
         mode = attrs["quant_mode"].decode() if isinstance(attrs["quant_mode"], bytes) else attrs["quant_mode"]
         n_layers = len(attrs["widths"]) - 1
-        named = dict(zip(schema.expert_mlp_param_layout(n_layers, bool(attrs.get("layer_norm", 1)), mode),
-                         node.input[2:], strict=True))
+        named = dict(zip(schema.expert_mlp_param_layout(n_layers, bool(attrs.get("layer_norm", 1)), mode,
+                                                        bias=bool(attrs.get("bias", 1))), node.input[2:], strict=True))
         layers = [LayerQuant(numpy_helper.to_array(inits[named[(layer, "weight")]]),
                              numpy_helper.to_array(inits[named[(layer, "w_scale")]]),
                              numpy_helper.to_array(inits[named[(layer, "act_smooth")]])) for layer in range(n_layers)]

@@ -161,7 +161,7 @@ class OrtEngine(Engine):
         unit = verify(unit_dir, backend_version=ort.__version__)
         super().__init__(unit)
         self.session = create_session(unit.files["onnx"], threads=threads, providers=providers,
-                                      library=unit.files["ort_library"])
+                                      library=unit.files["ort_library"], contract=unit.manifest.contract_version)
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.session is None:
@@ -198,7 +198,8 @@ class TensorRTEngine(Engine):
         super().__init__(unit)
         logger = process_logger(trt)
         self._runtime = trt.Runtime(logger)
-        load_plugin_library(trt, unit.files["plugin_library"], registry=self._runtime.get_plugin_registry(),
+        load_plugin_library(trt, unit.files["plugin_library"], needs=unit.manifest.contract_version,
+                            registry=self._runtime.get_plugin_registry(),
                             logger=logger)
         engine = self._runtime.deserialize_cuda_engine(unit.files["engine"].read_bytes())
         if engine is None:

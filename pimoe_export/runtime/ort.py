@@ -35,12 +35,14 @@ def check_onnxruntime_version(version: str) -> None:
                               f"onnxruntime-gpu >= {need}; Triton containers up to 25.03 ship 1.20.1)")
 
 
-def session_options(threads: int | None = None, library: str | Path | None = None) -> Any:
-    """``ort.SessionOptions`` with the pimoe library registered (``threads``: intra-op thread count)."""
+def session_options(threads: int | None = None, library: str | Path | None = None,
+                    contract: int | None = None) -> Any:
+    """``ort.SessionOptions`` with the pimoe library registered (``threads``: intra-op thread count; ``contract``: the
+    op contract version the model needs, default this package's)."""
     ort = import_onnxruntime()
     check_onnxruntime_version(ort.__version__)
     path = str(library or find_ort_library())
-    check_ort_library(path)
+    check_ort_library(path, *(() if contract is None else (contract,)))
     options = ort.SessionOptions()
     options.register_custom_ops_library(path)
     if threads is not None:
@@ -66,13 +68,14 @@ def create_session(
     threads: int | None = None,
     providers: Sequence[str] | None = None,
     library: str | Path | None = None,
+    contract: int | None = None,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` for a pimoe model (CPU provider unless ``providers`` says otherwise;
     with ``CUDAExecutionProvider`` and no ``library``, the pimoe ops run on the GPU where libpimoe_ort_cuda is
     built: :func:`op_library_for`)."""
     ort = import_onnxruntime()
 
-    options = session_options(threads, library or op_library_for(providers))
+    options = session_options(threads, library or op_library_for(providers), contract)
     source = model if isinstance(model, bytes) else str(model)
     what = "the model" if isinstance(model, bytes) else str(model)
     if not isinstance(model, bytes) and not Path(model).is_file():

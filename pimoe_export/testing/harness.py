@@ -111,11 +111,16 @@ def make_fields(op: str, attrs: Mapping[str, Any]) -> tuple[ctypes.Array, list[A
     return fields, keep
 
 
-def expert_mlp_fields(expert_ids, widths, activation, layer_norm, eps=1e-5, quant_mode="none", act_scales=()):
-    """PiMoEExpertMLP plugin fields from the op's attributes."""
+def expert_mlp_fields(expert_ids, widths, activation, layer_norm, eps=1e-5, quant_mode="none", act_scales=(),
+                      **v2: Any) -> dict[str, Any]:
+    """PiMoEExpertMLP plugin fields from the op's attributes (``v2``: gated, bias, alpha, limit, given ones only)."""
     return {"expert_ids": [int(e) for e in expert_ids], "widths": [int(w) for w in widths], "activation": activation,
             "layer_norm": int(layer_norm), "eps": float(eps), "quant_mode": quant_mode,
-            "act_scales": [float(s) for s in act_scales]}
+            "act_scales": [float(s) for s in act_scales]} | _fields_v2(v2)
+
+
+def _fields_v2(v2: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: int(value) if isinstance(value, bool) else value for name, value in v2.items()}
 
 
 def _desc(shape: Sequence[int], dtype: Any) -> _Desc:
@@ -175,6 +180,8 @@ class Harness:
         lib.pimoe_harness_workspace_size.restype = size
         lib.pimoe_harness_enqueue.argtypes = [vp, vp, vp, vp, vp]
         lib.pimoe_harness_check_status.argtypes = [vp, vp]
+        lib.pimoe_harness_enqueue_counting_allocations.argtypes = [vp, vp, vp, vp, vp,
+                                                                   ctypes.POINTER(ctypes.c_longlong)]
         lib.pimoe_harness_release.argtypes = [vp]
         lib.pimoe_harness_device_alloc.argtypes = [size, ctypes.POINTER(vp)]
         lib.pimoe_harness_device_free.argtypes = [vp]
@@ -252,9 +259,21 @@ class Harness:
         self._check(self.lib.pimoe_harness_enqueue(prepared.handle, in_ptrs, out_ptrs, workspace or None,
                                                    stream or None))
 
-    def check_status(self, workspace: int, stream: int = 0, raise_data_error: bool = True) -> None:
-        """Synchronise and read the kernels' device status: HarnessDataError for bad input data (when asked)."""
-        status = self.lib.pimoe_harness_check_status(workspace, stream or None)
+    def enqueue_counting_allocations(self, prepared: Prepared, inputs: Sequence[int], outputs: Sequence[int],
+                                     workspace: int, stream: int = 0) -> int:
+        """``enqueue``, returning the heap allocations the calling thread made during it. Needs the counting
+        allocator (libpimoe_alloc_counter.so, next to the harness) in LD_PRELOAD."""
+        in_ptrs = (ctypes.c_void_p * max(1, len(inputs)))(*[p or None for p in inputs])
+        out_ptrs = (ctypes.c_void_p * max(1, len(outputs)))(*[p or None for p in outputs])
+        count = ctypes.c_longlong(-1)
+        self._check(self.lib.pimoe_harness_enqueue_counting_allocations(
+            prepared.handle, in_ptrs, out_ptrs, workspace or None, stream or None, ctypes.byref(count)))
+        return int(count.value)
+
+    def check_status(self, prepared: Prepared, stream: int = 0, raise_data_error: bool = True) -> None:
+        """Synchronise, read and clear the plugin's device status (it persists across enqueues):
+        HarnessDataError for bad input data met since the last check (when asked)."""
+        status = self.lib.pimoe_harness_check_status(prepared.handle, stream or None)
         if status < 0:
             raise HarnessError(self.last_error())
         if status > 0 and raise_data_error:
@@ -299,7 +318,7 @@ class Harness:
             stream = torch.cuda.current_stream(device).cuda_stream
             self.enqueue(prepared, [t.data_ptr() for t in inputs], [t.data_ptr() for t in outputs],
                          workspace.data_ptr(), stream)
-            self.check_status(workspace.data_ptr(), stream, check_status)
+            self.check_status(prepared, stream, check_status)
             return outputs
         finally:
             self.release(prepared)
@@ -375,7 +394,7 @@ class PluginSession:
             outs = [self._buffer(int(np.prod(s)) * np.dtype(d).itemsize, buffers) for s, d in outputs]
             self.harness.emulator_diagnostics()  # reports of earlier runs are theirs, not this run's
             self.harness.enqueue(self.prepared, [b.ptr for b in ins], [b.ptr for b in outs], self.workspace.ptr)
-            self.harness.check_status(self.workspace.ptr, raise_data_error=check_status)
+            self.harness.check_status(self.prepared, raise_data_error=check_status)
             if reports := self.harness.emulator_diagnostics():
                 raise HarnessError(f"{self.op}: the CUDA emulator reported {reports} problem(s) in this run's kernels "
                                    "(races on barriers, bad warp collectives, misaligned accesses: see its messages "
@@ -430,21 +449,21 @@ class HarnessOpBackend:
         with PluginSession(self.harness, op, attrs, profile) as session:
             return session.run(arrays, check_status)
 
-    def route(self, logits: np.ndarray, bias: np.ndarray | None, k: int, normalize: bool):
+    def route(self, logits: np.ndarray, bias: np.ndarray | None, k: int, normalize: bool, **v2: Any):
         arrays = [logits] + ([bias] if bias is not None else [])
-        return self.run(schema.ROUTE, {"k": k, "normalize": int(normalize)}, arrays)
+        return self.run(schema.ROUTE, {"k": k, "normalize": int(normalize)} | _fields_v2(v2), arrays)
 
     def dispatch(self, x: np.ndarray, ids: np.ndarray, num_experts: int):
         return self.run(schema.DISPATCH, {"num_experts": num_experts}, [x, ids])
 
-    def combine(self, y_sorted: np.ndarray, flat_to_sorted: np.ndarray, weights: np.ndarray):
-        return self.run(schema.COMBINE, {}, [y_sorted, flat_to_sorted, weights])[0]
+    def combine(self, y_sorted: np.ndarray, flat_to_sorted: np.ndarray, weights: np.ndarray, **v2: Any):
+        return self.run(schema.COMBINE, _fields_v2(v2), [y_sorted, flat_to_sorted, weights])[0]
 
     def expert_mlp(self, x_sorted: np.ndarray, offsets: np.ndarray, params: Sequence[np.ndarray], expert_ids,
                    widths, activation: str, layer_norm: bool, eps: float = 1e-5, quant_mode: str = "none",
-                   act_scales: Sequence[float] = (), constant_params: bool = True):
+                   act_scales: Sequence[float] = (), constant_params: bool = True, **v2: Any):
         # TensorRT hands constant initializers to the plugin as ordinary inputs: constant_params changes nothing
-        attrs = expert_mlp_fields(expert_ids, widths, activation, layer_norm, eps, quant_mode, act_scales)
+        attrs = expert_mlp_fields(expert_ids, widths, activation, layer_norm, eps, quant_mode, act_scales, **v2)
         return self.run(schema.EXPERT_MLP, attrs, [x_sorted, offsets, *params])[0]
 
 
@@ -477,7 +496,7 @@ class BoundOp:
         import torch
 
         stream = torch.cuda.current_stream(self.workspace.device).cuda_stream
-        self.harness.check_status(self.workspace.data_ptr(), stream)
+        self.harness.check_status(self.prepared, stream)
 
     def close(self) -> None:
         self.harness.release(self.prepared)

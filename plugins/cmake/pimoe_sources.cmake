@@ -12,3 +12,9 @@ set(PIMOE_TRT_PLUGIN_SOURCES
 set(PIMOE_TRT_PLUGIN_INCLUDES trt/common trt/route trt/dispatch trt/expertMLP trt/combine kernels/cuda common)
 # route (softmax/normalise) and combine (weighted sum) must round like the PyTorch reference: no FMA contraction
 set(PIMOE_CUDA_NO_FMAD_KERNELS route combine)
+# ONNX Runtime libraries (plugins/ort): the registration and the shared I/O layer every library has, then each
+# library's kernels and its library_*.cpp (which ops it registers): libpimoe_ort = CPU kernels, libpimoe_ort_cuda =
+# CPU + CUDA kernels, libpimoe_ort_cuda_emu = the CUDA kernels on the emulator (plugins/emu).
+set(PIMOE_ORT_COMMON_SOURCES ort/pimoe_ort.cpp ort/pimoe_ort_io.cpp)
+set(PIMOE_ORT_CPU_SOURCES ort/pimoe_ort_cpu.cpp)
+set(PIMOE_ORT_CUDA_SOURCES ort/pimoe_ort_cuda.cpp)

@@ -5,6 +5,7 @@
 #include "pimoe_harness.h"
 
 #include <cuda_runtime_api.h>
+#include <dlfcn.h>
 
 #include <deque>
 #include <memory>
@@ -13,7 +14,7 @@
 #include <vector>
 
 #include "pimoeCreators.h"
-#include "pimoePluginCommon.h"
+#include "pimoePlugin.h"
 #include "pimoe_contract.h"
 
 #define PIMOE_HARNESS_EXPORT extern "C" __attribute__((visibility("default")))
@@ -487,6 +488,7 @@ PIMOE_HARNESS_EXPORT size_t pimoe_harness_workspace_size(const PimoeHarnessPlugi
 
 PIMOE_HARNESS_EXPORT int pimoe_harness_enqueue(PimoeHarnessPlugin* plugin, const void* const* inputs,
                                                void* const* outputs, void* workspace, void* stream) {
+  // no allocation on the success path: pimoe_harness_enqueue_counting_allocations counts this whole function
   pimoe::trt::clear_last_error();
   if (plugin == nullptr || !plugin->runtime || inputs == nullptr || outputs == nullptr)
     return error("pimoe_harness_enqueue: bad arguments");
@@ -500,13 +502,14 @@ PIMOE_HARNESS_EXPORT int pimoe_harness_enqueue(PimoeHarnessPlugin* plugin, const
   return 0;
 }
 
-PIMOE_HARNESS_EXPORT int pimoe_harness_check_status(void* workspace, void* stream) {
-  if (workspace == nullptr) return error("pimoe_harness_check_status: no workspace");
+PIMOE_HARNESS_EXPORT int pimoe_harness_check_status(PimoeHarnessPlugin* plugin, void* stream) {
+  pimoe::trt::clear_last_error();
+  if (plugin == nullptr || !plugin->runtime) return error("pimoe_harness_check_status: no plugin");
+  // every runtime plugin of this library is a PluginBase (Plugin<Op>)
+  auto* base = static_cast<pimoe::trt::PluginBase*>(plugin->runtime.get());
   pimoe::cuda::DeviceStatus host{};
-  const auto s = static_cast<cudaStream_t>(stream);
-  cudaError_t err = cudaMemcpyAsync(&host, workspace, sizeof host, cudaMemcpyDeviceToHost, s);
-  if (err == cudaSuccess) err = cudaStreamSynchronize(s);
-  if (err != cudaSuccess) return error(msg("CUDA error: ", cudaGetErrorString(err)));
+  if (base->read_status(static_cast<cudaStream_t>(stream), &host, true) != 0)
+    return plugin_error("pimoe_harness_check_status: reading the device status failed");
   try {
     const std::string problem = pimoe::cuda::describe_status(host);
     if (problem.empty()) return 0;
@@ -518,6 +521,25 @@ PIMOE_HARNESS_EXPORT int pimoe_harness_check_status(void* workspace, void* strea
 }
 
 PIMOE_HARNESS_EXPORT void pimoe_harness_release(PimoeHarnessPlugin* plugin) { delete plugin; }
+
+PIMOE_HARNESS_EXPORT int pimoe_harness_enqueue_counting_allocations(PimoeHarnessPlugin* plugin,
+                                                                    const void* const* inputs, void* const* outputs,
+                                                                    void* workspace, void* stream,
+                                                                    long long* allocations) {
+  using Counter = unsigned long long (*)();
+  static const auto counter = reinterpret_cast<Counter>(dlsym(RTLD_DEFAULT, "pimoe_alloc_counter_thread_count"));
+  if (allocations == nullptr) return error("pimoe_harness_enqueue_counting_allocations: allocations is null");
+  *allocations = -1;
+  if (counter == nullptr)
+    return error("pimoe_harness_enqueue_counting_allocations: the counting allocator is not loaded (LD_PRELOAD="
+                 "libpimoe_alloc_counter.so)");
+  pimoe::trt::clear_last_error();  // its storage exists before counting starts
+  const unsigned long long before = counter();
+  const int rc = pimoe_harness_enqueue(plugin, inputs, outputs, workspace, stream);
+  const unsigned long long after = counter();
+  *allocations = static_cast<long long>(after - before);
+  return rc;
+}
 
 PIMOE_HARNESS_EXPORT int pimoe_harness_emulator_diagnostics(void) {
 #ifdef __CUDA_EMU__

@@ -64,14 +64,24 @@ int pimoe_harness_output_desc(const PimoeHarnessPlugin* plugin, int32_t index, P
 /* getWorkspaceSize at build time, for the profile (covers every run shape inside it). */
 size_t pimoe_harness_workspace_size(const PimoeHarnessPlugin* plugin);
 /* inputs/outputs: device pointers in op order; workspace: >= pimoe_harness_workspace_size bytes of device memory
- * (256-byte aligned); stream: a cudaStream_t (0 = legacy default stream). Only enqueues: call
- * pimoe_harness_check_status after synchronising, or use it to synchronise. */
+ * (256-byte aligned; may be null when that size is 0); stream: a cudaStream_t (0 = legacy default stream). Only
+ * enqueues: call pimoe_harness_check_status to synchronise and read what the kernels recorded. */
 int pimoe_harness_enqueue(PimoeHarnessPlugin* plugin, const void* const* inputs, void* const* outputs,
                           void* workspace, void* stream);
-/* Synchronises `stream`, reads the device status block at the start of `workspace`: 0 = clean, 1 = the kernels
- * met inconsistent input data (message in pimoe_harness_last_error), -1 = CUDA error. */
-int pimoe_harness_check_status(void* workspace, void* stream);
+/* Synchronises `stream`, reads and clears the plugin's device status block (it persists across enqueues: the
+ * kernels record inconsistent input data there): 0 = clean, 1 = the kernels met inconsistent input data since the
+ * last check (message in pimoe_harness_last_error), -1 = CUDA error. */
+int pimoe_harness_check_status(PimoeHarnessPlugin* plugin, void* stream);
+/* Releases the plugin pair. The attached plugin's destructor logs, on stderr, a warning naming the inconsistent
+ * input data its kernels met and nobody checked (what a TensorRT user sees at teardown). */
 void pimoe_harness_release(PimoeHarnessPlugin* plugin);
+
+/* Test aid: pimoe_harness_enqueue, and in *allocations the number of heap allocations (malloc, calloc, realloc,
+ * posix_memalign, aligned_alloc, memalign) the calling thread made during it. Needs the counting allocator
+ * libpimoe_alloc_counter.so (built next to the harness) preloaded with LD_PRELOAD; -1 and an error without it. */
+int pimoe_harness_enqueue_counting_allocations(PimoeHarnessPlugin* plugin, const void* const* inputs,
+                                               void* const* outputs, void* workspace, void* stream,
+                                               long long* allocations);
 
 /* Emulated build: the number of errors and warnings the emulator reported (on stderr, with source lines: races on
  * barriers, bad warp collectives, misaligned WMMA, ...) since the previous call, after which a sticky launch error is

@@ -246,3 +246,83 @@ def test_load_failure_names_the_static_registration_conflict(rtx, monkeypatch) -
     monkeypatch.setenv("PIMOE_TRT_STATIC_REGISTRATION", "1")
     with pytest.raises(PluginLoadError, match="PIMOE_TRT_STATIC_REGISTRATION=1 is set"):
         T.load_plugin_library(None, plugin, registry=Registry())
+
+
+class _V2Block:
+    """A DeepSeek-V3/GPT-OSS-shaped block in contract v2 ops (sigmoid + grouped routing with a correction bias, gated
+    bias-free swiglu_oai experts, a shared group over every token, the expert-order combine), for export."""
+
+    @staticmethod
+    def module():
+        import torch
+
+        import pimoe_export.ops.torch_ops  # noqa: F401
+
+        class Block(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                gen = torch.Generator().manual_seed(0)
+                self.router = torch.nn.Parameter(torch.randn(8, 16, generator=gen))
+                self.bias = torch.nn.Parameter(torch.randn(8, generator=gen) * 0.1)
+                self.w0 = torch.nn.Parameter(torch.randn(8, 48, 16, generator=gen) * 0.2)
+                self.w1 = torch.nn.Parameter(torch.randn(8, 16, 24, generator=gen) * 0.2)
+                self.s0 = torch.nn.Parameter(torch.randn(1, 48, 16, generator=gen) * 0.2)
+                self.s1 = torch.nn.Parameter(torch.randn(1, 16, 24, generator=gen) * 0.2)
+
+            def forward(self, x):
+                ops = torch.ops.pimoe
+                weights, ids = ops.route(x @ self.router.t(), self.bias, 2, True, scoring="sigmoid", num_groups=4,
+                                         groups_kept=2, group_score="sum_top2", routed_scaling_factor=2.5,
+                                         normalize_eps=1e-20)
+                x_sorted, offsets, f2s = ops.dispatch(x, ids, 8)
+                y_sorted = ops.expert_mlp(x_sorted, offsets, [self.w0, self.w1], list(range(8)), [16, 24, 16],
+                                          "swiglu_oai", False, 1e-5, "none", [], gated=True, bias=False)
+                # offsets [0, N] of a group over every token (a tensor op on N, as the exporter needs it)
+                everyone = torch.stack([offsets[0] * 0, offsets[0] * 0 + x.shape[0]])
+                shared = ops.expert_mlp(x, everyone, [self.s0, self.s1], [0], [16, 24, 16], "silu", False, 1e-5,
+                                        "none", [], gated=True, bias=False)
+                return ops.combine(y_sorted, f2s, weights, "expert") + shared, ids, weights
+
+        return Block().eval()
+
+
+@pytest.mark.slow
+def test_aot_build_of_a_contract_v2_graph(rtx, tmp_path) -> None:
+    """An exported contract-v2 graph (every new Route attribute, gated bias-free experts with swiglu_oai, a shared
+    group, the expert-order combine) parses into our five plugin layers and builds for SM89."""
+    import onnx
+    import torch
+
+    from pimoe_export.ops.onnx_translation import custom_translation_table
+
+    _, plugin = rtx
+    x = torch.randn(5, 16)
+    program = torch.onnx.export(_V2Block.module(), (x,), dynamo=True, input_names=["x"], verbose=False,
+                                custom_translation_table=custom_translation_table(),
+                                dynamic_shapes=({0: torch.export.Dim("tokens")},))
+    path = tmp_path / "v2.onnx"
+    onnx.save(program.model_proto, str(path))
+    nodes = {n.op_type: n for n in onnx.load(str(path)).graph.node if n.domain == schema.DOMAIN}
+    assert {a.name for a in nodes[schema.EXPERT_MLP].attribute} >= {"gated", "bias", "activation"}
+    plan, summary = D.build_engine(path, plugin, {"x": ((1, 16), (8, 16), (64, 16))}, compute_capabilities=("SM89",))
+    assert summary.plugin_counts() == {schema.ROUTE: 1, schema.DISPATCH: 1, schema.EXPERT_MLP: 2, schema.COMBINE: 1}
+    assert len(plan) > 0
+
+
+def test_gated_int8_expert_node_builds(rtx, tmp_path) -> None:
+    """W8A8 gated layer: int8 weights with 2*out rows [gate; up], per-row scales over the fused rows, no bias."""
+    _, plugin = rtx
+    rng = np.random.default_rng(1)
+    params = [("w0", rng.integers(-127, 128, size=(2, 48, 16), dtype=np.int8)),
+              ("s0", np.full((2, 48), 0.01, np.float32)), ("m0", np.ones((2, 16), np.float32)),
+              ("w1", rng.integers(-127, 128, size=(2, 16, 24), dtype=np.int8)),
+              ("s1", np.full((2, 16), 0.01, np.float32)), ("m1", np.ones((2, 24), np.float32))]
+    model = single_op_model("PiMoEExpertMLP", [("x_sorted", np.zeros((4, 16), np.float16)),
+                                               ("offsets", np.zeros(4, np.int32))], [("y_sorted", np.float16, 2)],
+                            expert_mlp_attrs([0, 2], [16, 24, 16], "silu", False, quant_mode="w8a8_dynamic",
+                                             gated=True, bias=False), params)
+    path = _single_op_file(tmp_path, "gated_w8a8", model)
+    profile = {"x_sorted": ((1, 16), (8, 16), (64, 16)), "offsets": ((4,), (4,), (4,))}
+    plan, summary = D.build_engine(path, plugin, profile, compute_capabilities=("SM89",))
+    assert summary.plugin_counts() == {schema.EXPERT_MLP: 1} and len(plan) > 0
+    assert summary.plugin_layers[0].num_inputs == 8

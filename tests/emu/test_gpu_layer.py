@@ -6,8 +6,8 @@ plugins and harness built against plugins/emu). Every test runs on both with the
   ``CustomOpPiMoE`` (the weights the ONNX graph carries), for seed-512 and seed-types:
   fp32 within 1e-5 relative of the PyTorch model; fp16 within a documented tolerance of the fp16 reference
   (the same graph evaluated by PyTorch on the CPU) and of the fp32 model.
-- INT8 (W8A8): the whole layer with the parameters of the INT8 ONNX that ``quantize_model`` writes (read back with
-  ``read_quant_params``) against the fake-quant PyTorch reference ``FakeQuantPiMoE`` (same codes and scales):
+- INT8 (W8A8): the whole layer with the parameters ``quantize_model`` writes into the INT8 ONNX (``calibrated_params``,
+  computed without an export) against the fake-quant PyTorch reference ``FakeQuantPiMoE`` (same codes and scales):
   routing identical, relative L2 <= 1e-3; w8a8 and w8a8_dynamic, fp32 and fp16 activations.
 - Determinism: two runs are bit-identical (fp32, fp16, int8).
 - Kernels at scale (vector/tensor-core paths, many tiles, E = 1024) against pimoe_export.model.functional; the int8
@@ -25,6 +25,11 @@ optimisation profiles is in test_emu.py.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,26 +149,24 @@ def test_two_runs_are_bit_identical(backend, model, precision) -> None:
 # ------------------------------------------------------------------------------------------ INT8 (W8A8)
 INT8_REL_L2 = 1e-3
 _INT8: dict[tuple[int, str], tuple[object, object]] = {}
-_FP32_ONNX: dict[int, tuple[object, object]] = {}
 
 
 @pytest.fixture(scope="module")
-def int8_module(tmp_path_factory):
-    """FakeQuantPiMoE of `model` with the parameters of the INT8 ONNX `quantize_model` wrote (read back from the
-    file), calibrated on 512 seeded tokens that no test input reuses; one fp32 export per model."""
-    from pimoe_export.quantize import quantize_model
-    from pimoe_export.quantize.int8 import FakeQuantPiMoE, read_quant_params
+def int8_module():
+    """FakeQuantPiMoE of `model` with the quantisation parameters `quantize_model` writes into its INT8 ONNX
+    (`calibrated_params`, the same function; test_quantize.py checks that the file carries them exactly), calibrated
+    on 512 seeded tokens that no test input reuses. Nothing is exported: the GPU run does not depend on the exporter
+    of the GPU machine (its torch and onnx-ir versions; scripts/gpu_check.sh runs these tests with
+    PIMOE_TESTS_NO_EXPORT=1, which makes any export fail)."""
+    from pimoe_export.quantize import calibrated_params
+    from pimoe_export.quantize.int8 import FakeQuantPiMoE
 
     def get(model, mode: str):
-        key = (id(model), mode)  # the caches keep `model` alive, so its id cannot be reused by another model
+        key = (id(model), mode)  # the cache keeps `model` alive, so its id cannot be reused by another model
         if key not in _INT8:
-            folder = tmp_path_factory.mktemp(f"int8-{mode}")
             calibration = torch.randn(8, 64, model.hidden_size, generator=torch.Generator().manual_seed(100))
-            fp32 = _FP32_ONNX.get(id(model))
-            result = quantize_model(model, folder / "model.int8.onnx", calibration=calibration, method="max",
-                                    mode=mode, fp32_onnx=fp32[1] if fp32 else None)
-            _FP32_ONNX[id(model)] = (model, result.fp32_onnx)
-            _INT8[key] = (model, FakeQuantPiMoE(model, read_quant_params(result.onnx_path)).eval())
+            params = calibrated_params(model, calibration=calibration, method="max", mode=mode)[""]
+            _INT8[key] = (model, FakeQuantPiMoE(model, params).eval())
         return _INT8[key][1]
 
     return get
@@ -403,6 +406,50 @@ def test_flat_to_sorted_out_of_range_gives_nan_and_an_error(backend) -> None:
     assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
 
 
+UNCHECKED_FAULTS = """
+import sys
+import numpy as np
+from pimoe_export.ops import schema
+from pimoe_export.testing.harness import Harness, HarnessDataError
+
+h = Harness(sys.argv[1])
+x = np.arange(48, dtype=np.float32).reshape(6, 8)
+ids = np.array([[0, 1], [2, 9], [3, -4], [1, 2], [0, 3], [2, 1]], dtype=np.int32)  # flat 3 and 5 out of range
+for runs, check in ((3, False), (1, True)):
+    prepared = h.prepare(schema.DISPATCH, {"num_experts": 4}, [(x.shape, x.dtype), (ids.shape, ids.dtype)])
+    ins = [h.alloc(a.nbytes) for a in (x, ids)]
+    h.upload(ins[0], x)
+    h.upload(ins[1], ids)
+    outs = [h.alloc(int(np.prod(s)) * np.dtype(d).itemsize) for s, d in prepared.outputs]
+    workspace = h.alloc(max(prepared.workspace, 256))
+    for _ in range(runs):
+        h.enqueue(prepared, ins, outs, workspace)
+    if check:
+        try:
+            h.check_status(prepared)
+        except HarnessDataError as exc:
+            print("checked:", exc, flush=True)
+    print(f"released after {runs} runs", flush=True)
+    h.release(prepared)
+"""
+
+
+def test_unchecked_faults_are_counted_and_reported_at_teardown(backend) -> None:
+    """What a TensorRT user sees of bad input data without PIMOE_TRT_SYNC_CHECK (issue 25, fix 2): the kernels
+    record and count it in the plugin's own status block (not in the workspace that the next layer reuses), across
+    runs and without any synchronisation, and the plugin's teardown logs the count and the lowest offender. A check
+    (the harness's, or the sync check) reads and clears the block, so a checked fault is not reported again."""
+    env = {**os.environ, "PIMOE_TRT_LOG": "warning"}
+    result = subprocess.run([sys.executable, "-c", UNCHECKED_FAULTS, backend.harness.path], capture_output=True,
+                            text=True, timeout=300, env=env, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "inconsistent input entr" in line]
+    # 2 bad ids per run, 3 unchecked runs; the checked plugin says nothing at teardown
+    assert len(warnings) == 1 and "PiMoEDispatch: 6 inconsistent input entries" in warnings[0], result.stderr
+    assert "(flat index 3) holds expert id 9" in warnings[0], warnings[0]
+    assert "checked: PiMoEDispatch: ids (flat index 3) holds expert id 9" in result.stdout, result.stdout
+
+
 def test_sanitizer_case(backend) -> None:
     """Small but complete: every kernel on both dtypes, plus the bad-data paths (compute-sanitizer runs this)."""
     model = create_from_preset("tiny", seed=5)
@@ -420,3 +467,44 @@ def test_sanitizer_case(backend) -> None:
     test_ids_out_of_range_are_reported_and_clamped(backend)
     test_bad_offsets_zero_the_output_and_are_reported(backend)
     test_flat_to_sorted_out_of_range_gives_nan_and_an_error(backend)
+    contract_v2_paths(backend)
+
+
+def contract_v2_paths(backend) -> None:
+    """Every contract-v2 kernel path once: grouped sigmoid routing and softmax_topk, the expert-order combine, gated
+    layers (fp32 SIMT, fp16 split-K and 64-row tiles, W8A8 with swiglu_oai), bias-free."""
+    from test_ops_backends import make_expert_case, quantize_case
+
+    import pimoe_export.ops.torch_ops as ops
+
+    rng = np.random.default_rng(9)
+    logits = rng.normal(size=(40, 64)).astype(np.float32)
+    bias = rng.normal(0, 0.1, 64).astype(np.float32)
+    grouped = {"scoring": "sigmoid", "num_groups": 8, "groups_kept": 4, "group_score": "sum_top2",
+               "routed_scaling_factor": 2.5, "normalize_eps": 1e-20}
+    for attrs, b in ((grouped, bias), ({"scoring": "softmax_topk"}, None)):
+        weights, ids = backend.route(logits, b, 8, True, **attrs)
+        ref_w, ref_ids = functional.route(torch.from_numpy(logits), None if b is None else torch.from_numpy(b), 8,
+                                          True, **attrs)
+        np.testing.assert_array_equal(ids, ref_ids.numpy())
+        np.testing.assert_allclose(weights, ref_w.numpy(), rtol=2e-6, atol=1e-7)
+    y_sorted = rng.normal(size=(320, 48)).astype(np.float32)
+    f2s = rng.permutation(320).astype(np.int32)
+    np.testing.assert_array_equal(backend.combine(y_sorted, f2s, weights, order="expert"),
+                                  functional.combine(torch.from_numpy(y_sorted), torch.from_numpy(f2s),
+                                                     torch.from_numpy(weights), "expert").numpy())
+    widths = [64, 96, 64]
+    for dtype, rows, mode, activation in ((np.float32, 3, "none", "silu"), (np.float16, 2, "none", "gelu"),
+                                          (np.float16, 90, "none", "silu"), (np.float32, 3, "w8a8", "swiglu_oai"),
+                                          (np.float16, 90, "w8a8_dynamic", "silu")):
+        xs, offs, params, group = make_expert_case(rng, e=4, groups=2, widths=widths, layer_norm=False, dtype=dtype,
+                                                   rows_per_expert=rows, gated=True, bias=False)
+        scales: list[float] = []
+        if mode != "none":
+            params, _, scales = quantize_case(rng, xs, params, widths, False, 2, mode, bias=False)
+        y = backend.expert_mlp(xs, offs, params, group, widths, activation, False, quant_mode=mode, act_scales=scales,
+                               gated=True, bias=False)
+        ref = ops.expert_mlp(torch.from_numpy(xs), torch.from_numpy(offs), [torch.from_numpy(p) for p in params],
+                             group, widths, activation, False, 1e-5, mode, scales, gated=True, bias=False).numpy()
+        scale = max(1.0, float(np.abs(ref.astype(np.float32)).max(initial=0.0)))
+        np.testing.assert_allclose(y.astype(np.float32), ref.astype(np.float32), rtol=2e-2, atol=2e-2 * scale)

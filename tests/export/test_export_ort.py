@@ -14,6 +14,7 @@ from pimoe_export.export.exporter import export_onnx, get_metadata
 from pimoe_export.export.modules import CustomOpPiMoE
 from pimoe_export.interface import META_CONFIG, META_CONTRACT, META_GRAPH
 from pimoe_export.model import PiMoEConfig, create_from_preset
+from pimoe_export.ops import schema
 from pimoe_export.runtime.ort import create_session
 from pimoe_export.validate.check import check_onnx
 from pimoe_export.validate.metrics import error_stats, routing_agreement
@@ -46,7 +47,7 @@ def test_graph_holds_the_four_ops_and_metadata(exported) -> None:
     assert ops.count("PiMoEExpertMLP") == len(model.config.expert_groups())
     meta = get_metadata(proto)
     assert PiMoEConfig.from_json(meta[META_CONFIG]) == model.config
-    assert meta[META_CONTRACT] == "1" and meta[META_GRAPH] == "custom-ops"
+    assert meta[META_CONTRACT] == str(schema.CONTRACT_VERSION) and meta[META_GRAPH] == "custom-ops"
     onnx.checker.check_model(proto, full_check=True)
 
 

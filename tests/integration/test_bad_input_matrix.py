@@ -253,6 +253,39 @@ def onnx_foreign_domain(w: World) -> None:
     onnx.save(proto, str(w.onnx))
 
 
+def _edit_graph(w: World, change: Callable) -> None:
+    import onnx
+
+    proto = onnx.load(str(w.onnx))
+    change(proto)
+    onnx.save(proto, str(w.onnx))
+
+
+def onnx_v2_attribute_in_v1_graph(w: World) -> None:
+    """A contract-v2 attribute in a graph that imports pimoe opset 1."""
+    import onnx
+
+    def change(proto) -> None:
+        next(o for o in proto.opset_import if o.domain == "pimoe").version = 1
+        combine = next(n for n in proto.graph.node if n.op_type == "PiMoECombine")
+        combine.attribute.append(onnx.helper.make_attribute("order", "expert"))
+    _edit_graph(w, change)
+
+
+def onnx_future_opset(w: World) -> None:
+    _edit_graph(w, lambda proto: setattr(next(o for o in proto.opset_import if o.domain == "pimoe"), "version", 3))
+
+
+def onnx_groups_not_dividing_e(w: World) -> None:
+    import onnx
+
+    def change(proto) -> None:
+        route = next(n for n in proto.graph.node if n.op_type == "PiMoERoute")
+        route.attribute.extend([onnx.helper.make_attribute("num_groups", 3),
+                                onnx.helper.make_attribute("groups_kept", 2)])
+    _edit_graph(w, change)
+
+
 def onnx_garbage(w: World) -> None:
     w.onnx.write_bytes(os.urandom(4096))
 
@@ -307,6 +340,12 @@ CLI_CASES = [
      EXIT_BAD_INPUT, "not 'pimoe'"),
     ("ONNX file of random bytes", onnx_garbage, ["check", "tiny", "--onnx", "tiny.onnx"], EXIT_BAD_INPUT,
      "not a readable ONNX model"),
+    ("contract-v2 attribute in a pimoe-opset-1 graph", onnx_v2_attribute_in_v1_graph,
+     ["check", "tiny", "--onnx", "tiny.onnx"], EXIT_BAD_INPUT, "needs pimoe opset 2"),
+    ("graph of a newer pimoe opset", onnx_future_opset, ["package", "tiny.onnx", "-o", "u2"], EXIT_BAD_INPUT,
+     "newer than this package"),
+    ("route groups that do not divide E", onnx_groups_not_dividing_e, ["build", "tiny.onnx", "-o", "engine"],
+     EXIT_BAD_INPUT, "does not divide"),
     ("calibration array of strings", calibration("c.npy", npy_strings),
      ["quantize", "tiny", "-o", "q.onnx", "--calib", "c.npy"], EXIT_BAD_INPUT, "must hold numbers"),
     ("calibration .npz that is no zip", calibration("c.npz", npz_corrupt),

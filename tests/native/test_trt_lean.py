@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 import subprocess
 import sys
@@ -100,6 +101,18 @@ def test_creator_registered_with_contract_fields(lean, op) -> None:
     assert declared == expected
 
 
+def field_collection(trt, fields: list[tuple[str, np.ndarray, object]]) -> object:
+    """A PluginFieldCollection of (name, array, PluginFieldType) that keeps its arrays alive: trt.PluginField keeps
+    only the address of its buffer, so an array freed after the field is made leaves the plugin reading freed
+    memory."""
+    class Fields(trt.PluginFieldCollection):
+        pass
+
+    collection = Fields([trt.PluginField(name, data, kind) for name, data, kind in fields])
+    collection.arrays = [data for _, data, _ in fields]
+    return collection
+
+
 def contract_fields(trt, op: str, **values) -> object:
     """A field collection for `op`: every attribute of the contract (defaults unless given), typed as the ONNX
     parser delivers them. A value of None leaves the field out."""
@@ -114,8 +127,21 @@ def contract_fields(trt, op: str, **values) -> object:
             data, kind = np.atleast_1d(np.asarray(value, dtype=np.float32)), trt.PluginFieldType.FLOAT32
         else:
             data, kind = np.frombuffer(str(value).encode() + b"\0", dtype=np.int8).copy(), trt.PluginFieldType.CHAR
-        fields.append(trt.PluginField(attr.name, data, kind))
-    return trt.PluginFieldCollection(fields)
+        fields.append((attr.name, data, kind))
+    return field_collection(trt, fields)
+
+
+@pytest.mark.trt
+def test_field_collections_keep_their_values(lean) -> None:
+    """The helper above: the values a creator reads are the ones given, after the arrays' other owners are gone and
+    the memory has been reused."""
+    trt, _ = lean
+    fields = contract_fields(trt, schema.ROUTE, k=3, routed_scaling_factor=2.5)
+    gc.collect()
+    reuse = [np.full(1, -1, np.int32) for _ in range(20000)]  # the same size as the fields: reuses their memory
+    read = {f.name: np.asarray(f.data).copy() for f in fields}
+    assert len(reuse) == 20000 and read["k"].view(np.int32)[0] == 3
+    assert read["routed_scaling_factor"].view(np.float32)[0] == 2.5
 
 
 VALID = [
@@ -133,6 +159,16 @@ VALID = [
     (schema.EXPERT_MLP, {"expert_ids": [2], "widths": [4096, 14336, 4096], "layer_norm": 0,
                          "quant_mode": "w8a8_dynamic"}),
     (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [131072, 8], "quant_mode": "w8a8", "act_scales": [1.0]}),
+    # contract v2
+    *[(schema.ROUTE, {"k": 2, "scoring": scoring}) for scoring in schema.SCORING],
+    (schema.ROUTE, {"k": 8, "normalize": 1, "scoring": "sigmoid", "num_groups": 8, "groups_kept": 4,
+                    "group_score": "sum_top2", "routed_scaling_factor": 2.5, "normalize_eps": 1e-20}),
+    (schema.COMBINE, {"order": "expert"}),
+    *[(schema.EXPERT_MLP, {"expert_ids": [0, 7], "widths": [4096, 14336, 4096], "layer_norm": 0, "gated": 1,
+                           "bias": 0, "activation": act}) for act in schema.ALL_ACTIVATIONS],
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [2880, 2880, 2880], "layer_norm": 0, "gated": 1,
+                         "activation": "swiglu_oai", "alpha": 1.702, "limit": 7.0, "quant_mode": "w8a8",
+                         "act_scales": [0.1, 0.2]}),
 ]
 
 
@@ -153,7 +189,7 @@ def test_creator_builds_plugin_from_contract_fields(lean, op, values) -> None:
 @pytest.mark.trt
 def test_int64_fields_are_accepted(lean) -> None:
     trt, registry = lean
-    fields = trt.PluginFieldCollection([trt.PluginField("k", np.array([2], np.int64), trt.PluginFieldType.INT64)])
+    fields = field_collection(trt, [("k", np.array([2], np.int64), trt.PluginFieldType.INT64)])
     assert registry.get_creator(schema.ROUTE, "1", "").create_plugin("n", fields, trt.TensorRTPhase.BUILD) is not None
 
 
@@ -183,6 +219,24 @@ BAD = [
     (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8], "quant_mode": "w8a8", "act_scales": [float("nan")]}),
     (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [131073, 8], "quant_mode": "w8a8_dynamic"}),
     (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8], "quant_mode": "W8A8", "act_scales": [0.1]}),
+    # contract v2
+    (schema.ROUTE, {"k": 2, "num_groups": 0}),
+    (schema.ROUTE, {"k": 2, "num_groups": 2, "groups_kept": 3}),
+    (schema.ROUTE, {"k": 2, "num_groups": 2, "groups_kept": 1, "scoring": "softmax_topk"}),
+    (schema.ROUTE, {"k": 2, "group_score": "mean"}),
+    (schema.ROUTE, {"k": 2, "routed_scaling_factor": 0.0}),
+    (schema.ROUTE, {"k": 2, "routed_scaling_factor": float("inf")}),
+    (schema.ROUTE, {"k": 2, "normalize_eps": -1e-20}),
+    (schema.COMBINE, {"order": "token"}),
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8, 8], "gated": 1}),  # gated with LayerNorm
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8], "layer_norm": 0, "gated": 1}),  # no hidden layer
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8, 8], "layer_norm": 0, "activation": "swiglu_oai"}),
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8, 8], "layer_norm": 0, "gated": 2}),
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8, 8], "layer_norm": 0, "bias": -1}),
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8, 8], "layer_norm": 0, "gated": 1,
+                         "activation": "swiglu_oai", "limit": 0.0}),
+    (schema.EXPERT_MLP, {"expert_ids": [0], "widths": [8, 8, 8], "layer_norm": 0, "gated": 1,
+                         "activation": "swiglu_oai", "alpha": float("nan")}),
 ]
 
 
@@ -199,13 +253,10 @@ def test_creator_rejects_bad_fields(lean, op, values) -> None:
 def test_creator_rejects_fields_of_the_wrong_type(lean) -> None:
     trt, registry = lean
     creator = registry.get_creator(schema.ROUTE, "1", "")
-    as_float = trt.PluginFieldCollection([trt.PluginField("k", np.array([2.0], np.float32),
-                                                          trt.PluginFieldType.FLOAT32)])
-    two_values = trt.PluginFieldCollection([trt.PluginField("k", np.array([2, 3], np.int32),
-                                                            trt.PluginFieldType.INT32)])
-    scoring_int = trt.PluginFieldCollection([trt.PluginField("k", np.array([2], np.int32), trt.PluginFieldType.INT32),
-                                             trt.PluginField("scoring", np.array([1], np.int32),
-                                                             trt.PluginFieldType.INT32)])
+    as_float = field_collection(trt, [("k", np.array([2.0], np.float32), trt.PluginFieldType.FLOAT32)])
+    two_values = field_collection(trt, [("k", np.array([2, 3], np.int32), trt.PluginFieldType.INT32)])
+    scoring_int = field_collection(trt, [("k", np.array([2], np.int32), trt.PluginFieldType.INT32),
+                                         ("scoring", np.array([1], np.int32), trt.PluginFieldType.INT32)])
     for fields in (as_float, two_values, scoring_int):
         assert creator.create_plugin("n", fields, trt.TensorRTPhase.BUILD) is None
 

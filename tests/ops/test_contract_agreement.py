@@ -32,10 +32,13 @@ ORT_ERROR_TYPES = tuple(t.__name__ for t in ORT_ERRORS)
 E = 32  # experts in the baselines (k up to 16 fits)
 
 
-def mlp_params(widths: list[int], groups: int, layer_norm: bool, quant: str) -> list[np.ndarray]:
+def mlp_params(widths: list[int], groups: int, layer_norm: bool, quant: str, gated: bool = False,
+               bias: bool = True) -> list[np.ndarray]:
     params = []
-    for layer, role in schema.expert_mlp_param_layout(len(widths) - 1, layer_norm, quant):
+    for layer, role in schema.expert_mlp_param_layout(len(widths) - 1, layer_norm, quant, bias=bias):
         out, inp = widths[layer + 1], widths[layer]
+        if role in ("weight", "w_scale", "bias"):
+            out = schema.expert_mlp_param_rows(widths, layer, gated)
         if role == "weight":
             params.append(np.ones((groups, out, inp), np.int8 if quant != "none" else f32))
         elif role == "act_smooth":
@@ -48,19 +51,25 @@ def mlp_params(widths: list[int], groups: int, layer_norm: bool, quant: str) -> 
 def baseline(op: str, attrs: dict[str, Any]) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, Any, int]]]:
     """Valid inputs and outputs of one node of ``op`` with ``attrs`` (as far as the attributes allow)."""
     rng = np.random.default_rng(0)
-    if op == schema.ROUTE:
-        return ([("logits", rng.normal(size=(4, E)).astype(f32))],
+    if op == schema.ROUTE:  # E = 32, or num_groups experts when there are more groups (one expert per group)
+        groups = attrs.get("num_groups", 1)
+        experts = groups if isinstance(groups, int) and E < groups <= schema.MAX_EXPERTS else E
+        return ([("logits", rng.normal(size=(4, experts)).astype(f32))],
                 [("weights", f32, 2), ("ids", i32, 2)])
+    if op == schema.COMBINE:
+        return ([("y_sorted", rng.normal(size=(8, 3)).astype(f32)), ("flat_to_sorted", rng.permutation(8).astype(i32)),
+                 ("weights", rng.random((4, 2)).astype(f32))], [("y", f32, 2)])
     if op == schema.DISPATCH:
         return ([("x", rng.normal(size=(4, 3)).astype(f32)), ("ids", np.zeros((4, 1), i32))],
                 [("x_sorted", f32, 2), ("offsets", i32, 1), ("flat_to_sorted", i32, 1)])
     widths = [w for w in attrs.get("widths", [4, 5, 4]) if isinstance(w, int) and 0 < w < 64] or [4, 4]
     quant = attrs.get("quant_mode", "none") if attrs.get("quant_mode") in schema.QUANT_MODES else "none"
     layer_norm = attrs.get("layer_norm") in (0, 1) and attrs.get("layer_norm", 1) == 1
+    gated, bias = attrs.get("gated") == 1 and len(widths) > 2, attrs.get("bias", 1) != 0
     groups = max(1, len(attrs.get("expert_ids", [0])))
     inputs = [("x_sorted", rng.normal(size=(3, widths[0])).astype(f32)),
               ("offsets", np.array([0, 1, 3] + [3] * (E - 2), i32))]
-    params = [(f"p{i}", p) for i, p in enumerate(mlp_params(widths, groups, layer_norm, quant))]
+    params = [(f"p{i}", p) for i, p in enumerate(mlp_params(widths, groups, layer_norm, quant, gated, bias))]
     return inputs + params, [("y_sorted", f32, 2)]
 
 
@@ -69,6 +78,7 @@ BASE_ATTRS: dict[str, dict[str, Any]] = {
     schema.DISPATCH: {"num_experts": E},
     schema.EXPERT_MLP: {"expert_ids": [0, 1], "widths": [4, 5, 4], "activation": "gelu", "layer_norm": 1,
                         "eps": 1e-5, "quant_mode": "w8a8", "act_scales": [0.02] * 4},
+    schema.COMBINE: {},
 }
 
 
@@ -118,6 +128,13 @@ def with_value(op: str, name: str, value: Any) -> dict[str, Any]:
     attrs = dict(BASE_ATTRS[op], **{name: value})
     if op == schema.EXPERT_MLP and name == "expert_ids" and isinstance(value, list):
         attrs["act_scales"] = [0.02] * (2 * len(value))
+    # contract v2: the attributes a value needs to be valid at all (the baseline is plain, LayerNorm, no groups)
+    if op == schema.EXPERT_MLP and ((name == "gated" and value == 1) or value in schema.GLU_ONLY_ACTIVATIONS):
+        attrs["gated"], attrs["layer_norm"] = 1, 0
+    if op == schema.ROUTE and name == "groups_kept" and isinstance(value, int) and value > 1:
+        attrs["num_groups"] = value  # kept <= num_groups
+    if op == schema.ROUTE and name == "num_groups" and isinstance(value, int) and value > 1:
+        attrs["groups_kept"] = 2  # k = 2 <= groups_kept * E / num_groups
     return attrs
 
 
@@ -153,8 +170,9 @@ def ort_run_here(op: str, attrs: dict[str, Any]) -> None:
 def plugin_fields(op: str, attrs: dict[str, Any]) -> dict[str, Any]:
     if op != schema.EXPERT_MLP:
         return attrs
+    v2 = {name: attrs[name] for name in ("gated", "bias", "alpha", "limit") if name in attrs}
     return expert_mlp_fields(attrs["expert_ids"], attrs["widths"], attrs["activation"], attrs["layer_norm"],
-                             attrs["eps"], attrs["quant_mode"], attrs["act_scales"])
+                             attrs["eps"], attrs["quant_mode"], attrs["act_scales"], **v2)
 
 
 def plugin_prepare(harness: Harness, op: str, attrs: dict[str, Any]) -> None:
@@ -190,7 +208,7 @@ def test_values_outside_the_schema_are_refused_everywhere(op, name, value) -> No
 @pytest.mark.parametrize(("op", "name", "value"), INSIDE, ids=[f"{o}.{n}={v!r}" for o, n, v in INSIDE])
 def test_boundary_values_inside_the_schema_are_accepted_everywhere(op, name, value) -> None:
     attrs = with_value(op, name, value)
-    if op == schema.EXPERT_MLP and name in ("activation", "layer_norm", "eps"):
+    if op == schema.EXPERT_MLP and name in ("activation", "layer_norm", "eps", "gated", "bias"):
         attrs["quant_mode"], attrs["act_scales"] = "none", []
     assert not attribute_problems(op, attrs)
     ort_run_here(op, attrs)
@@ -256,3 +274,67 @@ def test_bad_weight_scale_is_refused_by_the_cpu_kernel_and_reported_by_the_cuda_
     assert np.isfinite(y[:, [0, 1, 3]]).all()
     if np.isnan(bad):
         assert np.isnan(y[:, 2]).all()
+
+
+# Contract v2: combinations every backend refuses, each attribute valid on its own (fragment: in every message).
+CROSS = [
+    (schema.ROUTE, {"k": 2, "scoring": "softmax_topk", "num_groups": 4, "groups_kept": 2}, "softmax_topk"),
+    (schema.ROUTE, {"k": 2, "num_groups": 4, "groups_kept": 5}, "groups_kept"),
+    (schema.EXPERT_MLP, {**BASE_ATTRS[schema.EXPERT_MLP], "quant_mode": "none", "act_scales": [], "gated": 1},
+     "LayerNorm"),
+    (schema.EXPERT_MLP, {**BASE_ATTRS[schema.EXPERT_MLP], "quant_mode": "none", "act_scales": [], "layer_norm": 0,
+                         "activation": "swiglu_oai"}, "gated"),
+    (schema.EXPERT_MLP, {**BASE_ATTRS[schema.EXPERT_MLP], "quant_mode": "none", "act_scales": [], "layer_norm": 0,
+                         "gated": 1, "widths": [4, 4]}, "hidden layer"),
+]
+
+
+@pytest.mark.parametrize(("op", "attrs", "fragment"), CROSS, ids=[c[2] for c in CROSS])
+def test_inconsistent_v2_attributes_are_refused_everywhere(op, attrs, fragment) -> None:
+    assert any(fragment in p for p in attribute_problems(op, attrs)), attribute_problems(op, attrs)
+    with pytest.raises(ORT_ERRORS, match=fragment):
+        ort_run(op, attrs)
+    for harness in harnesses():
+        with pytest.raises(HarnessError, match=fragment):
+            plugin_prepare(harness, op, attrs)
+
+
+# Route attributes that are valid alone but not for the node's E (the graph check knows E from the dispatch).
+ROUTE_SHAPES = [
+    ({"k": 2, "num_groups": 5, "groups_kept": 2}, 32, "does not divide"),
+    ({"k": 2, "num_groups": 32, "groups_kept": 2, "group_score": "sum_top2"}, 32, "at least 2 experts per group"),
+    ({"k": 9, "num_groups": 4, "groups_kept": 1}, 32, "exceeds the experts of the kept groups"),
+]
+
+
+@pytest.mark.parametrize(("attrs", "experts", "fragment"), ROUTE_SHAPES, ids=[c[2] for c in ROUTE_SHAPES])
+def test_route_groups_inconsistent_with_e_are_refused_everywhere(attrs, experts, fragment) -> None:
+    from pimoe_export.ops.validation import _route_problems
+
+    assert any(fragment in p for p in _route_problems(attrs, experts))
+    logits = np.zeros((4, experts), f32)
+    model = single_op_model(schema.ROUTE, [("logits", logits)], [("weights", f32, 2), ("ids", i32, 2)], attrs)
+    with pytest.raises(ORT_ERRORS, match=fragment):
+        create_session(model, threads=1).run(None, {"logits": logits})
+    for harness in harnesses():
+        with pytest.raises(HarnessError, match=fragment):
+            plugin_prepare_raw(harness, schema.ROUTE, attrs, [((4, experts), f32)])
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gated_parameter_shapes_are_checked_everywhere(with_bias) -> None:
+    """A gated node's weights and biases have 2*out rows: the plain layout (out rows) is refused, and a bias-free node
+    refuses bias inputs (one parameter too many)."""
+    attrs = {"expert_ids": [0], "widths": [4, 5, 4], "activation": "silu", "layer_norm": 0, "eps": 1e-5,
+             "quant_mode": "none", "act_scales": [], "gated": 1, "bias": int(with_bias)}
+    plain = mlp_params([4, 5, 4], 1, False, "none", gated=False, bias=True)  # 5 rows, and biases
+    x, offsets = np.zeros((3, 4), f32), np.array([0, 3], i32)
+    fragment = r"must have shape \[1, 10, 4\]" if with_bias else "2 param"
+    model = single_op_model(schema.EXPERT_MLP, [("x_sorted", x), ("offsets", offsets)], [("y_sorted", f32, 2)],
+                            onnx_attrs(attrs), [(f"p{i}", p) for i, p in enumerate(plain)])
+    with pytest.raises(ORT_ERRORS, match=fragment):
+        create_session(model, threads=1).run(None, {"x_sorted": x, "offsets": offsets})
+    for harness in harnesses():
+        with pytest.raises(HarnessError, match=fragment):
+            plugin_prepare_raw(harness, schema.EXPERT_MLP, plugin_fields(schema.EXPERT_MLP, attrs),
+                               [(x.shape, f32), (offsets.shape, i32), *[(p.shape, p.dtype) for p in plain]])

@@ -107,3 +107,42 @@ def test_plain_onnx_without_our_schemas_still_checks_the_graph(graphs) -> None:
     for path in graphs.values():
         result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and result.stdout.strip() == "3", result.stderr[-2000:]
+
+
+def infer_v2(nodes, inputs, outputs, opset: int = 2):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+                              [helper.make_tensor_value_info(n, TensorProto.UNDEFINED, None) for n in outputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("pimoe", opset)])
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, check_type=True)
+    found = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.output]}
+    return {n: (found[n].type.tensor_type.elem_type, dims(found[n])) for n in outputs}, inferred
+
+
+def v2_nodes():
+    return [
+        helper.make_node("PiMoERoute", ["logits"], ["w", "ids"], domain="pimoe", k=2, scoring="sigmoid",
+                         routed_scaling_factor=2.5),
+        helper.make_node("PiMoEDispatch", ["x", "ids"], ["xs", "off", "f2s"], domain="pimoe", num_experts=4),
+        helper.make_node("PiMoEExpertMLP", ["xs", "off", "w0", "w1"], ["ys"], domain="pimoe", expert_ids=[0, 1, 2, 3],
+                         widths=[16, 32, 8], activation="swiglu_oai", layer_norm=0, gated=1, bias=0, limit=5.0),
+        helper.make_node("PiMoECombine", ["ys", "f2s", "w"], ["y"], domain="pimoe", order="expert"),
+    ]
+
+
+V2_INPUTS = [("logits", TensorProto.FLOAT, [6, 4]), ("x", TensorProto.FLOAT, [6, 16]),
+             ("w0", TensorProto.FLOAT, [4, 64, 16]), ("w1", TensorProto.FLOAT, [4, 8, 32])]
+
+
+def test_contract_v2_nodes_are_typed_and_checked() -> None:
+    """Opset 2: a bias-free route input list, gated rows [gate; up] (y_sorted keeps widths[-1]), the combine order."""
+    got, model = infer_v2(v2_nodes(), V2_INPUTS, ["w", "ids", "ys", "y"])
+    assert got == {"w": (TensorProto.FLOAT, [6, 2]), "ids": (TensorProto.INT32, [6, 2]),
+                   "ys": (TensorProto.FLOAT, [12, 8]), "y": (TensorProto.FLOAT, [6, 8])}
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_v2_attributes_are_unknown_to_the_opset_1_schema() -> None:
+    """The registered opset-1 schemas are v1's: the checker refuses a v2 attribute in a graph importing pimoe 1."""
+    _, model = infer_v2(v2_nodes(), V2_INPUTS, ["y"], opset=1)
+    with pytest.raises(onnx.checker.ValidationError, match="Unrecognized attribute"):
+        onnx.checker.check_model(model, full_check=True)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from backends import BACKEND_PARAMS, get_backend
+from cpu_kernel_sets import other_kernel_sets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -82,6 +83,111 @@ def test_route_matches_reference(backend_name, case) -> None:
     np.testing.assert_allclose(weights[same], ref_w.numpy()[same], rtol=2e-6, atol=1e-7, equal_nan=True)
 
 
+# ------------------------------------------------------------------------------------------ PiMoERoute, contract v2
+@st.composite
+def route_v2_cases(draw):
+    scoring = draw(st.sampled_from(schema.SCORING))
+    groups = 1 if scoring == "softmax_topk" else draw(st.sampled_from([1, 1, 2, 4, 8]))
+    size = draw(st.integers(2 if groups > 1 else 1, max(2, 64 // groups)))
+    e = groups * size
+    kept = draw(st.integers(1, groups))
+    k = draw(st.integers(1, min(kept * size, schema.MAX_TOP_K)))
+    n = draw(st.sampled_from([0, 1, 2, 5, 17, 40]))
+    dtype = draw(st.sampled_from(DTYPES))
+    style = draw(st.sampled_from(["normal", "ties", "special", "saturated"]))
+    rng = rng_from(draw(st.integers(0, 2**31)))
+    logits = rng.normal(0, 2, size=(n, e))
+    if style == "ties":  # few distinct values: exact ties, broken by the lower index (expert and group)
+        logits = rng.integers(-2, 3, size=(n, e)).astype(np.float64)
+    elif style == "saturated":  # fp32 sigmoid is exactly 1 here: only ranking the logits tells them apart
+        logits = rng.uniform(17.0, 40.0, size=(n, e)).round(1)
+    elif style == "special" and n:
+        rows = rng.integers(0, n, size=min(n, 3))
+        cols = rng.integers(0, e, size=len(rows))
+        logits[rows, cols] = rng.choice([np.nan, np.inf, -np.inf], size=len(rows))
+    bias = rng.normal(0, 0.3, size=e).astype(np.float32) if draw(st.booleans()) else None
+    attrs = {"scoring": scoring, "num_groups": groups, "groups_kept": kept,
+             "group_score": draw(st.sampled_from(schema.GROUP_SCORES)) if size > 1 else "max",
+             "routed_scaling_factor": draw(st.sampled_from([1.0, 2.5, 16.0])),
+             "normalize_eps": draw(st.sampled_from([0.0, 1e-20, 0.5]))}
+    return logits.astype(dtype), bias, k, draw(st.booleans()), attrs
+
+
+def reference_keys(logits: np.ndarray, bias: np.ndarray | None, attrs: dict) -> np.ndarray:
+    """The selection keys the contract ranks (after group masking), from the reference's definitions."""
+    values = torch.from_numpy(logits).float()
+    b = None if bias is None else torch.from_numpy(bias)
+    if attrs["scoring"] == "softmax":
+        keys = torch.softmax(values, -1) + (b if b is not None else 0)
+    elif attrs["scoring"] == "sigmoid":
+        keys = torch.sigmoid(values) + (b if b is not None else 0) if b is not None or attrs["num_groups"] > 1 \
+            else values
+    else:
+        keys = values + (b if b is not None else 0)
+    if attrs["num_groups"] > 1:
+        kept = functional.kept_group_mask(keys, attrs["num_groups"], attrs["groups_kept"], attrs["group_score"])
+        keys = keys.masked_fill(~kept, 0.0)
+    return keys.numpy()
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@op_settings
+@given(case=route_v2_cases())
+def test_route_v2_modes_match_reference(backend_name, case) -> None:
+    """Every scoring, grouped selection (max and sum_top2), routed scaling and normalize_eps, with and without a
+    bias, fp32 and fp16 logits, NaN/Inf, exact ties and saturated sigmoids."""
+    backend = get_backend(backend_name)
+    logits, bias, k, normalize, attrs = case
+    weights, ids = backend.route(logits, bias, k, normalize, **attrs)
+    n, e = logits.shape
+    assert weights.shape == (n, k) and ids.shape == (n, k) and weights.dtype == np.float32
+    assert ((ids >= 0) & (ids < e)).all(), "ids must stay in range whatever the logits"
+    t_bias = None if bias is None else torch.from_numpy(bias)
+    ref_w, ref_ids = functional.route(torch.from_numpy(logits), t_bias, k, normalize, **attrs)
+    keys = reference_keys(logits, bias, attrs)
+    ref_ids = ref_ids.numpy()
+    for row in np.nonzero((ids != ref_ids).any(axis=1))[0]:  # only swaps between (numerically) tied keys
+        got, want = keys[row, ids[row]], keys[row, ref_ids[row]]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, equal_nan=True,
+                                   err_msg=f"row {row}: {ids[row]} vs {ref_ids[row]}")
+    same = (ids == ref_ids).all(axis=1)
+    np.testing.assert_allclose(weights[same], ref_w.numpy()[same], rtol=2e-6, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_route_v2_known_answers(backend_name) -> None:
+    """Ties, groups and saturation with answers worked out by hand (tests/model/test_contract_v2_oracle.py holds the
+    same for the reference): every backend must give exactly these ids."""
+    backend = get_backend(backend_name)
+    keys = np.array([0.9, 0.0, 0.6, 0.55, 0.7, 0.1, 0.5, 0.45], np.float32)
+    zeros = np.zeros((1, 8), np.float32)  # sigmoid(0) = 0.5: the bias sets every key
+    grouped = {"scoring": "sigmoid", "num_groups": 4, "groups_kept": 2}
+    cases = [  # (logits, bias, k, attrs, ids)
+        (zeros, keys - 0.5, 2, {**grouped, "group_score": "max"}, [0, 4]),
+        (zeros, keys - 0.5, 3, {**grouped, "group_score": "max"}, [0, 4, 5]),
+        (zeros, keys - 0.5, 2, {**grouped, "group_score": "sum_top2"}, [2, 3]),
+        # kept keys -0.2, -0.3 lose to the dropped group's experts, masked to 0 (tied: lower index first)
+        (zeros[:, :4], np.array([-0.7, -0.8, -1.0, -1.1], np.float32), 2,
+         {"scoring": "sigmoid", "num_groups": 2, "groups_kept": 1}, [2, 3]),
+        # fp32 sigmoid is 1 for all four: without a bias the logits are ranked; with one, ties to the lower index
+        (np.array([[20.0, 30.0, 17.5, 25.0]], np.float32), None, 2, {"scoring": "sigmoid"}, [1, 3]),
+        (np.array([[20.0, 30.0, 17.5, 25.0]], np.float32), np.zeros(4, np.float32), 2, {"scoring": "sigmoid"}, [0, 1]),
+        (np.array([[1.0, 3.0, 3.0, 2.0]], np.float32), None, 2, {"scoring": "softmax_topk"}, [1, 2]),
+        # a kept expert's probability underflows to 0 and ties with the dropped experts' 0: the lower index, dropped
+        (np.array([[0.0, 0.0, 100.0, -100.0]], np.float32), None, 2,
+         {"scoring": "softmax", "num_groups": 2, "groups_kept": 1}, [2, 0]),
+    ]
+    for logits, bias, k, attrs, want in cases:
+        weights, ids = backend.route(logits, bias, k, False, **attrs)
+        assert ids[0].tolist() == want, (attrs, ids[0].tolist(), want)
+        ref_w = functional.route(torch.from_numpy(logits), None if bias is None else torch.from_numpy(bias), k, False,
+                                 **attrs)[0].numpy()
+        np.testing.assert_allclose(weights, ref_w, rtol=2e-6, atol=1e-7)
+    # softmax with groups: a dropped expert's weight is 0 (DeepSeek-V2 gathers from the masked scores), not its
+    # probability exp(-100) ~ 4e-44
+    assert weights[0, 1] == 0.0
+
+
 # ------------------------------------------------------------------------------------------ PiMoEDispatch
 @st.composite
 def dispatch_cases(draw):
@@ -138,16 +244,46 @@ def test_combine_matches_reference_bitwise(backend_name, case) -> None:
     np.testing.assert_array_equal(y, ref)
 
 
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@op_settings
+@given(case=combine_cases())
+def test_combine_expert_order_matches_reference_bitwise(backend_name, case) -> None:
+    """order="expert": 0 + the slots by ascending sorted row (= expert id), Hugging Face's index_add_ order."""
+    backend = get_backend(backend_name)
+    y_sorted, f2s, weights = case
+    y = backend.combine(y_sorted, f2s, weights, order="expert")
+    ref = functional.combine(torch.from_numpy(y_sorted), torch.from_numpy(f2s), torch.from_numpy(weights),
+                             "expert").numpy()
+    assert y.dtype == y_sorted.dtype and y.shape == ref.shape
+    np.testing.assert_array_equal(y, ref)
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_combine_orders_known_answers(backend_name) -> None:
+    """Where the order decides the result: slot order sums (1e8 + -1e8) + 1 = 1, expert order ((0 + 1) + 1e8) + -1e8
+    = 0; and index_add_'s start from zeros makes 0 + (-0) + (-0) = +0 where slot order keeps -0."""
+    backend = get_backend(backend_name)
+    rows = np.array([[1.0, -0.0], [1e8, -0.0], [-1e8, -0.0]], dtype=np.float32)
+    f2s = np.array([1, 2, 0], dtype=np.int32)
+    w = np.ones((1, 3), dtype=np.float32)
+    slot = backend.combine(rows, f2s, w)
+    expert = backend.combine(rows, f2s, w, order="expert")
+    assert slot[0, 0] == 1.0 and expert[0, 0] == 0.0
+    assert np.signbit(slot[0, 1]) and not np.signbit(expert[0, 1])
+
+
 # ------------------------------------------------------------------------------------------ PiMoEExpertMLP
-def make_expert_case(rng, *, e, groups, widths, layer_norm, dtype, rows_per_expert):
+def make_expert_case(rng, *, e, groups, widths, layer_norm, dtype, rows_per_expert, gated=False, bias=True):
     expert_ids = sorted(rng.choice(e, size=groups, replace=False).tolist())
     counts = rng.integers(0, rows_per_expert + 1, size=e)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     rows = int(offsets[-1])
     x = rng.normal(size=(rows, widths[0])).astype(dtype)
     params = []
-    for layer, role in schema.expert_mlp_param_layout(len(widths) - 1, layer_norm, "none"):
+    for layer, role in schema.expert_mlp_param_layout(len(widths) - 1, layer_norm, "none", bias=bias):
         out, inp = widths[layer + 1], widths[layer]
+        if role in ("weight", "bias"):
+            out = schema.expert_mlp_param_rows(widths, layer, gated)
         if role == "weight":
             params.append((rng.normal(size=(groups, out, inp)) / np.sqrt(inp)).astype(dtype))
         elif role == "ln_gamma":
@@ -157,11 +293,11 @@ def make_expert_case(rng, *, e, groups, widths, layer_norm, dtype, rows_per_expe
     return x, offsets, params, expert_ids
 
 
-def expert_reference(x, offsets, params, expert_ids, widths, activation, layer_norm):
+def expert_reference(x, offsets, params, expert_ids, widths, activation, layer_norm, **v2):
     import pimoe_export.ops.torch_ops as ops
 
     y = ops.expert_mlp(torch.from_numpy(x), torch.from_numpy(offsets), [torch.from_numpy(p) for p in params],
-                       expert_ids, list(widths), activation, layer_norm, 1e-5, "none", [])
+                       expert_ids, list(widths), activation, layer_norm, 1e-5, "none", [], **v2)
     return y.numpy()
 
 
@@ -189,12 +325,13 @@ def test_expert_mlp_matches_reference(backend_name, case) -> None:
     check_expert_case(backend_name, case)
 
 
-def check_expert_case(backend_name, case) -> None:
+def check_expert_case(backend_name, case, **v2) -> None:
+    """``v2``: contract-v2 attributes of the node (gated, bias, alpha, limit), given to backend and reference."""
     backend = get_backend(backend_name)
     x, offsets, params, expert_ids, widths, activation, layer_norm, constant = case
     y = backend.expert_mlp(x, offsets, params, expert_ids, widths, activation, layer_norm,
-                           constant_params=constant)
-    ref = expert_reference(x, offsets, params, expert_ids, widths, activation, layer_norm)
+                           constant_params=constant, **v2)
+    ref = expert_reference(x, offsets, params, expert_ids, widths, activation, layer_norm, **v2)
     assert y.shape == ref.shape and y.dtype == x.dtype
     # rows of experts outside the group are exactly zero
     mine = np.zeros(x.shape[0], dtype=bool)
@@ -209,14 +346,14 @@ def check_expert_case(backend_name, case) -> None:
 
 
 # ------------------------------------------------------------------------------------------ PiMoEExpertMLP, W8A8
-def quantize_case(rng, x, params, widths, layer_norm, groups, mode):
+def quantize_case(rng, x, params, widths, layer_norm, groups, mode, bias=True):
     """int8 weights + per-channel scales (from the float weights) and static activation scales."""
     from pimoe_export.quantize.int8 import quantize_weight
 
     out_params, w_codes = [], []
-    float_layout = schema.expert_mlp_param_layout(len(widths) - 1, layer_norm, "none")
+    float_layout = schema.expert_mlp_param_layout(len(widths) - 1, layer_norm, "none", bias=bias)
     by_role = dict(zip(float_layout, params, strict=True))
-    for layer, role in schema.expert_mlp_param_layout(len(widths) - 1, layer_norm, mode):
+    for layer, role in schema.expert_mlp_param_layout(len(widths) - 1, layer_norm, mode, bias=bias):
         if role == "weight":
             q, s = quantize_weight(by_role[(layer, "weight")].astype(np.float32))
             out_params.append(q)
@@ -261,18 +398,19 @@ def test_expert_mlp_w8a8_within_one_quantisation_step(backend_name, case) -> Non
     check_w8a8_case(backend_name, case)
 
 
-def check_w8a8_case(backend_name, case) -> tuple[np.ndarray, np.ndarray, float]:
-    """The one-code-step bound (see the test above); returns (y, ref, fp32 slack) for stricter checks."""
+def check_w8a8_case(backend_name, case, **v2) -> tuple[np.ndarray, np.ndarray, float]:
+    """The one-code-step bound (see the test above); returns (y, ref, fp32 slack) for stricter checks. ``v2``:
+    contract-v2 attributes of the node (gated, bias, alpha, limit)."""
     backend = get_backend(backend_name)
     if not getattr(backend, "supports_w8a8", True):
         pytest.skip(f"{backend_name} has no w8a8 kernels in this build")
     x, offsets, params, codes, act_scales, expert_ids, widths, activation, layer_norm, mode = case
     y = backend.expert_mlp(x, offsets, params, expert_ids, widths, activation, layer_norm, quant_mode=mode,
-                           act_scales=act_scales)
+                           act_scales=act_scales, **v2)
     import pimoe_export.ops.torch_ops as ops
 
     ref = ops.expert_mlp(torch.from_numpy(x), torch.from_numpy(offsets), [torch.from_numpy(p) for p in params],
-                         expert_ids, list(widths), activation, layer_norm, 1e-5, mode, act_scales).numpy()
+                         expert_ids, list(widths), activation, layer_norm, 1e-5, mode, act_scales, **v2).numpy()
     assert y.shape == ref.shape
     mine = np.zeros(x.shape[0], dtype=bool)
     for e in expert_ids:
@@ -287,7 +425,7 @@ def check_w8a8_case(backend_name, case) -> tuple[np.ndarray, np.ndarray, float]:
     groups = len(expert_ids)
     # w8a8_dynamic: the step is the reference's per-row scale of the last layer's input; the kernel's row scale
     # comes from fp32 hidden values that can differ by ulps, which moves the dequantised sum by ~1e-7 relative
-    rows = last_layer_row_scales(x, offsets, params, expert_ids, widths, activation, layer_norm) \
+    rows = last_layer_row_scales(x, offsets, params, expert_ids, widths, activation, layer_norm, **v2) \
         if mode == "w8a8_dynamic" else None
     for g, e in enumerate(expert_ids):
         lo, hi = offsets[e], offsets[e + 1]
@@ -379,9 +517,140 @@ def test_expert_mlp_fp16_keeps_fp32_hidden_precision(backend_name) -> None:
     check_expert_case(backend_name, (x, offsets, [w0, b0, w1, b1], expert_ids, widths, "relu", False, False))
 
 
-def last_layer_row_scales(x, offsets, params, expert_ids, widths, activation, layer_norm) -> np.ndarray:
+# ------------------------------------------------------------------------------------------ PiMoEExpertMLP, gated (v2)
+def draw_gated_attrs(draw) -> dict:
+    activation = draw(st.sampled_from(schema.ALL_ACTIVATIONS))
+    attrs = {"gated": True, "bias": draw(st.booleans())}
+    if activation == "swiglu_oai":  # GPT-OSS's constants, or others that clamp more often
+        attrs["alpha"], attrs["limit"] = draw(st.sampled_from([(1.702, 7.0), (1.0, 1.5), (2.5, 0.75)]))
+    return {"activation": activation, **attrs}
+
+
+@st.composite
+def gated_cases(draw):
+    e = draw(st.integers(1, 12))
+    groups = draw(st.integers(1, e))
+    n_layers = draw(st.integers(2, 3))
+    widths = [draw(st.sampled_from([1, 3, 8, 13, 24, 37])) for _ in range(n_layers + 1)]
+    v2 = draw_gated_attrs(draw)
+    activation = v2.pop("activation")
+    dtype = draw(st.sampled_from(DTYPES))
+    rng = rng_from(draw(st.integers(0, 2**31)))
+    rows_per_expert = draw(st.sampled_from([0, 1, 3, 14]))
+    case = make_expert_case(rng, e=e, groups=groups, widths=widths, layer_norm=False, dtype=dtype,
+                            rows_per_expert=rows_per_expert, gated=True, bias=v2["bias"])
+    if dtype == np.float32:  # larger pre-activations so that swiglu_oai's clamps act
+        case = (case[0] * 3, *case[1:])
+    return (*case, widths, activation, False, draw(st.booleans())), v2
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@op_settings
+@given(drawn=gated_cases())
+def test_expert_mlp_gated_matches_reference(backend_name, drawn) -> None:
+    """Gated (GLU) hidden layers with rows [gate; up], every activation (swiglu_oai with several alpha/limit), with
+    and without bias, fp32 and fp16, constant and graph-input weights."""
+    case, v2 = drawn
+    check_expert_case(backend_name, case, **v2)
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "w8a8", "w8a8_dynamic"])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("activation", schema.ALL_ACTIVATIONS)
+def test_expert_mlp_gated_every_activation_bias_and_precision(backend_name, activation, with_bias, precision) -> None:
+    """Every combination once, deterministically (the drawn cases above cover them only in expectation)."""
+    import zlib
+
+    rng = np.random.default_rng(zlib.crc32(f"{activation}-{with_bias}-{precision}".encode()))
+    widths = [24, 13, 8]
+    dtype = np.float16 if precision == "fp16" else np.float32
+    x, offsets, params, expert_ids = make_expert_case(rng, e=5, groups=3, widths=widths, layer_norm=False, dtype=dtype,
+                                                      rows_per_expert=6, gated=True, bias=with_bias)
+    v2 = {"gated": True, "bias": with_bias}
+    if activation == "swiglu_oai":
+        v2 |= {"alpha": 1.702, "limit": 1.5}  # clamps often at this scale
+    if precision in ("fp32", "fp16"):
+        check_expert_case(backend_name, (x, offsets, params, expert_ids, widths, activation, False, True), **v2)
+        return
+    qparams, codes, act_scales = quantize_case(rng, x, params, widths, False, len(expert_ids), precision,
+                                               bias=with_bias)
+    check_w8a8_case(backend_name, (x, offsets, qparams, codes, act_scales, expert_ids, widths, activation, False,
+                                   precision), **v2)
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_mlp_swiglu_oai_clamps(backend_name, dtype) -> None:
+    """swiglu_oai on a grid of (gate, up) across both clamps (a [2 -> 1 -> 1] expert whose gate is x[0] and up
+    x[1]): gate clamped above only, up on both sides, NaN kept."""
+    grid = np.array([-12.0, -7.5, -7.0, -6.5, -1.0, 0.0, 0.5, 6.5, 7.0, 7.5, 12.0], dtype=np.float32)
+    gate, up = np.meshgrid(grid, grid)
+    x = np.stack([gate.ravel(), up.ravel()], axis=1)
+    x = np.concatenate([x, [[np.nan, 1.0], [1.0, np.nan]]]).astype(dtype)
+    offsets = np.array([0, x.shape[0]], dtype=np.int32)
+    params = [np.eye(2, dtype=dtype)[None], np.ones((1, 1, 1), dtype=dtype)]
+    v2 = {"gated": True, "bias": False, "alpha": 1.702, "limit": 7.0}
+    y = get_backend(backend_name).expert_mlp(x, offsets, params, [0], [2, 1, 1], "swiglu_oai", False, **v2)
+    ref = expert_reference(x, offsets, params, [0], [2, 1, 1], "swiglu_oai", False, **v2)
+    assert np.isnan(y[-2:]).all()
+    tol = 1e-6 if dtype == np.float32 else 2e-3
+    np.testing.assert_allclose(y[:-2].astype(np.float32), ref[:-2].astype(np.float32), rtol=tol, atol=tol)
+    clamped = (gate.ravel() > 7.0) | (np.abs(up.ravel()) > 7.0)
+    assert clamped.sum() >= 40  # the grid exercises the clamps
+
+
+@st.composite
+def gated_w8a8_cases(draw):
+    e = draw(st.integers(1, 8))
+    groups = draw(st.integers(1, e))
+    n_layers = draw(st.integers(2, 3))
+    widths = [draw(st.sampled_from([1, 3, 8, 13, 24, 37])) for _ in range(n_layers + 1)]
+    v2 = draw_gated_attrs(draw)
+    activation = v2.pop("activation")
+    mode = draw(st.sampled_from(["w8a8", "w8a8_dynamic"]))
+    rng = rng_from(draw(st.integers(0, 2**31)))
+    rows_per_expert = draw(st.sampled_from([0, 1, 3, 14]))
+    x, offsets, params, expert_ids = make_expert_case(rng, e=e, groups=groups, widths=widths, layer_norm=False,
+                                                      dtype=np.float32, rows_per_expert=rows_per_expert, gated=True,
+                                                      bias=v2["bias"])
+    qparams, codes, act_scales = quantize_case(rng, x, params, widths, False, groups, mode, bias=v2["bias"])
+    return (x, offsets, qparams, codes, act_scales, expert_ids, widths, activation, False, mode), v2
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@op_settings
+@given(drawn=gated_w8a8_cases())
+def test_expert_mlp_gated_w8a8_within_one_quantisation_step(backend_name, drawn) -> None:
+    """W8A8 gated layers: one int8 GEMM over the 2*out rows (per-row weight scales), the GLU in fp32, one activation
+    scale per layer input; the same one-code-step bound as plain layers."""
+    case, v2 = drawn
+    check_w8a8_case(backend_name, case, **v2)
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@pytest.mark.parametrize("mode", ["none", "w8a8", "w8a8_dynamic"])
+def test_expert_mlp_gated_wide_layers(backend_name, mode) -> None:
+    """The wide deterministic case (K 264, a 2 x 300 gated GEMM, few rows) for gated layers: split-K, panels beyond
+    the first 16-column blocks on both halves [gate; up]."""
+    rng = np.random.default_rng(43)
+    x, offsets, params, expert_ids = make_expert_case(rng, e=4, groups=3, widths=WIDE, layer_norm=False,
+                                                      dtype=np.float32, rows_per_expert=14, gated=True, bias=True)
+    if mode == "none":
+        check_expert_case(backend_name, (x, offsets, params, expert_ids, WIDE, "silu", False, False), gated=True)
+        return
+    backend = get_backend(backend_name)
+    if not getattr(backend, "supports_w8a8", True):
+        pytest.skip(f"{backend_name} has no w8a8 kernels in this build")
+    qparams, codes, act_scales = quantize_case(rng, x, params, WIDE, False, len(expert_ids), mode)
+    check_w8a8_case(backend_name, (x, offsets, qparams, codes, act_scales, expert_ids, WIDE, "silu", False, mode),
+                    gated=True)
+
+
+def last_layer_row_scales(x, offsets, params, expert_ids, widths, activation, layer_norm, gated=False, bias=True,
+                          alpha=schema.SWIGLU_OAI_ALPHA, limit=schema.SWIGLU_OAI_LIMIT) -> np.ndarray:
     """The fake-quant reference's w8a8_dynamic scale (max|h| / 127) of each row's last-layer input: the layers
-    before it through the reference, then its LayerNorm, activation and SmoothQuant divisor."""
+    before it through the reference, then its LayerNorm, activation (or GLU) and SmoothQuant divisor."""
     import torch.nn.functional as F
 
     from pimoe_export.model import functional
@@ -389,15 +658,21 @@ def last_layer_row_scales(x, offsets, params, expert_ids, widths, activation, la
     from pimoe_export.ops.torch_ops import split_expert_params
 
     n = len(widths) - 1
-    roles = split_expert_params([torch.from_numpy(p) for p in params], n, layer_norm, "w8a8_dynamic")
+    roles = split_expert_params([torch.from_numpy(p) for p in params], n, layer_norm, "w8a8_dynamic", bias)
     head = {role: tensors[: n - 1] for role, tensors in roles.items()}  # the hidden layers, the last one bare
     xs, offs = torch.from_numpy(x), torch.from_numpy(offsets)
-    h = expert_mlp_w8a8(xs, offs, head, expert_ids, activation, layer_norm, 1e-5, "w8a8_dynamic", [])
+    # all n - 1 head layers as hidden layers: gated=False keeps the last head layer's raw (pre-GLU) output
+    h = expert_mlp_w8a8(xs, offs, head, expert_ids, activation, layer_norm, 1e-5, "w8a8_dynamic", [], gated,
+                        alpha, limit)
     scales = np.ones(x.shape[0], np.float32)
     for g, e in enumerate(expert_ids):
         lo, hi = int(offsets[e]), int(offsets[e + 1])
         if hi > lo:
             t = h[lo:hi].float()
+            if gated:
+                t = functional.glu(t, activation, alpha, limit) / roles["act_smooth"][n - 1][g].float()
+                scales[lo:hi] = activation_scale_rowwise(t).reshape(-1).numpy()
+                continue
             if layer_norm:
                 t = F.layer_norm(t, (t.shape[-1],), roles["ln_gamma"][n - 2][g].float(),
                                  roles["ln_beta"][n - 2][g].float(), 1e-5)
@@ -407,24 +682,27 @@ def last_layer_row_scales(x, offsets, params, expert_ids, widths, activation, la
 
 
 @pytest.mark.slow
-def test_portable_kernels_pass_the_same_op_tests(tmp_path) -> None:
-    """The portable (non-AVX2) CPU kernels: on an AVX2 machine they only run when PIMOE_CPU_ISA=generic, which the
-    ISA choice reads once per process — so the ONNX Runtime op tests run again in a subprocess that forces them."""
+@pytest.mark.parametrize("kernel_set", other_kernel_sets())
+def test_op_tests_pass_on_every_kernel_set(kernel_set, tmp_path) -> None:
+    """The ONNX Runtime op tests again on every other CPU kernel set this machine runs (the generic kernels; avx2
+    where the library picks avx512; the AVX-512 source on SIMDe: tests/cpu_kernel_sets.py), each in a subprocess:
+    the library reads PIMOE_CPU_ISA once per process."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PIMOE_CPU_ISA": "generic"}
+    env = {**os.environ, "PIMOE_CPU_ISA": kernel_set}
     probe = subprocess.run([sys.executable, "-c", "from pimoe_export.native.libraries import check_ort_library, "
                             "find_ort_library; print(check_ort_library(str(find_ort_library()))['cpu_isa'])"],
                            capture_output=True, text=True, env=env, cwd=root, timeout=120)
     if probe.returncode != 0:
         pytest.skip(f"libpimoe_ort is not built: {probe.stderr.strip().splitlines()[-1:]}")
-    assert probe.stdout.strip() == "generic", probe.stdout
+    assert probe.stdout.strip() == kernel_set, probe.stdout
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
-                             str(Path(__file__)), "-k", "ort and not portable", "--basetemp", str(tmp_path / "t")],
+                             str(Path(__file__)), "-k", "ort and not cuda and not every_kernel_set", "--basetemp",
+                             str(tmp_path / "t")],
                             capture_output=True, text=True, env=env, cwd=root, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:]
     assert " passed" in result.stdout and " failed" not in result.stdout

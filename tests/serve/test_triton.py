@@ -185,7 +185,11 @@ def test_tampered_unit_is_refused(tiny, rtx_unit, tmp_path, victim, capsys) -> N
     shutil.copytree(rtx_unit, unit)
     path = unit / victim
     if victim == "manifest.json":
-        path.write_text(path.read_text().replace('"contract_version": 1', '"contract_version": 99'))
+        from pimoe_export.ops.schema import CONTRACT_VERSION
+
+        text = path.read_text()
+        assert f'"contract_version": {CONTRACT_VERSION}' in text
+        path.write_text(text.replace(f'"contract_version": {CONTRACT_VERSION}', '"contract_version": 99'))
         expected = "op contract v99"
     else:
         data = bytearray(path.read_bytes())

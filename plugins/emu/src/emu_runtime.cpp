@@ -9,10 +9,12 @@
 #include <ucontext.h>
 #endif
 
+#include <atomic>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -161,9 +163,17 @@ struct Fiber {
   void* w_payload = nullptr;
   void (*w_fn)(void* const*, unsigned) = nullptr;
   const char* w_what = "";
-  // cp.async
-  std::vector<CpCopy> cp_open;
-  std::vector<std::vector<CpCopy>> cp_groups;
+  // cp.async: every copy issued and not yet landed, in issue order, from cp_copies[cp_run] on; cp_ends[g] ends
+  // committed group g (groups before cp_group have been waited for). Vectors are cleared, never shrunk, so that
+  // a pooled Fiber issues copies without heap allocations once warm (a launch allocates nothing on the host).
+  std::vector<CpCopy> cp_copies;
+  std::vector<size_t> cp_ends;
+  size_t cp_run = 0, cp_group = 0;
+  void cp_reset() {
+    cp_copies.clear();
+    cp_ends.clear();
+    cp_run = cp_group = 0;
+  }
 };
 struct SharedVar {
   const void* key;
@@ -221,9 +231,15 @@ thread_local void* g_sched_fake = nullptr;
 thread_local const void* g_sched_bottom = nullptr;
 thread_local size_t g_sched_size = 0;
 char g_launch_sync, g_kernel_done;
-cudaError_t g_last = cudaSuccess, g_sticky = cudaSuccess;
-std::map<const void*, int> g_optin;
-int g_errors = 0, g_warnings = 0;
+// Host threads: the emulated device runs one kernel at a time. rt::launch holds g_device for the whole kernel (the
+// shared-memory arena, the fiber and stack pools are the device's), so kernels launched from several host threads
+// (two ONNX Runtime sessions, two streams) interleave launch by launch, never inside a launch. The last error is
+// per host thread, the sticky error per device, as in CUDA.
+std::mutex g_device;
+thread_local cudaError_t g_last = cudaSuccess;
+std::atomic<cudaError_t> g_sticky{cudaSuccess};
+std::map<const void*, int> g_optin;  // guarded by g_device
+std::atomic<int> g_errors{0}, g_warnings{0};
 
 bool env_on(const char* n) {
   const char* v = std::getenv(n);
@@ -329,8 +345,10 @@ void yield_to_scheduler() {
   if (__sanitizer_finish_switch_fiber) __sanitizer_finish_switch_fiber(f->asan_fake, &g_sched_bottom, &g_sched_size);
 }
 
-void run_copies(const std::vector<CpCopy>& g) {
-  for (const CpCopy& c : g) {
+// lands the copies [f->cp_run, end) of `f`
+void run_copies(Fiber* f, size_t end) {
+  for (; f->cp_run < end; ++f->cp_run) {
+    const CpCopy& c = f->cp_copies[f->cp_run];
     if (c.src_bytes > 0) g_memcpy(c.dst, c.src, c.src_bytes);
     if (c.src_bytes < c.bytes) g_memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
   }
@@ -361,14 +379,11 @@ bool complete_warp(Block* b, Fiber* a);
 
 void on_exit(Fiber* f) {
   Block* b = g_blk;
-  bool pending = !f->cp_open.empty();
-  for (const auto& g : f->cp_groups) pending = pending || !g.empty();
-  if (pending) {
+  if (f->cp_run < f->cp_copies.size()) {
     warn(g_launch->file, g_launch->line, "thread exited with cp.async copies not waited for (they are completed now)");
-    if (!f->cp_open.empty()) f->cp_groups.push_back(std::move(f->cp_open));
-    for (auto& g : f->cp_groups) run_copies(g);
+    run_copies(f, f->cp_copies.size());
   }
-  f->cp_groups.clear();
+  f->cp_reset();
   f->state = kDone;
   --b->live;
   if (b->bar_arrived > 0 && !g_launch->warned_exit) {
@@ -478,8 +493,7 @@ void run_block(Launch& L, uint3 bid) {
     f.result = 0;
     f.asan_fake = nullptr;
     f.w_arrived = false;
-    f.cp_open.clear();
-    f.cp_groups.clear();
+    f.cp_reset();
     f.info.tidx = {t % L.block.x, (t / L.block.x) % L.block.y, t / (L.block.x * L.block.y)};
     f.info.lane = t % 32;
     f.info.warp = t / 32;
@@ -792,23 +806,21 @@ void cp_async(void* dst, const void* src, size_t bytes, size_t src_bytes, const 
     fail(file, line, "__pipeline_memcpy_async: dst %p / src %p not aligned to %zu bytes", dst, src, bytes);
   if (src_bytes > bytes) src_bytes = bytes;
   g_memset(dst, 0xff, bytes);  // contents undefined until the wait (a visible write for the sanitizers)
-  f->cp_open.push_back({dst, src, bytes, src_bytes});
+  f->cp_copies.push_back({dst, src, bytes, src_bytes});
 }
 void cp_commit() {
   Fiber* f = g_fib;
-  f->cp_groups.push_back(std::move(f->cp_open));
-  f->cp_open.clear();
+  f->cp_ends.push_back(f->cp_copies.size());
 }
 void cp_wait_prior(int n) {
   Fiber* f = g_fib;
-  while (static_cast<int>(f->cp_groups.size()) > n) {
-    run_copies(f->cp_groups.front());
-    f->cp_groups.erase(f->cp_groups.begin());
-  }
+  while (static_cast<int>(f->cp_ends.size() - f->cp_group) > n) run_copies(f, f->cp_ends[f->cp_group++]);
+  if (f->cp_group == f->cp_ends.size() && f->cp_run == f->cp_copies.size()) f->cp_reset();
 }
 
 void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, void (*thunk)(void*), void* state, const void* fn,
             const char* name, const char* file, int line) {
+  std::lock_guard<std::mutex> device(g_device);
   if (g_sticky != cudaSuccess) {
     g_last = g_sticky;
     return;
@@ -928,8 +940,8 @@ void mma_m16n8k32_s32_s8_s8_s32(int& d0, int& d1, int& d2, int& d3, uint32_t a0,
 }
 }  // namespace ptx
 
-int error_count() { return g_errors; }
-int warning_count() { return g_warnings; }
+int error_count() { return g_errors.load(); }
+int warning_count() { return g_warnings.load(); }
 }  // namespace emu
 
 // ---------------------------------------------------------------------------------------------- runtime API
@@ -937,7 +949,7 @@ using emu::g_last;
 using emu::g_sticky;
 cudaError_t cudaGetLastError() {
   const cudaError_t e = g_last;
-  g_last = g_sticky;
+  g_last = g_sticky.load();
   return e;
 }
 cudaError_t cudaPeekAtLastError() { return g_last; }
@@ -977,7 +989,7 @@ cudaError_t cudaMalloc(void** p, size_t n) {
   // device memory starts out as garbage, and not the same garbage every time: the fill byte cycles through NaN
   // patterns (0xFF), zeros and 0x5A, so a kernel that reads memory nobody wrote gives results that differ between
   // two otherwise identical runs (the determinism tests see it) and usually from the reference
-  static unsigned calls = 0;
+  static std::atomic<unsigned> calls{0};
   static const unsigned char fills[3] = {0xff, 0x00, 0x5a};
   std::memset(*p, fills[calls++ % 3], n);
   return cudaSuccess;
@@ -1014,11 +1026,14 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
 cudaError_t cudaStreamSynchronize(cudaStream_t) { return g_sticky; }
 cudaError_t cudaDeviceSynchronize() { return g_sticky; }
 cudaError_t cudaDeviceReset() {
-  g_sticky = g_last = cudaSuccess;
+  std::lock_guard<std::mutex> device(emu::g_device);  // waits for a kernel another host thread runs
+  g_sticky = cudaSuccess;
+  g_last = cudaSuccess;
   return cudaSuccess;
 }
 cudaError_t cudaFuncSetAttributeImpl(const void* fn, cudaFuncAttribute a, int v) {
   if (a != cudaFuncAttributeMaxDynamicSharedMemorySize || v < 0 || v > 227 * 1024) return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> device(emu::g_device);
   emu::g_optin[fn] = v;
   return cudaSuccess;
 }

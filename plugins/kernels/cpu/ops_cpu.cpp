@@ -81,34 +81,96 @@ constexpr int64_t kRowsPerTask = 64;
 
 }  // namespace
 
-void route(const void* logits, DType dtype, const float* bias, int64_t n, int64_t e, int64_t k, bool normalize,
+namespace {
+
+// sigmoid as 1 / (1 + exp(-x)): 0 at -inf, 1 at +inf, NaN for NaN
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+// softmax of values[0..n) in place, exactly as PyTorch defines it: max (NaN propagates), exp(x - max), sum, divide
+void softmax_inplace(float* values, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  bool has_nan = false;
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::isnan(values[j])) has_nan = true;
+    else if (values[j] > m) m = values[j];
+  }
+  if (has_nan) m = std::numeric_limits<float>::quiet_NaN();
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    values[j] = std::exp(values[j] - m);
+    sum += values[j];
+  }
+  for (int64_t j = 0; j < n; ++j) values[j] /= sum;
+}
+
+// Grouped selection: the keys of every expert outside the groups_kept best groups become 0 (and, with softmax
+// scoring, its weight source too). A group scores its best key, or the sum of its best two, best by ranks_before.
+void keep_best_groups(const RouteAttrs& a, int64_t e, float* keys, float* source, std::vector<float>& group_scores,
+                      std::vector<char>& kept) {
+  const int64_t groups = a.num_groups, size = e / groups;
+  group_scores.resize(static_cast<size_t>(groups));
+  kept.assign(static_cast<size_t>(groups), 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* member = keys + g * size;
+    int64_t first = 0, second = -1;
+    for (int64_t j = 1; j < size; ++j) {
+      if (ranks_before(member[j], j, member[first], first)) {
+        second = first;
+        first = j;
+      } else if (second < 0 || ranks_before(member[j], j, member[second], second)) {
+        second = j;
+      }
+    }
+    group_scores[static_cast<size_t>(g)] =
+        a.group_score == contract::GroupScore::kSUM_TOP2 ? member[first] + member[second] : member[first];
+  }
+  for (int64_t round = 0; round < a.groups_kept; ++round) {
+    int64_t best = -1;
+    for (int64_t g = 0; g < groups; ++g)
+      if (!kept[static_cast<size_t>(g)] &&
+          (best < 0 || ranks_before(group_scores[static_cast<size_t>(g)], g, group_scores[static_cast<size_t>(best)],
+                                    best)))
+        best = g;
+    kept[static_cast<size_t>(best)] = 1;
+  }
+  for (int64_t j = 0; j < e; ++j)
+    if (!kept[static_cast<size_t>(j / size)]) {
+      keys[j] = 0.0f;
+      if (a.scoring == contract::Scoring::kSOFTMAX) source[j] = 0.0f;
+    }
+}
+
+}  // namespace
+
+void route(const RouteAttrs& attrs, const void* logits, DType dtype, const float* bias, int64_t n, int64_t e,
            float* weights, int32_t* ids, const Parallel& parallel) {
+  const int64_t k = attrs.k;
+  const bool logit_keys = attrs.ranks_logits(bias != nullptr);
   const size_t tasks = static_cast<size_t>((n + kRowsPerTask - 1) / kRowsPerTask);
   parallel(tasks, [&](size_t task) {
-    std::vector<float> probs(static_cast<size_t>(e)), scores(static_cast<size_t>(e));
+    // source: what the weights are gathered from (softmax: probs, sigmoid: sigma, softmax_topk: the logits)
+    std::vector<float> source(static_cast<size_t>(e)), scores(static_cast<size_t>(e)), group_scores;
+    std::vector<char> kept;
     int64_t best[contract::kMAX_TOP_K];
+    float chosen[contract::kMAX_TOP_K];
     const int64_t t_end = std::min(n, static_cast<int64_t>(task + 1) * kRowsPerTask);
     for (int64_t t = static_cast<int64_t>(task) * kRowsPerTask; t < t_end; ++t) {
-      // softmax exactly as PyTorch defines it: max (NaN propagates), exp(x - max), sum, divide
-      float m = -std::numeric_limits<float>::infinity();
-      bool has_nan = false;
-      for (int64_t j = 0; j < e; ++j) {
-        const float v = load_value(logits, dtype, t * e + j);
-        probs[static_cast<size_t>(j)] = v;
-        if (std::isnan(v)) has_nan = true;
-        else if (v > m) m = v;
+      for (int64_t j = 0; j < e; ++j) source[static_cast<size_t>(j)] = load_value(logits, dtype, t * e + j);
+      if (attrs.scoring == contract::Scoring::kSOFTMAX) {
+        softmax_inplace(source.data(), e);
+        for (int64_t j = 0; j < e; ++j)  // v1: probs + (bias or 0)
+          scores[static_cast<size_t>(j)] = source[static_cast<size_t>(j)] + (bias ? bias[j] : 0.0f);
+      } else if (attrs.scoring == contract::Scoring::kSIGMOID) {
+        for (int64_t j = 0; j < e; ++j) {
+          const float v = source[static_cast<size_t>(j)];
+          source[static_cast<size_t>(j)] = sigmoid(v);
+          scores[static_cast<size_t>(j)] = logit_keys ? v : source[static_cast<size_t>(j)] + (bias ? bias[j] : 0.0f);
+        }
+      } else {  // softmax_topk: keys = logits + bias
+        for (int64_t j = 0; j < e; ++j)
+          scores[static_cast<size_t>(j)] = bias ? source[static_cast<size_t>(j)] + bias[j] : source[static_cast<size_t>(j)];
       }
-      if (has_nan) m = std::numeric_limits<float>::quiet_NaN();
-      float sum = 0.0f;
-      for (int64_t j = 0; j < e; ++j) {
-        const float x = std::exp(probs[static_cast<size_t>(j)] - m);
-        probs[static_cast<size_t>(j)] = x;
-        sum += x;
-      }
-      for (int64_t j = 0; j < e; ++j) {
-        probs[static_cast<size_t>(j)] /= sum;
-        scores[static_cast<size_t>(j)] = probs[static_cast<size_t>(j)] + (bias ? bias[j] : 0.0f);
-      }
+      if (attrs.grouped()) keep_best_groups(attrs, e, scores.data(), source.data(), group_scores, kept);
       // top-k by insertion into a sorted list of the best k so far
       int64_t count = 0;
       for (int64_t j = 0; j < e; ++j) {
@@ -121,14 +183,20 @@ void route(const void* logits, DType dtype, const float* bias, int64_t n, int64_
         }
         best[pos] = j;
       }
+      for (int64_t j = 0; j < k; ++j) chosen[j] = source[static_cast<size_t>(best[j])];
+      if (attrs.scoring == contract::Scoring::kSOFTMAX_TOPK) softmax_inplace(chosen, k);
       float total = 0.0f;
       for (int64_t j = 0; j < k; ++j) {
         ids[t * k + j] = static_cast<int32_t>(best[j]);
-        weights[t * k + j] = probs[static_cast<size_t>(best[j])];
+        weights[t * k + j] = chosen[j];
         total += weights[t * k + j];
       }
-      if (normalize)
+      if (attrs.normalize) {
+        if (attrs.normalize_eps != 0.0f) total = total + attrs.normalize_eps;
         for (int64_t j = 0; j < k; ++j) weights[t * k + j] /= total;
+      }
+      if (attrs.routed_scaling_factor != 1.0f)
+        for (int64_t j = 0; j < k; ++j) weights[t * k + j] *= attrs.routed_scaling_factor;
     }
   });
 }
@@ -159,30 +227,44 @@ std::string dispatch(const void* x, DType dtype, const int32_t* ids, int64_t n, 
 }
 
 std::string combine(const void* y_sorted, DType dtype, const int32_t* flat_to_sorted, const float* weights,
-                    int64_t n, int64_t k, int64_t h, void* y, const Parallel& parallel) {
+                    int64_t n, int64_t k, int64_t h, void* y, const Parallel& parallel, contract::CombineOrder order) {
   const int64_t pairs = n * k;
   for (int64_t i = 0; i < pairs; ++i)
     if (flat_to_sorted[i] < 0 || flat_to_sorted[i] >= pairs)
       return msg("PiMoECombine: flat_to_sorted[", i, "] = ", flat_to_sorted[i], " is outside [0, ", pairs,
                  "); it must come from PiMoEDispatch over the same tokens");
+  const bool by_expert = order == contract::CombineOrder::kEXPERT;
   const size_t tasks = static_cast<size_t>((n + kRowsPerTask - 1) / kRowsPerTask);
   parallel(tasks, [&](size_t task) {
     std::vector<float> acc(static_cast<size_t>(h));
+    int64_t slots[contract::kMAX_TOP_K];
     const int64_t t_end = std::min(n, static_cast<int64_t>(task + 1) * kRowsPerTask);
     for (int64_t t = static_cast<int64_t>(task) * kRowsPerTask; t < t_end; ++t) {
+      // the slots in summation order: slot order, or by ascending sorted row (= ascending expert id)
       for (int64_t j = 0; j < k; ++j) {
+        int64_t pos = j;
+        while (by_expert && pos > 0 && flat_to_sorted[t * k + slots[pos - 1]] > flat_to_sorted[t * k + j]) {
+          slots[pos] = slots[pos - 1];
+          --pos;
+        }
+        slots[pos] = j;
+      }
+      if (by_expert) std::fill(acc.begin(), acc.end(), 0.0f);  // index_add_ into zeros: 0 + w*y + ...
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t j = slots[i];
         const float w = weights[t * k + j];
         const int64_t row = flat_to_sorted[t * k + j];
+        const bool first = i == 0 && !by_expert;
         if (dtype == DType::kF32) {
           const float* src = static_cast<const float*>(y_sorted) + row * h;
-          if (j == 0) {
+          if (first) {
             for (int64_t c = 0; c < h; ++c) acc[static_cast<size_t>(c)] = src[c] * w;
           } else {
             for (int64_t c = 0; c < h; ++c) acc[static_cast<size_t>(c)] = acc[static_cast<size_t>(c)] + src[c] * w;
           }
         } else {
           const uint16_t* src = static_cast<const uint16_t*>(y_sorted) + row * h;
-          if (j == 0) {
+          if (first) {
             for (int64_t c = 0; c < h; ++c) acc[static_cast<size_t>(c)] = half_to_float(src[c]) * w;
           } else {
             for (int64_t c = 0; c < h; ++c)

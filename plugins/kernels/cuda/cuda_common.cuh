@@ -60,12 +60,14 @@ __device__ __forceinline__ float activate(float x, int activation) {
   }
 }
 
-// Record (index, value) in a status slot: the lowest index wins whatever the thread order.
-__device__ __forceinline__ void report(unsigned long long* slot, long long index, int value) {
+// Record one offending entry (index, value) in `slot` of `status`: the lowest index wins whatever the thread order,
+// and the fault count goes up by one. Called only where input data is inconsistent (never on the normal path).
+__device__ __forceinline__ void report(DeviceStatus* status, unsigned long long* slot, long long index, int value) {
   const unsigned long long packed =
       (static_cast<unsigned long long>(index < 0 ? 0 : (index > 0x7fffffffLL ? 0x7fffffffLL : index)) << 32) |
       static_cast<unsigned long long>(static_cast<unsigned int>(value));
   atomicMin(slot, packed);
+  atomicAdd(&status->faults, 1ull);
 }
 
 // Inclusive scan of one int per thread over a block of up to 1024 threads (blockDim.x a multiple of 32).

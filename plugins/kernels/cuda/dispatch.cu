@@ -40,7 +40,7 @@ Tiling make_tiling(long long pairs) {
 __device__ __forceinline__ int load_id(const int* ids, long long i, int e, DeviceStatus* status) {
   int id = ids[i];
   if (id < 0 || id >= e) {
-    if (status != nullptr) detail::report(&status->bad_expert_id, i, id);
+    if (status != nullptr) detail::report(status, &status->bad_expert_id, i, id);
     id = id < 0 ? 0 : e - 1;
   }
   return id;
@@ -149,7 +149,6 @@ size_t dispatch_workspace_size(int64_t pairs, int64_t num_experts) {
 cudaError_t dispatch(const void* x, DType dtype, const int32_t* ids, int64_t n, int64_t h, int64_t k,
                      int64_t num_experts, void* x_sorted, int32_t* offsets, int32_t* flat_to_sorted, void* workspace,
                      size_t workspace_bytes, DeviceStatus* status, cudaStream_t stream) {
-  if (cudaError_t err = clear_status(status, stream); err != cudaSuccess) return err;
   if (num_experts < 1 || num_experts > kMAX_EXPERTS || k < 1 || k > kMAX_TOP_K || n < 0 || h < 1) return cudaErrorInvalidValue;
   if (dtype != DType::kF32 && dtype != DType::kF16) return cudaErrorInvalidValue;
   const long long pairs = n * k;

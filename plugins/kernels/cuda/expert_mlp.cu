@@ -12,13 +12,18 @@
 // accumulation, whose fp32 inputs (layers >= 1) are split into two fp16 halves (gemm_f16_wmma.cu), after a
 // per-row power-of-two scaling (row_exponent_kernel) that keeps values of any fp32 magnitude inside fp16's range.
 //
-// w8a8 modes (quant_mode w8a8 / w8a8_dynamic), per layer, the integer math of pimoe_export/quantize/reference.py:
+// w8a8 modes (quant_mode w8a8 / w8a8_dynamic), per layer, the integer math of pimoe_export/model/quant_reference.py:
 //   quantize  block per row: [LayerNorm + activation of the previous layer,] x / act_smooth (__fdiv_rn), the
 //             static scale of the row's expert or the dynamic scale max|x| / 127 (1 for a zero or NaN row),
 //             codes = __float2int_rn(clamp(nan_to_zero(x / s), -127, 127)) (round half to even), zero-padded rows
 //   GEMM      int8 tensor cores, exact int32 sums, epilogue float(acc) * (s * w_scale) + bias with one rounding per
 //             operation (gemm_i8_wmma.cu); activation fused there for hidden layers without LayerNorm
 // Hidden activations stay fp32 (one buffer: the codes are extracted before the next GEMM overwrites it).
+//
+// Gated hidden layers (contract v2): the layer's GEMM (any path above, bias fused, no activation) writes its 2*out
+// columns [gate | up] into a separate fp32 GLU buffer; glu_kernel then writes h = act(gate) * up (swiglu_oai: GPT-OSS's
+// clamped SwiGLU) into the hidden buffer the next layer reads (fp16 path: then its row exponents; w8a8: then its codes).
+// Layers without bias pass bias = nullptr to the GEMMs, which then add nothing.
 #include "expert_mlp_internal.cuh"
 #include "pimoe_contract.h"
 
@@ -45,17 +50,17 @@ __global__ void plan_kernel(const int* __restrict__ offsets, int experts, int ro
     const int lo = offsets[e], hi = offsets[e + 1];
     if (hi < lo) {
       bad = true;
-      detail::report(&status->bad_offsets, e + 1, hi);
+      detail::report(status, &status->bad_offsets, e + 1, hi);
     }
   }
   if (tid == 0) {
     if (offsets[0] != 0) {
       bad = true;
-      detail::report(&status->bad_offsets, 0, offsets[0]);
+      detail::report(status, &status->bad_offsets, 0, offsets[0]);
     }
     if (offsets[experts] != rows) {
       bad = true;
-      detail::report(&status->bad_offsets, experts, offsets[experts]);
+      detail::report(status, &status->bad_offsets, experts, offsets[experts]);
     }
   }
   bad = __syncthreads_or(bad) != 0;
@@ -147,12 +152,12 @@ __global__ void splitk_reduce_kernel(PlanView plan, const int* __restrict__ offs
        r += warps) {
     const int member = detail::member_of_row(plan, offsets, static_cast<int>(r));
     if (member < 0) continue;
-    const float* b = bias + static_cast<long long>(member) * width;
+    const float* b = detail::member_bias(bias, member, width);
     for (int col = lane; col < width; col += 32) {
       const long long at = r * width + col;
       float v = partial[at];
       for (int s = 1; s < splits; ++s) v += partial[s * split_stride + at];
-      v = detail::activate(v + b[col], activation);
+      v = detail::activate(detail::add_bias(v, b, col), activation);
       if (c_f32) static_cast<float*>(c)[at] = v;
       else static_cast<__half*>(c)[at] = __float2half_rn(v);
     }
@@ -182,6 +187,36 @@ __global__ void row_exponent_kernel(PlanView plan, const int* __restrict__ offse
   }
 }
 
+// Gated layers: h[r, c] = act(z[r, c]) * z[r, out + c] over the group's rows of the GEMM output z [R, 2*out]
+// (fp32), written to h [R, out] (fp32). swiglu_oai (activation 5): g = min(gate, limit), u = clamp(up, -limit, limit),
+// h = (u + 1) * (g * sigmoid(g * alpha)), NaN kept through the clamps. Warp per row.
+__global__ void glu_kernel(PlanView plan, const int* __restrict__ offsets, int rows, int out,
+                           const float* __restrict__ z, float* __restrict__ h, int activation, float alpha,
+                           float limit) {
+  if (*plan.valid() == 0) return;
+  const int lane = threadIdx.x & 31;
+  const long long warps = static_cast<long long>(gridDim.x) * (blockDim.x >> 5);
+  const bool oai = activation == static_cast<int>(contract::Activation::kSWIGLU_OAI);
+  for (long long r = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); r < rows;
+       r += warps) {
+    if (detail::member_of_row(plan, offsets, static_cast<int>(r)) < 0) continue;
+    const float* gate = z + r * 2 * out;
+    const float* up = gate + out;
+    float* dst = h + r * out;
+    for (int c = lane; c < out; c += 32) {
+      float v;
+      if (oai) {
+        const float g = gate[c] > limit ? limit : gate[c];
+        const float u = up[c] > limit ? limit : up[c] < -limit ? -limit : up[c];
+        v = (u + 1.0f) * (g * (1.0f / (1.0f + expf(-(g * alpha)))));
+      } else {
+        v = detail::activate(gate[c], activation) * up[c];
+      }
+      dst[c] = v;
+    }
+  }
+}
+
 // w8a8: every w_scale [G, N] and act_smooth [G, K] value must be positive and finite (CPU kernels check them on
 // the host; here they are device data): the first offender of the layer is recorded, and the math goes on (a NaN
 // scale gives NaN outputs, never a silent zero).
@@ -192,7 +227,8 @@ __global__ void check_scales_kernel(const float* __restrict__ w_scale, long long
        i += stride) {
     const bool is_w = i < w_count;
     const float v = is_w ? w_scale[i] : smooth[i - w_count];
-    if (!(v > 0.0f && v <= 3.402823466e38f)) detail::report(&status->bad_scale, is_w ? i : i - w_count, 2 * layer + !is_w);
+    if (!(v > 0.0f && v <= 3.402823466e38f))
+      detail::report(status, &status->bad_scale, is_w ? i : i - w_count, 2 * layer + !is_w);
   }
 }
 
@@ -328,6 +364,7 @@ struct Layout {
   size_t codes_bytes = 0;    // w8a8: int8 activation codes [R, max padded input width]
   size_t scale_bytes = 0;    // w8a8: activation scale per row [R]
   size_t exp_bytes = 0;      // fp16 with hidden layers: power-of-two exponent per row [R] (row_exponent_kernel)
+  size_t glu_bytes = 0;      // gated: the GEMM output [gate | up] of a gated layer, fp32 [R, 2 * max gated out]
   size_t total = 0;
 };
 
@@ -341,7 +378,11 @@ Layout layout_of(const ExpertMLPShape& s) {
   const int hidden_layers = s.num_layers - 1;
   int64_t max_hidden = 0, max_out = 0, max_padded_in = 0;
   for (int i = 1; i < s.num_layers; ++i) max_hidden = s.widths[i] > max_hidden ? s.widths[i] : max_hidden;
-  for (int i = 1; i <= s.num_layers; ++i) max_out = s.widths[i] > max_out ? s.widths[i] : max_out;
+  int64_t max_glu = 0;
+  for (int i = 0; i < s.num_layers; ++i) {
+    max_out = s.rows_of(i) > max_out ? s.rows_of(i) : max_out;  // GEMM columns: 2*out for a gated layer
+    if (s.is_gated(i)) max_glu = s.rows_of(i) > max_glu ? s.rows_of(i) : max_glu;
+  }
   for (int i = 0; i < s.num_layers; ++i)
     max_padded_in = padded_width(s.widths[i]) > max_padded_in ? padded_width(s.widths[i]) : max_padded_in;
   const size_t elems = rows * static_cast<size_t>(max_hidden);
@@ -362,10 +403,11 @@ Layout layout_of(const ExpertMLPShape& s) {
                                sizeof(float));
     if (hidden_layers > 0) l.exp_bytes = align256(rows * sizeof(int));
   }
+  l.glu_bytes = align256(rows * static_cast<size_t>(max_glu) * sizeof(float));
   // every term grows with rows (and nothing else varies with the run shape): the size for a profile's maximum R
   // covers every smaller R, as TensorRT requires
   l.total = l.plan_bytes + l.hidden_bytes * static_cast<size_t>(l.hidden_buffers) + l.partial_bytes + l.codes_bytes +
-            l.scale_bytes + l.exp_bytes;
+            l.scale_bytes + l.exp_bytes + l.glu_bytes;
   return l;
 }
 
@@ -410,6 +452,8 @@ cudaError_t expert_mlp_w8a8(const ExpertMLPShape& s, const MLPLayer* layers, con
   int* partial = reinterpret_cast<int*>(after_hidden);
   int8_t* codes = reinterpret_cast<int8_t*>(after_hidden + lay.partial_bytes);
   float* row_scale = reinterpret_cast<float*>(after_hidden + lay.partial_bytes + lay.codes_bytes);
+  float* glu = reinterpret_cast<float*>(ws + lay.total - lay.glu_bytes);  // the last region (gated only)
+  const unsigned int row_blocks = detail::grid_for(rows, 8);
   const bool dynamic = s.quant_mode == static_cast<int32_t>(contract::QuantMode::kW8A8_DYNAMIC);
   const long long max_tiles = (static_cast<long long>(rows) + bm - 1) / bm + s.num_group;
   const unsigned int quant_blocks = detail::grid_for(rows, 1, 8192);
@@ -417,7 +461,7 @@ cudaError_t expert_mlp_w8a8(const ExpertMLPShape& s, const MLPLayer* layers, con
   // flight); integer partial sums make the result independent of this choice (and of the GPU)
   const int64_t split_target = 2 * static_cast<int64_t>(multiprocessors());
   for (int l = 0; l < s.num_layers; ++l) {
-    const long long w_count = static_cast<long long>(s.num_group) * s.widths[l + 1];
+    const long long w_count = static_cast<long long>(s.num_group) * s.rows_of(l);
     const long long smooth_count = static_cast<long long>(s.num_group) * s.widths[l];
     check_scales_kernel<<<detail::grid_for(w_count + smooth_count, 256, 1024), 256, 0, stream>>>(
         layers[l].w_scale, w_count, layers[l].act_smooth, smooth_count, l, status);
@@ -429,6 +473,7 @@ cudaError_t expert_mlp_w8a8(const ExpertMLPShape& s, const MLPLayer* layers, con
     // previous layer's LayerNorm (+ activation) is applied while quantising this layer's input
     const bool prev_ln = l > 0 && s.layer_norm && layers[l - 1].ln_gamma != nullptr && layers[l - 1].ln_beta != nullptr;
     const bool ln = !last && s.layer_norm && layers[l].ln_gamma != nullptr && layers[l].ln_beta != nullptr;
+    const bool gated = s.is_gated(l);
     QuantizeArgs q{};
     q.plan = plan;
     q.offsets = offsets;
@@ -463,11 +508,11 @@ cudaError_t expert_mlp_w8a8(const ExpertMLPShape& s, const MLPLayer* layers, con
     args.w_scale = layers[l].w_scale;
     args.bias = layers[l].bias;
     args.row_scale = row_scale;
-    args.c = last ? y : static_cast<void*>(hidden);
+    args.c = last ? y : gated ? static_cast<void*>(glu) : static_cast<void*>(hidden);
     args.c_f32 = !last || s.dtype == DType::kF32;
     args.k = width;
-    args.n = s.widths[l + 1];
-    args.activation = last || ln ? -1 : s.activation;
+    args.n = s.rows_of(l);
+    args.activation = last || ln || gated ? -1 : s.activation;
     args.plan = plan;
     args.offsets = offsets;
     args.rows = rows;
@@ -478,6 +523,9 @@ cudaError_t expert_mlp_w8a8(const ExpertMLPShape& s, const MLPLayer* layers, con
                   split_target, &args.k_splits, &args.steps_per_split);
     if (args.k_splits > 1) args.partial = partial;
     if (cudaError_t err = detail::launch_gemm_i8(args, stream); err != cudaSuccess) return err;
+    if (gated)  // the next layer quantises h = act(gate) * up from the hidden buffer
+      glu_kernel<<<row_blocks, 256, 0, stream>>>(plan, offsets, rows, s.widths[l + 1], glu, hidden, s.activation,
+                                                 s.alpha, s.limit);
   }
   return cudaGetLastError();
 }
@@ -489,7 +537,6 @@ size_t expert_mlp_workspace_size(const ExpertMLPShape& shape) { return layout_of
 cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const void* x, const int32_t* offsets, void* y,
                        void* workspace, size_t workspace_bytes, DeviceStatus* status, cudaStream_t stream) {
   if (status == nullptr) return cudaErrorInvalidValue;
-  if (cudaError_t err = clear_status(status, stream); err != cudaSuccess) return err;
   if (s.num_layers < 1 || s.num_layers > kMAX_LAYERS || s.num_group < 1 || s.num_group > kMAX_GROUP ||
       s.num_experts < 1 || s.num_experts > kMAX_EXPERTS || s.rows < 0 || s.rows >= (1ll << 31))
     return cudaErrorInvalidValue;
@@ -498,8 +545,10 @@ cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const vo
   if (quantized && s.quant_mode != static_cast<int32_t>(contract::QuantMode::kW8A8) &&
       s.quant_mode != static_cast<int32_t>(contract::QuantMode::kW8A8_DYNAMIC))
     return cudaErrorInvalidValue;
+  if (s.gated && (s.num_layers < 2 || s.layer_norm)) return cudaErrorInvalidValue;
+  if (s.activation == static_cast<int32_t>(contract::Activation::kSWIGLU_OAI) && !s.gated) return cudaErrorInvalidValue;
   for (int l = 0; l < s.num_layers; ++l) {
-    if (layers[l].weight == nullptr || layers[l].bias == nullptr || s.widths[l] < 1 || s.widths[l + 1] < 1)
+    if (layers[l].weight == nullptr || (layers[l].bias == nullptr) == s.bias || s.widths[l] < 1 || s.widths[l + 1] < 1)
       return cudaErrorInvalidValue;
     if (!quantized && layers[l].weight_dtype != s.dtype) return cudaErrorInvalidValue;
     if (quantized && (layers[l].weight_dtype != DType::kI8 || layers[l].w_scale == nullptr ||
@@ -519,6 +568,7 @@ cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const vo
   char* after_hidden = ws + lay.plan_bytes + lay.hidden_bytes * static_cast<size_t>(lay.hidden_buffers);
   float* partial = lay.partial_bytes > 0 ? reinterpret_cast<float*>(after_hidden) : nullptr;
   int* row_exp = lay.exp_bytes > 0 ? reinterpret_cast<int*>(after_hidden + lay.partial_bytes) : nullptr;
+  float* glu = reinterpret_cast<float*>(ws + lay.total - lay.glu_bytes);  // the last region (gated only)
   const int rows = static_cast<int>(s.rows), experts = static_cast<int>(s.num_experts);
 
   GroupIds group{};
@@ -543,6 +593,7 @@ cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const vo
   for (int l = 0; l < s.num_layers; ++l) {
     const bool last = l == s.num_layers - 1;
     const bool ln = !last && s.layer_norm && layers[l].ln_gamma != nullptr && layers[l].ln_beta != nullptr;
+    const bool gated = s.is_gated(l);
     float* hidden_out = last ? nullptr : hidden[l % 2];
     detail::GemmArgs args{};
     args.a = input;
@@ -550,12 +601,12 @@ cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const vo
     args.w = layers[l].weight;
     args.bias = layers[l].bias;
     args.k = s.widths[l];
-    args.n = s.widths[l + 1];
+    args.n = s.rows_of(l);  // a gated layer: its 2*out rows [gate; up] into the GLU buffer
     args.plan = plan;
     args.max_tiles = static_cast<int>(max_tiles);
-    args.c = last ? y : static_cast<void*>(hidden_out);
+    args.c = last ? y : gated ? static_cast<void*>(glu) : static_cast<void*>(hidden_out);
     args.c_f32 = !last || s.dtype == DType::kF32;
-    args.activation = last || ln ? -1 : s.activation;
+    args.activation = last || ln || gated ? -1 : s.activation;
     args.row_exp = l > 0 ? row_exp : nullptr;  // fp16: the fp32 hidden input's row exponents (computed below)
     cudaError_t err;
     if (s.dtype == DType::kF16) {
@@ -576,11 +627,14 @@ cudaError_t expert_mlp(const ExpertMLPShape& s, const MLPLayer* layers, const vo
       err = detail::launch_gemm_f32(args, stream);
     }
     if (err != cudaSuccess) return err;
+    if (gated)
+      glu_kernel<<<row_blocks, 256, 0, stream>>>(plan, offsets, rows, s.widths[l + 1], glu, hidden_out, s.activation,
+                                                 s.alpha, s.limit);
     if (ln)
       layernorm_act_kernel<<<row_blocks, 256, 0, stream>>>(plan, offsets, rows, args.n, hidden_out, layers[l].ln_gamma,
                                                            layers[l].ln_beta, s.eps, s.activation);
     if (!last && row_exp != nullptr)
-      row_exponent_kernel<<<row_blocks, 256, 0, stream>>>(plan, offsets, rows, args.n, hidden_out, row_exp);
+      row_exponent_kernel<<<row_blocks, 256, 0, stream>>>(plan, offsets, rows, s.widths[l + 1], hidden_out, row_exp);
     input = hidden_out;
   }
   return cudaGetLastError();

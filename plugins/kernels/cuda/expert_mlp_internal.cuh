@@ -65,12 +65,21 @@ __device__ __forceinline__ int member_of_row(const PlanView& plan, const int* of
   return plan.member_of_expert()[lo];
 }
 
+// A member's bias row (nullptr: the layer has no bias, contract v2 `bias`=0) and the bias add of the epilogues: no add
+// at all without a bias, as the reference computes a bias-free layer.
+__device__ __forceinline__ const float* member_bias(const float* bias, int member, int n) {
+  return bias != nullptr ? bias + static_cast<long long>(member) * n : nullptr;
+}
+__device__ __forceinline__ float add_bias(float v, const float* bias, int col) {
+  return bias != nullptr ? v + bias[col] : v;
+}
+
 // One linear layer over the plan's row tiles: C[r, n] = epilogue(sum_k A[r, k] * W[member, n, k] + bias[member, n]).
 struct GemmArgs {
   const void* a;     // activations [R, K] (row stride K): fp32, or fp16 when !a_f32 (tensor-core kernel only)
   bool a_f32;
   const void* w;     // [G, N, K]
-  const float* bias;  // [G, N]
+  const float* bias;  // [G, N], or nullptr (no bias)
   void* c;           // [R, N] (row stride N)
   bool c_f32;        // output stored as fp32 (else the kernel's storage dtype)
   int k;
@@ -104,13 +113,13 @@ cudaError_t launch_gemm_f32(const GemmArgs& args, cudaStream_t stream);
 // One quantised linear layer over the plan's row tiles (gemm_i8_wmma.cu):
 //   acc[r, n] = sum_k codes[r, k] * W[member, n, k]   (int8 x int8 -> exact int32)
 //   C[r, n]   = epilogue(float(acc) * (row_scale[r] * w_scale[member, n]) + bias[member, n])
-// with one rounding per multiply and per add (no FMA), as pimoe_export/quantize/reference.py computes it.
+// with one rounding per multiply and per add (no FMA), as pimoe_export/model/quant_reference.py computes it.
 struct GemmI8Args {
   const int8_t* a;         // activation codes [R, lda], zero-padded to lda (a multiple of 16), 16-byte aligned
   int lda;
   const int8_t* w;         // [G, N, K]
   const float* w_scale;    // [G, N]
-  const float* bias;       // [G, N]
+  const float* bias;       // [G, N], or nullptr (no bias)
   const float* row_scale;  // [R] activation scale of every row (static or dynamic)
   void* c;                 // [R, N] (row stride N)
   bool c_f32;              // fp32 output, else fp16

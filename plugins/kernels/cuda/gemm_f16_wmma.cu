@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kTHREADS) gemm_f16_kernel(GemmArgs args) {
   const __half* a_h = a_f32 ? nullptr : static_cast<const __half*>(args.a) + a_offset;
   const float* a_f = a_f32 ? static_cast<const float*>(args.a) + a_offset : nullptr;
   const __half* w_member = static_cast<const __half*>(args.w) + static_cast<long long>(tile.member) * N * K;
-  const float* bias = args.bias + static_cast<long long>(tile.member) * N;
+  const float* bias = member_bias(args.bias, tile.member, N);
   // split-K (blockIdx.z): this block covers K steps [step_begin, step_end); the host makes every split non-empty
   const int k_steps = (K + BK - 1) / BK;
   const int splits = args.k_splits > 1 ? args.k_splits : 1;
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kTHREADS) gemm_f16_kernel(GemmArgs args) {
     for (int e = tid; e < BM * BN; e += kTHREADS) {
       const int r = e / BN, c = e % BN, col = n0 + c;
       if (r >= tile.rows || col >= N) continue;
-      float v = smem.c[r * LDC + c] * scale_up[r] + bias[col];
+      float v = add_bias(smem.c[r * LDC + c] * scale_up[r], bias, col);
       if (args.activation >= 0) v = activate(v, args.activation);
       const long long out = static_cast<long long>(tile.row0 + r) * N + col;
       if (args.c_f32) static_cast<float*>(args.c)[out] = v;

@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(kTHREADS) gemm_f32_kernel(GemmArgs args) {
   const int K = args.k, N = args.n;
   const float* a_rows = static_cast<const float*>(args.a) + static_cast<long long>(tile.row0) * K;
   const float* w_member = static_cast<const float*>(args.w) + static_cast<long long>(tile.member) * N * K;
-  const float* bias = args.bias + static_cast<long long>(tile.member) * N;
+  const float* bias = member_bias(args.bias, tile.member, N);
   const int k_steps = (K + BK - 1) / BK;
 
   for (int n0 = static_cast<int>(blockIdx.y) * BN; n0 < N; n0 += static_cast<int>(gridDim.y) * BN) {
@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kTHREADS) gemm_f32_kernel(GemmArgs args) {
       for (int j = 0; j < 4; ++j) {
         const int col = n0 + tx + 16 * j;
         if (col >= N) continue;
-        float v = acc[i][j] + bias[col];
+        float v = add_bias(acc[i][j], bias, col);
         if (args.activation >= 0) v = activate(v, args.activation);
         out[col] = v;
       }

@@ -4,7 +4,7 @@
 //   acc = sum_k codes[r, k] * W[member, n, k]                exact (int32; K <= kMAX_I8_WIDTH cannot overflow)
 //   y   = float(acc) * (row_scale[r] * w_scale[member, n]) + bias[member, n]
 // computed with __int2float_rn / __fmul_rn / __fadd_rn: one rounding per operation, never an FMA, exactly the
-// operation sequence of pimoe_export/quantize/reference.py (and of the CPU kernels). Integer sums do not depend
+// operation sequence of pimoe_export/model/quant_reference.py (and of the CPU kernels). Integer sums do not depend
 // on their order, so the result is bit-identical for every tiling and split-K choice.
 //
 // Two tile configurations (4 warps each, K step 128 bytes):
@@ -55,8 +55,9 @@ struct I8Tile {
 };
 
 // One rounding per operation, like the reference: float(acc) * (s * w_scale) + bias.
-__device__ __forceinline__ float dequant(int acc, float row_scale, float w_scale, float bias) {
-  return __fadd_rn(__fmul_rn(__int2float_rn(acc), __fmul_rn(row_scale, w_scale)), bias);
+__device__ __forceinline__ float dequant(int acc, float row_scale, float w_scale, const float* bias, int col) {
+  const float v = __fmul_rn(__int2float_rn(acc), __fmul_rn(row_scale, w_scale));
+  return bias != nullptr ? __fadd_rn(v, bias[col]) : v;  // no bias (contract v2 bias=0): no add
 }
 
 __device__ __forceinline__ void store_output(const GemmI8Args& args, long long at, float v) {
@@ -174,11 +175,11 @@ __global__ void __launch_bounds__(kTHREADS) gemm_i8_kernel(GemmI8Args args) {
       }
     } else {
       const float* w_scale = args.w_scale + static_cast<long long>(tile.member) * N;
-      const float* bias = args.bias + static_cast<long long>(tile.member) * N;
+      const float* bias = member_bias(args.bias, tile.member, N);
       for (int e = tid; e < BM * BN; e += kTHREADS) {
         const int r = e / BN, c = e % BN, col = n0 + c;
         if (r >= tile.rows || col >= N) continue;
-        float v = dequant(c_s[r * T::LDC + c], args.row_scale[tile.row0 + r], w_scale[col], bias[col]);
+        float v = dequant(c_s[r * T::LDC + c], args.row_scale[tile.row0 + r], w_scale[col], bias, col);
         if (args.activation >= 0) v = activate(v, args.activation);
         store_output(args, static_cast<long long>(tile.row0 + r) * N + col, v);
       }
@@ -201,13 +202,13 @@ __global__ void i8_splitk_epilogue_kernel(GemmI8Args args) {
     const int member = member_of_row(args.plan, args.offsets, static_cast<int>(r));
     if (member < 0) continue;
     const float* w_scale = args.w_scale + static_cast<long long>(member) * N;
-    const float* bias = args.bias + static_cast<long long>(member) * N;
+    const float* bias = member_bias(args.bias, member, N);
     const float row_scale = args.row_scale[r];
     for (int col = lane; col < N; col += 32) {
       const long long at = r * N + col;
       int acc = args.partial[at];
       for (int s = 1; s < args.k_splits; ++s) acc += args.partial[s * split_stride + at];
-      float v = dequant(acc, row_scale, w_scale[col], bias[col]);
+      float v = dequant(acc, row_scale, w_scale[col], bias, col);
       if (args.activation >= 0) v = activate(v, args.activation);
       store_output(args, at, v);
     }

@@ -1,4 +1,5 @@
 // Host side of the device status block (see cuda_kernels.h).
+#include <cstddef>
 #include <sstream>
 
 #include "cuda_kernels.h"
@@ -8,7 +9,9 @@ namespace cuda {
 
 cudaError_t clear_status(DeviceStatus* status, cudaStream_t stream) {
   if (status == nullptr) return cudaSuccess;
-  return cudaMemsetAsync(status, 0xFF, sizeof(DeviceStatus), stream);
+  constexpr size_t kSlots = offsetof(DeviceStatus, faults);
+  if (cudaError_t err = cudaMemsetAsync(status, 0xFF, kSlots, stream); err != cudaSuccess) return err;
+  return cudaMemsetAsync(&status->faults, 0, sizeof status->faults, stream);
 }
 
 std::string describe_status(const DeviceStatus& status) {
@@ -34,6 +37,46 @@ std::string describe_status(const DeviceStatus& status) {
   std::string text = os.str();
   if (!text.empty() && text.back() == ' ') text.pop_back();
   return text;
+}
+
+StatusBlock::~StatusBlock() {
+  if (mBlock != nullptr) cudaFree(mBlock);  // at process exit the runtime may be gone: nothing to report then
+}
+
+cudaError_t StatusBlock::allocate() {
+  if (mBlock != nullptr) return cudaSuccess;
+  void* p = nullptr;
+  if (cudaError_t err = cudaMalloc(&p, sizeof(DeviceStatus)); err != cudaSuccess) return err;
+  DeviceStatus clear{kSTATUS_CLEAR, kSTATUS_CLEAR, kSTATUS_CLEAR, kSTATUS_CLEAR, 0};
+  if (cudaError_t err = cudaMemcpy(p, &clear, sizeof clear, cudaMemcpyHostToDevice); err != cudaSuccess) {
+    cudaFree(p);
+    return err;
+  }
+  mBlock = static_cast<DeviceStatus*>(p);
+  return cudaSuccess;
+}
+
+cudaError_t StatusBlock::read(cudaStream_t stream, DeviceStatus* out, bool clear) {
+  if (mBlock == nullptr) return cudaErrorInvalidValue;
+  cudaError_t err = cudaMemcpyAsync(out, mBlock, sizeof *out, cudaMemcpyDeviceToHost, stream);
+  if (err == cudaSuccess && clear) err = clear_status(mBlock, stream);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  return err;
+}
+
+std::string StatusBlock::teardown_report() {
+  if (mBlock == nullptr) return {};
+  DeviceStatus host{};
+  if (cudaMemcpy(&host, mBlock, sizeof host, cudaMemcpyDeviceToHost) != cudaSuccess) {
+    cudaGetLastError();  // a runtime shutting down: not this library's error to keep
+    return {};
+  }
+  if (host.faults == 0) return {};
+  std::ostringstream os;
+  os << host.faults << " inconsistent input entr" << (host.faults == 1 ? "y" : "ies")
+     << " met since creation (the outputs they touched are clamped, zero or NaN); lowest offenders: "
+     << describe_status(host);
+  return os.str();
 }
 
 }  // namespace cuda

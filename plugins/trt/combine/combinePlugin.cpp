@@ -7,123 +7,63 @@ namespace {
 constexpr const char* kOP = contract::kCOMBINE_NAME;
 }
 
-CombinePlugin::CombinePlugin() : PluginBase(contract::kCOMBINE_NAME) {}
+std::string CombineOp::check_counts(int32_t nbInputs, int32_t nbOutputs) const {
+  if (nbInputs != 3) return msg(kOP, ": expected 3 inputs (y_sorted, flat_to_sorted, weights), got ", nbInputs);
+  if (nbOutputs != kNB_OUTPUTS) return msg(kOP, ": expected 1 output (y), got ", nbOutputs);
+  return {};
+}
 
-nvinfer1::IPluginV3* CombinePlugin::clone() noexcept {
-  try {
-    auto* copy = new CombinePlugin();
-    copy->mNbInputs = mNbInputs;
-    return copy;
-  } catch (...) {
-    fail(msg(kOP, ": clone failed (out of memory)"));
-    return nullptr;
+std::string CombineOp::output_types(const DataType* in, DataType* out) const {
+  if (auto e = require_type(kOP, "y_sorted", in[0], {DataType::kFLOAT, DataType::kHALF}); !e.empty()) return e;
+  out[0] = in[0];
+  return {};
+}
+
+std::string CombineOp::output_shapes(const nvinfer1::DimsExprs* in, int32_t, nvinfer1::DimsExprs* out,
+                                     nvinfer1::IExprBuilder&) const {
+  if (in[0].nbDims != 2 || in[2].nbDims != 2)
+    return msg(kOP, ": y_sorted [N*k, H] and weights [N, k] must have rank 2");
+  out[0].nbDims = 2;  // y [N, H]
+  out[0].d[0] = in[2].d[0];
+  out[0].d[1] = in[0].d[1];
+  return {};
+}
+
+bool CombineOp::supports(int32_t pos, const DynamicPluginTensorDesc* io, int32_t) const {
+  const DataType t = io[pos].desc.type;
+  switch (pos) {
+    case 0: return is_float_io(t);              // y_sorted
+    case 1: return t == DataType::kINT32;       // flat_to_sorted
+    case 2: return t == DataType::kFLOAT;       // weights
+    default: return t == io[0].desc.type;       // y
   }
 }
 
-std::string CombinePlugin::check_io(const std::vector<TensorInfo>& in, int32_t nbOutputs) const {
-  if (in.size() != 3) return msg(kOP, ": expected 3 inputs (y_sorted, flat_to_sorted, weights), got ", in.size());
-  if (nbOutputs != 1) return msg(kOP, ": expected 1 output (y), got ", nbOutputs);
+std::string CombineOp::check_io(const std::vector<TensorInfo>& in, int32_t nbOutputs) const {
+  if (auto e = check_counts(static_cast<int32_t>(in.size()), nbOutputs); !e.empty()) return e;
   if (auto e = require_type(kOP, "y_sorted", in[0].type, {DataType::kFLOAT, DataType::kHALF}); !e.empty()) return e;
   if (auto e = require_type(kOP, "flat_to_sorted", in[1].type, {DataType::kINT32}); !e.empty()) return e;
   if (auto e = require_type(kOP, "weights", in[2].type, {DataType::kFLOAT}); !e.empty()) return e;
   return check_combine(in[0].dims, in[1].dims, in[2].dims);
 }
 
-int32_t CombinePlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, const DataType* inputTypes,
-                                          int32_t nbInputs) const noexcept {
-  try {
-    if (nbOutputs != 1 || nbInputs != 3)
-      return fail(msg(kOP, ": expected 3 inputs and 1 output, got ", nbInputs, " and ", nbOutputs));
-    if (auto e = require_type(kOP, "y_sorted", inputTypes[0], {DataType::kFLOAT, DataType::kHALF}); !e.empty())
-      return fail(e);
-    outputTypes[0] = inputTypes[0];
-    return kOK;
-  } catch (...) {
-    return fail(msg(kOP, ": getOutputDataTypes failed"));
-  }
+CombineOp::Plan CombineOp::plan(const std::vector<TensorInfo>& in) const {
+  Plan p;
+  p.n = in[2].dims[0];
+  p.k = in[2].dims[1];
+  p.h = in[0].dims[1];
+  p.dtype = to_cuda(in[0].type);
+  return p;
 }
 
-int32_t CombinePlugin::getOutputShapes(const nvinfer1::DimsExprs* inputs, int32_t nbInputs,
-                                       const nvinfer1::DimsExprs*, int32_t, nvinfer1::DimsExprs* outputs,
-                                       int32_t nbOutputs, nvinfer1::IExprBuilder&) noexcept {
-  try {
-    if (nbOutputs != 1 || nbInputs != 3)
-      return fail(msg(kOP, ": expected 3 inputs and 1 output, got ", nbInputs, " and ", nbOutputs));
-    if (inputs[0].nbDims != 2 || inputs[2].nbDims != 2)
-      return fail(msg(kOP, ": y_sorted [N*k, H] and weights [N, k] must have rank 2"));
-    outputs[0].nbDims = 2;  // y [N, H]
-    outputs[0].d[0] = inputs[2].d[0];
-    outputs[0].d[1] = inputs[0].d[1];
-    return kOK;
-  } catch (...) {
-    return fail(msg(kOP, ": getOutputShapes failed"));
-  }
+cudaError_t CombineOp::launch(const Plan& p, const void* const* in, void* const* out, void*,
+                              cuda::DeviceStatus* status, cudaStream_t stream) const {
+  return cuda::combine(in[0], p.dtype, static_cast<const int32_t*>(in[1]), static_cast<const float*>(in[2]), p.n, p.k,
+                       p.h, out[0], status, stream, attrs.order);
 }
 
-bool CombinePlugin::supportsFormatCombination(int32_t pos, const DynamicPluginTensorDesc* inOut, int32_t nbInputs,
-                                              int32_t nbOutputs) noexcept {
-  if (inOut == nullptr || nbInputs != 3 || nbOutputs != 1 || pos < 0 || pos >= 4) return false;
-  const PluginTensorDesc& d = inOut[pos].desc;
-  if (d.format != nvinfer1::TensorFormat::kLINEAR) return false;
-  switch (pos) {
-    case 0: return is_float_io(d.type);              // y_sorted
-    case 1: return d.type == DataType::kINT32;       // flat_to_sorted
-    case 2: return d.type == DataType::kFLOAT;       // weights
-    default: return d.type == inOut[0].desc.type;    // y
-  }
-}
-
-size_t CombinePlugin::getWorkspaceSize(const DynamicPluginTensorDesc*, int32_t, const DynamicPluginTensorDesc*,
-                                       int32_t) const noexcept {
-  return cuda::kSTATUS_BYTES;
-}
-
-int32_t CombinePlugin::enqueue(const PluginTensorDesc* inputDesc, const PluginTensorDesc* outputDesc,
-                               const void* const* inputs, void* const* outputs, void* workspace,
-                               cudaStream_t stream) noexcept {
-  try {
-    if (inputDesc == nullptr || outputDesc == nullptr || inputs == nullptr || outputs == nullptr)
-      return fail(msg(kOP, ": enqueue called without tensors"));
-    if (mNbInputs != 3) return fail(msg(kOP, ": enqueue called before onShapeChange"));
-    const std::vector<TensorInfo> in = tensor_infos(inputDesc, 3);
-    if (auto e = check_io(in, 1); !e.empty()) return fail(e);
-    if (outputDesc[0].type != in[0].type) return fail(msg(kOP, ": y must have y_sorted's dtype"));
-    if (workspace == nullptr) return fail(msg(kOP, ": no workspace (", cuda::kSTATUS_BYTES, " bytes needed)"));
-    const int64_t n = in[2].dims[0], k = in[2].dims[1], h = in[0].dims[1];
-    if (n * h > 0 && (inputs[0] == nullptr || inputs[1] == nullptr || inputs[2] == nullptr || outputs[0] == nullptr))
-      return fail(msg(kOP, ": null tensor pointer"));
-    const cudaError_t err = cuda::combine(inputs[0], to_cuda(in[0].type), static_cast<const int32_t*>(inputs[1]),
-                                          static_cast<const float*>(inputs[2]), n, k, h, outputs[0],
-                                          status_of(workspace), stream);
-    return finish_enqueue(err, status_of(workspace), stream);
-  } catch (...) {
-    return fail(msg(kOP, ": enqueue failed"));
-  }
-}
-
-const PluginFieldCollection* CombinePlugin::getFieldsToSerialize() noexcept {
-  try {
-    mSerialized.clear();
-    return mSerialized.collection();
-  } catch (...) {
-    fail(msg(kOP, ": getFieldsToSerialize failed"));
-    return nullptr;
-  }
-}
-
-CombineCreator::CombineCreator() : CreatorBase(contract::kCOMBINE_NAME) {}
-
-nvinfer1::IPluginV3* CombineCreator::createPlugin(const char*, const PluginFieldCollection* fc,
-                                                  nvinfer1::TensorRTPhase) noexcept {
-  try {
-    FieldReader r(kOP, fc);
-    r.warn_unknown({});
-    return new CombinePlugin();
-  } catch (...) {
-    fail(msg(kOP, ": createPlugin failed (out of memory)"));
-    return nullptr;
-  }
-}
+template class Plugin<CombineOp>;
+template class Creator<CombineOp>;
 
 }  // namespace trt
 }  // namespace pimoe

@@ -1,5 +1,7 @@
 #include "pimoePluginCommon.h"
 
+#include "pimoePlugin.h"
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -105,12 +107,6 @@ std::vector<TensorInfo> tensor_infos(const PluginTensorDesc* desc, int32_t count
   return out;
 }
 
-bool all_linear(const PluginTensorDesc* desc, int32_t count) noexcept {
-  for (int32_t i = 0; i < count; ++i)
-    if (desc[i].format != nvinfer1::TensorFormat::kLINEAR) return false;
-  return true;
-}
-
 std::string require_type(const char* op, const char* what, DataType got, std::initializer_list<DataType> allowed) {
   for (DataType t : allowed)
     if (t == got) return {};
@@ -120,7 +116,10 @@ std::string require_type(const char* op, const char* what, DataType got, std::in
 }
 
 // ------------------------------------------------------------------------------------------ FieldReader
-const PluginField* FieldReader::find(const char* name) const {
+const PluginField* FieldReader::find(const char* name) {
+  bool seen = false;
+  for (const char* v : mVisited) seen = seen || std::strcmp(v, name) == 0;
+  if (!seen) mVisited.push_back(name);
   if (mFields == nullptr || mFields->fields == nullptr) return nullptr;
   for (int32_t i = 0; i < mFields->nbFields; ++i) {
     const PluginField& f = mFields->fields[i];
@@ -236,12 +235,28 @@ std::string FieldReader::get_string(const char* name, const std::string& fallbac
   return std::string(text, text == nullptr ? 0 : strnlen(text, static_cast<size_t>(f->length)));
 }
 
-void FieldReader::warn_unknown(std::initializer_list<const char*> known) const {
+void FieldReader::flag(const char* name, bool& member) {
+  const int64_t value = get_int(name, member ? 1 : 0, false);
+  if (auto e = parse_flag(mOp, name, value, &member); !e.empty() && mProblem.empty()) mProblem = e;
+}
+
+bool FieldReader::read_choice(const char* name, const char* const* names, int32_t count, int32_t* value) {
+  if (find(name) == nullptr) return false;
+  const std::string text = get_string(name, names[*value]);
+  if (!mProblem.empty()) return false;
+  if (!parse_enum(text.c_str(), names, count, value)) {
+    set_problem(msg("unknown ", name, " '", text, "'; expected one of ", enum_choices(names, count)));
+    return false;
+  }
+  return true;
+}
+
+void FieldReader::warn_unknown() const {
   if (mFields == nullptr || mFields->fields == nullptr) return;
   for (int32_t i = 0; i < mFields->nbFields; ++i) {
     const char* name = mFields->fields[i].name;
     bool found = false;
-    for (const char* k : known) found = found || (name != nullptr && std::strcmp(name, k) == 0);
+    for (const char* k : mVisited) found = found || (name != nullptr && std::strcmp(name, k) == 0);
     if (!found) log(LogLevel::kWARNING, msg(mOp, ": ignoring unknown plugin field '", name ? name : "(null)", "'"));
   }
 }
@@ -299,7 +314,34 @@ const PluginFieldCollection* FieldDeclarations::collection() {
   return &mCollection;
 }
 
+// ------------------------------------------------------------------------------------------ Plugin<Op> helpers
+RunTensor run_tensor(const PluginTensorDesc& desc) noexcept {
+  RunTensor t;
+  t.dims = desc.dims;
+  t.type = desc.type;
+  int64_t elements = 1;
+  for (int32_t i = 0; i < desc.dims.nbDims && i < nvinfer1::Dims64::MAX_DIMS; ++i) elements *= desc.dims.d[i];
+  t.empty = elements <= 0;
+  return t;
+}
+
+bool same_tensor(const PluginTensorDesc& desc, const RunTensor& t) noexcept {
+  if (desc.type != t.type || desc.dims.nbDims != t.dims.nbDims) return false;
+  for (int32_t i = 0; i < desc.dims.nbDims && i < nvinfer1::Dims64::MAX_DIMS; ++i)
+    if (desc.dims.d[i] != t.dims.d[i]) return false;
+  return true;
+}
+
 // ------------------------------------------------------------------------------------------ PluginBase
+PluginBase::~PluginBase() {
+  if (!mAttached) return;
+  try {
+    const std::string report = mStatus.teardown_report();
+    if (!report.empty()) log(LogLevel::kWARNING, msg(mName, ": ", report));
+  } catch (...) {  // out of host memory at teardown: nothing more to say
+  }
+}
+
 nvinfer1::IPluginCapability* PluginBase::getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept {
   switch (type) {
     case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
@@ -312,42 +354,43 @@ nvinfer1::IPluginCapability* PluginBase::getCapabilityInterface(nvinfer1::Plugin
 const char* PluginBase::getPluginVersion() const noexcept { return contract::kPLUGIN_VERSION; }
 const char* PluginBase::getPluginNamespace() const noexcept { return contract::kPLUGIN_NAMESPACE; }
 
-nvinfer1::IPluginV3* PluginBase::attachToContext(nvinfer1::IPluginResourceContext*) noexcept { return clone(); }
+nvinfer1::IPluginV3* PluginBase::attachToContext(nvinfer1::IPluginResourceContext*) noexcept {
+  nvinfer1::IPluginV3* copy = clone();
+  if (copy == nullptr) return nullptr;
+  // clone() returns a Plugin<Op>, which is a PluginBase; the status block is allocated here, once per execution
+  // context, so that enqueue never allocates (a failure, e.g. no GPU, is reported by enqueue)
+  auto* attached = static_cast<PluginBase*>(copy);
+  attached->mAttached = true;
+  attached->ensure_status();
+  return copy;
+}
 
-int32_t PluginBase::configurePlugin(const DynamicPluginTensorDesc* in, int32_t nbInputs,
-                                    const DynamicPluginTensorDesc*, int32_t nbOutputs) noexcept {
-  try {
-    if (auto e = check_io(tensor_infos(in, nbInputs), nbOutputs); !e.empty()) return fail(e);
-    mNbInputs = nbInputs;
-    return kOK;
-  } catch (...) {
-    return fail(msg(mName, ": configurePlugin failed"));
+void PluginBase::ensure_status() noexcept {
+  if (mStatus.get() != nullptr) return;
+  const cudaError_t err = mStatus.allocate();
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // not sticky: the next attempt (or enqueue's report) starts clean
+    mStatusError = cudaGetErrorString(err);
   }
 }
 
-int32_t PluginBase::onShapeChange(const PluginTensorDesc* in, int32_t nbInputs, const PluginTensorDesc*,
-                                  int32_t nbOutputs) noexcept {
-  try {
-    if (auto e = check_io(tensor_infos(in, nbInputs), nbOutputs); !e.empty()) return fail(e);
-    mNbInputs = nbInputs;
-    return kOK;
-  } catch (...) {
-    return fail(msg(mName, ": onShapeChange failed"));
-  }
+int32_t PluginBase::read_status(cudaStream_t stream, cuda::DeviceStatus* out, bool clear) noexcept {
+  if (mStatus.get() == nullptr) return fail(msg(mName, ": ", mStatusError));
+  const cudaError_t err = mStatus.read(stream, out, clear);
+  if (err != cudaSuccess) return fail(msg(mName, ": reading the device status: ", cudaGetErrorString(err)));
+  return kOK;
 }
 
-int32_t PluginBase::finish_enqueue(cudaError_t launch, const cuda::DeviceStatus* status,
-                                   cudaStream_t stream) const noexcept {
+int32_t PluginBase::finish_enqueue(cudaError_t launch, cudaStream_t stream) noexcept {
   try {
     if (launch != cudaSuccess) return fail(msg(mName, ": kernel launch failed: ", cudaGetErrorString(launch)));
     static const bool sync_check = [] {
       const char* v = std::getenv("PIMOE_TRT_SYNC_CHECK");
       return v != nullptr && std::strcmp(v, "1") == 0;
     }();
-    if (!sync_check || status == nullptr) return kOK;
+    if (!sync_check) return kOK;
     cuda::DeviceStatus host{};
-    cudaError_t err = cudaMemcpyAsync(&host, status, sizeof host, cudaMemcpyDeviceToHost, stream);
-    if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+    const cudaError_t err = mStatus.read(stream, &host, true);
     if (err != cudaSuccess) return fail(msg(mName, ": PIMOE_TRT_SYNC_CHECK: ", cudaGetErrorString(err)));
     const std::string problem = cuda::describe_status(host);
     if (!problem.empty()) return fail(problem);

@@ -3,7 +3,7 @@
 // Two ways for TensorRT to find our creators (docs/trt_plugins.md):
 //
 // 1. Dynamic loading (default): IPluginRegistry::loadLibrary(path), `trtexec --dynamicPlugins=path`, and
-//    our own loader (pimoe_export/artefacts/tensorrt.py). TensorRT dlopen()s the library,
+//    our own loader (pimoe_export/native/tensorrt_loader.py). TensorRT dlopen()s the library,
 //    calls setLoggerFinder() and getCreators() and registers the creators itself. Both symbols must be exported:
 //    without setLoggerFinder, loadLibrary silently registers nothing.
 //

@@ -7,158 +7,67 @@ namespace {
 constexpr const char* kOP = contract::kROUTE_NAME;
 }
 
-RoutePlugin::RoutePlugin(const RouteAttrs& attrs) : PluginBase(contract::kROUTE_NAME), mAttrs(attrs) {}
-
-nvinfer1::IPluginV3* RoutePlugin::clone() noexcept {
-  try {
-    auto* copy = new RoutePlugin(mAttrs);
-    copy->mNbInputs = mNbInputs;
-    return copy;
-  } catch (...) {
-    fail(msg(kOP, ": clone failed (out of memory)"));
-    return nullptr;
-  }
+std::string RouteOp::check_counts(int32_t nbInputs, int32_t nbOutputs) const {
+  if (nbInputs != 1 && nbInputs != 2)
+    return msg(kOP, ": expected 1 or 2 inputs (logits, selection_bias), got ", nbInputs);
+  if (nbOutputs != kNB_OUTPUTS) return msg(kOP, ": expected 2 outputs (weights, ids), got ", nbOutputs);
+  return {};
 }
 
-std::string RoutePlugin::check_io(const std::vector<TensorInfo>& in, int32_t nbOutputs) const {
-  if (in.size() != 1 && in.size() != 2)
-    return msg(kOP, ": expected 1 or 2 inputs (logits, selection_bias), got ", in.size());
-  if (nbOutputs != 2) return msg(kOP, ": expected 2 outputs (weights, ids), got ", nbOutputs);
+std::string RouteOp::output_types(const DataType* in, DataType* out) const {
+  if (auto e = require_type(kOP, "logits", in[0], {DataType::kFLOAT, DataType::kHALF}); !e.empty()) return e;
+  out[0] = DataType::kFLOAT;
+  out[1] = DataType::kINT32;
+  return {};
+}
+
+std::string RouteOp::output_shapes(const nvinfer1::DimsExprs* in, int32_t, nvinfer1::DimsExprs* out,
+                                   nvinfer1::IExprBuilder& exprs) const {
+  if (in[0].nbDims != 2) return msg(kOP, ": logits must have rank 2 [N, E], got rank ", in[0].nbDims);
+  if (in[0].d[1]->isConstant() && in[0].d[1]->getConstantValue() < attrs.k)
+    return msg(kOP, ": k=", attrs.k, " exceeds the number of experts E=", in[0].d[1]->getConstantValue());
+  const nvinfer1::IDimensionExpr* k = exprs.constant(attrs.k);
+  if (k == nullptr) return msg(kOP, ": IExprBuilder::constant failed");
+  for (int32_t o = 0; o < kNB_OUTPUTS; ++o) {  // weights, ids [N, k]
+    out[o].nbDims = 2;
+    out[o].d[0] = in[0].d[0];
+    out[o].d[1] = k;
+  }
+  return {};
+}
+
+bool RouteOp::supports(int32_t pos, const DynamicPluginTensorDesc* io, int32_t nbInputs) const {
+  const DataType t = io[pos].desc.type;
+  if (pos == 0) return is_float_io(t);                                  // logits
+  if (pos < nbInputs) return t == DataType::kFLOAT;                     // selection_bias
+  return t == (pos == nbInputs ? DataType::kFLOAT : DataType::kINT32);  // weights, ids
+}
+
+std::string RouteOp::check_io(const std::vector<TensorInfo>& in, int32_t nbOutputs) const {
+  if (auto e = check_counts(static_cast<int32_t>(in.size()), nbOutputs); !e.empty()) return e;
   if (auto e = require_type(kOP, "logits", in[0].type, {DataType::kFLOAT, DataType::kHALF}); !e.empty()) return e;
   if (in.size() == 2)
     if (auto e = require_type(kOP, "selection_bias", in[1].type, {DataType::kFLOAT}); !e.empty()) return e;
-  return check_route(mAttrs, in[0].dims, in.size() == 2 ? &in[1].dims : nullptr);
+  return check_route(attrs, in[0].dims, in.size() == 2 ? &in[1].dims : nullptr);
 }
 
-int32_t RoutePlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, const DataType* inputTypes,
-                                        int32_t nbInputs) const noexcept {
-  try {
-    if (nbOutputs != 2 || (nbInputs != 1 && nbInputs != 2))
-      return fail(msg(kOP, ": expected 1-2 inputs and 2 outputs, got ", nbInputs, " and ", nbOutputs));
-    if (auto e = require_type(kOP, "logits", inputTypes[0], {DataType::kFLOAT, DataType::kHALF}); !e.empty())
-      return fail(e);
-    outputTypes[0] = DataType::kFLOAT;
-    outputTypes[1] = DataType::kINT32;
-    return kOK;
-  } catch (...) {
-    return fail(msg(kOP, ": getOutputDataTypes failed"));
-  }
+RouteOp::Plan RouteOp::plan(const std::vector<TensorInfo>& in) const {
+  Plan p;
+  p.n = in[0].dims[0];
+  p.e = in[0].dims[1];
+  p.dtype = to_cuda(in[0].type);
+  p.bias = in.size() == 2;
+  return p;
 }
 
-int32_t RoutePlugin::getOutputShapes(const nvinfer1::DimsExprs* inputs, int32_t nbInputs, const nvinfer1::DimsExprs*,
-                                     int32_t, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
-                                     nvinfer1::IExprBuilder& exprBuilder) noexcept {
-  try {
-    if (nbOutputs != 2 || (nbInputs != 1 && nbInputs != 2))
-      return fail(msg(kOP, ": expected 1-2 inputs and 2 outputs, got ", nbInputs, " and ", nbOutputs));
-    if (inputs[0].nbDims != 2) return fail(msg(kOP, ": logits must have rank 2 [N, E], got rank ", inputs[0].nbDims));
-    if (inputs[0].d[1]->isConstant() && inputs[0].d[1]->getConstantValue() < mAttrs.k)
-      return fail(msg(kOP, ": k=", mAttrs.k, " exceeds the number of experts E=", inputs[0].d[1]->getConstantValue()));
-    const nvinfer1::IDimensionExpr* k = exprBuilder.constant(mAttrs.k);
-    if (k == nullptr) return fail(msg(kOP, ": IExprBuilder::constant failed"));
-    for (int32_t o = 0; o < 2; ++o) {
-      outputs[o].nbDims = 2;
-      outputs[o].d[0] = inputs[0].d[0];
-      outputs[o].d[1] = k;
-    }
-    return kOK;
-  } catch (...) {
-    return fail(msg(kOP, ": getOutputShapes failed"));
-  }
+cudaError_t RouteOp::launch(const Plan& p, const void* const* in, void* const* out, void*, cuda::DeviceStatus*,
+                            cudaStream_t stream) const {
+  return cuda::route(attrs, in[0], p.dtype, p.bias ? static_cast<const float*>(in[1]) : nullptr, p.n, p.e,
+                     static_cast<float*>(out[0]), static_cast<int32_t*>(out[1]), stream);
 }
 
-bool RoutePlugin::supportsFormatCombination(int32_t pos, const DynamicPluginTensorDesc* inOut, int32_t nbInputs,
-                                            int32_t nbOutputs) noexcept {
-  if (inOut == nullptr || pos < 0 || pos >= nbInputs + nbOutputs || nbOutputs != 2) return false;
-  const PluginTensorDesc& d = inOut[pos].desc;
-  if (d.format != nvinfer1::TensorFormat::kLINEAR) return false;
-  if (pos == 0) return is_float_io(d.type);                          // logits
-  if (pos < nbInputs) return d.type == DataType::kFLOAT;              // selection_bias
-  return d.type == (pos == nbInputs ? DataType::kFLOAT : DataType::kINT32);  // weights, ids
-}
-
-size_t RoutePlugin::getWorkspaceSize(const DynamicPluginTensorDesc*, int32_t, const DynamicPluginTensorDesc*,
-                                     int32_t) const noexcept {
-  return cuda::kSTATUS_BYTES;
-}
-
-int32_t RoutePlugin::enqueue(const PluginTensorDesc* inputDesc, const PluginTensorDesc* outputDesc,
-                             const void* const* inputs, void* const* outputs, void* workspace,
-                             cudaStream_t stream) noexcept {
-  try {
-    if (inputDesc == nullptr || outputDesc == nullptr || inputs == nullptr || outputs == nullptr)
-      return fail(msg(kOP, ": enqueue called without tensors"));
-    // the bias is optional: how many inputs the node has is known from onShapeChange
-    const int32_t nb_inputs = mNbInputs;
-    if (nb_inputs != 1 && nb_inputs != 2) return fail(msg(kOP, ": enqueue called before onShapeChange"));
-    const std::vector<TensorInfo> in = tensor_infos(inputDesc, nb_inputs);
-    if (auto e = check_io(in, 2); !e.empty()) return fail(e);
-    if (outputDesc[0].type != DataType::kFLOAT || outputDesc[1].type != DataType::kINT32)
-      return fail(msg(kOP, ": outputs must be float32 weights and int32 ids"));
-    const int64_t n = in[0].dims[0], e = in[0].dims[1];
-    if (n > 0 && (inputs[0] == nullptr || outputs[0] == nullptr || outputs[1] == nullptr))
-      return fail(msg(kOP, ": null tensor pointer"));
-    const cudaError_t err = cuda::route(inputs[0], to_cuda(in[0].type),
-                                        nb_inputs == 2 ? static_cast<const float*>(inputs[1]) : nullptr, n, e, mAttrs.k,
-                                        mAttrs.normalize, static_cast<float*>(outputs[0]),
-                                        static_cast<int32_t*>(outputs[1]),
-                                        workspace != nullptr ? status_of(workspace) : nullptr, stream);
-    return finish_enqueue(err, workspace != nullptr ? status_of(workspace) : nullptr, stream);
-  } catch (...) {
-    return fail(msg(kOP, ": enqueue failed"));
-  }
-}
-
-const PluginFieldCollection* RoutePlugin::getFieldsToSerialize() noexcept {
-  try {
-    mSerialized.clear();
-    mSerialized.add_int(contract::kATTR_K, mAttrs.k);
-    mSerialized.add_int(contract::kATTR_NORMALIZE, mAttrs.normalize ? 1 : 0);
-    mSerialized.add_string(contract::kATTR_SCORING, "softmax");
-    return mSerialized.collection();
-  } catch (...) {
-    fail(msg(kOP, ": getFieldsToSerialize failed"));
-    return nullptr;
-  }
-}
-
-RouteCreator::RouteCreator() : CreatorBase(contract::kROUTE_NAME) {
-  mDeclarations.add(contract::kATTR_K, PluginFieldType::kINT32, 1);
-  mDeclarations.add(contract::kATTR_NORMALIZE, PluginFieldType::kINT32, 1);
-  mDeclarations.add(contract::kATTR_SCORING, PluginFieldType::kCHAR, 0);
-}
-
-nvinfer1::IPluginV3* RouteCreator::createPlugin(const char*, const PluginFieldCollection* fc,
-                                                nvinfer1::TensorRTPhase) noexcept {
-  try {
-    FieldReader r(kOP, fc);
-    r.warn_unknown({contract::kATTR_K, contract::kATTR_NORMALIZE, contract::kATTR_SCORING});
-    RouteAttrs attrs;
-    attrs.k = r.get_int(contract::kATTR_K, 0, true);
-    const int64_t normalize = r.get_int(contract::kATTR_NORMALIZE, 0, false);
-    const std::string scoring = r.get_string(contract::kATTR_SCORING, "softmax");
-    if (!r.problem().empty()) {
-      fail(r.problem());
-      return nullptr;
-    }
-    if (auto e = parse_flag(kOP, contract::kATTR_NORMALIZE, normalize, &attrs.normalize); !e.empty()) {
-      fail(e);
-      return nullptr;
-    }
-    if (scoring != "softmax") {
-      fail(msg(kOP, ": scoring '", scoring, "' is not supported (only softmax)"));
-      return nullptr;
-    }
-    if (auto e = validate_attrs(attrs); !e.empty()) {
-      fail(e);
-      return nullptr;
-    }
-    return new RoutePlugin(attrs);
-  } catch (...) {
-    fail(msg(kOP, ": createPlugin failed (out of memory)"));
-    return nullptr;
-  }
-}
+template class Plugin<RouteOp>;
+template class Creator<RouteOp>;
 
 }  // namespace trt
 }  // namespace pimoe

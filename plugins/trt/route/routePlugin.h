@@ -1,48 +1,42 @@
-// PiMoERoute as a TensorRT IPluginV3: softmax (fp32) -> top-k (ties to the lower index, NaN lowest) ->
-// combine weights. See README.md in this folder for I/O, fields, formats and limits.
+// PiMoERoute as a TensorRT IPluginV3: fp32 scores (softmax, softmax_topk or sigmoid) -> [grouped selection] ->
+// top-k (ties to the lower index, NaN lowest) -> combine weights. See README.md in this folder for I/O, fields,
+// formats and limits; pimoePlugin.h for what an op description provides.
 #pragma once
 
-#include "pimoePluginCommon.h"
+#include "pimoePlugin.h"
 
 namespace pimoe {
 namespace trt {
 
-class RoutePlugin final : public PluginBase {
- public:
-  explicit RoutePlugin(const RouteAttrs& attrs);
+struct RouteOp {
+  static constexpr const char* kNAME = contract::kROUTE_NAME;
+  static constexpr int32_t kNB_OUTPUTS = 2;  // weights, ids
+  using Attrs = RouteAttrs;
+  struct Plan {
+    int64_t n = 0, e = 0;
+    cuda::DType dtype = cuda::DType::kF32;
+    bool bias = false;
+    size_t workspace = 0;
+  };
 
-  nvinfer1::IPluginV3* clone() noexcept override;
+  Attrs attrs;
+  explicit RouteOp(const Attrs& a) : attrs(a) {}
 
-  // IPluginV3OneBuild
-  int32_t getNbOutputs() const noexcept override { return 2; }
-  int32_t getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, const DataType* inputTypes,
-                             int32_t nbInputs) const noexcept override;
-  int32_t getOutputShapes(const nvinfer1::DimsExprs* inputs, int32_t nbInputs, const nvinfer1::DimsExprs* shapeInputs,
-                          int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
-                          nvinfer1::IExprBuilder& exprBuilder) noexcept override;
-  bool supportsFormatCombination(int32_t pos, const DynamicPluginTensorDesc* inOut, int32_t nbInputs,
-                                 int32_t nbOutputs) noexcept override;
-  size_t getWorkspaceSize(const DynamicPluginTensorDesc* inputs, int32_t nbInputs,
-                          const DynamicPluginTensorDesc* outputs, int32_t nbOutputs) const noexcept override;
-
-  // IPluginV3OneRuntime
-  int32_t enqueue(const PluginTensorDesc* inputDesc, const PluginTensorDesc* outputDesc, const void* const* inputs,
-                  void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
-  const PluginFieldCollection* getFieldsToSerialize() noexcept override;
-
- private:
-  std::string check_io(const std::vector<TensorInfo>& in, int32_t nbOutputs) const override;
-
-  RouteAttrs mAttrs;
-  FieldWriter mSerialized;
+  static std::string validate(const Attrs& a) { return validate_attrs(a); }
+  std::string check_counts(int32_t nbInputs, int32_t nbOutputs) const;
+  std::string output_types(const DataType* in, DataType* out) const;
+  std::string output_shapes(const nvinfer1::DimsExprs* in, int32_t nbInputs, nvinfer1::DimsExprs* out,
+                            nvinfer1::IExprBuilder& exprs) const;
+  bool supports(int32_t pos, const DynamicPluginTensorDesc* io, int32_t nbInputs) const;
+  size_t workspace_size(const DynamicPluginTensorDesc*, int32_t) const { return 0; }
+  std::string check_io(const std::vector<TensorInfo>& in, int32_t nbOutputs) const;
+  Plan plan(const std::vector<TensorInfo>& in) const;
+  cudaError_t launch(const Plan& p, const void* const* in, void* const* out, void*, cuda::DeviceStatus*,
+                     cudaStream_t stream) const;
 };
 
-class RouteCreator final : public CreatorBase {
- public:
-  RouteCreator();
-  nvinfer1::IPluginV3* createPlugin(const char* name, const PluginFieldCollection* fc,
-                                    nvinfer1::TensorRTPhase phase) noexcept override;
-};
+using RoutePlugin = Plugin<RouteOp>;
+using RouteCreator = Creator<RouteOp>;
 
 }  // namespace trt
 }  // namespace pimoe
