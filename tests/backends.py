@@ -5,6 +5,8 @@
   skipped without a GPU (``gpu`` mark).
 - ``emu``: the same plugin objects and CUDA kernels built against the CPU CUDA emulator (plugins/emu), with
   numpy buffers as device memory (``emu`` mark; runs in CI).
+- ``torch``: the PyTorch reference ops (pimoe_export/ops/torch_ops.py), for the tests that check every backend,
+  the reference included, against a hand-written oracle (tests/ops/test_op_boundaries.py).
 - ``ort-cuda-emu``: the ONNX Runtime CUDA execution-provider kernels of libpimoe_ort_cuda (attribute readers, input
   checks, parameter roles, scratch sizes) on the same emulated CUDA kernels, registered for the CPU provider
   (libpimoe_ort_cuda_emu; ``emu`` mark).
@@ -69,13 +71,63 @@ class OrtOpBackend:
         return self._run(model, feeds)[0]
 
 
+class TorchOpBackend:
+    """The PyTorch reference ops on numpy arrays (the same calls as the other backends)."""
+
+    name = "torch"
+
+    def route(self, logits: np.ndarray, bias: np.ndarray | None, k: int, normalize: bool, **v2):
+        import torch
+
+        from pimoe_export.ops import torch_ops
+
+        t_bias = None if bias is None else torch.from_numpy(bias)
+        weights, ids = torch_ops.route(torch.from_numpy(logits), t_bias, k, normalize, **v2)
+        return [weights.numpy(), ids.numpy()]
+
+    def dispatch(self, x: np.ndarray, ids: np.ndarray, num_experts: int):
+        import torch
+
+        from pimoe_export.ops import torch_ops
+
+        return [t.numpy() for t in torch_ops.dispatch(torch.from_numpy(x), torch.from_numpy(ids), num_experts)]
+
+    def combine(self, y_sorted: np.ndarray, flat_to_sorted: np.ndarray, weights: np.ndarray, **v2):
+        import torch
+
+        from pimoe_export.ops import torch_ops
+
+        return torch_ops.combine(torch.from_numpy(y_sorted), torch.from_numpy(flat_to_sorted),
+                                 torch.from_numpy(weights), **v2).numpy()
+
+    def expert_mlp(self, x_sorted: np.ndarray, offsets: np.ndarray, params: Sequence[np.ndarray], expert_ids,
+                   widths, activation: str, layer_norm: bool, eps: float = 1e-5, quant_mode: str = "none",
+                   act_scales: Sequence[float] = (), constant_params: bool = True, **v2):
+        import torch
+
+        from pimoe_export.ops import torch_ops
+
+        return torch_ops.expert_mlp(torch.from_numpy(x_sorted), torch.from_numpy(offsets),
+                                    [torch.from_numpy(np.ascontiguousarray(p)) for p in params], list(expert_ids),
+                                    list(widths), activation, layer_norm, eps, quant_mode, list(act_scales),
+                                    **v2).numpy()
+
+
 _BACKENDS: dict[str, object] = {}
+#: why a backend is not available (the only reason a backend-parametrised test skips it)
+_MISSING = {
+    "trt-harness": "no CUDA GPU here, or plugins/harness was not built (build/plugins/harness)",
+    "emu": "the emulated-GPU harness libpimoe_trt_harness_emu.so was not built (build/plugins/emu)",
+    "ort-cuda-emu": "libpimoe_ort_cuda_emu.so (the ORT CUDA-EP kernels on the emulated GPU) was not built",
+}
 
 
 def get_backend(name: str):
     if name not in _BACKENDS:
         if name == "ort":
             _BACKENDS[name] = OrtOpBackend()
+        elif name == "torch":
+            _BACKENDS[name] = TorchOpBackend()
         elif name == "trt-harness":
             from pimoe_export.testing.harness import cuda_backend_or_none
 
@@ -96,7 +148,7 @@ def get_backend(name: str):
             raise ValueError(name)
     backend = _BACKENDS[name]
     if backend is None:
-        pytest.skip(f"backend {name} is not available here")
+        pytest.skip(f"backend {name}: {_MISSING[name]}")
     return backend
 
 
@@ -106,3 +158,8 @@ BACKEND_PARAMS = [
     pytest.param("emu", id="emu", marks=pytest.mark.emu),
     pytest.param("ort-cuda-emu", id="ort-cuda-emu", marks=pytest.mark.emu),
 ]
+
+#: every backend implementing the ops, the PyTorch reference first: the boundary tests (ties, NaN, limits) run on
+#: each against hand-written references; the ONNX Runtime CPU library's other kernel sets run them in subprocesses
+#: (tests/cpu_kernel_sets.py)
+ALL_BACKEND_PARAMS = [pytest.param("torch", id="torch"), *BACKEND_PARAMS]

@@ -110,11 +110,13 @@ def ort_session(model: bytes, threads: int | None = None) -> None:
     create_session(model, threads=threads)
 
 
-def ort_run(model: bytes, feeds: dict[str, np.ndarray], threads: int | None = None) -> list[np.ndarray]:
-    """Run ``model`` once on ``feeds`` with the pimoe op library."""
+def ort_run(model: bytes, feeds: dict[str, np.ndarray], threads: int | None = None,
+            library: str | None = None) -> list[np.ndarray]:
+    """Run ``model`` once on ``feeds`` with the pimoe op library (``library``: another build of it, such as the ORT
+    CUDA-EP kernels on the emulated GPU)."""
     from pimoe_export.runtime.ort import create_session
 
-    return [np.asarray(o) for o in create_session(model, threads=threads).run(None, feeds)]
+    return [np.asarray(o) for o in create_session(model, threads=threads, library=library).run(None, feeds)]
 
 
 def harness_prepare(op: str, fields: dict[str, Any], inputs: list[tuple[tuple[int, ...], Any]],
@@ -139,20 +141,32 @@ def emulated_op(method: str, *args: Any, **kwargs: Any) -> Any:
     return getattr(backend, method)(*args, **kwargs)
 
 
+def harness_op(emulated: bool, method: str, *args: Any, **kwargs: Any) -> Any:
+    """One op of the TensorRT plugin objects through the harness: on the emulated GPU, or on a CUDA GPU."""
+    from pimoe_export.testing.harness import cuda_backend_or_none, emulated_backend_or_none
+
+    backend = emulated_backend_or_none() if emulated else cuda_backend_or_none()
+    if backend is None:
+        raise LookupError("harness not built" if emulated else "no CUDA GPU or CUDA harness")
+    return getattr(backend, method)(*args, **kwargs)
+
+
 def emulated_available() -> bool:
     from pimoe_export.testing.harness import find_harness
 
     return find_harness(emulated=True) is not None
 
 
-def harness_backend_run(emulated: bool, op: str, attrs: dict[str, Any], arrays: list[np.ndarray]) -> list[np.ndarray]:
-    """One run of ``op`` through the plugin objects of the emulated (or the CUDA) harness build."""
+def harness_backend_run(emulated: bool, op: str, attrs: dict[str, Any], arrays: list[np.ndarray],
+                        check_status: bool = True) -> list[np.ndarray]:
+    """One run of ``op`` through the plugin objects of the emulated (or the CUDA) harness build (``check_status``
+    False: the outputs of a run whose input data the kernels reported, without raising the report)."""
     from pimoe_export.testing.harness import Harness, HarnessOpBackend, find_harness
 
     path = find_harness(emulated=emulated)
     if path is None:
         raise LookupError("harness not built")
-    return HarnessOpBackend(Harness(path)).run(op, attrs, arrays)
+    return HarnessOpBackend(Harness(path)).run(op, attrs, arrays, check_status)
 
 
 def profile_session_run(op: str, attrs: dict[str, Any], profile: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:

@@ -40,7 +40,7 @@ from pimoe_export.export.modules import CustomOpPiMoE
 from pimoe_export.model import functional
 from pimoe_export.model.factory import create_from_preset
 from pimoe_export.ops import schema
-from pimoe_export.testing.harness import HarnessDataError, expert_mlp_fields
+from pimoe_export.testing.harness import expert_mlp_fields
 from pimoe_export.validate.metrics import error_stats
 
 # fp16 tolerance (documented in docs/trt_plugins.md): against the fp16 reference (same fp16 weights, fp32 math) the
@@ -368,18 +368,32 @@ def test_bad_arguments_give_errors_with_device_tensors(backend, op, attrs, input
     assert_refused(outcome, fragment, f"{backend.name}: {op} {attrs}", ("HarnessError",))
 
 
+def run_isolated(backend, op: str, attrs, arrays, check_status: bool = True):
+    """``op`` on bad input data in a separate process (tests/isolated.py): a kernel that let the data through and
+    read or wrote out of bounds fails the one test that fed it instead of crashing the test run."""
+    from isolated import harness_backend_run, isolated
+
+    return isolated().call(harness_backend_run, backend.harness.emulated, op, attrs, arrays, check_status)
+
+
 def test_ids_out_of_range_are_reported_and_clamped(backend) -> None:
+    from isolated import assert_ran, assert_refused
+
     x = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
     ids = np.array([[0, 1], [2, 9], [3, -4], [1, 2], [0, 3], [2, 1]], dtype=np.int32)
-    with pytest.raises(HarnessDataError, match=r"flat index 3\) holds expert id 9"):
-        backend.run(schema.DISPATCH, {"num_experts": 4}, [x, ids])
-    x_sorted, offsets, f2s = backend.run(schema.DISPATCH, {"num_experts": 4}, [x, ids], check_status=False)
+    outcome = run_isolated(backend, schema.DISPATCH, {"num_experts": 4}, [x, ids])
+    assert_refused(outcome, "flat index 3) holds expert id 9", f"{backend.name}: dispatch id 9 with E = 4",
+                   ("HarnessDataError",))
+    x_sorted, offsets, f2s = assert_ran(run_isolated(backend, schema.DISPATCH, {"num_experts": 4}, [x, ids], False),
+                                        f"{backend.name}: dispatch id 9, status unchecked")
     assert offsets[0] == 0 and offsets[-1] == 12 and (np.diff(offsets) >= 0).all()
     assert sorted(f2s.tolist()) == list(range(12))  # still a permutation: every row written exactly once
     np.testing.assert_array_equal(x_sorted[f2s], np.repeat(x, 2, axis=0))
 
 
 def test_bad_offsets_zero_the_output_and_are_reported(backend) -> None:
+    from isolated import assert_ran, assert_refused
+
     rng = np.random.default_rng(1)
     widths = [8, 16, 8]
     params = [rng.standard_normal((1, 16, 8)), np.zeros((1, 16)), np.ones((1, 16)), np.zeros((1, 16)),
@@ -389,20 +403,24 @@ def test_bad_offsets_zero_the_output_and_are_reported(backend) -> None:
     x = rng.standard_normal((10, 8)).astype(np.float32)
     for bad in ([0, 4, 2, 10], [0, 4, 8, 11], [3, 4, 8, 10], [0, 4, 2_000_000_000, 10]):
         offsets = np.array(bad, dtype=np.int32)
-        with pytest.raises(HarnessDataError, match="offsets is not a partition"):
-            backend.run(schema.EXPERT_MLP, attrs, [x, offsets, *params])
-        y = backend.run(schema.EXPERT_MLP, attrs, [x, offsets, *params], check_status=False)[0]
+        assert_refused(run_isolated(backend, schema.EXPERT_MLP, attrs, [x, offsets, *params]),
+                       "offsets is not a partition", f"{backend.name}: offsets {bad}", ("HarnessDataError",))
+        y = assert_ran(run_isolated(backend, schema.EXPERT_MLP, attrs, [x, offsets, *params], False),
+                       f"{backend.name}: offsets {bad}, status unchecked")[0]
         assert (y == 0).all()
 
 
 def test_flat_to_sorted_out_of_range_gives_nan_and_an_error(backend) -> None:
+    from isolated import assert_ran, assert_refused
+
     rng = np.random.default_rng(2)
     y_sorted = rng.standard_normal((6, 5)).astype(np.float32)
     weights = rng.random((3, 2)).astype(np.float32)
     f2s = np.array([0, 1, 2, 99, 4, 5], dtype=np.int32)
-    with pytest.raises(HarnessDataError, match=r"flat_to_sorted\[3\] = 99"):
-        backend.run(schema.COMBINE, {}, [y_sorted, f2s, weights])
-    y = backend.run(schema.COMBINE, {}, [y_sorted, f2s, weights], check_status=False)[0]
+    assert_refused(run_isolated(backend, schema.COMBINE, {}, [y_sorted, f2s, weights]), "flat_to_sorted[3] = 99",
+                   f"{backend.name}: combine slot 99 with N*k = 6", ("HarnessDataError",))
+    y = assert_ran(run_isolated(backend, schema.COMBINE, {}, [y_sorted, f2s, weights], False),
+                   f"{backend.name}: combine slot 99, status unchecked")[0]
     assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
 
 

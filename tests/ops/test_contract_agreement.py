@@ -292,11 +292,14 @@ CROSS = [
 @pytest.mark.parametrize(("op", "attrs", "fragment"), CROSS, ids=[c[2] for c in CROSS])
 def test_inconsistent_v2_attributes_are_refused_everywhere(op, attrs, fragment) -> None:
     assert any(fragment in p for p in attribute_problems(op, attrs)), attribute_problems(op, attrs)
-    with pytest.raises(ORT_ERRORS, match=fragment):
-        ort_run(op, attrs)
-    for harness in harnesses():
-        with pytest.raises(HarnessError, match=fragment):
-            plugin_prepare(harness, op, attrs)
+    what = f"{op} with {attrs}"
+    assert_refused(isolated().call(ort_run, *ort_model(op, attrs), threads=1), fragment, f"ONNX Runtime: {what}",
+                   ORT_ERROR_TYPES)
+    inputs, _ = baseline(op, attrs)
+    for emulated in harness_kinds():
+        outcome = isolated().call(harness_prepare, op, plugin_fields(op, attrs),
+                                  [(a.shape, a.dtype) for _, a in inputs], emulated=emulated)
+        assert_refused(outcome, fragment, f"the {'emulated ' if emulated else ''}plugin: {what}", ("HarnessError",))
 
 
 # Route attributes that are valid alone but not for the node's E (the graph check knows E from the dispatch).
@@ -314,11 +317,13 @@ def test_route_groups_inconsistent_with_e_are_refused_everywhere(attrs, experts,
     assert any(fragment in p for p in _route_problems(attrs, experts))
     logits = np.zeros((4, experts), f32)
     model = single_op_model(schema.ROUTE, [("logits", logits)], [("weights", f32, 2), ("ids", i32, 2)], attrs)
-    with pytest.raises(ORT_ERRORS, match=fragment):
-        create_session(model, threads=1).run(None, {"logits": logits})
-    for harness in harnesses():
-        with pytest.raises(HarnessError, match=fragment):
-            plugin_prepare_raw(harness, schema.ROUTE, attrs, [((4, experts), f32)])
+    what = f"route {attrs} with E = {experts}"
+    assert_refused(isolated().call(ort_run, model, {"logits": logits}, threads=1), fragment, f"ONNX Runtime: {what}",
+                   ORT_ERROR_TYPES)
+    for emulated in harness_kinds():
+        outcome = isolated().call(harness_prepare, schema.ROUTE, plugin_fields(schema.ROUTE, attrs),
+                                  [((4, experts), f32)], emulated=emulated)
+        assert_refused(outcome, fragment, f"the {'emulated ' if emulated else ''}plugin: {what}", ("HarnessError",))
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -329,12 +334,14 @@ def test_gated_parameter_shapes_are_checked_everywhere(with_bias) -> None:
              "quant_mode": "none", "act_scales": [], "gated": 1, "bias": int(with_bias)}
     plain = mlp_params([4, 5, 4], 1, False, "none", gated=False, bias=True)  # 5 rows, and biases
     x, offsets = np.zeros((3, 4), f32), np.array([0, 3], i32)
-    fragment = r"must have shape \[1, 10, 4\]" if with_bias else "2 param"
+    fragment = "must have shape [1, 10, 4]" if with_bias else "2 param"
     model = single_op_model(schema.EXPERT_MLP, [("x_sorted", x), ("offsets", offsets)], [("y_sorted", f32, 2)],
                             onnx_attrs(attrs), [(f"p{i}", p) for i, p in enumerate(plain)])
-    with pytest.raises(ORT_ERRORS, match=fragment):
-        create_session(model, threads=1).run(None, {"x_sorted": x, "offsets": offsets})
-    for harness in harnesses():
-        with pytest.raises(HarnessError, match=fragment):
-            plugin_prepare_raw(harness, schema.EXPERT_MLP, plugin_fields(schema.EXPERT_MLP, attrs),
-                               [(x.shape, f32), (offsets.shape, i32), *[(p.shape, p.dtype) for p in plain]])
+    what = f"gated node (bias={with_bias}) with the plain parameter layout"
+    assert_refused(isolated().call(ort_run, model, {"x_sorted": x, "offsets": offsets}, threads=1), fragment,
+                   f"ONNX Runtime: {what}", ORT_ERROR_TYPES)
+    for emulated in harness_kinds():
+        outcome = isolated().call(harness_prepare, schema.EXPERT_MLP, plugin_fields(schema.EXPERT_MLP, attrs),
+                                  [(x.shape, f32), (offsets.shape, i32), *[(p.shape, p.dtype) for p in plain]],
+                                  emulated=emulated)
+        assert_refused(outcome, fragment, f"the {'emulated ' if emulated else ''}plugin: {what}", ("HarnessError",))

@@ -1,35 +1,76 @@
-"""The contract's limits on ids and k, one past the edge, on every CPU-side backend: the ONNX Runtime ops (the
-machine's kernels and, with PIMOE_CPU_ISA=generic, the portable ones) and the CUDA kernels and plugin objects on
-the emulated GPU. Each case runs in a separate process (tests/isolated.py): a backend that accepted an id equal to
-E or a k above E reads or writes out of bounds, and the case then fails naming itself instead of crashing the test
-run. The accepted edge (E - 1, k = E) is checked alongside, against the contract's documented results.
+"""The contract's limits on ids and k, one past the edge, on every backend implementing the ops: the ONNX Runtime CPU
+library (the machine's kernels and, with PIMOE_CPU_ISA, every other kernel set this machine runs: generic, avx2, the
+AVX-512 source on SIMDe), the CUDA kernels and TensorRT plugin objects on the emulated GPU (``emu``) and on a CUDA
+GPU (``trt-harness``, skipped without one), and the ORT CUDA-EP kernels on the emulated GPU (``ort-cuda-emu``); a
+backend is skipped only where it is not built. Each case runs in a separate process (tests/isolated.py): a backend
+that accepted an id equal to E or a k above E reads or writes out of bounds, and the case then fails naming itself
+instead of crashing the test run. The accepted edge (E - 1, k = E) is checked alongside, against the contract's
+documented results.
 
-tests/ops/test_op_boundaries.py holds the same edges for the ONNX Runtime backend in-process (with exact results);
-these are the assertions that survive a kernel that crashes on them.
+tests/ops/test_op_boundaries.py holds the accepted edges on every backend in-process (with exact results) and the
+ONNX Runtime library's own refusals, also in the worker process.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from isolated import assert_ran, assert_refused, emulated_available, emulated_op, isolated, ort_run
+from cpu_kernel_sets import other_kernel_sets
+from isolated import assert_ran, assert_refused, emulated_available, harness_op, isolated, ort_run
 from op_graphs import expert_mlp_attrs, single_op_model
 
 f32, i32 = np.float32, np.int32
 ORT_ERROR_TYPES = ("Fail", "InvalidArgument", "InvalidGraph", "RuntimeException", "ArtifactError")
 EMU_ERROR_TYPES = ("HarnessError", "HarnessDataError")
-#: the ONNX Runtime op library as this machine runs it, and its portable kernels (the ISA is read once per process)
-ORT_WORKERS = {"ort": {}, "ort-generic": {"PIMOE_CPU_ISA": "generic"}}
-BACKENDS = [*ORT_WORKERS, pytest.param("emu", marks=pytest.mark.emu)]
+#: the ONNX Runtime op library as this machine runs it, and every other kernel set this machine runs (the ISA is
+#: read once per process)
+ORT_WORKERS = {"ort": {}} | {f"ort-{s}": {"PIMOE_CPU_ISA": s} for s in other_kernel_sets()}
+#: the TensorRT plugin objects through the harness (their messages are the plugins' own)
+HARNESS = ("emu", "trt-harness")
+#: the backends running the CUDA kernels: bad input data (ids, offsets) is the kernels' report, in their words
+CUDA_KERNELS = (*HARNESS, "ort-cuda-emu")
+BACKENDS = [*ORT_WORKERS, pytest.param("emu", marks=pytest.mark.emu),
+            pytest.param("trt-harness", marks=pytest.mark.gpu),
+            pytest.param("ort-cuda-emu", marks=pytest.mark.emu)]
+
+
+def _ort_cuda_emu_library() -> str | None:
+    from pimoe_export.errors import PluginLoadError
+    from pimoe_export.native.libraries import find_ort_cuda_library
+
+    try:
+        return str(find_ort_cuda_library(emulated=True))
+    except PluginLoadError:
+        return None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    from pimoe_export.testing.harness import find_harness
+
+    return torch.cuda.is_available() and find_harness() is not None
 
 
 def call(backend: str, op: str, *args):
     """(outcome, the error types that count as a refusal) of ``op`` on ``backend``, in the backend's worker."""
     if backend == "emu":
         if not emulated_available():
-            pytest.skip("the emulated harness is not built")
-        return isolated().call(emulated_op, op, *args), EMU_ERROR_TYPES
+            pytest.skip("emu: the emulated-GPU harness libpimoe_trt_harness_emu.so was not built")
+        return isolated().call(harness_op, True, op, *args), EMU_ERROR_TYPES
+    if backend == "trt-harness":
+        if not _cuda_available():
+            pytest.skip("trt-harness: no CUDA GPU here, or plugins/harness was not built")
+        return isolated().call(harness_op, False, op, *args), EMU_ERROR_TYPES
     model, feeds = ORT_GRAPHS[op](*args)
+    if backend == "ort-cuda-emu":
+        library = _ort_cuda_emu_library()
+        if library is None:
+            pytest.skip("ort-cuda-emu: libpimoe_ort_cuda_emu.so was not built")
+        # bad ids, slots and offsets are data the CUDA kernels report asynchronously; the sync check raises them at
+        # the run that had them (without it they are clamped and reported at teardown: tests/runtime/test_ort_cuda.py)
+        sync = {"PIMOE_ORT_SYNC_CHECK": "1"}
+        return isolated(sync).call(ort_run, model, feeds, library=library), ORT_ERROR_TYPES
     return isolated(ORT_WORKERS[backend]).call(ort_run, model, feeds), ORT_ERROR_TYPES
 
 
@@ -89,7 +130,7 @@ def test_dispatch_refuses_an_id_outside_0_to_e(backend, bad) -> None:
     np.testing.assert_array_equal(x_sorted, x[[0, 2, 1, 2, 0, 1]])
     ids[1, 1] = bad
     outcome, types = call(backend, "dispatch", x, ids, 4)
-    fragment = f"ids[1, 1] = {bad} is outside [0, 4)" if backend != "emu" else f"holds expert id {bad} outside"
+    fragment = f"ids[1, 1] = {bad} is outside [0, 4)" if backend not in CUDA_KERNELS else f"holds expert id {bad} outside"
     assert_refused(outcome, fragment, f"{backend}: PiMoEDispatch id {bad} with E = 4", types)
 
 
@@ -144,5 +185,5 @@ def test_expert_mlp_refuses_offsets_that_are_not_a_partition_of_the_rows(backend
     params = [np.eye(4, dtype=f32)[None], np.zeros((1, 4), f32)]
     x = np.ones((3, 4), f32)
     outcome, types = call(backend, "expert_mlp", x, np.array(offsets, i32), params, [1], [4, 4], "relu", False)
-    assert_refused(outcome, fragment_emu if backend == "emu" else fragment_ort, f"{backend}: offsets {offsets}",
+    assert_refused(outcome, fragment_emu if backend in CUDA_KERNELS else fragment_ort, f"{backend}: offsets {offsets}",
                    types)
