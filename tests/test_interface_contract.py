@@ -138,7 +138,7 @@ def test_quantization_metadata_of_one_layer_and_of_several() -> None:
 def test_reading_an_onnx_file(tmp_path, exported_layer) -> None:
     _, path = exported_layer("tiny", 0)
     props = metadata_props(path)
-    assert json.loads(props[META_CONFIG])["hidden_size"] == 16 and props[META_CONTRACT] == "1"
+    assert json.loads(props[META_CONFIG])["hidden_size"] == 16 and props[META_CONTRACT] == "2"
     assert read_metadata(path).interface == layer_interface(16, 2, "fp32")
     with pytest.raises(ArtifactError, match=r"missing\.onnx does not exist; write it with `pimoe-export export`"):
         read_onnx(tmp_path / "missing.onnx")
