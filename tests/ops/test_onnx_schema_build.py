@@ -25,12 +25,18 @@ def formal(params) -> list[tuple]:
     return [(p.name, p.type_str, p.option, p.is_homogeneous) for p in params]
 
 
-def built(op: str) -> OpSchema:
-    return onnx_op_schema(schema.SCHEMAS[op])
+def built(op: str, version: int | None = None) -> OpSchema:
+    return onnx_op_schema(schema.SCHEMAS[op]) if version is None else onnx_op_schema(schema.SCHEMAS[op], version)
+
+
+def test_the_default_build_is_the_newest_opset() -> None:
+    assert schema.OPSET_VERSION == 2
+    for op in schema.SCHEMAS:
+        assert built(op).since_version == 2 and built(op, 1).since_version == 1, op
 
 
 def test_route_schema() -> None:
-    s = built("PiMoERoute")
+    s = built("PiMoERoute", 1)
     assert (s.name, s.domain, s.since_version) == ("PiMoERoute", "pimoe", 1)
     assert formal(s.inputs) == [("logits", "T", SINGLE, True), ("selection_bias", "tensor(float)", OPTIONAL, True)]
     assert formal(s.outputs) == [("weights", "tensor(float)", SINGLE, True), ("ids", "tensor(int32)", SINGLE, True)]
@@ -38,10 +44,20 @@ def test_route_schema() -> None:
     assert {name: (a.type, a.required) for name, a in s.attributes.items()} == {
         "k": (OpSchema.AttrType.INT, True), "normalize": (OpSchema.AttrType.INT, False),
         "scoring": (OpSchema.AttrType.STRING, False)}
+    # opset 2: the same inputs and outputs, and contract v2's grouped selection and weight scaling
+    s2 = built("PiMoERoute")
+    assert (s2.name, s2.domain, s2.since_version) == ("PiMoERoute", "pimoe", 2)
+    assert formal(s2.inputs) == formal(s.inputs) and formal(s2.outputs) == formal(s.outputs)
+    assert {name: (a.type, a.required) for name, a in s2.attributes.items()} == {
+        "k": (OpSchema.AttrType.INT, True), "normalize": (OpSchema.AttrType.INT, False),
+        "scoring": (OpSchema.AttrType.STRING, False), "num_groups": (OpSchema.AttrType.INT, False),
+        "groups_kept": (OpSchema.AttrType.INT, False), "group_score": (OpSchema.AttrType.STRING, False),
+        "routed_scaling_factor": (OpSchema.AttrType.FLOAT, False), "normalize_eps": (OpSchema.AttrType.FLOAT, False)}
 
 
 def test_dispatch_and_combine_schemas() -> None:
     s = built("PiMoEDispatch")
+    assert s.since_version == 2
     assert formal(s.inputs) == [("x", "T", SINGLE, True), ("ids", "tensor(int32)", SINGLE, True)]
     assert formal(s.outputs) == [("x_sorted", "T", SINGLE, True), ("offsets", "tensor(int32)", SINGLE, True),
                                  ("flat_to_sorted", "tensor(int32)", SINGLE, True)]
@@ -49,7 +65,10 @@ def test_dispatch_and_combine_schemas() -> None:
     s = built("PiMoECombine")
     assert formal(s.inputs) == [("y_sorted", "T", SINGLE, True), ("flat_to_sorted", "tensor(int32)", SINGLE, True),
                                 ("weights", "tensor(float)", SINGLE, True)]
-    assert s.attributes == {} and formal(s.outputs) == [("y", "T", SINGLE, True)]
+    assert formal(s.outputs) == [("y", "T", SINGLE, True)]
+    assert {name: (a.type, a.required) for name, a in s.attributes.items()} == {
+        "order": (OpSchema.AttrType.STRING, False)}
+    assert built("PiMoECombine", 1).attributes == {}  # opset 1: no attributes
 
 
 def test_the_expert_mlp_takes_one_heterogeneous_variadic_input() -> None:
@@ -62,10 +81,14 @@ def test_the_expert_mlp_takes_one_heterogeneous_variadic_input() -> None:
     assert formal(s.outputs) == [("y_sorted", "T", SINGLE, True)]
     assert {c.type_param_str: sorted(c.allowed_type_strs) for c in s.type_constraints} == {
         "V": ["tensor(float)", "tensor(float16)", "tensor(int32)", "tensor(int8)"], "T": FLOATS}
+    v1 = {"expert_ids": True, "widths": True, "activation": False, "layer_norm": False, "eps": False,
+          "quant_mode": False, "act_scales": False}
+    assert {name: a.required for name, a in built("PiMoEExpertMLP", 1).attributes.items()} == v1
     assert {name: a.required for name, a in s.attributes.items()} == {
-        "expert_ids": True, "widths": True, "activation": False, "layer_norm": False, "eps": False,
-        "quant_mode": False, "act_scales": False}
+        **v1, "gated": False, "bias": False, "alpha": False, "limit": False}
     assert s.attributes["act_scales"].type == OpSchema.AttrType.FLOATS
+    assert {s.attributes[n].type for n in ("alpha", "limit")} == {OpSchema.AttrType.FLOAT}
+    assert {s.attributes[n].type for n in ("gated", "bias")} == {OpSchema.AttrType.INT}
 
 
 def infer(op: str, inputs: dict[str, tuple[int, list]], **attrs) -> dict[str, tuple[int, list]]:

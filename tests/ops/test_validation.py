@@ -37,7 +37,15 @@ def problems(op: str, **attrs) -> list[str]:
     (MLP, "activation", ["gelu", "gelu_tanh", "relu", "silu", "tanh"], ["GELU", "swish", ""],
      "attribute activation must be one of"),
     (MLP, "quant_mode", ["none", "w8a8_dynamic"], ["w8a8_static", "int8"], "attribute quant_mode must be one of"),
-    (ROUTE, "scoring", ["softmax"], ["sigmoid", "Softmax"], "attribute scoring must be one of"),
+    (ROUTE, "scoring", ["softmax", "softmax_topk", "sigmoid"], ["Softmax", "topk", ""],
+     "attribute scoring must be one of"),
+    (ROUTE, "group_score", ["max", "sum_top2"], ["sum", "Max"], "attribute group_score must be one of"),
+    (ROUTE, "num_groups", [1, 1024], [0, 1025], "attribute num_groups must be"),
+    (ROUTE, "routed_scaling_factor", [5e-324, 1.0, 2.5], [0.0, -1.0, math.nan, math.inf],
+     "attribute routed_scaling_factor must be"),
+    (ROUTE, "normalize_eps", [0.0, 1e-20, 1.0], [-1e-30, math.nan, math.inf], "attribute normalize_eps must be"),
+    (COMBINE, "order", ["slot", "expert"], ["Slot", "experts", ""], "attribute order must be one of"),
+    (MLP, "bias", [0, 1], [2, -1], "attribute bias must be"),
 ])
 def test_each_attribute_at_the_edges_of_its_range(op, name, ok, bad, fragment) -> None:
     for value in ok:
@@ -94,13 +102,18 @@ def test_unknown_and_missing_attributes() -> None:
 
 
 def test_the_contract_defaults() -> None:
-    """docs/op_contract.md: normalize 0, scoring softmax; activation gelu, layer_norm 1, eps 1e-5, no quantisation,
-    no static scales; k, num_experts, expert_ids and widths have none (required)."""
+    """docs/op_contract.md: normalize 0, scoring softmax, no groups (1 of 1, max), scaling 1, normalize_eps 0;
+    activation gelu, layer_norm 1, eps 1e-5, no quantisation, no static scales, not gated, with bias, GPT-OSS's
+    alpha 1.702 and limit 7; combine in slot order; k, num_experts, expert_ids and widths have none (required).
+    Every v2 default is v1's behaviour."""
     defaults = {(op, a.name): a.default for op, s in schema.SCHEMAS.items() for a in s.attributes}
     assert defaults == {(ROUTE, "k"): None, (ROUTE, "normalize"): 0, (ROUTE, "scoring"): "softmax",
+                        (ROUTE, "num_groups"): 1, (ROUTE, "groups_kept"): 1, (ROUTE, "group_score"): "max",
+                        (ROUTE, "routed_scaling_factor"): 1.0, (ROUTE, "normalize_eps"): 0.0,
                         (DISPATCH, "num_experts"): None, (MLP, "expert_ids"): None, (MLP, "widths"): None,
                         (MLP, "activation"): "gelu", (MLP, "layer_norm"): 1, (MLP, "eps"): 1e-5,
-                        (MLP, "quant_mode"): "none", (MLP, "act_scales"): []}
+                        (MLP, "quant_mode"): "none", (MLP, "act_scales"): [], (MLP, "gated"): 0, (MLP, "bias"): 1,
+                        (MLP, "alpha"): 1.702, (MLP, "limit"): 7.0, (COMBINE, "order"): "slot"}
 
 
 # ------------------------------------------------------------------------------------------ expert MLP rules
@@ -157,7 +170,7 @@ def test_k_may_equal_num_experts_but_not_exceed_it() -> None:
 def test_domains_and_unknown_ops() -> None:
     with pytest.raises(ArtifactError, match=r"node 0 \(r\): PiMoERoute is in domain '\(default\)', not 'pimoe'"):
         check_graph(graph(node(ROUTE, domain="", name="r", k=2)))
-    with pytest.raises(ArtifactError, match=r"node 1 \(PiMoEFused\): PiMoEFused is not an op of contract v1 "
+    with pytest.raises(ArtifactError, match=r"node 1 \(PiMoEFused\): PiMoEFused is not an op of contract v2 "
                                             r"\(known: \['PiMoECombine', 'PiMoEDispatch', 'PiMoEExpertMLP', "
                                             r"'PiMoERoute'\]\)"):
         check_graph(graph(node("Relu", domain=""), node("PiMoEFused")))
@@ -249,7 +262,9 @@ def test_range_text_of_the_docs_table() -> None:
     assert text[(MLP, "eps")] == "> 0"
     assert text[(MLP, "expert_ids")] == "each ≥ 0, ≤ 1023"
     assert text[(MLP, "act_scales")] == "each > 0"
-    assert text[(ROUTE, "scoring")] == '"softmax"'
+    assert text[(ROUTE, "scoring")] == '"softmax" \\| "softmax_topk" (v2) \\| "sigmoid" (v2)'
+    assert text[(MLP, "limit")] == "> 0"
+    assert text[(COMBINE, "order")] == '"slot" \\| "expert"'
     assert np.isclose(schema.SCHEMAS[MLP].attribute("eps").default, 1e-5)
     with pytest.raises(KeyError, match="PiMoERoute has no attribute 'K'"):
         schema.ROUTE_SCHEMA.attribute("K")
