@@ -322,3 +322,41 @@ def test_a_logger_that_keeps_no_errors_is_not_asked_for_them(plugin_library) -> 
         pass
     with pytest.raises(PluginLoadError, match=r"TensorRT said: \(nothing\)$"):
         tensorrt_loader.load_plugin_library(None, plugin_library, registry=Registry(loads=[[]]), logger=Quiet())
+
+
+def test_an_older_unit_library_names_what_the_unit_needs() -> None:
+    """A unit built by an older release ships its own library: the message says the unit (not this package) needs
+    the newer contract, and contracts only grow (a newer library runs an older unit)."""
+    libraries._check_contract("unit.so", 1, 1)
+    libraries._check_contract("unit.so", schema.CONTRACT_VERSION, 1)
+    with pytest.raises(PluginLoadError) as info:
+        libraries._check_contract("unit.so", 0, 1)
+    assert str(info.value) == "unit.so implements op contract v0, the unit needs v1; rebuild it with scripts/setup.sh"
+    with pytest.raises(PluginLoadError) as info:
+        libraries._check_contract("lib.so", schema.CONTRACT_VERSION - 1, schema.CONTRACT_VERSION)
+    assert f"this package needs v{schema.CONTRACT_VERSION};" in str(info.value)
+
+
+def test_the_plugin_library_reports_no_error_before_a_call_failed() -> None:
+    """pimoe_trt_last_error returns NULL while nothing failed on this thread: plugin_last_error gives ""."""
+    plugin = libraries.BUILD_TREE / "trt" / "libpimoe_trt_plugins.so"
+    if not plugin.is_file():
+        pytest.skip("the TensorRT plugin library was not built (build/plugins/trt)")
+    assert libraries.plugin_last_error(plugin) == ""
+
+
+def test_the_rtx_library_is_the_wheels_own_file(monkeypatch, tmp_path) -> None:
+    """rtx_library() returns the wheel's libtensorrt_rtx.so.1 when it is there and refuses a wheel without it."""
+    import types
+
+    package = tmp_path / "tensorrt_rtx_libs"
+    package.mkdir()
+    fake = types.ModuleType("tensorrt_rtx_libs")
+    fake.__file__ = str(package / "__init__.py")
+    real = tensorrt_loader.importlib.import_module
+    monkeypatch.setattr(tensorrt_loader.importlib, "import_module",
+                        lambda name, *a, **k: fake if name == "tensorrt_rtx_libs" else real(name, *a, **k))
+    with pytest.raises(BackendUnavailableError, match=r"holds no libtensorrt_rtx\.so\.1; reinstall "):
+        tensorrt_loader.rtx_library()
+    (package / "libtensorrt_rtx.so.1").write_bytes(b"")
+    assert tensorrt_loader.rtx_library() == (package / "libtensorrt_rtx.so.1").resolve()
