@@ -26,9 +26,9 @@ def test_the_exporter_record_and_the_opsets(exported_layer) -> None:
     assert props[META_WEIGHTS] == weights_fingerprint(model)
     assert proto.producer_name == "pimoe-export"
     assert {o.domain: o.version for o in proto.opset_import}[""] == 18
-    assert {o.domain: o.version for o in proto.opset_import}["pimoe"] == 1
+    assert {o.domain: o.version for o in proto.opset_import}["pimoe"] == 2
     meta = read_metadata(path)
-    assert (meta.graph, meta.precision, meta.contract_version) == ("custom-ops", "fp32", 1)
+    assert (meta.graph, meta.precision, meta.contract_version) == ("custom-ops", "fp32", 2)
 
 
 def test_an_fp16_export_is_an_fp16_graph(exported_layer) -> None:
