@@ -90,3 +90,62 @@ def test_bad_calibration_settings_are_refused(graphs, tmp_path) -> None:
     with pytest.raises(PiMoEInputError, match="calibration inputs"):
         quantize_linears(int8, tmp_path / "x.onnx", [])
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_the_qdq_graph_is_symmetric_int8_with_per_channel_weights(graphs) -> None:
+    """docs: activations int8 symmetric (static), weights int8 per output channel, symmetric: every zero point is
+    0, of int8 (an int32 bias's own dequantisation: int32), and each weight's scale has one entry per output
+    channel."""
+    from onnx import numpy_helper
+
+    from pimoe_export.quantize.qdq import quantize_linears
+
+    _, feeds, int8, root = graphs
+    out = root / "symmetric.onnx"
+    quantize_linears(int8, out, feeds)
+    graph = onnx.load(str(out)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.domain in ("", "ai.onnx")]
+    assert qdq
+    for node in qdq:
+        zero_point = inits[node.input[2]]
+        bias = node.op_type == "DequantizeLinear" and inits.get(node.input[0], np.int8(0)).dtype == np.int32
+        assert zero_point.dtype == (np.int32 if bias else np.int8) and not zero_point.any(), (node.name, zero_point)
+    consumers = {i: n for n in graph.node for i in n.input}
+    weights = [n for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in inits
+               and inits[n.input[0]].dtype == np.int8 and consumers[n.output[0]].op_type in ("MatMul", "Gemm")]
+    assert len(weights) == 9
+    for node in weights:
+        w, scale = inits[node.input[0]], inits[node.input[1]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        assert scale.shape == (w.shape[axis],) and (scale > 0).all()
+
+
+def _transpose_graph(extra_reader: bool):
+    """W [3, 4] read by a Transpose (a Linear's x @ W.T) and, optionally, also by an Add (a tied weight)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "Wt"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])]
+    if extra_reader:
+        nodes.append(helper.make_node("Add", ["W", "W"], ["w2"]))
+        outputs.append(helper.make_tensor_value_info("w2", TensorProto.FLOAT, [3, 4]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])], outputs,
+                              [numpy_helper.from_array(w, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), w
+
+
+@pytest.mark.parametrize("extra_reader", [False, True])
+def test_folding_a_weight_transpose_keeps_a_weight_still_read_elsewhere(extra_reader) -> None:
+    from onnx import numpy_helper
+
+    from pimoe_export.quantize.qdq import fold_weight_transposes
+
+    model, w = _transpose_graph(extra_reader)
+    assert fold_weight_transposes(model) == 1
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert [n.op_type for n in model.graph.node] == (["MatMul", "Add"] if extra_reader else ["MatMul"])
+    np.testing.assert_array_equal(inits["Wt"], w.T)
+    assert ("W" in inits) == extra_reader  # the untransposed weight goes only when nothing else reads it
+    onnx.checker.check_model(model)
