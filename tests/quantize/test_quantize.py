@@ -187,3 +187,25 @@ def test_weights_in_int8_onnx_are_the_quantised_model_weights(tmp_path) -> None:
     # here from the float weights), divided back by the column's smoothing factor
     step = np.abs(ref * smooth).max(axis=-1, keepdims=True) / 127
     assert (np.abs(w - ref) <= step / 2 / smooth + 1e-7).all()
+
+
+def test_quant_params_use_the_percentile_asked_for_and_name_the_dynamic_method() -> None:
+    """Static w8a8 with method percentile: every (expert, layer) threshold is calibrate.threshold of that expert's
+    statistics at the given percentile (two percentiles give two answers); dynamic mode records its method as
+    dynamic-per-row whatever method was passed."""
+    from pimoe_export.quantize.int8 import compute_quant_params
+
+    model = create_from_preset("tiny", seed=3)
+    stats = collect_stats(model, [torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(1))])
+    by_percentile = {}
+    for p in (90.0, 99.9):
+        params = compute_quant_params(model, stats, "percentile", "w8a8", percentile=p)
+        assert params.method == "percentile" and params.info["percentile"] == p
+        want = {f"expert{e}_layer{layer}": threshold(st, "percentile", p) for (e, layer), st in stats.layers.items()}
+        got = params.info["thresholds"]
+        assert {key: got[key] for key in want} == want
+        by_percentile[p] = got
+    assert by_percentile[90.0] != by_percentile[99.9]
+    dynamic = compute_quant_params(model, None, "percentile", "w8a8_dynamic")
+    assert dynamic.method == "dynamic-per-row" and dynamic.info["method"] == "dynamic-per-row"
+    assert dynamic.info["thresholds"] == {} and all(g.act_scales == [] for g in dynamic.groups)
