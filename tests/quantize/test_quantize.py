@@ -206,6 +206,12 @@ def test_quant_params_use_the_percentile_asked_for_and_name_the_dynamic_method()
         assert {key: got[key] for key in want} == want
         by_percentile[p] = got
     assert by_percentile[90.0] != by_percentile[99.9]
+    assert params.info["uncalibrated_experts"] == []
+    # an expert that saw no calibration token is named, and takes its group's widest range
+    for key in [key for key in stats.layers if key[0] == 1]:
+        del stats.layers[key]
+    params = compute_quant_params(model, stats, "max", "w8a8")
+    assert params.info["uncalibrated_experts"] == [1]
     dynamic = compute_quant_params(model, None, "percentile", "w8a8_dynamic")
     assert dynamic.method == "dynamic-per-row" and dynamic.info["method"] == "dynamic-per-row"
     assert dynamic.info["thresholds"] == {} and all(g.act_scales == [] for g in dynamic.groups)
