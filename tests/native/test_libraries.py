@@ -339,8 +339,9 @@ def test_an_older_unit_library_names_what_the_unit_needs() -> None:
 
 def test_the_plugin_library_reports_no_error_before_a_call_failed() -> None:
     """pimoe_trt_last_error returns NULL while nothing failed on this thread: plugin_last_error gives ""."""
-    plugin = libraries.BUILD_TREE / "trt" / "libpimoe_trt_plugins.so"
-    if not plugin.is_file():
+    try:
+        plugin = libraries.find_plugin_library()
+    except PluginLoadError:
         pytest.skip("the TensorRT plugin library was not built (build/plugins/trt)")
     assert libraries.plugin_last_error(plugin) == ""
 
