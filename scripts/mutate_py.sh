@@ -38,7 +38,7 @@ GROUPS_TABLE=(
   "serve|pimoe_export/serve/*|tests/serve/test_triton.py tests/serve/test_triton_repository.py tests/serve/test_serve_options.py"
   "testing|pimoe_export/testing/*|tests/emu/test_trt_harness_prepare.py tests/emu/test_emu.py tests/ops/test_contract_agreement.py tests/testing"
   "validate|pimoe_export/validate/*|tests/validate tests/export/test_export_ort.py tests/integration/test_whole_model.py"
-  "bench|pimoe_export/bench/*|tests/bench"
+  "bench|pimoe_export/bench/*|tests/bench tests/validate/test_check_report.py"
   "pipeline|pimoe_export/pipeline.py|tests/pipeline tests/integration/test_one_path.py tests/export/test_export_options.py"
   "cli|pimoe_export/cli/*|tests/cli tests/runtime/test_units_runtime.py tests/serve/test_serve_options.py tests/hf/test_hf_io.py"
 )
