@@ -73,3 +73,37 @@ def test_polygraphy_gets_the_rtx_switches_and_the_folder_first(tmp_path) -> None
     env = polygraphy_environment(folder, {"LD_LIBRARY_PATH": ""})
     assert env["PYTHONPATH"] == str(folder) and env["LD_LIBRARY_PATH"] == str(folder)
     assert polygraphy_environment(folder)["PATH"] == os.environ["PATH"]  # this process's environment by default
+
+
+def test_a_unit_records_package_as_the_writer_of_its_files(onnx_copy, tmp_path) -> None:
+    """README: the files pimoe-export writes are recorded in .pimoe-export-outputs.json with the command that wrote
+    them; a unit's are the package command's."""
+    from pimoe_export._files import OWNERSHIP_FILE
+
+    package(onnx_copy, tmp_path / "unit")
+    entries = json.loads((tmp_path / "unit" / OWNERSHIP_FILE).read_text())["entries"]
+    assert set(entries) >= {"model.onnx", "libpimoe_ort.so", "manifest.json"}
+    assert {entry["command"] for entry in entries.values()} == {"package"}
+
+
+def test_rtx_targets_are_the_capabilities_as_sm_names() -> None:
+    """TensorRT-RTX's ahead-of-time targets: SM89 / sm120 / Sm75 are sm_89 / sm_120 / sm_75, in the given order."""
+    from pimoe_export.build.units import BuildOptions, _targets
+
+    assert _targets("rtx", BuildOptions(), ("SM89", "sm120", "Sm75")) == ["sm_89", "sm_120", "sm_75"]
+
+
+def test_no_builder_names_every_reason(monkeypatch) -> None:
+    """With neither TensorRT nor TensorRT-RTX importable, the error carries both import problems."""
+    from pimoe_export.build import units
+    from pimoe_export.errors import BackendUnavailableError
+    from pimoe_export.native import tensorrt_loader
+
+    def missing(flavour: str):
+        raise BackendUnavailableError(f"{flavour} is missing here")
+    monkeypatch.setattr(tensorrt_loader, "import_tensorrt", missing)
+    with pytest.raises(BackendUnavailableError) as info:
+        units.detect_flavour()
+    assert str(info.value) == ("no TensorRT builder is installed: tensorrt is missing here | rtx is missing here")
+    with pytest.raises(BackendUnavailableError, match=r"^no TensorRT builder is installed: rtx is missing here$"):
+        units.detect_flavour("rtx")
