@@ -107,3 +107,66 @@ def test_no_builder_names_every_reason(monkeypatch) -> None:
     assert str(info.value) == ("no TensorRT builder is installed: tensorrt is missing here | rtx is missing here")
     with pytest.raises(BackendUnavailableError, match=r"^no TensorRT builder is installed: rtx is missing here$"):
         units.detect_flavour("rtx")
+
+
+class _FakeConfig:
+    """What _configure touches of TensorRT's IBuilderConfig (set_timing_cache takes ignore_mismatch, no default)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def create_timing_cache(self, data: bytes):
+        self.calls.append(("create", data))
+        return _FakeCache()
+
+    def set_timing_cache(self, cache, ignore_mismatch) -> bool:
+        self.calls.append(("set", ignore_mismatch))
+        return True
+
+
+class _FakeCache:
+    def serialize(self) -> bytes:
+        return b"timing"
+
+
+@pytest.mark.parametrize(("flavour", "backend"), [("rtx", "tensorrt-rtx"), ("tensorrt", "tensorrt")])
+def test_an_engine_unit_records_its_backend_artifacts_and_build(flavour, backend, onnx_copy, tmp_path,
+                                                                monkeypatch) -> None:
+    """build_unit around a stand-in engine builder (no TensorRT build here): the manifest names the flavour's
+    backend and the engine, ONNX and plugin library by role; the build is strongly typed; a full-TensorRT timing
+    cache is loaded strictly (ignore_mismatch False), saved, and recorded as used."""
+    import types
+
+    from pimoe_export.build import engine_builder, units
+    from pimoe_export.native import libraries, tensorrt_loader
+
+    try:
+        libraries.check_plugin_library(str(libraries.find_plugin_library()))
+    except PluginLoadError as exc:
+        pytest.skip(f"the TensorRT plugin library is not built: {exc}")
+    seen: dict = {}
+    config = _FakeConfig()
+
+    def build_engine(onnx_path, plugin, profile, capabilities, *, strongly_typed, flavour, configure):
+        seen.update(strongly_typed=strongly_typed, flavour=flavour, capabilities=list(capabilities))
+        configure(None, None, config)
+        return b"plan", types.SimpleNamespace(plugin_counts=lambda: {"PiMoERoute": 1}, num_layers=7)
+
+    monkeypatch.setattr(tensorrt_loader, "import_tensorrt", lambda f: types.SimpleNamespace(__version__="10.0"))
+    monkeypatch.setattr(engine_builder, "build_engine", build_engine)
+    monkeypatch.setattr(engine_builder, "compute_capability", lambda trt, name: (8, 9))
+    cache = tmp_path / "timing.cache"
+    options = units.BuildOptions(flavour=flavour, compute_capabilities=("SM89",), timing_cache=str(cache))
+    manifest = units.build_unit(onnx_copy, tmp_path / "unit", options=options)
+    assert manifest.backend == backend
+    assert [(a.role, a.file) for a in manifest.artifacts] == [("engine", "model.engine"), ("onnx", "model.onnx"),
+                                                          ("plugin_library", "libpimoe_trt_plugins.so")]
+    assert (tmp_path / "unit" / "model.engine").read_bytes() == b"plan"
+    assert seen["strongly_typed"] is True and manifest.build_options["strongly_typed"] is True
+    assert seen["flavour"] == flavour and manifest.build_options["layers"] == 7
+    if flavour == "tensorrt":
+        assert config.calls == [("create", b""), ("set", False)]
+        assert manifest.build_options["timing_cache_used"] is True and cache.read_bytes() == b"timing"
+    else:  # TensorRT-RTX has no tactic timing: the cache is left alone
+        assert config.calls == [] and manifest.build_options["timing_cache_used"] is False and not cache.exists()
+        assert manifest.target_sms == ["sm_89"] and seen["capabilities"] == ["SM89"]
