@@ -275,3 +275,25 @@ def test_a_second_run_into_the_same_directory_replaces_its_own_outputs(tiny_run)
     x = torch.randn(1, 2, 16)
     with torch.no_grad():  # the model directory it wrote before is its own: replaced by the seed-4 model
         assert torch.equal(PiMoESystem.from_pretrained(out / "model")(x), create_from_preset("tiny", seed=4)(x))
+
+
+def test_the_runtime_step_counts_only_tensorrt_units_as_engines(exported_layer, tmp_path) -> None:
+    """An ONNX Runtime unit is loaded, run and recorded with its backend, and is not one of the engine units the
+    check step compares (those are TensorRT's)."""
+    from pimoe_export.build.units import package_ort
+    from pimoe_export.errors import PluginLoadError
+    from pimoe_export.model import create_from_preset
+    from pimoe_export.model.source import layer_source
+    from pimoe_export.pipeline import Loaded, Packaged, step_runtime
+
+    model, path = exported_layer("tiny", 0)
+    try:
+        package_ort(path, tmp_path / "ort-fp32")
+    except PluginLoadError as exc:
+        pytest.skip(f"libpimoe_ort is not built: {exc}")
+    run = Run(OutputDir(tmp_path, force=True), PipelineOptions(preset="tiny"))
+    ran = step_runtime(run, Loaded(layer_source(create_from_preset("tiny")), tmp_path), Packaged({"ort-fp32": {}}),
+                       Unavailable("engines", "skipped"))
+    assert ran.engine_units == ()
+    assert ran.units["ort-fp32"]["loaded"] is True and ran.units["ort-fp32"]["backend"] == "onnxruntime"
+    assert ran.units["ort-fp32"]["outputs"]["output"][-1] == model.config.hidden_size
