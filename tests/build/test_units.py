@@ -170,3 +170,17 @@ def test_an_engine_unit_records_its_backend_artifacts_and_build(flavour, backend
     else:  # TensorRT-RTX has no tactic timing: the cache is left alone
         assert config.calls == [] and manifest.build_options["timing_cache_used"] is False and not cache.exists()
         assert manifest.target_sms == ["sm_89"] and seen["capabilities"] == ["SM89"]
+
+
+def test_an_unknown_rtx_target_lists_the_ones_this_builder_has() -> None:
+    import types
+
+    from pimoe_export.build.engine_builder import compute_capability
+    from pimoe_export.errors import PiMoEInputError
+
+    trt = types.SimpleNamespace(ComputeCapability=types.SimpleNamespace(SM89=89, SM120=120, SM75=75, CURRENT=0))
+    assert compute_capability(trt, "SM120") == 120
+    with pytest.raises(PiMoEInputError) as info:
+        compute_capability(trt, "SM90")
+    assert str(info.value) == ("unknown compute capability 'SM90'; this TensorRT-RTX builds for ['SM120', 'SM75', "
+                               "'SM89'] (choose from them with --sm)")
