@@ -268,3 +268,14 @@ def test_range_text_of_the_docs_table() -> None:
     assert np.isclose(schema.SCHEMAS[MLP].attribute("eps").default, 1e-5)
     with pytest.raises(KeyError, match="PiMoERoute has no attribute 'K'"):
         schema.ROUTE_SCHEMA.attribute("K")
+
+
+def test_route_groups_are_checked_against_the_graphs_number_of_experts() -> None:
+    """With one E in the graph (every dispatch alike), the route's groups must fit it: num_groups dividing E, at
+    least two experts per group for sum_top2, k within the kept groups' experts."""
+    check_graph(graph(node(ROUTE, k=2, num_groups=4, groups_kept=2), node(DISPATCH, num_experts=32)))
+    with pytest.raises(ArtifactError, match=r"node 0 \(PiMoERoute\): num_groups=5 does not divide the number of "
+                                            r"experts E=32"):
+        check_graph(graph(node(ROUTE, k=2, num_groups=5, groups_kept=2), node(DISPATCH, num_experts=32)))
+    with pytest.raises(ArtifactError, match=r"k=9 exceeds the experts of the kept groups"):
+        check_graph(graph(node(ROUTE, k=9, num_groups=4, groups_kept=1), node(DISPATCH, num_experts=32)))
