@@ -176,7 +176,7 @@ def kernel_vs_fake_quant(model: Any, onnx_path: Any, feeds: list[dict[str, np.nd
                          max_rel_l2: float, compared: Compared = LAYER_COMPARED) -> dict[str, Any]:
     """A quantised graph's outputs against the fake-quant PyTorch reference of the same codes and scales (the
     kernels' error alone; the comparison with the fp32 model is quantisation + kernel error): the model with its
-    one PiMoE layer computed by :class:`~pimoe_export.quantize.int8.FakeQuantPiMoE`. (With several layers, one
+    one MoE layer computed by :func:`~pimoe_export.quantize.int8.fake_quant_form`. (With several layers, one
     layer's kernel error moves the next layers' routing, and the comparison would no longer isolate the kernels.)"""
     import copy
 
@@ -184,11 +184,11 @@ def kernel_vs_fake_quant(model: Any, onnx_path: Any, feeds: list[dict[str, np.nd
 
     from pimoe_export.export.tracing import ExportedLayer, flatten_outputs, replace_module
     from pimoe_export.model.source import moe_layers
-    from pimoe_export.quantize.int8 import FakeQuantPiMoE, read_quant_params
+    from pimoe_export.quantize.int8 import fake_quant_form, read_quant_params
 
     ((path, layer),) = moe_layers(model).items()
     routing: list = []
-    fake = FakeQuantPiMoE(copy.deepcopy(layer).float().eval(), read_quant_params(onnx_path)).eval()
+    fake = fake_quant_form(copy.deepcopy(layer).float().eval(), read_quant_params(onnx_path)).eval()
     work = replace_module(copy.deepcopy(model).float().eval(), path, ExportedLayer.around(fake, path, routing))
     outs, ids = [], []
     with torch.no_grad():
