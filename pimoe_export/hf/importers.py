@@ -18,6 +18,7 @@ import numpy as np
 
 from pimoe_export.errors import PiMoEInputError
 from pimoe_export.interface import MODEL_IDS_INPUT, MODEL_MASK_INPUT
+from pimoe_export.model.enhanced import DeploymentSettings
 from pimoe_export.model.source import Calibration, ModelSource, layer_source, model_source, moe_layers
 
 
@@ -134,10 +135,12 @@ def decoder_source(directory: Path, text: Path | None = None, seed: int = 0) -> 
     layers = moe_layers(model)
     describe = {"architecture": model.family.name, "model_type": model.family.model_type,
                 "moe_layers": sorted(layers), "moe_block": next(iter(layers.values())).config.to_dict(), "data": data}
-    return model_source(model, calibration, evaluation=evaluation, data=data, describe=lambda: describe,
-                        random_feed=lambda b, s, feed_seed: D.random_decoder_feeds(vocab, feed_seed,
-                                                                                   ((b, s, "none"),))[0],
-                        read_calibration=read)
+    source = model_source(model, calibration, evaluation=evaluation, data=data, describe=lambda: describe,
+                          random_feed=lambda b, s, feed_seed: D.random_decoder_feeds(vocab, feed_seed,
+                                                                                     ((b, s, "none"),))[0],
+                          read_calibration=read)
+    source.settings = DeploymentSettings(calibration_method=D.CALIBRATION_METHOD)
+    return source
 
 
 def _hf_importer(family: Any) -> Importer:

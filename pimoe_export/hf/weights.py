@@ -9,6 +9,8 @@ allocated; then :meth:`SafetensorsCheckpoint.tensor` reads one tensor at a time,
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +71,53 @@ def _refuse_pickle(directory: Path) -> None:
                           "its shards")
 
 
+#: the largest safetensors header read (bytes): the real ones are well below, a hostile one cannot exhaust memory
+MAX_HEADER_BYTES = 100 << 20
+#: element sizes of the safetensors dtypes (for offset checks; only FLOAT_DTYPES are ever read)
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1, "F4": 1}
+
+
+def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, tuple[int, int]]]:
+    """The tensors a safetensors file holds (names, dtypes, shapes) and their byte ranges, checked: a header of
+    bounded size, known dtypes, ranges inside the file matching each shape (the format: an 8-byte little-endian
+    header length, a JSON header, then the data)."""
+    problem = f"{file} is not a valid safetensors file"
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 2 <= length <= min(MAX_HEADER_BYTES, size - 8):
+            raise PiMoEInputError(f"{problem} (header length {length}); re-download the checkpoint")
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError):
+            raise PiMoEInputError(f"{problem} (its header is not JSON); re-download the checkpoint") from None
+    if not isinstance(header, dict):
+        raise PiMoEInputError(f"{problem} (its header is not a JSON object)")
+    data_bytes = size - 8 - length
+    infos, ranges = {}, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            valid = dtype in ITEMSIZE and all(d >= 0 for d in shape) and isinstance(begin, int) and \
+                isinstance(end, int) and 0 <= begin <= end <= data_bytes and \
+                end - begin == math.prod(shape) * ITEMSIZE[dtype]
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise PiMoEInputError(f"{problem}: tensor {name!r} has a malformed entry {str(entry)[:120]}")
+        infos[name] = TensorInfo(file, dtype, shape)
+        ranges[name] = (8 + length + begin, end - begin)
+    return infos, ranges
+
+
 class SafetensorsCheckpoint:
-    """The tensors of a model directory by name (see the module docstring). Use as a context manager, or call
-    :meth:`close`."""
+    """The tensors of a model directory by name (see the module docstring): headers parsed and checked up front,
+    then each tensor read on its own from the file (plain reads, no memory map: a tensor's bytes live only while it
+    is converted). Use as a context manager, or call :meth:`close`."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -83,10 +129,11 @@ class SafetensorsCheckpoint:
             files = [resolve_inside(self.directory, SAFETENSORS_FILE, "the weights", "re-download the model")]
         else:
             files = sorted(set(mapping.values()))
-        self._handles: dict[Path, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}
+        self._ranges: dict[str, tuple[int, int]] = {}
         for file in files:
-            for name, info in self._header(file).items():
+            infos, ranges = read_header(file)
+            for name, info in infos.items():
                 if mapping is not None and mapping.get(name) != file:
                     raise PiMoEInputError(f"{file.name} holds {name!r}, which {SAFETENSORS_INDEX} places elsewhere "
                                           "(or not at all); the checkpoint is inconsistent: re-download it")
@@ -94,29 +141,11 @@ class SafetensorsCheckpoint:
                     raise PiMoEInputError(f"{name!r} is stored twice ({self.tensors[name].file.name} and "
                                           f"{file.name}); the checkpoint is inconsistent: re-download it")
                 self.tensors[name] = info
+                self._ranges[name] = ranges[name]
         missing = sorted(set(mapping or {}) - set(self.tensors))
         if missing:
             raise PiMoEInputError(f"{SAFETENSORS_INDEX} lists tensors its shards do not hold: {missing[:5]}; "
                                   "re-download the checkpoint")
-
-    def _open(self, file: Path) -> Any:
-        from safetensors import safe_open
-
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt")
-            except Exception as exc:  # safetensors raises its own error type for a bad header
-                raise PiMoEInputError(f"{file} is not a readable safetensors file ({type(exc).__name__}: "
-                                      f"{str(exc)[:200]}); re-download the checkpoint") from None
-        return self._handles[file]
-
-    def _header(self, file: Path) -> dict[str, TensorInfo]:
-        handle = self._open(file)
-        out = {}
-        for name in handle.keys():  # noqa: SIM118  (a safe_open handle, not a dict)
-            piece = handle.get_slice(name)
-            out[name] = TensorInfo(file, str(piece.get_dtype()), tuple(int(d) for d in piece.get_shape()))
-        return out
 
     def check_dtypes(self) -> None:
         """Every tensor is bf16, fp16 or fp32 (quantised formats are outside what the importer reads exactly)."""
@@ -133,10 +162,19 @@ class SafetensorsCheckpoint:
             raise PiMoEInputError(f"{self.directory}: the checkpoint has no tensor {name!r}")
         if info.dtype not in FLOAT_DTYPES:
             raise PiMoEInputError(f"{self.directory}: tensor {name!r} is {info.dtype}, not bf16/fp16/fp32")
-        return self._open(info.file).get_tensor(name).to(torch.float32)
+        offset, length = self._ranges[name]
+        raw = bytearray(length)
+        with open(info.file, "rb") as handle:
+            handle.seek(offset)
+            if handle.readinto(raw) != length:
+                raise PiMoEInputError(f"{info.file} ends inside tensor {name!r}; re-download the checkpoint")
+        if not length:
+            return torch.zeros(info.shape, dtype=torch.float32)
+        stored = torch.frombuffer(raw, dtype=FLOAT_DTYPES[info.dtype]).reshape(info.shape)
+        return stored.to(torch.float32, copy=True)
 
     def close(self) -> None:
-        self._handles.clear()
+        self._ranges.clear()
 
     def __enter__(self) -> SafetensorsCheckpoint:
         return self

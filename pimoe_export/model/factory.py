@@ -18,7 +18,8 @@ from pimoe_export.model.system import PiMoESystem, config_from_seed_args
 #: tests (three types, two of them interleaved so one expert group is non-contiguous). ``mixtral-ffn`` and
 #: ``qwen3-moe`` are MoE blocks shaped like one layer of the real models (gated SiLU experts without biases or
 #: LayerNorm, softmax routing renormalised over the k, Hugging Face's expert-order combine): Mixtral-8x7B (H 4096,
-#: I 14336, E 8, k 2; 5.6 GB in fp32) and Qwen3-30B-A3B (H 2048, I 768, E 128, k 8; 2.4 GB in fp32).
+#: I 14336, E 8, k 2; 5.6 GB in fp32) and Qwen3-30B-A3B (H 2048, I 768, E 128, k 8; 2.4 GB in fp32), calibrated
+#: with the mse method (gated experts: see pimoe_export.hf.decoder.CALIBRATION_METHOD).
 PRESETS: dict[str, PiMoEConfig | MoEBlockConfig] = {
     "tiny": PiMoEConfig(
         hidden_size=16, num_experts=4, intermediate_size=32, top_k=2,
@@ -32,11 +33,11 @@ PRESETS: dict[str, PiMoEConfig | MoEBlockConfig] = {
     ),
     "mixtral-ffn": MoEBlockConfig(
         hidden_size=4096, num_experts=8, top_k=2, experts=ExpertsConfig(intermediate_size=14336), normalize=True,
-        family="mixtral",
+        family="mixtral", metadata={"deployment": {"calibration_method": "mse"}},
     ),
     "qwen3-moe": MoEBlockConfig(
         hidden_size=2048, num_experts=128, top_k=8, experts=ExpertsConfig(intermediate_size=768), normalize=True,
-        family="qwen3_moe",
+        family="qwen3_moe", metadata={"deployment": {"calibration_method": "mse"}},
     ),
 }
 

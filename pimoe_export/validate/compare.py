@@ -204,3 +204,34 @@ def kernel_vs_fake_quant(model: Any, onnx_path: Any, feeds: list[dict[str, np.nd
     got = np.concatenate([a[name].reshape(-1, a[name].shape[-1]) for a in actual])
     return {LAYER_OUTPUT: stats.to_dict(), "routing_agreement": routing_agreement(np.concatenate(ids), got),
             "max_rel_l2": max_rel_l2}
+
+
+def layer_quantization_error(model: Any, onnx_path: Any, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Each MoE layer's W8A8 output error on the inputs that reach it when the fp32 model runs ``feeds``: the layer
+    with the quantised graph's own codes and scales (the fake-quant reference) against the same layer in fp32, by
+    layer path in the order the layers run. It isolates every layer's quantisation error (the graph's outputs carry
+    the error of all layers, compounded)."""
+    import torch
+
+    from pimoe_export.export.modules import custom_op_form
+    from pimoe_export.model.moe_block import MoEBlock
+    from pimoe_export.model.source import moe_layers
+    from pimoe_export.quantize.capture import capture_layer_inputs
+    from pimoe_export.quantize.int8 import QuantParams, fake_quant_form, read_quant_params
+
+    params = read_quant_params(onnx_path)
+    layers = moe_layers(model)
+    out: dict[str, Any] = {}
+    start = 0
+    for path, batches in capture_layer_inputs(model, feeds).items():
+        layer = layers[path]
+        count = len(layer.groups()) if isinstance(layer, MoEBlock) else len(layer.config.expert_groups())
+        own = QuantParams(params.mode, params.method, params.groups[start:start + count], params.info)
+        start += count
+        exact, quantised = custom_op_form(layer).eval(), fake_quant_form(layer, own).eval()
+        with torch.no_grad():
+            pairs = [(exact(x)[0].numpy(), quantised(x)[0].numpy()) for x in batches]
+        stats = merge_stats([error_stats(r, a) for r, a in pairs])
+        out[path] = {"rel_l2": stats.rel_l2, "cosine": stats.cosine, "max_abs": stats.max_abs,
+                     "tokens": int(sum(x.shape[1] for x in batches))}
+    return out
