@@ -114,3 +114,12 @@ def tiny_decoder(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def pytest_report_header(config) -> list[str]:
+    """Say which CPU kernel sets the ONNX Runtime op tests run here (tests/cpu_kernel_sets.py): native or SIMDe."""
+    from cpu_kernel_sets import DESCRIPTION, default_kernel_set, other_kernel_sets
+
+    own = default_kernel_set()
+    others = ", ".join(DESCRIPTION[s] for s in other_kernel_sets()) or "none"
+    return [f"pimoe CPU kernels: {DESCRIPTION.get(own, own)} in this process; in subprocesses: {others}"]
