@@ -126,6 +126,9 @@ def test_the_int8_report_states_each_layer_routing_and_error(pipeline) -> None:
     text = (out / "report_int8" / "report.md").read_text()
     assert "Routing agreement by MoE layer" in text and "W8A8 output error by MoE layer" in text
     assert report["outputs"][MODEL_LOGITS_OUTPUT]["rel_l2"] > 0
+    print(f"\n{pipeline[0]} INT8: logits rel. L2 {report['outputs'][MODEL_LOGITS_OUTPUT]['rel_l2']:.3f}; per MoE "
+          f"layer W8A8 rel. L2 {[round(e['rel_l2'], 4) for e in report['layer_output_error'].values()]}, routing "
+          f"agreement {[round(v, 4) for v in report['routing_by_layer'].values()]}")
 
 
 def test_the_pipeline_record_names_the_family(pipeline) -> None:
