@@ -19,8 +19,8 @@ import torch
 
 from pimoe_export._files import read_json, resolve_inside
 from pimoe_export.errors import PiMoEInputError
+from pimoe_export.model.io import WEIGHTS_FILE as SAFETENSORS_FILE  # Hugging Face's single-file name too
 
-SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 #: pickle-based checkpoint files: never loaded (torch.load would run code from the file)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
