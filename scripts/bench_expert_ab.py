@@ -53,7 +53,7 @@ def layer_model(args: argparse.Namespace, precision: str) -> bytes:
             params.append(scale)
         else:  # act_smooth
             params.append(np.ones((args.experts, widths[layer]), np.float32))
-    node = helper.make_node("PiMoEExpertMLP", ["x_sorted", "offsets"] + [f"p{i}" for i in range(len(params))],
+    node = helper.make_node(schema.EXPERT_MLP, ["x_sorted", "offsets"] + [f"p{i}" for i in range(len(params))],
                             ["y_sorted"], domain=schema.DOMAIN, expert_ids=list(range(args.experts)), widths=widths,
                             activation=args.activation, layer_norm=0, quant_mode=mode, gated=1, bias=0)
     graph = helper.make_graph(
