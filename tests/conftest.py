@@ -96,6 +96,26 @@ if os.environ.get("PIMOE_TESTS_NO_EXPORT") == "1":
     torch.onnx.export = _refuse_export
 
 
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory):
+    """Tiny random Hugging Face MoE decoders (tests/hf/tiny_decoders.py), each saved once per session:
+    ``tiny_decoder(family, dtype=None, shard=None)`` -> the model directory. Tests may read it, never change it.
+    Skips without the hf extra."""
+    pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    from tiny_decoders import save_tiny
+
+    cache: dict[tuple[str, str, str], Path] = {}
+
+    def get(family: str, dtype=None, shard: str | None = None) -> Path:
+        key = (family, str(dtype), str(shard))
+        if key not in cache:
+            directory = tmp_path_factory.mktemp(f"hf-{family}") / family
+            cache[key] = save_tiny(family, directory, dtype=dtype, shard_bytes=shard)
+        return cache[key]
+
+    return get
+
+
 def pytest_report_header(config) -> list[str]:
     """Say which CPU kernel sets the ONNX Runtime op tests run here (tests/cpu_kernel_sets.py): native or SIMDe."""
     from cpu_kernel_sets import DESCRIPTION, default_kernel_set, other_kernel_sets

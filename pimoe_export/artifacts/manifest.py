@@ -5,6 +5,8 @@ describes and fingerprints it:
 
 - ``onnxruntime`` units: ``model.onnx`` + ``libpimoe_ort.so`` (CPU; the embedded default backend)
 - ``tensorrt`` / ``tensorrt-rtx`` units: ``model.engine`` + ``libpimoe_trt_plugins.so`` + the source ``model.onnx``
+- a graph past 2 GB also ships its one external-data file (role ``onnx_data``, the name the ONNX gives it), and
+  the ONNX may name no other
 
 The manifest records the backend flavour and version, target SMs, precision, the optimisation profile, the
 op-contract version, the model config, the graph interface and the sha256 of every artefact. Units are untrusted
@@ -28,14 +30,22 @@ from typing import Any
 
 from pimoe_export._files import read_format_json, resolve_inside, sha256_file
 from pimoe_export.errors import ArtifactError
-from pimoe_export.interface import INT32_LIMIT, PRECISIONS, GraphInterface, Profile, layer_configs, parse_metadata
+from pimoe_export.interface import (
+    INT32_LIMIT,
+    PRECISIONS,
+    GraphInterface,
+    Profile,
+    external_data_files,
+    layer_configs,
+    parse_metadata,
+)
 from pimoe_export.ops.schema import CONTRACT_VERSION
 from pimoe_export.ops.validation import elements_per_token
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "pimoe-export-unit/1"
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
-ROLES = ("onnx", "engine", "plugin_library", "ort_library")
+ROLES = ("onnx", "engine", "plugin_library", "ort_library", "onnx_data")
 #: artefacts a unit of each backend must list (and ship)
 REQUIRED_ROLES: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("onnx", "ort_library"),
@@ -250,6 +260,10 @@ def _check_against_onnx(unit_dir: Path, manifest: Manifest, onnx_path: Path, hin
         raise ArtifactError(f"{onnx_path} is not a readable ONNX model ({type(exc).__name__}): {hint}") from None
     meta = parse_metadata({p.key: p.value for p in proto.metadata_props}, str(onnx_path))
     problems = []
+    data = [a.file for a in manifest.artifacts if a.role == "onnx_data"]
+    if external_data_files(proto) != data:
+        problems.append(f"the ONNX's external data {external_data_files(proto)} is not the data file the manifest "
+                        f"fingerprints ({data})")
     if meta.config != manifest.config:
         problems.append("its config differs from the ONNX's pimoe.config")
     if meta.precision != manifest.precision:
@@ -307,3 +321,21 @@ def copy_artifact(src: str | Path, dst: Path) -> Path:
     if src.resolve() != dst.resolve():
         shutil.copyfile(src, dst)
     return dst
+
+
+def copy_onnx(src: str | Path, out: Any, name: str = "model.onnx") -> list[Artifact]:
+    """Copy an ONNX graph into a unit (``out``: its OutputDir) as ``name``, with its external-data file when it has
+    one (copied under the name the graph gives it, which must be one plain file beside the source); returns the
+    artefacts ("onnx", and "onnx_data")."""
+    import onnx
+
+    src = Path(src)
+    locations = external_data_files(onnx.load(str(src), load_external_data=False))
+    if len(locations) > 1 or any(Path(loc).name != loc or loc in (".", "..") for loc in locations):
+        raise ArtifactError(f"{src} keeps its weights in {locations}: a unit ships one external-data file beside the "
+                            "ONNX; re-export the graph with `pimoe-export export`")
+    artifacts = [Artifact.of("onnx", copy_artifact(src, out.claim(name)))]
+    for location in locations:
+        data = resolve_inside(src.parent, location, "the ONNX's external data", "re-export the graph")
+        artifacts.append(Artifact.of("onnx_data", copy_artifact(data, out.claim(location))))
+    return artifacts
