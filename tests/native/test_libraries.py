@@ -117,7 +117,7 @@ def test_an_op_library_of_another_contract_is_refused(monkeypatch, tmp_path) -> 
     monkeypatch.setattr(libraries, "CONTRACT_VERSION", schema.CONTRACT_VERSION + 1)
     with pytest.raises(PluginLoadError, match=rf"implements op contract v{schema.CONTRACT_VERSION}, this package "
                                               rf"needs v{schema.CONTRACT_VERSION + 1}; rebuild it"):
-        libraries.check_ort_library(str(copy))
+        libraries.check_ort_library(str(copy), needs=schema.CONTRACT_VERSION + 1)
 
 
 def test_a_file_that_is_no_shared_library_is_refused(tmp_path) -> None:
