@@ -94,3 +94,33 @@ if os.environ.get("PIMOE_TESTS_NO_EXPORT") == "1":
                            "(compute what it needs in memory, as tests/emu/test_gpu_layer.py does)")
 
     torch.onnx.export = _refuse_export
+
+
+# ------------------------------------------------------------------------------------------ decoder units
+@pytest.fixture(scope="session")
+def decoder_cases(tmp_path_factory):
+    """Each decoder family's tiny model and fp32 unit (tests/decoders.py), built once per session:
+    ``decoder_cases(family)``. Skips without the hf extra."""
+    pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    from decoders import FAMILIES
+
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = FAMILIES[family](tmp_path_factory.mktemp(f"decoder-{family}"))
+        return cache[family]
+
+    return get
+
+
+def _decoder_families() -> list[str]:
+    from decoders import FAMILIES
+
+    return sorted(FAMILIES)
+
+
+@pytest.fixture(params=_decoder_families())
+def decoder_case(request, decoder_cases):
+    """The tiny decoder of every family (tests run once per family)."""
+    return decoder_cases(request.param)

@@ -9,12 +9,14 @@ compute capabilities on a machine without a GPU; with full TensorRT it builds fo
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pimoe_export._files import OutputDir
-from pimoe_export.artifacts.manifest import MANIFEST_FILE, Artifact, Manifest, copy_artifact
+from pimoe_export.artifacts.manifest import CLIENT_FILES, MANIFEST_FILE, Artifact, Manifest, copy_artifact
+from pimoe_export.build.clients import genai_config, read_generation_config
 from pimoe_export.errors import ArtifactError, BackendUnavailableError
 from pimoe_export.interface import (
     CUDA_ARCHITECTURES,
@@ -62,12 +64,19 @@ def package_ort(
     profile: Profile | None = None,
     move: bool = False,
     force: bool = False,
+    client_dir: str | Path | None = None,
 ) -> Manifest:
     """An ONNX Runtime unit: the ONNX (copied, or moved with ``move``) + libpimoe_ort + manifest.
 
-    ``unit_dir`` is an output directory (see :class:`~pimoe_export._files.OutputDir`): files in it that
-    pimoe-export did not write are not replaced unless ``force``."""
+    A decoder graph (``pimoe.decoder`` metadata) also gets the files its clients read (build/clients.py): the
+    tokenizer, config.json and generation_config.json found in ``client_dir`` (default: the ONNX's directory), and
+    a genai_config.json written for the unit. ``unit_dir`` is an output directory (see
+    :class:`~pimoe_export._files.OutputDir`): files in it that pimoe-export did not write are not replaced unless
+    ``force``."""
     onnx_path, meta = _source(onnx_path)
+    if client_dir is not None and not Path(client_dir).is_dir():
+        raise ArtifactError(f"{client_dir} is not a directory (the tokenizer and config files of the decoder)")
+    client_sources = _client_sources(Path(client_dir) if client_dir else onnx_path.parent) if meta.decoder else {}
     lib = Path(library or find_ort_library())
     info = check_ort_library(str(lib))
     out = OutputDir(unit_dir, force=force, command="package")
@@ -79,6 +88,7 @@ def package_ort(
     else:
         copy_artifact(onnx_path, target)
     copy_artifact(lib, lib_copy)
+    client_artifacts = _write_client_files(out, meta, client_sources, target.name, lib_copy.name)
     ort = import_onnxruntime()
     onnx_art = Artifact.of("onnx", target)
     manifest = Manifest(
@@ -87,14 +97,34 @@ def package_ort(
         precision=meta.precision,
         profile=profile or DEFAULT_ORT_PROFILE,
         config=meta.config,
-        artifacts=[onnx_art, Artifact.of("ort_library", lib_copy)],
+        artifacts=[onnx_art, Artifact.of("ort_library", lib_copy), *client_artifacts],
         backend_version=ort.__version__,
         build_options={"cpu_isa": info["cpu_isa"]},
         io=_interface(meta).to_dict(),
+        decoder=meta.decoder.to_dict() if meta.decoder else {},
         source_onnx_sha256=onnx_art.sha256,
     )
     manifest.write(manifest_path.parent)
     return manifest
+
+
+def _client_sources(directory: Path) -> dict[str, Path]:
+    """The client files (manifest.CLIENT_FILES) a decoder's source directory holds, by role (genai_config.json is
+    always written for the unit, never copied)."""
+    return {role: directory / name for role, name in CLIENT_FILES.items()
+            if role != "genai_config" and (directory / name).is_file()}
+
+
+def _write_client_files(out: OutputDir, meta: OnnxMetadata, sources: dict[str, Path], onnx_file: str,
+                        library_file: str) -> list[Artifact]:
+    if meta.decoder is None:
+        return []
+    written = [Artifact.of(role, copy_artifact(path, out.claim(CLIENT_FILES[role]))) for role, path in sources.items()]
+    config = genai_config(meta.decoder, onnx_file, library_file, read_generation_config(sources.get(
+        "generation_config")))
+    genai = out.claim(CLIENT_FILES["genai_config"])
+    genai.write_text(json.dumps(config, indent=2) + "\n")
+    return [*written, Artifact.of("genai_config", genai)]
 
 
 @dataclass
