@@ -81,7 +81,8 @@ def train_tokenizer(directory: Path):
 
 
 def llama_directory(directory: Path, seed: int = 0) -> Path:
-    """A tiny Llama (2 layers, GQA 4:2, H 64) with the tokenizer above, saved as a Hugging Face directory."""
+    """A tiny Llama (2 layers, GQA 4:2, H 64, 2048 positions) with the tokenizer above, saved as a Hugging Face
+    directory."""
     import transformers
 
     tokenizer = train_tokenizer(directory)
@@ -89,7 +90,7 @@ def llama_directory(directory: Path, seed: int = 0) -> Path:
     # initializer_range 0.2: logits far from ties, so greedy tokens do not hinge on float rounding
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.2,
+                                      max_position_embeddings=2048, tie_word_embeddings=False, initializer_range=0.2,
                                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(str(directory), safe_serialization=True)

@@ -155,8 +155,8 @@ class Decoding:
         if parts:
             self.rows = parts[0] if len(parts) == 1 else Rows.merge(self.decoder, parts)
 
-    def step(self) -> None:
-        """Drop cancelled requests, then decode one token for every active one."""
+    def step(self) -> int:
+        """Drop cancelled requests, then decode one token for every active one; returns how many."""
         going = []
         for i, request in enumerate(self.active):
             if request.cancelled():
@@ -165,9 +165,11 @@ class Decoding:
                 going.append(i)
         self._keep(going)
         if not self.active or self.rows is None:
-            return
+            return 0
         logits = self.rows.step(self.decoder, [r.tokens[-1] for r in self.active])
+        decoded = len(self.active)
         self._keep([i for i, r in enumerate(self.active) if not r.advance(logits[i])])
+        return decoded
 
     def fail(self, message: str) -> None:
         for request in self.active:
@@ -195,9 +197,10 @@ class ContinuousBatcher:
     (prefilled alone, so its first token is what Engine.generate gives it) and leaves when it ends or is cancelled;
     at most ``max_rows`` are decoded at once, the others wait in order. Runs on its own thread."""
 
-    def __init__(self, decoder: Decoder, max_rows: int = 8) -> None:
+    def __init__(self, decoder: Decoder, max_rows: int = 8, on_step: Callable[[int], None] | None = None) -> None:
         self.decoding = Decoding(decoder, trim=True)
-        self.max_rows = max_rows
+        self.max_rows = max(1, max_rows)
+        self.on_step = on_step
         self._waiting: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pimoe-generate", daemon=True)
@@ -236,7 +239,9 @@ class ContinuousBatcher:
         while not self._stop.is_set():
             try:
                 self._admit_waiting()
-                self.decoding.step()
+                rows = self.decoding.step()
+                if rows and self.on_step is not None:
+                    self.on_step(rows)
             except PiMoEError as exc:  # a step the backend refused: those requests fail, the server goes on
                 self.decoding.fail(str(exc))
         self.decoding.fail("the server is stopping")
