@@ -41,10 +41,10 @@ class Decoder:
         self.cache_dtype = np.dtype(cache_dtype)
         self.logits_dtype = np.dtype(logits_dtype)
 
-    def forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                cache: Sequence[Any] | None) -> tuple[np.ndarray, list[Any]]:  # pragma: no cover - abstract
-        """(logits of the last position [B, V] float32, the present cache) for [B, S] ids/positions, a [B, P + S]
-        mask and a past cache of P positions (None: empty)."""
+    def forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: Sequence[Any] | None,
+                all_positions: bool = False) -> tuple[np.ndarray, list[Any]]:  # pragma: no cover - abstract
+        """(logits of the last position [B, V] float32 (``all_positions``: of every position, [B, S, V]), the present
+        cache) for [B, S] ids/positions, a [B, P + S] mask and a past cache of P positions (None: empty)."""
         raise NotImplementedError
 
     def to_numpy(self, cache: Sequence[Any]) -> list[np.ndarray]:
@@ -64,7 +64,7 @@ class OrtDecoder(Decoder):
         self.session = session
         self.device = device
 
-    def forward(self, ids, mask, positions, cache):
+    def forward(self, ids, mask, positions, cache, all_positions=False):
         import onnxruntime as ort
 
         batch, sequence = ids.shape
@@ -88,7 +88,7 @@ class OrtDecoder(Decoder):
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RunError(f"ONNX Runtime could not run the decoder step: {detail}") from None
         present = binding.get_outputs()[1:]
-        return logits[:, -1, :].astype(np.float32), present
+        return (logits if all_positions else logits[:, -1, :]).astype(np.float32), present
 
     def to_numpy(self, cache):
         return [c.numpy() if hasattr(c, "numpy") else np.asarray(c) for c in cache]
@@ -102,13 +102,14 @@ class ArrayDecoder(Decoder):
         super().__init__(spec, cache_dtype, logits_dtype)
         self.infer = infer
 
-    def forward(self, ids, mask, positions, cache):
+    def forward(self, ids, mask, positions, cache, all_positions=False):
         feeds = {MODEL_IDS_INPUT: ids.astype(np.int64), MODEL_MASK_INPUT: mask.astype(np.int64),
                  DECODER_POSITIONS_INPUT: positions.astype(np.int64)}
         cache = self.empty_cache(ids.shape[0]) if cache is None else cache
         feeds.update({name: np.ascontiguousarray(c) for name, c in zip(self.spec.past_names, cache, strict=True)})
         outputs = self.infer(feeds)
-        logits = np.asarray(outputs[DECODER_LOGITS])[:, -1, :].astype(np.float32)
+        logits = np.asarray(outputs[DECODER_LOGITS])
+        logits = (logits if all_positions else logits[:, -1, :]).astype(np.float32)
         return logits, [np.asarray(outputs[name]) for name in self.spec.present_names]
 
 
