@@ -31,11 +31,12 @@ from typing import Any
 import numpy as np
 
 from pimoe_export.errors import PiMoEError, PiMoEInputError
+from pimoe_export.interface import MODEL_IDS_INPUT
 from pimoe_export.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingSettings
 
 #: the model's optional inputs: name -> (Triton data type, dims); every request field must be one of them
 GENERATE_INPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
-    "text_input": ("TYPE_STRING", (1,)), "input_ids": ("TYPE_INT64", (-1,)), "max_tokens": ("TYPE_INT32", (1,)),
+    "text_input": ("TYPE_STRING", (1,)), MODEL_IDS_INPUT: ("TYPE_INT64", (-1,)), "max_tokens": ("TYPE_INT32", (1,)),
     "temperature": ("TYPE_FP32", (1,)), "top_k": ("TYPE_INT32", (1,)), "top_p": ("TYPE_FP32", (1,)),
     "seed": ("TYPE_INT64", (1,)), "stop": ("TYPE_STRING", (-1,)), "stream": ("TYPE_BOOL", (1,)),
 }
@@ -99,13 +100,13 @@ def parse_request(request: Any, pb_utils: Any) -> ParsedRequest:
     if unknown:
         raise PiMoEInputError(f"unknown parameter(s) {unknown}; this model takes {sorted(GENERATE_INPUTS)}")
     values = {name: _value(request, pb_utils, name) for name in GENERATE_INPUTS}
-    text, ids = values["text_input"], values["input_ids"]
+    text, ids = values["text_input"], values[MODEL_IDS_INPUT]
     if (text is None) == (ids is None):
         raise PiMoEInputError("give the prompt as text_input (text) or input_ids (token ids), one of the two")
     prompt: str | list[int] = _text(text[0]) if text is not None and text.size else \
         [int(t) for t in (ids if ids is not None else [])]
     scalar = {n: v[0].item() for n, v in values.items() if v is not None and v.size == 1 and n not in
-              ("text_input", "input_ids", "stop")}
+              ("text_input", MODEL_IDS_INPUT, "stop")}
     settings = SamplingSettings(
         max_new_tokens=int(scalar.get("max_tokens", DEFAULT_MAX_NEW_TOKENS)),
         temperature=float(scalar.get("temperature", 0.0)), top_k=int(scalar.get("top_k", 0)),
