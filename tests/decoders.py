@@ -80,16 +80,19 @@ def train_tokenizer(directory: Path):
     return fast
 
 
-def llama_directory(directory: Path, seed: int = 0) -> Path:
-    """A tiny Llama (2 layers, GQA 4:2, H 64, 2048 positions) with the tokenizer above, saved as a Hugging Face
-    directory."""
+#: the test decoder's sizes: 2 layers, GQA 4:2, H 64, 2048 positions (scripts/bench_generate.py's --size takes others)
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2}
+
+
+def llama_directory(directory: Path, seed: int = 0, sizes: dict | None = None) -> Path:
+    """A tiny Llama (:data:`TINY`, or ``sizes``) with the tokenizer above, saved as a Hugging Face directory."""
     import transformers
 
     tokenizer = train_tokenizer(directory)
     torch.manual_seed(seed)
     # initializer_range 0.2: logits far from ties, so greedy tokens do not hinge on float rounding
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), **(sizes or TINY),
                                       max_position_embeddings=2048, tie_word_embeddings=False, initializer_range=0.2,
                                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = transformers.LlamaForCausalLM(config).eval()
@@ -161,8 +164,8 @@ def export_test_decoder(model: torch.nn.Module, spec: DecoderSpec, path: Path) -
     return path
 
 
-def build_llama_dense(root: Path) -> DecoderCase:
-    hf_dir = llama_directory(root / "hf")
+def build_llama_dense(root: Path, sizes: dict | None = None) -> DecoderCase:
+    hf_dir = llama_directory(root / "hf", sizes=sizes)
     spec = decoder_spec(hf_dir)
     onnx_path = export_test_decoder(DecoderCase("", hf_dir, root).hf_model(), spec, root / "model.onnx")
     package_ort(onnx_path, root / "ort-fp32", client_dir=hf_dir)
