@@ -244,6 +244,7 @@ def main() -> int:
             int8 = quantize_model(model, tmp / "model.int8.onnx", method="entropy", fp32_onnx=custom).onnx_path
         variants["ort_pimoe_int8"] = lambda th: create_session(int8, threads=th)
     tokens_list = [int(t) for t in args.tokens.split(",")]
+    load_before = os.getloadavg()[0]
     inputs = {t: np.random.default_rng(t).standard_normal((1, t, model.hidden_size)).astype(np.float32)
               for t in tokens_list}
     rows, identical = [], True
@@ -259,14 +260,15 @@ def main() -> int:
     lib = check_ort_library(str(find_ort_library()))
     meta = {"preset": args.preset, "threads": args.threads, "rounds": args.rounds, "machine": machine_description(),
             "onnxruntime": ort.__version__, "torch": torch.__version__, "cpu_isa": lib["cpu_isa"],
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after (ours included)
             "bit_identical_across_threads": identical,
             "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     table = render(meta, rows)
     print(table)
-    if args.update_docs:
-        update_docs(table, f"cpu-{args.preset}")
+    if args.update_docs:  # one table per machine kind: the kernel set ours ran names it
+        update_docs(table, f"cpu-{args.preset}-{lib['cpu_isa']}")
     return 0
 
 
@@ -277,8 +279,11 @@ def render(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"Command: `{meta['command'].replace(str(ROOT) + '/', '')}`  ",
         f"Date: {meta['date']}; machine: {meta['machine']}; onnxruntime {meta['onnxruntime']}, torch "
-        f"{meta['torch']}, pimoe CPU kernels: {meta['cpu_isa']}. `ort_pimoe` outputs bit-identical across runs and "
-        f"thread counts: {'yes' if meta['bit_identical_across_threads'] else '**no**'}.",
+        f"{meta['torch']}, pimoe CPU kernels (`ort_pimoe`, `ort_pimoe_int8`): {meta['cpu_isa']}; ONNX Runtime's "
+        f"MLAS and PyTorch's MKL pick their own from the same CPU. `ort_pimoe` outputs bit-identical across runs and "
+        f"thread counts: {'yes' if meta['bit_identical_across_threads'] else '**no**'}."
+        + (f" 1-minute load average before the run: {meta['load_average'][0]} (above ~0.3, other jobs shared the "
+           "cores)." if "load_average" in meta else ""),
         "",
         f"Median latency (ms), batch 1, fp32 unless named; median over {meta['rounds']} rounds of per-round medians "
         "(largest spread between rounds, relative: " + ", ".join(

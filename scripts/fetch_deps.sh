@@ -2,12 +2,16 @@
 # Fetch build-time third-party headers into build/deps (git-ignored), from PyPI and Debian only:
 #   build/deps/onnxruntime/include   ONNX Runtime C/C++ API headers (Debian trixie libonnxruntime-dev 1.21, API 21)
 #   build/deps/tensorrt/include      TensorRT 10.14 NvInfer*.h (from the kernel-lens 2.0.1 wheel, Apache-2.0)
+#   build/deps/simde/include         SIMDe (Debian trixie libsimde-dev, header-only, MIT): portable AVX-512/VNNI
+#                                    intrinsics, so the AVX-512 kernels also build into a variant that runs (and is
+#                                    tested) on CPUs without those instructions (plugins/kernels/CMakeLists.txt)
 #   build/deps/ort-wheels            (component ort-wheels, not in the default) the onnxruntime and onnxruntime-gpu
 #                                    wheels + their dependencies, for the fresh-venv packaging tests
 #                                    (tests/integration/test_packaging.py installs from here with --no-index)
-# Installed copies win: ONNXRUNTIME_INCLUDE_DIR, TENSORRT_ROOT (or /usr/include/x86_64-linux-gnu/NvInfer.h).
+# Installed copies win: ONNXRUNTIME_INCLUDE_DIR, TENSORRT_ROOT (or /usr/include/x86_64-linux-gnu/NvInfer.h),
+# SIMDE_INCLUDE_DIR (or /usr/include/simde).
 # Idempotent: a component already present is not fetched again.
-# Usage: scripts/fetch_deps.sh [ort] [trt] [ort-wheels]   (default: ort trt)
+# Usage: scripts/fetch_deps.sh [ort] [trt] [simde] [ort-wheels]   (default: ort trt simde)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 deps="$root/build/deps"
@@ -15,7 +19,7 @@ mkdir -p "$deps"
 python=${PYTHON:-"$root/.venv/bin/python"}
 [ -x "$python" ] || python=python3
 fail() { echo "fetch_deps.sh: error: $*" >&2; exit 1; }
-want=${*:-"ort trt"}
+want=${*:-"ort trt simde"}
 
 fetch_wheel() {  # name==version -> unpacked into $deps/wheels/<name>
   local spec=$1 dir=$deps/wheels/${1%%==*}
@@ -30,6 +34,25 @@ fetch_wheel() {  # name==version -> unpacked into $deps/wheels/<name>
   echo "$dir"
 }
 
+# One Debian trixie package into $deps/apt/root-<package>, with a private apt state (same mirror as the machine's
+# own apt sources; the system's apt is untouched; see ../shared/design/ENVIRONMENT.md)
+fetch_deb() {  # package -> prints the folder it was unpacked into
+  local pkg=$1 D="$deps/apt"
+  mkdir -p "$D/etc" "$D/state/lists/partial" "$D/cache/archives/partial"
+  local uri
+  uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  [ -n "$uri" ] || uri=http://deb.debian.org/debian
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri trixie main" > "$D/etc/sources.list"
+  local O="-o Dir::State=$D/state -o Dir::Cache=$D/cache -o Dir::Etc::SourceList=$D/etc/sources.list -o Dir::Etc::SourceParts=/dev/null -o APT::Sandbox::User=root"
+  # shellcheck disable=SC2086
+  apt-get $O -qq update >/dev/null || fail "apt-get update (private state, trixie) failed"
+  rm -f "$D/${pkg}"_*.deb
+  # shellcheck disable=SC2086
+  (cd "$D" && apt-get $O -qq download "$pkg" >/dev/null) || fail "apt-get download $pkg failed"
+  rm -rf "$D/root-$pkg" && dpkg-deb -x "$D/${pkg}"_*.deb "$D/root-$pkg"
+  echo "$D/root-$pkg"
+}
+
 for component in $want; do
   case $component in
   ort)
@@ -38,19 +61,9 @@ for component in $want; do
     elif [ -f "$deps/onnxruntime/include/onnxruntime_cxx_api.h" ]; then
       echo "onnxruntime headers: $deps/onnxruntime/include (cached)"
     else
-      D="$deps/apt"
-      mkdir -p "$D/etc" "$D/state/lists/partial" "$D/cache/archives/partial"
-      uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-      [ -n "$uri" ] || uri=http://deb.debian.org/debian
-      echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri trixie main" > "$D/etc/sources.list"
-      O="-o Dir::State=$D/state -o Dir::Cache=$D/cache -o Dir::Etc::SourceList=$D/etc/sources.list -o Dir::Etc::SourceParts=/dev/null -o APT::Sandbox::User=root"
-      # shellcheck disable=SC2086
-      apt-get $O -qq update >/dev/null || fail "apt-get update (private state, trixie) failed"
-      # shellcheck disable=SC2086
-      (cd "$D" && apt-get $O -qq download libonnxruntime-dev >/dev/null) || fail "apt-get download libonnxruntime-dev failed"
-      rm -rf "$D/root" && dpkg-deb -x "$D"/libonnxruntime-dev_*.deb "$D/root"
+      root_dir=$(fetch_deb libonnxruntime-dev | tail -n1)
       mkdir -p "$deps/onnxruntime"
-      rm -rf "$deps/onnxruntime/include" && cp -r "$D/root/usr/include/onnxruntime" "$deps/onnxruntime/include"
+      rm -rf "$deps/onnxruntime/include" && cp -r "$root_dir/usr/include/onnxruntime" "$deps/onnxruntime/include"
       echo "onnxruntime headers: $deps/onnxruntime/include"
     fi
     ;;
@@ -64,6 +77,20 @@ for component in $want; do
       mkdir -p "$deps/tensorrt"
       rm -rf "$deps/tensorrt/include" && cp -r "$dir/kernel_lens/include/tensorrt" "$deps/tensorrt/include"
       echo "tensorrt headers: $deps/tensorrt/include"
+    fi
+    ;;
+  simde)
+    if [ -n "${SIMDE_INCLUDE_DIR:-}" ]; then
+      echo "simde headers: $SIMDE_INCLUDE_DIR (SIMDE_INCLUDE_DIR)"
+    elif [ -f /usr/include/simde/x86/avx512.h ]; then
+      echo "simde headers: system"
+    elif [ -f "$deps/simde/include/simde/x86/avx512.h" ]; then
+      echo "simde headers: $deps/simde/include (cached)"
+    else
+      root_dir=$(fetch_deb libsimde-dev | tail -n1)
+      mkdir -p "$deps/simde/include"
+      rm -rf "$deps/simde/include/simde" && cp -r "$root_dir/usr/include/simde" "$deps/simde/include/simde"
+      echo "simde headers: $deps/simde/include"
     fi
     ;;
   ort-wheels)
@@ -80,6 +107,6 @@ for component in $want; do
     fi
     echo "onnxruntime wheels: $wheels"
     ;;
-  *) fail "unknown component '$component' (ort, trt, ort-wheels)";;
+  *) fail "unknown component '$component' (ort, trt, simde, ort-wheels)";;
   esac
 done

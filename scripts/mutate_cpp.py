@@ -6,9 +6,9 @@ Each mutant is one small, deterministic source change (a relational, arithmetic 
 ``!``, a constant 0 <-> 1, a loop bound one short, min <-> max, a removed ``if (...) return ...;`` check). It is
 applied to a COPY of plugins/ (build/mutation/src; plugins/ itself is never touched), libpimoe_ort is rebuilt in
 its own build folder (build/mutation/build), and the fast ONNX Runtime op tests run against the mutant's library
-(PIMOE_ORT_LIBRARY; PIMOE_CPU_ISA=generic for mutants of the portable kernels, which the library only selects when
-forced on an AVX2 machine). A failing, crashing or timed-out test run kills the mutant; a mutant that does not
-compile is 'invalid' and left out of the score.
+(PIMOE_ORT_LIBRARY; PIMOE_CPU_ISA names the kernel set a mutated kernel file implements: generic, avx2, and for
+the AVX-512 file avx512 where the CPU has it, else its SIMDe build avx512-simde). A failing, crashing or timed-out
+test run kills the mutant; a mutant that does not compile is 'invalid' and left out of the score.
 
     .venv/bin/python scripts/mutate_cpp.py --list                 # every mutant, numbered
     .venv/bin/python scripts/mutate_cpp.py --sample 70 --json build/mutation/report.json
@@ -51,6 +51,8 @@ SOURCES = [
     "plugins/kernels/cpu/kernels_avx2.cpp",
     "plugins/ort/pimoe_ort_io.cpp",
     "plugins/ort/pimoe_ort_cpu.cpp",
+    "plugins/kernels/cpu/kernels_avx512.cpp",
+    "plugins/kernels/cpu/kernels_select.cpp",
     "plugins/ort/pimoe_ort.cpp",
     "plugins/common/pimoe_attrs.h",
     "plugins/common/pimoe_contract.h",
@@ -62,7 +64,9 @@ CUDA_SOURCES = [f"{CUDA_AREA}/{name}.cu" for name in ("route", "dispatch", "comb
 # the CUDA kernels on the emulated GPU: the harness's plugin-level tests and the op matrix's emu backend
 CUDA_TESTS = ["tests/emu/test_emu.py", "tests/ops/test_ops_backends.py", "tests/ops/test_contract_agreement.py"]
 CUDA_SELECT = "emu and not sanitizer and not selftest"
-GENERIC_ONLY = {"plugins/kernels/cpu/kernels_generic.cpp"}  # only reached with PIMOE_CPU_ISA=generic
+# kernel files and the kernel set (PIMOE_CPU_ISA) that runs them: the library picks only one set by itself
+KERNEL_SET_OF = {"plugins/kernels/cpu/kernels_generic.cpp": "generic", "plugins/kernels/cpu/kernels_avx2.cpp": "avx2",
+                 "plugins/kernels/cpu/kernels_avx512.cpp": "avx512"}
 # The fast tests that exercise libpimoe_ort; the targeted boundary tests first (they fail fastest).
 TESTS = [
     "tests/ops/test_op_boundaries.py",
@@ -70,7 +74,7 @@ TESTS = [
     "tests/ops/test_contract_agreement.py",
     "tests/ops/test_ops_backends.py",
 ]
-TEST_SELECT = "not emu and not trt and not harness and not portable"
+TEST_SELECT = "not emu and not trt and not harness and not every_kernel_set"
 OP_EXAMPLES = "12"  # hypothesis examples per op test (the suite runs 200)
 
 
@@ -257,8 +261,10 @@ def prepare_build(work: Path, jobs: int, cuda: bool = False) -> Path:
     """Configure and build the unmutated copy in work/build (with ``cuda``, the emulated harness too)."""
     src, build = work / "src", work / "build"
     include = os.environ.get("ONNXRUNTIME_INCLUDE_DIR", str(ROOT / "build" / "deps" / "onnxruntime" / "include"))
+    simde = os.environ.get("SIMDE_INCLUDE_DIR", str(ROOT / "build" / "deps" / "simde" / "include"))
     args = ["cmake", "-S", str(src / "plugins"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-            f"-DONNXRUNTIME_INCLUDE_DIR={include}", f"-DPIMOE_BUILD_EMU={'ON' if cuda else 'OFF'}"]
+            f"-DONNXRUNTIME_INCLUDE_DIR={include}", f"-DSIMDE_INCLUDE_DIR={simde}",
+            f"-DPIMOE_BUILD_EMU={'ON' if cuda else 'OFF'}"]
     if cuda:  # the emulated harness compiles against the TensorRT headers scripts/setup.sh fetched
         trt = os.environ.get("TENSORRT_INCLUDE_DIR", str(ROOT / "build" / "deps" / "tensorrt" / "include"))
         args.append(f"-DTENSORRT_INCLUDE_DIR={trt}")
@@ -288,9 +294,20 @@ def test_env(library: Path, rel: str) -> dict[str, str]:
     if is_cuda(rel):
         return {**os.environ, "PIMOE_TRT_HARNESS_EMU": str(library), "PIMOE_OP_EXAMPLES": OP_EXAMPLES}
     env = {**os.environ, "PIMOE_ORT_LIBRARY": str(library), "PIMOE_OP_EXAMPLES": OP_EXAMPLES}
-    if rel in GENERIC_ONLY:
-        env["PIMOE_CPU_ISA"] = "generic"
+    kernel_set = KERNEL_SET_OF.get(rel)
+    if kernel_set == "avx512" and not cpu_has_avx512():
+        kernel_set = "avx512-simde"  # the same source on SIMDe's portable intrinsics
+    if kernel_set:
+        env["PIMOE_CPU_ISA"] = kernel_set
     return env
+
+
+def cpu_has_avx512() -> bool:
+    """The CPU runs the native AVX-512 kernels (AVX-512 F/BW/DQ/VL and VNNI)."""
+    info = Path("/proc/cpuinfo")
+    flags = set(next((line for line in info.read_text().splitlines() if line.startswith("flags")), "").split()) \
+        if info.is_file() else set()
+    return {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"} <= flags
 
 
 def evaluate(mutant: Mutant, build: Path, jobs: int, timeout: float, pytest_args: list[str],

@@ -66,7 +66,7 @@ if [ "${PIMOE_SKIP_PLUGINS:-0}" = "1" ]; then
 fi
 
 step "build-time headers"
-PYTHON="$root/.venv/bin/python" scripts/fetch_deps.sh ort trt || fail "fetching the ONNX Runtime / TensorRT headers failed"
+PYTHON="$root/.venv/bin/python" scripts/fetch_deps.sh ort trt simde || fail "fetching the ONNX Runtime / TensorRT / SIMDe headers failed"
 # the onnxruntime and onnxruntime-gpu wheels for the fresh-venv packaging tests (tests/integration/test_packaging.py; ~290 MB)
 if [ "${PIMOE_SETUP_ORT_WHEELS:-1}" != "0" ]; then
   PYTHON="$root/.venv/bin/python" scripts/fetch_deps.sh ort-wheels || fail "fetching the onnxruntime wheels failed"

@@ -124,3 +124,12 @@ def _decoder_families() -> list[str]:
 def decoder_case(request, decoder_cases):
     """The tiny decoder of every family (tests run once per family)."""
     return decoder_cases(request.param)
+
+
+def pytest_report_header(config) -> list[str]:
+    """Say which CPU kernel sets the ONNX Runtime op tests run here (tests/cpu_kernel_sets.py): native or SIMDe."""
+    from cpu_kernel_sets import DESCRIPTION, default_kernel_set, other_kernel_sets
+
+    own = default_kernel_set()
+    others = ", ".join(DESCRIPTION[s] for s in other_kernel_sets()) or "none"
+    return [f"pimoe CPU kernels: {DESCRIPTION.get(own, own)} in this process; in subprocesses: {others}"]

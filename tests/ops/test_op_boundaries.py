@@ -7,7 +7,8 @@ number), every fp16 bit pattern through the fp16 conversions, activations exactl
 (round half to even), ids exactly E (one past the end), op attributes at non-default values (eps, activation,
 layer_norm), and shapes past the kernels' task and cache blocks (64 rows, 48 rows, 128 columns, 256 k values).
 References are float64 numpy (or numpy's own float16 rounding) written from docs/op_contract.md, never the package's
-PyTorch reference. The portable kernels run the same tests in a subprocess (PIMOE_CPU_ISA=generic).
+PyTorch reference. Every other CPU kernel set this machine runs (generic; avx2 where the library picks avx512; the
+AVX-512 source on SIMDe) runs the same tests in a subprocess (PIMOE_CPU_ISA, tests/cpu_kernel_sets.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from backends import get_backend
+from cpu_kernel_sets import other_kernel_sets
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, RuntimeException
 from oracle import select_topk
 
@@ -425,30 +427,26 @@ def test_a_weight_of_exactly_2_to_the_31_elements_is_refused(out, refused) -> No
         create_session(model)
 
 
-# ------------------------------------------------------------------------------------------ the portable kernels
+# ------------------------------------------------------------------------------------------ every kernel set
 def test_the_library_runs_the_isa_asked_for() -> None:
-    """PIMOE_CPU_ISA=generic forces the portable kernels; otherwise a CPU with AVX2, FMA and F16C gets them."""
+    """PIMOE_CPU_ISA forces a kernel set; otherwise the library runs the best one this CPU has (avx512, avx2,
+    generic: tests/cpu_kernel_sets.py)."""
+    from cpu_kernel_sets import default_kernel_set
+
     from pimoe_export.native.libraries import check_ort_library, find_ort_library
 
-    isa = check_ort_library(str(find_ort_library()))["cpu_isa"]
-    if os.environ.get("PIMOE_CPU_ISA") == "generic":
-        assert isa == "generic"
-        return
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file() or os.uname().machine != "x86_64":
-        pytest.skip("not an x86-64 Linux machine: no AVX2 kernels to expect")
-    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
-    assert isa == ("avx2" if {"avx2", "fma", "f16c"} <= flags else "generic")
+    assert check_ort_library(str(find_ort_library()))["cpu_isa"] == default_kernel_set()
 
 
 @pytest.mark.slow
-def test_boundaries_hold_on_the_portable_kernels(tmp_path) -> None:
-    """The same boundaries on the generic (non-AVX2) kernels, which only run when PIMOE_CPU_ISA=generic (read once
-    per process, hence the subprocess)."""
+@pytest.mark.parametrize("kernel_set", other_kernel_sets())
+def test_boundaries_hold_on_every_kernel_set(kernel_set, tmp_path) -> None:
+    """The same boundaries on every other kernel set this machine runs (the generic kernels; avx2 where the library
+    picks avx512; the AVX-512 source on SIMDe), each in a subprocess: PIMOE_CPU_ISA is read once per process."""
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PIMOE_CPU_ISA": "generic"}
+    env = {**os.environ, "PIMOE_CPU_ISA": kernel_set}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
-                             str(Path(__file__)), "-k", "not portable", "--basetemp", str(tmp_path / "t")],
+                             str(Path(__file__)), "-k", "not every_kernel_set", "--basetemp", str(tmp_path / "t")],
                             capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:]
     assert " passed" in result.stdout and " failed" not in result.stdout and "skipped" not in result.stdout

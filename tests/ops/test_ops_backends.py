@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from backends import BACKEND_PARAMS, get_backend
+from cpu_kernel_sets import other_kernel_sets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -681,24 +682,26 @@ def last_layer_row_scales(x, offsets, params, expert_ids, widths, activation, la
 
 
 @pytest.mark.slow
-def test_portable_kernels_pass_the_same_op_tests(tmp_path) -> None:
-    """The portable (non-AVX2) CPU kernels: on an AVX2 machine they only run when PIMOE_CPU_ISA=generic, which the
-    ISA choice reads once per process — so the ONNX Runtime op tests run again in a subprocess that forces them."""
+@pytest.mark.parametrize("kernel_set", other_kernel_sets())
+def test_op_tests_pass_on_every_kernel_set(kernel_set, tmp_path) -> None:
+    """The ONNX Runtime op tests again on every other CPU kernel set this machine runs (the generic kernels; avx2
+    where the library picks avx512; the AVX-512 source on SIMDe: tests/cpu_kernel_sets.py), each in a subprocess:
+    the library reads PIMOE_CPU_ISA once per process."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PIMOE_CPU_ISA": "generic"}
+    env = {**os.environ, "PIMOE_CPU_ISA": kernel_set}
     probe = subprocess.run([sys.executable, "-c", "from pimoe_export.native.libraries import check_ort_library, "
                             "find_ort_library; print(check_ort_library(str(find_ort_library()))['cpu_isa'])"],
                            capture_output=True, text=True, env=env, cwd=root, timeout=120)
     if probe.returncode != 0:
         pytest.skip(f"libpimoe_ort is not built: {probe.stderr.strip().splitlines()[-1:]}")
-    assert probe.stdout.strip() == "generic", probe.stdout
+    assert probe.stdout.strip() == kernel_set, probe.stdout
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
-                             str(Path(__file__)), "-k", "ort and not cuda and not portable", "--basetemp",
+                             str(Path(__file__)), "-k", "ort and not cuda and not every_kernel_set", "--basetemp",
                              str(tmp_path / "t")],
                             capture_output=True, text=True, env=env, cwd=root, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:]

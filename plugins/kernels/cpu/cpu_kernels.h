@@ -3,6 +3,7 @@
 // string (empty on success).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -18,7 +19,9 @@ enum class DType : int32_t { kF32 = 0, kF16 = 1, kI8 = 2 };
 
 // A parallel-for over [0, total): runs fn(i) for every i, on the host runtime's thread pool when one is
 // given (ONNX Runtime's intra-op pool), else serially. Each index is run exactly once; callers keep
-// results independent of which thread ran an index (determinism).
+// results independent of which thread ran an index (determinism). Indices are handed out one at a time from a
+// shared counter to whichever pool thread is free, so a thread that starts late or is descheduled (another job on
+// the core) does not leave the others waiting at the end with its share of a fixed split.
 class Parallel {
  public:
   using Trampoline = void (*)(void* arg, size_t index);
@@ -35,7 +38,19 @@ class Parallel {
       return;
     }
     using Fn = std::remove_reference_t<F>;
-    impl_(ctx_, [](void* arg, size_t i) { (*static_cast<Fn*>(arg))(i); }, total, const_cast<void*>(static_cast<const void*>(&fn)));
+    struct Queue {
+      std::atomic<size_t> next{0};
+      size_t total;
+      Fn* fn;
+    } queue{{0}, total, &fn};
+    // ``total`` workers, however the pool spreads them: each takes indices until none is left (the later ones
+    // find the queue empty and return)
+    impl_(ctx_, [](void* arg, size_t) {
+      Queue& q = *static_cast<Queue*>(arg);
+      for (size_t i = q.next.fetch_add(1, std::memory_order_relaxed); i < q.total;
+           i = q.next.fetch_add(1, std::memory_order_relaxed))
+        (*q.fn)(i);
+    }, total, &queue);
   }
 
  private:
@@ -47,8 +62,9 @@ class Parallel {
 float half_to_float(uint16_t h);
 uint16_t float_to_half(float f);
 
-// Which vector ISA the kernels use on this machine ("avx2" or "generic"); PIMOE_CPU_ISA=generic forces the
-// portable path.
+// Which kernel table the expert op uses in this process: "avx512", "avx2" or "generic", the best this CPU runs, or
+// the one PIMOE_CPU_ISA names (also "avx512-simde": the AVX-512 source on portable intrinsics); "unavailable: ..."
+// with the reason when PIMOE_CPU_ISA names one this library or CPU cannot run (the expert op then refuses to load).
 const char* active_isa();
 
 // PiMoERoute. logits [n, e] (f32/f16), bias [e] or nullptr -> weights [n, k] f32, ids [n, k] i32 (k = attrs.k).

@@ -3,15 +3,17 @@
 // (LayerNorm + activation) over rows. Each output element is computed by exactly one task with a fixed
 // summation order, so results do not depend on the thread count.
 //
-// Gated (GLU) hidden layers (contract v2) reuse the same kernel-table entry points: the GEMM writes the layer's 2*out
-// columns [gate | up] (bias fused as for any layer; a bias-free node gets zeros), then the GLU epilogue here runs
-// row_epilogue on the gate half (the activation, no LayerNorm) and multiplies it by the up half in place; the next
-// layer reads the first out columns of each 2*out-wide row (lda = 2*out). swiglu_oai (clamps, sigmoid) is computed
-// here in scalar code. An ISA variant of isa::Kernels therefore only has to provide row_epilogue with gamma == nullptr
-// and any hidden activation, and GEMMs with lda >= k: nothing GLU-specific.
+// Gated (GLU) hidden layers (contract v2, rows [gate; up], h = GLU(gate, up)): the gate rows are packed as P =
+// ceil(out / 16) panels and the up rows as the next P (each half zero-padded to whole panels, bias and weight scales
+// alike), so gate panel p and up panel P + p hold the same 16 output columns. A GEMM task of such a layer takes a
+// block of output panels, computes its gate and up panels with the table's plain GEMMs into a [rows x (gate | up)]
+// tile on its stack (at most 48 x 128 floats: it stays in L1) and writes h = glu(gate, up) through the table's
+// glu_row (simd_math.h) into the layer's out-wide output: the [rows, 2 * out] pre-activations never reach memory,
+// and there is no separate pass or barrier for the GLU (w8a8 modes then quantise the h rows for the next layer in
+// one row pass, as the dynamic scale needs the whole row). Every table gives the bits of its plain GEMM followed by
+// glu(), so gated outputs keep the kernel sets' bit-identities (isa.h).
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -24,33 +26,12 @@ namespace cpu {
 
 namespace {
 
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
-
-const isa::Kernels& select_kernels() {
-  static const isa::Kernels* chosen = [] {
-    const char* forced = std::getenv("PIMOE_CPU_ISA");
-    const bool force_generic = forced != nullptr && std::strcmp(forced, "generic") == 0;
-#ifdef PIMOE_HAVE_AVX2
-    if (!force_generic && cpu_has_avx2()) return isa::avx2_kernels();
-#endif
-    (void)force_generic;
-    return &isa::generic_kernels();
-  }();
-  return *chosen;
-}
-
 constexpr int64_t kRowBlock = 48;    // rows per GEMM task (multiple of the 6-row register block)
 constexpr int64_t kPanelBlock = 8;   // 16-column panels per GEMM task (128 columns)
 constexpr int64_t kMinGemmTasks = 64; // GEMM: smaller panel blocks while a layer has fewer tasks than this
 constexpr int64_t kMinRowTasks = 16; // per-row stages: at least this many tasks when there are as many rows
 constexpr int64_t kKBlock = 1024;    // fp32 GEMM: k values per block (no split up to 1024: fewer passes over C)
+constexpr int64_t kGluPanelBlock = kPanelBlock / 2;  // gated layers: output panels per task (gate + up: kPanelBlock)
 
 float to_float(const void* data, DType dtype, int64_t index) {
   return dtype == DType::kF16 ? half_to_float(static_cast<const uint16_t*>(data)[index])
@@ -58,8 +39,6 @@ float to_float(const void* data, DType dtype, int64_t index) {
 }
 
 }  // namespace
-
-const char* active_isa() { return select_kernels().name; }
 
 struct ExpertMLP::State {
   ExpertMLPAttrs attrs;
@@ -87,7 +66,7 @@ struct ExpertMLP::State {
       }
     };
     Buffer<float> buf[2], input, row_scale;
-    Buffer<int16_t> codes;
+    Buffer<uint8_t> codes;
   };
   mutable std::mutex pool_mutex;
   mutable std::vector<std::unique_ptr<Workspace>> pool;
@@ -113,41 +92,58 @@ using Param = ExpertMLP::Param;
 size_t at(int64_t i) { return static_cast<size_t>(i); }
 
 // ------------------------------------------------------------------------------------------ prepare: packing
-// int8 weights [out, in] -> 16-column panels of (k pair, column) int16-friendly pairs, zero-padded
-std::vector<int8_t> pack_i8(const int8_t* w, int64_t out, int64_t in, int64_t panels) {
-  const int64_t k2 = (in + 1) / 2;
-  std::vector<int8_t> packed(at(panels * k2 * 2 * isa::kPanel), 0);
-  for (int64_t o = 0; o < out; ++o) {
-    int8_t* dst = packed.data() + (o / isa::kPanel) * k2 * 2 * isa::kPanel + (o % isa::kPanel) * 2;
-    for (int64_t i = 0; i < in; ++i) dst[(i / 2) * 2 * isa::kPanel + (i % 2)] = w[o * in + i];
+// Which weight row goes to each packed column of layer l (panels * 16 of them), -1 for padding: row c for a plain
+// layer; for a gated one the out gate rows padded to P whole panels, then the out up rows (rows out..2*out) likewise.
+std::vector<int64_t> packed_rows(const ExpertMLPAttrs& a, int64_t l, int64_t panels) {
+  const int64_t out = a.widths[at(l) + 1];
+  const int64_t half = a.is_gated(l) ? panels / 2 * isa::kPanel : panels * isa::kPanel;
+  std::vector<int64_t> rows(at(panels * isa::kPanel), -1);
+  for (int64_t c = 0; c < static_cast<int64_t>(rows.size()); ++c) {
+    const int64_t o = c % half;
+    if (o < out) rows[at(c)] = (c / half) * out + o;
   }
+  return rows;
+}
+
+// int8 weights [rows, in] (member g's, at w) -> the kernel table's packed panels, zero-padded
+std::vector<int8_t> pack_i8(const isa::Kernels& kern, const int8_t* w, const std::vector<int64_t>& rows, int64_t in,
+                            int64_t panels) {
+  std::vector<int8_t> gathered(rows.size() * at(in), 0);
+  for (size_t c = 0; c < rows.size(); ++c)
+    if (rows[c] >= 0) std::memcpy(gathered.data() + c * at(in), w + rows[c] * in, at(in));
+  std::vector<int8_t> packed(at(panels * kern.i8_panel_bytes(in)));
+  kern.pack_i8(gathered.data(), static_cast<int64_t>(rows.size()), in, packed.data());
   return packed;
 }
 
-// fp32/fp16 weights [out, in] (member g of the group) -> fp32 16-column panels, zero-padded
-std::vector<float> pack_f32(const Param& w, int64_t base, int64_t out, int64_t in, int64_t panels) {
+// fp32/fp16 weights [rows, in] (member g of the group, from element base) -> fp32 16-column panels, zero-padded
+std::vector<float> pack_f32(const Param& w, int64_t base, const std::vector<int64_t>& rows, int64_t in,
+                            int64_t panels) {
   std::vector<float> packed(at(panels * in * isa::kPanel), 0.0f);
-  for (int64_t o = 0; o < out; ++o) {
-    float* dst = packed.data() + (o / isa::kPanel) * in * isa::kPanel + (o % isa::kPanel);
-    for (int64_t i = 0; i < in; ++i) dst[i * isa::kPanel] = to_float(w.data, w.dtype, base + o * in + i);
+  for (int64_t c = 0; c < static_cast<int64_t>(rows.size()); ++c) {
+    if (rows[at(c)] < 0) continue;
+    float* dst = packed.data() + (c / isa::kPanel) * in * isa::kPanel + (c % isa::kPanel);
+    for (int64_t i = 0; i < in; ++i) dst[i * isa::kPanel] = to_float(w.data, w.dtype, base + rows[at(c)] * in + i);
   }
   return packed;
 }
 
 // w8a8: the member's weight scales (padded to whole panels) and SmoothQuant divisors, both positive and finite
-std::string prepare_scales(State& st, const std::vector<Param>& params, int64_t l, int64_t g, int64_t panels) {
+std::string prepare_scales(State& st, const std::vector<Param>& params, int64_t l, int64_t g,
+                           const std::vector<int64_t>& rows) {
   const ExpertMLPAttrs& attrs = st.attrs;
   const int64_t in = attrs.widths[at(l)], out = attrs.rows(l);
   const int64_t expert = attrs.expert_ids[at(g)];
   const Param& s = params[at(attrs.param_index(l, ParamRole::kW_SCALE))];
-  std::vector<float> scales(at(panels * isa::kPanel), 0.0f);
   for (int64_t o = 0; o < out; ++o) {
     const float v = to_float(s.data, s.dtype, g * out + o);
     if (!(v > 0.0f) || !std::isfinite(v))  // quantize_weight writes max|W| / 127, or 1 for a zero row
       return msg("PiMoEExpertMLP: w_scale (layer ", l, ", expert ", expert, ", channel ", o,
                  ") must be positive and finite, got ", v);
-    scales[at(o)] = v;
   }
+  std::vector<float> scales(rows.size(), 0.0f);
+  for (size_t c = 0; c < rows.size(); ++c)
+    if (rows[c] >= 0) scales[c] = to_float(s.data, s.dtype, g * out + rows[c]);
   st.w_scale[at(l)].push_back(std::move(scales));
   const Param& m = params[at(attrs.param_index(l, ParamRole::kACT_SMOOTH))];
   std::vector<float> smooth(at(in));
@@ -165,15 +161,17 @@ std::string prepare_scales(State& st, const std::vector<Param>& params, int64_t 
   return {};
 }
 
-// bias (padded to whole panels; zeros for a bias-free node) and, for hidden layers with LayerNorm, gamma and beta
-// of member g
-void prepare_vectors(State& st, const std::vector<Param>& params, int64_t l, int64_t g, int64_t panels) {
+// bias (in packed column order, zero-padded; zeros for a bias-free node) and, for hidden layers with LayerNorm,
+// gamma and beta of member g
+void prepare_vectors(State& st, const std::vector<Param>& params, int64_t l, int64_t g,
+                     const std::vector<int64_t>& rows) {
   const ExpertMLPAttrs& attrs = st.attrs;
-  const int64_t out = attrs.widths[at(l) + 1], rows = attrs.rows(l);
-  std::vector<float> bias(at(panels * isa::kPanel), 0.0f);
+  const int64_t out = attrs.widths[at(l) + 1];
+  std::vector<float> bias(rows.size(), 0.0f);
   if (attrs.bias) {
     const Param& b = params[at(attrs.param_index(l, ParamRole::kBIAS))];
-    for (int64_t o = 0; o < rows; ++o) bias[at(o)] = to_float(b.data, b.dtype, g * rows + o);
+    for (size_t c = 0; c < rows.size(); ++c)
+      if (rows[c] >= 0) bias[c] = to_float(b.data, b.dtype, g * attrs.rows(l) + rows[c]);
   }
   st.bias[at(l)].push_back(std::move(bias));
   if (!attrs.has_ln(l)) return;
@@ -191,7 +189,9 @@ void prepare_vectors(State& st, const std::vector<Param>& params, int64_t l, int
 std::string prepare_layer(State& st, const std::vector<Param>& params, int64_t l) {
   const ExpertMLPAttrs& attrs = st.attrs;
   const int64_t in = attrs.widths[at(l)], out = attrs.rows(l);  // a gated layer's GEMM has 2*out columns
-  const int64_t panels = (out + isa::kPanel - 1) / isa::kPanel;
+  const int64_t half = (attrs.widths[at(l) + 1] + isa::kPanel - 1) / isa::kPanel;
+  const int64_t panels = attrs.is_gated(l) ? 2 * half : half;  // gated: gate panels, then as many up panels
+  const std::vector<int64_t> rows = packed_rows(attrs, l, panels);
   const bool quantized = attrs.quantized();
   st.panels[at(l)] = panels;
   const Param& w = params[at(attrs.param_index(l, ParamRole::kWEIGHT))];
@@ -201,12 +201,13 @@ std::string prepare_layer(State& st, const std::vector<Param>& params, int64_t l
   for (int64_t g = 0; g < attrs.num_group(); ++g) {
     const int64_t base = g * out * in;
     if (quantized) {
-      st.packed_i8[at(l)].push_back(pack_i8(static_cast<const int8_t*>(w.data) + base, out, in, panels));
-      if (auto e = prepare_scales(st, params, l, g, panels); !e.empty()) return e;
+      st.packed_i8[at(l)].push_back(
+          pack_i8(*isa::selected(), static_cast<const int8_t*>(w.data) + base, rows, in, panels));
+      if (auto e = prepare_scales(st, params, l, g, rows); !e.empty()) return e;
     } else {
-      st.packed[at(l)].push_back(pack_f32(w, base, out, in, panels));
+      st.packed[at(l)].push_back(pack_f32(w, base, rows, in, panels));
     }
-    prepare_vectors(st, params, l, g, panels);
+    prepare_vectors(st, params, l, g, rows);
   }
   return {};
 }
@@ -243,10 +244,12 @@ void zero_other_rows(const std::vector<Segment>& segments, int64_t rows, int64_t
 class Pass {
  public:
   Pass(const State& st, const Parallel& parallel, std::vector<Segment> segments, int64_t compact_rows)
-      : st_(st), a_(st.attrs), kern_(select_kernels()), parallel_(parallel), segments_(std::move(segments)),
+      : st_(st), a_(st.attrs), kern_(*isa::selected()), parallel_(parallel), segments_(std::move(segments)),
         rows_(compact_rows), ws_(st.take_workspace()) {
-    buf_[0] = ws_->buf[0].get(at(rows_ * a_.max_width()));
-    buf_[1] = ws_->buf[1].get(at(rows_ * a_.max_width()));
+    int64_t width = 0;  // the widest layer output (a gated layer's is out wide: its GLU values)
+    for (int64_t l = 0; l < a_.num_layers(); ++l) width = std::max(width, a_.widths[at(l) + 1]);
+    buf_[0] = ws_->buf[0].get(at(rows_ * width));
+    buf_[1] = ws_->buf[1].get(at(rows_ * width));
     if (a_.quantized()) row_scale_ = ws_->row_scale.get(at(rows_));
   }
   ~Pass() { st_.give_back(std::move(ws_)); }
@@ -256,22 +259,21 @@ class Pass {
   void run(const void* x, DType dtype, void* y) {
     gather_input(x, dtype);
     const int64_t layers = a_.num_layers();
+    if (a_.quantized()) quantize_activations(0);
     for (int64_t l = 0; l < layers; ++l) {
-      const int64_t out = a_.rows(l);  // GEMM columns (2*out for a gated layer); the last layer is never gated
+      const int64_t out = a_.widths[at(l) + 1];  // a gated layer's GEMM writes its out GLU values
       const bool last = l == layers - 1;
-      if (a_.quantized()) quantize_activations(l);
       float* target = buf_[l % 2];
       const bool direct = last && dtype == DType::kF32;  // the last layer writes straight into an fp32 y
       gemm(l, direct ? static_cast<float*>(y) : target, direct);
-      if (!last && a_.is_gated(l))
-        glu_epilogue(l, target);
-      else if (!last)
-        epilogue(l, target);
-      else if (!direct)
+      if (!last && !a_.is_gated(l))
+        epilogue(l, target);  // w8a8: also quantises the rows for layer l + 1
+      else if (last && !direct)
         for (const Segment& s : segments_)
           kern_.float_to_half_row(target + s.compact * out, static_cast<uint16_t*>(y) + s.row * out, s.count * out);
       current_ = target;
-      current_ld_ = out;  // a gated layer's GLU values are the first widths[l+1] of each 2*out-wide row
+      current_ld_ = out;
+      if (!last && a_.is_gated(l) && a_.quantized()) quantize_activations(l + 1);  // the GLU ran in the GEMM tasks
     }
   }
 
@@ -294,12 +296,15 @@ class Pass {
     });
   }
 
-  // the layer-0 input as compact fp32 rows (one contiguous fp32 segment is used in place)
+  // the layer-0 input as compact fp32 rows (fp32 rows already in compact order, e.g. a group of consecutive
+  // experts, are used in place)
   void gather_input(const void* x, DType dtype) {
     const int64_t w = a_.widths.front();
     current_ld_ = w;
-    if (dtype == DType::kF32 && segments_.size() == 1) {
-      current_ = static_cast<const float*>(x) + segments_[0].row * w;
+    const int64_t shift = segments_[0].row - segments_[0].compact;
+    if (dtype == DType::kF32 &&
+        std::all_of(segments_.begin(), segments_.end(), [&](const Segment& s) { return s.row - s.compact == shift; })) {
+      current_ = static_cast<const float*>(x) + shift * w;
       return;
     }
     float* input = ws_->input.get(at(rows_ * w));
@@ -316,26 +321,33 @@ class Pass {
 
   // w8a8: activation codes for layer l, static per-(layer, expert) or dynamic per-row scales
   void quantize_activations(int64_t l) {
-    const int64_t in = a_.widths[at(l)], k2 = (in + 1) / 2;
-    codes_ = ws_->codes.get(at(rows_ * k2 * 2));
+    prepare_codes(l);
     for_row_blocks([&](int64_t begin, int64_t end) {
       std::vector<float> smoothed;
-      for (int64_t r = begin; r < end; ++r) {
-        const float* row = current_ + r * current_ld_;
-        const size_t member = at(member_of(r));
-        if (!st_.smooth_is_one[at(l)][member]) {  // SmoothQuant: x / act_smooth
-          const float* sm = st_.act_smooth[at(l)][member].data();
-          smoothed.resize(at(in));
-          kern_.divide_row(row, sm, smoothed.data(), in);
-          row = smoothed.data();
-        }
-        const float scale = a_.quant_mode == contract::QuantMode::kW8A8
-                                ? a_.act_scales[at(l * a_.num_group()) + member]
-                                : dynamic_scale(row, in);
-        row_scale_[at(r)] = scale;
-        kern_.quantize_row(row, in, scale, codes_ + r * k2 * 2, k2 * 2);
-      }
+      for (int64_t r = begin; r < end; ++r) quantize_row(l, r, current_ + r * current_ld_, smoothed);
     });
+  }
+
+  // w8a8: the code buffer for layer l's input, before a parallel pass fills it (the previous layer's codes are done)
+  void prepare_codes(int64_t l) {
+    code_bytes_ = kern_.i8_code_bytes(a_.widths[at(l)]);
+    codes_ = ws_->codes.get(at(rows_ * code_bytes_));
+  }
+
+  // w8a8: compact row r's codes and scale for layer l from its fp32 values
+  void quantize_row(int64_t l, int64_t r, const float* row, std::vector<float>& smoothed) const {
+    const int64_t in = a_.widths[at(l)];
+    const size_t member = at(member_of(r));
+    if (!st_.smooth_is_one[at(l)][member]) {  // SmoothQuant: x / act_smooth
+      const float* sm = st_.act_smooth[at(l)][member].data();
+      smoothed.resize(at(in));
+      kern_.divide_row(row, sm, smoothed.data(), in);
+      row = smoothed.data();
+    }
+    const float scale = a_.quant_mode == contract::QuantMode::kW8A8 ? a_.act_scales[at(l * a_.num_group()) + member]
+                                                                    : dynamic_scale(row, in);
+    row_scale_[at(r)] = scale;
+    kern_.quantize_row(row, in, scale, codes_ + r * code_bytes_);
   }
 
   // max |x| / 127 of a row (1 for an all-zero row); a NaN row gets scale 1 and codes 0, like torch.amax's NaN
@@ -353,16 +365,18 @@ class Pass {
 
   // layer l's GEMM + bias over (segment x row block x panel block) tasks into c (compact rows, or y's rows).
   // Panel blocks of kPanelBlock panels, halved (down to 2) while there are fewer than kMinGemmTasks tasks: a small
-  // batch has few rows per expert, and a few large tasks of unequal size leave a thread idle at the end.
+  // batch has few rows per expert, and a few large tasks of unequal size leave a thread idle at the end. A gated
+  // layer's tasks take blocks of its output panels (kGluPanelBlock, down to 1), each with as many gate and up panels.
   void gemm(int64_t l, float* c, bool rows_of_y) const {
     struct Task {
       int64_t segment, row0, rows, p0, p_end;
     };
-    const int64_t panels = st_.panels[at(l)];
+    const bool gated = a_.is_gated(l);
+    const int64_t panels = gated ? st_.panels[at(l)] / 2 : st_.panels[at(l)];  // gated: output (gate) panels
     int64_t row_blocks = 0;
     for (const Segment& s : segments_) row_blocks += (s.count + kRowBlock - 1) / kRowBlock;
-    int64_t block = kPanelBlock;
-    while (block > 2 && row_blocks * ((panels + block - 1) / block) < kMinGemmTasks) block /= 2;
+    int64_t block = gated ? kGluPanelBlock : kPanelBlock, min_block = gated ? 1 : 2;
+    while (block > min_block && row_blocks * ((panels + block - 1) / block) < kMinGemmTasks) block /= 2;
     std::vector<Task> tasks;
     for (int64_t s = 0; s < static_cast<int64_t>(segments_.size()); ++s)
       for (int64_t r0 = 0; r0 < segments_[at(s)].count; r0 += kRowBlock)
@@ -371,9 +385,11 @@ class Pass {
     parallel_(tasks.size(), [&](size_t index) {
       const Task& t = tasks[index];
       const Segment& s = segments_[at(t.segment)];
-      const int64_t out = a_.rows(l);
+      const int64_t out = a_.widths[at(l) + 1];
       float* c_rows = c + ((rows_of_y ? s.row : s.compact) + t.row0) * out;
-      if (a_.quantized())
+      if (gated)
+        gemm_glu_block(l, s, t.row0, t.rows, t.p0, t.p_end, c_rows);
+      else if (a_.quantized())
         gemm_i8_block(l, s, t.row0, t.rows, t.p0, t.p_end, c_rows);
       else
         gemm_f32_block(l, s, t.row0, t.rows, t.p0, t.p_end, c_rows);
@@ -382,71 +398,80 @@ class Pass {
 
   void gemm_i8_block(int64_t l, const Segment& s, int64_t row0, int64_t rows, int64_t p0, int64_t p_end,
                      float* c_rows) const {
-    const int64_t in = a_.widths[at(l)], out = a_.rows(l), k2 = (in + 1) / 2;
+    const int64_t in = a_.widths[at(l)], out = a_.widths[at(l) + 1];
     const size_t li = at(l), mi = at(s.member);
     const int64_t r0 = s.compact + row0;
-    for (int64_t p = p0; p < p_end; ++p) {
-      const int64_t n_valid = std::min(isa::kPanel, out - p * isa::kPanel);
-      kern_.gemm_i8_panel(codes_ + r0 * k2 * 2, k2 * 2, rows,
-                          st_.packed_i8[li][mi].data() + p * k2 * 2 * isa::kPanel, k2, row_scale_ + r0,
-                          st_.w_scale[li][mi].data() + p * isa::kPanel, st_.bias[li][mi].data() + p * isa::kPanel,
-                          c_rows + p * isa::kPanel, out, n_valid);
-    }
+    kern_.gemm_i8(codes_ + r0 * code_bytes_, code_bytes_, rows,
+                  st_.packed_i8[li][mi].data() + p0 * kern_.i8_panel_bytes(in), p_end - p0, in, row_scale_ + r0,
+                  st_.w_scale[li][mi].data() + p0 * isa::kPanel, st_.bias[li][mi].data() + p0 * isa::kPanel,
+                  c_rows + p0 * isa::kPanel, out, std::min((p_end - p0) * isa::kPanel, out - p0 * isa::kPanel));
   }
 
-  // K in cache-sized blocks: a block of the panel (kKBlock x 16 floats) and of the rows stays in L1/L2 across the
-  // panels of this task; fixed block order, so results stay deterministic
+  // K in cache-sized blocks: a block of the panels (kKBlock x 16 floats each) and of the rows stays in L1/L2 across
+  // the panels of this task; fixed block order, so results stay deterministic
   void gemm_f32_block(int64_t l, const Segment& s, int64_t row0, int64_t rows, int64_t p0, int64_t p_end,
                       float* c_rows) const {
-    const int64_t in = a_.widths[at(l)], out = a_.rows(l);
+    const int64_t in = a_.widths[at(l)], out = a_.widths[at(l) + 1];
     const size_t li = at(l), mi = at(s.member);
     const float* a_rows = current_ + (s.compact + row0) * current_ld_;
-    const float* packed = st_.packed[li][mi].data();
+    const float* packed = st_.packed[li][mi].data() + p0 * in * isa::kPanel;
+    const int64_t n_valid = std::min((p_end - p0) * isa::kPanel, out - p0 * isa::kPanel);
+    for (int64_t k0 = 0; k0 < in; k0 += kKBlock)
+      kern_.gemm_f32(a_rows + k0, current_ld_, rows, packed + k0 * isa::kPanel, in * isa::kPanel, p_end - p0,
+                     std::min(kKBlock, in - k0), st_.bias[li][mi].data() + p0 * isa::kPanel, c_rows + p0 * isa::kPanel,
+                     out, n_valid, k0 > 0);
+  }
+
+  // A gated layer's task: output panels [p0, p_end) of rows [row0, row0 + rows) of segment s. The gate panels p and
+  // up panels P + p go through the plain GEMMs into a tile [rows x (gate | up)] on this thread's stack (K blocks
+  // accumulate there), then h = glu(gate, up) row by row into the out-wide h_rows.
+  void gemm_glu_block(int64_t l, const Segment& s, int64_t row0, int64_t rows, int64_t p0, int64_t p_end,
+                      float* h_rows) const {
+    constexpr int64_t kTileCols = kGluPanelBlock * isa::kPanel;
+    alignas(64) float tile[kRowBlock * 2 * kTileCols];
+    const int64_t in = a_.widths[at(l)], out = a_.widths[at(l) + 1], half = st_.panels[at(l)] / 2;
+    const int64_t np = p_end - p0, cols = np * isa::kPanel, ld = 2 * cols;
+    const size_t li = at(l), mi = at(s.member);
     const float* bias = st_.bias[li][mi].data();
-    for (int64_t k0 = 0; k0 < in; k0 += kKBlock) {
-      const int64_t kc = std::min(kKBlock, in - k0);
-      for (int64_t p = p0; p < p_end; ++p) {
-        const int64_t n_valid = std::min(isa::kPanel, out - p * isa::kPanel);
-        kern_.gemm_f32_panel(a_rows + k0, current_ld_, rows, packed + p * in * isa::kPanel + k0 * isa::kPanel, kc,
-                             bias + p * isa::kPanel, c_rows + p * isa::kPanel, out, n_valid, k0 > 0);
+    if (a_.quantized()) {
+      const int64_t r0 = s.compact + row0;
+      for (int64_t part = 0; part < 2; ++part) {  // gate panels p0.., then up panels half + p0..
+        const int64_t p = p0 + part * half;
+        kern_.gemm_i8(codes_ + r0 * code_bytes_, code_bytes_, rows,
+                      st_.packed_i8[li][mi].data() + p * kern_.i8_panel_bytes(in), np, in, row_scale_ + r0,
+                      st_.w_scale[li][mi].data() + p * isa::kPanel, bias + p * isa::kPanel, tile + part * cols, ld,
+                      cols);
       }
-    }
-  }
-
-  // gated hidden layers: h = act(gate) * up over each row's [gate | up] (2*out values), written in place into the
-  // row's first out values (element i reads only i and out + i); the next layer reads them with lda = 2*out
-  void glu_epilogue(int64_t l, float* target) const {
-    const int64_t out = a_.widths[at(l) + 1], width = a_.rows(l);
-    const bool oai = a_.activation == contract::Activation::kSWIGLU_OAI;
-    const float alpha = a_.alpha, limit = a_.limit;
-    for_row_blocks([&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        float* gate = target + r * width;
-        const float* up = gate + out;
-        if (oai) {  // GPT-OSS: g = min(gate, limit), u = clamp(up, -limit, limit), (u + 1) * (g * sigmoid(g * alpha))
-          for (int64_t i = 0; i < out; ++i) {
-            const float g = gate[i] > limit ? limit : gate[i];  // a NaN stays NaN, as torch.clamp
-            const float u = up[i] > limit ? limit : up[i] < -limit ? -limit : up[i];
-            gate[i] = (u + 1.0f) * (g * (1.0f / (1.0f + std::exp(-(g * alpha)))));
-          }
-        } else {
-          kern_.row_epilogue(gate, out, nullptr, nullptr, a_.eps, static_cast<int32_t>(a_.activation));
-          for (int64_t i = 0; i < out; ++i) gate[i] = gate[i] * up[i];
+    } else {
+      const float* a_rows = current_ + (s.compact + row0) * current_ld_;
+      for (int64_t k0 = 0; k0 < in; k0 += kKBlock)  // a K block of the rows serves the gate and the up panels
+        for (int64_t part = 0; part < 2; ++part) {
+          const int64_t p = p0 + part * half;
+          kern_.gemm_f32(a_rows + k0, current_ld_, rows, st_.packed[li][mi].data() + (p * in + k0) * isa::kPanel,
+                         in * isa::kPanel, np, std::min(kKBlock, in - k0), bias + p * isa::kPanel, tile + part * cols,
+                         ld, cols, k0 > 0);
         }
-      }
-    });
+    }
+    const isa::Glu glu{static_cast<int32_t>(a_.activation), a_.alpha, a_.limit};
+    const int64_t n = std::min(cols, out - p0 * isa::kPanel);
+    for (int64_t r = 0; r < rows; ++r)
+      kern_.glu_row(tile + r * ld, tile + r * ld + cols, h_rows + r * out + p0 * isa::kPanel, n, glu);
   }
 
-  // hidden layers: [LayerNorm] + activation in place, per row
-  void epilogue(int64_t l, float* target) const {
+  // hidden layers: [LayerNorm] + activation in place, per row; in w8a8 modes each row is quantised for the next
+  // layer in the same pass, while it is in cache
+  void epilogue(int64_t l, float* target) {
     const int64_t out = a_.widths[at(l) + 1];
-    const bool ln = a_.has_ln(l);
+    const bool ln = a_.has_ln(l), quantize_next = a_.quantized();
+    if (quantize_next) prepare_codes(l + 1);
     for_row_blocks([&](int64_t begin, int64_t end) {
+      std::vector<float> smoothed;
       for (int64_t r = begin; r < end; ++r) {
         const size_t member = at(member_of(r));
         kern_.row_epilogue(target + r * out, out, ln ? st_.gamma[at(l)][member].data() : nullptr,
                            ln ? st_.beta[at(l)][member].data() : nullptr, a_.eps,
                            static_cast<int32_t>(a_.activation));
+        if (quantize_next) quantize_row(l + 1, r, target + r * out, smoothed);
       }
     });
   }
@@ -460,7 +485,8 @@ class Pass {
   std::unique_ptr<State::Workspace> ws_;
   float* buf_[2] = {nullptr, nullptr};
   float* row_scale_ = nullptr;
-  int16_t* codes_ = nullptr;  // w8a8: quantised activations, rows padded to an even length
+  uint8_t* codes_ = nullptr;  // w8a8: quantised activations in the kernel table's layout
+  int64_t code_bytes_ = 0;    // bytes per row of codes_
   const float* current_ = nullptr;
   int64_t current_ld_ = 0;
 };
@@ -475,6 +501,7 @@ bool ExpertMLP::prepared() const { return state_ != nullptr; }
 std::string ExpertMLP::prepare(const ExpertMLPAttrs& attrs, const std::vector<Param>& params) {
   if (static_cast<int64_t>(params.size()) != attrs.num_params())
     return msg("PiMoEExpertMLP: expected ", attrs.num_params(), " parameter inputs, got ", params.size());
+  if (isa::selected() == nullptr) return msg("PiMoEExpertMLP: ", isa::selection_error());
   auto state = std::make_unique<State>();
   state->attrs = attrs;
   const size_t layers = at(attrs.num_layers());

@@ -1,12 +1,14 @@
 // AVX2 + FMA + F16C inner kernels. This file alone is compiled with -mavx2 -mfma -mf16c; it is only
-// called after a run-time CPU check (expert_mlp.cpp), so the library still loads on older CPUs.
+// called after a run-time CPU check (kernels_select.cpp), so the library still loads on older CPUs.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
 
 #include "isa.h"
+#include "simd_math.h"
 
 namespace pimoe {
 namespace cpu {
@@ -91,11 +93,15 @@ inline void micro_kernel(const float* a, int64_t lda, const float* panel, int64_
   }
 }
 
-void gemm_f32_panel(const float* a, int64_t lda, int64_t m, const float* panel, int64_t k, const float* bias,
-                    float* c, int64_t ldc, int64_t n_valid, bool acc) {
-  for_register_blocks(m, [&](int64_t r, auto mr) {
-    micro_kernel<decltype(mr)::value>(a + r * lda, lda, panel, k, bias, c + r * ldc, ldc, n_valid, acc);
-  });
+void gemm_f32(const float* a, int64_t lda, int64_t m, const float* panels, int64_t panel_stride, int64_t np, int64_t k,
+              const float* bias, float* c, int64_t ldc, int64_t n_valid, bool acc) {
+  for (int64_t j = 0; j < np; ++j) {
+    const int64_t valid = std::min(kPanel, n_valid - j * kPanel);
+    for_register_blocks(m, [&](int64_t r, auto mr) {
+      micro_kernel<decltype(mr)::value>(a + r * lda, lda, panels + j * panel_stride, k, bias + j * kPanel,
+                                        c + r * ldc + j * kPanel, ldc, valid, acc);
+    });
+  }
 }
 
 // ------------------------------------------------------------------------------------------ int8 GEMM
@@ -154,17 +160,26 @@ inline void micro_kernel_i8(const int16_t* qa, int64_t lda, const int8_t* panel,
   }
 }
 
-void gemm_i8_panel(const int16_t* qa, int64_t lda, int64_t m, const int8_t* panel, int64_t k2, const float* a_scale,
-                   const float* w_scale, const float* bias, float* c, int64_t ldc, int64_t n_valid) {
-  for_register_blocks(m, [&](int64_t r, auto mr) {
-    micro_kernel_i8<decltype(mr)::value>(qa + r * lda, lda, panel, k2, a_scale + r, w_scale, bias, c + r * ldc, ldc,
-                                         n_valid);
-  });
+// codes: int16 rows ("pairs" layout, isa.h), lda in bytes
+void gemm_i8(const uint8_t* codes, int64_t lda, int64_t m, const int8_t* panels, int64_t np, int64_t k,
+             const float* a_scale, const float* w_scale, const float* bias, float* c, int64_t ldc, int64_t n_valid) {
+  const int16_t* qa = reinterpret_cast<const int16_t*>(codes);
+  const int64_t k2 = (k + 1) / 2, stride = pairs_panel_bytes(k), lda16 = lda / 2;
+  for (int64_t j = 0; j < np; ++j) {
+    const int64_t valid = std::min(kPanel, n_valid - j * kPanel);
+    for_register_blocks(m, [&](int64_t r, auto mr) {
+      micro_kernel_i8<decltype(mr)::value>(qa + r * lda16, lda16, panels + j * stride, k2, a_scale + r,
+                                           w_scale + j * kPanel, bias + j * kPanel, c + r * ldc + j * kPanel, ldc,
+                                           valid);
+    });
+  }
 }
 
-void quantize_row(const float* x, int64_t n, float scale, int16_t* q, int64_t n_padded) {
+void quantize_row(const float* x, int64_t n, float scale, uint8_t* codes) {
+  int16_t* q = reinterpret_cast<int16_t*>(codes);
+  const int64_t n_padded = pairs_code_bytes(n) / 2;
   const __m256 vs = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
-  auto codes = [&](__m256 v) {
+  auto to_codes = [&](__m256 v) {
     v = _mm256_div_ps(v, vs);
     v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // NaN -> 0
     v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
@@ -172,7 +187,7 @@ void quantize_row(const float* x, int64_t n, float scale, int16_t* q, int64_t n_
   };
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m256i a = codes(_mm256_loadu_ps(x + i)), b = codes(_mm256_loadu_ps(x + i + 8));
+    const __m256i a = to_codes(_mm256_loadu_ps(x + i)), b = to_codes(_mm256_loadu_ps(x + i + 8));
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), packed);
   }
@@ -191,98 +206,41 @@ void divide_row(const float* x, const float* d, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = x[i] / d[i];
 }
 
-// ------------------------------------------------------------------------------------------ vector math
-// exp: x = n ln2 + r, |r| <= ln2/2, 2^n built in the exponent field, e^r by a degree-6 polynomial
-// (relative error ~2 ulp). NaN in -> NaN out; overflow -> inf; underflow -> 0.
-inline __m256 exp256(__m256 x) {
-  const __m256 hi = _mm256_set1_ps(88.7228394f), lo = _mm256_set1_ps(-103.972076f);
-  const __m256 nan_mask = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-  const __m256 over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  // 2^n in two halves so that n down to -150 (subnormal results) stays representable
-  const __m256i ni = _mm256_cvtps_epi32(n);
-  const __m256i half1 = _mm256_srai_epi32(ni, 1);
-  const __m256i half2 = _mm256_sub_epi32(ni, half1);
-  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half1, _mm256_set1_epi32(127)), 23));
-  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half2, _mm256_set1_epi32(127)), 23));
-  __m256 result = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
-  result = _mm256_blendv_ps(result, _mm256_set1_ps(INFINITY), over);
-  result = _mm256_blendv_ps(result, _mm256_setzero_ps(), under);
-  return _mm256_blendv_ps(result, x, nan_mask);
-}
-
-// erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), odd-symmetric.
-inline __m256 erf256(__m256 x) {
-  const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
-  const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), ax,
-                                                                       _mm256_set1_ps(1.0f)));
-  __m256 p = _mm256_set1_ps(1.061405429f);
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
-  p = _mm256_mul_ps(p, t);
-  const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(ax, ax)));
-  const __m256 y = _mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.0f));
-  return _mm256_or_ps(y, sign);
-}
-
-// tanh: odd polynomial below 0.3 (no cancellation), 1 - 2 / (e^{2|x|} + 1) above.
-inline __m256 tanh256(__m256 x) {
-  const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
-  const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-  const __m256 x2 = _mm256_mul_ps(x, x);
-  __m256 p = _mm256_set1_ps(21844.0f / 6081075.0f);
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-1382.0f / 155925.0f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(62.0f / 2835.0f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-17.0f / 315.0f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(2.0f / 15.0f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-1.0f / 3.0f));
-  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, x2), x, x);
-  const __m256 e = exp256(_mm256_add_ps(ax, ax));
-  const __m256 large = _mm256_sub_ps(_mm256_set1_ps(1.0f),
-                                     _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
-  const __m256 use_small = _mm256_cmp_ps(ax, _mm256_set1_ps(0.3f), _CMP_LT_OQ);
-  const __m256 result = _mm256_blendv_ps(_mm256_or_ps(large, sign), small, use_small);
-  return _mm256_blendv_ps(result, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-}
-
-inline __m256 activate256(__m256 x, int32_t activation) {
-  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
-  switch (activation) {
-    case 0:
-      return _mm256_mul_ps(_mm256_mul_ps(half, x),
-                           _mm256_add_ps(one, erf256(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)))));
-    case 1: {
-      const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
-      const __m256 inner = _mm256_mul_ps(_mm256_set1_ps(0.79788456080286536f),
-                                         _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
-      return _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, tanh256(inner)));
-    }
-    case 2: {  // relu; NaN stays NaN
-      const __m256 r = _mm256_max_ps(x, _mm256_setzero_ps());
-      return _mm256_blendv_ps(r, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    }
-    case 3:
-      return _mm256_div_ps(x, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-    default:
-      return tanh256(x);
+// ------------------------------------------------------------------------------------------ row epilogue
+// simd_math.h's lane operations on 8 lanes
+struct Ops256 {
+  using F = __m256;
+  using M = __m256;
+  static F set(float v) { return _mm256_set1_ps(v); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static void pow2(F n, F* s1, F* s2) {
+    const __m256i ni = _mm256_cvtps_epi32(n);
+    const __m256i h1 = _mm256_srai_epi32(ni, 1);
+    const __m256i h2 = _mm256_sub_epi32(ni, h1);
+    *s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h1, _mm256_set1_epi32(127)), 23));
+    *s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h2, _mm256_set1_epi32(127)), 23));
   }
-}
+  static F pow2_normal(F n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
+  static F sign(F a) { return _mm256_and_ps(a, _mm256_set1_ps(-0.0f)); }
+  static F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static F or_sign(F a, F s) { return _mm256_or_ps(a, s); }
+  static M is_nan(F a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
+  static M gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static M lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static F select(M m, F a, F b) { return _mm256_blendv_ps(b, a, m); }
+};
 
+// lanes 0..7 reduced by halving (+4, +2, +1)
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -290,38 +248,81 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The canonical 64-lane sum (isa.h) of term(x) over the row as eight 8-lane accumulators; the tail runs through a
+// copy padded with ``pad`` (a value whose term adds exactly 0).
+template <typename Term>
+float lane_sum(const float* row, int64_t n, float pad, Term term) {
+  static_assert(math::kNormLanes == 64, "eight 8-lane accumulators");
+  __m256 s[8];
+  for (auto& v : s) v = _mm256_setzero_ps();
+  auto block = [&](const float* x) {
+    for (int j = 0; j < 8; ++j) s[j] = term(_mm256_loadu_ps(x + 8 * j), s[j]);
+  };
+  const int64_t n64 = n & ~int64_t{63};
+  for (int64_t i = 0; i < n64; i += 64) block(row + i);
+  if (n64 < n) {
+    alignas(32) float tmp[64];
+    for (int64_t j = 0; j < 64; ++j) tmp[j] = n64 + j < n ? row[n64 + j] : pad;
+    block(tmp);
+  }
+  for (int j = 0; j < 4; ++j) s[j] = _mm256_add_ps(s[j], s[j + 4]);  // lane + 32
+  for (int j = 0; j < 2; ++j) s[j] = _mm256_add_ps(s[j], s[j + 2]);  // + 16
+  return hsum(_mm256_add_ps(s[0], s[1]));                              // + 8, + 4, + 2, + 1
+}
+
 void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, float eps, int32_t activation) {
   const int64_t nv = n & ~int64_t{7};
+  float mean = 0.0f, rstd = 0.0f;
   if (gamma != nullptr) {
-    __m256 s = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nv; i += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(row + i));
-    float sum = hsum(s);
-    for (int64_t i = nv; i < n; ++i) sum += row[i];
-    const float mean = sum / static_cast<float>(n);
+    mean = lane_sum(row, n, 0.0f, [](__m256 x, __m256 s) { return _mm256_add_ps(s, x); }) / static_cast<float>(n);
     const __m256 vmean = _mm256_set1_ps(mean);
-    __m256 q = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nv; i += 8) {
-      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(row + i), vmean);
-      q = _mm256_fmadd_ps(d, d, q);
-    }
-    float sq = hsum(q);
-    for (int64_t i = nv; i < n; ++i) sq += (row[i] - mean) * (row[i] - mean);
-    const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(n) + eps);
-    const __m256 vrstd = _mm256_set1_ps(rstd);
-    for (int64_t i = 0; i < nv; i += 8) {
-      const __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(row + i), vmean), vrstd);
-      _mm256_storeu_ps(row + i, _mm256_fmadd_ps(d, _mm256_loadu_ps(gamma + i), _mm256_loadu_ps(beta + i)));
-    }
-    for (int64_t i = nv; i < n; ++i) row[i] = (row[i] - mean) * rstd * gamma[i] + beta[i];
+    const float sq = lane_sum(row, n, mean, [&](__m256 x, __m256 s) {
+      const __m256 d = _mm256_sub_ps(x, vmean);
+      return _mm256_fmadd_ps(d, d, s);
+    });
+    rstd = 1.0f / std::sqrt(sq / static_cast<float>(n) + eps);
   }
-  if (activation < 0) return;
-  for (int64_t i = 0; i < nv; i += 8) _mm256_storeu_ps(row + i, activate256(_mm256_loadu_ps(row + i), activation));
-  if (nv < n) {  // tail through a padded vector so the tail rounds like the body
-    alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t i = nv; i < n; ++i) tmp[i - nv] = row[i];
-    _mm256_store_ps(tmp, activate256(_mm256_load_ps(tmp), activation));
+  const __m256 vmean = _mm256_set1_ps(mean), vrstd = _mm256_set1_ps(rstd);
+  auto apply = [&](__m256 x, const float* g, const float* b) {
+    if (gamma != nullptr)
+      x = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_sub_ps(x, vmean), vrstd), _mm256_loadu_ps(g), _mm256_loadu_ps(b));
+    return activation < 0 ? x : math::activate<Ops256>(x, activation);
+  };
+  if (gamma == nullptr && activation < 0) return;
+  for (int64_t i = 0; i < nv; i += 8)
+    _mm256_storeu_ps(row + i, apply(_mm256_loadu_ps(row + i), gamma ? gamma + i : nullptr, beta ? beta + i : nullptr));
+  if (nv < n) {  // tail through padded vectors so the tail rounds like the body
+    alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0}, g[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = nv; i < n; ++i) {
+      tmp[i - nv] = row[i];
+      if (gamma != nullptr) {
+        g[i - nv] = gamma[i];
+        b[i - nv] = beta[i];
+      }
+    }
+    _mm256_store_ps(tmp, apply(_mm256_load_ps(tmp), g, b));
     for (int64_t i = nv; i < n; ++i) row[i] = tmp[i - nv];
   }
+}
+
+void glu_row(const float* gate, const float* up, float* h, int64_t n, const Glu& glu) {
+  const __m256 alpha = _mm256_set1_ps(glu.alpha), limit = _mm256_set1_ps(glu.limit);
+  math::with_activation(glu.activation, [&](auto act) {
+    constexpr int32_t kAct = decltype(act)::value;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(h + i,
+                       math::glu<Ops256>(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i), kAct, alpha, limit));
+    if (i < n) {  // tail through padded vectors so the tail rounds like the body
+      alignas(32) float g[8] = {0, 0, 0, 0, 0, 0, 0, 0}, u[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t j = i; j < n; ++j) {
+        g[j - i] = gate[j];
+        u[j - i] = up[j];
+      }
+      _mm256_store_ps(g, math::glu<Ops256>(_mm256_load_ps(g), _mm256_load_ps(u), kAct, alpha, limit));
+      for (int64_t j = i; j < n; ++j) h[j] = g[j - i];
+    }
+  });
 }
 
 void half_to_float_row(const uint16_t* src, float* dst, int64_t n) {
@@ -342,7 +343,8 @@ void float_to_half_row(const float* src, uint16_t* dst, int64_t n) {
 }  // namespace
 
 const Kernels* avx2_kernels() {
-  static const Kernels kernels{"avx2", gemm_f32_panel, gemm_i8_panel, quantize_row, divide_row, row_epilogue,
+  static const Kernels kernels{"avx2",        gemm_f32, pairs_panel_bytes, pairs_code_bytes,  pack_i8_pairs,
+                               quantize_row,  gemm_i8,  glu_row,           divide_row,        row_epilogue,
                                half_to_float_row, float_to_half_row};
   return &kernels;
 }
