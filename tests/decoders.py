@@ -1,12 +1,14 @@
 """Decoder units for the generation tests (the decoder_case fixture of tests/conftest.py), one per decoder family.
 
-``FAMILIES`` lists the decoder families every generation test runs on. Today it holds the dense test decoder: a tiny
-Llama built from a transformers config (random weights, a byte-level BPE tokenizer trained here: no download),
-exported by :func:`export_test_decoder`, a wrapper around the Hugging Face model that takes and returns the cache
-tensors explicitly. That exporter is TEST code standing in for the product's decoder exporter (the MoE families of
-issue 26): when it lands, each MoE family joins ``FAMILIES`` with a ``build`` that runs ``pimoe-export export DIR``
-and ``package`` instead; the tests do not change, because both graphs have the standard decoder I/O
-(pimoe_export/interface.py "decoders").
+``FAMILIES`` lists the decoder families every generation test runs on: a dense Llama and the MoE families that
+transformers builds from a config with no download (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE, OLMoE,
+GPT-OSS with attention sinks, sliding windows and clamped SwiGLU experts). Each is a tiny random model (a byte-level
+BPE tokenizer trained here) whose MoE blocks are replaced by :class:`PimoeMoE` (the four pimoe ops, equal to the
+Hugging Face block up to float rounding) and exported by :func:`export_test_decoder`, a wrapper around the Hugging
+Face model that takes and returns the cache tensors explicitly. Both are TEST code standing in for the product's
+family importers and decoder exporter (pimoe_export/hf, issue 26): when they land, each family's ``build`` runs
+``pimoe-export export DIR`` and ``package`` instead; the tests do not change, because both graphs have the standard
+decoder I/O (pimoe_export/interface.py "decoders").
 """
 
 from __future__ import annotations
@@ -84,20 +86,134 @@ def train_tokenizer(directory: Path):
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2}
 
+#: each family's transformers config class and the fields of its tiny model beyond TINY (MoE: 4 experts, top-2)
+FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama-dense": ("LlamaConfig", {}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    # a shared expert with its sigmoid gate; layer 0 a dense MLP (mlp_only_layers), layer 1 MoE
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 96,
+                                     "shared_expert_intermediate_size": 128, "norm_topk_prob": False,
+                                     "mlp_only_layers": [0]}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 96,
+                                     "norm_topk_prob": True, "head_dim": 16}),
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False}),
+    # attention sinks, alternating sliding-window (8 positions: the prompts cross it) and full layers, biased
+    # router (top-k of logits, softmax of the k), clamped SwiGLU experts with biases
+    "gpt_oss": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
+                                 "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}),
+}
 
-def llama_directory(directory: Path, seed: int = 0, sizes: dict | None = None) -> Path:
-    """A tiny Llama (:data:`TINY`, or ``sizes``) with the tokenizer above, saved as a Hugging Face directory."""
+
+def hf_directory(directory: Path, family: str = "llama-dense", seed: int = 0, sizes: dict | None = None) -> Path:
+    """A tiny random model of ``family`` (:data:`TINY` or ``sizes``, plus :data:`FAMILY_CONFIGS`) with the
+    tokenizer above, saved as a Hugging Face directory."""
     import transformers
 
     tokenizer = train_tokenizer(directory)
     torch.manual_seed(seed)
+    config_class, extra = FAMILY_CONFIGS[family]
     # initializer_range 0.2: logits far from ties, so greedy tokens do not hinge on float rounding
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), **(sizes or TINY),
-                                      max_position_embeddings=2048, tie_word_embeddings=False, initializer_range=0.2,
-                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    config = getattr(transformers, config_class)(vocab_size=len(tokenizer), **(sizes or TINY), **extra,
+                                                 max_position_embeddings=2048, tie_word_embeddings=False,
+                                                 initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+                                                 pad_token_id=0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if family == "gpt_oss":  # its init leaves the router/expert biases and sinks at 0: give them weight
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("_bias", "router.bias", "sinks")):
+                    param.normal_(0.0, 0.5)
     model.save_pretrained(str(directory), safe_serialization=True)
     return directory
+
+
+def llama_directory(directory: Path, seed: int = 0, sizes: dict | None = None) -> Path:
+    """The dense test decoder: a tiny Llama (:func:`hf_directory`)."""
+    return hf_directory(directory, "llama-dense", seed, sizes)
+
+
+# ------------------------------------------------------------------------------------------ MoE blocks as pimoe ops
+class PimoeMoE(torch.nn.Module):
+    """A Hugging Face sparse MoE block as the four pimoe ops (route -> dispatch -> expert_mlp -> combine), the
+    shared expert (Qwen2-MoE) in PyTorch beside them. TEST code standing in for the product's family importers
+    (pimoe_export/hf, issue 26): the generation machinery only sees the exported graph's decoder I/O."""
+
+    def __init__(self, router_weight: torch.Tensor, router_bias: torch.Tensor | None, k: int, normalize: bool,
+                 scoring: str, gate_up: torch.Tensor, gate_up_bias: torch.Tensor | None, down: torch.Tensor,
+                 down_bias: torch.Tensor | None, activation: str, returns: str,
+                 shared: torch.nn.Module | None = None, shared_gate: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.router_weight = torch.nn.Parameter(router_weight.detach().clone())
+        self.router_bias = None if router_bias is None else torch.nn.Parameter(router_bias.detach().clone())
+        # gate_up [E, 2I, H] rows [gate; up]; down [E, H, I]
+        self.gate_up = torch.nn.Parameter(gate_up.detach().contiguous().clone())
+        self.down = torch.nn.Parameter(down.detach().contiguous().clone())
+        self.gate_up_bias = None if gate_up_bias is None else torch.nn.Parameter(gate_up_bias.detach().clone())
+        self.down_bias = None if down_bias is None else torch.nn.Parameter(down_bias.detach().clone())
+        self.k, self.normalize, self.scoring, self.activation, self.returns = k, normalize, scoring, activation, \
+            returns
+        self.shared, self.shared_gate = shared, shared_gate
+
+    def forward(self, hidden_states: torch.Tensor):
+        import pimoe_export.ops.torch_ops  # noqa: F401  (registers torch.ops.pimoe)
+
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        logits = torch.nn.functional.linear(x, self.router_weight, self.router_bias)
+        experts = self.gate_up.shape[0]
+        weights, ids = torch.ops.pimoe.route(logits, None, self.k, self.normalize, self.scoring)
+        x_sorted, offsets, flat_to_sorted = torch.ops.pimoe.dispatch(x, ids, experts)
+        bias = self.gate_up_bias is not None
+        params = [self.gate_up, self.gate_up_bias, self.down, self.down_bias] if bias else [self.gate_up, self.down]
+        y_sorted = torch.ops.pimoe.expert_mlp(x_sorted, offsets, params, list(range(experts)),
+                                              [shape[-1], self.down.shape[2], shape[-1]], self.activation, False,
+                                              1e-5, "none", [], gated=True, bias=bias)
+        # "expert" order: Hugging Face's index_add_ over ascending experts
+        out = torch.ops.pimoe.combine(y_sorted, flat_to_sorted, weights, "expert")
+        if self.shared is not None and self.shared_gate is not None:
+            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+        out = out.reshape(shape)
+        if self.returns == "tuple":
+            return out, logits
+        return out
+
+
+def _stack_mlps(experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [E, 2I, H] and down [E, H, I] of a ModuleList of (gate, up, down) Linear experts."""
+    names = ("w1", "w3", "w2") if hasattr(experts[0], "w1") else ("gate_proj", "up_proj", "down_proj")
+    gate_up = torch.stack([torch.cat([getattr(e, names[0]).weight, getattr(e, names[1]).weight]) for e in experts])
+    down = torch.stack([getattr(e, names[2]).weight for e in experts])
+    return gate_up, down
+
+
+def pimoe_block(block: torch.nn.Module, family: str) -> PimoeMoE:
+    """The pimoe-op equivalent of one Hugging Face MoE block of ``family``."""
+    if family == "gpt_oss":
+        experts = block.experts
+        gate_up = torch.cat([experts.gate_up_proj[..., ::2], experts.gate_up_proj[..., 1::2]], dim=2).transpose(1, 2)
+        gate_up_bias = torch.cat([experts.gate_up_proj_bias[..., ::2], experts.gate_up_proj_bias[..., 1::2]], dim=1)
+        return PimoeMoE(block.router.weight, block.router.bias, block.router.top_k, False, "softmax_topk", gate_up,
+                        gate_up_bias, experts.down_proj.transpose(1, 2), experts.down_proj_bias, "swiglu_oai",
+                        "tuple")
+    gate_up, down = _stack_mlps(block.experts)
+    normalize = True if family == "mixtral" else bool(block.norm_topk_prob)
+    return PimoeMoE(block.gate.weight, None, block.top_k, normalize, "softmax", gate_up, None, down, None, "silu",
+                    "tuple", getattr(block, "shared_expert", None), getattr(block, "shared_expert_gate", None))
+
+
+def pimoe_decoder(model: torch.nn.Module, family: str) -> torch.nn.Module:
+    """``model`` with every MoE block replaced by :class:`PimoeMoE` (in place); a dense family comes back as is."""
+    if family == "llama-dense":
+        return model
+    replaced = 0
+    for layer in model.model.layers:
+        attribute = "block_sparse_moe" if hasattr(layer, "block_sparse_moe") else "mlp"
+        block = getattr(layer, attribute)
+        if hasattr(block, "experts"):
+            setattr(layer, attribute, pimoe_block(block, family))
+            replaced += 1
+    assert replaced, f"{family}: no MoE block found"
+    return model
 
 
 def decoder_spec(hf_dir: Path) -> DecoderSpec:
@@ -148,7 +264,10 @@ def export_test_decoder(model: torch.nn.Module, spec: DecoderSpec, path: Path) -
     dim = torch.export.Dim
     b, s, p, t = dim("batch", max=256), dim("sequence", max=4096), dim("past_sequence", max=4096), \
         dim("total_sequence", max=8192)
+    from pimoe_export.ops.onnx_translation import custom_translation_table
+
     torch.onnx.export(_CacheWrapper(model, spec.num_layers).eval(), example, str(path), dynamo=True,
+                      custom_translation_table=custom_translation_table(),
                       opset_version=ONNX_OPSET, input_names=list(interface.input_names),
                       output_names=list(interface.output_names), external_data=False, optimize=True,
                       dynamic_shapes=({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s},
@@ -164,13 +283,20 @@ def export_test_decoder(model: torch.nn.Module, spec: DecoderSpec, path: Path) -
     return path
 
 
-def build_llama_dense(root: Path, sizes: dict | None = None) -> DecoderCase:
-    hf_dir = llama_directory(root / "hf", sizes=sizes)
+def build_family(family: str, root: Path, sizes: dict | None = None) -> DecoderCase:
+    """``family``'s tiny Hugging Face directory and its fp32 ONNX Runtime unit (MoE blocks as pimoe ops)."""
+    hf_dir = hf_directory(root / "hf", family, sizes=sizes)
     spec = decoder_spec(hf_dir)
-    onnx_path = export_test_decoder(DecoderCase("", hf_dir, root).hf_model(), spec, root / "model.onnx")
+    model = pimoe_decoder(DecoderCase("", hf_dir, root).hf_model(), family)
+    onnx_path = export_test_decoder(model, spec, root / "model.onnx")
     package_ort(onnx_path, root / "ort-fp32", client_dir=hf_dir)
-    return DecoderCase("llama-dense", hf_dir, root / "ort-fp32")
+    return DecoderCase(family, hf_dir, root / "ort-fp32")
+
+
+def build_llama_dense(root: Path, sizes: dict | None = None) -> DecoderCase:
+    return build_family("llama-dense", root, sizes)
 
 
 #: every decoder family the generation tests run on, and how its case is built (see the module docstring)
-FAMILIES: dict[str, Callable[[Path], DecoderCase]] = {"llama-dense": build_llama_dense}
+FAMILIES: dict[str, Callable[[Path], DecoderCase]] = {
+    family: (lambda root, family=family: build_family(family, root)) for family in FAMILY_CONFIGS}

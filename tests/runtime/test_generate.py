@@ -96,9 +96,9 @@ def test_seeded_sampling_repeats_and_rows_are_independent(engine) -> None:
 def test_eos_and_stop_sequences_end_each_row_separately(engine) -> None:
     free = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, eos_token_ids=[])
     assert all(r.finish_reason == "length" and len(r.token_ids) == NEW_TOKENS for r in free)
-    row, at = 1, 5
+    row = 1  # its first token (after the first) not seen before in the row
+    at = next(i for i, t in enumerate(free[row].token_ids) if i > 0 and t not in free[row].token_ids[:i])
     token = free[row].token_ids[at]
-    assert token not in free[row].token_ids[:at]
     # that token as EOS: row 1 ends there, every row that never produced it runs on unchanged
     ended = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, eos_token_ids=[token])
     assert ended[row].token_ids == free[row].token_ids[: at + 1] and ended[row].finish_reason == "eos"
