@@ -90,13 +90,16 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
 FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "llama-dense": ("LlamaConfig", {}),
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
-    # a shared expert with its sigmoid gate; layer 0 a dense MLP (mlp_only_layers), layer 1 MoE
-    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 96,
+    # a shared expert with its sigmoid gate; layer 0 a dense MLP (mlp_only_layers), layer 1 MoE; MHA cache like
+    # Qwen1.5-MoE-A2.7B (and OLMoE below): optimum sizes these families' caches with num_attention_heads
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_key_value_heads": 4, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 96,
                                      "shared_expert_intermediate_size": 128, "norm_topk_prob": False,
                                      "mlp_only_layers": [0]}),
     "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 96,
                                      "norm_topk_prob": True, "head_dim": 16}),
-    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False}),
+    "olmoe": ("OlmoeConfig", {"num_key_value_heads": 4, "num_experts": 4, "num_experts_per_tok": 2,
+                              "norm_topk_prob": False}),
     # attention sinks, alternating sliding-window (8 positions: the prompts cross it) and full layers, biased
     # router (top-k of logits, softmax of the k), clamped SwiGLU experts with biases
     "gpt_oss": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
@@ -113,7 +116,7 @@ def hf_directory(directory: Path, family: str = "llama-dense", seed: int = 0, si
     torch.manual_seed(seed)
     config_class, extra = FAMILY_CONFIGS[family]
     # initializer_range 0.2: logits far from ties, so greedy tokens do not hinge on float rounding
-    config = getattr(transformers, config_class)(vocab_size=len(tokenizer), **(sizes or TINY), **extra,
+    config = getattr(transformers, config_class)(vocab_size=len(tokenizer), **{**(sizes or TINY), **extra},
                                                  max_position_embeddings=2048, tie_word_embeddings=False,
                                                  initializer_range=0.2, bos_token_id=1, eos_token_id=2,
                                                  pad_token_id=0)
@@ -281,6 +284,14 @@ def export_test_decoder(model: torch.nn.Module, spec: DecoderSpec, path: Path) -
     onnx.helper.set_model_props(proto, metadata)
     onnx.save(proto, str(path))
     return path
+
+
+def sliding_window(hf_dir: Path) -> int | None:
+    """The model's attention window when some of its layers attend through one (None: all layers see everything)."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    windowed = "sliding_attention" in (config.get("layer_types") or []) or (
+        config.get("use_sliding_window", True) and config["model_type"] in ("mistral", "mixtral"))
+    return config.get("sliding_window") if windowed else None
 
 
 def build_family(family: str, root: Path, sizes: dict | None = None) -> DecoderCase:

@@ -14,15 +14,25 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from decoders import sliding_window
 from test_generate import NEW_TOKENS, PROMPTS, hf_greedy
 
 pytestmark = pytest.mark.slow
 
+#: families whose grouped-query cache optimum-onnx 0.1.0 cannot feed: its ORTModelForCausalLM sizes the first
+#: step's empty cache with num_attention_heads unless the model type is on its GQA list (modeling_decoder.py),
+#: which holds qwen3_moe and gpt_oss but not mixtral, qwen2_moe, olmoe (docs/generation.md)
+OPTIMUM_MHA_ONLY = {"mixtral", "qwen2_moe", "olmoe"}
 
-def test_optimum_ort_model_for_causal_lm_generates_the_same_tokens(decoder_case) -> None:
+
+def test_optimum_ort_model_for_causal_lm_generates_the_same_tokens(decoder_case, request) -> None:
     ort = pytest.importorskip("onnxruntime")
     optimum = pytest.importorskip("optimum.onnxruntime", reason="the llm-clients extra (optimum-onnx) is not "
                                                                "installed")
+    config = json.loads((decoder_case.hf_dir / "config.json").read_text())
+    if decoder_case.family in OPTIMUM_MHA_ONLY and config["num_key_value_heads"] != config["num_attention_heads"]:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="optimum-onnx 0.1.0 feeds model type "
+                                              f"{decoder_case.family} an MHA-shaped empty cache"))
     reference = hf_greedy(decoder_case, PROMPTS)
     unit = decoder_case.unit
     tokenizer = decoder_case.hf_tokenizer()
@@ -57,7 +67,16 @@ def test_onnxruntime_genai_generates_the_same_tokens(decoder_case, tmp_path) -> 
     og = pytest.importorskip("onnxruntime_genai", reason="the llm-clients extra (onnxruntime-genai) is not installed")
     reference = hf_greedy(decoder_case, PROMPTS)
     prompts = decoder_case.hf_tokenizer()(PROMPTS)["input_ids"]
-    rows = genai_generate(og, decoder_case.unit, prompts, NEW_TOKENS)
+
+    def run(directory):
+        if sliding_window(decoder_case.hf_dir):
+            # GenAI right-pads a batch, so its pad slots sit between a short prompt and its new tokens, inside the
+            # attention window that the graph counts in cache slots: windowed families generate in GenAI one
+            # prompt at a time (docs/generation.md)
+            return [genai_generate(og, directory, [p], NEW_TOKENS)[0] for p in prompts]
+        return genai_generate(og, directory, prompts, NEW_TOKENS)
+
+    rows = run(decoder_case.unit)
     assert [row[: len(ref)] for row, ref in zip(rows, reference, strict=True)] == reference
     # a model type GenAI does not know runs as its generic "decoder" type (what the unit writes for such families)
     generic = tmp_path / "generic"
@@ -65,7 +84,7 @@ def test_onnxruntime_genai_generates_the_same_tokens(decoder_case, tmp_path) -> 
     config = json.loads((generic / "genai_config.json").read_text())
     config["model"]["type"] = "decoder"
     (generic / "genai_config.json").write_text(json.dumps(config))
-    rows = genai_generate(og, generic, prompts, NEW_TOKENS)
+    rows = run(generic)
     assert [row[: len(ref)] for row, ref in zip(rows, reference, strict=True)] == reference
 
 
