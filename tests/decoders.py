@@ -304,6 +304,19 @@ def build_family(family: str, root: Path, sizes: dict | None = None) -> DecoderC
     return DecoderCase(family, hf_dir, root / "ort-fp32")
 
 
+def int8_unit(case: DecoderCase) -> Path:
+    """The W8A8-dynamic decoder next to ``case``'s fp32 one (``model.int8.onnx`` and the ``ort-int8`` unit): every
+    expert group quantised from the fp32 graph's own weights (pimoe_export.quantize.int8), built once."""
+    from pimoe_export.quantize.int8 import dynamic_params_from_onnx, write_int8_onnx
+
+    root = case.unit.parent
+    if not (root / "ort-int8").is_dir():
+        onnx_path = write_int8_onnx(root / "model.onnx", dynamic_params_from_onnx(root / "model.onnx"),
+                                    root / "model.int8.onnx")
+        package_ort(onnx_path, root / "ort-int8", client_dir=case.hf_dir)
+    return root / "ort-int8"
+
+
 def build_llama_dense(root: Path, sizes: dict | None = None) -> DecoderCase:
     return build_family("llama-dense", root, sizes)
 
