@@ -71,3 +71,30 @@ def test_the_check_command_on_a_decoder_unit(decoder_case, tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert "FAILED" in out and "diverge" in out
     assert np.isfinite(json.loads((tmp_path / "drift" / "report.json").read_text())["worst_cosine"])
+
+
+def test_the_int8_unit_reports_per_step_cosine_and_first_divergent_token(decoder_case) -> None:
+    """The W8A8-dynamic unit (experts int8, the rest fp32) against the fp32 PyTorch model: the typical teacher-forced
+    step's logits close to it (a tiny random router can flip an expert at a near tie, so single steps may drop),
+    the verdict follows the precision's cosine bound, and the first divergent token is where the unit's own greedy
+    tokens first leave the reference's."""
+    import pytest
+    from decoders import int8_unit
+
+    if decoder_case.family == "llama-dense":
+        pytest.skip("a dense decoder has no expert to quantise")
+    prompts = seeded_prompts(300, seed=3)
+    reference = torch_reference(decoder_case.hf_model())
+    with Engine.load(int8_unit(decoder_case)) as engine:
+        assert engine.manifest.precision == "w8a8_dynamic"
+        report = check_generation(engine, reference, prompts, new_tokens=16)
+        own = [engine.generate([p], max_new_tokens=16, eos_token_ids=[])[0].token_ids for p in prompts]
+    steps = [c for result in report.prompts for c in result.step_cosine]
+    assert report.precision == "w8a8_dynamic" and 0.99 < float(np.median(steps)) < 1.0  # close, not exact
+    assert report.passed == (min(steps) >= report.min_cosine) and len(report.failures) == sum(
+        min(r.step_cosine) < report.min_cosine for r in report.prompts)
+    for prompt, result, tokens in zip(prompts, report.prompts, own, strict=True):
+        assert len(result.step_cosine) == len(prompt) + 16 - 1
+        expected = reference_greedy(reference, prompt, 16)
+        divergence = next((i for i, (a, b) in enumerate(zip(tokens, expected, strict=True)) if a != b), None)
+        assert result.first_divergence == divergence and result.unit_tokens == tokens
