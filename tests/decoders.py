@@ -82,7 +82,7 @@ def train_tokenizer(directory: Path):
     return fast
 
 
-#: the test decoder's sizes: 2 layers, GQA 4:2, H 64, 2048 positions (scripts/bench_generate.py's --size takes others)
+#: the test decoders' sizes: 2 layers, GQA 4:2, H 64, 2048 positions (scripts/bench_generate.py's --size takes others)
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2}
 
@@ -108,15 +108,15 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
 
 
 def hf_directory(directory: Path, family: str = "llama-dense", seed: int = 0, sizes: dict | None = None) -> Path:
-    """A tiny random model of ``family`` (:data:`TINY` or ``sizes``, plus :data:`FAMILY_CONFIGS`) with the
-    tokenizer above, saved as a Hugging Face directory."""
+    """A tiny random model of ``family`` (:data:`TINY` and :data:`FAMILY_CONFIGS`, then the config fields of
+    ``sizes``) with the tokenizer above, saved as a Hugging Face directory."""
     import transformers
 
     tokenizer = train_tokenizer(directory)
     torch.manual_seed(seed)
     config_class, extra = FAMILY_CONFIGS[family]
     # initializer_range 0.2: logits far from ties, so greedy tokens do not hinge on float rounding
-    config = getattr(transformers, config_class)(vocab_size=len(tokenizer), **{**(sizes or TINY), **extra},
+    config = getattr(transformers, config_class)(vocab_size=len(tokenizer), **{**TINY, **extra, **(sizes or {})},
                                                  max_position_embeddings=2048, tie_word_embeddings=False,
                                                  initializer_range=0.2, bos_token_id=1, eos_token_id=2,
                                                  pad_token_id=0)

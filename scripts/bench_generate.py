@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Generation benchmark: prefill and decode tokens/s of a decoder unit against Hugging Face eager PyTorch and ONNX
+Runtime GenAI, on the CPU.
+
+For each batch size B (left-padded prompts of P tokens):
+
+- prefill tokens/s = B x P / median time of the prompt call (empty cache);
+- decode tokens/s = B / median time of one decode step, over ``--steps`` steps after the prefill (the cache grows
+  from P to P + steps).
+
+Runners: ``pimoe`` (the unit through Engine's decoder: ONNX Runtime, I/O binding, libpimoe_ort), ``hf-eager`` (the
+Hugging Face model of ``--hf-dir``, attn_implementation="eager", one forward per step with its DynamicCache) and
+``genai:<dir>`` for each ``--genai DIR`` (ONNX Runtime GenAI's Generator on a GenAI model directory: our unit
+itself, or the GenAI model builder's export of the same weights; append_tokens and generate_next_token timed).
+All in this process, runners interleaved per round, median over rounds. Usage:
+
+    .venv/bin/python scripts/bench_generate.py --hf-dir HF_DIR --unit UNIT [--genai DIR ...]
+        [--batches 1,8] [--prompt 64] [--steps 32] [--threads 2] [--rounds 5] [--json OUT]
+    .venv/bin/python scripts/bench_generate.py --family qwen3_moe --size mid --workdir DIR [...]
+
+The second form builds the model first (random weights, a tokenizer of 320 tokens) with the test suite's decoder
+builder (tests/decoders.py: the family's MoE blocks as pimoe ops, its fp32 unit); ``--size``: ``tiny`` (the
+tests' H 64 model) or ``mid`` (:data:`MID`: a Qwen3-30B-A3B-shaped layer cut down to fit this machine: H 1024,
+16:4 heads of 64, 32 experts of width 384, top-4, 2 layers). The unit's own directory is also a GenAI model
+(``--genai-unit`` times it in ONNX Runtime GenAI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pimoe_export.runtime.decoder import Rows  # noqa: E402
+from pimoe_export.runtime.engine import Engine  # noqa: E402
+
+#: (seconds per prefill call, seconds per decode step) of one round
+Timing = tuple[float, float]
+
+#: the "mid" model's config fields (on top of tests/decoders.py's family config): Qwen3-30B-A3B's proportions
+#: (GQA 4:1, top-8 of 128 experts) cut to 2 layers, 32 experts, top-4
+MID = {"hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64,
+       "intermediate_size": 384, "moe_intermediate_size": 384, "num_experts": 32, "num_local_experts": 32,
+       "num_experts_per_tok": 4, "num_hidden_layers": 2}
+
+
+def build(family: str, size: str, workdir: Path) -> tuple[Path, Path]:
+    """The HF directory and fp32 unit of ``family`` at ``size``, built once into ``workdir``."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from decoders import build_family
+
+    root = workdir / f"{family}-{size}"
+    if not (root / "ort-fp32" / "manifest.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        build_family(family, root, sizes=MID if size == "mid" else None)
+    return root / "hf", root / "ort-fp32"
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, length).tolist() for _ in range(batch)]
+
+
+def pimoe_round(engine: Engine, batch: list[list[int]], steps: int) -> Timing:
+    decoder = engine.decoder()
+    start = time.perf_counter()
+    rows, logits = Rows.prefill(decoder, batch)
+    prefill = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        logits = rows.step(decoder, logits.argmax(axis=1).tolist())
+        times.append(time.perf_counter() - start)
+    return prefill, float(np.median(times))
+
+
+def hf_round(model, batch: list[list[int]], steps: int) -> Timing:
+    import torch
+
+    ids = torch.tensor(batch)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        prefill = time.perf_counter() - start
+        times = []
+        for _ in range(steps):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            start = time.perf_counter()
+            out = model(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            times.append(time.perf_counter() - start)
+    return prefill, float(np.median(times))
+
+
+def genai_round(og, model, batch: list[list[int]], steps: int) -> Timing:
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(batch[0]) + steps + 1, batch_size=len(batch))
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens(np.array(batch, np.int32))
+    prefill = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        generator.generate_next_token()
+        times.append(time.perf_counter() - start)
+    return prefill, float(np.median(times))
+
+
+def runners(args: argparse.Namespace) -> dict[str, Callable[[list[list[int]]], Timing]]:
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    engine = Engine.load(args.unit, threads=args.threads)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(args.hf_dir), attn_implementation="eager").eval()
+    result = {"pimoe": lambda b: pimoe_round(engine, b, args.steps), "hf-eager": lambda b: hf_round(hf, b, args.steps)}
+    if args.genai:
+        import onnxruntime_genai as og
+
+        for directory in args.genai:
+            config = og.Config(str(directory))
+            config.clear_providers()
+            model = og.Model(config)
+            result[f"genai:{directory.name}"] = lambda b, m=model: genai_round(og, m, b, args.steps)
+    return result
+
+
+def cpu_line() -> str:
+    """The CPU's model name (/proc/cpuinfo) and its core count."""
+    import os
+
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf-dir", type=Path, help="the Hugging Face model directory (reference)")
+    parser.add_argument("--unit", type=Path, help="its decoder unit")
+    parser.add_argument("--family", help="build this test family's model instead (tests/decoders.py)")
+    parser.add_argument("--size", choices=("tiny", "mid"), default="tiny")
+    parser.add_argument("--workdir", type=Path, default=Path("build/bench-generate"))
+    parser.add_argument("--genai", type=Path, action="append", default=[], help="a GenAI model directory to time")
+    parser.add_argument("--genai-unit", action="store_true", help="also time the unit itself in ONNX Runtime GenAI")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    if args.family:
+        args.hf_dir, args.unit = build(args.family, args.size, args.workdir)
+    elif args.hf_dir is None or args.unit is None:
+        parser.error("give --hf-dir and --unit, or --family")
+    if args.genai_unit:
+        args.genai.append(args.unit)
+    vocab = json.loads((args.unit / "manifest.json").read_text())["decoder"]["vocab_size"]
+    timed = runners(args)
+    results = []
+    print(f"CPU: {cpu_line()}; threads {args.threads}; model {args.unit}; prompt {args.prompt}, "
+          f"{args.steps} decode steps, median of {args.rounds} rounds")
+    print("| runner | batch | prefill tok/s | decode tok/s | decode ms/step |\n|---|---|---|---|---|")
+    for batch in (int(b) for b in args.batches.split(",")):
+        data = prompts(batch, args.prompt, vocab)
+        rounds: dict[str, list[Timing]] = {name: [] for name in timed}
+        for run in timed.values():  # warm-up
+            run(data)
+        for _ in range(args.rounds):
+            for name, run in timed.items():
+                rounds[name].append(run(data))
+        for name, values in rounds.items():
+            prefill, step = (float(np.median([v[i] for v in values])) for i in (0, 1))
+            row = {"runner": name, "batch": batch, "prefill_tokens_per_s": batch * args.prompt / prefill,
+                   "decode_tokens_per_s": batch / step, "decode_ms_per_step": step * 1e3}
+            results.append(row)
+            print(f"| {name} | {batch} | {row['prefill_tokens_per_s']:.0f} | {row['decode_tokens_per_s']:.0f} | "
+                  f"{row['decode_ms_per_step']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu_line(), "args": {k: str(v) for k, v in
+                                                                                 vars(args).items()},
+                                         "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
