@@ -82,9 +82,18 @@ def train_tokenizer(directory: Path):
     return fast
 
 
-#: the test decoders' sizes: 2 layers, GQA 4:2, H 64, 2048 positions (scripts/bench_generate.py's --size takes others)
+#: the test decoders' sizes: 2 layers, GQA 4:2, H 64, 2048 positions
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2}
+#: config fields over a family's tiny config, by size (this file as a script, for scripts/bench_generate.py):
+#: "mid" has Qwen3-30B-A3B's proportions (GQA 4:1, many small experts) cut down to fit a 2-core machine: H 1024,
+#: 16:4 heads of 64, 32 experts of width 384, top-4, 2 layers
+SIZES: dict[str, dict] = {
+    "tiny": {},
+    "mid": {"hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64,
+            "intermediate_size": 384, "moe_intermediate_size": 384, "num_experts": 32, "num_local_experts": 32,
+            "num_experts_per_tok": 4, "num_hidden_layers": 2},
+}
 
 #: each family's transformers config class and the fields of its tiny model beyond TINY (MoE: 4 experts, top-2)
 FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
@@ -324,3 +333,16 @@ def build_llama_dense(root: Path, sizes: dict | None = None) -> DecoderCase:
 #: every decoder family the generation tests run on, and how its case is built (see the module docstring)
 FAMILIES: dict[str, Callable[[Path], DecoderCase]] = {
     family: (lambda root, family=family: build_family(family, root)) for family in FAMILY_CONFIGS}
+
+
+if __name__ == "__main__":  # python tests/decoders.py --family F --size S -o DIR (the benchmark's models)
+    import argparse
+
+    parser = argparse.ArgumentParser(description="build a test decoder family's model and fp32 unit")
+    parser.add_argument("--family", choices=sorted(FAMILY_CONFIGS), required=True)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="a new directory: hf/, model.onnx, ort-fp32/")
+    args = parser.parse_args()
+    args.output.mkdir(parents=True)
+    case = build_family(args.family, args.output, SIZES[args.size])
+    print(f"{case.hf_dir}\n{case.unit}")
