@@ -12,17 +12,18 @@ Runners: ``pimoe`` (the unit through Engine's decoder: ONNX Runtime, I/O binding
 Hugging Face model of ``--hf-dir``, attn_implementation="eager", one forward per step with its DynamicCache) and
 ``genai:<dir>`` for each ``--genai DIR`` (ONNX Runtime GenAI's Generator on a GenAI model directory: our unit
 itself, or the GenAI model builder's export of the same weights; append_tokens and generate_next_token timed).
-All in this process, runners interleaved per round, median over rounds. Usage:
+All in this process, runners interleaved per round (each round starting with the next runner), median over rounds.
+Usage:
 
     .venv/bin/python scripts/bench_generate.py --hf-dir HF_DIR --unit UNIT [--genai DIR ...]
         [--batches 1,8] [--prompt 64] [--steps 32] [--threads 2] [--rounds 5] [--json OUT]
-    .venv/bin/python scripts/bench_generate.py --family qwen3_moe --size mid --workdir DIR [...]
 
-The second form builds the model first (random weights, a tokenizer of 320 tokens) with the test suite's decoder
-builder (tests/decoders.py: the family's MoE blocks as pimoe ops, its fp32 unit); ``--size``: ``tiny`` (the
-tests' H 64 model) or ``mid`` (:data:`MID`: a Qwen3-30B-A3B-shaped layer cut down to fit this machine: H 1024,
-16:4 heads of 64, 32 experts of width 384, top-4, 2 layers). The unit's own directory is also a GenAI model
-(``--genai-unit`` times it in ONNX Runtime GenAI).
+The models of docs/benchmarks.md come from the test suite's decoder builder run as a script (random weights, a
+tokenizer of 320 tokens, the family's MoE blocks as pimoe ops; DIR/hf and the fp32 unit DIR/ort-fp32):
+
+    .venv/bin/python tests/decoders.py --family qwen3_moe --size mid -o DIR
+
+The unit's own directory is also a GenAI model (``--genai-unit`` times it in ONNX Runtime GenAI).
 """
 
 from __future__ import annotations
@@ -40,30 +41,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pimoe_export.artifacts.manifest import read_manifest  # noqa: E402
 from pimoe_export.runtime.decoder import Rows  # noqa: E402
 from pimoe_export.runtime.engine import Engine  # noqa: E402
 
 #: (seconds per prefill call, seconds per decode step) of one round
 Timing = tuple[float, float]
-
-#: the "mid" model's config fields (on top of tests/decoders.py's family config): Qwen3-30B-A3B's proportions
-#: (GQA 4:1, top-8 of 128 experts) cut to 2 layers, 32 experts, top-4
-MID = {"hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64,
-       "intermediate_size": 384, "moe_intermediate_size": 384, "num_experts": 32, "num_local_experts": 32,
-       "num_experts_per_tok": 4, "num_hidden_layers": 2}
-
-
-def build(family: str, size: str, workdir: Path) -> tuple[Path, Path]:
-    """The HF directory and fp32 unit of ``family`` at ``size``, built once into ``workdir``."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from decoders import build_family
-
-    root = workdir / f"{family}-{size}"
-    if not (root / "ort-fp32" / "manifest.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        build_family(family, root, sizes=MID if size == "mid" else None)
-    return root / "hf", root / "ort-fp32"
-
 
 def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
@@ -150,11 +133,8 @@ def cpu_line() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf-dir", type=Path, help="the Hugging Face model directory (reference)")
-    parser.add_argument("--unit", type=Path, help="its decoder unit")
-    parser.add_argument("--family", help="build this test family's model instead (tests/decoders.py)")
-    parser.add_argument("--size", choices=("tiny", "mid"), default="tiny")
-    parser.add_argument("--workdir", type=Path, default=Path("build/bench-generate"))
+    parser.add_argument("--hf-dir", type=Path, required=True, help="the Hugging Face model directory (reference)")
+    parser.add_argument("--unit", type=Path, required=True, help="its decoder unit")
     parser.add_argument("--genai", type=Path, action="append", default=[], help="a GenAI model directory to time")
     parser.add_argument("--genai-unit", action="store_true", help="also time the unit itself in ONNX Runtime GenAI")
     parser.add_argument("--batches", default="1,8")
@@ -164,13 +144,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
-    if args.family:
-        args.hf_dir, args.unit = build(args.family, args.size, args.workdir)
-    elif args.hf_dir is None or args.unit is None:
-        parser.error("give --hf-dir and --unit, or --family")
     if args.genai_unit:
         args.genai.append(args.unit)
-    vocab = json.loads((args.unit / "manifest.json").read_text())["decoder"]["vocab_size"]
+    vocab = read_manifest(args.unit).decoder["vocab_size"]
     timed = runners(args)
     results = []
     print(f"CPU: {cpu_line()}; threads {args.threads}; model {args.unit}; prompt {args.prompt}, "
@@ -181,9 +157,10 @@ def main() -> int:
         rounds: dict[str, list[Timing]] = {name: [] for name in timed}
         for run in timed.values():  # warm-up
             run(data)
-        for _ in range(args.rounds):
-            for name, run in timed.items():
-                rounds[name].append(run(data))
+        names = list(timed)
+        for index in range(args.rounds):  # each round starts with the next runner: no runner always follows another
+            for name in names[index % len(names):] + names[:index % len(names)]:
+                rounds[name].append(timed[name](data))
         for name, values in rounds.items():
             prefill, step = (float(np.median([v[i] for v in values])) for i in (0, 1))
             row = {"runner": name, "batch": batch, "prefill_tokens_per_s": batch * args.prompt / prefill,
