@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -120,13 +121,14 @@ def runners(args: argparse.Namespace) -> dict[str, Callable[[list[list[int]]], T
 
 
 def cpu_line() -> str:
-    """The CPU's model name (/proc/cpuinfo) and its core count."""
-    import os
-
+    """The CPU's model name, family and model (/proc/cpuinfo) and its core count."""
     try:
-        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
+        fields: dict[str, str] = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        name = f"{fields['model name']} (family {fields['cpu family']} model {fields['model']})"
+    except (OSError, KeyError):
         name = platform.processor() or platform.machine()
     return f"{name}, {os.cpu_count()} cores"
 
@@ -151,7 +153,8 @@ def main() -> int:
     results = []
     print(f"CPU: {cpu_line()}; threads {args.threads}; model {args.unit}; prompt {args.prompt}, "
           f"{args.steps} decode steps, median of {args.rounds} rounds")
-    print("| runner | batch | prefill tok/s | decode tok/s | decode ms/step |\n|---|---|---|---|---|")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("| runner | batch | prefill tok/s | decode tok/s | decode ms/step (rounds' min-max) |\n|---|---|---|---|---|")
     for batch in (int(b) for b in args.batches.split(",")):
         data = prompts(batch, args.prompt, vocab)
         rounds: dict[str, list[Timing]] = {name: [] for name in timed}
@@ -163,11 +166,13 @@ def main() -> int:
                 rounds[name].append(timed[name](data))
         for name, values in rounds.items():
             prefill, step = (float(np.median([v[i] for v in values])) for i in (0, 1))
+            steps = [v[1] * 1e3 for v in values]
             row = {"runner": name, "batch": batch, "prefill_tokens_per_s": batch * args.prompt / prefill,
-                   "decode_tokens_per_s": batch / step, "decode_ms_per_step": step * 1e3}
+                   "decode_tokens_per_s": batch / step, "decode_ms_per_step": step * 1e3,
+                   "decode_ms_per_step_rounds": steps}
             results.append(row)
             print(f"| {name} | {batch} | {row['prefill_tokens_per_s']:.0f} | {row['decode_tokens_per_s']:.0f} | "
-                  f"{row['decode_ms_per_step']:.2f} |")
+                  f"{row['decode_ms_per_step']:.2f} ({min(steps):.2f}-{max(steps):.2f}) |")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_line(), "args": {k: str(v) for k, v in
                                                                                  vars(args).items()},
