@@ -101,14 +101,53 @@ def genai_round(og, model, batch: list[list[int]], steps: int) -> Timing:
     return prefill, float(np.median(times))
 
 
-def runners(args: argparse.Namespace) -> dict[str, Callable[[list[list[int]]], Timing]]:
-    import torch
-    import transformers
+def op_profile(unit: Path, threads: int, past: int, steps: int, out: Path) -> None:
+    """ONNX Runtime's own profile of ``steps`` decode steps (batch 1, one token, a past of ``past``): kernel time
+    and node count per op type, per step."""
+    from collections import Counter
 
-    torch.set_num_threads(args.threads)
+    import onnxruntime as ort
+
+    from pimoe_export.runtime.ort import session_options
+
+    spec = Engine.load(unit).decoder_spec
+    assert spec is not None
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": np.full((1, 1), 5, np.int64), "attention_mask": np.ones((1, past + 1), np.int64),
+             "position_ids": np.full((1, 1), past, np.int64),
+             **{n: rng.standard_normal((1, spec.num_kv_heads, past, spec.head_dim), np.float32)
+                for n in spec.past_names}}
+    options = session_options(threads)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(out / "ort-profile")
+    session = ort.InferenceSession(str(unit / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    for _ in range(steps):
+        session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    times: Counter[str] = Counter()
+    nodes: Counter[str] = Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            times[event["args"]["op_name"]] += event["dur"]
+            nodes[event["args"]["op_name"]] += 1
+    print(f"ONNX Runtime profile, {steps} decode steps (batch 1, past {past}): "
+          f"{sum(times.values()) / steps:.0f} us kernel time and {sum(nodes.values()) // steps} nodes per step")
+    print("| op type | us/step | nodes |\n|---|---|---|")
+    for op, total in times.most_common(8):
+        print(f"| {op} | {total / steps:.0f} | {nodes[op] // steps} |")
+
+
+def runners(args: argparse.Namespace) -> dict[str, Callable[[list[list[int]]], Timing]]:
+
     engine = Engine.load(args.unit, threads=args.threads)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(args.hf_dir), attn_implementation="eager").eval()
-    result = {"pimoe": lambda b: pimoe_round(engine, b, args.steps), "hf-eager": lambda b: hf_round(hf, b, args.steps)}
+    result: dict[str, Callable[[list[list[int]]], Timing]] = {"pimoe": lambda b: pimoe_round(engine, b, args.steps)}
+    if not args.skip_hf:
+        import torch
+        import transformers
+
+        torch.set_num_threads(args.threads)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(args.hf_dir), attn_implementation="eager").eval()
+        result["hf-eager"] = lambda b: hf_round(hf, b, args.steps)
     if args.genai:
         import onnxruntime_genai as og
 
@@ -144,8 +183,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--skip-hf", action="store_true",
+                        help="leave Hugging Face eager out (no PyTorch model in the process while the others run)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="only profile the unit's decode step with ONNX Runtime (its JSON into DIR)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        op_profile(args.unit, args.threads, args.prompt + args.steps // 2, 30, args.profile)
+        return 0
     if args.genai_unit:
         args.genai.append(args.unit)
     vocab = read_manifest(args.unit).decoder["vocab_size"]
