@@ -7,16 +7,15 @@ the experts as int8.
 
 from __future__ import annotations
 
-import json
-
 import onnx
 import pytest
 from decoders import FAMILIES, int8_unit
 from onnx import numpy_helper
 
+from pimoe_export.artifacts.manifest import read_manifest
 from pimoe_export.build import engine_builder as D
 from pimoe_export.errors import BackendUnavailableError, PluginLoadError
-from pimoe_export.interface import DECODER_LOGITS, MODEL_IDS_INPUT, DecoderSpec, decoder_profiles
+from pimoe_export.interface import DECODER_LOGITS, MODEL_IDS_INPUT, decoder_profiles
 from pimoe_export.ops import schema
 
 pytestmark = [pytest.mark.trt, pytest.mark.slow]
@@ -51,7 +50,8 @@ def test_fp32_and_int8_decoder_engines_build_with_prefill_and_decode_profiles(pl
                                                                              family) -> None:
     case = decoder_cases(family)
     int8 = int8_unit(case)
-    spec = DecoderSpec.from_dict(json.loads((case.unit / "manifest.json").read_text())["decoder"])
+    spec = read_manifest(case.unit).decoder_spec
+    assert spec is not None
     prefill, decode = decoder_profiles(spec, max_batch=8, max_prompt=512)
     assert prefill.shapes[MODEL_IDS_INPUT][2] == (8, 512) and decode.shapes[MODEL_IDS_INPUT][2] == (8, 1)
     moe_layers = sum(1 for n in onnx.load(str(case.unit / "model.onnx")).graph.node
