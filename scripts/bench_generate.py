@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pimoe_export.artifacts.manifest import read_manifest  # noqa: E402
+from pimoe_export.interface import DECODER_POSITIONS_INPUT, MODEL_IDS_INPUT, MODEL_MASK_INPUT  # noqa: E402
 from pimoe_export.runtime.decoder import Rows  # noqa: E402
 from pimoe_export.runtime.engine import Engine  # noqa: E402
 
@@ -113,8 +114,8 @@ def op_profile(unit: Path, threads: int, past: int, steps: int, out: Path) -> No
     spec = Engine.load(unit).decoder_spec
     assert spec is not None
     rng = np.random.default_rng(0)
-    feeds = {"input_ids": np.full((1, 1), 5, np.int64), "attention_mask": np.ones((1, past + 1), np.int64),
-             "position_ids": np.full((1, 1), past, np.int64),
+    feeds = {MODEL_IDS_INPUT: np.full((1, 1), 5, np.int64), MODEL_MASK_INPUT: np.ones((1, past + 1), np.int64),
+             DECODER_POSITIONS_INPUT: np.full((1, 1), past, np.int64),
              **{n: rng.standard_normal((1, spec.num_kv_heads, past, spec.head_dim), np.float32)
                 for n in spec.past_names}}
     options = session_options(threads)
