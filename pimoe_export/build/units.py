@@ -25,6 +25,7 @@ from pimoe_export.interface import (
     DEFAULT_RTX_TARGETS,
     OnnxMetadata,
     Profile,
+    decoder_profiles,
     profile_shapes,
     read_metadata,
     sm_names,
@@ -194,9 +195,14 @@ def build_unit(
     plugin_path: str | Path | None = None,
     options: BuildOptions | None = None,
     force: bool = False,
+    client_dir: str | Path | None = None,
 ) -> Manifest:
     """Build a TensorRT (or TensorRT-RTX) engine unit from a custom-op ONNX. Needs a TensorRT builder.
 
+    A decoder graph (``pimoe.decoder`` metadata) gets the two optimisation profiles of
+    :func:`~pimoe_export.interface.decoder_profiles` (prefill and decode, up to the options' profile's batch and
+    sequence), recorded with its DecoderSpec in the manifest, and its tokenizer and config files from ``client_dir``
+    (default: the ONNX's directory; no genai_config.json: GenAI runs ONNX Runtime units).
     The engine is built before anything is written; ``unit_dir`` is an output directory (files in it that
     pimoe-export did not write are not replaced unless ``force``)."""
     from pimoe_export.build.engine_builder import build_engine, compute_capability
@@ -214,8 +220,21 @@ def build_unit(
     check_plugin_library(str(plugin))
     out = OutputDir(unit_dir, force=force, command="build")  # refuses before the (long) build, not after
     holder: dict[str, Any] = {}
-    plan, summary = build_engine(onnx_path, plugin, profile_shapes(options.profile, interface), capabilities,
-                                 strongly_typed=True, flavour=flavour, configure=_configure(options, flavour, holder))
+    decoder = meta.decoder
+    if decoder is not None:
+        if client_dir is not None and not Path(client_dir).is_dir():
+            raise ArtifactError(f"{client_dir} is not a directory (the tokenizer and config files of the decoder)")
+        sources = _client_sources(Path(client_dir) if client_dir else onnx_path.parent)
+        sources.pop("genai_config", None)
+        profiles = decoder_profiles(decoder, options.profile.max_shape[0], options.profile.max_shape[1])
+        plan, summary = build_engine(onnx_path, plugin, None, capabilities, strongly_typed=True, flavour=flavour,
+                                     configure=_configure(options, flavour, holder),
+                                     profiles=[p.shapes for p in profiles])
+    else:
+        sources, profiles = {}, ()
+        plan, summary = build_engine(onnx_path, plugin, profile_shapes(options.profile, interface), capabilities,
+                                     strongly_typed=True, flavour=flavour,
+                                     configure=_configure(options, flavour, holder))
     if options.timing_cache and "cache" in holder:
         Path(options.timing_cache).write_bytes(bytes(memoryview(holder["cache"].serialize())))
     engine_path = out.claim("model.engine")
@@ -223,6 +242,7 @@ def build_unit(
     onnx_copy = copy_artifact(onnx_path, out.claim("model.onnx"))
     plugin_copy = copy_artifact(plugin, out.claim("libpimoe_trt_plugins.so"))
     manifest_path = out.claim(MANIFEST_FILE)
+    clients = [Artifact.of(role, copy_artifact(path, out.claim(CLIENT_FILES[role]))) for role, path in sources.items()]
     onnx_art = Artifact.of("onnx", onnx_copy)
     manifest = Manifest(
         backend="tensorrt-rtx" if flavour == "rtx" else "tensorrt",
@@ -230,7 +250,8 @@ def build_unit(
         precision=meta.precision,
         profile=options.profile,
         config=meta.config,
-        artifacts=[Artifact.of("engine", engine_path), onnx_art, Artifact.of("plugin_library", plugin_copy)],
+        artifacts=[Artifact.of("engine", engine_path), onnx_art, Artifact.of("plugin_library", plugin_copy),
+                   *clients],
         backend_version=str(getattr(trt, "__version__", "")),
         target_sms=_targets(flavour, options, capabilities),
         build_options={**options.to_dict(), "flavour": flavour,
@@ -238,6 +259,8 @@ def build_unit(
                        "plugin_layers": summary.plugin_counts(), "layers": summary.num_layers,
                        "strongly_typed": True, "build_host_gpu": local_gpu_sm()},
         io=interface.to_dict(),
+        decoder=decoder.to_dict() if decoder is not None else {},
+        profiles=[p.to_dict() for p in profiles],
         source_onnx_sha256=onnx_art.sha256,
     )
     manifest.write(manifest_path.parent)

@@ -74,3 +74,26 @@ def test_fp32_and_int8_decoder_engines_build_with_prefill_and_decode_profiles(pl
     saved = expert_bytes(case.unit / "model.onnx", onnx.TensorProto.FLOAT) - \
         expert_bytes(int8 / "model.onnx", onnx.TensorProto.INT8)
     assert saved > 0 and len(plans["fp32"]) - len(plans["int8"]) > saved // 2
+
+
+def test_a_tensorrt_rtx_decoder_unit_records_its_profiles_and_cache_io(plugin, decoder_cases, tmp_path) -> None:
+    """build_unit on a decoder graph: the engine with the prefill and decode profiles (bounded by the options'
+    profile), the DecoderSpec and the KV-cache I/O in the manifest, the tokenizer beside it, and the unit verifies."""
+    from pimoe_export.artifacts.manifest import verify
+    from pimoe_export.build.units import BuildOptions, build_unit
+    from pimoe_export.interface import Profile
+
+    case = decoder_cases("gpt_oss")
+    options = BuildOptions(flavour="rtx", compute_capabilities=("SM89",), profile=Profile((1, 1), (1, 64), (4, 256)))
+    manifest = build_unit(case.unit / "model.onnx", tmp_path / "trt", plugin_path=plugin, options=options,
+                          client_dir=case.hf_dir)
+    spec = read_manifest(case.unit).decoder_spec
+    assert spec is not None and manifest.decoder_spec == spec
+    assert manifest.shape_profiles == list(decoder_profiles(spec, max_batch=4, max_prompt=256))
+    assert [p.name for p in manifest.shape_profiles] == ["prefill", "decode"]
+    interface = manifest.interface
+    assert set(spec.past_names) <= set(interface.input_names)
+    assert set(spec.present_names) <= set(interface.output_names)
+    roles = {a.role for a in manifest.artifacts}
+    assert {"engine", "onnx", "plugin_library", "tokenizer", "hf_config"} <= roles and "genai_config" not in roles
+    verify(tmp_path / "trt")
