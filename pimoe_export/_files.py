@@ -215,3 +215,13 @@ def output_file(path: str | Path, *, force: bool = False, command: str = "pimoe-
     if path.name in ("", ".", ".."):
         raise OutputError(f"{path} is not a file name")
     return OutputDir(path.parent if str(path.parent) else Path("."), force=force, command=command).claim(path.name)
+
+
+def output_onnx(path: str | Path, *, force: bool = False, command: str = "pimoe-export") -> Path:
+    """An ONNX output file and the external-data file a graph past 2 GB writes beside it, both claimed (see
+    :func:`output_file`)."""
+    from pimoe_export.interface import external_data_name
+
+    path = output_file(path, force=force, command=command)
+    output_file(path.with_name(external_data_name(path.name)), force=force, command=command)
+    return path

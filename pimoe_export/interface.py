@@ -56,6 +56,22 @@ ROOT_LAYER = ""
 MODEL_MASK_INPUT = "attention_mask"
 #: Hugging Face text models: the token ids input
 MODEL_IDS_INPUT = "input_ids"
+#: decoders (causal LMs): each token's position (optimum / ONNX Runtime GenAI name), and the logits output
+MODEL_POSITIONS_INPUT = "position_ids"
+MODEL_LOGITS_OUTPUT = "logits"
+#: decoders with a key/value cache (issue 27): the optimum / ONNX Runtime GenAI names of layer i's cache tensors
+PAST_KEY, PAST_VALUE = "past_key_values.{layer}.key", "past_key_values.{layer}.value"
+PRESENT_KEY, PRESENT_VALUE = "present.{layer}.key", "present.{layer}.value"
+
+
+def past_names(layers: int) -> tuple[str, ...]:
+    """The cache inputs of a decoder with ``layers`` attention layers, in graph order (key, value per layer)."""
+    return tuple(name.format(layer=i) for i in range(layers) for name in (PAST_KEY, PAST_VALUE))
+
+
+def present_names(layers: int) -> tuple[str, ...]:
+    """The cache outputs of a decoder with ``layers`` attention layers, in graph order (key, value per layer)."""
+    return tuple(name.format(layer=i) for i in range(layers) for name in (PRESENT_KEY, PRESENT_VALUE))
 
 DTYPES = ("float32", "float16", "int32", "int64", "int8", "bool")
 
@@ -354,6 +370,60 @@ def read_onnx(onnx_path: str | Path, external_data: bool = False) -> Any:
     except Exception as exc:  # onnx raises DecodeError, ValueError, ... for a corrupt file
         raise ArtifactError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); re-export it") \
             from None
+
+
+#: a graph whose initializers hold more bytes than this is written with ONNX external data: protobuf serialises at
+#: most 2 GiB, and the graph's nodes and metadata need room besides the weights
+EXTERNAL_DATA_BYTES = 2**31 - 2**27
+
+
+def external_data_name(onnx_name: str) -> str:
+    """The one external-data file of a graph written by pimoe-export: ``<file name>.data`` beside it."""
+    return f"{onnx_name}.data"
+
+
+def initializer_bytes(proto: Any) -> int:
+    """Bytes of the graph's initializers, whether held in the proto or in external data (from their shapes)."""
+    import onnx
+
+    total = 0
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            length = {e.key: e.value for e in tensor.external_data}.get("length")
+            size = int(length) if length else math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(
+                tensor.data_type).itemsize
+        else:
+            size = tensor.ByteSize()
+        total += size
+    return total
+
+
+def external_data_files(proto: Any) -> list[str]:
+    """The external-data locations a graph's initializers name (empty for a self-contained graph)."""
+    import onnx
+
+    locations = {e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+    return sorted(locations)
+
+
+def write_onnx(proto: Any, path: str | Path) -> Path:
+    """Write ``proto`` to ``path``: one file, or with its initializers in :func:`external_data_name` beside it when
+    they exceed :data:`EXTERNAL_DATA_BYTES` (a proto whose initializers already live there keeps them)."""
+    import onnx
+
+    path = Path(path)
+    data = path.with_name(external_data_name(path.name))
+    if external_data_files(proto) or initializer_bytes(proto) <= EXTERNAL_DATA_BYTES:
+        if not external_data_files(proto) and data.is_file() and not data.is_symlink():
+            data.unlink()  # a stale companion of an earlier, larger graph of this name
+        onnx.save_model(proto, str(path))
+        return path
+    if data.is_symlink() or data.exists():
+        data.unlink()  # onnx appends to an existing data file
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return path
 
 
 def layer_configs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:

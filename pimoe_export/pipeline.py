@@ -28,10 +28,12 @@ import numpy as np
 
 from pimoe_export._files import OutputDir
 from pimoe_export.artifacts.manifest import MANIFEST_FILE
+from pimoe_export.interface import external_data_name
 
 RECORD = "pipeline.json"
 #: every entry a pipeline run may write into its output directory (checked before the first step)
-ENTRIES = [RECORD, "model", "model.pruned", "model.onnx", "model.standard.onnx", "model.fp16.onnx", "model.int8.onnx",
+GRAPH_FILES = ("model.onnx", "model.standard.onnx", "model.fp16.onnx", "model.int8.onnx")
+ENTRIES = [RECORD, "model", "model.pruned", *GRAPH_FILES, *(external_data_name(g) for g in GRAPH_FILES),
            "ort-fp32", "ort-fp16", "ort-int8", "timing.cache", "report", "report_fp16", "report_int8",
            "benchmark.md", "benchmark.json",
            *[f"{kind}-{p}" for kind in ("trt", "trt-rtx") for p in ("fp32", "fp16", "int8")],
@@ -61,6 +63,11 @@ class Run:
     @property
     def root(self) -> Path:
         return self.out.root
+
+    def claim_graph(self, name: str) -> Path:
+        """An ONNX file of the run and the external-data file a graph past 2 GB writes beside it."""
+        self.out.claim(external_data_name(name))
+        return self.out.claim(name)
 
 
 @dataclass(frozen=True)
@@ -201,19 +208,19 @@ def step_export(run: Run, model: Loaded) -> Exported:
     from pimoe_export.export.exporter import export_source
 
     source = model.source
-    custom = export_source(source, run.out.claim("model.onnx"))
+    custom = export_source(source, run.claim_graph("model.onnx"))
     graphs = {"fp32": custom.path}
     if source.standard_ops:  # the plugin-free baseline the benchmark times
-        graphs["standard"] = export_source(source, run.out.claim("model.standard.onnx"), standard_ops=True).path
+        graphs["standard"] = export_source(source, run.claim_graph("model.standard.onnx"), standard_ops=True).path
     if source.settings.export_precision == "fp16":  # optimization_level advanced/maximum
-        graphs["fp16"] = export_source(source, run.out.claim("model.fp16.onnx"), precision="fp16").path
+        graphs["fp16"] = export_source(source, run.claim_graph("model.fp16.onnx"), precision="fp16").path
     return Exported(graphs, {k: v for k, v in custom.node_counts.items() if k.startswith("pimoe::")})
 
 
 def step_int8(run: Run, model: Loaded, export: Exported) -> Quantized:
     from pimoe_export.quantize import quantize_model
 
-    return Quantized(quantize_model(model.source, run.out.claim("model.int8.onnx"),
+    return Quantized(quantize_model(model.source, run.claim_graph("model.int8.onnx"),
                                     method=model.source.settings.calibration_method, fp32_onnx=export.graphs["fp32"],
                                     mode=run.options.int8_mode))
 

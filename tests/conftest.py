@@ -114,6 +114,26 @@ def decoder_cases(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory):
+    """Tiny random Hugging Face MoE decoders (tests/hf/tiny_decoders.py), each saved once per session:
+    ``tiny_decoder(family, dtype=None, shard=None)`` -> the model directory. Tests may read it, never change it.
+    Skips without the hf extra."""
+    pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    from tiny_decoders import save_tiny
+
+    cache: dict[tuple[str, str, str], Path] = {}
+
+    def get(family: str, dtype=None, shard: str | None = None) -> Path:
+        key = (family, str(dtype), str(shard))
+        if key not in cache:
+            directory = tmp_path_factory.mktemp(f"hf-{family}") / family
+            cache[key] = save_tiny(family, directory, dtype=dtype, shard_bytes=shard)
+        return cache[key]
+
+    return get
+
+
 def _decoder_families() -> list[str]:
     from decoders import FAMILIES
 

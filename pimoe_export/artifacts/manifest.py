@@ -5,6 +5,8 @@ describes and fingerprints it:
 
 - ``onnxruntime`` units: ``model.onnx`` + ``libpimoe_ort.so`` (CPU; the embedded default backend)
 - ``tensorrt`` / ``tensorrt-rtx`` units: ``model.engine`` + ``libpimoe_trt_plugins.so`` + the source ``model.onnx``
+- a graph past 2 GB also ships its one external-data file (role ``onnx_data``, the name the ONNX gives it), and
+  the ONNX may name no other
 
 A decoder unit (an LLM with a KV cache) also carries the files its clients read (:data:`CLIENT_FILES`: the tokenizer
 for text in and out, config.json for optimum, genai_config.json for ONNX Runtime GenAI), next to the ONNX.
@@ -39,6 +41,7 @@ from pimoe_export.interface import (
     GraphInterface,
     Profile,
     ShapeProfile,
+    external_data_files,
     layer_configs,
     parse_metadata,
 )
@@ -53,7 +56,7 @@ BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 CLIENT_FILES = {"tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json",
                 "special_tokens_map": "special_tokens_map.json", "hf_config": "config.json",
                 "generation_config": "generation_config.json", "genai_config": "genai_config.json"}
-ROLES = ("onnx", "engine", "plugin_library", "ort_library", *CLIENT_FILES)
+ROLES = ("onnx", "engine", "plugin_library", "ort_library", "onnx_data", *CLIENT_FILES)
 #: artefacts a unit of each backend must list (and ship)
 REQUIRED_ROLES: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("onnx", "ort_library"),
@@ -266,6 +269,10 @@ def _check_against_onnx(unit_dir: Path, manifest: Manifest, onnx_path: Path, hin
         raise ArtifactError(f"{onnx_path} is not a readable ONNX model ({type(exc).__name__}): {hint}") from None
     meta = parse_metadata({p.key: p.value for p in proto.metadata_props}, str(onnx_path))
     problems = []
+    data = [a.file for a in manifest.artifacts if a.role == "onnx_data"]
+    if external_data_files(proto) != data:
+        problems.append(f"the ONNX's external data {external_data_files(proto)} is not the data file the manifest "
+                        f"fingerprints ({data})")
     if meta.config != manifest.config:
         problems.append("its config differs from the ONNX's pimoe.config")
     if meta.precision != manifest.precision:
@@ -323,3 +330,21 @@ def copy_artifact(src: str | Path, dst: Path) -> Path:
     if src.resolve() != dst.resolve():
         shutil.copyfile(src, dst)
     return dst
+
+
+def copy_onnx(src: str | Path, out: Any, name: str = "model.onnx") -> list[Artifact]:
+    """Copy an ONNX graph into a unit (``out``: its OutputDir) as ``name``, with its external-data file when it has
+    one (copied under the name the graph gives it, which must be one plain file beside the source); returns the
+    artefacts ("onnx", and "onnx_data")."""
+    import onnx
+
+    src = Path(src)
+    locations = external_data_files(onnx.load(str(src), load_external_data=False))
+    if len(locations) > 1 or any(Path(loc).name != loc or loc in (".", "..") for loc in locations):
+        raise ArtifactError(f"{src} keeps its weights in {locations}: a unit ships one external-data file beside the "
+                            "ONNX; re-export the graph with `pimoe-export export`")
+    artifacts = [Artifact.of("onnx", copy_artifact(src, out.claim(name)))]
+    for location in locations:
+        data = resolve_inside(src.parent, location, "the ONNX's external data", "re-export the graph")
+        artifacts.append(Artifact.of("onnx_data", copy_artifact(data, out.claim(location))))
+    return artifacts

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pimoe_export._files import OutputDir
-from pimoe_export.artifacts.manifest import CLIENT_FILES, MANIFEST_FILE, Artifact, Manifest, copy_artifact
+from pimoe_export.artifacts.manifest import CLIENT_FILES, MANIFEST_FILE, Artifact, Manifest, copy_artifact, copy_onnx
 from pimoe_export.build.clients import genai_config, read_generation_config
 from pimoe_export.errors import ArtifactError, BackendUnavailableError
 from pimoe_export.interface import (
@@ -26,8 +26,10 @@ from pimoe_export.interface import (
     OnnxMetadata,
     Profile,
     decoder_profiles,
+    external_data_files,
     profile_shapes,
     read_metadata,
+    read_onnx,
     sm_names,
 )
 from pimoe_export.native.devices import local_gpu_sm
@@ -81,24 +83,26 @@ def package_ort(
     lib = Path(library or find_ort_library())
     info = check_ort_library(str(lib))
     out = OutputDir(unit_dir, force=force, command="package")
-    target = out.claim("model.onnx")
     lib_copy = out.claim("libpimoe_ort.so")
     manifest_path = out.claim(MANIFEST_FILE)
-    if move and onnx_path.resolve() != target.resolve():
-        onnx_path.replace(target)
+    if move and not external_data_files(read_onnx(onnx_path)):  # a graph with external data is copied
+        target = out.claim("model.onnx")
+        if onnx_path.resolve() != target.resolve():
+            onnx_path.replace(target)
+        graph = [Artifact.of("onnx", target)]
     else:
-        copy_artifact(onnx_path, target)
+        graph = copy_onnx(onnx_path, out)
     copy_artifact(lib, lib_copy)
-    client_artifacts = _write_client_files(out, meta, client_sources, target.name, lib_copy.name)
+    client_artifacts = _write_client_files(out, meta, client_sources, graph[0].file, lib_copy.name)
     ort = import_onnxruntime()
-    onnx_art = Artifact.of("onnx", target)
+    onnx_art = graph[0]
     manifest = Manifest(
         backend="onnxruntime",
         contract_version=meta.contract_version or CONTRACT_VERSION,  # what the graph needs (a v1 graph: 1)
         precision=meta.precision,
         profile=profile or DEFAULT_ORT_PROFILE,
         config=meta.config,
-        artifacts=[onnx_art, Artifact.of("ort_library", lib_copy), *client_artifacts],
+        artifacts=[*graph, Artifact.of("ort_library", lib_copy), *client_artifacts],
         backend_version=ort.__version__,
         build_options={"cpu_isa": info["cpu_isa"]},
         io=_interface(meta).to_dict(),
@@ -239,18 +243,18 @@ def build_unit(
         Path(options.timing_cache).write_bytes(bytes(memoryview(holder["cache"].serialize())))
     engine_path = out.claim("model.engine")
     engine_path.write_bytes(plan)
-    onnx_copy = copy_artifact(onnx_path, out.claim("model.onnx"))
+    graph = copy_onnx(onnx_path, out)
     plugin_copy = copy_artifact(plugin, out.claim("libpimoe_trt_plugins.so"))
     manifest_path = out.claim(MANIFEST_FILE)
     clients = [Artifact.of(role, copy_artifact(path, out.claim(CLIENT_FILES[role]))) for role, path in sources.items()]
-    onnx_art = Artifact.of("onnx", onnx_copy)
+    onnx_art = graph[0]
     manifest = Manifest(
         backend="tensorrt-rtx" if flavour == "rtx" else "tensorrt",
         contract_version=meta.contract_version or CONTRACT_VERSION,  # what the graph needs (a v1 graph: 1)
         precision=meta.precision,
         profile=options.profile,
         config=meta.config,
-        artifacts=[Artifact.of("engine", engine_path), onnx_art, Artifact.of("plugin_library", plugin_copy),
+        artifacts=[Artifact.of("engine", engine_path), *graph, Artifact.of("plugin_library", plugin_copy),
                    *clients],
         backend_version=str(getattr(trt, "__version__", "")),
         target_sms=_targets(flavour, options, capabilities),

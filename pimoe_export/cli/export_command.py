@@ -21,7 +21,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pimoe_export._files import output_file
+    from pimoe_export._files import output_onnx
     from pimoe_export.errors import PiMoEInputError
     from pimoe_export.export.exporter import export_source
     from pimoe_export.hf.importers import load_source
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if args.standard_ops and not source.standard_ops:
         raise PiMoEInputError("--standard-ops exports a bare PiMoE layer; a whole model is exported with the pimoe "
                               "ops (drop --standard-ops)")
-    path = output_file(args.output, force=args.force, command=NAME)
+    path = output_onnx(args.output, force=args.force, command=NAME)
     result = export_source(source, path, precision="fp16" if args.fp16 else "fp32", standard_ops=args.standard_ops)
     pimoe_nodes = {k: v for k, v in result.node_counts.items() if k.startswith("pimoe::")}
     print(f"exported {result.graph} {result.precision} graph to {result.path} in {result.seconds:.1f} s")

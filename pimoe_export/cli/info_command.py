@@ -15,12 +15,39 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _block(args: argparse.Namespace, payload: dict) -> int:
+    """A MoE block checkpoint (``create --preset mixtral-ffn``): its config, parameters, FLOPs and groups."""
+    from pimoe_export.model.moe_block import MoEBlockConfig
+    from pimoe_export.model.summary import summarize_block
+
+    config = MoEBlockConfig.from_dict(payload["config"])
+    summary = summarize_block(config)
+    if args.json:
+        print(json.dumps({"architecture": payload["architecture"], "config": config.to_dict(), **summary}, indent=2))
+        return 0
+    print(f"{args.model_dir}: {payload['architecture']} ({config.family or 'MoE block'})")
+    print("config:")
+    for key, value in config.to_dict().items():
+        if key not in ("metadata", "kind"):
+            print(f"  {key:26s} {value}")
+    flops = summary["flops_per_token"]
+    print(f"parameters: {summary['params_total']:,} total, router {summary['params_router']:,}, "
+          f"{summary['params_per_expert']:,} per routed expert")
+    print(f"FLOPs per token: router {flops['router']:,}; active (k={config.top_k}) {flops['active_expected']:,}; "
+          f"all experts {flops['dense_all_experts']:,}")
+    print(f"expert groups (one PiMoEExpertMLP node each): {[g['experts'] for g in summary['expert_groups']]}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from pimoe_export.model.config import PiMoEConfig
     from pimoe_export.model.io import read_checkpoint_config
+    from pimoe_export.model.moe_block import is_block_config
     from pimoe_export.model.summary import summarize
 
     payload = read_checkpoint_config(args.model_dir)
+    if is_block_config(payload["config"]):
+        return _block(args, payload)
     config = PiMoEConfig.from_dict(payload["config"])
     summary = summarize(config)
     if args.json:

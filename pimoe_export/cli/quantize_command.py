@@ -33,7 +33,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pimoe_export._files import output_file
+    from pimoe_export._files import output_onnx
     from pimoe_export.hf.importers import load_source
     from pimoe_export.quantize import check_settings, default_fp32_path, quantize_model
 
@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
     check_settings(method=args.method, mode=mode, percentile=args.percentile, smooth_alpha=args.smooth_alpha,
                    max_tokens=args.calib_tokens)
     source = load_source(args.model_dir)
-    path = output_file(args.output, force=args.force, command=NAME)
+    path = output_onnx(args.output, force=args.force, command=NAME)
     if args.onnx is None:  # the fp32 export written next to the output
-        output_file(default_fp32_path(path), force=args.force, command=NAME)
+        output_onnx(default_fp32_path(path), force=args.force, command=NAME)
     result = quantize_model(source, path, calibration=args.calib, method=args.method, mode=mode,
                             percentile=args.percentile, smooth_alpha=args.smooth_alpha, fp32_onnx=args.onnx,
                             max_tokens=args.calib_tokens, progress=True)

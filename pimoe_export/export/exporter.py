@@ -27,13 +27,17 @@ from torch import nn
 from pimoe_export.errors import PiMoEExportError
 from pimoe_export.export.tracing import ForExport, axes_of, graph_interface, prepare_for_export, split_sequences
 from pimoe_export.interface import (
+    EXTERNAL_DATA_BYTES,
     META_CONTRACT,
     META_EXPORTER,
     META_GRAPH,
     META_PRECISION,
     META_WEIGHTS,
     ONNX_OPSET,
+    ROOT_LAYER,
+    external_data_files,
     graph_metadata,
+    write_onnx,
 )
 from pimoe_export.model.source import ModelSource, layer_source
 from pimoe_export.model.system import PiMoESystem
@@ -80,7 +84,8 @@ def get_metadata(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def validate_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx.checker (full check) and shape inference; returns the shape-inferred model."""
+    """onnx.checker (full check) and shape inference; returns the shape-inferred model. A graph whose weights live
+    in external data is checked once written: :func:`save_validated`."""
     from pimoe_export.errors import ArtifactError
     from pimoe_export.ops.validation import check_graph
 
@@ -89,11 +94,30 @@ def validate_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
         check_graph(model)  # the op contract: attribute ranges, domains (the checker knows types, not ranges)
     except ArtifactError as exc:
         raise PiMoEExportError(f"the exported ONNX breaks the op contract: {exc}") from None
+    if external_data_files(model):
+        return model
     try:
         onnx.checker.check_model(model, full_check=True)
         return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise PiMoEExportError(f"the exported ONNX failed validation: {exc}") from None
+
+
+def save_validated(proto: onnx.ModelProto, path: str | Path) -> onnx.ModelProto:
+    """Validate ``proto`` (:func:`validate_onnx`) and write it (external data beside it past 2 GB); a graph with
+    external data is checked and shape-inferred from the file, as the checker reads such graphs."""
+    proto = validate_onnx(proto)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_onnx(proto, path)
+    if not external_data_files(proto):
+        return proto
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=False)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise PiMoEExportError(f"the exported ONNX failed validation: {exc}") from None
+    return onnx.load(str(path), load_external_data=False)
 
 
 def finish_export(proto: onnx.ModelProto, path: str | Path, model: torch.nn.Module, graph: str, precision: str,
@@ -111,10 +135,8 @@ def finish_export(proto: onnx.ModelProto, path: str | Path, model: torch.nn.Modu
         META_WEIGHTS: weights_fingerprint(model),
     })
     proto.producer_name = "pimoe-export"
-    proto = validate_onnx(proto)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, str(path))
+    proto = save_validated(proto, path)
     counts: dict[str, int] = {}
     for node in proto.graph.node:
         key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
@@ -162,19 +184,38 @@ def export_model(
             raise PiMoEExportError(f"the model's outputs have repeated names {names}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # a whole model is constant-folded by onnxscript's optimizer (TensorRT's parser needs build-time
+            # constants where torch computes shapes and axes); a bare layer's graph keeps its contract-v1 form
             program = torch.onnx.export(
                 wrapper, tuple(example.values()), dynamo=True, custom_translation_table=table,
                 dynamic_shapes={"args": tuple(specs)}, input_names=list(example), output_names=names,
-                opset_version=ONNX_OPSET, optimize=False, verify=False, report=False, verbose=False)
+                opset_version=ONNX_OPSET, optimize=list(layers) != [ROOT_LAYER], verify=False, report=False,
+                verbose=False)
     if program is None:
         raise PiMoEExportError("torch.onnx.export returned no program")
-    proto = program.model_proto
+    proto = _program_proto(program, work, Path(path))
     split_sequences(proto)
     interface = graph_interface(proto, example, list(outputs), names, axes)
     metadata = graph_metadata(type(model).__name__, {p: layer.config.to_json() for p, layer in layers.items()},
                               interface)
     return finish_export(proto, path, model, "standard-ops" if standard_ops else "custom-ops", precision, metadata,
                          start)
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (each tensor once)."""
+    seen = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def _program_proto(program: torch.onnx.ONNXProgram, model: nn.Module, path: Path) -> onnx.ModelProto:
+    """The exported graph as a proto. Past 2 GB of weights the program writes them straight into external data
+    beside ``path`` (one tensor at a time, from the model's own memory) and the proto refers to them."""
+    if state_bytes(model) <= EXTERNAL_DATA_BYTES:
+        return program.model_proto
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=True)
+    return onnx.load(str(path), load_external_data=False)
 
 
 def export_source(source: ModelSource, path: str | Path, *, precision: str = "fp32",

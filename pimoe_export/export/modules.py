@@ -1,12 +1,15 @@
-"""Export-ready forms of a :class:`PiMoESystem`.
+"""Export-ready forms of a MoE layer: a :class:`PiMoESystem` or a :class:`MoEBlock`.
 
 - :class:`CustomOpPiMoE`: router MLP in standard ops, then ``pimoe::route -> dispatch -> expert_mlp (one
   per structural group) -> combine``. Expert weights are stacked per group ([G, out, in]) once, here.
 - :class:`StandardOpsPiMoE`: the same math with standard ONNX ops only (TopK, dense evaluation of every
-  expert, weighted sum): portable to any runtime, and a baseline.
+  expert, weighted sum): portable to any runtime, and a baseline (PiMoE layers).
+- :class:`CustomOpBlock`: a MoE block's own computation (pimoe_export.model.moe_block.block_compute) over the
+  custom ops ``torch.ops.pimoe`` instead of the reference functions; its weights are the block's (fp32) or fp16
+  copies of the expert weights.
 
-Both return ``(output [B, S, H], expert_ids [B, S, k] int32, expert_weights [B, S, k] fp32)``; the routing
-outputs let parity checks measure routing agreement. Eager execution of :class:`CustomOpPiMoE` equals the
+All return ``(output [B, S, H], expert_ids [B, S, k] int32, expert_weights [B, S, k] fp32)``; the routing
+outputs let parity checks measure routing agreement. Eager execution of the custom-op forms equals the
 model bit for bit in fp32 (tested), which is what makes the export trustworthy.
 """
 
@@ -21,6 +24,7 @@ import pimoe_export.ops.torch_ops  # noqa: F401  (registers torch.ops.pimoe.*)
 from pimoe_export.errors import PiMoEExportError
 from pimoe_export.model import functional
 from pimoe_export.model.config import ExpertSpec
+from pimoe_export.model.moe_block import MoEBlock, block_compute
 from pimoe_export.model.system import PiMoESystem
 from pimoe_export.ops import schema
 
@@ -153,3 +157,36 @@ class StandardOpsPiMoE(nn.Module):
         return y.to(hidden_states.dtype).reshape(b, s, h), ids.to(torch.int32).reshape(b, s, -1), weights.reshape(
             b, s, -1
         )
+
+
+class CustomOpBlock(nn.Module):
+    """A MoE block with the ``pimoe`` custom ops (see the module docstring). fp16: the expert weights are cast to
+    fp16 (inputs and outputs fp16); the router, gates, scales and biases stay fp32."""
+
+    def __init__(self, block: MoEBlock, precision: str = "fp32") -> None:
+        super().__init__()
+        if precision not in FLOAT_DTYPES:
+            raise PiMoEExportError(f"precision must be one of {sorted(FLOAT_DTYPES)}, got {precision!r}")
+        self.block = block  # not copied: an fp32 export reads the block's own weights (a large model once in memory)
+        self.config = block.config
+        self.dtype = FLOAT_DTYPES[precision]
+        self._params: list[tuple[list[torch.Tensor], str, list[float]]] | None = None
+        if precision != "fp32":
+            self._params = [([t.to(self.dtype) if t.dim() == 3 else t.float() for t in group.params()], "none", [])
+                            for group in block.groups()]
+
+    def group_params(self) -> list[tuple[list[torch.Tensor], str, list[float]]] | None:
+        """(params, quant_mode, act_scales) of every group, or None: the block's own float weights."""
+        return self._params
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return block_compute(self.block, hidden_states, torch.ops.pimoe, self.group_params())
+
+
+def custom_op_form(layer: PiMoESystem | MoEBlock, precision: str = "fp32", standard_ops: bool = False) -> nn.Module:
+    """The export-ready form of a MoE layer (see the module docstring)."""
+    if isinstance(layer, MoEBlock):
+        if standard_ops:
+            raise PiMoEExportError("a MoE block is exported with the pimoe ops only (no standard-op graph)")
+        return CustomOpBlock(layer, precision)
+    return (StandardOpsPiMoE if standard_ops else CustomOpPiMoE)(layer, precision)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pimoe_export.errors import PiMoEExportError
-from pimoe_export.export.modules import FLOAT_DTYPES, CustomOpPiMoE, StandardOpsPiMoE
+from pimoe_export.export.modules import FLOAT_DTYPES, custom_op_form
 from pimoe_export.interface import (
     BATCH_AXIS,
     LAYER_EXPERT_IDS,
@@ -33,8 +33,7 @@ from pimoe_export.interface import (
     GraphInterface,
     TensorInterface,
 )
-from pimoe_export.model.source import moe_layers
-from pimoe_export.model.system import PiMoESystem
+from pimoe_export.model.source import MoELayer, moe_layers
 
 #: the largest batch and sequence the exported graph's dynamic axes declare
 MAX_AXIS = 65536
@@ -43,13 +42,14 @@ MAX_AXIS = 65536
 class ExportedLayer(nn.Module):
     """Drop-in replacement for a PiMoE layer inside a model being exported (see the module docstring)."""
 
-    def __init__(self, layer: PiMoESystem, path: str, precision: str, routing: list | None,
+    def __init__(self, layer: MoELayer, path: str, precision: str, routing: list | None,
                  standard_ops: bool = False) -> None:
         super().__init__()
-        self.inner: nn.Module = (StandardOpsPiMoE if standard_ops else CustomOpPiMoE)(layer, precision)
+        self.inner: nn.Module = custom_op_form(layer, precision, standard_ops)
         self.dtype = FLOAT_DTYPES[precision]
         self.path = path
         self._routing = routing  # the export's routing-output list, or None
+        self.returns_tuple = bool(getattr(layer, "returns_tuple", False))  # the host model's convention
 
     @classmethod
     def around(cls, inner: nn.Module, path: str, routing: list | None) -> ExportedLayer:
@@ -57,6 +57,7 @@ class ExportedLayer(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.inner, layer.dtype, layer.path, layer._routing = inner, torch.float32, path, routing
+        layer.returns_tuple = bool(getattr(getattr(inner, "block", None), "returns_tuple", False))
         return layer
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -71,7 +72,7 @@ class ExportedLayer(nn.Module):
             y = torch.where(keep, y, torch.zeros_like(y))
         if self._routing is not None:
             self._routing.append((self.path, ids, weights))
-        return y.to(dtype)
+        return (y.to(dtype), None) if self.returns_tuple else y.to(dtype)
 
 
 def replace_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
@@ -179,7 +180,8 @@ def split_sequences(proto: onnx.ModelProto) -> int:
     from onnx import helper, numpy_helper
 
     graph = proto.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer  # small constants (split sizes) only
+              if i.data_location != onnx.TensorProto.EXTERNAL and i.ByteSize() <= 4096}
     for n in graph.node:
         if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
             consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
@@ -227,8 +229,9 @@ def split_sequences(proto: onnx.ModelProto) -> int:
 
 
 def prepare_for_export(model: nn.Module, precision: str = "fp32", routing_outputs: bool = False,
-                       standard_ops: bool = False) -> tuple[nn.Module, dict[str, PiMoESystem], list | None]:
-    """A copy of ``model`` (eval mode, ``precision``) whose PiMoE layers are :class:`ExportedLayer`s."""
+                       standard_ops: bool = False) -> tuple[nn.Module, dict[str, MoELayer], list | None]:
+    """A copy of ``model`` (eval mode, ``precision``) whose MoE layers are :class:`ExportedLayer`s. An fp32 copy
+    shares the model's parameters and buffers (nothing changes them), so a large model is not held twice."""
     if precision not in FLOAT_DTYPES:
         raise PiMoEExportError(f"precision must be one of {sorted(FLOAT_DTYPES)} (INT8: quantize the exported "
                                f"model), got {precision!r}")
@@ -237,7 +240,8 @@ def prepare_for_export(model: nn.Module, precision: str = "fp32", routing_output
         raise PiMoEExportError(f"{type(model).__name__} contains no PiMoE layer (PiMoESystem, AdaptivePiMoE or "
                                "EnhancedPiMoEIntegration); there is nothing to express with the pimoe ops")
     routing: list | None = [] if routing_outputs else None
-    work = copy.deepcopy(model).eval()
+    shared = {} if precision == "fp16" else {id(t): t for t in (*model.parameters(), *model.buffers())}
+    work = copy.deepcopy(model, shared).eval()
     if precision == "fp16":
         work = work.half()  # before the layers are replaced: their fp32 router, biases and norms stay fp32
     for path, layer in layers.items():  # built from the caller's (fp32) layers

@@ -18,6 +18,7 @@ import numpy as np
 
 from pimoe_export.errors import PiMoEInputError
 from pimoe_export.interface import MODEL_IDS_INPUT, MODEL_MASK_INPUT
+from pimoe_export.model.enhanced import DeploymentSettings
 from pimoe_export.model.source import Calibration, ModelSource, layer_source, model_source, moe_layers
 
 
@@ -77,6 +78,88 @@ MOEFIED_ENCODER = Importer("MoEfied Hugging Face encoder (pimoe-export moefy)", 
                            moefied_source)
 
 
+# ------------------------------------------------------------------------------------------ Hugging Face MoE decoders
+def _model_type(directory: Path) -> str | None:
+    """The model_type of a Hugging Face config.json in ``directory`` (None: none there, or a pimoe checkpoint's)."""
+    import json
+
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the importer that reads it reports the problem
+    if not isinstance(data, dict) or "format" in data or not isinstance(data.get("model_type"), str):
+        return None
+    return data["model_type"]
+
+
+def _check_decoder(directory: Path, text: Path | None) -> None:
+    from pimoe_export.hf.decoder import check_directory
+    from pimoe_export.hf.feeds import read_lines
+
+    check_directory(directory)
+    if text is not None:
+        read_lines(text)
+
+
+def decoder_source(directory: Path, text: Path | None = None, seed: int = 0) -> ModelSource:
+    """A Hugging Face MoE decoder directory (pimoe_export.hf.decoder): ``input_ids``, ``attention_mask``,
+    ``position_ids`` in, ``logits`` and every MoE layer's routing out; calibrated on 4 of 5 lines of ``text`` through
+    the model's tokenizer (seeded random token ids without it), checked on the fifth (without: seeded batches with no,
+    right and left padding)."""
+    from pimoe_export.hf import decoder as D
+    from pimoe_export.hf.feeds import read_lines
+
+    model = D.load_decoder(directory)
+    vocab = int(model.config.vocab_size)
+    if text is None:
+        calibration = D.random_decoder_feeds(vocab, seed, D.CALIBRATION_SHAPES)
+        evaluation = D.random_decoder_feeds(vocab, seed + 1, D.CHECK_SHAPES)
+        data = "seeded random token ids, no, right and left padding (no text given)"
+    else:
+        lines = read_lines(text)
+        held, calib = lines[4::5], [line for i, line in enumerate(lines) if i % 5 != 4]
+        if not held or not calib:
+            raise PiMoEInputError(f"{text}: at least 5 lines are needed (4 of 5 calibrate, 1 of 5 is held out)")
+        calibration, evaluation = D.text_decoder_feeds(directory, calib), D.text_decoder_feeds(directory, held)
+        data = f"{len(calib)} + {len(held)} lines of {text}"
+
+    def read(given: Any, max_tokens: int | None) -> Calibration:
+        if not isinstance(given, (str, Path)):
+            raise PiMoEInputError(f"{directory} is a text model: calibrate it with a text file (one sentence per "
+                                  f"line), not {type(given).__name__}")
+        return Calibration(D.text_decoder_feeds(directory, read_lines(given)), f"the lines of {given}")
+
+    layers = moe_layers(model)
+    describe = {"architecture": model.family.name, "model_type": model.family.model_type,
+                "moe_layers": sorted(layers), "moe_block": next(iter(layers.values())).config.to_dict(), "data": data}
+    source = model_source(model, calibration, evaluation=evaluation, data=data, describe=lambda: describe,
+                          random_feed=lambda b, s, feed_seed: D.random_decoder_feeds(vocab, feed_seed,
+                                                                                     ((b, s, "none"),))[0],
+                          read_calibration=read)
+    source.settings = DeploymentSettings(calibration_method=D.CALIBRATION_METHOD)
+    return source
+
+
+def _hf_importer(family: Any) -> Importer:
+    return Importer(f"{family.name} (Hugging Face)", lambda d: _model_type(d) == family.model_type, _check_decoder,
+                    decoder_source)
+
+
+def _refuse(directory: Path, text: Path | None, seed: int = 0) -> ModelSource:
+    from pimoe_export.hf.decoder import family_of
+
+    family_of(directory)  # raises, naming why the model is outside what pimoe-export imports
+    raise PiMoEInputError(f"{directory}: not an importable model")  # pragma: no cover
+
+
+#: any other Hugging Face directory (config.json with a model_type): one error naming why it is not imported
+HF_OUTSIDE = Importer("Hugging Face model outside the contract", lambda d: _model_type(d) is not None, _refuse,
+                      _refuse)
+
+
 # ------------------------------------------------------------------------------------------ PiMoE layer checkpoints
 def _check_layer(directory: Path, text: Path | None) -> None:
     from pimoe_export.model.io import read_checkpoint_config
@@ -97,8 +180,14 @@ def _load_layer(directory: Path, text: Path | None, seed: int) -> ModelSource:
 LAYER_CHECKPOINT = Importer("PiMoE layer checkpoint (pimoe-export create / save_pretrained)", lambda _: True,
                             _check_layer, _load_layer)
 
+def _decoder_importers() -> tuple[Importer, ...]:
+    from pimoe_export.hf.families import FAMILIES
+
+    return tuple(_hf_importer(family) for family in FAMILIES)
+
+
 #: the model families, tried in order; the last recognises every directory
-IMPORTERS: tuple[Importer, ...] = (MOEFIED_ENCODER, LAYER_CHECKPOINT)
+IMPORTERS: tuple[Importer, ...] = (MOEFIED_ENCODER, *_decoder_importers(), HF_OUTSIDE, LAYER_CHECKPOINT)
 
 
 def importer_for(directory: str | Path) -> Importer:

@@ -1,7 +1,8 @@
 """Checkpoints: ``config.json`` + ``model.safetensors``. No pickle anywhere.
 
-``config.json`` = {"format": "pimoe-export/1", "architecture": class name, "config": PiMoEConfig dict,
-"weights_sha256": hash of model.safetensors, "extra": architecture-specific JSON state}.
+``config.json`` = {"format": "pimoe-export/1", "architecture": class name, "config": its config dict (PiMoEConfig,
+or MoEBlockConfig for a MoE block), "weights_sha256": hash of model.safetensors, "extra": architecture-specific JSON
+state}.
 """
 
 from __future__ import annotations
@@ -17,23 +18,28 @@ from safetensors.torch import load_file, save_file
 from pimoe_export._files import read_format_json, sha256_file
 from pimoe_export.errors import ArtifactError
 from pimoe_export.model.config import PiMoEConfig
+from pimoe_export.model.moe_block import MoEBlock, MoEBlockConfig
 
 if TYPE_CHECKING:
     from pimoe_export.model.system import PiMoESystem
+
+    Layer = PiMoESystem | MoEBlock
 
 CHECKPOINT_FORMAT = "pimoe-export/1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def _architectures() -> dict[str, type[PiMoESystem]]:
+def _architectures() -> dict[str, tuple[type[Layer], Any]]:
+    """Each architecture a checkpoint may name: its class and the config class its "config" is read with."""
     from pimoe_export.model.adaptive import AdaptivePiMoE
     from pimoe_export.model.system import PiMoESystem
 
-    return {"PiMoESystem": PiMoESystem, "AdaptivePiMoE": AdaptivePiMoE}
+    return {"PiMoESystem": (PiMoESystem, PiMoEConfig), "AdaptivePiMoE": (AdaptivePiMoE, PiMoEConfig),
+            "MoEBlock": (MoEBlock, MoEBlockConfig)}
 
 
-def save_pretrained(model: PiMoESystem, directory: str | Path) -> Path:
+def save_pretrained(model: Layer, directory: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -65,7 +71,7 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
                             fields={"architecture": str, "config": dict})
 
 
-def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> PiMoESystem:
+def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> Layer:
     """Rebuild the model saved by :func:`save_pretrained`, verifying the weights' hash first."""
     directory = Path(directory)
     payload = read_checkpoint_config(directory)
@@ -73,7 +79,8 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
     arch = payload.get("architecture")
     if arch not in architectures:
         raise ArtifactError(f"{directory}: unknown architecture {arch!r}; known: {sorted(architectures)}")
-    config = PiMoEConfig.from_dict(payload.get("config", {}))
+    cls, config_cls = architectures[arch]
+    config = config_cls.from_dict(payload.get("config", {}))
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"{directory}: {WEIGHTS_FILE} is missing; the checkpoint is incomplete, re-save it")
@@ -88,7 +95,7 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{weights}: cannot read safetensors ({exc})") from None
     try:
-        model = architectures[arch](config=config, **_extra_kwargs(payload))
+        model = cls(config=config, **_extra_kwargs(payload))
     except TypeError as exc:
         raise ArtifactError(f"{directory}/config.json: its 'extra' settings do not fit {arch} ({exc}); re-save the "
                             "model") from None

@@ -22,24 +22,39 @@ from torch import nn
 from pimoe_export.errors import PiMoEInputError
 from pimoe_export.interface import BATCH_AXIS, LAYER_INPUT, SEQUENCE_AXIS, TensorInterface, layer_interface
 from pimoe_export.model.enhanced import DeploymentSettings, EnhancedPiMoEIntegration
+from pimoe_export.model.moe_block import MoEBlock
 from pimoe_export.model.system import PiMoESystem
 
 #: one input of every named input of a model, as numpy arrays
 Feed = dict[str, np.ndarray]
 
 
-def moe_layers(model: nn.Module) -> dict[str, PiMoESystem]:
-    """The PiMoE layers inside ``model`` by module path (an Enhanced wrapper counts as its inner layer; a bare layer
-    is ``{"": layer}``)."""
-    found: dict[str, PiMoESystem] = {}
+#: a MoE layer the exporter replaces with pimoe ops: a PiMoE layer, or a contract-level MoE block (the Hugging Face
+#: families and the gated presets)
+MoELayer = PiMoESystem | MoEBlock
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
+    """The MoE layers inside ``model`` by module path: PiMoE layers (an Enhanced wrapper counts as its inner layer)
+    and MoE blocks; a bare layer is ``{"": layer}``."""
+    found: dict[str, MoELayer] = {}
     for path, module in model.named_modules():
         if any(path.startswith(p + ".") or (p == "" and path) for p in found):
             continue  # inside a layer already found
         if isinstance(module, EnhancedPiMoEIntegration):
             found[path] = module.pimoe
-        elif isinstance(module, PiMoESystem):
+        elif isinstance(module, (PiMoESystem, MoEBlock)):
             found[path] = module
     return found
+
+
+def layer_routing(layer: MoELayer, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, S, k] int32, weights [B, S, k] fp32) of every position of ``hidden_states`` as the layer routes it
+    (unmasked: the exported graph routes padded positions too)."""
+    if isinstance(layer, MoEBlock):
+        return layer.routing(hidden_states)
+    _, info = layer(hidden_states, None, return_routing_info=True)
+    return info.ids, info.weights
 
 
 @dataclass(frozen=True)
@@ -78,7 +93,7 @@ class ModelSource:
     standard_ops: bool = False
 
     @property
-    def layers(self) -> dict[str, PiMoESystem]:
+    def layers(self) -> dict[str, MoELayer]:
         return moe_layers(self.module)
 
     def example_tensors(self) -> dict[str, torch.Tensor]:
@@ -94,7 +109,7 @@ def as_source(model: ModelSource | nn.Module, feeds: Any = None) -> ModelSource:
     fed with ``feeds`` (a list of {input name: array} dicts): :func:`model_source`."""
     if isinstance(model, ModelSource):
         return model
-    if isinstance(model, PiMoESystem):
+    if isinstance(model, (PiMoESystem, MoEBlock)):
         return layer_source(model)
     if isinstance(feeds, Sequence) and feeds and all(isinstance(f, Mapping) for f in feeds):
         return model_source(model, feeds)
@@ -103,10 +118,11 @@ def as_source(model: ModelSource | nn.Module, feeds: Any = None) -> ModelSource:
 
 
 # ------------------------------------------------------------------------------------------ a bare PiMoE layer
-def layer_source(layer: PiMoESystem, example_shape: tuple[int, int] = (2, 8)) -> ModelSource:
-    """A bare PiMoE layer: ``hidden_states`` [batch, sequence, H] in; ``output``, ``expert_ids``, ``expert_weights``
-    out (the layer interface); calibrated by default on 4096 seeded standard-normal tokens."""
-    from pimoe_export.model.summary import summarize
+def layer_source(layer: MoELayer, example_shape: tuple[int, int] = (2, 8)) -> ModelSource:
+    """A bare PiMoE layer or MoE block: ``hidden_states`` [batch, sequence, H] in; ``output``, ``expert_ids``,
+    ``expert_weights`` out (the layer interface); calibrated by default on 4096 seeded standard-normal tokens. A
+    PiMoE layer also offers the standard-op graph (the benchmark's baseline)."""
+    from pimoe_export.model.summary import summarize, summarize_block
 
     hidden = layer.hidden_size
     settings = DeploymentSettings.of(layer.config)
@@ -122,7 +138,7 @@ def layer_source(layer: PiMoESystem, example_shape: tuple[int, int] = (2, 8)) ->
                            "seeded standard normal (default)", synthetic=True)
 
     def describe() -> dict[str, Any]:
-        summary = summarize(layer.config)
+        summary = summarize_block(layer.config) if isinstance(layer, MoEBlock) else summarize(layer.config)
         return {"params": summary["params_total"], "expert_groups": [g["experts"] for g in summary["expert_groups"]],
                 "deployment": settings.to_dict() if settings.recorded else "none recorded (defaults)"}
 
@@ -131,7 +147,8 @@ def layer_source(layer: PiMoESystem, example_shape: tuple[int, int] = (2, 8)) ->
         example={LAYER_INPUT: example}, calibration=default, read_calibration=read,
         random_feed=lambda b, s, seed: {LAYER_INPUT: np.random.default_rng(seed).standard_normal(
             (b, s, hidden)).astype(np.float32)},
-        describe=describe, save=layer.save_pretrained, settings=settings, standard_ops=True)
+        describe=describe, save=layer.save_pretrained, settings=settings,
+        standard_ops=isinstance(layer, PiMoESystem))
 
 
 # ------------------------------------------------------------------------------------------ any model fed by name

@@ -65,3 +65,27 @@ def summarize(config: PiMoEConfig) -> dict[str, Any]:
             for spec, ids in config.expert_groups()
         ],
     }
+
+
+def summarize_block(config: Any) -> dict[str, Any]:
+    """What :func:`summarize` says of a PiMoE layer, for a MoE block (:class:`MoEBlockConfig`): parameters, GEMM
+    FLOPs per token and the PiMoEExpertMLP groups (the routed groups, then the shared expert)."""
+    h, e, k = config.hidden_size, config.num_experts, config.top_k
+    routed = config.experts
+    expert_flops = sum(2 * rows * cols for rows, cols in routed.layer_shapes(h))
+    shared_flops = 0 if config.shared is None else sum(2 * r * c for r, c in config.shared.layer_shapes(h))
+    router_flops = 2 * h * e
+    groups = [{"experts": ids, "widths": list(config.widths), "activation": routed.activation, "gated": routed.gated}
+              for ids in config.routed_groups()]
+    if config.shared is not None:
+        groups.append({"experts": "shared", "widths": list(config.shared.widths(h)),
+                       "activation": config.shared.activation, "gated": config.shared.gated})
+    active = router_flops + k * expert_flops + shared_flops
+    return {
+        "params_total": config.num_parameters(),
+        "params_router": h * e,
+        "params_per_expert": routed.params_per_expert(h),
+        "flops_per_token": {"router": router_flops, "active_expected": active, "active_worst_case": active,
+                            "dense_all_experts": router_flops + e * expert_flops + shared_flops},
+        "expert_groups": groups,
+    }

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from pimoe_export.errors import PiMoEInputError
 from pimoe_export.model import functional
+from pimoe_export.model.moe_block import MoEBlock
 from pimoe_export.model.system import PiMoESystem
 
 METHODS = ("max", "percentile", "entropy", "mse")
@@ -34,8 +35,12 @@ QLEVELS = 127
 
 
 # ------------------------------------------------------------------------------------------ observation
-def expert_layer_inputs(model: PiMoESystem, x: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(expert, layer, input rows) for every expert layer, as inference computes them (eval mode)."""
+def expert_layer_inputs(model: PiMoESystem | MoEBlock, x: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(expert, layer, input rows) for every expert layer, as inference computes them (eval mode). A MoE block's
+    shared expert is expert E (:meth:`MoEBlock.expert_layer_inputs`)."""
+    if isinstance(model, MoEBlock):
+        yield from model.expert_layer_inputs(x)
+        return
     cfg = model.config
     x2 = x.reshape(-1, cfg.hidden_size)
     decision = model.router(x2)
@@ -88,9 +93,17 @@ def smoothing_factors(channel_amax: np.ndarray, weight: torch.Tensor, alpha: flo
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
+def layer_weight(model: PiMoESystem | MoEBlock, expert: int, layer: int) -> torch.Tensor:
+    """The weight [rows, in] of one expert layer (a MoE block's shared expert: expert E)."""
+    if isinstance(model, MoEBlock):
+        return model.layer_weight(expert, layer)
+    return model.experts[expert].layers[layer].weight
+
+
 @torch.no_grad()
 def collect_stats(
-    model: PiMoESystem, batches: list[torch.Tensor], progress: bool = False, smooth_alpha: float | None = None
+    model: PiMoESystem | MoEBlock, batches: list[torch.Tensor], progress: bool = False,
+    smooth_alpha: float | None = None
 ) -> CalibrationStats:
     """Statistics of every expert layer's input. With ``smooth_alpha`` (SmoothQuant, e.g. 0.5) each layer input
     gets per-channel smoothing factors from pass 1, and the ranges/histograms describe x / smooth."""
@@ -114,7 +127,7 @@ def collect_stats(
                 raise PiMoEInputError(f"the calibration data drives expert {e}'s layer {layer} input to NaN or Inf "
                                       "(an overflow of float32 on the way); scale or clean the calibration data")
             if smooth_alpha:
-                weight = model.experts[e].layers[layer].weight
+                weight = layer_weight(model, e, layer)
                 entry.smooth = smoothing_factors(entry.channel_amax, weight, smooth_alpha)
                 entry.amax = float(np.max(entry.channel_amax / entry.smooth))
             else:

@@ -18,8 +18,9 @@ import torch
 from onnx import helper, numpy_helper
 
 from pimoe_export.errors import PiMoEExportError
-from pimoe_export.export.modules import CustomOpPiMoE
+from pimoe_export.export.modules import CustomOpBlock, CustomOpPiMoE
 from pimoe_export.interface import META_PRECISION, META_QUANT, read_onnx
+from pimoe_export.model.moe_block import MoEBlock
 from pimoe_export.model.system import PiMoESystem
 from pimoe_export.ops import schema
 from pimoe_export.quantize.calibrate import CalibrationStats, threshold
@@ -58,8 +59,50 @@ def quantize_weight(weight: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.n
     return q, scale
 
 
+@dataclass
+class _Group:
+    """One PiMoEExpertMLP node's experts as quantisation sees them: the node's expert ids, the calibration key of
+    each (a MoE block's shared expert: E), and each layer's stacked fp32 weight [G, rows, in]."""
+
+    expert_ids: list[int]
+    keys: list[int]
+    weights: list[Any]  # per layer: () -> torch.Tensor
+
+
+def _groups_of(model: PiMoESystem | MoEBlock) -> list[_Group]:
+    """Every expert group of the layer in graph order (a MoE block: the routed groups, then the shared expert)."""
+    if isinstance(model, MoEBlock):
+        groups = [_Group(list(g.expert_ids), list(g.expert_ids), [lambda w=w: w.detach().float() for w in g.weights()])
+                  for g in model.routed]
+        if model.shared is not None:
+            groups.append(_Group([0], [model.num_experts], [lambda w=w: w.detach().float()
+                                                              for w in model.shared.weights()]))
+        return groups
+    return [_Group(list(ids), list(ids), [
+        lambda layer=layer, ids=ids: torch.stack([model.experts[e].layers[layer].weight.detach().float() for e in ids])
+        for layer in range(spec.num_layers)]) for spec, ids in model.config.expert_groups()]
+
+
+def _act_scales(group: _Group, stats: CalibrationStats, method: str, percentile: float, uncalibrated: list[int],
+                thresholds: dict[str, float]) -> list[float]:
+    act_scales: list[float] = []
+    for layer in range(len(group.weights)):
+        found = {key: threshold(st, method, percentile) for key in group.keys
+                 if (st := stats.get(key, layer)) is not None}
+        # an expert that saw no calibration token takes its group's widest range for the layer
+        fallback = max(found.values(), default=0.0)
+        for key in group.keys:
+            t = found.get(key, fallback)
+            if key not in found and key not in uncalibrated:
+                uncalibrated.append(key)
+            thresholds[f"expert{key}_layer{layer}"] = t
+            act_scales.append(float(np.float32(t / 127.0)) if t > 0 else 1.0)
+    return act_scales
+
+
 def compute_quant_params(
-    model: PiMoESystem, stats: CalibrationStats | None, method: str, mode: str = "w8a8", percentile: float = 99.99
+    model: PiMoESystem | MoEBlock, stats: CalibrationStats | None, method: str, mode: str = "w8a8",
+    percentile: float = 99.99
 ) -> QuantParams:
     """Quantisation parameters of every expert group. Smoothing factors come from ``stats`` (collected with
     ``smooth_alpha``); an expert without statistics gets no smoothing."""
@@ -70,32 +113,20 @@ def compute_quant_params(
     groups = []
     uncalibrated: list[int] = []
     thresholds: dict[str, float] = {}
-    for spec, expert_ids in model.config.expert_groups():
+    for group in _groups_of(model):
         layers = []
-        for layer in range(spec.num_layers):
-            smooth = np.ones((len(expert_ids), spec.widths[layer]), np.float32)
-            for g, e in enumerate(expert_ids):
-                st = stats.get(e, layer) if stats is not None else None
+        for layer, weight in enumerate(group.weights):
+            stacked = weight()
+            smooth = np.ones((len(group.keys), stacked.shape[-1]), np.float32)
+            for g, key in enumerate(group.keys):
+                st = stats.get(key, layer) if stats is not None else None
                 if st is not None and st.smooth is not None:
                     smooth[g] = st.smooth
-            stacked = torch.stack([model.experts[e].layers[layer].weight.detach().float() for e in expert_ids])
             q, s = quantize_weight(stacked.numpy() * smooth[:, None, :])
             layers.append(LayerQuant(q, s, smooth))
-        act_scales: list[float] = []
-        if mode == "w8a8":
-            assert stats is not None
-            for layer in range(spec.num_layers):
-                found = {e: threshold(st, method, percentile) for e in expert_ids
-                         if (st := stats.get(e, layer)) is not None}
-                # an expert that saw no calibration token takes its group's widest range for the layer
-                fallback = max(found.values(), default=0.0)
-                for e in expert_ids:
-                    t = found.get(e, fallback)
-                    if e not in found and e not in uncalibrated:
-                        uncalibrated.append(e)
-                    thresholds[f"expert{e}_layer{layer}"] = t
-                    act_scales.append(float(np.float32(t / 127.0)) if t > 0 else 1.0)
-        groups.append(GroupQuant(list(expert_ids), layers, act_scales))
+        act_scales = _act_scales(group, stats, method, percentile, uncalibrated, thresholds) \
+            if mode == "w8a8" and stats is not None else []
+        groups.append(GroupQuant(group.expert_ids, layers, act_scales))
     info = {
         "mode": mode,
         "method": method if mode == "w8a8" else "dynamic-per-row",
@@ -125,8 +156,8 @@ def _groups_for(nodes: list[onnx.NodeProto], params: list[QuantParams], source: 
     for node, group in zip(nodes, groups, strict=True):
         attrs = _attrs(node)
         widths = [int(w) for w in attrs["widths"]]
-        gated = bool(attrs.get("gated", 0))  # a gated layer's weight has 2*out rows [gate; up]
-        rows = [schema.expert_mlp_param_rows(widths, layer, gated) for layer in range(len(widths) - 1)]
+        rows = [schema.expert_mlp_param_rows(widths, layer, bool(attrs.get("gated", 0)))
+                for layer in range(len(widths) - 1)]
         if list(attrs["expert_ids"]) != group.expert_ids or [q.weight.shape[1] for q in group.layers] != rows:
             raise PiMoEExportError(f"{source}: PiMoEExpertMLP {node.name} (experts {list(attrs['expert_ids'])}, "
                                    f"widths {widths}) does not match the next layer's parameters; quantise the ONNX "
@@ -140,7 +171,7 @@ def write_int8_onnx(fp32_onnx: str | Path, params: QuantParams | list[QuantParam
     activation scales; everything else (router included) stays as exported. ``params``: one QuantParams per PiMoE
     layer of the graph, in the order the layers run (one alone for a graph of one layer); ``info`` describes them
     all (default: the first layer's)."""
-    from pimoe_export.export.exporter import set_metadata, validate_onnx
+    from pimoe_export.export.exporter import save_validated, set_metadata
 
     proto = read_onnx(fp32_onnx, external_data=True)
     graph = proto.graph
@@ -186,10 +217,8 @@ def write_int8_onnx(fp32_onnx: str | Path, params: QuantParams | list[QuantParam
     graph.initializer.extend(keep)
     info = info if info is not None else params[0].info
     set_metadata(proto, {META_PRECISION: mode, META_QUANT: json.dumps(info, sort_keys=True)})
-    proto = validate_onnx(proto)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, str(out_path))
+    save_validated(proto, out_path)
     return out_path
 
 
@@ -280,3 +309,35 @@ class FakeQuantPiMoE(CustomOpPiMoE):
 
     def group_params(self, index: int) -> tuple[list[torch.Tensor], str, list[float]]:
         return self._qparams[index]
+
+
+class FakeQuantBlock(CustomOpBlock):
+    """A MoE block with its W8A8 expert groups computed by the fake-quant reference (the INT8 ONNX's codes and
+    scales); router, gates and everything else in fp32. Outputs like CustomOpBlock."""
+
+    def __init__(self, block: MoEBlock, params: QuantParams) -> None:
+        super().__init__(block, "fp32")
+        groups = block.groups()
+        if len(params.groups) != len(groups):
+            raise PiMoEExportError(f"the quantisation parameters cover {len(params.groups)} expert groups, the block "
+                                   f"has {len(groups)}")
+        self._params = []
+        for group, gq in zip(groups, params.groups, strict=True):
+            biases = group.biases()
+            tensors = []
+            for layer, role in schema.expert_mlp_param_layout(group.num_layers, False, params.mode,
+                                                             bias=group.spec.bias):
+                quant = gq.layers[layer]
+                if role == "weight":
+                    tensors.append(torch.from_numpy(quant.weight.copy()))
+                elif role in ("w_scale", "act_smooth"):
+                    tensors.append(torch.from_numpy(getattr(quant, role).astype(np.float32)))
+                else:
+                    assert biases is not None
+                    tensors.append(biases[layer].float())
+            self._params.append((tensors, params.mode, list(gq.act_scales)))
+
+
+def fake_quant_form(layer: PiMoESystem | MoEBlock, params: QuantParams) -> CustomOpPiMoE | CustomOpBlock:
+    """The layer computed with W8A8 experts by the fake-quant reference (FakeQuantPiMoE or FakeQuantBlock)."""
+    return FakeQuantBlock(layer, params) if isinstance(layer, MoEBlock) else FakeQuantPiMoE(layer, params)

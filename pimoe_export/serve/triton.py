@@ -279,7 +279,10 @@ def write_triton_repository(
         (model_dir / "1").mkdir()
         model_file = model_dir / "1" / model_filename
         library = model_dir / LIBRARY_NAMES[manifest.backend]  # our name, never one taken from the manifest
-        for role, copy in ((model_role, model_file), (library_role, library)):
+        copies = [(model_role, model_file), (library_role, library)]
+        if model_role == "onnx" and "onnx_data" in unit.files:  # a graph past 2 GB: its data file, by the name the
+            copies.append(("onnx_data", model_file.parent / unit.files["onnx_data"].name))  # ONNX gives it
+        for role, copy in copies:
             shutil.copyfile(unit.files[role], copy)
             if sha256_file(copy) != manifest.artifact(role).sha256:  # the unit changed while we copied it
                 raise ArtifactError(f"{copy.name} does not match the sha256 in {unit_dir}/manifest.json after "

@@ -34,6 +34,7 @@ from pimoe_export.validate.compare import (
     Compared,
     compare_settings,
     kernel_vs_fake_quant,
+    layer_quantization_error,
     per_expert_error,
     polygraphy_accuracy,
     polygraphy_cli_args,
@@ -204,7 +205,9 @@ def run_check(
     settings = compare_settings(tolerances, reference, compared)
     masks = [np.asarray(f[MODEL_MASK_INPUT]) for f in feeds] if all(MODEL_MASK_INPUT in f for f in feeds) else None
     result = verdict(reference, actual, tolerances, polygraphy_accuracy(*entries, settings), compared, masks)
-    kernel = {}
+    kernel, layer_error = {}, {}
+    if quantized_onnx is not None:
+        layer_error = layer_quantization_error(model, quantized_onnx, feeds)
     if quantized_onnx is not None and len(compared.routing) == 1 == len(layer_configs):
         kernel = kernel_vs_fake_quant(model, quantized_onnx, feeds, actual, MAX_KERNEL_REL_L2, compared)
         if not kernel[LAYER_OUTPUT]["rel_l2"] <= MAX_KERNEL_REL_L2:
@@ -216,7 +219,7 @@ def run_check(
         polygraphy_passed=result.polygraphy_passed, passed=result.passed, failures=result.failures,
         per_expert_mean_abs=per_expert_error(reference, actual, compared) if len(compared.routing) == 1 else {},
         kernel_vs_fake_quant=kernel, primary=compared.primary, routing_by_layer=result.routing_by_layer or {},
-        embedding=result.embedding or {},
+        embedding=result.embedding or {}, layer_output_error=layer_error,
         environment={**(environment or {}), "machine": platform.machine(), "python": platform.python_version()},
         files=files,
         replay=[] if replay is None else ["polygraphy", "run", str(replay[1].resolve()), replay[0], "--load-inputs",

@@ -176,7 +176,7 @@ def kernel_vs_fake_quant(model: Any, onnx_path: Any, feeds: list[dict[str, np.nd
                          max_rel_l2: float, compared: Compared = LAYER_COMPARED) -> dict[str, Any]:
     """A quantised graph's outputs against the fake-quant PyTorch reference of the same codes and scales (the
     kernels' error alone; the comparison with the fp32 model is quantisation + kernel error): the model with its
-    one PiMoE layer computed by :class:`~pimoe_export.quantize.int8.FakeQuantPiMoE`. (With several layers, one
+    one MoE layer computed by :func:`~pimoe_export.quantize.int8.fake_quant_form`. (With several layers, one
     layer's kernel error moves the next layers' routing, and the comparison would no longer isolate the kernels.)"""
     import copy
 
@@ -184,11 +184,11 @@ def kernel_vs_fake_quant(model: Any, onnx_path: Any, feeds: list[dict[str, np.nd
 
     from pimoe_export.export.tracing import ExportedLayer, flatten_outputs, replace_module
     from pimoe_export.model.source import moe_layers
-    from pimoe_export.quantize.int8 import FakeQuantPiMoE, read_quant_params
+    from pimoe_export.quantize.int8 import fake_quant_form, read_quant_params
 
     ((path, layer),) = moe_layers(model).items()
     routing: list = []
-    fake = FakeQuantPiMoE(copy.deepcopy(layer).float().eval(), read_quant_params(onnx_path)).eval()
+    fake = fake_quant_form(copy.deepcopy(layer).float().eval(), read_quant_params(onnx_path)).eval()
     work = replace_module(copy.deepcopy(model).float().eval(), path, ExportedLayer.around(fake, path, routing))
     outs, ids = [], []
     with torch.no_grad():
@@ -204,3 +204,34 @@ def kernel_vs_fake_quant(model: Any, onnx_path: Any, feeds: list[dict[str, np.nd
     got = np.concatenate([a[name].reshape(-1, a[name].shape[-1]) for a in actual])
     return {LAYER_OUTPUT: stats.to_dict(), "routing_agreement": routing_agreement(np.concatenate(ids), got),
             "max_rel_l2": max_rel_l2}
+
+
+def layer_quantization_error(model: Any, onnx_path: Any, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Each MoE layer's W8A8 output error on the inputs that reach it when the fp32 model runs ``feeds``: the layer
+    with the quantised graph's own codes and scales (the fake-quant reference) against the same layer in fp32, by
+    layer path in the order the layers run. It isolates every layer's quantisation error (the graph's outputs carry
+    the error of all layers, compounded)."""
+    import torch
+
+    from pimoe_export.export.modules import custom_op_form
+    from pimoe_export.model.moe_block import MoEBlock
+    from pimoe_export.model.source import moe_layers
+    from pimoe_export.quantize.capture import capture_layer_inputs
+    from pimoe_export.quantize.int8 import QuantParams, fake_quant_form, read_quant_params
+
+    params = read_quant_params(onnx_path)
+    layers = moe_layers(model)
+    out: dict[str, Any] = {}
+    start = 0
+    for path, batches in capture_layer_inputs(model, feeds).items():
+        layer = layers[path]
+        count = len(layer.groups()) if isinstance(layer, MoEBlock) else len(layer.config.expert_groups())
+        own = QuantParams(params.mode, params.method, params.groups[start:start + count], params.info)
+        start += count
+        exact, quantised = custom_op_form(layer).eval(), fake_quant_form(layer, own).eval()
+        with torch.no_grad():
+            pairs = [(exact(x)[0].numpy(), quantised(x)[0].numpy()) for x in batches]
+        stats = merge_stats([error_stats(r, a) for r, a in pairs])
+        out[path] = {"rel_l2": stats.rel_l2, "cosine": stats.cosine, "max_abs": stats.max_abs,
+                     "tokens": int(sum(x.shape[1] for x in batches))}
+    return out

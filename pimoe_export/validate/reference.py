@@ -69,11 +69,12 @@ class PyTorchRunner(BaseRunner):
             layer.register_forward_hook(self._recorder(path), with_kwargs=True)
 
     def _recorder(self, path: str):
+        from pimoe_export.model.source import layer_routing
+
         def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            hidden = args[0] if args else kwargs[LAYER_INPUT]  # PiMoESystem.forward(hidden_states, ...)
+            hidden = args[0] if args else kwargs[LAYER_INPUT]  # PiMoESystem / MoEBlock.forward(hidden_states, ...)
             with _hooks_off(layer):
-                _, info = layer(hidden, None, return_routing_info=True)
-            self.routing[path] = (info.ids, info.weights)
+                self.routing[path] = layer_routing(layer, hidden)
         return hook
 
     def get_input_metadata_impl(self) -> TensorMetadata:

@@ -38,6 +38,9 @@ class CheckReport:
     routing_by_layer: dict[str, float] = field(default_factory=dict)  # whole models: agreement per PiMoE layer
     # whole models with an attention mask: mean-pooled embedding cosine of the primary output
     embedding: dict[str, Any] = field(default_factory=dict)
+    # quantised graphs: each MoE layer's W8A8 output error against the same layer in fp32, on the inputs that reach
+    # it (the fake-quant reference with the graph's codes and scales; pimoe_export.validate.compare)
+    layer_output_error: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +61,7 @@ class CheckReport:
             "primary": self.primary,
             "routing_by_layer": self.routing_by_layer,
             "embedding": self.embedding,
+            "layer_output_error": self.layer_output_error,
         }
 
 
@@ -151,8 +155,13 @@ def write_report(report: CheckReport, out_dir: OutputDir) -> None:
                   f"mean cosine **{e['mean_cosine']:.6f}** (required ≥ {e['required_mean_cosine']}), "
                   f"min {e['min_cosine']:.6f}", ""]
     if report.routing_by_layer:
-        lines += ["## Routing agreement by PiMoE layer", "", "| layer | top-k agreement |", "|---|---|"]
+        lines += ["## Routing agreement by MoE layer", "", "| layer | top-k agreement |", "|---|---|"]
         lines += [f"| {layer} | {value:.4%} |" for layer, value in report.routing_by_layer.items()] + [""]
+    if report.layer_output_error:
+        lines += ["## W8A8 output error by MoE layer (the layer alone, on the inputs that reach it, vs fp32)", "",
+                  "| layer | rel L2 | cosine | max abs | tokens |", "|---|---|---|---|---|"]
+        lines += [f"| {layer or '(the layer)'} | {e['rel_l2']:.3e} | {e['cosine']:.8f} | {e['max_abs']:.3e} | "
+                  f"{e['tokens']} |" for layer, e in report.layer_output_error.items()] + [""]
     if report.failures:
         lines += ["## Failures", ""] + [f"- {f}" for f in report.failures] + [""]
     if report.per_expert_mean_abs:

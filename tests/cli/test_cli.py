@@ -80,3 +80,24 @@ def test_pipeline_honours_the_enhanced_deployment_settings(tmp_path) -> None:
     assert steps["int8"]["detail"]["method"] == "entropy"  # the "advanced" level's calibration method
     assert (out / "ort-fp16" / "manifest.json").is_file()  # the "advanced" level exports fp16
     assert json.loads((out / "report_fp16" / "report.json").read_text())["passed"]
+
+
+def test_info_reads_a_moe_block_checkpoint(tmp_path, capsys) -> None:
+    """A MoE block checkpoint (what `create --preset mixtral-ffn` writes, here at H 16, I 24, E 4, k 2 with a shared
+    expert): parameters and FLOPs counted by hand for gated experts ([gate; up] rows 2I x H, down H x I)."""
+    from pimoe_export.model.factory import build_model
+    from pimoe_export.model.io import save_pretrained
+    from pimoe_export.model.moe_block import ExpertsConfig, MoEBlockConfig
+
+    config = MoEBlockConfig(hidden_size=16, num_experts=4, top_k=2, experts=ExpertsConfig(intermediate_size=24),
+                            normalize=True, shared=ExpertsConfig(intermediate_size=8), family="mixtral")
+    save_pretrained(build_model(config), tmp_path / "block")
+    assert main(["info", str(tmp_path / "block"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    expert, shared = 2 * 24 * 16 + 16 * 24, 2 * 8 * 16 + 16 * 8
+    assert info["params_router"] == 16 * 4 and info["params_per_expert"] == expert
+    assert info["params_total"] == 16 * 4 + 4 * expert + shared
+    assert info["flops_per_token"]["active_expected"] == 2 * (16 * 4 + 2 * expert + shared)
+    assert [g["experts"] for g in info["expert_groups"]] == [[0, 1, 2, 3], "shared"]
+    assert main(["info", str(tmp_path / "block")]) == 0
+    assert "expert groups (one PiMoEExpertMLP node each)" in capsys.readouterr().out

@@ -297,6 +297,35 @@ def test_onnxruntime_repository(ort_unit, tiny, tmp_path) -> None:
     assert "op_library_filename" in readme and "must be 1.21 or newer" in readme
 
 
+def test_onnxruntime_repository_ships_external_data(tiny, tmp_path) -> None:
+    """A graph with its weights in an external-data file (what export writes past 2 GB; forced here on the tiny
+    layer): the unit ships the data file, and the Triton model folder gets it beside model.onnx, so the model there
+    runs as the PyTorch layer computes it."""
+    import onnx
+    import torch
+
+    from pimoe_export.build.units import package_ort
+    from pimoe_export.runtime.ort import create_session
+    from pimoe_export.serve.triton import write_triton_repository
+
+    graph = tmp_path / "external.onnx"
+    onnx.save_model(onnx.load(str(tiny[1])), str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="external.onnx.data", size_threshold=0)
+    try:
+        package_ort(graph, tmp_path / "unit")
+    except PluginLoadError as exc:
+        pytest.skip(f"libpimoe_ort is not built: {exc}")
+    assert {a.role for a in _manifest(tmp_path / "unit").artifacts} >= {"onnx", "onnx_data"}
+    write_triton_repository(tmp_path / "unit", tmp_path / "repo", name="ext")
+    served = tmp_path / "repo" / "ext" / "1"
+    assert sorted(p.name for p in served.iterdir()) == ["external.onnx.data", "model.onnx"]
+    session = create_session(served / "model.onnx", library=tmp_path / "repo" / "ext" / "libpimoe_ort.so")
+    x = np.random.default_rng(1).standard_normal((2, 5, 16)).astype(np.float32)
+    with torch.inference_mode():
+        ref = tiny[0](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(session.run(["output"], {"hidden_states": x})[0], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_onnxruntime_repository_with_server_path(ort_unit, tmp_path) -> None:
     from pimoe_export.serve.triton import write_triton_repository
 

@@ -1,0 +1,122 @@
+"""Reading Hugging Face MoE checkpoints: bf16/fp16/fp32 weights, sharded with an index or not, give the model
+Hugging Face itself loads, exactly; everything is checked before any weight is allocated; the checkpoint is read
+tensor by tensor, so conversion peaks near one float32 copy of the weights (measured in a fresh process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pimoe_export.errors import PiMoEInputError
+from pimoe_export.hf import decoder as D
+from pimoe_export.interface import MODEL_LOGITS_OUTPUT
+from pimoe_export.model.moe_block import MoEBlock
+
+transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _logits(model, feed) -> np.ndarray:
+    with torch.no_grad():
+        out = model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    return (out[MODEL_LOGITS_OUTPUT] if isinstance(out, dict) else out.logits).numpy()
+
+
+@pytest.mark.parametrize(("family", "dtype", "shard"), [("qwen2_moe", torch.bfloat16, "60KB"),
+                                                        ("gpt_oss", torch.float16, None),
+                                                        ("deepseek_v3", torch.bfloat16, "40KB")])
+def test_bf16_fp16_and_sharded_checkpoints_load_as_hugging_face_loads_them(family, dtype, shard,
+                                                                            tiny_decoder) -> None:
+    directory = tiny_decoder(family, dtype=dtype, shard=shard)
+    assert (directory / "model.safetensors.index.json").is_file() == bool(shard)
+    ours = D.load_decoder(directory)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    for name, tensor in theirs.state_dict().items():  # every weight not in a block is Hugging Face's, exactly
+        if name in ours.state_dict():
+            assert torch.equal(ours.state_dict()[name], tensor), name
+    feed = D.random_decoder_feeds(int(theirs.config.vocab_size), 3, ((2, 9, "left"),))[0]
+    want, got = _logits(theirs, feed), _logits(ours, feed)
+    valid = feed["attention_mask"].astype(bool)
+    assert np.linalg.norm(got[valid] - want[valid]) / np.linalg.norm(want[valid]) <= 1e-6
+
+
+def test_dense_layers_stay_hugging_face_modules(tiny_decoder) -> None:
+    """DeepSeek's first_k_dense_replace, Qwen2-MoE's mlp_only_layers, Llama 4's interleave step: layer 0 of each
+    tiny model is dense and keeps Hugging Face's MLP; layer 1 is a MoE block."""
+    for family, attr in (("deepseek_v3", "mlp"), ("qwen2_moe", "mlp"), ("llama4_text", "feed_forward")):
+        model = D.load_decoder(tiny_decoder(family))
+        layers = model.model.layers
+        assert not isinstance(getattr(layers[0], attr), MoEBlock), family
+        assert isinstance(getattr(layers[1], attr), MoEBlock), family
+
+
+def test_everything_is_checked_before_anything_is_allocated(tiny_decoder, monkeypatch) -> None:
+    """check_directory (what every command runs before writing) reads config.json and the safetensors headers only:
+    it passes with block construction and tensor reads disabled, and refuses a wrong checkpoint the same way."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("allocated during the check")
+
+    monkeypatch.setattr(MoEBlock, "__init__", refuse)
+    monkeypatch.setattr(D.SafetensorsCheckpoint, "tensor", refuse)
+    D.check_directory(tiny_decoder("mixtral"))
+
+
+def test_an_incomplete_checkpoint_names_the_missing_tensors(tiny_decoder, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_decoder("olmoe")
+    target = tmp_path / "olmoe"
+    target.mkdir()
+    (target / "config.json").write_text((source / "config.json").read_text())
+    state = load_file(str(source / "model.safetensors"))
+    del state["model.layers.1.mlp.experts.3.up_proj.weight"]
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(PiMoEInputError, match=r"missing \['model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight'\]"):
+        D.check_directory(target)
+
+
+MEASURE = textwrap.dedent("""
+    import json, sys
+    from pimoe_export.hf.decoder import load_decoder
+
+    def status(key):
+        return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+
+    load_decoder(sys.argv[2])  # a tiny model of the family first: imports and one-time set-up, not weights
+    open("/proc/self/clear_refs", "w").write("5")  # resets the peak resident size to the current one
+    before = status("VmRSS:")
+    model = load_decoder(sys.argv[1])
+    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
+    print(json.dumps({"peak_increase": status("VmHWM:") - before, "weights": weights}))
+""")
+
+
+@pytest.mark.slow
+def test_conversion_peaks_near_one_float32_copy_of_the_weights(tmp_path, tiny_decoder) -> None:
+    """A synthetic Mixtral checkpoint of ~330 MB of float32 weights stored as bf16 (half that on disk): reading it
+    (bf16 -> fp32, experts stacked into blocks) raises the process's peak resident size by at most 1.25 times the
+    model's float32 weights plus 64 MiB (one copy plus one tensor in flight, not the 1.5 copies of loading bf16 then
+    converting). The process first loads the tiny Mixtral, so that lazy imports and one-time set-up (~110 MiB here,
+    whatever the model's size) are not counted as conversion."""
+    config = transformers.MixtralConfig(vocab_size=1000, hidden_size=512, intermediate_size=1792, num_hidden_layers=4,
+                                        num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
+                                        num_experts_per_tok=2)
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(
+        str(tmp_path / "mixtral"), safe_serialization=True)
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident size")
+    run = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "mixtral"), str(tiny_decoder("mixtral"))],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"\nconversion: peak +{measured['peak_increase'] / 2**20:.0f} MiB for {measured['weights'] / 2**20:.0f} "
+          "MiB of float32 weights")
+    assert measured["peak_increase"] <= 1.25 * measured["weights"] + 64 * 2**20, measured
