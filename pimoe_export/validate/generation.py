@@ -17,7 +17,7 @@ tolerances for INT8) and, in fp32, identical greedy tokens; INT8 and fp16 report
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pimoe_export._files import OutputDir
-from pimoe_export.interface import tolerances_for
+from pimoe_export.interface import DECODER_LOGITS, tolerances_for
 from pimoe_export.runtime.decoder import Rows, prompt_positions
 from pimoe_export.runtime.engine import Engine
 from pimoe_export.validate.metrics import error_stats
@@ -35,14 +35,17 @@ Reference = Callable[[np.ndarray], np.ndarray]
 
 
 def torch_reference(module: Any) -> Reference:
-    """A Hugging Face style causal LM (``module(input_ids=...)`` -> ``.logits`` or a tuple led by them) as a
-    :data:`Reference`, in fp32 without gradients."""
+    """A causal LM as a :data:`Reference`, in fp32 without gradients: ``module(input_ids=, attention_mask=,
+    position_ids=)`` (unpadded rows: a mask of ones, positions from 0) returning the logits by name (a Hugging Face
+    output, or the importers' DecoderLM dict) or first in a tuple."""
     import torch
 
     def run(ids: np.ndarray) -> np.ndarray:
+        tokens = torch.from_numpy(np.asarray(ids, np.int64))
+        positions = torch.arange(tokens.shape[-1]).expand_as(tokens)
         with torch.no_grad():
-            out = module(input_ids=torch.from_numpy(np.asarray(ids, np.int64)))
-        logits = out.logits if hasattr(out, "logits") else out[0]
+            out = module(input_ids=tokens, attention_mask=torch.ones_like(tokens), position_ids=positions)
+        logits = out[DECODER_LOGITS] if isinstance(out, Mapping) else out[0]
         return logits.float().numpy()
 
     return run

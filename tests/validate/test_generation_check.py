@@ -98,3 +98,19 @@ def test_the_int8_unit_reports_per_step_cosine_and_first_divergent_token(decoder
         expected = reference_greedy(reference, prompt, 16)
         divergence = next((i for i, (a, b) in enumerate(zip(tokens, expected, strict=True)) if a != b), None)
         assert result.first_divergence == divergence and result.unit_tokens == tokens
+
+
+def test_the_check_command_with_the_familys_own_importer(decoder_case, tmp_path, capsys) -> None:
+    """No patch: `check HF_DIR --unit UNIT` loads the reference through the model-directory importer of the
+    family (pimoe_export/hf, its own MoE blocks: independent of the test export's) and passes on the fp32 unit."""
+    import pytest
+
+    from pimoe_export.hf.importers import importer_for
+
+    if decoder_case.family == "llama-dense":
+        pytest.skip("the model-directory importers take MoE decoders (a dense Llama is refused, exit 2)")
+    importer_for(decoder_case.hf_dir)  # every MoE test family has one
+    argv = ["check", str(decoder_case.hf_dir), "--unit", str(decoder_case.unit), "-o", str(tmp_path / "report")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "PASSED" in out and out.count("identical greedy tokens") == 3
