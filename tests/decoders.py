@@ -5,10 +5,10 @@ transformers builds from a config with no download (Mixtral, Qwen2-MoE with its 
 GPT-OSS with attention sinks, sliding windows and clamped SwiGLU experts). Each is a tiny random model (a byte-level
 BPE tokenizer trained here) whose MoE blocks are replaced by :class:`PimoeMoE` (the four pimoe ops, equal to the
 Hugging Face block up to float rounding) and exported by :func:`export_test_decoder`, a wrapper around the Hugging
-Face model that takes and returns the cache tensors explicitly. Both are TEST code standing in for the product's
-family importers and decoder exporter (pimoe_export/hf, issue 26): when they land, each family's ``build`` runs
-``pimoe-export export DIR`` and ``package`` instead; the tests do not change, because both graphs have the standard
-decoder I/O (pimoe_export/interface.py "decoders").
+Face model that takes and returns the cache tensors explicitly. Both are TEST code standing in for a cache-carrying
+export by the product's importers (pimoe_export/hf/decoder.py exports the forward pass without a cache so far): once
+DecoderLM takes the cache, each family's ``build`` runs ``pimoe-export pipeline --model DIR`` instead; the tests do
+not change, because both graphs have the standard decoder I/O (pimoe_export/interface.py "decoders").
 """
 
 from __future__ import annotations
