@@ -1,8 +1,9 @@
 """GPU benchmark of one PiMoE FFN layer: our TensorRT plugin objects (through plugins/harness, fp16) vs PyTorch.
 
 Every path computes the same thing from the same weights: router logits (one fp32 linear [E, H]), softmax/top-k,
-the experts of the preset (seed-512: 512 -> 2048 -> 512 with LayerNorm + GELU; mixtral-ffn: 4096 -> 14336 ->
-4096, GELU) and the weighted combine.
+the experts of the preset (seed-512: 512 -> 2048 -> 512 with LayerNorm + GELU; the MoE-block presets gated, no bias:
+mixtral-ffn 4096 -> [gate; up] 2 x 14336 -> silu(gate) * up -> 4096, E 8, k 2; qwen3-moe 2048 -> 2 x 768 -> 2048,
+E 128, k 8) and the weighted combine.
 
   plugins-graph     route -> dispatch -> expert MLP -> combine, the plugin objects' enqueue (fp16) in a CUDA graph
   plugins-eager     the same enqueue calls issued from Python (host overhead per call included)
@@ -19,7 +20,7 @@ INT8 (W8A8) plugin paths, fp16 I/O, weights = per-output-channel int8 codes of t
 reported against the weight-streaming floor: int8 bytes of the experts the routing touched / the memory bandwidth
 measured in the same run (device-to-device copy of 1 GiB, read + write bytes).
 
-Weights are created on the GPU directly (mixtral-ffn is 1.9 GB in fp16; never through the fp32 CPU model).
+Weights are created on the GPU directly (mixtral-ffn is 2.8 GB in fp16; never through the fp32 CPU model).
 Timings are medians of CUDA-event measurements. Needs a CUDA GPU (scripts/gpu_check.sh runs it); writes
 bench_gpu.json and bench_gpu.md into --out after EVERY (config, T) row, configs in the order given (smallest first
 by default), so a run cut short by a time limit keeps every row it finished.
@@ -28,7 +29,7 @@ by default), so a run cut short by a time limit keeps every row it finished.
 emulated harness (plugins/emu) against an fp32 dense reference on the CPU; its times are the emulator's, NOT GPU
 numbers, and the files say so.
 
-usage: python scripts/bench_gpu.py [--configs seed-512,mixtral-ffn] [--tokens 1,16,128,1024] [--iters 30]
+usage: python scripts/bench_gpu.py [--configs seed-512,qwen3-moe,mixtral-ffn] [--tokens 1,16,128,1024] [--iters 30]
                                    [--no-int8] [--emulated] [--out gpu-results]
 """
 
@@ -41,6 +42,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,39 +87,85 @@ def graphed(step: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
+@dataclass(frozen=True)
+class GatedSpec:
+    """The expert shape of a MoE-block preset, in the terms the benchmark uses for a PiMoE expert group."""
+
+    widths: tuple[int, ...]
+    activation: str
+    layer_norm: bool = False
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.widths) - 1
+
+
 class Layer:
-    """Random weights of one preset's uniform expert group, created on the GPU."""
+    """Random weights of one preset's uniform expert group, created on the GPU. A MoE-block preset (mixtral-ffn,
+    qwen3-moe) gives gated experts without biases: hidden layers of rows [gate; up], h = act(gate) * up."""
 
     def __init__(self, preset: str, seed: int = 0, device: str = "cuda") -> None:
         import torch
 
         from pimoe_export.model.factory import preset_config
+        from pimoe_export.model.moe_block import MoEBlockConfig
 
         cfg = preset_config(preset)
-        groups = cfg.expert_groups()
-        if len(groups) != 1:
-            raise SystemExit(f"{preset}: the benchmark covers uniform presets (one expert group)")
-        spec, _ = groups[0]
+        if isinstance(cfg, MoEBlockConfig):
+            plain = (cfg.scoring == "softmax" and cfg.num_groups == 1 and cfg.shared is None and not cfg.router_bias
+                     and not cfg.correction_bias and not cfg.experts.bias and cfg.experts.gated
+                     and cfg.experts.activation != "swiglu_oai")
+            if not plain:
+                raise SystemExit(f"{preset}: the benchmark covers softmax-routed gated blocks without shared experts "
+                                 "or biases")
+            spec = GatedSpec((cfg.hidden_size, cfg.experts.intermediate_size, cfg.hidden_size), cfg.experts.activation)
+            self.gated, self.eps = True, 1e-5
+        else:
+            groups = cfg.expert_groups()
+            if len(groups) != 1:
+                raise SystemExit(f"{preset}: the benchmark covers uniform presets (one expert group)")
+            spec, _ = groups[0]
+            self.gated, self.eps = False, float(cfg.layer_norm_eps)
         self.name, self.cfg, self.spec = preset, cfg, spec
         self.e, self.h, self.k = cfg.num_experts, cfg.hidden_size, cfg.top_k
-        self.normalize, self.eps = bool(cfg.normalize), float(cfg.layer_norm_eps)
+        self.normalize = bool(cfg.normalize)
         g = torch.Generator(device=device).manual_seed(seed)
         dev = device
         self.router = torch.randn(self.e, self.h, generator=g, device=dev) / self.h ** 0.5
         self.router_bias = torch.zeros(self.e, device=dev)
         self.w, self.b, self.gamma, self.beta = [], [], [], []
         for layer in range(spec.num_layers):
-            inp, out = spec.widths[layer], spec.widths[layer + 1]
-            self.w.append(torch.randn(self.e, out, inp, generator=g, device=dev, dtype=torch.float16) / inp ** 0.5)
-            self.b.append(torch.randn(self.e, out, generator=g, device=dev) * 0.02)
+            inp, rows = spec.widths[layer], self.rows(layer)
+            self.w.append(torch.randn(self.e, rows, inp, generator=g, device=dev, dtype=torch.float16) / inp ** 0.5)
+            self.b.append(torch.zeros(self.e, rows, device=dev) if self.gated
+                          else torch.randn(self.e, rows, generator=g, device=dev) * 0.02)
             if spec.layer_norm and layer < spec.num_layers - 1:
-                self.gamma.append(1 + 0.1 * torch.randn(self.e, out, generator=g, device=dev))
-                self.beta.append(0.02 * torch.randn(self.e, out, generator=g, device=dev))
+                self.gamma.append(1 + 0.1 * torch.randn(self.e, rows, generator=g, device=dev))
+                self.beta.append(0.02 * torch.randn(self.e, rows, generator=g, device=dev))
+
+    def rows(self, layer: int) -> int:
+        """Rows of layer ``layer``'s weight: 2 x out for a gated hidden layer ([gate; up]), else out."""
+        out = self.spec.widths[layer + 1]
+        return 2 * out if self.gated and layer < self.spec.num_layers - 1 else out
+
+    def v2_fields(self) -> dict:
+        return {"gated": 1, "bias": 0} if self.gated else {}
+
+    def hidden(self, h, layer: int, gamma=None, beta=None):
+        """After hidden layer ``layer``'s linear: LayerNorm (if any) and the activation, or the GLU when gated."""
+        import torch.nn.functional as F
+
+        if self.gated:
+            out = self.spec.widths[layer + 1]
+            return self.act(h[..., :out]) * h[..., out:]
+        if gamma is not None:
+            h = F.layer_norm(h, (h.shape[-1],), gamma, beta, self.eps)
+        return self.act(h)
 
     def params(self) -> list:
         out = []
         for layer in range(self.spec.num_layers):
-            out += [self.w[layer], self.b[layer]]
+            out += [self.w[layer]] + ([] if self.gated else [self.b[layer]])
             if layer < len(self.gamma):
                 out += [self.gamma[layer], self.beta[layer]]
         return out
@@ -148,22 +196,21 @@ class Layer:
                 scales[layer][e] = max(float(h.abs().max()) / 127.0, 1e-8)
                 h = torch.nn.functional.linear(h, self.w[layer][e].float(), self.b[layer][e])
                 if layer < self.spec.num_layers - 1:
-                    if layer < len(self.gamma):
-                        h = torch.nn.functional.layer_norm(h, (h.shape[-1],), self.gamma[layer][e],
-                                                           self.beta[layer][e], self.eps)
-                    h = self.act(h)
+                    ln = (self.gamma[layer][e], self.beta[layer][e]) if layer < len(self.gamma) else (None, None)
+                    h = self.hidden(h, layer, *ln)
         self.act_scales = [s for per_layer in scales for s in per_layer]  # layer-major, [L * E]
 
     def int8_params(self) -> list:
         out = []
         for layer in range(self.spec.num_layers):
-            out += [self.w_q[layer], self.w_scale[layer], self.act_smooth[layer], self.b[layer]]
+            out += [self.w_q[layer], self.w_scale[layer], self.act_smooth[layer]]
+            out += [] if self.gated else [self.b[layer]]
             if layer < len(self.gamma):
                 out += [self.gamma[layer], self.beta[layer]]
         return out
 
     def int8_bytes_per_expert(self) -> int:
-        return sum(self.spec.widths[i] * self.spec.widths[i + 1] for i in range(self.spec.num_layers))
+        return sum(self.spec.widths[i] * self.rows(i) for i in range(self.spec.num_layers))
 
     def act(self, x):
         from pimoe_export.model.functional import activation_fn
@@ -198,7 +245,8 @@ def plugin_path(layer: Layer, x, harness, quant_mode: str = "none"):
     dispatch = BoundOp(harness, schema.DISPATCH, {"num_experts": layer.e}, [x, route.outputs[1]])
     params = layer.params() if quant_mode == "none" else layer.int8_params()
     attrs = expert_mlp_fields(list(range(layer.e)), layer.spec.widths, layer.spec.activation, layer.spec.layer_norm,
-                              layer.eps, quant_mode, layer.act_scales if quant_mode == "w8a8" else ())
+                              layer.eps, quant_mode, layer.act_scales if quant_mode == "w8a8" else (),
+                              **layer.v2_fields())
     mlp = BoundOp(harness, schema.EXPERT_MLP, attrs, [dispatch.outputs[0], dispatch.outputs[1], *params])
     combine = BoundOp(harness, schema.COMBINE, {}, [mlp.outputs[0], dispatch.outputs[2], route.outputs[0]])
     ops = [route, dispatch, mlp, combine]
@@ -231,11 +279,9 @@ def torch_eager(layer: Layer, x):
                 continue
             h = x[token]
             for i in range(layer.spec.num_layers):
-                h = F.linear(h, w[i][e], b[i][e])
+                h = F.linear(h, w[i][e], None if layer.gated else b[i][e])
                 if i < layer.spec.num_layers - 1:
-                    if i < len(gamma):
-                        h = F.layer_norm(h, (h.shape[-1],), gamma[i][e], beta[i][e], layer.eps)
-                    h = layer.act(h)
+                    h = layer.hidden(h, i, *((gamma[i][e], beta[i][e]) if i < len(gamma) else (None, None)))
             y.index_add_(0, token, h * weights[token, slot, None].half())
         return y
 
@@ -255,11 +301,12 @@ def torch_dense(layer: Layer, x):
         gate = torch.zeros(x.shape[0], layer.e, device="cuda").scatter(1, ids, weights).half()
         h = x.unsqueeze(0).expand(layer.e, -1, -1)
         for i in range(layer.spec.num_layers):
-            h = torch.baddbmm(b[i], h, layer.w[i].transpose(1, 2))
+            h = (torch.bmm(h, layer.w[i].transpose(1, 2)) if layer.gated
+                 else torch.baddbmm(b[i], h, layer.w[i].transpose(1, 2)))
             if i < layer.spec.num_layers - 1:
                 if i < len(gamma):
                     h = F.layer_norm(h, (h.shape[-1],), eps=layer.eps) * gamma[i] + beta[i]
-                h = layer.act(h)
+                h = layer.hidden(h, i)
         return torch.einsum("te,eth->th", gate, h)
 
     return step
@@ -284,12 +331,14 @@ def grouped_mm(layer: Layer, x):
         sorted_expert = flat[order]
         h = xb[order // layer.k]
         for i in range(layer.spec.num_layers):
-            h = torch._grouped_mm(h, wt[i], offs=offs) + layer.b[i][sorted_expert].to(torch.bfloat16)
+            h = torch._grouped_mm(h, wt[i], offs=offs)
+            if not layer.gated:
+                h = h + layer.b[i][sorted_expert].to(torch.bfloat16)
             if i < layer.spec.num_layers - 1:
                 if i < len(layer.gamma):
                     h = F.layer_norm(h.float(), (h.shape[-1],), eps=layer.eps) * layer.gamma[i][sorted_expert] \
                         + layer.beta[i][sorted_expert]
-                h = layer.act(h).to(torch.bfloat16)
+                h = layer.hidden(h, i).to(torch.bfloat16)
         out = torch.empty_like(h)
         out[order] = h
         return (out.view(x.shape[0], layer.k, -1).float() * weights[..., None]).sum(1).half()
@@ -428,7 +477,7 @@ def bench_emulated(preset: str, tokens: list[int], iters: int, harness) -> Itera
     layer = Layer(preset, device="cpu")
     backend = HarnessOpBackend(harness)
     attrs = expert_mlp_fields(list(range(layer.e)), layer.spec.widths, layer.spec.activation, layer.spec.layer_norm,
-                              layer.eps)
+                              layer.eps, **layer.v2_fields())
     params = [p.contiguous().numpy() for p in layer.params()]
     for t in tokens:
         x = torch.randn(t, layer.h, generator=torch.Generator().manual_seed(t)).half()
@@ -450,10 +499,8 @@ def bench_emulated(preset: str, tokens: list[int], iters: int, harness) -> Itera
                 for i in range(layer.spec.num_layers):
                     h = torch.nn.functional.linear(h, layer.w[i][e].float(), layer.b[i][e])
                     if i < layer.spec.num_layers - 1:
-                        if i < len(layer.gamma):
-                            h = torch.nn.functional.layer_norm(h, (h.shape[-1],), layer.gamma[i][e], layer.beta[i][e],
-                                                               layer.eps)
-                        h = layer.act(h)
+                        ln = (layer.gamma[i][e], layer.beta[i][e]) if i < len(layer.gamma) else (None, None)
+                        h = layer.hidden(h, i, *ln)
                 ref[rows] += weights[rows, slot, None] * h
         times = []
         for _ in range(iters):
@@ -521,7 +568,7 @@ def markdown(records: list[dict], gpu: str, when: str, bandwidth_gbs: float | No
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="seed-512,mixtral-ffn")
+    parser.add_argument("--configs", default="seed-512,qwen3-moe,mixtral-ffn")
     parser.add_argument("--tokens", default="1,16,128,1024")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--no-int8", action="store_true", help="skip the INT8 (W8A8) plugin paths")

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """CPU benchmark of a gated MoE block shaped like one layer of a real decoder, side by side in one run.
 
-Shapes (``--shape``): ``mixtral-ffn`` (Mixtral-8x7B: H 4096, I 14336, E 8, k 2) and ``qwen3-moe`` (Qwen3-30B-A3B:
-H 2048, I 768, E 128, k 8); gated SiLU experts without biases or LayerNorm, softmax routing renormalised over the k.
+Shapes (``--shape``, the MoE-block presets of pimoe_export.model.factory): ``mixtral-ffn`` (Mixtral-8x7B: H 4096,
+I 14336, E 8, k 2) and ``qwen3-moe`` (Qwen3-30B-A3B: H 2048, I 768, E 128, k 8); gated SiLU experts without biases
+or LayerNorm, softmax routing renormalised over the k.
 Variants, all on the same seeded weights and inputs, batch 1 and T tokens:
 
 - ``hf_block``: the Hugging Face block in eager PyTorch (``MixtralSparseMoeBlock`` / ``Qwen3MoeSparseMoeBlock``
@@ -55,10 +56,18 @@ class Shape:
     family: str  # the transformers model type whose block is the reference
 
 
-SHAPES = {
-    "mixtral-ffn": Shape(4096, 14336, 8, 2, "mixtral"),
-    "qwen3-moe": Shape(2048, 768, 128, 8, "qwen3_moe"),
-}
+BLOCK_PRESETS = ("mixtral-ffn", "qwen3-moe")
+
+
+def preset_shape(name: str) -> Shape:
+    """The shape of a MoE-block preset (pimoe_export.model.factory.PRESETS), which must be a plain gated block."""
+    from pimoe_export.model.factory import preset_config
+
+    cfg = preset_config(name)
+    if (cfg.scoring, cfg.num_groups, cfg.shared, cfg.experts.gated, cfg.experts.bias, cfg.experts.activation,
+            cfg.normalize) != ("softmax", 1, None, True, False, "silu", True):
+        raise SystemExit(f"{name}: this benchmark covers softmax-routed, renormalised, gated silu blocks")
+    return Shape(cfg.hidden_size, cfg.experts.intermediate_size, cfg.num_experts, cfg.top_k, cfg.family)
 
 
 def weights(shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
@@ -211,7 +220,7 @@ def make_hf_block(shape: Shape, w: dict[str, np.ndarray]) -> Any:
 # --- one measurement (child process) --------------------------------------------------------------------------------
 
 def child(args: argparse.Namespace) -> None:
-    shape = SHAPES[args.shape]
+    shape = preset_shape(args.shape)
     tokens = [int(t) for t in args.tokens.split(",")]
     w = weights(shape)
     inputs = {t: token_inputs(shape, t) for t in tokens}
@@ -272,7 +281,7 @@ def repeats_for(repeats: int, tokens: int) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="qwen3-moe", choices=sorted(SHAPES))
+    parser.add_argument("--shape", default="qwen3-moe", choices=BLOCK_PRESETS)
     parser.add_argument("--tokens", default="1,16,128,1024")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -292,7 +301,7 @@ def main() -> int:
 
     from bench_cpu import machine_description, update_docs
 
-    shape = SHAPES[args.shape]
+    shape = preset_shape(args.shape)
     tokens = [int(t) for t in args.tokens.split(",")]
     threads_list = [int(n) for n in args.threads.split(",")]
     variants = [v for v in args.variants.split(",") if v]

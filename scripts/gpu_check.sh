@@ -21,7 +21,7 @@
 #               missing harness must not pass as "all skipped"); no test collected is a failure. The CUDA-provider
 #               tests of tests/runtime/test_ort_cuda.py need onnxruntime-gpu: run when this Python has it, else the
 #               summary says NOT RUN and why                                                                   cap 150
-#   bench       scripts/bench_gpu.py, seed-512 then mixtral-ffn (smallest first), every row written as soon as it
+#   bench       scripts/bench_gpu.py, seed-512, qwen3-moe, mixtral-ffn (smallest first), every row written as soon as it
 #               is measured; takes all the time the later steps do not need (at least 60 s)                   elastic
 #   emu-self    the emulator checked by the GPU: plugins/emu/tests/selftest.cu built with nvcc and run on the
 #               GPU, the same file on the emulator, and scripts/emu_vs_gpu.py (same plugin calls on both)       cap 50
@@ -230,7 +230,7 @@ step_gpu_tests() {
 }
 
 step_bench() {
-  local rc args=(--configs seed-512,mixtral-ffn --out "$WORK")
+  local rc args=(--configs seed-512,qwen3-moe,mixtral-ffn --out "$WORK")
   [ "$MODE" = dry ] && args=(--emulated --configs seed-512 --tokens 1,4 --iters 2 --out "$WORK")
   "$PYTHON_BIN" scripts/bench_gpu.py "${args[@]}"
   rc=$?
