@@ -5,7 +5,10 @@ Every module that writes or reads one of these facts imports it from here (a tes
 - the graph interface: named inputs and outputs with dtypes and symbolic axes (:class:`GraphInterface`; the PiMoE
   layer's is :func:`layer_interface`; a whole model has several named inputs and outputs in the same form);
 - the ONNX opset and the ``pimoe.*`` metadata keys of exported graphs, with one reader (:func:`read_metadata`);
-- optimisation profiles over the (batch, sequence) axes (:class:`Profile`) and their defaults;
+- decoder LLMs with a KV cache: the I/O names of Hugging Face optimum and ONNX Runtime GenAI, what a unit records
+  of its decoder (:class:`DecoderSpec`) and the graph interface that follows from it (:func:`decoder_interface`);
+- optimisation profiles over the (batch, sequence) axes (:class:`Profile`) and their defaults, and per-input shape
+  profiles (:class:`ShapeProfile`: an engine with several, e.g. a decoder's prefill and decode profiles);
 - parity tolerances per precision (:data:`TOLERANCES`, documented in docs/precision.md);
 - the CUDA architectures the plugins are compiled for (generated into plugins/cmake/cuda_architectures.txt by
   ``python -m pimoe_export.ops.codegen``) and the TensorRT-RTX ahead-of-time targets.
@@ -137,6 +140,145 @@ def layer_interface(hidden_size: int, top_k: int, precision: str) -> GraphInterf
     )
 
 
+# ------------------------------------------------------------------------------------------ decoders (KV cache)
+#: decoder LLMs take and return their KV cache with the names of Hugging Face optimum's ORTModelForCausalLM and ONNX
+#: Runtime GenAI (genai_config.json), so both run our graphs: input_ids [batch, sequence], attention_mask [batch,
+#: total_sequence] (1 = a token, 0 = left padding), position_ids [batch, sequence], past_key_values.<i>.key/value
+#: [batch, kv_heads, past_sequence, head_dim] in; logits [batch, sequence, vocab] and present.<i>.key/value [batch,
+#: kv_heads, total_sequence, head_dim] out, total_sequence = past_sequence + sequence. A prompt is one call with an
+#: empty past (past_sequence 0), each new token one call with sequence 1.
+DECODER_POSITIONS_INPUT = "position_ids"
+DECODER_LOGITS = "logits"
+PAST_SEQUENCE_AXIS = "past_sequence"
+TOTAL_SEQUENCE_AXIS = "total_sequence"
+KV_KINDS = ("key", "value")
+#: printf templates of the cache names (genai_config.json spells them so)
+PAST_TEMPLATE = "past_key_values.%d.{kind}"
+PRESENT_TEMPLATE = "present.%d.{kind}"
+
+
+def past_name(layer: int, kind: str) -> str:
+    """``past_key_values.<layer>.<kind>`` (kind: key | value)."""
+    return PAST_TEMPLATE.format(kind=kind) % layer
+
+
+def present_name(layer: int, kind: str) -> str:
+    """``present.<layer>.<kind>`` (kind: key | value)."""
+    return PRESENT_TEMPLATE.format(kind=kind) % layer
+
+
+def _id_list(value: Any) -> tuple[int, ...]:
+    values = value if isinstance(value, list | tuple) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"expected a token id or a list of them, got {value!r}")
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What a decoder unit records of its model (the exporter writes it as ``pimoe.decoder`` metadata, the unit's
+    manifest carries it as ``decoder``): the cache geometry, the vocabulary, the context length and the special
+    tokens generation needs. ``model_type`` is the Hugging Face ``model_type`` (clients pick their model class by
+    it)."""
+
+    model_type: str
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    context_length: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    bos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        sizes = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size",
+                 "context_length")
+        bad = [n for n in sizes if not isinstance(getattr(self, n), int) or isinstance(getattr(self, n), bool)
+               or getattr(self, n) < 1]
+        if bad or not isinstance(self.model_type, str) or not self.model_type:
+            raise ArtifactError(f"malformed decoder description: {bad or ['model_type']} must be positive integers "
+                                "(model_type a non-empty string)")
+        tokens = [*self.eos_token_ids, self.pad_token_id, *([self.bos_token_id] if self.bos_token_id is not None
+                                                            else [])]
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in tokens):
+            raise ArtifactError(f"malformed decoder description: the special token ids {tokens} must lie in "
+                                f"[0, vocab_size={self.vocab_size})")
+        if self.num_attention_heads % self.num_kv_heads:
+            raise ArtifactError(f"malformed decoder description: {self.num_attention_heads} attention heads are not "
+                                f"a multiple of {self.num_kv_heads} KV heads")
+
+    @property
+    def past_names(self) -> tuple[str, ...]:
+        return tuple(past_name(i, k) for i in range(self.num_layers) for k in KV_KINDS)
+
+    @property
+    def present_names(self) -> tuple[str, ...]:
+        return tuple(present_name(i, k) for i in range(self.num_layers) for k in KV_KINDS)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["eos_token_ids"] = list(self.eos_token_ids)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> DecoderSpec:
+        fields = set(cls.__dataclass_fields__)
+        if not isinstance(data, dict) or not fields - {"bos_token_id"} <= set(data) <= fields:
+            raise ArtifactError(f"malformed decoder description {data!r} (expected the fields {sorted(fields)})")
+        try:
+            return cls(**{**data, "eos_token_ids": _id_list(data["eos_token_ids"])})
+        except ValueError as exc:
+            raise ArtifactError(f"malformed decoder description: eos_token_ids: {exc}") from None
+
+    def interface_problems(self, interface: GraphInterface) -> list[str]:
+        """What keeps ``interface`` from being this decoder's (empty: it is): every standard input and no other,
+        every standard output (a graph may add outputs, e.g. routing), the cache geometry."""
+        expected = decoder_interface(self, _cache_dtype(interface))
+        problems = []
+        if set(interface.input_names) != set(expected.input_names):
+            problems.append(f"its inputs {list(interface.input_names)} are not {list(expected.input_names)}")
+        missing = [n for n in expected.output_names if n not in interface.output_names]
+        if missing:
+            problems.append(f"its outputs lack {missing}")
+        given = {t.name: t for t in (*interface.inputs, *interface.outputs)}
+        for tensor in (*expected.inputs, *expected.outputs):
+            got = given.get(tensor.name)
+            if got is not None and (got.dtype != tensor.dtype or len(got.dims) != len(tensor.dims) or any(
+                    isinstance(e, int) and e != g for e, g in zip(tensor.dims, got.dims, strict=True))):
+                problems.append(f"{tensor.name} is {got.dtype} {list(got.dims)}, expected {tensor.dtype} "
+                                f"{list(tensor.dims)}")
+        return problems
+
+
+def _cache_dtype(interface: GraphInterface) -> str:
+    dtypes = {t.name: t.dtype for t in interface.inputs}
+    return dtypes.get(past_name(0, KV_KINDS[0]), "float32")
+
+
+def decoder_interface(spec: DecoderSpec, cache_dtype: str = "float32") -> GraphInterface:
+    """The standard decoder I/O of ``spec`` (see above): token inputs int64, logits float32 (fp16 graphs: float16
+    like the cache)."""
+    tokens = (BATCH_AXIS, SEQUENCE_AXIS)
+    cache_in = (BATCH_AXIS, spec.num_kv_heads, PAST_SEQUENCE_AXIS, spec.head_dim)
+    cache_out = (BATCH_AXIS, spec.num_kv_heads, TOTAL_SEQUENCE_AXIS, spec.head_dim)
+    return GraphInterface(
+        inputs=(TensorInterface(MODEL_IDS_INPUT, "int64", tokens),
+                TensorInterface(MODEL_MASK_INPUT, "int64", (BATCH_AXIS, TOTAL_SEQUENCE_AXIS)),
+                TensorInterface(DECODER_POSITIONS_INPUT, "int64", tokens),
+                *(TensorInterface(name, cache_dtype, cache_in) for name in spec.past_names)),
+        outputs=(TensorInterface(DECODER_LOGITS, cache_dtype, (*tokens, spec.vocab_size)),
+                 *(TensorInterface(name, cache_dtype, cache_out) for name in spec.present_names)),
+    )
+
+
+def decoder_metadata(spec: DecoderSpec) -> dict[str, str]:
+    """The ``pimoe.decoder`` metadata of a decoder graph (the exporter adds it to the whole-model metadata)."""
+    return {META_DECODER: json.dumps(spec.to_dict())}
+
+
 # ------------------------------------------------------------------------------------------ ONNX metadata
 META_CONFIG = "pimoe.config"  # the PiMoEConfig dict (JSON)
 META_CONTRACT = "pimoe.contract_version"
@@ -148,6 +290,8 @@ META_QUANT = "pimoe.quantization"  # quantisation settings of an INT8 graph (JSO
 #: whole-model graphs only: the graph's named inputs and outputs (GraphInterface JSON); a layer graph's interface
 #: follows from its config (layer_interface). Their pimoe.config is {"model": class name, "layers": {path: config}}.
 META_INTERFACE = "pimoe.interface"
+#: decoder graphs only: the DecoderSpec JSON (:func:`decoder_metadata`)
+META_DECODER = "pimoe.decoder"
 PRECISIONS = ("fp32", "fp16", "w8a8", "w8a8_dynamic")
 GRAPH_KINDS = ("custom-ops", "standard-ops")
 
@@ -163,6 +307,7 @@ class OnnxMetadata:
     weights_sha256: str = ""
     quantization: dict[str, Any] | None = None
     model_interface: GraphInterface | None = None  # whole-model graphs
+    decoder: DecoderSpec | None = None  # decoder graphs with a KV cache
 
     @property
     def quantized(self) -> bool:
@@ -324,8 +469,22 @@ def parse_metadata(props: dict[str, str], source: str) -> OnnxMetadata:
         for key in ("hidden_size", "top_k"):
             if not isinstance(config.get(key), int) or isinstance(config.get(key), bool) or config[key] < 1:
                 raise ArtifactError(f"{source}: {META_CONFIG} has no valid {key!r}; {fix}")
+    decoder = None
+    if META_DECODER in props:
+        decoder = _parse_decoder(props[META_DECODER], model_interface, f"{source}: {META_DECODER} metadata", fix)
     return OnnxMetadata(config, precision, graph, contract, props.get(META_WEIGHTS, ""),
-                        quant if isinstance(quant, dict) else None, model_interface)
+                        quant if isinstance(quant, dict) else None, model_interface, decoder)
+
+
+def _parse_decoder(text: str, interface: GraphInterface | None, where: str, fix: str) -> DecoderSpec:
+    try:
+        spec = DecoderSpec.from_dict(json.loads(text))
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{where} is malformed ({exc}); {fix}") from None
+    problems = spec.interface_problems(interface) if interface is not None else ["the graph records no interface"]
+    if problems:
+        raise ArtifactError(f"{where} does not describe the graph: {'; '.join(problems)}; {fix}")
+    return spec
 
 
 def read_metadata(onnx_path: str | Path) -> OnnxMetadata:
@@ -370,6 +529,56 @@ class Profile:
         except (KeyError, TypeError, ValueError):
             raise ArtifactError(f"malformed profile {data!r} (expected min_shape/opt_shape/max_shape pairs)") \
                 from None
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """One optimisation profile in TensorRT's form: a name and the (min, opt, max) shape of every input. A decoder
+    engine has two (:func:`decoder_profiles`): prefill (a prompt, empty past) and decode (one token, a long past)."""
+
+    name: str
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+    def __post_init__(self) -> None:
+        for name, bounds in self.shapes.items():
+            lo, opt, hi = bounds
+            if not len(lo) == len(opt) == len(hi) or any(not 0 <= a <= b <= c for a, b, c in zip(lo, opt, hi,
+                                                                                                  strict=True)):
+                raise ArtifactError(f"profile {self.name!r}: input {name} must satisfy 0 <= min <= opt <= max on "
+                                    f"every axis, got {list(lo)}, {list(opt)}, {list(hi)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shapes": {k: [list(b) for b in v] for k, v in self.shapes.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ShapeProfile:
+        try:
+            shapes = {str(k): tuple(tuple(int(d) for d in b) for b in v) for k, v in data["shapes"].items()}
+            if not isinstance(data["name"], str) or any(len(b) != 3 for b in shapes.values()):
+                raise ValueError
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ArtifactError(f"malformed shape profile {data!r} (expected a name and shapes {{input: [min, opt, "
+                                "max]}})") from None
+        return cls(data["name"], shapes)  # type: ignore[arg-type]
+
+
+def decoder_profiles(spec: DecoderSpec, max_batch: int, max_prompt: int) -> tuple[ShapeProfile, ShapeProfile]:
+    """The prefill and decode profiles of a decoder engine: prefill takes prompts of 1..max_prompt tokens with an
+    empty past; decode takes one token per row with a past of 1..context_length - 1 (opt: batch 1)."""
+    context = spec.context_length
+
+    def shapes(seq: tuple[int, int, int], past: tuple[int, int, int]) -> dict[str, Any]:
+        batch = (1, 1, max_batch)
+        total = tuple(s + p for s, p in zip(seq, past, strict=True))
+        cache = tuple((b, spec.num_kv_heads, p, spec.head_dim) for b, p in zip(batch, past, strict=True))
+        out = {MODEL_IDS_INPUT: tuple(zip(batch, seq, strict=True)),
+               MODEL_MASK_INPUT: tuple(zip(batch, total, strict=True)),
+               DECODER_POSITIONS_INPUT: tuple(zip(batch, seq, strict=True))}
+        return {**out, **{name: cache for name in spec.past_names}}
+
+    prompt_opt = min(max_prompt, 128)
+    return (ShapeProfile("prefill", shapes((1, prompt_opt, max_prompt), (0, 0, 0))),
+            ShapeProfile("decode", shapes((1, 1, 1), (1, min(context - 1, 512), context - 1))))
 
 
 #: ONNX Runtime units accept any size the host can hold

@@ -7,7 +7,8 @@
 #      (build/plugins-emu-asan, build/plugins-emu-tsan), and with nvcc the TensorRT plugins + GPU harness
 # Re-running it only redoes what is missing or out of date.
 # Environment: PYTHON (interpreter for the venv, default python3),
-#              PIMOE_SETUP_EXTRAS (default "dev,tensorrt-cpu,hf,serve"),
+#              PIMOE_SETUP_EXTRAS (default "dev,tensorrt-cpu,hf,serve,llm-clients"; llm-clients is left out with
+#              PIMOE_SETUP_ORT=gpu: onnxruntime-genai needs the CPU onnxruntime),
 #              PIMOE_SKIP_PLUGINS=1 (Python only), PIMOE_SETUP_EMU_SANITIZERS=0 (no sanitizer builds),
 #              PIMOE_SETUP_ORT_WHEELS=0 (no onnxruntime wheelhouse for tests/integration/test_packaging.py),
 #              PIMOE_CUDA_ARCHITECTURES (nvcc targets), CMAKE_BUILD_PARALLEL_LEVEL (default: nproc),
@@ -17,7 +18,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 python=${PYTHON:-python3}
-extras=${PIMOE_SETUP_EXTRAS:-dev,tensorrt-cpu,hf,serve}
+extras=${PIMOE_SETUP_EXTRAS:-dev,tensorrt-cpu,hf,serve,llm-clients}
 step() { echo "==> $*"; }
 fail() { echo "setup.sh: error: $*" >&2; exit 1; }
 
@@ -41,6 +42,9 @@ case $ort_flavour in
   none) ort_keep=; ort_drop=;;
   *) fail "PIMOE_SETUP_ORT=$ort_flavour: use cpu (onnxruntime), gpu (onnxruntime-gpu) or none";;
 esac
+if [ "$ort_flavour" = gpu ]; then
+  extras=$(echo "$extras" | sed -e 's/\(^\|,\)llm-clients//g' -e 's/^,//')
+fi
 if [ -n "$ort_keep" ]; then
   extras="$extras,$ort_flavour"
   if pip show --quiet "$ort_drop" >/dev/null 2>&1; then

@@ -96,6 +96,24 @@ if os.environ.get("PIMOE_TESTS_NO_EXPORT") == "1":
     torch.onnx.export = _refuse_export
 
 
+# ------------------------------------------------------------------------------------------ decoder units
+@pytest.fixture(scope="session")
+def decoder_cases(tmp_path_factory):
+    """Each decoder family's tiny model and fp32 unit (tests/decoders.py), built once per session:
+    ``decoder_cases(family)``. Skips without the hf extra."""
+    pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    from decoders import FAMILIES
+
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = FAMILIES[family](tmp_path_factory.mktemp(f"decoder-{family}"))
+        return cache[family]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def tiny_decoder(tmp_path_factory):
     """Tiny random Hugging Face MoE decoders (tests/hf/tiny_decoders.py), each saved once per session:
@@ -114,6 +132,18 @@ def tiny_decoder(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def _decoder_families() -> list[str]:
+    from decoders import FAMILIES
+
+    return sorted(FAMILIES)
+
+
+@pytest.fixture(params=_decoder_families())
+def decoder_case(request, decoder_cases):
+    """The tiny decoder of every family (tests run once per family)."""
+    return decoder_cases(request.param)
 
 
 def pytest_report_header(config) -> list[str]:

@@ -8,8 +8,12 @@ describes and fingerprints it:
 - a graph past 2 GB also ships its one external-data file (role ``onnx_data``, the name the ONNX gives it), and
   the ONNX may name no other
 
-The manifest records the backend flavour and version, target SMs, precision, the optimisation profile, the
-op-contract version, the model config, the graph interface and the sha256 of every artefact. Units are untrusted
+A decoder unit (an LLM with a KV cache) also carries the files its clients read (:data:`CLIENT_FILES`: the tokenizer
+for text in and out, config.json for optimum, genai_config.json for ONNX Runtime GenAI), next to the ONNX.
+
+The manifest records the backend flavour and version, target SMs, precision, the optimisation profile (and, for
+engines with several, the shape profiles), the op-contract version, the model config, the graph interface, the
+decoder description of a decoder unit and the sha256 of every artefact. Units are untrusted
 input: :func:`verify` runs before anything is loaded from one (``Engine.load``, ``check --unit``, ``inspect``,
 ``triton``, ``serve``) and checks that every path the manifest names resolves, after symlinks, to a file inside the
 unit; that the backend's required artefacts are all listed and match their sha256; that the manifest's config,
@@ -33,8 +37,10 @@ from pimoe_export.errors import ArtifactError
 from pimoe_export.interface import (
     INT32_LIMIT,
     PRECISIONS,
+    DecoderSpec,
     GraphInterface,
     Profile,
+    ShapeProfile,
     external_data_files,
     layer_configs,
     parse_metadata,
@@ -45,7 +51,12 @@ from pimoe_export.ops.validation import elements_per_token
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "pimoe-export-unit/1"
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
-ROLES = ("onnx", "engine", "plugin_library", "ort_library", "onnx_data")
+#: the files a decoder unit ships for its clients, by role: the Hugging Face tokenizer (text in and out), the model's
+#: config.json and generation_config.json (optimum's ORTModelForCausalLM), genai_config.json (ONNX Runtime GenAI)
+CLIENT_FILES = {"tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json",
+                "special_tokens_map": "special_tokens_map.json", "hf_config": "config.json",
+                "generation_config": "generation_config.json", "genai_config": "genai_config.json"}
+ROLES = ("onnx", "engine", "plugin_library", "ort_library", "onnx_data", *CLIENT_FILES)
 #: artefacts a unit of each backend must list (and ship)
 REQUIRED_ROLES: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("onnx", "ort_library"),
@@ -90,6 +101,10 @@ class Manifest:
     target_sms: list[str] = field(default_factory=list)
     build_options: dict[str, Any] = field(default_factory=dict)
     io: dict[str, Any] = field(default_factory=dict)
+    #: decoder units: the DecoderSpec (interface.DecoderSpec.to_dict)
+    decoder: dict[str, Any] = field(default_factory=dict)
+    #: engines with several optimisation profiles (a decoder's prefill and decode): ShapeProfile.to_dict each
+    profiles: list[dict[str, Any]] = field(default_factory=list)
     source_onnx_sha256: str = ""
     contract_version: int = CONTRACT_VERSION
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -112,11 +127,21 @@ class Manifest:
         """The PiMoE layer configs of the unit's graph by module path."""
         return layer_configs(self.config)
 
+    @property
+    def decoder_spec(self) -> DecoderSpec | None:
+        """The decoder description of a decoder unit (None for any other unit)."""
+        return DecoderSpec.from_dict(self.decoder) if self.decoder else None
+
+    @property
+    def shape_profiles(self) -> list[ShapeProfile]:
+        return [ShapeProfile.from_dict(p) for p in self.profiles]
+
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "backend": self.backend, "backend_version": self.backend_version,
                 "precision": self.precision, "profile": self.profile.to_dict(), "config": self.config,
                 "artifacts": [vars(a) for a in self.artifacts], "target_sms": self.target_sms,
-                "build_options": self.build_options, "io": self.io, "source_onnx_sha256": self.source_onnx_sha256,
+                "build_options": self.build_options, "io": self.io, "decoder": self.decoder,
+                "profiles": self.profiles, "source_onnx_sha256": self.source_onnx_sha256,
                 "contract_version": self.contract_version, "created": self.created, "host": self.host}
 
     @classmethod
@@ -151,9 +176,11 @@ class Manifest:
         for name in ("backend_version", "source_onnx_sha256", "created"):
             if not isinstance(getattr(self, name), str):
                 problems.append(f"{name} must be a string")
-        for name in ("build_options", "io", "host"):
+        for name in ("build_options", "io", "host", "decoder"):
             if not isinstance(getattr(self, name), dict):
                 problems.append(f"{name} must be an object")
+        if not isinstance(self.profiles, list):
+            problems.append("profiles must be a list")
         roles = [a.role for a in self.artifacts]
         if len(set(roles)) != len(roles):
             problems.append(f"an artefact role is listed twice ({roles})")
@@ -161,6 +188,10 @@ class Manifest:
             raise ArtifactError(f"malformed manifest: {'; '.join(problems)}; rebuild the unit")
         if self.io:
             GraphInterface.from_dict(self.io)
+        self.decoder_spec  # noqa: B018 (parses and checks it)
+        names = [p.name for p in self.shape_profiles]
+        if len(set(names)) != len(names):
+            raise ArtifactError(f"malformed manifest: a shape profile name is listed twice ({names}); rebuild the unit")
 
     def write(self, unit_dir: Path) -> Path:
         path = unit_dir / MANIFEST_FILE
@@ -200,6 +231,11 @@ class Unit:
     @property
     def interface(self) -> GraphInterface:
         return self.manifest.interface
+
+    @property
+    def decoder(self) -> DecoderSpec | None:
+        """The decoder description of a decoder unit (an LLM with a KV cache), else None."""
+        return self.manifest.decoder_spec
 
     def __getattr__(self, name: str) -> Any:  # the manifest's fields read through the unit (unit.backend, ...)
         if name == "manifest":
@@ -268,6 +304,8 @@ def _check_against_onnx(unit_dir: Path, manifest: Manifest, onnx_path: Path, hin
         problems.append("its config differs from the ONNX's pimoe.config")
     if meta.precision != manifest.precision:
         problems.append(f"its precision {manifest.precision!r} differs from the ONNX's {meta.precision!r}")
+    if meta.decoder != manifest.decoder_spec:
+        problems.append("its decoder description differs from the ONNX's pimoe.decoder")
     if meta.contract_version and meta.contract_version != manifest.contract_version:
         problems.append(f"its contract version {manifest.contract_version} differs from the ONNX's "
                         f"{meta.contract_version}")

@@ -96,6 +96,7 @@ def build_engine(
     strongly_typed: bool = True,
     flavour: str = "rtx",
     configure: Any = None,
+    profiles: Sequence[Mapping[str, ShapeRange]] = (),
 ) -> tuple[bytes, LayerSummary]:
     """Parse ``onnx_path`` with TensorRT's ONNX parser (our plugins registered) and build a serialized engine.
 
@@ -103,7 +104,8 @@ def build_engine(
     for them ahead of time, no GPU needed (ignored by flavours without that API). Returns the plan bytes and a
     summary of the parsed network (its PLUGIN_V3 layers show which of our plugins the parser created).
     ``configure(trt, builder, config)``, when given, sets further builder options (optimisation level, timing
-    cache, compatibility flags) before the build.
+    cache, compatibility flags) before the build. ``profiles``: further optimisation profiles after ``profile`` (a
+    decoder engine has a prefill and a decode one: :func:`pimoe_export.interface.decoder_profiles`).
     """
     trt = import_tensorrt(flavour)
     logger = process_logger(trt)
@@ -131,9 +133,9 @@ def build_engine(
         for index, name in enumerate(compute_capabilities):
             capability = compute_capability(trt, name)
             config.set_compute_capability(capability, index)
-    if profile:
+    for shapes in ([profile] if profile else []) + list(profiles):
         optimization = builder.create_optimization_profile()
-        for name, (low, opt, high) in profile.items():
+        for name, (low, opt, high) in shapes.items():
             optimization.set_shape(name, tuple(low), tuple(opt), tuple(high))
         config.add_optimization_profile(optimization)
     if configure is not None:

@@ -9,12 +9,14 @@ compute capabilities on a machine without a GPU; with full TensorRT it builds fo
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pimoe_export._files import OutputDir
-from pimoe_export.artifacts.manifest import MANIFEST_FILE, Artifact, Manifest, copy_artifact, copy_onnx
+from pimoe_export.artifacts.manifest import CLIENT_FILES, MANIFEST_FILE, Artifact, Manifest, copy_artifact, copy_onnx
+from pimoe_export.build.clients import genai_config, read_generation_config
 from pimoe_export.errors import ArtifactError, BackendUnavailableError
 from pimoe_export.interface import (
     CUDA_ARCHITECTURES,
@@ -23,6 +25,7 @@ from pimoe_export.interface import (
     DEFAULT_RTX_TARGETS,
     OnnxMetadata,
     Profile,
+    decoder_profiles,
     external_data_files,
     profile_shapes,
     read_metadata,
@@ -64,12 +67,19 @@ def package_ort(
     profile: Profile | None = None,
     move: bool = False,
     force: bool = False,
+    client_dir: str | Path | None = None,
 ) -> Manifest:
     """An ONNX Runtime unit: the ONNX (copied, or moved with ``move``) + libpimoe_ort + manifest.
 
-    ``unit_dir`` is an output directory (see :class:`~pimoe_export._files.OutputDir`): files in it that
-    pimoe-export did not write are not replaced unless ``force``."""
+    A decoder graph (``pimoe.decoder`` metadata) also gets the files its clients read (build/clients.py): the
+    tokenizer, config.json and generation_config.json found in ``client_dir`` (default: the ONNX's directory), and
+    a genai_config.json written for the unit. ``unit_dir`` is an output directory (see
+    :class:`~pimoe_export._files.OutputDir`): files in it that pimoe-export did not write are not replaced unless
+    ``force``."""
     onnx_path, meta = _source(onnx_path)
+    if client_dir is not None and not Path(client_dir).is_dir():
+        raise ArtifactError(f"{client_dir} is not a directory (the tokenizer and config files of the decoder)")
+    client_sources = _client_sources(Path(client_dir) if client_dir else onnx_path.parent) if meta.decoder else {}
     lib = Path(library or find_ort_library())
     info = check_ort_library(str(lib))
     out = OutputDir(unit_dir, force=force, command="package")
@@ -83,6 +93,7 @@ def package_ort(
     else:
         graph = copy_onnx(onnx_path, out)
     copy_artifact(lib, lib_copy)
+    client_artifacts = _write_client_files(out, meta, client_sources, graph[0].file, lib_copy.name)
     ort = import_onnxruntime()
     onnx_art = graph[0]
     manifest = Manifest(
@@ -91,14 +102,34 @@ def package_ort(
         precision=meta.precision,
         profile=profile or DEFAULT_ORT_PROFILE,
         config=meta.config,
-        artifacts=[*graph, Artifact.of("ort_library", lib_copy)],
+        artifacts=[*graph, Artifact.of("ort_library", lib_copy), *client_artifacts],
         backend_version=ort.__version__,
         build_options={"cpu_isa": info["cpu_isa"]},
         io=_interface(meta).to_dict(),
+        decoder=meta.decoder.to_dict() if meta.decoder else {},
         source_onnx_sha256=onnx_art.sha256,
     )
     manifest.write(manifest_path.parent)
     return manifest
+
+
+def _client_sources(directory: Path) -> dict[str, Path]:
+    """The client files (manifest.CLIENT_FILES) a decoder's source directory holds, by role (genai_config.json is
+    always written for the unit, never copied)."""
+    return {role: directory / name for role, name in CLIENT_FILES.items()
+            if role != "genai_config" and (directory / name).is_file()}
+
+
+def _write_client_files(out: OutputDir, meta: OnnxMetadata, sources: dict[str, Path], onnx_file: str,
+                        library_file: str) -> list[Artifact]:
+    if meta.decoder is None:
+        return []
+    written = [Artifact.of(role, copy_artifact(path, out.claim(CLIENT_FILES[role]))) for role, path in sources.items()]
+    config = genai_config(meta.decoder, onnx_file, library_file, read_generation_config(sources.get(
+        "generation_config")))
+    genai = out.claim(CLIENT_FILES["genai_config"])
+    genai.write_text(json.dumps(config, indent=2) + "\n")
+    return [*written, Artifact.of("genai_config", genai)]
 
 
 @dataclass
@@ -168,9 +199,14 @@ def build_unit(
     plugin_path: str | Path | None = None,
     options: BuildOptions | None = None,
     force: bool = False,
+    client_dir: str | Path | None = None,
 ) -> Manifest:
     """Build a TensorRT (or TensorRT-RTX) engine unit from a custom-op ONNX. Needs a TensorRT builder.
 
+    A decoder graph (``pimoe.decoder`` metadata) gets the two optimisation profiles of
+    :func:`~pimoe_export.interface.decoder_profiles` (prefill and decode, up to the options' profile's batch and
+    sequence), recorded with its DecoderSpec in the manifest, and its tokenizer and config files from ``client_dir``
+    (default: the ONNX's directory; no genai_config.json: GenAI runs ONNX Runtime units).
     The engine is built before anything is written; ``unit_dir`` is an output directory (files in it that
     pimoe-export did not write are not replaced unless ``force``)."""
     from pimoe_export.build.engine_builder import build_engine, compute_capability
@@ -188,8 +224,21 @@ def build_unit(
     check_plugin_library(str(plugin))
     out = OutputDir(unit_dir, force=force, command="build")  # refuses before the (long) build, not after
     holder: dict[str, Any] = {}
-    plan, summary = build_engine(onnx_path, plugin, profile_shapes(options.profile, interface), capabilities,
-                                 strongly_typed=True, flavour=flavour, configure=_configure(options, flavour, holder))
+    decoder = meta.decoder
+    if decoder is not None:
+        if client_dir is not None and not Path(client_dir).is_dir():
+            raise ArtifactError(f"{client_dir} is not a directory (the tokenizer and config files of the decoder)")
+        sources = _client_sources(Path(client_dir) if client_dir else onnx_path.parent)
+        sources.pop("genai_config", None)
+        profiles = decoder_profiles(decoder, options.profile.max_shape[0], options.profile.max_shape[1])
+        plan, summary = build_engine(onnx_path, plugin, None, capabilities, strongly_typed=True, flavour=flavour,
+                                     configure=_configure(options, flavour, holder),
+                                     profiles=[p.shapes for p in profiles])
+    else:
+        sources, profiles = {}, ()
+        plan, summary = build_engine(onnx_path, plugin, profile_shapes(options.profile, interface), capabilities,
+                                     strongly_typed=True, flavour=flavour,
+                                     configure=_configure(options, flavour, holder))
     if options.timing_cache and "cache" in holder:
         Path(options.timing_cache).write_bytes(bytes(memoryview(holder["cache"].serialize())))
     engine_path = out.claim("model.engine")
@@ -197,6 +246,7 @@ def build_unit(
     graph = copy_onnx(onnx_path, out)
     plugin_copy = copy_artifact(plugin, out.claim("libpimoe_trt_plugins.so"))
     manifest_path = out.claim(MANIFEST_FILE)
+    clients = [Artifact.of(role, copy_artifact(path, out.claim(CLIENT_FILES[role]))) for role, path in sources.items()]
     onnx_art = graph[0]
     manifest = Manifest(
         backend="tensorrt-rtx" if flavour == "rtx" else "tensorrt",
@@ -204,7 +254,8 @@ def build_unit(
         precision=meta.precision,
         profile=options.profile,
         config=meta.config,
-        artifacts=[Artifact.of("engine", engine_path), *graph, Artifact.of("plugin_library", plugin_copy)],
+        artifacts=[Artifact.of("engine", engine_path), *graph, Artifact.of("plugin_library", plugin_copy),
+                   *clients],
         backend_version=str(getattr(trt, "__version__", "")),
         target_sms=_targets(flavour, options, capabilities),
         build_options={**options.to_dict(), "flavour": flavour,
@@ -212,6 +263,8 @@ def build_unit(
                        "plugin_layers": summary.plugin_counts(), "layers": summary.num_layers,
                        "strongly_typed": True, "build_host_gpu": local_gpu_sm()},
         io=interface.to_dict(),
+        decoder=decoder.to_dict() if decoder is not None else {},
+        profiles=[p.to_dict() for p in profiles],
         source_onnx_sha256=onnx_art.sha256,
     )
     manifest.write(manifest_path.parent)

@@ -19,8 +19,8 @@ from types import ModuleType
 
 from pimoe_export.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, exit_code, user_message
 
-COMMANDS = ("create", "info", "moefy", "export", "quantize", "check", "package", "build", "inspect", "triton",
-            "serve", "pipeline")
+COMMANDS = ("create", "info", "moefy", "export", "quantize", "check", "package", "build", "inspect", "generate",
+            "triton", "serve", "pipeline")
 
 
 def _module(name: str) -> ModuleType:

@@ -27,11 +27,14 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pimoe_export.artifacts.manifest import read_manifest
     from pimoe_export.hf.importers import load_source
     from pimoe_export.validate.check import DEFAULT_SHAPES, check_onnx, check_unit
 
     source = load_source(args.model_dir)
     model = source.module
+    if args.unit is not None and read_manifest(args.unit).decoder:
+        return _check_decoder(model, args)
     options = {"shapes": args.shapes or DEFAULT_SHAPES, "seed": args.seed, "plots": not args.no_plots,
                "verbose": args.verbose, "force": args.force, "feeds": source.evaluation}
     if args.unit is not None:
@@ -50,4 +53,31 @@ def run(args: argparse.Namespace) -> int:
     for failure in report.failures:
         print(f"  - {failure}")
     print(f"  report: {report.files['markdown']}")
+    return 0 if report.passed else 1
+
+
+def _check_decoder(model: object, args: argparse.Namespace) -> int:
+    """A decoder unit: teacher-forced per-step logits and greedy tokens against the PyTorch model
+    (pimoe_export/validate/generation.py)."""
+    from pimoe_export.runtime.engine import Engine
+    from pimoe_export.validate.generation import (
+        check_generation,
+        seeded_prompts,
+        torch_reference,
+        write_generation_report,
+    )
+
+    with Engine.load(args.unit) as engine:
+        spec = engine.decoder_spec
+        assert spec is not None
+        report = check_generation(engine, torch_reference(model), seeded_prompts(spec.vocab_size, args.seed))
+    files = write_generation_report(report, args.output or args.unit / "report", force=args.force)
+    print(f"{'PASSED' if report.passed else 'FAILED'}: {args.unit} ({report.precision}) vs PyTorch, step by step")
+    for i, p in enumerate(report.prompts):
+        diverged = "identical greedy tokens" if p.first_divergence is None else \
+            f"greedy tokens diverge at step {p.first_divergence}"
+        print(f"  prompt {i}: {len(p.step_cosine)} positions, worst logits cosine {min(p.step_cosine):.8f}; {diverged}")
+    for failure in report.failures:
+        print(f"  - {failure}")
+    print(f"  report: {files['markdown']}")
     return 0 if report.passed else 1

@@ -28,7 +28,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=port, default=8002, help="Prometheus metrics port (default 8002)")
     p.add_argument("--max-batch", type=integer(0), default=8,
                    help="dynamic batching: at most N batch rows per execution (default 8; 0 turns batching off; "
-                        "must fit the unit's profile)")
+                        "must fit the unit's profile); decoder units: the most sequences decoded together per step")
     p.add_argument("--queue-delay-us", type=integer(0), default=200,
                    help="dynamic batching: longest wait for more requests, in microseconds (default 200)")
     p.add_argument("--instances", type=integer(1, 64), default=1,
@@ -57,13 +57,17 @@ def run(args: argparse.Namespace) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     server = Server(models, options)
+    server.threads = args.threads
     try:
         server.start()
         urls = server.urls()
         for model in models:
-            m = model.engine.manifest
-            batching = f"dynamic batching up to {model.max_batch}" if model.batching else "no batching"
-            print(f"serving {model.name!r} v{model.version}: {model.engine.unit_dir} ({m.backend} "
+            m = model.unit.manifest
+            if model.generates:
+                batching = f"generation, up to {model.max_batch} sequences per decode step"
+            else:
+                batching = f"dynamic batching up to {model.max_batch}" if model.batching else "no batching"
+            print(f"serving {model.name!r} v{model.version}: {model.unit.dir} ({m.backend} "
                   f"{m.backend_version}, {m.precision}; {batching})")
         print(f"ready: HTTP {urls['http']}  gRPC {urls['grpc']}  metrics {urls['metrics']}", flush=True)
         while not stop.is_set() and server.is_alive():

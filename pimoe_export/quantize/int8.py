@@ -222,6 +222,39 @@ def write_int8_onnx(fp32_onnx: str | Path, params: QuantParams | list[QuantParam
     return out_path
 
 
+def dynamic_params_from_onnx(fp32_onnx: str | Path) -> list[QuantParams]:
+    """``w8a8_dynamic`` parameters of every PiMoEExpertMLP node of an fp32 custom-op graph, read from the graph's own
+    weight initializers: int8 symmetric per output channel, no smoothing, activations quantised per row at run time
+    (no calibration). For graphs whose PyTorch model is not a PiMoESystem (a decoder exported with its MoE blocks as
+    pimoe ops); feed the result to :func:`write_int8_onnx`, one QuantParams per node in graph order."""
+    proto = read_onnx(fp32_onnx, external_data=True)
+    inits = {t.name: t for t in proto.graph.initializer}
+    params = []
+    for node in proto.graph.node:
+        if node.domain != schema.DOMAIN or node.op_type != schema.EXPERT_MLP:
+            continue
+        attrs = _attrs(node)
+        n_layers = len(attrs["widths"]) - 1
+        named = dict(zip(schema.expert_mlp_param_layout(n_layers, bool(attrs.get("layer_norm", 1)), "none",
+                                                        bias=bool(attrs.get("bias", 1))), node.input[2:], strict=True))
+        layers = []
+        for layer in range(n_layers):
+            name = named[(layer, "weight")]
+            if name not in inits:
+                raise PiMoEExportError(f"{fp32_onnx}: PiMoEExpertMLP {node.name}'s weight {name!r} is computed in "
+                                       "the graph, not an initializer; export with the weights as constants")
+            weight = numpy_helper.to_array(inits[name]).astype(np.float32)
+            q, scale = quantize_weight(weight)
+            layers.append(LayerQuant(q, scale, np.ones((weight.shape[0], weight.shape[2]), np.float32)))
+        info = {"mode": "w8a8_dynamic", "method": "dynamic-per-row", "weights": "int8 symmetric per output channel",
+                "smoothing": None, "router": "fp32", "calibration_tokens": 0}
+        params.append(QuantParams("w8a8_dynamic", "dynamic-per-row",
+                                  [GroupQuant([int(e) for e in attrs["expert_ids"]], layers, [])], info))
+    if not params:
+        raise PiMoEExportError(f"{fp32_onnx} has no PiMoEExpertMLP node to quantise")
+    return params
+
+
 def read_quant_params(onnx_path: str | Path) -> QuantParams:
     """The quantisation parameters stored in an INT8 ONNX (codes, scales, activation scales)."""
     proto = read_onnx(onnx_path, external_data=True)

@@ -4,6 +4,7 @@
     y = engine.run(x)                                      # numpy in -> numpy out, torch in -> torch out
     y, expert_ids, expert_weights = engine.run(x, routing=True)
     outputs = engine.run_named({name: array, ...})       # every named input and output (several for a model)
+    results = engine.generate(["Once upon a time"], max_new_tokens=32)   # decoder units (an LLM with a KV cache)
 
 Backends:
 - ``onnxruntime`` (the embedded default, CPU; the CUDA provider is used when onnxruntime-gpu is installed and
@@ -13,6 +14,10 @@ Backends:
   Polygraphy's ``TrtRunner`` with one execution context per calling thread (safe for concurrent callers). Needs
   TensorRT and a GPU of one of the manifest's target SMs: it runs in the docker/ server image, not in CI.
 
+``generate`` runs on a decoder unit (its manifest's ``decoder``): a batch of prompts (token ids, or text when the unit
+ships its tokenizer), greedy or seeded sampling, EOS and stop sequences per row, a streaming callback; the KV cache
+stays in ONNX Runtime's values between steps (runtime/decoder.py, runtime/generation.py).
+
 Every failure is one of the package's error types: a unit that does not verify is an ArtifactError (nothing of it
 is loaded), an input of the wrong name, rank, size or dtype a PiMoEInputError (checked before anything is copied),
 a backend that refuses to run a RunError. The runtime never imports torch; a torch tensor is converted at the edge.
@@ -21,7 +26,7 @@ a backend that refuses to run a RunError. The runtime never imports torch; a tor
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +36,20 @@ from pimoe_export.artifacts.manifest import Unit, read_manifest, verify
 from pimoe_export.errors import ArtifactError, BackendUnavailableError, PiMoEInputError, RunError
 from pimoe_export.interface import (
     BATCH_AXIS,
+    DECODER_LOGITS,
     INT32_LIMIT,
     LAYER_OUTPUTS,
     MAX_HOST_ELEMENTS,
     SEQUENCE_AXIS,
+    DecoderSpec,
     GraphInterface,
     TensorInterface,
     element_count,
 )
+from pimoe_export.runtime.decoder import ArrayDecoder, Decoder, OrtDecoder
+from pimoe_export.runtime.generation import Generation, Request, TokenEvent, generate
+from pimoe_export.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingSettings
+from pimoe_export.runtime.tokenizer import Tokenizer
 
 
 def _is_torch(x: Any) -> bool:
@@ -54,6 +65,12 @@ class Engine:
         self.manifest = unit.manifest
         self.interface: GraphInterface = unit.interface
         self.input_dtype = np.dtype(self.interface.inputs[0].dtype)
+        self._tokenizer: Tokenizer | None = None
+
+    @property
+    def decoder_spec(self) -> DecoderSpec | None:
+        """The decoder description of a decoder unit (None: not a decoder)."""
+        return self.unit.decoder
 
     @property
     def backend(self) -> str:
@@ -68,8 +85,8 @@ class Engine:
         return TensorRTEngine(unit_dir)
 
     # ------------------------------------------------------------------ inputs
-    def _check_input(self, spec: TensorInterface, x: Any) -> tuple[int, int]:
-        """(batch, sequence) of ``x`` for the input ``spec``; checked from its shape and dtype alone."""
+    def _check_input(self, spec: TensorInterface, x: Any) -> dict[str, int]:
+        """The size of every named axis of ``x`` for the input ``spec``; checked from its shape and dtype alone."""
         shape = tuple(int(d) for d in getattr(x, "shape", ()))
         dtype = str(getattr(x, "dtype", type(x).__name__)).replace("torch.", "")
         dims = [f"{d}" for d in spec.dims]
@@ -95,15 +112,20 @@ class Engine:
             raise PiMoEInputError(f"input {spec.name} holds {batch * sequence} tokens; this unit's ops index at most "
                                   f"{self.unit.max_tokens} per call (the op contract's element counts stay below "
                                   f"{INT32_LIMIT}); split the batch")
-        return batch, sequence
+        return axes
 
     def _feeds(self, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], bool]:
         names = set(self.interface.input_names)
         if set(inputs) != names:
             raise PiMoEInputError(f"this unit takes the inputs {sorted(names)}, got {sorted(inputs)}")
-        axes = {self._check_input(spec, inputs[spec.name]) for spec in self.interface.inputs}
-        if len(axes) > 1:
-            raise PiMoEInputError(f"all inputs must share batch and sequence sizes, got {sorted(axes)}")
+        sizes: dict[str, set[int]] = {}
+        for spec in self.interface.inputs:
+            for axis, size in self._check_input(spec, inputs[spec.name]).items():
+                sizes.setdefault(axis, set()).add(size)
+        unequal = {axis: sorted(values) for axis, values in sizes.items() if len(values) > 1}
+        if unequal:
+            raise PiMoEInputError(f"the inputs disagree on the size of their named axes: {unequal}; every input "
+                                  "with an axis of one name must have the same size along it")
         torch_input = any(_is_torch(x) for x in inputs.values())
         feeds = {name: np.ascontiguousarray(x.detach().cpu().numpy() if _is_torch(x) else x)
                  for name, x in inputs.items()}
@@ -133,6 +155,83 @@ class Engine:
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ generate (decoder units)
+    def _spec(self) -> DecoderSpec:
+        spec = self.decoder_spec
+        if spec is None:
+            raise PiMoEInputError(f"{self.unit_dir} is not a decoder unit (its manifest records no decoder with a "
+                                  "KV cache): generate runs on the units of decoder LLMs; use run/run_named here")
+        return spec
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The unit's tokenizer (None when it ships none: prompts are token ids then)."""
+        if self._tokenizer is None and "tokenizer" in self.unit.files:
+            self._tokenizer = Tokenizer(self.unit.files["tokenizer"])
+        return self._tokenizer
+
+    def decoder(self) -> Decoder:
+        """One call of the decoder graph with its cache (runtime/decoder.py); numpy feeds through ``_infer``."""
+        spec = self._spec()
+        dtypes = {t.name: t.dtype for t in (*self.interface.inputs, *self.interface.outputs)}
+
+        def infer(feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+            return dict(zip(self.interface.output_names, self._infer(feeds), strict=True))
+
+        return ArrayDecoder(infer, spec, dtypes[spec.past_names[0]], dtypes[DECODER_LOGITS])
+
+    def prompt_ids(self, prompts: str | Sequence[str] | Sequence[Sequence[int]] | Sequence[int]) -> list[list[int]]:
+        """Token ids of each prompt: text through the unit's tokenizer, token ids as given."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(t, int | np.integer) for t in prompts):
+            prompts = [prompts]  # one prompt of token ids
+        if not prompts:
+            raise PiMoEInputError("no prompts given")
+        ids = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise PiMoEInputError("the prompt is empty: give some text (or at least one token id)")
+                if self.tokenizer is None:
+                    raise PiMoEInputError(f"{self.unit_dir} ships no tokenizer (tokenizer.json): pass token ids, or "
+                                          "re-package the unit with the model's tokenizer files")
+                ids.append(self.tokenizer.encode(prompt))
+            elif isinstance(prompt, Sequence | np.ndarray) and all(isinstance(t, int | np.integer) for t in prompt):
+                ids.append([int(t) for t in prompt])
+            else:
+                raise PiMoEInputError(f"a prompt is a string or a sequence of token ids, got {type(prompt).__name__}")
+        return ids
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]] | Sequence[int],
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[Sequence[int]] = (),
+        eos_token_ids: Sequence[int] | None = None,
+        on_token: Callable[[TokenEvent], None] | None = None,
+    ) -> list[Generation]:
+        """Generate a continuation of every prompt (a decoder unit; see runtime/generation.py).
+
+        Prompts are left-padded into one batch; ``temperature`` 0 is greedy, above 0 samples (``top_k`` 0 and
+        ``top_p`` 1 turn those filters off) from a generator seeded by ``seed`` and the row (a fresh seed, reported
+        in each result, without one); each row ends at EOS (the unit's, or ``eos_token_ids``), a ``stop`` string,
+        one of ``stop_token_ids`` or ``max_new_tokens``; ``on_token`` is called with every token as it comes."""
+        spec = self._spec()
+        settings = SamplingSettings(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop),
+                                    tuple(tuple(s) for s in stop_token_ids),
+                                    None if eos_token_ids is None else tuple(eos_token_ids))
+        requests = [Request(i, ids, settings, spec, self.tokenizer, on_token)
+                    for i, ids in enumerate(self.prompt_ids(prompts))]
+        return generate(self.decoder(), requests)
 
     def close(self) -> None:
         """Release backend resources (the object cannot run afterwards)."""
@@ -174,6 +273,15 @@ class OrtEngine(Engine):
 
     def close(self) -> None:
         self.session = None
+
+    def decoder(self) -> Decoder:
+        """I/O binding on the session; the cache lives on the session's first provider's device."""
+        spec = self._spec()
+        if self.session is None:
+            raise RunError(f"the engine of {self.unit_dir} was closed")
+        dtypes = {t.name: t.dtype for t in (*self.interface.inputs, *self.interface.outputs)}
+        device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        return OrtDecoder(self.session, spec, dtypes[spec.past_names[0]], dtypes[DECODER_LOGITS], device)
 
 
 class TensorRTEngine(Engine):

@@ -15,6 +15,10 @@ engine here. So what Triton serves is exactly what ``Engine.run`` computes on th
   0.0.0.0 for all three, so the address is always passed explicitly), health at ``/v2/health/live|ready``;
 - a bad request (wrong shape, dtype, hidden size, empty, outside the unit's profile) is refused by Triton's own
   checks or by the engine's, and comes back to that client as an error; the server keeps serving;
+- a decoder unit (an LLM with a KV cache, manifest ``decoder``) is served for generation instead: Triton's generate
+  extension (``/v2/models/<name>/generate`` and ``generate_stream``) through a decoupled Python-backend model that
+  runs the unit's engine in Triton's stub process and batches concurrent requests per decode step
+  (serve/generate_model.py); ``max_batch`` is the most sequences decoded together there;
 - :meth:`Server.stop` (the command calls it on SIGINT/SIGTERM) sends SIGINT to tritonserver, which stops taking
   requests and waits for those in flight before it exits; the engines are closed after that.
 
@@ -31,9 +35,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import socket
 import sys
 import sysconfig
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,9 +48,11 @@ from typing import Any
 
 import numpy as np
 
+from pimoe_export.artifacts.manifest import Unit, read_manifest, verify
 from pimoe_export.errors import BackendUnavailableError, PiMoEError, PiMoEInputError
 from pimoe_export.interface import BATCH_AXIS, TensorInterface
 from pimoe_export.runtime.engine import Engine
+from pimoe_export.serve.generate_model import write_generate_model
 from pimoe_export.serve.triton import default_model_name
 
 MODEL_VERSION = 1
@@ -74,15 +82,21 @@ class ServeOptions:
 
 @dataclass
 class ServedModel:
-    """One unit behind one Triton model."""
+    """One unit behind one Triton model (``engine`` None: a decoder unit, served by its generate model, whose engine
+    lives in Triton's stub process)."""
 
     name: str
-    engine: Engine
+    unit: Unit
+    engine: Engine | None
     version: int = MODEL_VERSION
     batching: bool = False
     max_batch: int = 0
     calls: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def generates(self) -> bool:
+        return self.engine is None
 
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -162,13 +176,26 @@ def load_models(units: Sequence[str | Path], name: str | None, options: ServeOpt
     models: list[ServedModel] = []
     try:
         for unit_dir, model_name in zip(units, names, strict=True):
+            if read_manifest(unit_dir).decoder:
+                unit = verify(unit_dir)  # the stub process loads it again, verified again
+                models.append(ServedModel(model_name, unit, None, **_decoding_rows(unit, options)))
+                continue
             engine = Engine.load(unit_dir, threads=threads)
-            models.append(ServedModel(model_name, engine, **_batching(engine, unit_dir, options)))
+            models.append(ServedModel(model_name, engine.unit, engine, **_batching(engine, unit_dir, options)))
     except BaseException:
         for model in models:
-            model.engine.close()
+            if model.engine is not None:
+                model.engine.close()
         raise
     return models
+
+
+def _decoding_rows(unit: Unit, options: ServeOptions) -> dict[str, Any]:
+    rows = max(options.max_batch, 1)
+    if rows > unit.manifest.profile.max_shape[0]:
+        raise ServeError(f"--max-batch {rows} is more rows than {unit.dir}'s profile takes (batch up to "
+                         f"{unit.manifest.profile.max_shape[0]})")
+    return {"batching": options.max_batch > 0, "max_batch": rows}
 
 
 def _batching(engine: Engine, unit_dir: str | Path, options: ServeOptions) -> dict[str, Any]:
@@ -244,10 +271,11 @@ def make_infer_function(model: ServedModel) -> Callable[[list[Any]], list[dict[s
 
 
 # ---------------------------------------------------------------------------------------------- server
-def triton_config(options: ServeOptions) -> Any:
+def triton_config(options: ServeOptions, repository: Path | None = None) -> Any:
     from pytriton.triton import TritonConfig
 
     return TritonConfig(
+        model_repository=repository,
         http_address=options.host, http_port=options.http_port,
         grpc_address=options.host, grpc_port=options.grpc_port,
         metrics_address=options.host, metrics_port=options.metrics_port,
@@ -265,6 +293,8 @@ class Server:
         self.models = models
         self.options = options
         self._triton: Any = None
+        self._repository: Path | None = None
+        self.threads: int | None = None
 
     def start(self) -> None:
         import_pytriton()
@@ -274,10 +304,14 @@ class Server:
 
         os.environ.update(stub_environment())  # tritonserver inherits this process's environment
         logging.getLogger("pytriton").setLevel(logging.DEBUG if self.options.log_verbose else logging.WARNING)
-        triton = Triton(config=triton_config(self.options))
+        self._repository = Path(tempfile.mkdtemp(prefix="pimoe-serve-"))  # tritonserver loads every model in it
+        for model in self.models:
+            if model.generates:
+                write_generate_model(self._repository, model.name, model.unit.dir, model.max_batch, self.threads)
+        triton = Triton(config=triton_config(self.options, self._repository))
         self._triton = triton
         try:
-            for model in self.models:
+            for model in (m for m in self.models if not m.generates):
                 config = ModelConfig(batching=model.batching, max_batch_size=model.max_batch,
                                      batcher=DynamicBatcher(max_queue_delay_microseconds=self.options.queue_delay_us))
                 interface = model.engine.interface
@@ -300,7 +334,11 @@ class Server:
                 triton.stop()
         finally:
             for model in self.models:
-                model.engine.close()
+                if model.engine is not None:
+                    model.engine.close()
+            if self._repository is not None:
+                shutil.rmtree(self._repository, ignore_errors=True)
+                self._repository = None
 
     def urls(self) -> dict[str, str]:
         host = f"[{self.options.host}]" if ":" in self.options.host else self.options.host

@@ -1,0 +1,47 @@
+"""`pimoe-export generate` on every decoder family's unit: what it prints is what Engine.generate returns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pimoe_export.cli import main
+from pimoe_export.runtime.engine import Engine
+
+
+def test_generate_prints_the_engines_results(decoder_case, capsys) -> None:
+    unit = str(decoder_case.unit)
+    assert main(["generate", unit, "--prompt", "the cat sat", "--prompt", "dog ran", "--max-new-tokens", "7",
+                 "--json"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    with Engine.load(unit) as engine:
+        expected = engine.generate(["the cat sat", "dog ran"], max_new_tokens=7)
+        sampled = engine.generate("the cat", max_new_tokens=6, temperature=0.7, top_k=20, top_p=0.9, seed=11)[0]
+    assert [p["token_ids"] for p in printed] == [e.token_ids for e in expected]
+    assert [p["text"] for p in printed] == [e.text for e in expected]
+    argv = ["generate", unit, "--prompt", "the cat", "--max-new-tokens", "6", "--temperature", "0.7", "--top-k", "20",
+            "--top-p", "0.9", "--seed", "11"]
+    assert main([*argv, "--stream"]) == 0
+    assert capsys.readouterr().out == sampled.text + "\n"
+    ids = ",".join(map(str, expected[0].prompt_token_ids))
+    assert main(["generate", unit, "--prompt-ids", ids, "--max-new-tokens", "7", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == expected[0].token_ids
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ([], "give a prompt"),
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "a", "--prompt", "b", "--stream"], "one prompt"),
+    (["--prompt", "a", "--max-new-tokens", "100000"], "context length"),
+])
+def test_generate_refuses_bad_input_with_exit_2(decoder_case, capsys, extra, message) -> None:
+    assert main(["generate", str(decoder_case.unit), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_refuses_a_unit_that_is_not_a_decoder(tmp_path, exported_layer, capsys) -> None:
+    _, onnx_path = exported_layer()
+    assert main(["package", str(onnx_path), "-o", str(tmp_path / "layer")]) == 0
+    assert main(["generate", str(tmp_path / "layer"), "--prompt-ids", "1,2"]) == 2
+    assert "not a decoder unit" in capsys.readouterr().err
