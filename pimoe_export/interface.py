@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -398,11 +398,32 @@ def initializer_bytes(proto: Any) -> int:
     return total
 
 
+def _all_tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto a graph holds: initializers, sparse initializers, node attributes, subgraphs (recursively)."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+            for sparse in attr.sparse_tensors:
+                yield from (sparse.values, sparse.indices)
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
 def external_data_files(proto: Any) -> list[str]:
-    """The external-data locations a graph's initializers name (empty for a self-contained graph)."""
+    """The external-data locations any tensor of a graph names (initializers, node attributes such as a Constant's
+    value, sparse tensors, subgraphs); empty for a self-contained graph."""
     import onnx
 
-    locations = {e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+    locations = {e.value for t in _all_tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL
                  for e in t.external_data if e.key == "location"}
     return sorted(locations)
 

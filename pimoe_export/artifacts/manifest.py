@@ -369,9 +369,10 @@ def copy_onnx(src: str | Path, out: Any, name: str = "model.onnx") -> list[Artif
 
     src = Path(src)
     locations = external_data_files(onnx.load(str(src), load_external_data=False))
-    if len(locations) > 1 or any(Path(loc).name != loc or loc in (".", "..") for loc in locations):
+    if len(locations) > 1 or any(Path(loc).name != loc or not loc.endswith(".data") or loc == name
+                                 for loc in locations):
         raise ArtifactError(f"{src} keeps its weights in {locations}: a unit ships one external-data file beside the "
-                            "ONNX; re-export the graph with `pimoe-export export`")
+                            "ONNX, a plain '<name>.data' file name; re-export the graph with `pimoe-export export`")
     artifacts = [Artifact.of("onnx", copy_artifact(src, out.claim(name)))]
     for location in locations:
         data = resolve_inside(src.parent, location, "the ONNX's external data", "re-export the graph")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pimoe_export._files import OutputDir
+from pimoe_export._files import OutputDir, resolve_inside
 from pimoe_export.artifacts.manifest import CLIENT_FILES, MANIFEST_FILE, Artifact, Manifest, copy_artifact, copy_onnx
 from pimoe_export.build.clients import genai_config, read_generation_config
 from pimoe_export.errors import ArtifactError, BackendUnavailableError
@@ -115,9 +115,11 @@ def package_ort(
 
 def _client_sources(directory: Path) -> dict[str, Path]:
     """The client files (manifest.CLIENT_FILES) a decoder's source directory holds, by role (genai_config.json is
-    always written for the unit, never copied)."""
-    return {role: directory / name for role, name in CLIENT_FILES.items()
-            if role != "genai_config" and (directory / name).is_file()}
+    always written for the unit, never copied); each must be a file inside the directory (a symlink to elsewhere is
+    refused, not copied into the unit)."""
+    return {role: resolve_inside(directory, name, f"client file {name}", "copy the file itself into the directory")
+            for role, name in CLIENT_FILES.items()
+            if role != "genai_config" and ((directory / name).is_file() or (directory / name).is_symlink())}
 
 
 def _write_client_files(out: OutputDir, meta: OnnxMetadata, sources: dict[str, Path], onnx_file: str,
@@ -229,7 +231,6 @@ def build_unit(
         if client_dir is not None and not Path(client_dir).is_dir():
             raise ArtifactError(f"{client_dir} is not a directory (the tokenizer and config files of the decoder)")
         sources = _client_sources(Path(client_dir) if client_dir else onnx_path.parent)
-        sources.pop("genai_config", None)
         profiles = decoder_profiles(decoder, options.profile.max_shape[0], options.profile.max_shape[1])
         plan, summary = build_engine(onnx_path, plugin, None, capabilities, strongly_typed=True, flavour=flavour,
                                      configure=_configure(options, flavour, holder),
