@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pimoe_export.errors import PiMoEInputError
+from pimoe_export.errors import PiMoEInputError, RunError
 
 #: the most new tokens one request may ask for without being told otherwise (CLI and serve default)
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -83,6 +83,9 @@ def fresh_seed() -> int:
 
 def choose(logits: np.ndarray, settings: SamplingSettings, generator: np.random.Generator | None) -> int:
     """The next token of one row from its logits [vocab] (see the module docstring)."""
+    if np.isnan(logits).any() or np.isposinf(logits).any():
+        raise RunError("the model produced NaN or +inf logits, so no next token can be chosen; check the unit with "
+                       "`pimoe-export check` (an fp16 or INT8 unit may overflow where fp32 does not)")
     if settings.greedy:
         return int(np.argmax(logits))
     if generator is None:

@@ -130,7 +130,7 @@ def check_generation(engine: Engine, reference: Reference, prompts: Sequence[Seq
         result = check_prompt(engine, reference, prompt, new_tokens)
         report.prompts.append(result)
         worst = int(np.argmin(result.step_cosine))
-        if result.step_cosine[worst] < tolerance.min_cosine:
+        if not result.step_cosine[worst] >= tolerance.min_cosine:  # NaN logits fail too
             report.failures.append(f"prompt {index}: logits cosine {result.step_cosine[worst]:.8f} at position "
                                    f"{worst} is below {tolerance.min_cosine}")
         if precision == "fp32" and result.first_divergence is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pimoe_export.errors import PiMoEInputError
+from pimoe_export.errors import PiMoEInputError, RunError
 from pimoe_export.runtime.sampling import SamplingSettings, choose, row_generator
 from pimoe_export.runtime.tokenizer import TextStream
 
@@ -22,6 +22,20 @@ def frequencies(logits, settings: SamplingSettings, seed: int = 0) -> np.ndarray
 def test_greedy_is_the_first_argmax() -> None:
     assert choose(np.array([0.1, 3.0, 3.0, -1.0], np.float32), SamplingSettings(), None) == 1
     assert choose(np.array([-5.0, -4.0], np.float32), SamplingSettings(temperature=0.0), None) == 1
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("settings", [SamplingSettings(), SamplingSettings(temperature=1.0)], ids=["greedy", "sample"])
+def test_nan_or_positive_infinite_logits_are_an_error_not_a_token(bad: float, settings: SamplingSettings) -> None:
+    logits = np.array([0.1, bad, 3.0, -1.0], np.float32)
+    with pytest.raises(RunError, match="NaN or \\+inf logits"):
+        choose(logits, settings, row_generator(0, 0))
+
+
+def test_negative_infinite_logits_are_masked_tokens() -> None:
+    logits = np.array([-np.inf, 0.0, -np.inf, 1.0], np.float32)
+    assert choose(logits, SamplingSettings(), None) == 3
+    assert frequencies(logits, SamplingSettings(temperature=1.0))[[0, 2]].sum() == 0
 
 
 def test_sampling_follows_the_softmax_of_the_scaled_logits() -> None:

@@ -6,6 +6,7 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from pimoe_export.cli import main
@@ -114,3 +115,18 @@ def test_the_check_command_with_the_familys_own_importer(decoder_case, tmp_path,
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "PASSED" in out and out.count("identical greedy tokens") == 3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_nan_logits_fail_the_cosine_check(precision: str, monkeypatch) -> None:
+    """A step whose logits cosine is NaN (NaN logits from the unit) is a failure, not a pass by comparison rules."""
+    from pimoe_export.validate import generation
+
+    def fake_check_prompt(engine, reference, prompt, new_tokens):
+        return generation.PromptResult(list(prompt), [1, 2], [1, 2], [0.9999, float("nan"), 0.9999], [0.0] * 3, None)
+
+    monkeypatch.setattr(generation, "check_prompt", fake_check_prompt)
+    engine = SimpleNamespace(manifest=SimpleNamespace(precision=precision), unit_dir="unit")
+    report = generation.check_generation(engine, lambda ids: None, [[1, 2, 3]])
+    assert not report.passed
+    assert report.failures and "nan" in report.failures[0], report.failures
