@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pimoe_export.errors import PiMoEInputError
+from pimoe_export.errors import PiMoEError, PiMoEInputError
 from pimoe_export.hf.families import BY_MODEL_TYPE, Family, refusal
 from pimoe_export.hf.weights import SafetensorsCheckpoint, read_config
 from pimoe_export.interface import (
@@ -194,10 +194,18 @@ def plan(directory: Path) -> Plan:
     """Read and check a model directory without allocating any weight (see the module docstring)."""
     family, data = family_of(directory)
     config = hf_config(family, data)
-    reason = family.refuse(config)
+    try:
+        reason = family.refuse(config)
+        if reason is None:
+            block = family.block_config(config)  # validates the routing against the contract (PiMoEConfigError)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        if isinstance(exc, PiMoEError):
+            raise
+        raise PiMoEInputError(f"{directory}/config.json has a value of the wrong type or range for a {family.name} "
+                              f"model ({type(exc).__name__}: {str(exc)[:200]}); fix or re-download the config"
+                              ) from None
     if reason is not None:
         raise PiMoEInputError(f"{directory}: {reason}")
-    block = family.block_config(config)  # validates the routing against the contract (PiMoEConfigError)
     skeleton = _skeleton(family, config)
     moe = {path.rpartition(".")[0]: path.rpartition(".")[2] for path, module in skeleton.named_modules()
            if type(module).__name__ in family.block_classes}

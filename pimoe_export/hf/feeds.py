@@ -35,6 +35,11 @@ def text_feeds(tokenizer_dir: str | Path, lines: list[str], batch: int = 16,
     except (OSError, ValueError) as exc:
         raise PiMoEInputError(f"{tokenizer_dir} has no usable tokenizer ({exc}); copy the model's tokenizer files "
                               f"({', '.join(TOKENIZER_FILES)}) next to it") from None
+    if tokenizer.pad_token is None:  # Llama/Mistral-style tokenizers have none; the mask hides the padding anyway
+        if tokenizer.eos_token is None:
+            raise PiMoEInputError(f"the tokenizer in {tokenizer_dir} has neither a pad nor an EOS token to pad "
+                                  "calibration batches with; set pad_token in its tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
     feeds = []
     for start in range(0, len(lines), batch):
         enc = tokenizer(lines[start:start + batch], padding=True, truncation=True, max_length=max_length,

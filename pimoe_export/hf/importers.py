@@ -81,14 +81,15 @@ MOEFIED_ENCODER = Importer("MoEfied Hugging Face encoder (pimoe-export moefy)", 
 # ------------------------------------------------------------------------------------------ Hugging Face MoE decoders
 def _model_type(directory: Path) -> str | None:
     """The model_type of a Hugging Face config.json in ``directory`` (None: none there, or a pimoe checkpoint's)."""
-    import json
+    from pimoe_export._files import read_json
+    from pimoe_export.errors import ArtifactError
 
     path = directory / "config.json"
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    try:  # the package's JSON limits: size, depth (a deeply nested file would otherwise raise RecursionError)
+        data = read_json(path, "Hugging Face config", "re-download the model")
+    except ArtifactError:
         return None  # the importer that reads it reports the problem
     if not isinstance(data, dict) or "format" in data or not isinstance(data.get("model_type"), str):
         return None

@@ -59,6 +59,12 @@ def _shard_outside(d: Path) -> Path:
     return d
 
 
+def _nested_config(d: Path) -> Path:
+    d.mkdir()  # deep enough for Python's recursion limit: json.loads alone raises RecursionError on it
+    (d / "config.json").write_text('{"model_type": "mixtral", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return d
+
+
 def _raw(model_type: str, **extra) -> Callable[[Path], Path]:
     def make(d: Path) -> Path:
         d.mkdir()
@@ -90,6 +96,9 @@ CASES: dict[str, tuple[str | None, Callable[[Path], Path], str]] = {
                                   "tensor shapes differ from config.json"),
     "fp8 tensor": ("mixtral", _fp8_tensor, "dequantise the checkpoint"),
     "a shard outside the directory": ("mixtral", _shard_outside, "directly in"),
+    "a config value of the wrong type": ("deepseek_v3", lambda d: _edit_config(d, lambda c: c.update(n_group=None)),
+                                         "wrong type or range"),
+    "a config nested past the JSON limits": (None, _nested_config, "nests deeper than"),
 }
 
 
