@@ -232,8 +232,9 @@ class ContinuousBatcher:
         for request in new:
             try:
                 self.decoding.admit([request])
-            except PiMoEError as exc:  # its prefill failed: that request ends with the error
-                request.end("error", str(exc))
+            except Exception as exc:  # its prefill failed: that request ends with the error, the
+                # batcher thread goes on (an exception escaping here would leave every client waiting)
+                request.end("error", str(exc) if isinstance(exc, PiMoEError) else f"internal error: {exc!r}")
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -242,8 +243,9 @@ class ContinuousBatcher:
                 rows = self.decoding.step()
                 if rows and self.on_step is not None:
                     self.on_step(rows)
-            except PiMoEError as exc:  # a step the backend refused: those requests fail, the server goes on
-                self.decoding.fail(str(exc))
+            except Exception as exc:  # a step that failed: those requests end with the error, the
+                # batcher thread goes on (an exception escaping here would leave every client waiting)
+                self.decoding.fail(str(exc) if isinstance(exc, PiMoEError) else f"internal error: {exc!r}")
         self.decoding.fail("the server is stopping")
         while not self._waiting.empty():
             self._waiting.get().end("error", "the server is stopping")

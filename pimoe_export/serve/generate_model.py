@@ -214,9 +214,10 @@ class TritonPythonModel:
                 prompt = self.engine.prompt_ids(parsed.prompt)[0]
                 self.batcher.submit(Request(0, prompt, parsed.settings, self.spec, self.engine.tokenizer,
                                             on_token=reply, is_cancelled=sender.is_cancelled))
-            except PiMoEError as exc:
+            except Exception as exc:  # every request gets its FINAL response, or its client waits
                 self.metrics.count("requests", "refused")
-                sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(str(exc))),
+                message = str(exc) if isinstance(exc, PiMoEError) else f"bad request ({type(exc).__name__}: {exc})"
+                sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(message)),
                             flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
