@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from pimoe_export.cli._common import SEED, add_force, shapes
+from pimoe_export.errors import PiMoEInputError
 
 NAME = "check"
 HELP = "compare an ONNX graph or a unit with the PyTorch reference (Polygraphy) and write a report; exit 1 on failure"
@@ -70,6 +71,11 @@ def _check_decoder(model: object, args: argparse.Namespace) -> int:
     with Engine.load(args.unit) as engine:
         spec = engine.decoder_spec
         assert spec is not None
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if vocab != spec.vocab_size:
+            what = f"has a vocabulary of {vocab}" if vocab else "is not a decoder language model"
+            raise PiMoEInputError(f"{args.unit} is a decoder unit with a vocabulary of {spec.vocab_size}, but "
+                                  f"{args.model_dir} {what}; check the unit against the model it was exported from")
         report = check_generation(engine, torch_reference(model), seeded_prompts(spec.vocab_size, args.seed))
     files = write_generation_report(report, args.output or args.unit / "report", force=args.force)
     print(f"{'PASSED' if report.passed else 'FAILED'}: {args.unit} ({report.precision}) vs PyTorch, step by step")

@@ -28,9 +28,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     from pimoe_export.runtime.sampling import DEFAULT_MAX_NEW_TOKENS
 
     p.add_argument("unit", type=Path, help="decoder unit directory (manifest.json with a decoder)")
-    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+    p.add_argument("--prompt", action="append", dest="prompts", default=[], metavar="TEXT",
                    help="a prompt (text; the unit's tokenizer encodes it); repeat for a batch")
-    p.add_argument("--prompt-ids", action="append", default=[], type=token_ids, metavar="IDS",
+    p.add_argument("--prompt-ids", action="append", dest="prompts", type=token_ids, metavar="IDS",
                    help="a prompt as token ids, e.g. 1,5,9 (units without a tokenizer); repeat for a batch")
     p.add_argument("--max-new-tokens", type=integer(1), default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"most tokens to generate per prompt (default {DEFAULT_MAX_NEW_TOKENS})")
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from pimoe_export.errors import PiMoEInputError
     from pimoe_export.runtime.engine import Engine
 
-    prompts = [*args.prompt, *args.prompt_ids]
+    prompts = list(args.prompts)  # in command-line order, texts and id lists mixed
     if not prompts:
         raise PiMoEInputError("give a prompt: --prompt TEXT (or --prompt-ids 1,5,9)")
     if args.stream and len(prompts) != 1:

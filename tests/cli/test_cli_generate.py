@@ -27,6 +27,10 @@ def test_generate_prints_the_engines_results(decoder_case, capsys) -> None:
     ids = ",".join(map(str, expected[0].prompt_token_ids))
     assert main(["generate", unit, "--prompt-ids", ids, "--max-new-tokens", "7", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == expected[0].token_ids
+    # texts and id lists mixed: results in command-line order
+    assert main(["generate", unit, "--prompt", "dog ran", "--prompt-ids", ids, "--max-new-tokens", "7", "--json"]) == 0
+    mixed = [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()]
+    assert mixed == [expected[1].token_ids, expected[0].token_ids]
 
 
 @pytest.mark.parametrize(("extra", "message"), [
