@@ -74,7 +74,7 @@ BACKEND_ROLES = [(backend, role) for backend in ("onnxruntime", *ENGINE_BACKENDS
 
 # ------------------------------------------------------------------------------------------ hashes
 @pytest.mark.parametrize("backend", ["onnxruntime", *ENGINE_BACKENDS])
-def test_verify_returns_each_artefact_with_the_hash_of_its_own_file(ort_unit_template, tmp_path, backend) -> None:
+def test_verify_returns_each_artifact_with_the_hash_of_its_own_file(ort_unit_template, tmp_path, backend) -> None:
     unit = make_unit(ort_unit_template, tmp_path, backend)
     verified = verify(unit)
     assert set(verified.files) == set(REQUIRED_ROLES[backend])
@@ -86,7 +86,7 @@ def test_verify_returns_each_artefact_with_the_hash_of_its_own_file(ort_unit_tem
 
 @pytest.mark.parametrize(("backend", "role"), BACKEND_ROLES)
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
-def test_one_changed_byte_in_any_artefact_is_refused(ort_unit_template, tmp_path, backend, role, where) -> None:
+def test_one_changed_byte_in_any_artifact_is_refused(ort_unit_template, tmp_path, backend, role, where) -> None:
     """Same size, one bit different, at the start, the middle or the end: only the hash can tell."""
     unit = make_unit(ort_unit_template, tmp_path, backend)
     path = unit / FILES[role]
@@ -117,7 +117,7 @@ def test_a_recorded_hash_or_size_that_is_not_the_files_is_refused(ort_unit_templ
 
 # ------------------------------------------------------------------------------------------ required artefacts
 @pytest.mark.parametrize(("backend", "role"), BACKEND_ROLES)
-def test_a_manifest_that_omits_an_artefact_its_backend_needs_is_refused(ort_unit_template, tmp_path, backend,
+def test_a_manifest_that_omits_an_artifact_its_backend_needs_is_refused(ort_unit_template, tmp_path, backend,
                                                                          role) -> None:
     unit = make_unit(ort_unit_template, tmp_path, backend)
     edit_manifest(unit, lambda data: data.update(artifacts=[a for a in data["artifacts"] if a["role"] != role]))
@@ -128,7 +128,7 @@ def test_a_manifest_that_omits_an_artefact_its_backend_needs_is_refused(ort_unit
             Engine.load(unit)
 
 
-def test_the_required_artefacts_of_each_backend() -> None:
+def test_the_required_artifacts_of_each_backend() -> None:
     """What each backend loads: ONNX Runtime the graph and its op library; TensorRT the engine, the plugins and the
     source graph (the manifest is checked against it)."""
     assert {k: set(v) for k, v in REQUIRED_ROLES.items()} == {
@@ -138,7 +138,7 @@ def test_the_required_artefacts_of_each_backend() -> None:
     }
 
 
-def test_an_artefact_listed_twice_is_refused(ort_unit_template, tmp_path) -> None:
+def test_an_artifact_listed_twice_is_refused(ort_unit_template, tmp_path) -> None:
     unit = make_unit(ort_unit_template, tmp_path, "onnxruntime")
     edit_manifest(unit, lambda data: data["artifacts"].append(dict(data["artifacts"][0])))
     with pytest.raises(ArtifactError, match="an artefact role is listed twice"):
