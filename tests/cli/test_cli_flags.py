@@ -32,7 +32,7 @@ def test_every_command_is_listed_with_its_help() -> None:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert list(sub.choices) == list(COMMANDS)
     assert COMMANDS == ("create", "info", "moefy", "export", "quantize", "check", "package", "build", "inspect",
-                        "triton", "serve", "pipeline")
+                        "generate", "triton", "serve", "pipeline")
     for name, command in sub.choices.items():
         assert command.description, name
 
@@ -154,6 +154,10 @@ def test_check_flags(monkeypatch, tmp_path, exported_layer, capsys) -> None:
     assert seen["args"][2] == onnx_path.with_name(onnx_path.stem + "_report")
     assert seen["kwargs"]["shapes"] == check.DEFAULT_SHAPES and seen["kwargs"]["seed"] == 1234
     assert seen["kwargs"]["plots"] is True and seen["kwargs"]["verbose"] is False
+    import pimoe_export.artifacts.manifest as manifest
+
+    # check reads a unit's manifest first (a decoder unit takes the step-by-step check): a layer unit's has none
+    monkeypatch.setattr(manifest, "read_manifest", lambda unit: SimpleNamespace(decoder={}))
     assert main(["check", str(tmp_path / "ckpt"), "--unit", str(tmp_path / "unit")]) == 70
     assert seen["args"][1:] == (tmp_path / "unit", tmp_path / "unit" / "report")
     capsys.readouterr()
