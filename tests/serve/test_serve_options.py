@@ -146,7 +146,7 @@ def test_requests_are_run_alone_without_batching_and_joined_with_it(units, batch
     from pimoe_export.runtime.engine import Engine
 
     engine = CountingEngine(Engine.load(units["ort"]))
-    model = ServedModel("m", engine, batching=batching, max_batch=4 if batching else 0)
+    model = ServedModel("m", engine.engine.unit, engine, batching=batching, max_batch=4 if batching else 0)
     shapes = [(1, 5), (2, 5), (1, 7), (1, 7), (1, 5)]
     requests = [{"hidden_states": tokens(i, *s)} for i, s in enumerate(shapes)]
     answers = infer_requests(model, requests)
@@ -165,7 +165,8 @@ def test_requests_are_run_alone_without_batching_and_joined_with_it(units, batch
 def test_a_request_missing_an_input_is_refused_by_name(units) -> None:
     from pimoe_export.runtime.engine import Engine
 
-    model = ServedModel("tiny", Engine.load(units["ort"]))
+    engine = Engine.load(units["ort"])
+    model = ServedModel("tiny", engine.unit, engine)
     infer = make_infer_function(model)
     assert infer.__name__ == "infer_tiny"
     with pytest.raises(PiMoEInputError, match=r"^model tiny: model tiny takes the inputs \['hidden_states'\]; "
@@ -176,7 +177,7 @@ def test_a_request_missing_an_input_is_refused_by_name(units) -> None:
     model.engine.close()
     with pytest.raises(PiMoEInputError, match=r"model tiny: the engine of .* was closed"):
         infer([{"hidden_states": tokens(0, 1, 3)}])
-    assert make_infer_function(ServedModel("a.b-c", model.engine)).__name__ == "infer_a_b_c"
+    assert make_infer_function(ServedModel("a.b-c", engine.unit, model.engine)).__name__ == "infer_a_b_c"
 
 
 # ------------------------------------------------------------------------------------------ what Triton is told
