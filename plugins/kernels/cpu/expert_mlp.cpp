@@ -490,7 +490,8 @@ class Pass {
         }
         kern_.row_epilogue(target + r * out, out, ln ? st_.gamma[at(l)][member].data() : nullptr,
                            ln ? st_.beta[at(l)][member].data() : nullptr, a_.eps,
-                           static_cast<int32_t>(a_.activation), static_codes ? &codes : nullptr);
+                           static_cast<int32_t>(a_.activation), static_codes ? &codes : nullptr,
+                           r + 1 < end ? target + (r + 1) * out : nullptr);
         if (quantize_next && !static_codes) quantize_row(l + 1, r, target + r * out, smoothed);
       }
     });

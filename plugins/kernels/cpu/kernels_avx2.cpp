@@ -283,7 +283,7 @@ float lane_sum(const float* row, int64_t n, float pad, Term term) {
 }
 
 void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, float eps, int32_t activation,
-                  const RowCodes* codes) {
+                  const RowCodes* codes, const float* /*next_row*/) {
   const int64_t nv = n & ~int64_t{7};
   float mean = 0.0f, rstd = 0.0f;
   if (gamma != nullptr) {

@@ -392,7 +392,7 @@ float lane_sum(const float* row, int64_t n, Term term) {
 // codes) to the next layer's codes
 template <bool kNorm, int32_t kAct>
 void normalize_activate(float* row, int64_t n, const float* gamma, const float* beta, float mean, float rstd,
-                        const RowCodes* codes) {
+                        const RowCodes* codes, const float* next_row) {
   const __m512 vmean = _mm512_set1_ps(mean), vrstd = _mm512_set1_ps(rstd);
   auto apply = [&](__m512 x, __m512 g, __m512 b) {
     if constexpr (kNorm) x = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(x, vmean), vrstd), g, b);
@@ -408,6 +408,7 @@ void normalize_activate(float* row, int64_t n, const float* gamma, const float* 
   };
   const int64_t n16 = n & ~int64_t{15};
   auto body = [&](int64_t i) {
+    if (next_row != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next_row + i), _MM_HINT_T1);
     const __m512 g = kNorm ? _mm512_loadu_ps(gamma + i) : vmean, b = kNorm ? _mm512_loadu_ps(beta + i) : vmean;
     return apply(_mm512_loadu_ps(row + i), g, b);
   };
@@ -432,12 +433,15 @@ void normalize_activate(float* row, int64_t n, const float* gamma, const float* 
     for (int64_t j = n; j < quads_code_bytes(n); ++j) codes->codes[j] = 128;  // the code of 0
 }
 
+// The row was written by the GEMM tasks, on any core, and is read from L3 or another core's cache: next_row, the
+// caller's next one, is prefetched into L2 meanwhile, one cache line per 16 values of this row's last pass.
 void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, float eps, int32_t activation,
-                  const RowCodes* codes) {
+                  const RowCodes* codes, const float* next_row) {
   if (gamma == nullptr) {
     math::with_activation(activation, [&](auto act) {
       constexpr int32_t kAct = decltype(act)::value;
-      if (kAct >= 0 || codes != nullptr) normalize_activate<false, kAct>(row, n, nullptr, nullptr, 0, 0, codes);
+      if (kAct >= 0 || codes != nullptr)
+        normalize_activate<false, kAct>(row, n, nullptr, nullptr, 0, 0, codes, next_row);
     });
     return;
   }
@@ -450,7 +454,7 @@ void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, 
   });
   const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(n) + eps);
   math::with_activation(activation, [&](auto act) {
-    normalize_activate<true, decltype(act)::value>(row, n, gamma, beta, mean, rstd, codes);
+    normalize_activate<true, decltype(act)::value>(row, n, gamma, beta, mean, rstd, codes, next_row);
   });
 }
 

@@ -132,7 +132,7 @@ float lane_sum(int64_t n, Term term) {
 }
 
 void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, float eps, int32_t activation,
-                  const RowCodes* codes) {
+                  const RowCodes* codes, const float* /*next_row*/) {
   if (gamma != nullptr) {
     const float mean = lane_sum(n, [&](float acc, int64_t i) { return acc + row[i]; }) / static_cast<float>(n);
     const float sq = lane_sum(n, [&](float acc, int64_t i) {
