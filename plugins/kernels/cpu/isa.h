@@ -81,9 +81,9 @@ struct Kernels {
   void (*divide_row)(const float* x, const float* d, float* out, int64_t n);
   // In place on one row of n values: LayerNorm (when gamma != nullptr) then the activation (contract enum; < 0:
   // none), in the canonical order above. With ``codes`` (w8a8, a static scale for the next layer) the results go
-  // through quantize_row(results, n, *codes) in the same pass instead, while
-  // they are in registers: the row's values are then left unspecified (the next layer reads only the codes).
-  // ``next_row`` (or nullptr): the n values the caller passes next, which a table may prefetch meanwhile.
+  // through quantize_row(results, n, *codes) in the same pass instead, while they are in registers: the row's values
+  // are then left unspecified (the next layer reads only the codes). ``next_row`` (or nullptr): the n values the
+  // caller passes next, which a table may prefetch meanwhile.
   void (*row_epilogue)(float* row, int64_t n, const float* gamma, const float* beta, float eps, int32_t activation,
                        const RowCodes* codes, const float* next_row);
   void (*half_to_float_row)(const uint16_t* src, float* dst, int64_t n);
