@@ -48,7 +48,7 @@ int ours(int64_t m, int64_t k, int64_t n, int experts) {
   std::vector<float> x(static_cast<size_t>(k));
   for (auto& v : x) v = static_cast<float>(rng() % 2000) / 200.0f - 5.0f;
   std::vector<uint8_t> codes(static_cast<size_t>(m * cb * experts));
-  for (int64_t r = 0; r < m * experts; ++r) kt->quantize_row(x.data(), k, 0.04f, codes.data() + r * cb);
+  for (int64_t r = 0; r < m * experts; ++r) kt->quantize_row(x.data(), k, {nullptr, 0.04f, codes.data() + r * cb});
   std::vector<float> as(static_cast<size_t>(m * experts), 0.01f), ws(static_cast<size_t>(panels * kPanel), 0.02f),
       bias(static_cast<size_t>(panels * kPanel), 0.1f), c(static_cast<size_t>(m * n * experts));
   const int64_t row_block = 48, panel_block = 8;  // the expert op's task blocks (expert_mlp.cpp)
@@ -58,7 +58,7 @@ int ours(int64_t m, int64_t k, int64_t n, int experts) {
         for (int64_t p0 = 0; p0 < panels; p0 += panel_block) {
           const int64_t rows = std::min(row_block, m - r0), np = std::min(panel_block, panels - p0);
           kt->gemm_i8(codes.data() + (e * m + r0) * cb, cb, rows, packed[static_cast<size_t>(e)].data() + p0 * pb, np,
-                      k, as.data() + e * m + r0, ws.data() + p0 * kPanel, bias.data() + p0 * kPanel,
+                      panels - p0 - np, k, as.data() + e * m + r0, ws.data() + p0 * kPanel, bias.data() + p0 * kPanel,
                       c.data() + (e * m + r0) * n + p0 * kPanel, n, std::min(np * kPanel, n - p0 * kPanel));
         }
   });

@@ -75,6 +75,7 @@ struct ExpertMLPKernel {
   using Signature = ExpertMLPSignature;
   ExpertMLPAttrs attrs;
   std::unique_ptr<cpu::ExpertMLP> packed;  // set when every parameter is a constant initializer
+  ConstantParams constant;                 // their shapes and types (then not fetched again per call)
 
   // Pack the weights now if they are all constant initializers (the normal exported graph).
   OrtStatusPtr init(const OrtKernelInfo* info, ONNXTensorElementDataType x_type) {
@@ -97,8 +98,8 @@ struct ExpertMLPKernel {
       }
     }
     if (!all_constant) return nullptr;
-    std::vector<Dims> dims;
-    std::vector<ONNXTensorElementDataType> types;
+    std::vector<Dims>& dims = constant.dims;
+    std::vector<ONNXTensorElementDataType>& types = constant.types;
     for (const Input& p : params) {
       dims.push_back(p.dims);
       types.push_back(p.type);
@@ -117,7 +118,7 @@ struct ExpertMLPKernel {
 
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
     MLPIO io;
-    PIMOE_RETURN_IF(expert_mlp_io(ctx, attrs, &io));
+    PIMOE_RETURN_IF(expert_mlp_io(ctx, attrs, &io, packed ? &constant : nullptr));
     const cpu::ExpertMLP* mlp = packed.get();
     cpu::ExpertMLP local;
     if (mlp == nullptr) {  // weights are graph inputs: pack for this call only

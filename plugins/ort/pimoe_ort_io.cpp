@@ -225,7 +225,8 @@ std::string check_param_types(const ExpertMLPAttrs& a, const std::vector<ONNXTen
   return {};
 }
 
-OrtStatusPtr expert_mlp_io(OrtKernelContext* ctx, const ExpertMLPAttrs& attrs, MLPIO* io) {
+OrtStatusPtr expert_mlp_io(OrtKernelContext* ctx, const ExpertMLPAttrs& attrs, MLPIO* io,
+                           const ConstantParams* constant) {
   size_t count = 0;
   PIMOE_RETURN_IF(g_api->KernelContext_GetInputCount(ctx, &count));
   PIMOE_RETURN_IF(get_input(ctx, 0, &io->x));
@@ -234,16 +235,20 @@ OrtStatusPtr expert_mlp_io(OrtKernelContext* ctx, const ExpertMLPAttrs& attrs, M
     return error(e);
   if (auto e = require_type(contract::kEXPERTMLP_NAME, "offsets", io->offsets.type, {kI32}); !e.empty())
     return error(e);
-  io->params.resize(count >= 2 ? count - 2 : 0);
   std::vector<Dims> dims;
   std::vector<ONNXTensorElementDataType> types;
-  for (size_t i = 0; i < io->params.size(); ++i) {
-    PIMOE_RETURN_IF(get_input(ctx, i + 2, &io->params[i]));
-    dims.push_back(io->params[i].dims);
-    types.push_back(io->params[i].type);
+  if (constant == nullptr) {
+    io->params.resize(count >= 2 ? count - 2 : 0);
+    for (size_t i = 0; i < io->params.size(); ++i) {
+      PIMOE_RETURN_IF(get_input(ctx, i + 2, &io->params[i]));
+      dims.push_back(io->params[i].dims);
+      types.push_back(io->params[i].type);
+    }
   }
-  if (auto e = check_expert_mlp(attrs, io->x.dims, io->offsets.dims, dims); !e.empty()) return error(e);
-  if (auto e = check_param_types(attrs, types, io->x.type); !e.empty()) return error(e);
+  const std::vector<Dims>& param_dims = constant != nullptr ? constant->dims : dims;
+  const std::vector<ONNXTensorElementDataType>& param_types = constant != nullptr ? constant->types : types;
+  if (auto e = check_expert_mlp(attrs, io->x.dims, io->offsets.dims, param_dims); !e.empty()) return error(e);
+  if (auto e = check_param_types(attrs, param_types, io->x.type); !e.empty()) return error(e);
   io->rows = io->x.dims[0];
   io->num_experts = io->offsets.dims[0] - 1;
   return get_output(ctx, 0, {io->rows, attrs.widths.back()}, &io->y);

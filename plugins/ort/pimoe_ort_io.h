@@ -121,7 +121,14 @@ struct MLPIO {
   int64_t rows = 0, num_experts = 0;
   void* y = nullptr;
 };
-OrtStatusPtr expert_mlp_io(OrtKernelContext* ctx, const ExpertMLPAttrs& attrs, MLPIO* io);
+// ``constant``: the parameters' shapes and types when they are constant initializers the kernel has already read and
+// packed at session creation; they are then checked as before but not fetched again (io->params stays empty)
+struct ConstantParams {
+  std::vector<Dims> dims;
+  std::vector<ONNXTensorElementDataType> types;
+};
+OrtStatusPtr expert_mlp_io(OrtKernelContext* ctx, const ExpertMLPAttrs& attrs, MLPIO* io,
+                           const ConstantParams* constant = nullptr);
 // the dtypes the contract requires of the variadic parameters; empty when `types` satisfy it
 std::string check_param_types(const ExpertMLPAttrs& a, const std::vector<ONNXTensorElementDataType>& types,
                               ONNXTensorElementDataType x_type);

@@ -334,20 +334,30 @@ class Pass {
     codes_ = ws_->codes.get(at(rows_ * code_bytes_));
   }
 
+  // layer l's input codes of compact row r of member g with the given scale: SmoothQuant's divisors (none when they
+  // are all ones: x / 1 is x)
+  isa::RowCodes row_codes(int64_t l, size_t member, int64_t r, float scale) const {
+    return {st_.smooth_is_one[at(l)][member] ? nullptr : st_.act_smooth[at(l)][member].data(), scale,
+            codes_ + r * code_bytes_};
+  }
+
   // w8a8: compact row r's codes and scale for layer l from its fp32 values
   void quantize_row(int64_t l, int64_t r, const float* row, std::vector<float>& smoothed) const {
     const int64_t in = a_.widths[at(l)];
     const size_t member = at(member_of(r));
-    if (!st_.smooth_is_one[at(l)][member]) {  // SmoothQuant: x / act_smooth
-      const float* sm = st_.act_smooth[at(l)][member].data();
-      smoothed.resize(at(in));
-      kern_.divide_row(row, sm, smoothed.data(), in);
-      row = smoothed.data();
+    isa::RowCodes codes;
+    if (a_.quant_mode == contract::QuantMode::kW8A8) {  // static scale: x / act_smooth / scale in one pass
+      codes = row_codes(l, member, r, a_.act_scales[at(l * a_.num_group()) + member]);
+    } else {  // dynamic: the scale is the smoothed row's max
+      if (!st_.smooth_is_one[at(l)][member]) {
+        smoothed.resize(at(in));
+        kern_.divide_row(row, st_.act_smooth[at(l)][member].data(), smoothed.data(), in);
+        row = smoothed.data();
+      }
+      codes = {nullptr, dynamic_scale(row, in), codes_ + r * code_bytes_};
     }
-    const float scale = a_.quant_mode == contract::QuantMode::kW8A8 ? a_.act_scales[at(l * a_.num_group()) + member]
-                                                                    : dynamic_scale(row, in);
-    row_scale_[at(r)] = scale;
-    kern_.quantize_row(row, in, scale, codes_ + r * code_bytes_);
+    row_scale_[at(r)] = codes.scale;
+    kern_.quantize_row(row, in, codes);
   }
 
   // max |x| / 127 of a row (1 for an all-zero row); a NaN row gets scale 1 and codes 0, like torch.amax's NaN
@@ -402,7 +412,9 @@ class Pass {
     const size_t li = at(l), mi = at(s.member);
     const int64_t r0 = s.compact + row0;
     kern_.gemm_i8(codes_ + r0 * code_bytes_, code_bytes_, rows,
-                  st_.packed_i8[li][mi].data() + p0 * kern_.i8_panel_bytes(in), p_end - p0, in, row_scale_ + r0,
+                  st_.packed_i8[li][mi].data() + p0 * kern_.i8_panel_bytes(in), p_end - p0,
+                  st_.panels[li] - p_end,  // the next task's panels follow: the table may prefetch them
+                  in, row_scale_ + r0,
                   st_.w_scale[li][mi].data() + p0 * isa::kPanel, st_.bias[li][mi].data() + p0 * isa::kPanel,
                   c_rows + p0 * isa::kPanel, out, std::min((p_end - p0) * isa::kPanel, out - p0 * isa::kPanel));
   }
@@ -438,7 +450,8 @@ class Pass {
       for (int64_t part = 0; part < 2; ++part) {  // gate panels p0.., then up panels half + p0..
         const int64_t p = p0 + part * half;
         kern_.gemm_i8(codes_ + r0 * code_bytes_, code_bytes_, rows,
-                      st_.packed_i8[li][mi].data() + p * kern_.i8_panel_bytes(in), np, in, row_scale_ + r0,
+                      st_.packed_i8[li][mi].data() + p * kern_.i8_panel_bytes(in), np, half - p_end, in,
+                      row_scale_ + r0,
                       st_.w_scale[li][mi].data() + p * isa::kPanel, bias + p * isa::kPanel, tile + part * cols, ld,
                       cols);
       }
@@ -459,19 +472,27 @@ class Pass {
   }
 
   // hidden layers: [LayerNorm] + activation in place, per row; in w8a8 modes each row is quantised for the next
-  // layer in the same pass, while it is in cache
+  // layer in the same pass, while it is in cache; with static scales straight from the epilogue's registers (the
+  // row's values are not stored: the next layer reads only its codes)
   void epilogue(int64_t l, float* target) {
     const int64_t out = a_.widths[at(l) + 1];
     const bool ln = a_.has_ln(l), quantize_next = a_.quantized();
+    const bool static_codes = a_.quant_mode == contract::QuantMode::kW8A8;
     if (quantize_next) prepare_codes(l + 1);
     for_row_blocks([&](int64_t begin, int64_t end) {
       std::vector<float> smoothed;
       for (int64_t r = begin; r < end; ++r) {
         const size_t member = at(member_of(r));
+        isa::RowCodes codes{};
+        if (static_codes) {
+          codes = row_codes(l + 1, member, r, a_.act_scales[at((l + 1) * a_.num_group()) + member]);
+          row_scale_[at(r)] = codes.scale;
+        }
         kern_.row_epilogue(target + r * out, out, ln ? st_.gamma[at(l)][member].data() : nullptr,
                            ln ? st_.beta[at(l)][member].data() : nullptr, a_.eps,
-                           static_cast<int32_t>(a_.activation));
-        if (quantize_next) quantize_row(l + 1, r, target + r * out, smoothed);
+                           static_cast<int32_t>(a_.activation), static_codes ? &codes : nullptr,
+                           r + 1 < end ? target + (r + 1) * out : nullptr);
+        if (quantize_next && !static_codes) quantize_row(l + 1, r, target + r * out, smoothed);
       }
     });
   }

@@ -44,6 +44,13 @@ struct Glu {
   float alpha, limit;
 };
 
+// Where and how a row's activation codes go (quantize_row, and row_epilogue for the next layer)
+struct RowCodes {
+  const float* smooth;  // SmoothQuant's divisors; nullptr: none (all ones)
+  float scale;
+  uint8_t* codes;
+};
+
 struct Kernels {
   const char* name;
   // C[r, c] = sum_k A[r, k] * W[k, c] + bias[c] for r < m, c < n_valid (<= 16 * np), over np consecutive panels
@@ -56,21 +63,29 @@ struct Kernels {
   int64_t (*i8_code_bytes)(int64_t k);
   // int8 weights [out, in] (row-major) -> ceil(out / 16) panels of i8_panel_bytes(in) bytes each, at packed
   void (*pack_i8)(const int8_t* w, int64_t out, int64_t in, int8_t* packed);
-  // q = clamp(round_half_even(x[i] / scale), -127, 127) (NaN -> 0) for i < n as this layout's codes; the row's
-  // padding up to i8_code_bytes(n) holds the code of 0.
-  void (*quantize_row)(const float* x, int64_t n, float scale, uint8_t* codes);
+  // q = clamp(round_half_even(v / scale), -127, 127) (NaN -> 0) with v = x[i] / smooth[i] (SmoothQuant's
+  // per-channel divisor; v = x[i] when smooth is nullptr) for i < n as this layout's codes, to codes.codes; the
+  // row's padding up to i8_code_bytes(n) holds the code of 0. Two IEEE divisions, as the reference does them: every
+  // ISA agrees.
+  void (*quantize_row)(const float* x, int64_t n, const RowCodes& codes);
   // C[r, c] = float(sum_k q[r, k] * w[k, c]) * (a_scale[r] * w_scale[c]) + bias[c] for r < m, c < n_valid
   // (<= 16 * np) over np consecutive packed panels (i8_panel_bytes(k) apart); code rows lda bytes apart.
-  void (*gemm_i8)(const uint8_t* codes, int64_t lda, int64_t m, const int8_t* panels, int64_t np, int64_t k,
-                  const float* a_scale, const float* w_scale, const float* bias, float* c, int64_t ldc,
+  // ``np_after``: how many packed panels follow the np in memory (the caller's next ones, e.g. the next task's): a
+  // table may prefetch them while it works; they are never read otherwise (0: none may be touched).
+  void (*gemm_i8)(const uint8_t* codes, int64_t lda, int64_t m, const int8_t* panels, int64_t np, int64_t np_after,
+                  int64_t k, const float* a_scale, const float* w_scale, const float* bias, float* c, int64_t ldc,
                   int64_t n_valid);
   // Gated layers: h[i] = math::glu(gate[i], up[i]) for i < n (simd_math.h; h may be gate or up)
   void (*glu_row)(const float* gate, const float* up, float* h, int64_t n, const Glu& glu);
   // out[i] = x[i] / d[i] for i < n (SmoothQuant's per-channel divisor; IEEE division, so every ISA agrees)
   void (*divide_row)(const float* x, const float* d, float* out, int64_t n);
   // In place on one row of n values: LayerNorm (when gamma != nullptr) then the activation (contract enum; < 0:
-  // none), in the canonical order above.
-  void (*row_epilogue)(float* row, int64_t n, const float* gamma, const float* beta, float eps, int32_t activation);
+  // none), in the canonical order above. With ``codes`` (w8a8, a static scale for the next layer) the results go
+  // through quantize_row(results, n, *codes) in the same pass instead, while they are in registers: the row's values
+  // are then left unspecified (the next layer reads only the codes). ``next_row`` (or nullptr): the n values the
+  // caller passes next, which a table may prefetch meanwhile.
+  void (*row_epilogue)(float* row, int64_t n, const float* gamma, const float* beta, float eps, int32_t activation,
+                       const RowCodes* codes, const float* next_row);
   void (*half_to_float_row)(const uint16_t* src, float* dst, int64_t n);
   void (*float_to_half_row)(const float* src, uint16_t* dst, int64_t n);
 };

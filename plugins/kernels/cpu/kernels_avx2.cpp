@@ -161,8 +161,9 @@ inline void micro_kernel_i8(const int16_t* qa, int64_t lda, const int8_t* panel,
 }
 
 // codes: int16 rows ("pairs" layout, isa.h), lda in bytes
-void gemm_i8(const uint8_t* codes, int64_t lda, int64_t m, const int8_t* panels, int64_t np, int64_t k,
-             const float* a_scale, const float* w_scale, const float* bias, float* c, int64_t ldc, int64_t n_valid) {
+void gemm_i8(const uint8_t* codes, int64_t lda, int64_t m, const int8_t* panels, int64_t np, int64_t /*np_after*/,
+             int64_t k, const float* a_scale, const float* w_scale, const float* bias, float* c, int64_t ldc,
+             int64_t n_valid) {
   const int16_t* qa = reinterpret_cast<const int16_t*>(codes);
   const int64_t k2 = (k + 1) / 2, stride = pairs_panel_bytes(k), lda16 = lda / 2;
   for (int64_t j = 0; j < np; ++j) {
@@ -175,28 +176,39 @@ void gemm_i8(const uint8_t* codes, int64_t lda, int64_t m, const int8_t* panels,
   }
 }
 
-void quantize_row(const float* x, int64_t n, float scale, uint8_t* codes) {
-  int16_t* q = reinterpret_cast<int16_t*>(codes);
+// 8 int32 codes of v / scale: clamp(round_half_even(v / scale), -127, 127), NaN -> 0
+inline __m256i codes8(__m256 v, __m256 vscale) {
+  v = _mm256_div_ps(v, vscale);
+  v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // NaN -> 0
+  v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+  return _mm256_cvtps_epi32(v);  // round half to even (default MXCSR)
+}
+
+// one code of x (/ smooth) / scale, as codes8 computes it lane by lane
+inline int16_t code1(float x, const float* smooth, float scale) {
+  float v = (smooth != nullptr ? x / *smooth : x) / scale;
+  if (v != v) v = 0.0f;
+  v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+  return static_cast<int16_t>(std::nearbyint(v));
+}
+
+void quantize_row(const float* x, int64_t n, const RowCodes& c) {
+  const float* smooth = c.smooth;
+  const float scale = c.scale;
+  int16_t* q = reinterpret_cast<int16_t*>(c.codes);
   const int64_t n_padded = pairs_code_bytes(n) / 2;
-  const __m256 vs = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
-  auto to_codes = [&](__m256 v) {
-    v = _mm256_div_ps(v, vs);
-    v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // NaN -> 0
-    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
-    return _mm256_cvtps_epi32(v);  // round half to even (default MXCSR)
+  const __m256 vs = _mm256_set1_ps(scale);
+  auto load = [&](int64_t i) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    return smooth != nullptr ? _mm256_div_ps(v, _mm256_loadu_ps(smooth + i)) : v;
   };
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m256i a = to_codes(_mm256_loadu_ps(x + i)), b = to_codes(_mm256_loadu_ps(x + i + 8));
+    const __m256i a = codes8(load(i), vs), b = codes8(load(i + 8), vs);
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), packed);
   }
-  for (; i < n; ++i) {
-    float v = x[i] / scale;
-    if (v != v) v = 0.0f;
-    v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
-    q[i] = static_cast<int16_t>(std::nearbyint(v));
-  }
+  for (; i < n; ++i) q[i] = code1(x[i], smooth != nullptr ? smooth + i : nullptr, scale);
   for (; i < n_padded; ++i) q[i] = 0;
 }
 
@@ -270,7 +282,8 @@ float lane_sum(const float* row, int64_t n, float pad, Term term) {
   return hsum(_mm256_add_ps(s[0], s[1]));                              // + 8, + 4, + 2, + 1
 }
 
-void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, float eps, int32_t activation) {
+void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, float eps, int32_t activation,
+                  const RowCodes* codes, const float* /*next_row*/) {
   const int64_t nv = n & ~int64_t{7};
   float mean = 0.0f, rstd = 0.0f;
   if (gamma != nullptr) {
@@ -288,6 +301,33 @@ void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, 
       x = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_sub_ps(x, vmean), vrstd), _mm256_loadu_ps(g), _mm256_loadu_ps(b));
     return activation < 0 ? x : math::activate<Ops256>(x, activation);
   };
+  if (codes != nullptr) {  // the next layer's codes (int16, "pairs" layout) instead of the row
+    int16_t* q = reinterpret_cast<int16_t*>(codes->codes);
+    const __m256 vs = _mm256_set1_ps(codes->scale);
+    const float* smooth = codes->smooth;
+    for (int64_t i = 0; i < nv; i += 8) {
+      __m256 y = apply(_mm256_loadu_ps(row + i), gamma ? gamma + i : nullptr, beta ? beta + i : nullptr);
+      if (smooth != nullptr) y = _mm256_div_ps(y, _mm256_loadu_ps(smooth + i));
+      const __m256i c = codes8(y, vs);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
+                       _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)));
+    }
+    if (nv < n) {  // tail through padded vectors so the tail rounds like the body, then code1 (the same operations)
+      alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0}, g[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t i = nv; i < n; ++i) {
+        tmp[i - nv] = row[i];
+        if (gamma != nullptr) {
+          g[i - nv] = gamma[i];
+          b[i - nv] = beta[i];
+        }
+      }
+      _mm256_store_ps(tmp, apply(_mm256_load_ps(tmp), g, b));
+      for (int64_t i = nv; i < n; ++i)
+        q[i] = code1(tmp[i - nv], smooth != nullptr ? smooth + i : nullptr, codes->scale);
+    }
+    for (int64_t i = n; i < pairs_code_bytes(n) / 2; ++i) q[i] = 0;
+    return;
+  }
   if (gamma == nullptr && activation < 0) return;
   for (int64_t i = 0; i < nv; i += 8)
     _mm256_storeu_ps(row + i, apply(_mm256_loadu_ps(row + i), gamma ? gamma + i : nullptr, beta ? beta + i : nullptr));

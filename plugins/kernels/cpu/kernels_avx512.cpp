@@ -207,10 +207,13 @@ void pack_i8_quads(const int8_t* w, int64_t out, int64_t in, int8_t* packed) {
 }
 
 // Codes are a + 128 (unsigned), weights signed: vpdpbusd adds four (a + 128) * w products into each int32 lane,
-// onto the negated column terms (- 128 sum_k w), so out(r, v) gets row r's exact sums sum_k a w.
+// onto the negated column terms (- 128 sum_k w), so out(r, v) gets row r's exact sums sum_k a w. Cache line q of
+// ``prefetch`` is prefetched at k step q < prefetch_lines. Never inlined: GCC 12, inlining a smaller block (4 x 4)
+// into gemm_i8, kept its accumulators in rotating register copies (a vmovdqa32 per accumulator and k step), ~11%
+// of the T = 128 GEMM time.
 template <int MR, int NR, typename Out>
-inline void i8_block(const uint8_t* codes, int64_t lda, const int8_t* panels, int64_t panel_bytes, int64_t k4,
-                     Out&& out) {
+__attribute__((noinline)) void i8_block(const uint8_t* codes, int64_t lda, const int8_t* panels, int64_t panel_bytes,
+                                        int64_t k4, const int8_t* prefetch, int64_t prefetch_lines, Out&& out) {
   __m512i t[kMaxPanels];
   for (int j = 0; j < kMaxPanels; ++j)
     t[j] = j < NR ? _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(panels + j * panel_bytes))
@@ -224,6 +227,7 @@ inline void i8_block(const uint8_t* codes, int64_t lda, const int8_t* panels, in
   const int8_t* w3 = w0 + panel_bytes * (NR > 3 ? 3 : 0);
   for (int64_t q = 0; q < k4; ++q) {
     const int64_t off = q * 4 * kPanel;
+    if (q < prefetch_lines) _mm_prefetch(reinterpret_cast<const char*>(prefetch + q * 64), _MM_HINT_T1);
     const __m512i b0 = _mm512_loadu_si512(w0 + off);
     const __m512i b1 = NR > 1 ? _mm512_loadu_si512(w1 + off) : b0;
     const __m512i b2 = NR > 2 ? _mm512_loadu_si512(w2 + off) : b0;
@@ -251,16 +255,31 @@ inline void i8_block(const uint8_t* codes, int64_t lda, const int8_t* panels, in
 #undef PIMOE_OUT
 }
 
-void gemm_i8(const uint8_t* codes, int64_t lda, int64_t m, const int8_t* panels, int64_t np, int64_t k,
-             const float* a_scale, const float* w_scale, const float* bias, float* c, int64_t ldc, int64_t n_valid) {
+// The weights stream from L3 or memory (a call's experts hold megabytes of them), once per panel group, while the
+// register blocks of the group's later rows reuse them from L1/L2: the panels of the next group (or the caller's
+// next ones, np_after) are prefetched into L2 in slices, one cache line per k step of each row block, so that the
+// next group's first row block finds them there. Prefetches change no result.
+void gemm_i8(const uint8_t* codes, int64_t lda, int64_t m, const int8_t* panels, int64_t np, int64_t np_after,
+             int64_t k, const float* a_scale, const float* w_scale, const float* bias, float* c, int64_t ldc,
+             int64_t n_valid) {
   const int64_t panel_bytes = quads_panel_bytes(k), k4 = (k + 3) / 4;
+  int64_t row_blocks = 0;
+  for (int64_t r = 0; r < m; r += block_rows(m - r)) ++row_blocks;
+  int64_t block_index = 0;  // of the current group's row blocks (for_register_blocks: groups outside, rows inside)
   for_register_blocks(m, np, [&](int64_t r0, int64_t p0, auto mr, auto nr) {
     constexpr int NR = decltype(nr)::value;
     float* c0 = c + r0 * ldc + p0 * kPanel;
     int64_t valid[NR];  // columns of each panel to store
     for (int j = 0; j < NR; ++j) valid[j] = n_valid - (p0 + j) * kPanel;
+    // this row block's slice of the next group's cache lines
+    const int64_t next = p0 + kMaxPanels, next_end = std::min(next + kMaxPanels, np + np_after);
+    const int64_t lines = next < next_end ? (next_end - next) * panel_bytes / 64 : 0;
+    const int64_t slice = (lines + row_blocks - 1) / row_blocks, first = (block_index++ % row_blocks) * slice;
+    const int64_t count = std::min({slice, lines - first, k4});
+    const int8_t* prefetch = count > 0 ? panels + next * panel_bytes + first * 64 : nullptr;
     i8_block<decltype(mr)::value, NR>(
-        codes + r0 * lda, lda, panels + p0 * panel_bytes, panel_bytes, k4, [&](int r, const __m512i(&v)[kMaxPanels]) {
+        codes + r0 * lda, lda, panels + p0 * panel_bytes, panel_bytes, k4, prefetch, count,
+        [&](int r, const __m512i(&v)[kMaxPanels]) {
           // separate multiply and add, like the PyTorch reference (acc * (a_scale * w_scale) + bias)
           const __m512 as = _mm512_set1_ps(a_scale[r0 + r]);
           for (int j = 0; j < NR; ++j) {
@@ -273,25 +292,40 @@ void gemm_i8(const uint8_t* codes, int64_t lda, int64_t m, const int8_t* panels,
   });
 }
 
-void quantize_row(const float* x, int64_t n, float scale, uint8_t* codes) {
-  const __m512 vs = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-  const __m128i offset = _mm_set1_epi8(static_cast<char>(0x80));
-  for (int64_t i = 0; i < n; i += 16) {
-    __m512 v = _mm512_div_ps(load_first(x + i, n - i), vs);
-    v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v, _mm512_setzero_ps());  // NaN -> 0
-    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-    const __m512i q = _mm512_cvtps_epi32(v);  // round half to even (default MXCSR)
+// the first n (<= 16) of 16 codes to memory, nothing past them
+inline void store_codes(uint8_t* dst, int64_t n, __m128i u) {
+  if (n >= kLanes) return _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), u);
+  alignas(16) uint8_t tmp[16];
+  _mm_store_si128(reinterpret_cast<__m128i*>(tmp), u);
+  std::memcpy(dst, tmp, static_cast<size_t>(n));
+}
+
+// The codes of a row, 16 values at a time: clamp(round_half_even((x / smooth) / scale), -127, 127), NaN -> 0, as
+// bytes a + 128
+class Quantizer {
+ public:
+  explicit Quantizer(const RowCodes& c) : smooth_(c.smooth), vscale_(_mm512_set1_ps(c.scale)) {}
+
+  // codes of the first n (<= 16) lanes of x, the row's values i.., to dst
+  void operator()(__m512 x, int64_t i, int64_t n, uint8_t* dst) const {
+    const __m512 v = smooth_ != nullptr ? _mm512_div_ps(x, load_first(smooth_ + i, n)) : x;  // lanes past n: unused
+    __m512 q = _mm512_div_ps(v, vscale_);
+    q = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q), q, _mm512_setzero_ps());  // NaN -> 0
+    q = _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+    const __m512i c = _mm512_cvtps_epi32(q);  // round half to even (default MXCSR)
     // [-127, 127] -> int8 (no saturation happens) -> + 128 as the byte's top bit flipped
-    const __m128i u = _mm_xor_si128(_mm512_cvtsepi32_epi8(q), offset);
-    if (n - i >= kLanes) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), u);
-    } else {
-      alignas(16) uint8_t tmp[16];
-      _mm_store_si128(reinterpret_cast<__m128i*>(tmp), u);
-      std::memcpy(codes + i, tmp, static_cast<size_t>(n - i));
-    }
+    store_codes(dst, n, _mm_xor_si128(_mm512_cvtsepi32_epi8(c), _mm_set1_epi8(static_cast<char>(0x80))));
   }
-  for (int64_t i = n; i < quads_code_bytes(n); ++i) codes[i] = 128;  // the code of 0
+
+ private:
+  const float* smooth_;
+  __m512 vscale_;
+};
+
+void quantize_row(const float* x, int64_t n, const RowCodes& c) {
+  const Quantizer quantize(c);
+  for (int64_t i = 0; i < n; i += 16) quantize(load_first(x + i, n - i), i, n - i, c.codes + i);
+  for (int64_t i = n; i < quads_code_bytes(n); ++i) c.codes[i] = 128;  // the code of 0
 }
 
 void divide_row(const float* x, const float* d, float* out, int64_t n) {
@@ -356,32 +390,60 @@ float lane_sum(const float* row, int64_t n, Term term) {
   return _mm_cvtss_f32(h);
 }
 
-// y = fma((x - mean) * rstd, gamma, beta) when kNorm, then the activation, 16 lanes at a time
+// y = fma((x - mean) * rstd, gamma, beta) when kNorm, then the activation, 16 lanes at a time, to the row or (with
+// codes) to the next layer's codes
 template <bool kNorm, int32_t kAct>
-void normalize_activate(float* row, int64_t n, const float* gamma, const float* beta, float mean, float rstd) {
+void normalize_activate(float* row, int64_t n, const float* gamma, const float* beta, float mean, float rstd,
+                        const RowCodes* codes, const float* next_row) {
   const __m512 vmean = _mm512_set1_ps(mean), vrstd = _mm512_set1_ps(rstd);
   auto apply = [&](__m512 x, __m512 g, __m512 b) {
     if constexpr (kNorm) x = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(x, vmean), vrstd), g, b);
     if constexpr (kAct >= 0) x = math::activate<Ops512>(x, kAct);
     return x;
   };
+  const Quantizer quantize(codes != nullptr ? *codes : RowCodes{nullptr, 1.0f, nullptr});
+  auto put = [&](int64_t i, int64_t left, __m512 y) {
+    if (codes == nullptr)
+      store_first(row + i, left, y);
+    else
+      quantize(y, i, left, codes->codes + i);
+  };
   const int64_t n16 = n & ~int64_t{15};
-  for (int64_t i = 0; i < n16; i += 16) {
+  auto body = [&](int64_t i) {
+    if (next_row != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next_row + i), _MM_HINT_T1);
     const __m512 g = kNorm ? _mm512_loadu_ps(gamma + i) : vmean, b = kNorm ? _mm512_loadu_ps(beta + i) : vmean;
-    _mm512_storeu_ps(row + i, apply(_mm512_loadu_ps(row + i), g, b));
+    return apply(_mm512_loadu_ps(row + i), g, b);
+  };
+  // four independent vectors per step: each one's activation is a long chain of dependent operations (~130 cycles
+  // of latency), which the core only overlaps with others when they are in flight together
+  int64_t i = 0;
+  for (; i + 64 <= n16; i += 64) {
+    const __m512 y0 = body(i), y1 = body(i + 16), y2 = body(i + 32), y3 = body(i + 48);
+    put(i, kLanes, y0);
+    put(i + 16, kLanes, y1);
+    put(i + 32, kLanes, y2);
+    put(i + 48, kLanes, y3);
   }
+  for (; i < n16; i += 16) put(i, kLanes, body(i));
   if (n16 < n) {
     const int64_t left = n - n16;
     const __m512 g = kNorm ? load_first(gamma + n16, left) : vmean;
     const __m512 b = kNorm ? load_first(beta + n16, left) : vmean;
-    store_first(row + n16, left, apply(load_first(row + n16, left), g, b));
+    put(n16, left, apply(load_first(row + n16, left), g, b));
   }
+  if (codes != nullptr)
+    for (int64_t j = n; j < quads_code_bytes(n); ++j) codes->codes[j] = 128;  // the code of 0
 }
 
-void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, float eps, int32_t activation) {
+// The row was written by the GEMM tasks, on any core, and is read from L3 or another core's cache: next_row, the
+// caller's next one, is prefetched into L2 meanwhile, one cache line per 16 values of this row's last pass.
+void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, float eps, int32_t activation,
+                  const RowCodes* codes, const float* next_row) {
   if (gamma == nullptr) {
     math::with_activation(activation, [&](auto act) {
-      if constexpr (decltype(act)::value >= 0) normalize_activate<false, decltype(act)::value>(row, n, nullptr, nullptr, 0, 0);
+      constexpr int32_t kAct = decltype(act)::value;
+      if (kAct >= 0 || codes != nullptr)
+        normalize_activate<false, kAct>(row, n, nullptr, nullptr, 0, 0, codes, next_row);
     });
     return;
   }
@@ -394,7 +456,7 @@ void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, 
   });
   const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(n) + eps);
   math::with_activation(activation, [&](auto act) {
-    normalize_activate<true, decltype(act)::value>(row, n, gamma, beta, mean, rstd);
+    normalize_activate<true, decltype(act)::value>(row, n, gamma, beta, mean, rstd, codes, next_row);
   });
 }
 

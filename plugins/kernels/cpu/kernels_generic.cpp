@@ -53,18 +53,21 @@ void gemm_i8_panel(const int16_t* qa, int64_t lda, int64_t m, const int8_t* pane
 }
 
 // codes: int16 rows ("pairs" layout, isa.h), lda in bytes
-void gemm_i8(const uint8_t* codes, int64_t lda, int64_t m, const int8_t* panels, int64_t np, int64_t k,
-             const float* a_scale, const float* w_scale, const float* bias, float* c, int64_t ldc, int64_t n_valid) {
+void gemm_i8(const uint8_t* codes, int64_t lda, int64_t m, const int8_t* panels, int64_t np, int64_t /*np_after*/,
+             int64_t k, const float* a_scale, const float* w_scale, const float* bias, float* c, int64_t ldc,
+             int64_t n_valid) {
   const int64_t k2 = (k + 1) / 2, stride = pairs_panel_bytes(k);
   for (int64_t j = 0; j < np; ++j)
     gemm_i8_panel(reinterpret_cast<const int16_t*>(codes), lda / 2, m, panels + j * stride, k2, a_scale,
                   w_scale + j * kPanel, bias + j * kPanel, c + j * kPanel, ldc, std::min(kPanel, n_valid - j * kPanel));
 }
 
-void quantize_row(const float* x, int64_t n, float scale, uint8_t* codes) {
-  int16_t* q = reinterpret_cast<int16_t*>(codes);
+void quantize_row(const float* x, int64_t n, const RowCodes& c) {
+  const float* smooth = c.smooth;
+  const float scale = c.scale;
+  int16_t* q = reinterpret_cast<int16_t*>(c.codes);
   for (int64_t i = 0; i < n; ++i) {
-    float v = x[i] / scale;
+    float v = (smooth != nullptr ? x[i] / smooth[i] : x[i]) / scale;
     if (std::isnan(v)) v = 0.0f;
     v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
     q[i] = static_cast<int16_t>(std::nearbyint(v));
@@ -128,7 +131,8 @@ float lane_sum(int64_t n, Term term) {
   return lanes[0];
 }
 
-void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, float eps, int32_t activation) {
+void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, float eps, int32_t activation,
+                  const RowCodes* codes, const float* /*next_row*/) {
   if (gamma != nullptr) {
     const float mean = lane_sum(n, [&](float acc, int64_t i) { return acc + row[i]; }) / static_cast<float>(n);
     const float sq = lane_sum(n, [&](float acc, int64_t i) {
@@ -140,6 +144,7 @@ void row_epilogue(float* row, int64_t n, const float* gamma, const float* beta, 
   }
   if (activation >= 0)
     for (int64_t i = 0; i < n; ++i) row[i] = math::activate<Scalar>(row[i], activation);
+  if (codes != nullptr) quantize_row(row, n, *codes);
 }
 
 void glu_row(const float* gate, const float* up, float* h, int64_t n, const Glu& glu) {
