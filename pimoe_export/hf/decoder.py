@@ -18,8 +18,8 @@ attention and sinks stay in Hugging Face's masks and attention) and returns the 
 A model whose cache does not fit the standard decoder I/O (one key and one value tensor per layer, every layer of
 the same [kv_heads, head_dim], keys and values of the same head dim) keeps the forward pass without a cache, with
 the reason in :attr:`DecoderLM.cache_refusal`: DeepSeek-V2/V3's multi-head latent attention caches keys of
-qk_nope_head_dim + qk_rope_head_dim and values of v_head_dim, which neither optimum nor ONNX Runtime GenAI's
-decoder describes.
+qk_nope_head_dim + qk_rope_head_dim and values of v_head_dim, which DecoderSpec's one head dim (like ONNX Runtime
+GenAI's genai_config.json) cannot describe.
 """
 
 from __future__ import annotations
@@ -193,8 +193,8 @@ def cache_geometry(model: DecoderLM) -> tuple[int, int, int] | str:
     (key_heads, key_dim), (value_heads, value_dim) = next(iter(shapes))
     if (key_heads, key_dim) != (value_heads, value_dim):
         return (f"its cache holds keys of {key_heads} heads x {key_dim} and values of {value_heads} heads x "
-                f"{value_dim} (multi-head latent attention): the decoder I/O that optimum and ONNX Runtime GenAI "
-                "read has one head dim for both")
+                f"{value_dim} (multi-head latent attention): a decoder unit (like ONNX Runtime GenAI's "
+                "genai_config.json) records one head dim for both")
     return len(layers), key_heads, key_dim
 
 

@@ -19,7 +19,7 @@ from pimoe_export.interface import DECODER_LOGITS, MODEL_IDS_INPUT, decoder_prof
 from pimoe_export.ops import schema
 
 pytestmark = [pytest.mark.trt, pytest.mark.slow]
-MOE_FAMILIES = sorted(f for f in FAMILIES if f != "llama-dense")
+MOE_FAMILIES = sorted(FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,9 @@ def test_fp32_and_int8_decoder_engines_build_with_prefill_and_decode_profiles(pl
         inputs = {name: (dtype, shape) for name, dtype, shape in summary.inputs}
         for name in spec.past_names:  # the cache: [batch, kv heads, past, head dim], fp32
             assert inputs[name] == ("FLOAT", (-1, spec.num_kv_heads, -1, spec.head_dim))
-        assert [o[0] for o in summary.outputs] == [DECODER_LOGITS, *spec.present_names]
+        outputs = [o[0] for o in summary.outputs]  # the decoder I/O, then each MoE layer's routing
+        assert outputs[: 1 + len(spec.present_names)] == [DECODER_LOGITS, *spec.present_names]
+        assert len(outputs) == 1 + len(spec.present_names) + 2 * moe_layers, outputs
         plans[precision] = plan
     # the experts as int8 in the INT8 plan: it is smaller by at least half of what int8 saves over fp32
     saved = expert_bytes(case.unit / "model.onnx", onnx.TensorProto.FLOAT) - \
