@@ -96,6 +96,12 @@ class Loaded:
         extra = {} if self.pruning is None else {"pruning": self.pruning}
         return {"model_dir": str(self.model_dir), **self.source.describe(), **extra}
 
+    def notes(self) -> list[str]:
+        """A decoder whose KV cache the graph cannot carry (its importer says why: ``kv_cache``)."""
+        cache = self.source.describe().get("kv_cache")
+        return [f"the graph has no KV cache (not a decoder unit): {cache.removeprefix('none: ')}"] \
+            if isinstance(cache, str) else []
+
 
 @dataclass(frozen=True)
 class Exported:

@@ -149,9 +149,12 @@ def test_the_units_are_decoder_units_where_the_cache_fits(pipeline) -> None:
         if family in NO_CACHE:
             assert manifest.decoder_spec is None and not (out / unit / "genai_config.json").exists()
             assert kv_cache.startswith("none: ") and "multi-head latent attention" in kv_cache, kv_cache
+            assert _steps(summary)["model"]["notes"] == [f"the graph has no KV cache (not a decoder unit): "
+                                                         f"{kv_cache.removeprefix('none: ')}"]
             continue
         spec = manifest.decoder_spec
         assert spec is not None and spec.to_dict() == kv_cache and spec.model_type == family
+        assert "notes" not in _steps(summary)["model"]
         assert spec.eos_token_ids == (2,) and spec.num_layers == 2 and spec.vocab_size == 96
         standard = decoder_interface(spec)
         assert manifest.interface.input_names == standard.input_names
