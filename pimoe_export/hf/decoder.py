@@ -125,8 +125,8 @@ def real_rope(module_name: str | None) -> Iterator[None]:
 
 class DecoderLM(nn.Module):
     """A Hugging Face causal LM as one graph exports it: ``forward(input_ids, attention_mask, position_ids,
-    **past)`` -> ``{"logits": [B, S, vocab], "present.<i>.key": ..., ...}`` (see the module docstring); without
-    a cache (:attr:`spec` None) just the logits.
+    **past)`` -> the logits [B, S, vocab] and each layer's present key and value by name (see the module
+    docstring); without a cache (:attr:`spec` None) just the logits.
 
     The Hugging Face model's children are this module's children (module paths read as Hugging Face's:
     ``model.layers.1.mlp``), so routing outputs are named after them."""
