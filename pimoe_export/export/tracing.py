@@ -158,9 +158,9 @@ def axes_of(example: dict[str, torch.Tensor], dynamic_axes: Mapping[str, Mapping
 
 def name_output_axes(proto: onnx.ModelProto, outputs: list[torch.Tensor], output_names: list[str],
                      example: dict[str, torch.Tensor], axes: Mapping[str, Mapping[int, str]]) -> None:
-    """Name the output axes the exporter left as expressions of input axes (a decoder's present key/values:
+    """Name the output axes the exporter left as sums of input axes (a decoder's present key/values:
     ``sequence + past_sequence``) after the one named input axis of the same size in the example (its
-    ``total_sequence``); an expression no input axis matches keeps its form."""
+    ``total_sequence``); any other expression, or a sum no input axis matches, keeps its form."""
     by_size: dict[int, set[str]] = {}
     for name, t in example.items():
         for axis, axis_name in axes.get(name, {}).items():
@@ -169,7 +169,8 @@ def name_output_axes(proto: onnx.ModelProto, outputs: list[torch.Tensor], output
     shapes = dict(zip(output_names, (t.shape for t in outputs), strict=True))
     for output in proto.graph.output:
         for axis, d in enumerate(output.type.tensor_type.shape.dim):
-            if not d.dim_param or d.dim_param in inputs or output.name not in shapes:
+            terms = [t.strip() for t in d.dim_param.split("+")]
+            if len(terms) < 2 or not all(t in inputs for t in terms) or output.name not in shapes:
                 continue
             names = by_size.get(int(shapes[output.name][axis]), set())
             if len(names) == 1:

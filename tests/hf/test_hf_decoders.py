@@ -159,6 +159,8 @@ def test_the_units_are_decoder_units_where_the_cache_fits(pipeline) -> None:
         standard = decoder_interface(spec)
         assert manifest.interface.input_names == standard.input_names
         assert manifest.interface.output_names[: len(standard.output_names)] == standard.output_names
+        named = {t.name: t for t in (*manifest.interface.inputs, *manifest.interface.outputs)}
+        assert [named[t.name] for t in (*standard.inputs, *standard.outputs)] == [*standard.inputs, *standard.outputs]
         genai = json.loads((out / unit / "genai_config.json").read_text())["model"]["decoder"]
         assert (genai["num_key_value_heads"], genai["head_size"]) == (spec.num_kv_heads, spec.head_dim)
         assert not (out / unit / "tokenizer.json").exists()
