@@ -96,6 +96,12 @@ class Loaded:
         extra = {} if self.pruning is None else {"pruning": self.pruning}
         return {"model_dir": str(self.model_dir), **self.source.describe(), **extra}
 
+    def notes(self) -> list[str]:
+        """A decoder whose KV cache the graph cannot carry (its importer says why: ``kv_cache``)."""
+        cache = self.source.describe().get("kv_cache")
+        return [f"the graph has no KV cache (not a decoder unit): {cache.removeprefix('none: ')}"] \
+            if isinstance(cache, str) else []
+
 
 @dataclass(frozen=True)
 class Exported:
@@ -239,7 +245,9 @@ def step_units(run: Run, export: Exported, int8: Quantized | Unavailable) -> Pac
     units = {}
     for key, path in _graphs(export, int8).items():
         name = GRAPHS[key][1]
-        manifest = package_ort(path, run.out.claim_dir(name).root, force=True)
+        # a decoder unit ships the model directory's tokenizer and config files (and a genai_config.json)
+        manifest = package_ort(path, run.out.claim_dir(name).root, force=True,
+                               client_dir=run.options.model_dir)
         units[name] = {"backend": manifest.backend, "precision": manifest.precision,
                        "manifest": str(run.root / name / MANIFEST_FILE)}
     return Packaged(units)
@@ -258,7 +266,8 @@ def step_engines(run: Run, model: Loaded, export: Exported, int8: Quantized | Un
         name = f"{'trt' if flavour == 'tensorrt' else 'trt-rtx'}-{precision}"
         options = BuildOptions(flavour=flavour, optimization_level=model.source.settings.builder_optimization_level,
                                timing_cache=str(run.out.claim("timing.cache")))
-        manifest = build_unit(path, run.out.claim_dir(name).root, options=options, force=True)
+        manifest = build_unit(path, run.out.claim_dir(name).root, options=options, force=True,
+                              client_dir=run.options.model_dir)
         built[name] = {"backend": manifest.backend, "version": manifest.backend_version,
                        "targets": manifest.target_sms, "plugin_layers": manifest.build_options["plugin_layers"]}
     return Built(built)

@@ -99,8 +99,8 @@ if os.environ.get("PIMOE_TESTS_NO_EXPORT") == "1":
 # ------------------------------------------------------------------------------------------ decoder units
 @pytest.fixture(scope="session")
 def decoder_cases(tmp_path_factory):
-    """Each decoder family's tiny model and fp32 unit (tests/decoders.py), built once per session:
-    ``decoder_cases(family)``. Skips without the hf extra."""
+    """Each decoder family's tiny model and fp32 unit (tests/decoders.py: the importer's export with the KV cache),
+    built once per session: ``decoder_cases(family)``. Skips without the hf extra."""
     pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
     from decoders import FAMILIES
 

@@ -25,7 +25,14 @@ import torch
 from torch import nn
 
 from pimoe_export.errors import PiMoEExportError
-from pimoe_export.export.tracing import ForExport, axes_of, graph_interface, prepare_for_export, split_sequences
+from pimoe_export.export.tracing import (
+    ForExport,
+    axes_of,
+    graph_interface,
+    name_output_axes,
+    prepare_for_export,
+    split_sequences,
+)
 from pimoe_export.interface import (
     EXTERNAL_DATA_BYTES,
     META_CONTRACT,
@@ -153,6 +160,8 @@ def export_model(
     precision: str = "fp32",
     routing_outputs: bool = False,
     standard_ops: bool = False,
+    metadata: Mapping[str, str] | None = None,
+    bounded_axes: bool = True,
 ) -> ExportResult:
     """Export ``model`` (called as ``model(**inputs)``) to one ONNX graph at ``path``.
 
@@ -161,6 +170,8 @@ def export_model(
     :func:`~pimoe_export.export.tracing.flatten_outputs`; ``routing_outputs`` adds ``<layer path>/expert_ids`` and
     ``/expert_weights`` for every PiMoE layer (a bare layer's: ``expert_ids``, ``expert_weights``).
     ``standard_ops``: every PiMoE layer with standard ONNX ops only (TopK, every expert evaluated densely).
+    ``metadata``: further metadata of the graph (e.g. a decoder's ``pimoe.decoder``). ``bounded_axes`` False:
+    the dynamic axes are not bounded to [1, 65536] while tracing (:func:`~pimoe_export.export.tracing.axes_of`).
     """
     start = time.perf_counter()
     example = dict(example_inputs)
@@ -170,7 +181,7 @@ def export_model(
     wrapper = ForExport(work, list(example), routing).eval()
     if precision == "fp16":
         example = {n: t.half() if t.is_floating_point() else t for n, t in example.items()}
-    specs, axes = axes_of(example, dynamic_axes)
+    specs, axes = axes_of(example, dynamic_axes, bounded_axes)
     table = None
     if not standard_ops:
         from pimoe_export.ops.onnx_translation import custom_translation_table
@@ -195,11 +206,12 @@ def export_model(
         raise PiMoEExportError("torch.onnx.export returned no program")
     proto = _program_proto(program, work, Path(path))
     split_sequences(proto)
+    name_output_axes(proto, list(outputs), names, example, axes)
     interface = graph_interface(proto, example, list(outputs), names, axes)
-    metadata = graph_metadata(type(model).__name__, {p: layer.config.to_json() for p, layer in layers.items()},
-                              interface)
-    return finish_export(proto, path, model, "standard-ops" if standard_ops else "custom-ops", precision, metadata,
-                         start)
+    graph_meta = graph_metadata(type(model).__name__, {p: layer.config.to_json() for p, layer in layers.items()},
+                                interface)
+    return finish_export(proto, path, model, "standard-ops" if standard_ops else "custom-ops", precision,
+                         {**graph_meta, **(metadata or {})}, start)
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -220,12 +232,15 @@ def _program_proto(program: torch.onnx.ONNXProgram, model: nn.Module, path: Path
 
 def export_source(source: ModelSource, path: str | Path, *, precision: str = "fp32",
                   standard_ops: bool = False) -> ExportResult:
-    """Export a model source with its example inputs and every layer's routing as outputs."""
+    """Export a model source with its example inputs (its inputs' axis names dynamic), its metadata and every
+    layer's routing as outputs."""
     if standard_ops and not source.standard_ops:
         raise PiMoEExportError("this model is exported with the pimoe ops only (its source offers no standard-op "
                                "graph); drop standard_ops")
-    return export_model(source.module, path, source.example_tensors(), precision=precision, routing_outputs=True,
-                        standard_ops=standard_ops)
+    axes = {t.name: {axis: d for axis, d in enumerate(t.dims) if isinstance(d, str)} for t in source.inputs}
+    return export_model(source.module, path, source.example_tensors(), dynamic_axes=axes, precision=precision,
+                        routing_outputs=True, standard_ops=standard_ops, metadata=source.metadata,
+                        bounded_axes=source.bounded_axes)
 
 
 def export_onnx(

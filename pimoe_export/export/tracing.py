@@ -132,8 +132,12 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-def axes_of(example: dict[str, torch.Tensor], dynamic_axes: Mapping[str, Mapping[int, str]] | None):
-    """torch.export Dims for every input (batch, sequence by default) and the axis names per input."""
+def axes_of(example: dict[str, torch.Tensor], dynamic_axes: Mapping[str, Mapping[int, str]] | None,
+            bounded: bool = True):
+    """torch.export Dims for every input (batch, sequence by default) and the axis names per input. ``bounded``
+    False: each axis is its name (torch.onnx exports it as ``Dim.DYNAMIC`` and names the graph's axis so), for a
+    model whose tracing adds guards past the declared bounds (a decoder's cache and masks: torch.export traces every
+    size as >= 2; the ONNX graph has no such bound and runs one-token steps and empty pasts)."""
     if dynamic_axes is None:
         dynamic_axes = {name: {0: BATCH_AXIS, 1: SEQUENCE_AXIS} if t.dim() >= 2 else {0: BATCH_AXIS}
                         for name, t in example.items()}
@@ -147,9 +151,30 @@ def axes_of(example: dict[str, torch.Tensor], dynamic_axes: Mapping[str, Mapping
         if any(not 0 <= a < t.dim() for a in axes):
             raise PiMoEExportError(f"dynamic_axes[{name!r}] names axes {sorted(axes)} of a {t.dim()}-d input")
         for a in axes.values():
-            dims.setdefault(a, torch.export.Dim(a.replace(" ", "_"), min=1, max=MAX_AXIS))
+            dims.setdefault(a, torch.export.Dim(a.replace(" ", "_"), min=1, max=MAX_AXIS) if bounded else a)
         specs.append({a: dims[n] for a, n in axes.items()})
     return specs, dynamic_axes
+
+
+def name_output_axes(proto: onnx.ModelProto, outputs: list[torch.Tensor], output_names: list[str],
+                     example: dict[str, torch.Tensor], axes: Mapping[str, Mapping[int, str]]) -> None:
+    """Name the output axes the exporter left as sums of input axes (a decoder's present key/values:
+    ``sequence + past_sequence``) after the one named input axis of the same size in the example (its
+    ``total_sequence``); any other expression, or a sum no input axis matches, keeps its form."""
+    by_size: dict[int, set[str]] = {}
+    for name, t in example.items():
+        for axis, axis_name in axes.get(name, {}).items():
+            by_size.setdefault(int(t.shape[axis]), set()).add(axis_name)
+    inputs = {d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+    shapes = dict(zip(output_names, (t.shape for t in outputs), strict=True))
+    for output in proto.graph.output:
+        for axis, d in enumerate(output.type.tensor_type.shape.dim):
+            terms = [t.strip() for t in d.dim_param.split("+")]
+            if len(terms) < 2 or not all(t in inputs for t in terms) or output.name not in shapes:
+                continue
+            names = by_size.get(int(shapes[output.name][axis]), set())
+            if len(names) == 1:
+                d.dim_param = next(iter(names))
 
 
 def graph_interface(proto: onnx.ModelProto, example: dict[str, torch.Tensor], outputs: list[torch.Tensor],

@@ -5,12 +5,21 @@
                 ─► checkpoint headers checked against it (names, shapes, dtypes), host memory checked
                 ─► every MoE block: a MoEBlock filled tensor by tensor (pimoe_export.hf.families)
                 ─► every other weight: read tensor by tensor, as float32
-                ─► DecoderLM: input_ids, attention_mask, position_ids -> logits
+                ─► DecoderLM: input_ids, attention_mask, position_ids, past_key_values.<i>.key/value
+                              -> logits, present.<i>.key/value
+                ─► its DecoderSpec (pimoe_export/interface.py "decoders"): the cache geometry read off one probe
+                   step of the model, the vocabulary, context length and special tokens from its config
 
-The graph interface is :class:`DecoderInterface`: the names optimum and ONNX Runtime GenAI use. Issue 27 adds the
-key/value cache as an extension of it (``past_key_values.<i>.key/value`` in, ``present.<i>.key/value`` out, see
-docs/architecture.md): :meth:`DecoderLM.forward` then takes the past tensors as further named inputs, hands them to
-Hugging Face as a cache and returns the present ones, and the feeds grow the past inputs; nothing else changes.
+The graph interface is :class:`DecoderInterface`: the names optimum and ONNX Runtime GenAI use. One graph serves
+prefill and decode: :meth:`DecoderLM.forward` takes the past key/value tensors as named inputs (a prompt: an empty
+past), hands them to Hugging Face as a cache (every layer a full-length cache layer; sliding windows, chunked
+attention and sinks stay in Hugging Face's masks and attention) and returns the present ones (past + new).
+
+A model whose cache does not fit the standard decoder I/O (one key and one value tensor per layer, every layer of
+the same [kv_heads, head_dim], keys and values of the same head dim) keeps the forward pass without a cache, with
+the reason in :attr:`DecoderLM.cache_refusal`: DeepSeek-V2/V3's multi-head latent attention caches keys of
+qk_nope_head_dim + qk_rope_head_dim and values of v_head_dim, which DecoderSpec's one head dim (like ONNX Runtime
+GenAI's genai_config.json) cannot describe.
 """
 
 from __future__ import annotations
@@ -37,6 +46,10 @@ from pimoe_export.interface import (
     MODEL_LOGITS_OUTPUT,
     MODEL_MASK_INPUT,
     MODEL_POSITIONS_INPUT,
+    DecoderSpec,
+    past_name,
+    past_names,
+    present_name,
     present_names,
 )
 from pimoe_export.model.moe_block import MoEBlock, MoEBlockConfig
@@ -51,7 +64,7 @@ class DecoderInterface:
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return (MODEL_IDS_INPUT, MODEL_MASK_INPUT, MODEL_POSITIONS_INPUT)
+        return (MODEL_IDS_INPUT, MODEL_MASK_INPUT, MODEL_POSITIONS_INPUT, *past_names(self.cache_layers))
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -111,8 +124,9 @@ def real_rope(module_name: str | None) -> Iterator[None]:
 
 
 class DecoderLM(nn.Module):
-    """A Hugging Face causal LM as one graph exports it: ``forward(input_ids, attention_mask, position_ids)`` ->
-    ``{"logits": [B, S, vocab]}``, no cache (see the module docstring for the cache extension).
+    """A Hugging Face causal LM as one graph exports it: ``forward(input_ids, attention_mask, position_ids,
+    **past)`` -> the logits [B, S, vocab] and each layer's present key and value by name (see the module
+    docstring); without a cache (:attr:`spec` None) just the logits.
 
     The Hugging Face model's children are this module's children (module paths read as Hugging Face's:
     ``model.layers.1.mlp``), so routing outputs are named after them."""
@@ -124,17 +138,100 @@ class DecoderLM(nn.Module):
         object.__setattr__(self, "_hf", model)  # not a submodule: its children are this module's
         self.family = family
         self.interface = DecoderInterface()
+        self.spec: DecoderSpec | None = None
+        self.cache_refusal: str | None = None
 
     @property
     def config(self) -> Any:
         return self._hf.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def use_cache(self, spec: DecoderSpec | None, refusal: str | None = None) -> None:
+        """Take and return the cache of ``spec`` from now on (None: the forward pass alone, ``refusal`` says why)."""
+        self.spec, self.cache_refusal = spec, refusal
+        self.interface = DecoderInterface(spec.num_layers if spec is not None else 0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                **past: torch.Tensor) -> dict[str, torch.Tensor]:
+        layers = self.interface.cache_layers
+        unknown = sorted(set(past) - set(past_names(layers)))
+        if unknown:
+            raise TypeError(f"DecoderLM got inputs {unknown} that its interface {self.interface.inputs} lacks")
+        cache = None
+        if layers:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()  # full-length layers: the graph returns past + new for every layer
+            for i in range(layers):
+                key, value = past.get(past_name(i, "key")), past.get(past_name(i, "value"))
+                if key is not None and value is not None:
+                    cache.update(key, value, i)
         with real_rope(self.family.rope):
             out = self._hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False, return_dict=True)
-        return {MODEL_LOGITS_OUTPUT: out.logits}
+                           past_key_values=cache, use_cache=bool(layers), return_dict=True)
+        result = {MODEL_LOGITS_OUTPUT: out.logits}
+        if layers:
+            for i, layer in enumerate(out.past_key_values.layers):
+                result[present_name(i, "key")], result[present_name(i, "value")] = layer.keys, layer.values
+        return result
+
+
+def cache_geometry(model: DecoderLM) -> tuple[int, int, int] | str:
+    """(layers, kv_heads, head_dim) of the model's key/value cache, read off one two-token step of the Hugging Face
+    model; a string: why the cache does not fit the standard decoder I/O (see the module docstring)."""
+    from transformers import DynamicCache
+
+    ids = torch.zeros((1, 2), dtype=torch.long)
+    with torch.no_grad(), real_rope(model.family.rope):
+        out = model._hf(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(2)[None],
+                        past_key_values=DynamicCache(), use_cache=True, return_dict=True)
+    layers = list(out.past_key_values.layers)
+    shapes = {(tuple(layer.keys.shape[1:2] + layer.keys.shape[3:]), tuple(layer.values.shape[1:2] +
+                                                                           layer.values.shape[3:]))
+              for layer in layers}
+    if len(shapes) != 1:
+        return f"its layers cache keys/values of different [kv_heads, head_dim] {sorted(shapes)}"
+    (key_heads, key_dim), (value_heads, value_dim) = next(iter(shapes))
+    if (key_heads, key_dim) != (value_heads, value_dim):
+        return (f"its cache holds keys of {key_heads} heads x {key_dim} and values of {value_heads} heads x "
+                f"{value_dim} (multi-head latent attention): a decoder unit (like ONNX Runtime GenAI's "
+                "genai_config.json) records one head dim for both")
+    return len(layers), key_heads, key_dim
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    values = value if isinstance(value, list | tuple) else [] if value is None else [value]
+    return tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+
+
+def decoder_spec(model: DecoderLM, directory: Path) -> DecoderSpec | str:
+    """The DecoderSpec of a loaded model (special tokens: generation_config.json over config.json); a string: why
+    the model keeps the forward pass without a cache."""
+    from pimoe_export._files import read_json
+
+    geometry = cache_geometry(model)
+    if isinstance(geometry, str):
+        return geometry
+    layers, kv_heads, head_dim = geometry
+    config = model.config
+    generation: dict[str, Any] = {}
+    if (directory / "generation_config.json").is_file():
+        data = read_json(directory / "generation_config.json", "generation config", "fix or remove it")
+        generation = data if isinstance(data, dict) else {}
+    eos = _token_ids(generation.get("eos_token_id", config.eos_token_id)) or _token_ids(config.eos_token_id)
+    if not eos:
+        return ("its config names no eos_token_id, so generation could not end a row; set eos_token_id in "
+                "config.json or generation_config.json")
+    bos = _token_ids(generation.get("bos_token_id", config.bos_token_id))
+    pad = _token_ids(generation.get("pad_token_id", config.pad_token_id))
+    try:
+        return DecoderSpec(model_type=model.family.model_type, num_layers=layers,
+                           num_attention_heads=int(config.num_attention_heads), num_kv_heads=kv_heads,
+                           head_dim=head_dim, hidden_size=int(config.hidden_size),
+                           vocab_size=int(config.vocab_size), context_length=int(config.max_position_embeddings),
+                           eos_token_ids=eos, pad_token_id=pad[0] if pad else 0,
+                           bos_token_id=bos[0] if bos else None)
+    except PiMoEError as exc:  # ArtifactError: a value outside what a decoder unit records
+        return f"its config does not describe a decoder unit ({exc})"
 
 
 # ------------------------------------------------------------------------------------------ reading a directory
@@ -313,14 +410,22 @@ def build(plan: Plan, checkpoint: SafetensorsCheckpoint) -> DecoderLM:
     return DecoderLM(model.eval(), plan.family)
 
 
-def load_decoder(directory: str | Path) -> DecoderLM:
-    """A Hugging Face MoE decoder directory as a :class:`DecoderLM` (checked first: see :func:`plan`)."""
+def load_decoder(directory: str | Path, *, cache: bool = True) -> DecoderLM:
+    """A Hugging Face MoE decoder directory as a :class:`DecoderLM` (checked first: see :func:`plan`), taking and
+    returning its key/value cache where it fits the decoder I/O (``cache``; see the module docstring)."""
     directory = Path(directory)
     planned = plan(directory)
     with SafetensorsCheckpoint(directory) as checkpoint:
         check_checkpoint(planned, checkpoint)
         check_memory(planned, directory)
-        return build(planned, checkpoint)
+        model = build(planned, checkpoint)
+    if cache:
+        spec = decoder_spec(model, directory)
+        if isinstance(spec, str):
+            model.use_cache(None, spec)
+        else:
+            model.use_cache(spec)
+    return model
 
 
 def check_directory(directory: str | Path) -> None:
@@ -340,14 +445,33 @@ def positions(mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64) * (mask != 0)
 
 
-def decoder_feed(ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    return {MODEL_IDS_INPUT: ids.astype(np.int64), MODEL_MASK_INPUT: mask.astype(np.int64),
+def decoder_feed(ids: np.ndarray, mask: np.ndarray, spec: DecoderSpec | None = None) -> dict[str, np.ndarray]:
+    """A prompt step: the tokens, their mask and positions, and (a model with a cache, ``spec``) an empty past."""
+    feed = {MODEL_IDS_INPUT: ids.astype(np.int64), MODEL_MASK_INPUT: mask.astype(np.int64),
             MODEL_POSITIONS_INPUT: positions(mask)}
+    if spec is not None:
+        empty = np.zeros((ids.shape[0], spec.num_kv_heads, 0, spec.head_dim), np.float32)
+        feed.update({name: empty for name in spec.past_names})
+    return feed
 
 
-def random_decoder_feeds(vocab: int, seed: int, shapes: tuple[tuple[int, int, str], ...]
-                         ) -> list[dict[str, np.ndarray]]:
-    """Seeded token ids [b, s] with ``padding`` "left", "right" or "none" (each row keeps at least one token)."""
+def export_example(spec: DecoderSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """The export example of a model with a cache: a decode-like step of 2 rows, 3 new tokens after 4 cached ones
+    (every axis > 1, so batch, sequence and past length stay dynamic in the graph)."""
+    rng = np.random.default_rng(seed)
+    batch, past, sequence = 2, 4, 3
+    feed = {MODEL_IDS_INPUT: rng.integers(0, spec.vocab_size, (batch, sequence)).astype(np.int64),
+            MODEL_MASK_INPUT: np.ones((batch, past + sequence), np.int64),
+            MODEL_POSITIONS_INPUT: np.tile(np.arange(past, past + sequence, dtype=np.int64), (batch, 1))}
+    for name in spec.past_names:
+        feed[name] = rng.standard_normal((batch, spec.num_kv_heads, past, spec.head_dim)).astype(np.float32)
+    return feed
+
+
+def random_decoder_feeds(vocab: int, seed: int, shapes: tuple[tuple[int, int, str], ...],
+                         spec: DecoderSpec | None = None) -> list[dict[str, np.ndarray]]:
+    """Seeded token ids [b, s] with ``padding`` "left", "right" or "none" (each row keeps at least one token); with
+    ``spec``, an empty past (prompt steps)."""
     rng = np.random.default_rng(seed)
     feeds = []
     for batch, sequence, padding in shapes:
@@ -359,7 +483,7 @@ def random_decoder_feeds(vocab: int, seed: int, shapes: tuple[tuple[int, int, st
                     mask[row, valid:] = 0
                 else:
                     mask[row, : sequence - valid] = 0
-        feeds.append(decoder_feed(rng.integers(0, vocab, (batch, sequence)), mask))
+        feeds.append(decoder_feed(rng.integers(0, vocab, (batch, sequence)), mask, spec))
     return feeds
 
 
@@ -373,11 +497,13 @@ CALIBRATION_SHAPES = ((8, 64, "right"), (8, 64, "left")) * 4
 CALIBRATION_METHOD = "mse"
 
 
-def text_decoder_feeds(directory: Path, lines: list[str]) -> list[dict[str, np.ndarray]]:
-    """Lines of text through the model's tokenizer (padded batches) with their position_ids."""
+def text_decoder_feeds(directory: Path, lines: list[str], spec: DecoderSpec | None = None
+                       ) -> list[dict[str, np.ndarray]]:
+    """Lines of text through the model's tokenizer (padded batches) with their position_ids (``spec``: and an empty
+    past)."""
     from pimoe_export.hf.feeds import text_feeds
 
-    return [decoder_feed(f[MODEL_IDS_INPUT], f[MODEL_MASK_INPUT]) for f in text_feeds(directory, lines)]
+    return [decoder_feed(f[MODEL_IDS_INPUT], f[MODEL_MASK_INPUT], spec) for f in text_feeds(directory, lines)]
 
 
 Feeds = list[dict[str, np.ndarray]]

@@ -107,39 +107,49 @@ def _check_decoder(directory: Path, text: Path | None) -> None:
 
 def decoder_source(directory: Path, text: Path | None = None, seed: int = 0) -> ModelSource:
     """A Hugging Face MoE decoder directory (pimoe_export.hf.decoder): ``input_ids``, ``attention_mask``,
-    ``position_ids`` in, ``logits`` and every MoE layer's routing out; calibrated on 4 of 5 lines of ``text`` through
-    the model's tokenizer (seeded random token ids without it), checked on the fifth (without: seeded batches with no,
-    right and left padding)."""
+    ``position_ids`` and the past key/values in, ``logits``, the present key/values and every MoE layer's routing
+    out (a model whose cache does not fit the decoder I/O: no cache, the reason in its description); calibrated on
+    4 of 5 lines of ``text`` through the model's tokenizer (seeded random token ids without it), checked on the fifth
+    (without: seeded batches with no, right and left padding). Calibration and checks run prompt steps (an empty
+    past); the export example is a step with a past, so the graph serves prefill and decode."""
     from pimoe_export.hf import decoder as D
     from pimoe_export.hf.feeds import read_lines
+    from pimoe_export.interface import decoder_interface, decoder_metadata
 
     model = D.load_decoder(directory)
-    vocab = int(model.config.vocab_size)
+    vocab, spec = int(model.config.vocab_size), model.spec
     if text is None:
-        calibration = D.random_decoder_feeds(vocab, seed, D.CALIBRATION_SHAPES)
-        evaluation = D.random_decoder_feeds(vocab, seed + 1, D.CHECK_SHAPES)
+        calibration = D.random_decoder_feeds(vocab, seed, D.CALIBRATION_SHAPES, spec)
+        evaluation = D.random_decoder_feeds(vocab, seed + 1, D.CHECK_SHAPES, spec)
         data = "seeded random token ids, no, right and left padding (no text given)"
     else:
         lines = read_lines(text)
         held, calib = lines[4::5], [line for i, line in enumerate(lines) if i % 5 != 4]
         if not held or not calib:
             raise PiMoEInputError(f"{text}: at least 5 lines are needed (4 of 5 calibrate, 1 of 5 is held out)")
-        calibration, evaluation = D.text_decoder_feeds(directory, calib), D.text_decoder_feeds(directory, held)
+        calibration = D.text_decoder_feeds(directory, calib, spec)
+        evaluation = D.text_decoder_feeds(directory, held, spec)
         data = f"{len(calib)} + {len(held)} lines of {text}"
 
     def read(given: Any, max_tokens: int | None) -> Calibration:
         if not isinstance(given, (str, Path)):
             raise PiMoEInputError(f"{directory} is a text model: calibrate it with a text file (one sentence per "
                                   f"line), not {type(given).__name__}")
-        return Calibration(D.text_decoder_feeds(directory, read_lines(given)), f"the lines of {given}")
+        return Calibration(D.text_decoder_feeds(directory, read_lines(given), spec), f"the lines of {given}")
 
     layers = moe_layers(model)
     describe = {"architecture": model.family.name, "model_type": model.family.model_type,
-                "moe_layers": sorted(layers), "moe_block": next(iter(layers.values())).config.to_dict(), "data": data}
+                "moe_layers": sorted(layers), "moe_block": next(iter(layers.values())).config.to_dict(), "data": data,
+                "kv_cache": spec.to_dict() if spec is not None else f"none: {model.cache_refusal}"}
     source = model_source(model, calibration, evaluation=evaluation, data=data, describe=lambda: describe,
                           random_feed=lambda b, s, feed_seed: D.random_decoder_feeds(vocab, feed_seed,
-                                                                                     ((b, s, "none"),))[0],
+                                                                                     ((b, s, "none"),), spec)[0],
                           read_calibration=read)
+    if spec is not None:  # the decoder I/O (names, axes) and its DecoderSpec in the graph's metadata
+        source.inputs = decoder_interface(spec).inputs
+        source.example = D.export_example(spec, seed)
+        source.metadata = decoder_metadata(spec)
+        source.bounded_axes = False  # torch.export traces the cache's sizes as >= 2; the graph runs 1 and 0
     source.settings = DeploymentSettings(calibration_method=D.CALIBRATION_METHOD)
     return source
 

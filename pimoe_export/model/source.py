@@ -77,7 +77,9 @@ class ModelSource:
     ``calibration()`` gives the default INT8 calibration, ``read_calibration(data, max_tokens)`` the user's.
     ``evaluation`` holds the feeds the parity checks use (None: seeded random inputs of the interface).
     ``random_feed(batch, sequence, seed)`` makes inputs for smoke runs and benchmarks. ``standard_ops``: the
-    plugin-free standard-op graph (every expert evaluated densely, a benchmark baseline) is offered.
+    plugin-free standard-op graph (every expert evaluated densely, a benchmark baseline) is offered. The graph's
+    dynamic axes are the axis names of ``inputs`` (``bounded_axes`` False: not bounded while tracing, see
+    :func:`~pimoe_export.export.tracing.axes_of`); ``metadata`` is added to the graph's (a decoder's DecoderSpec).
     """
 
     module: nn.Module
@@ -91,6 +93,8 @@ class ModelSource:
     evaluation: list[Feed] | None = None
     settings: DeploymentSettings = field(default_factory=DeploymentSettings)
     standard_ops: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
+    bounded_axes: bool = True
 
     @property
     def layers(self) -> dict[str, MoELayer]:

@@ -17,20 +17,23 @@ import torch
 from decoders import sliding_window
 from test_generate import NEW_TOKENS, PROMPTS, hf_greedy
 
+from pimoe_export.artifacts.manifest import read_manifest
+
 pytestmark = pytest.mark.slow
 
 #: families whose grouped-query cache optimum-onnx 0.1.0 cannot feed: its ORTModelForCausalLM sizes the first
 #: step's empty cache with num_attention_heads unless the model type is on its GQA list (modeling_decoder.py),
-#: which holds qwen3_moe and gpt_oss but not mixtral, qwen2_moe, olmoe (docs/generation.md)
-OPTIMUM_MHA_ONLY = {"mixtral", "qwen2_moe", "olmoe"}
+#: which holds qwen3_moe and gpt_oss but none of these (docs/generation.md)
+OPTIMUM_MHA_ONLY = {"mixtral", "qwen2_moe", "olmoe", "dbrx", "granitemoe", "granitemoeshared", "llama4_text"}
 
 
 def test_optimum_ort_model_for_causal_lm_generates_the_same_tokens(decoder_case, request) -> None:
     ort = pytest.importorskip("onnxruntime")
     optimum = pytest.importorskip("optimum.onnxruntime", reason="the llm-clients extra (optimum-onnx) is not "
                                                                "installed")
-    config = json.loads((decoder_case.hf_dir / "config.json").read_text())
-    if decoder_case.family in OPTIMUM_MHA_ONLY and config["num_key_value_heads"] != config["num_attention_heads"]:
+    spec = read_manifest(decoder_case.unit).decoder_spec
+    assert spec is not None
+    if decoder_case.family in OPTIMUM_MHA_ONLY and spec.num_kv_heads != spec.num_attention_heads:
         request.applymarker(pytest.mark.xfail(strict=True, reason="optimum-onnx 0.1.0 feeds model type "
                                               f"{decoder_case.family} an MHA-shaped empty cache"))
     reference = hf_greedy(decoder_case, PROMPTS)

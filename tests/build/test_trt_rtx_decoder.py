@@ -19,7 +19,7 @@ from pimoe_export.interface import DECODER_LOGITS, MODEL_IDS_INPUT, decoder_prof
 from pimoe_export.ops import schema
 
 pytestmark = [pytest.mark.trt, pytest.mark.slow]
-MOE_FAMILIES = sorted(f for f in FAMILIES if f != "llama-dense")
+MOE_FAMILIES = sorted(FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,10 @@ def test_fp32_and_int8_decoder_engines_build_with_prefill_and_decode_profiles(pl
     assert spec is not None
     prefill, decode = decoder_profiles(spec, max_batch=8, max_prompt=512)
     assert prefill.shapes[MODEL_IDS_INPUT][2] == (8, 512) and decode.shapes[MODEL_IDS_INPUT][2] == (8, 1)
-    moe_layers = sum(1 for n in onnx.load(str(case.unit / "model.onnx")).graph.node
-                     if n.op_type == schema.EXPERT_MLP)
+    nodes = [n.op_type for n in onnx.load(str(case.unit / "model.onnx")).graph.node]
+    moe_layers = nodes.count(schema.ROUTE)  # a shared expert is one more PiMoEExpertMLP group of its layer
+    expert_groups = nodes.count(schema.EXPERT_MLP)
+    assert moe_layers and expert_groups >= moe_layers
     plans = {}
     for precision, path in (("fp32", case.unit / "model.onnx"), ("int8", int8 / "model.onnx")):
         seen: list[int] = []
@@ -64,11 +66,13 @@ def test_fp32_and_int8_decoder_engines_build_with_prefill_and_decode_profiles(pl
                                        seen=seen: seen.append(config.num_optimization_profiles))
         assert seen == [2]
         assert summary.plugin_counts() == {schema.ROUTE: moe_layers, schema.DISPATCH: moe_layers,
-                                           schema.EXPERT_MLP: moe_layers, schema.COMBINE: moe_layers}
+                                           schema.EXPERT_MLP: expert_groups, schema.COMBINE: moe_layers}
         inputs = {name: (dtype, shape) for name, dtype, shape in summary.inputs}
         for name in spec.past_names:  # the cache: [batch, kv heads, past, head dim], fp32
             assert inputs[name] == ("FLOAT", (-1, spec.num_kv_heads, -1, spec.head_dim))
-        assert [o[0] for o in summary.outputs] == [DECODER_LOGITS, *spec.present_names]
+        outputs = [o[0] for o in summary.outputs]  # the decoder I/O, then each MoE layer's routing
+        assert outputs[: 1 + len(spec.present_names)] == [DECODER_LOGITS, *spec.present_names]
+        assert len(outputs) == 1 + len(spec.present_names) + 2 * moe_layers, outputs
         plans[precision] = plan
     # the experts as int8 in the INT8 plan: it is smaller by at least half of what int8 saves over fp32
     saved = expert_bytes(case.unit / "model.onnx", onnx.TensorProto.FLOAT) - \

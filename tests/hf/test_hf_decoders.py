@@ -6,7 +6,9 @@ attention), on padded batches (left and right padding, none): the fp32 ONNX the 
 gives the same logits at every valid position (rel. L2 <= 1e-5) and selects the same top-k experts at every MoE layer
 (its routing outputs against the experts Hugging Face's routers pick). The pipeline builds the TensorRT-RTX fp32 and
 INT8 engines (when TensorRT-RTX is installed), and its INT8 report states each MoE layer's routing agreement and
-output error.
+output error. Every family whose cache fits the decoder I/O gets decoder units (the KV cache in and out, its
+DecoderSpec in the manifest, genai_config.json); DeepSeek-V2/V3 (multi-head latent attention) get the forward pass
+without a cache, and the pipeline record says why.
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ import torch
 from test_hf_families import hf_selection
 from tiny_decoders import TINY
 
+from pimoe_export.artifacts.manifest import read_manifest
 from pimoe_export.cli import main
 from pimoe_export.hf.decoder import random_decoder_feeds
 from pimoe_export.hf.families import BY_MODEL_TYPE
-from pimoe_export.interface import LAYER_EXPERT_IDS, MODEL_LOGITS_OUTPUT, MODEL_MASK_INPUT
+from pimoe_export.interface import LAYER_EXPERT_IDS, MODEL_LOGITS_OUTPUT, MODEL_MASK_INPUT, decoder_interface
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 
 REL_L2 = 1e-5
+#: the families whose cache does not fit the decoder I/O (keys and values of different head dims)
+NO_CACHE = ("deepseek_v2", "deepseek_v3")
 #: padded batches the comparison runs on (independent of the pipeline's own held-out feeds)
 SHAPES = ((2, 9, "left"), (3, 7, "right"), (1, 6, "none"))
 MEASURED: dict[str, dict] = {}  # family -> what test_fp32_onnx_matches_hugging_face measured (printed at the end)
@@ -87,9 +92,11 @@ def test_fp32_onnx_matches_hugging_face(pipeline) -> None:
     session = create_session(out / "model.onnx")
     names = [o.name for o in session.get_outputs()]
     worst, layers, tokens = 0.0, set(), 0
-    for feed in random_decoder_feeds(int(reference.config.vocab_size), 7, SHAPES):
+    spec = read_manifest(out / "ort-fp32").decoder_spec  # prompt steps: an empty past
+    for feed in random_decoder_feeds(int(reference.config.vocab_size), 7, SHAPES, spec):
         with torch.no_grad():
-            want = reference(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+            want = reference(**{k: torch.from_numpy(feed[k]) for k in ("input_ids", MODEL_MASK_INPUT,
+                                                                         "position_ids")}).logits.numpy()
         got = dict(zip(names, session.run(None, feed), strict=True))
         valid = feed[MODEL_MASK_INPUT].astype(bool)
         rel = float(np.linalg.norm(got[MODEL_LOGITS_OUTPUT][valid] - want[valid]) / np.linalg.norm(want[valid]))
@@ -129,6 +136,34 @@ def test_the_int8_report_states_each_layer_routing_and_error(pipeline) -> None:
     print(f"\n{pipeline[0]} INT8: logits rel. L2 {report['outputs'][MODEL_LOGITS_OUTPUT]['rel_l2']:.3f}; per MoE "
           f"layer W8A8 rel. L2 {[round(e['rel_l2'], 4) for e in report['layer_output_error'].values()]}, routing "
           f"agreement {[round(v, 4) for v in report['routing_by_layer'].values()]}")
+
+
+def test_the_units_are_decoder_units_where_the_cache_fits(pipeline) -> None:
+    """fp32 and INT8 units with the KV-cache I/O, the DecoderSpec in their manifests and a genai_config.json (the
+    tiny models have no tokenizer: none is shipped); DeepSeek's: the forward pass alone, the reason recorded."""
+    family, _, out, code, summary = pipeline
+    assert code == 0
+    kv_cache = _steps(summary)["model"]["detail"]["kv_cache"]
+    for unit in ("ort-fp32", "ort-int8"):
+        manifest = read_manifest(out / unit)
+        if family in NO_CACHE:
+            assert manifest.decoder_spec is None and not (out / unit / "genai_config.json").exists()
+            assert kv_cache.startswith("none: ") and "multi-head latent attention" in kv_cache, kv_cache
+            assert _steps(summary)["model"]["notes"] == [f"the graph has no KV cache (not a decoder unit): "
+                                                         f"{kv_cache.removeprefix('none: ')}"]
+            continue
+        spec = manifest.decoder_spec
+        assert spec is not None and spec.to_dict() == kv_cache and spec.model_type == family
+        assert "notes" not in _steps(summary)["model"]
+        assert spec.eos_token_ids == (2,) and spec.num_layers == 2 and spec.vocab_size == 96
+        standard = decoder_interface(spec)
+        assert manifest.interface.input_names == standard.input_names
+        assert manifest.interface.output_names[: len(standard.output_names)] == standard.output_names
+        named = {t.name: t for t in (*manifest.interface.inputs, *manifest.interface.outputs)}
+        assert [named[t.name] for t in (*standard.inputs, *standard.outputs)] == [*standard.inputs, *standard.outputs]
+        genai = json.loads((out / unit / "genai_config.json").read_text())["model"]["decoder"]
+        assert (genai["num_key_value_heads"], genai["head_size"]) == (spec.num_kv_heads, spec.head_dim)
+        assert not (out / unit / "tokenizer.json").exists()
 
 
 def test_the_pipeline_record_names_the_family(pipeline) -> None:

@@ -4,7 +4,9 @@ as a model directory (config.json + safetensors), as a user's checkpoint would b
 Every model has 2 layers, H 32, 4 to 8 experts; where a family keeps dense layers (DeepSeek's first_k_dense_replace,
 Qwen2-MoE's mlp_only_layers, Llama 4's interleave step) one of the two is dense. Weights are Hugging Face's own
 initialisation with initializer_range 0.1 (routers whose logits are well apart, so fp32 rounding flips no choice)
-and a seeded e_score_correction_bias for DeepSeek-V3.
+and a seeded e_score_correction_bias for DeepSeek-V3. Every config names the special tokens (pad 0, BOS 1, EOS 2), as
+real checkpoints do: a decoder unit records them (generation ends a row at EOS). tests/decoders.py builds the
+generation tests' models from these configs (:func:`tiny_config` with overrides).
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from typing import Any
 
 COMMON = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "max_position_embeddings": 256, "initializer_range": 0.1}
+SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 #: family -> (transformers config class name, its arguments)
 TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": ("MixtralConfig", {"intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "dbrx": ("DbrxConfig", {"d_model": 32, "n_heads": 4, "n_layers": 2, "max_seq_len": 256, "vocab_size": 96,
-                            "initializer_range": 0.1,
+                            "initializer_range": 0.1, **SPECIAL_TOKENS,
                             "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0},
                             "ffn_config": {"ffn_hidden_size": 24, "moe_num_experts": 4, "moe_top_k": 2}}),
     "qwen2_moe": ("Qwen2MoeConfig", {"intermediate_size": 40, "moe_intermediate_size": 24,
@@ -54,13 +57,14 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def tiny_config(family: str) -> Any:
+def tiny_config(family: str, **overrides: Any) -> Any:
+    """The family's tiny transformers config (``overrides``: config fields over it)."""
     import transformers
 
     name, kwargs = TINY[family]
     cls = getattr(transformers, name)
-    merged = dict(kwargs) if family == "dbrx" else {**COMMON, **kwargs}
-    return cls(**merged)
+    merged = dict(kwargs) if family == "dbrx" else {**COMMON, **SPECIAL_TOKENS, **kwargs}
+    return cls(**{**merged, **overrides})
 
 
 def save_tiny(family: str, directory: Path, *, seed: int = 0, dtype: Any = None, shard_bytes: str | None = None

@@ -220,3 +220,26 @@ def test_run_named_takes_a_decoder_step(engine) -> None:
     bad = {**feeds, spec.past_names[1]: np.zeros((1, spec.num_kv_heads, 2, spec.head_dim), np.float32)}
     with pytest.raises(PiMoEInputError, match="past_sequence"):
         engine.run_named(bad)
+
+
+@pytest.mark.slow
+def test_the_pipeline_on_a_model_directory_writes_decoder_units_that_generate(decoder_cases, tmp_path) -> None:
+    """`pimoe-export pipeline --model DIR` (the CLI a user runs) on a Hugging Face directory with a tokenizer: its
+    fp32 and INT8 ONNX Runtime units are decoder units with the tokenizer and genai_config.json, and the fp32 unit
+    generates Hugging Face's greedy tokens."""
+    import json
+
+    from pimoe_export.artifacts.manifest import read_manifest
+    from pimoe_export.cli import main
+
+    case = decoder_cases("qwen3_moe")
+    out = tmp_path / "out"
+    assert main(["pipeline", "--model", str(case.hf_dir), "-o", str(out), "--bench-repeats", "1", "--quiet"]) == 0
+    assert json.loads((out / "pipeline.json").read_text())["passed"]
+    for unit, precision in (("ort-fp32", "fp32"), ("ort-int8", "w8a8")):
+        manifest = read_manifest(out / unit)
+        assert manifest.precision == precision and manifest.decoder_spec == read_manifest(case.unit).decoder_spec
+        assert all((out / unit / name).is_file() for name in ("tokenizer.json", "genai_config.json", "config.json"))
+    with Engine.load(out / "ort-fp32") as engine:
+        results = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    assert [r.token_ids for r in results] == hf_greedy(case, PROMPTS)

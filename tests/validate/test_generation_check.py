@@ -79,11 +79,8 @@ def test_the_int8_unit_reports_per_step_cosine_and_first_divergent_token(decoder
     step's logits close to it (a tiny random router can flip an expert at a near tie, so single steps may drop),
     the verdict follows the precision's cosine bound, and the first divergent token is where the unit's own greedy
     tokens first leave the reference's."""
-    import pytest
     from decoders import int8_unit
 
-    if decoder_case.family == "llama-dense":
-        pytest.skip("a dense decoder has no expert to quantise")
     prompts = seeded_prompts(300, seed=3)
     reference = torch_reference(decoder_case.hf_model())
     with Engine.load(int8_unit(decoder_case)) as engine:
@@ -103,13 +100,9 @@ def test_the_int8_unit_reports_per_step_cosine_and_first_divergent_token(decoder
 
 def test_the_check_command_with_the_familys_own_importer(decoder_case, tmp_path, capsys) -> None:
     """No patch: `check HF_DIR --unit UNIT` loads the reference through the model-directory importer of the
-    family (pimoe_export/hf, its own MoE blocks: independent of the test export's) and passes on the fp32 unit."""
-    import pytest
-
+    family (pimoe_export/hf: the PyTorch DecoderLM, its MoE blocks in PyTorch) and passes on the fp32 unit."""
     from pimoe_export.hf.importers import importer_for
 
-    if decoder_case.family == "llama-dense":
-        pytest.skip("the model-directory importers take MoE decoders (a dense Llama is refused, exit 2)")
     importer_for(decoder_case.hf_dir)  # every MoE test family has one
     argv = ["check", str(decoder_case.hf_dir), "--unit", str(decoder_case.unit), "-o", str(tmp_path / "report")]
     assert main(argv) == 0

@@ -1,0 +1,89 @@
+"""The importers' DecoderLM with its key/value cache (pimoe_export/hf/decoder.py), in PyTorch, for every family.
+
+A left-padded batch run as generation runs it (the prompt in one step with an empty past, then one token per step
+through the cache the previous step returned) gives, at every valid position, the logits of Hugging Face's own
+model on the whole sequence in one forward pass without a cache (transformers' model loaded from the same
+directory: independent of our cache handling). The DecoderSpec holds the tiny configs' known geometry; DeepSeek's
+multi-head latent attention cache is refused with the reason, and its model keeps the forward pass alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_decoders import TINY
+
+from pimoe_export.hf import decoder as D
+from pimoe_export.interface import MODEL_LOGITS_OUTPUT, past_name, present_name
+
+transformers = pytest.importorskip("transformers")
+
+NO_CACHE = ("deepseek_v2", "deepseek_v3")
+PROMPT = 5  # the prefill step's tokens; the rest of the 11 go one per step
+
+
+def _tensors(feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in feed.items()}
+
+
+@pytest.mark.parametrize("family", [f for f in TINY if f not in NO_CACHE])
+def test_prefill_then_decode_steps_give_hugging_faces_logits(family, tiny_decoder) -> None:
+    directory = tiny_decoder(family)
+    ours = D.load_decoder(directory)
+    spec = ours.spec
+    assert spec is not None, ours.cache_refusal
+    # the tiny configs (tests/hf/tiny_decoders.py): 2 layers, 2 KV heads of 8 (H 32 / 4 heads, or head_dim 8)
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.vocab_size) == (2, 2, 8, 96)
+    assert spec.eos_token_ids == (2,) and spec.model_type == family and spec.context_length == 256
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    feed = D.random_decoder_feeds(96, 5, ((3, 11, "left"),))[0]
+    mask = feed["attention_mask"]
+    with torch.no_grad():
+        want = theirs(**_tensors(feed)).logits.numpy()
+        step = D.decoder_feed(feed["input_ids"][:, :PROMPT], mask[:, :PROMPT], spec)
+        out = ours(**_tensors(step))
+        got = [out[MODEL_LOGITS_OUTPUT].numpy()]
+        for t in range(PROMPT, mask.shape[1]):
+            past = {past_name(i, k): out[present_name(i, k)] for i in range(spec.num_layers) for k in ("key", "value")}
+            assert past[past_name(0, "key")].shape == (3, spec.num_kv_heads, t, spec.head_dim)
+            out = ours(input_ids=torch.from_numpy(feed["input_ids"][:, t: t + 1]),
+                       attention_mask=torch.from_numpy(mask[:, : t + 1]),
+                       position_ids=torch.from_numpy(feed["position_ids"][:, t: t + 1]), **past)
+            got.append(out[MODEL_LOGITS_OUTPUT].numpy())
+    steps = np.concatenate(got, axis=1)
+    valid = mask.astype(bool)
+    rel = np.linalg.norm(steps[valid] - want[valid]) / np.linalg.norm(want[valid])
+    assert rel <= 1e-5, f"{family}: cached steps differ from the whole-sequence forward (rel. L2 {rel:.3g})"
+
+
+@pytest.mark.parametrize("family", NO_CACHE)
+def test_an_mla_cache_is_refused_and_the_forward_pass_kept(family, tiny_decoder) -> None:
+    model = D.load_decoder(tiny_decoder(family))
+    assert model.spec is None and model.interface.cache_layers == 0
+    # keys of qk_nope 8 + qk_rope 8 = 16 and values of v_head_dim 8, on every one of the 4 attention heads
+    assert model.cache_refusal is not None and "keys of 4 heads x 16 and values of 4 heads x 8" in \
+        model.cache_refusal and "multi-head latent attention" in model.cache_refusal
+    feed = D.random_decoder_feeds(96, 1, ((2, 6, "left"),))[0]
+    with torch.no_grad():
+        out = model(**_tensors(feed))
+    assert list(out) == [MODEL_LOGITS_OUTPUT]
+
+
+def test_a_model_without_an_eos_token_keeps_the_forward_pass(tiny_decoder, tmp_path) -> None:
+    """Generation ends rows at EOS: a config that names none gets no cache, and says how to fix it."""
+    import json
+    import shutil
+
+    directory = tmp_path / "no-eos"
+    shutil.copytree(tiny_decoder("mixtral"), directory)
+    for name in ("config.json", "generation_config.json"):  # save_pretrained writes both
+        data = json.loads((directory / name).read_text())
+        data["eos_token_id"] = None
+        (directory / name).write_text(json.dumps(data))
+    model = D.load_decoder(directory)
+    assert model.spec is None and "eos_token_id" in (model.cache_refusal or "")
+    with pytest.raises(TypeError, match=r"past_key_values\.0\.key"):
+        model(**_tensors(D.random_decoder_feeds(96, 1, ((1, 4, "none"),))[0]),
+              **{past_name(0, "key"): torch.zeros(1, 2, 0, 8)})
