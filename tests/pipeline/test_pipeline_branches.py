@@ -11,6 +11,7 @@ the PyTorch module's own output."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -363,6 +364,8 @@ def test_progress_names_a_failure_and_the_notes_of_a_step(tmp_path, capsys) -> N
     summary = run_pipeline(output=tmp_path / "out", preset="tiny", model_dir=None, steps=steps)
     out = capsys.readouterr().out
     assert "FAILED (" in out and "): ValueError: a broke" in out
+    done = [line for line in out.splitlines() if line.startswith("      ok")]
+    assert len(done) == 2 and all(re.fullmatch(r"      ok \(\d+\.\d s\)", line) for line in done), done
     assert "      note: the a step said something" in out
     assert "pipeline FAILED; skipped: none" in out and not summary["passed"]
     notes = {s["name"]: s.get("notes") for s in summary["steps"]}
