@@ -275,25 +275,30 @@ def _report(passed: bool, precision: str, failures=()) -> SimpleNamespace:
 def test_the_check_step_checks_every_graph_and_every_engine_unit(tmp_path, monkeypatch) -> None:
     import pimoe_export.validate.check as check
 
-    calls = []
+    calls, models = [], []
 
     def check_onnx(model, path, out, *, force, feeds):
         calls.append(("onnx", Path(path).name, Path(out).name, force))
+        models.append((model, feeds))
         return _report(True, Path(path).name)
 
     def check_unit(model, unit, out, *, force, feeds):
         calls.append(("unit", Path(unit), Path(out).name, force))
+        models.append((model, feeds))
         return _report(True, Path(unit).name)
     monkeypatch.setattr(check, "check_onnx", check_onnx)
     monkeypatch.setattr(check, "check_unit", check_unit)
     exported, int8 = _graphs(tmp_path)
     run = _run(tmp_path / "out")
     model = Loaded(layer_source(_tiny()), tmp_path)
+    model.source.evaluation = [{"hidden_states": np.zeros((1, 2, 16), np.float32)}]
     checked = step_check(run, model, exported, int8, Ran({}, ("trt-fp16", "trt-int8")))
     assert calls == [("onnx", "model.onnx", "report", True), ("onnx", "model.fp16.onnx", "report_fp16", True),
                      ("onnx", "model.int8.onnx", "report_int8", True),
                      ("unit", tmp_path / "out" / "trt-fp16", "report_trt-fp16", True),
                      ("unit", tmp_path / "out" / "trt-int8", "report_trt-int8", True)]
+    # every graph and unit is compared with the source's own module on its held-out feeds
+    assert all(m is model.source.module and f is model.source.evaluation for m, f in models) and len(models) == 5
     assert list(checked.reports) == ["report", "report_fp16", "report_int8", "report_trt-fp16", "report_trt-int8"]
     assert checked.reports["report_trt-int8"]["precision"] == "trt-int8" and checked.not_checked == {}
     calls.clear()
