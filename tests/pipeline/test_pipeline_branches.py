@@ -24,6 +24,7 @@ from pimoe_export._files import OutputDir
 from pimoe_export.errors import BackendUnavailableError, OutputError, PiMoEInputError
 from pimoe_export.model import PiMoESystem, create_from_preset
 from pimoe_export.model.source import layer_source
+from pimoe_export.ops.schema import DOMAIN
 from pimoe_export.pipeline import (
     Benchmarked,
     Built,
@@ -145,6 +146,11 @@ def test_a_checkpoint_that_asks_for_fp16_gets_an_fp16_graph_of_the_same_model(tm
     graph = onnx.load(exported.graphs["fp16"]).graph
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     assert onnx.load(exported.graphs["fp32"]).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    # the benchmark's baseline holds standard ops only; the deployable graphs the pimoe ops
+    domains = {k: {n.domain for n in onnx.load(exported.graphs[k]).graph.node} for k in exported.graphs}
+    assert DOMAIN not in domains["standard"] and DOMAIN in domains["fp32"] and DOMAIN in domains["fp16"]
+    assert exported.pimoe_nodes == {"pimoe::PiMoERoute": 1, "pimoe::PiMoEDispatch": 1, "pimoe::PiMoEExpertMLP": 3,
+                                    "pimoe::PiMoECombine": 1}
     x = np.random.default_rng(0).standard_normal((2, 8, 16)).astype(np.float32)
     try:
         session = create_session(exported.graphs["fp16"])
