@@ -18,8 +18,9 @@ def test_generate_prints_the_engines_results(decoder_case, capsys) -> None:
     with Engine.load(unit) as engine:
         expected = engine.generate(["the cat sat", "dog ran"], max_new_tokens=7)
         sampled = engine.generate("the cat", max_new_tokens=6, temperature=0.7, top_k=20, top_p=0.9, seed=11)[0]
-    assert [p["token_ids"] for p in printed] == [e.token_ids for e in expected]
-    assert [p["text"] for p in printed] == [e.text for e in expected]
+    # one JSON object a line, each the engine's result field by field
+    assert printed == [{"prompt_token_ids": e.prompt_token_ids, "token_ids": e.token_ids, "text": e.text,
+                        "finish_reason": e.finish_reason, "seed": e.seed} for e in expected]
     argv = ["generate", unit, "--prompt", "the cat", "--max-new-tokens", "6", "--temperature", "0.7", "--top-k", "20",
             "--top-p", "0.9", "--seed", "11"]
     assert main([*argv, "--stream"]) == 0
