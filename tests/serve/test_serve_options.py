@@ -8,6 +8,7 @@ with Engine.run_named on each request alone (the server must compute exactly tha
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 from typing import ClassVar
@@ -258,6 +259,39 @@ def test_what_the_server_binds_for_each_option(units, monkeypatch, max_batch) ->
     assert triton.stopped and not server.is_alive()
     with pytest.raises(Exception, match="closed"):
         models[0].engine.run(tokens(0, 1, 1))
+
+
+def test_decoder_units_get_generate_models_in_the_repository_triton_loads(units, monkeypatch, tmp_path) -> None:
+    """A decoder unit (ServedModel without an engine here) is written as a generate model into the repository
+    Triton is configured with: its config names the unit, the rows decoded together and the threads; the
+    repository is the server's own and is gone after stop. An ONNX model unit is bound beside it."""
+    import pytriton.triton
+
+    from pimoe_export.serve.server import ServedModel
+
+    monkeypatch.setattr(pytriton.triton, "Triton", RecordingTriton)
+    RecordingTriton.instances = []
+    http, grpc, metrics = _free_ports(3)
+    options = ServeOptions(host="127.0.0.1", http_port=http, grpc_port=grpc, metrics_port=metrics, max_batch=3)
+    (layer,) = load_models([units["ort"]], "tiny", options)
+    decoder_dir = tmp_path / "decoder-unit"
+    decoder = ServedModel("chat", type("U", (), {"dir": decoder_dir})(), None, max_batch=5)
+    server = Server([decoder, layer], options)
+    server.threads = 2
+    server.start()
+    try:
+        (triton,) = RecordingTriton.instances
+        repository = Path(triton.config.model_repository)
+        assert repository.is_dir() and sorted(p.name for p in repository.iterdir()) == ["chat"]
+        config = (repository / "chat" / "config.pbtxt").read_text()
+        assert 'name: "chat"' in config
+        params = dict(re.findall(r'parameters \{ key: "(\w+)" value: \{ string_value: "([^"]*)" \} \}', config))
+        assert params == {"unit": str(decoder_dir.resolve()), "max_rows": "5", "threads": "2"}
+        assert (repository / "chat" / "1" / "model.py").is_file()
+        assert [b["model_name"] for b in triton.bound] == ["tiny"]  # the decoder is Triton's own python model
+    finally:
+        server.stop()
+    assert not repository.exists()
 
 
 def test_urls_of_an_ipv6_host() -> None:
