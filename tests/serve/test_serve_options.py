@@ -307,6 +307,9 @@ def test_triton_config_listens_only_where_asked() -> None:
     assert (config.http_port, config.grpc_port, config.metrics_port) == (18000, 18001, 18002)
     assert config.exit_timeout_secs == 11 and config.log_verbose == 2
     assert not config.allow_sagemaker and not config.allow_vertex_ai and config.allow_cpu_metrics
+    # False, not None: None leaves the flag off tritonserver's command line, whose default exports GPU metrics
+    # wherever a GPU is
+    assert config.allow_gpu_metrics is False
 
 
 def test_triton_tensors_keep_fixed_dims_and_mark_dynamic_ones() -> None:
