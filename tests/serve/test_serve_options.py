@@ -139,6 +139,18 @@ def test_names_triton_takes(units) -> None:
         assert model.name == name
 
 
+def test_default_names_are_names_triton_takes(tmp_path) -> None:
+    """A unit's default model name (<pipeline dir>_<unit dir>) is one Triton takes whatever the folders are called:
+    letters, digits, '_', '-' and '.', not starting with '.'."""
+    from pimoe_export.serve.triton import default_model_name
+
+    takes = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+    for parent, unit in ((".hidden", "ort-fp32"), ("..", "u"), ("a b", ".u"), ("out", "trt fp16"), ("é", "ü")):
+        name = default_model_name(tmp_path / parent / unit)
+        assert takes.fullmatch(name), (parent, unit, name)
+    assert default_model_name(tmp_path / "seed-512" / "trt-fp32") == "seed-512_trt-fp32"
+
+
 # ------------------------------------------------------------------------------------------ requests
 @pytest.mark.parametrize("batching", [False, True])
 def test_requests_are_run_alone_without_batching_and_joined_with_it(units, batching) -> None:
