@@ -19,3 +19,15 @@ def test_the_standard_op_module_routes_with_the_selection_bias() -> None:
     assert torch.equal(ids.sort(-1).values, info.ids.reshape(ids.shape).long().sort(-1).values)
     assert torch.allclose(y, ref, atol=1e-5)
     assert (ids == 0).any(-1).all()  # the +0.9 expert is in every token's top 2
+
+
+def test_the_export_modules_refuse_a_precision_they_do_not_export() -> None:
+    import pytest
+
+    from pimoe_export.errors import PiMoEExportError
+    from pimoe_export.export.modules import CustomOpPiMoE
+
+    model = create_from_preset("tiny")
+    for module in (CustomOpPiMoE, StandardOpsPiMoE):
+        with pytest.raises(PiMoEExportError, match=r"precision must be one of \[.*'fp32'.*\], got 'int4'"):
+            module(model, "int4")
