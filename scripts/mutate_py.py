@@ -16,6 +16,7 @@ first N of them that some selected test reaches; the "no tests" mutants met befo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -131,10 +132,27 @@ def _all_mutants() -> list[str]:
     return names
 
 
+def _source_digest(work: Path) -> str:
+    """sha256 over the group's modules as prepared in ``work`` (paths and contents)."""
+    digest = hashlib.sha256()
+    modules = json.loads((work / "group.json").read_text())["modules"]
+    for path in sorted({p for pattern in modules for p in work.glob(pattern) if p.is_file()}):
+        digest.update(str(path.relative_to(work)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def sample(work: Path, group: str, seed: int, size: int) -> None:
     os.chdir(work)
-    if not Path(SAMPLE_FILE).exists() or json.loads(Path(SAMPLE_FILE).read_text()).get("seed") != seed or \
-            json.loads(Path(SAMPLE_FILE).read_text()).get("size") != size:
+    source = _source_digest(work)
+    old = json.loads(Path(SAMPLE_FILE).read_text()) if Path(SAMPLE_FILE).exists() else None
+    if old is not None and old.get("source", source) != source:
+        # mutmut numbers the mutants of each function, so after the group's code changed a name may stand for
+        # another change: its results and the sample are dropped, and the group is sampled and run afresh
+        print(f"{group}: its modules changed since the last sample; sampling and running afresh")
+        shutil.rmtree("mutants", ignore_errors=True)
+        Path(RESULT_FILE).unlink(missing_ok=True)
+        old = None
+    if old is None or old.get("seed") != seed or old.get("size") != size:
         _generate()
         # which tests reach which function, collected afresh (mutmut 3.8 loses them when it reloads stats after a
         # configuration change)
@@ -157,7 +175,8 @@ def sample(work: Path, group: str, seed: int, size: int) -> None:
             if len(chosen) == size:
                 break
             (chosen if reached[name] else no_tests).append(name)
-        Path(SAMPLE_FILE).write_text(json.dumps({"group": group, "seed": seed, "size": size, "mutants": len(names),
+        Path(SAMPLE_FILE).write_text(json.dumps({"group": group, "seed": seed, "size": size, "source": source,
+                                                 "mutants": len(names),
                                                  "reached": sum(reached.values()), "chosen": chosen,
                                                  "no_tests": no_tests}, indent=1))
     data = json.loads(Path(SAMPLE_FILE).read_text())

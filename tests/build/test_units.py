@@ -164,6 +164,18 @@ def test_an_engine_unit_records_its_backend_artifacts_and_build(flavour, backend
     assert (tmp_path / "unit" / "model.engine").read_bytes() == b"plan"
     assert seen["strongly_typed"] is True and manifest.build_options["strongly_typed"] is True
     assert seen["flavour"] == flavour and manifest.build_options["layers"] == 7
+    # the model config is the graph's own (its pimoe.config metadata); one profile, so no list of several
+    import json
+
+    import onnx
+
+    from pimoe_export.artifacts.manifest import read_manifest
+    from pimoe_export.interface import META_CONFIG
+
+    graph_config = json.loads({p.key: p.value for p in onnx.load(onnx_copy).metadata_props}[META_CONFIG])
+    saved = read_manifest(tmp_path / "unit")
+    assert manifest.config == graph_config == saved.config and graph_config["num_experts"] > 0
+    assert manifest.profiles == [] == saved.profiles and saved.profile == options.profile
     if flavour == "tensorrt":
         assert config.calls == [("create", b""), ("set", False)]
         assert manifest.build_options["timing_cache_used"] is True and cache.read_bytes() == b"timing"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -18,8 +19,9 @@ def test_generate_prints_the_engines_results(decoder_case, capsys) -> None:
     with Engine.load(unit) as engine:
         expected = engine.generate(["the cat sat", "dog ran"], max_new_tokens=7)
         sampled = engine.generate("the cat", max_new_tokens=6, temperature=0.7, top_k=20, top_p=0.9, seed=11)[0]
-    assert [p["token_ids"] for p in printed] == [e.token_ids for e in expected]
-    assert [p["text"] for p in printed] == [e.text for e in expected]
+    # one JSON object a line, each the engine's result field by field
+    assert printed == [{"prompt_token_ids": e.prompt_token_ids, "token_ids": e.token_ids, "text": e.text,
+                        "finish_reason": e.finish_reason, "seed": e.seed} for e in expected]
     argv = ["generate", unit, "--prompt", "the cat", "--max-new-tokens", "6", "--temperature", "0.7", "--top-k", "20",
             "--top-p", "0.9", "--seed", "11"]
     assert main([*argv, "--stream"]) == 0
@@ -31,6 +33,16 @@ def test_generate_prints_the_engines_results(decoder_case, capsys) -> None:
     assert main(["generate", unit, "--prompt", "dog ran", "--prompt-ids", ids, "--max-new-tokens", "7", "--json"]) == 0
     mixed = [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()]
     assert mixed == [expected[1].token_ids, expected[0].token_ids]
+    # sampling without --seed names the seed it drew, and that seed repeats the tokens; greedy and seeded say nothing
+    sample = ["generate", unit, "--prompt", "the cat", "--max-new-tokens", "6", "--temperature", "0.7"]
+    assert main(sample) == 0
+    drawn = capsys.readouterr()
+    seed = re.fullmatch(r"\(sampled with --seed (\d+)\)\n", drawn.err)
+    assert seed, drawn.err
+    assert main([*sample, "--seed", seed.group(1)]) == 0
+    assert capsys.readouterr() == (drawn.out, "")
+    assert main(["generate", unit, "--prompt", "the cat", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(("extra", "message"), [

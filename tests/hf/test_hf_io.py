@@ -314,3 +314,12 @@ def test_embedding_fidelity_by_hand() -> None:
     assert got["sentences"] == 1
     assert got["embedding_cosine_mean"] == pytest.approx(cosine) == got["embedding_cosine_min"]
     assert got["token_state_rel_l2"] == pytest.approx(np.sqrt(1.0 / (2.0 + 4.0)))  # |a-b|^2 = 1; |b|^2 = 2 + 4
+
+
+def test_a_moefied_model_saves_into_a_directory_whose_parents_do_not_exist_yet(moefied, tmp_path) -> None:
+    model = load_moefied(moefied)
+    saved = save_moefied(model, tmp_path / "a" / "b" / "moe")
+    assert is_moefied(saved)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(load_moefied(saved)(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)

@@ -170,3 +170,15 @@ def test_balanced_clusters_are_balanced_and_deterministic() -> None:
     for block in range(4):  # well-separated groups of 8 end up together
         assert len(set(labels[block * 8:(block + 1) * 8].tolist())) == 1
     assert np.array_equal(labels, balanced_clusters(features, 4, seed=1))
+
+
+def test_balanced_clusters_group_units_by_the_direction_of_their_activations() -> None:
+    """Two units that fire on the same inputs in proportion belong to one expert whatever their scale: rows of one
+    direction at magnitudes 0.01 to 100 cluster together, apart from the other direction's."""
+    rng = np.random.default_rng(2)
+    directions = rng.standard_normal((2, 6))
+    scales = np.array([0.01, 100.0, 0.1, 10.0, 1.0, 50.0])
+    features = np.concatenate([d * scales[:, None] for d in directions])  # rows 0-5 one direction, 6-11 the other
+    for seed in range(4):
+        labels = balanced_clusters(features, 2, seed=seed)
+        assert len(set(labels[:6].tolist())) == 1 and len(set(labels[6:].tolist())) == 1 and labels[0] != labels[6]

@@ -190,8 +190,9 @@ def test_rtx_builds_the_whole_model_fp32_and_int8(exported, tmp_path) -> None:
 def test_a_model_without_pimoe_layers_is_refused(tmp_path) -> None:
     from pimoe_export.export.exporter import export_model
 
-    with pytest.raises(PiMoEExportError, match="contains no PiMoE layer"):
+    with pytest.raises(PiMoEExportError, match=r"^Linear contains no PiMoE layer"):  # names the module given
         export_model(nn.Linear(4, 4), tmp_path / "x.onnx", {"x": torch.zeros(2, 4)})
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_int8_of_the_whole_model_is_calibrated_per_layer_and_checked(exported, tmp_path) -> None:

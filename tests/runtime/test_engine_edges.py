@@ -96,3 +96,10 @@ def test_what_an_engine_describes(unit) -> None:
     assert described["precision"] == "fp32" and described["target_sms"] == []
     assert described["profile"] == {"min": (1, 1), "opt": (1, 4), "max": (4, 64)}
     assert described["io"]["inputs"] == [["hidden_states", "float32", ["batch", "sequence", 16]]]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_thread_count_reaches_the_session(unit, threads) -> None:
+    """Engine.load(threads=N) runs the unit's session on N intra-op threads (what serve --threads sets)."""
+    with Engine.load(unit, threads=threads) as engine:
+        assert engine.session.get_session_options().intra_op_num_threads == threads

@@ -8,6 +8,7 @@ with Engine.run_named on each request alone (the server must compute exactly tha
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 from typing import ClassVar
@@ -138,6 +139,18 @@ def test_names_triton_takes(units) -> None:
         assert model.name == name
 
 
+def test_default_names_are_names_triton_takes(tmp_path) -> None:
+    """A unit's default model name (<pipeline dir>_<unit dir>) is one Triton takes whatever the folders are called:
+    letters, digits, '_', '-' and '.', not starting with '.'."""
+    from pimoe_export.serve.triton import default_model_name
+
+    takes = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+    for parent, unit in ((".hidden", "ort-fp32"), ("..", "u"), ("a b", ".u"), ("out", "trt fp16"), ("é", "ü")):
+        name = default_model_name(tmp_path / parent / unit)
+        assert takes.fullmatch(name), (parent, unit, name)
+    assert default_model_name(tmp_path / "seed-512" / "trt-fp32") == "seed-512_trt-fp32"
+
+
 # ------------------------------------------------------------------------------------------ requests
 @pytest.mark.parametrize("batching", [False, True])
 def test_requests_are_run_alone_without_batching_and_joined_with_it(units, batching) -> None:
@@ -260,6 +273,39 @@ def test_what_the_server_binds_for_each_option(units, monkeypatch, max_batch) ->
         models[0].engine.run(tokens(0, 1, 1))
 
 
+def test_decoder_units_get_generate_models_in_the_repository_triton_loads(units, monkeypatch, tmp_path) -> None:
+    """A decoder unit (ServedModel without an engine here) is written as a generate model into the repository
+    Triton is configured with: its config names the unit, the rows decoded together and the threads; the
+    repository is the server's own and is gone after stop. An ONNX model unit is bound beside it."""
+    import pytriton.triton
+
+    from pimoe_export.serve.server import ServedModel
+
+    monkeypatch.setattr(pytriton.triton, "Triton", RecordingTriton)
+    RecordingTriton.instances = []
+    http, grpc, metrics = _free_ports(3)
+    options = ServeOptions(host="127.0.0.1", http_port=http, grpc_port=grpc, metrics_port=metrics, max_batch=3)
+    (layer,) = load_models([units["ort"]], "tiny", options)
+    decoder_dir = tmp_path / "decoder-unit"
+    decoder = ServedModel("chat", type("U", (), {"dir": decoder_dir})(), None, max_batch=5)
+    server = Server([decoder, layer], options)
+    server.threads = 2
+    server.start()
+    try:
+        (triton,) = RecordingTriton.instances
+        repository = Path(triton.config.model_repository)
+        assert repository.is_dir() and sorted(p.name for p in repository.iterdir()) == ["chat"]
+        config = (repository / "chat" / "config.pbtxt").read_text()
+        assert 'name: "chat"' in config
+        params = dict(re.findall(r'parameters \{ key: "(\w+)" value: \{ string_value: "([^"]*)" \} \}', config))
+        assert params == {"unit": str(decoder_dir.resolve()), "max_rows": "5", "threads": "2"}
+        assert (repository / "chat" / "1" / "model.py").is_file()
+        assert [b["model_name"] for b in triton.bound] == ["tiny"]  # the decoder is Triton's own python model
+    finally:
+        server.stop()
+    assert not repository.exists()
+
+
 def test_urls_of_an_ipv6_host() -> None:
     server = Server([], ServeOptions(host="::1", http_port=1, grpc_port=2, metrics_port=3))
     assert server.urls() == {"http": "http://[::1]:1", "grpc": "[::1]:2", "metrics": "http://[::1]:3/metrics"}
@@ -273,6 +319,9 @@ def test_triton_config_listens_only_where_asked() -> None:
     assert (config.http_port, config.grpc_port, config.metrics_port) == (18000, 18001, 18002)
     assert config.exit_timeout_secs == 11 and config.log_verbose == 2
     assert not config.allow_sagemaker and not config.allow_vertex_ai and config.allow_cpu_metrics
+    # False, not None: None leaves the flag off tritonserver's command line, whose default exports GPU metrics
+    # wherever a GPU is
+    assert config.allow_gpu_metrics is False
 
 
 def test_triton_tensors_keep_fixed_dims_and_mark_dynamic_ones() -> None:

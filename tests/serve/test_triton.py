@@ -263,6 +263,26 @@ def test_force_does_not_delete_foreign_folders(ort_unit, tmp_path) -> None:
     assert (foreign / "data.txt").read_text() == "keep me"
 
 
+def test_force_replaces_a_model_folder_this_command_wrote_even_without_its_config(ort_unit, tmp_path) -> None:
+    """A folder the command wrote itself (recorded in the repository's ownership record) is replaced with force
+    even when its config.pbtxt is gone (an interrupted write); without force it is refused."""
+    from pimoe_export.serve.triton import TritonRepositoryError, write_triton_repository
+
+    write_triton_repository(ort_unit, tmp_path / "repo", name="tiny")
+    (tmp_path / "repo" / "tiny" / "config.pbtxt").unlink()
+    (tmp_path / "repo" / "tiny" / "stale.txt").write_text("from before")
+    with pytest.raises(TritonRepositoryError, match="already exists; pass --force"):
+        write_triton_repository(ort_unit, tmp_path / "repo", name="tiny")
+    model = write_triton_repository(ort_unit, tmp_path / "repo", name="tiny", force=True)
+    assert model.config.is_file() and not (tmp_path / "repo" / "tiny" / "stale.txt").exists()
+    # a Triton model folder written by someone else (it holds a config.pbtxt) is replaced with force too
+    other = tmp_path / "repo" / "theirs"
+    other.mkdir()
+    (other / "config.pbtxt").write_text('name: "theirs"\n')
+    model = write_triton_repository(ort_unit, tmp_path / "repo", name="theirs", force=True)
+    assert 'name: "theirs"' in model.config.read_text() and (other / "1").is_dir()
+
+
 # ------------------------------------------------------------------------------------------ onnxruntime units
 def test_onnxruntime_repository(ort_unit, tiny, tmp_path) -> None:
     """Served by Triton's ONNX Runtime backend: model.onnx + our op library via model_operations, on the CPU."""

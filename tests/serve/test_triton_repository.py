@@ -157,3 +157,12 @@ def test_output_dtypes_default_to_the_first_inputs(ort, tmp_path) -> None:
     manifest.io["inputs"][0][1] = ""
     with pytest.raises(TritonRepositoryError, match=r"tensor 'hidden_states' has dtype '', which has no Triton"):
         tensor_specs(manifest)
+
+
+def test_a_malformed_io_entry_is_refused_naming_it_and_the_fix(ort) -> None:
+    from pimoe_export.errors import ArtifactError
+
+    manifest = read_manifest(ort)
+    manifest.io["outputs"][1] = ["expert_ids", "int32"]  # no shape
+    with pytest.raises(ArtifactError, match=r"\['expert_ids', 'int32'\].*rebuild the unit"):
+        tensor_specs(manifest)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +95,13 @@ def test_the_report_files_of_a_float_check(exported_layer, tmp_path) -> None:
     for section in ("## Mean |error| by top-1 expert", "## Environment", "## Files"):
         assert section in lines, section
     assert "## Failures" not in markdown and "## Kernel error alone" not in markdown
+    # the files the report lists are the ones in its directory, the report's own two under their names
+    assert saved["files"] == report.files
+    assert report.files["json"] == str(tmp_path / "r" / "report.json")
+    assert report.files["markdown"] == str(tmp_path / "r" / "report.md")
+    written = {p.name for p in (tmp_path / "r").iterdir() if not p.name.startswith(".")}
+    assert {Path(f).name for f in report.files.values()} <= written
+    assert "- markdown: report.md" in lines and "- json: report.json" in lines
 
 
 def test_the_defaults_the_command_line_and_the_library_share() -> None:

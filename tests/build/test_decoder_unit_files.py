@@ -1,0 +1,43 @@
+"""The client files of a decoder unit (what tokenizers, optimum and ONNX Runtime GenAI read beside the graph): each
+copied from the model directory under its role, hashed in the manifest, and a genai_config.json that names the
+unit's own graph and op library. The clients themselves run in test_llm_clients.py (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pimoe_export._files import sha256_file
+from pimoe_export.artifacts.manifest import CLIENT_FILES, read_manifest
+
+
+@pytest.fixture(scope="module")
+def case(decoder_cases):
+    from decoders import FAMILIES
+
+    return decoder_cases(next(iter(FAMILIES)))
+
+
+def test_the_client_files_are_the_model_directorys_under_their_roles(case) -> None:
+    manifest = read_manifest(case.unit)
+    by_role = {a.role: a for a in manifest.artifacts}
+    copied = [role for role, name in CLIENT_FILES.items() if role != "genai_config" and (case.hf_dir / name).is_file()]
+    assert "tokenizer" in copied and "hf_config" in copied
+    for role in copied:
+        artifact = by_role[role]
+        assert artifact.file == CLIENT_FILES[role]
+        assert (case.unit / artifact.file).read_bytes() == (case.hf_dir / CLIENT_FILES[role]).read_bytes()
+        assert artifact.sha256 == sha256_file(case.hf_dir / CLIENT_FILES[role])
+    assert by_role["genai_config"].file == "genai_config.json"
+    assert by_role["genai_config"].sha256 == sha256_file(case.unit / "genai_config.json")
+
+
+def test_genai_config_names_the_units_own_graph_and_op_library(case) -> None:
+    manifest = read_manifest(case.unit)
+    files = {a.role: a.file for a in manifest.artifacts}
+    model = json.loads((case.unit / "genai_config.json").read_text())["model"]
+    decoder = model["decoder"]
+    assert decoder["filename"] == files["onnx"] and (case.unit / decoder["filename"]).is_file()
+    library = decoder["session_options"]["custom_ops_library"]
+    assert library == files["ort_library"] and (case.unit / library).is_file()
