@@ -182,18 +182,20 @@ def _graphs(tmp_path: Path) -> tuple[Exported, Quantized]:
 def test_the_engines_step_builds_every_deployable_graph(tmp_path, monkeypatch, flavour, prefix) -> None:
     import pimoe_export.build.units as units
 
-    builds = []
+    builds, clients = [], []
 
-    def build_unit(path, unit_dir, *, options, force):
+    def build_unit(path, unit_dir, *, options, force, client_dir=None):
+        clients.append(client_dir)
         builds.append((Path(path), Path(unit_dir), options, force))
         return _Manifest(backend=f"backend-{Path(path).name}", backend_version="10.x", target_sms=["89"],
                          build_options={"plugin_layers": 4})
     monkeypatch.setattr(units, "detect_flavour", lambda preferred: flavour)
     monkeypatch.setattr(units, "build_unit", build_unit)
-    run = _run(tmp_path / "out")
+    run = _run(tmp_path / "out", model_dir=tmp_path / "ckpt")
     model = Loaded(layer_source(_tiny(builder_optimization_level=5)), tmp_path)
     exported, int8 = _graphs(tmp_path)
     built = step_engines(run, model, exported, int8)
+    assert clients == [tmp_path / "ckpt"] * 3  # the model's client files (tokenizer, config) go with every unit
     names = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
     assert isinstance(built, Built)
     assert built.units == {f"{prefix}-{p}": {"backend": f"backend-{f}", "version": "10.x", "targets": ["89"],
