@@ -56,7 +56,7 @@ def genai_refusal(spec: DecoderSpec) -> str | None:
     if spec.value_head_dim != spec.head_dim:
         return (f"ONNX Runtime GenAI's genai_config.json has one head_size for keys and values; this decoder caches "
                 f"keys of head dim {spec.head_dim} and values of {spec.value_head_dim} (multi-head latent "
-                "attention): no genai_config.json is written (run it with Engine.generate, serve or optimum)")
+                "attention): no genai_config.json is written (run it with Engine.generate or serve)")
     return None
 
 
