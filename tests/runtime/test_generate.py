@@ -193,7 +193,14 @@ def test_a_tampered_decoder_unit_is_refused(tmp_path, decoder_case) -> None:
         Engine.load(unit)
     shutil.rmtree(unit)
     shutil.copytree(decoder_case.unit, unit)
-    manifest = json.loads((unit / "manifest.json").read_text())
+    original = (unit / "manifest.json").read_text()
+    manifest = json.loads(original)
+    # a value cache of another head dim than the graph's (every family: keys' and values' may differ, MLA)
+    manifest["decoder"]["value_head_dim"] = manifest["decoder"]["head_dim"] + 4
+    (unit / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="decoder description differs"):
+        Engine.load(unit)
+    manifest = json.loads(original)
     manifest["decoder"]["eos_token_ids"] = [7]
     (unit / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="decoder description differs"):
