@@ -146,7 +146,8 @@ def layer_interface(hidden_size: int, top_k: int, precision: str) -> GraphInterf
 #: total_sequence] (1 = a token, 0 = left padding), position_ids [batch, sequence], past_key_values.<i>.key/value
 #: [batch, kv_heads, past_sequence, head_dim] in; logits [batch, sequence, vocab] and present.<i>.key/value [batch,
 #: kv_heads, total_sequence, head_dim] out, total_sequence = past_sequence + sequence. A prompt is one call with an
-#: empty past (past_sequence 0), each new token one call with sequence 1.
+#: empty past (past_sequence 0), each new token one call with sequence 1. The value tensors' head dim may differ from
+#: the keys' (DecoderSpec.value_head_dim: multi-head latent attention, DeepSeek-V2/V3).
 DECODER_POSITIONS_INPUT = "position_ids"
 DECODER_LOGITS = "logits"
 PAST_SEQUENCE_AXIS = "past_sequence"
@@ -179,7 +180,10 @@ class DecoderSpec:
     """What a decoder unit records of its model (the exporter writes it as ``pimoe.decoder`` metadata, the unit's
     manifest carries it as ``decoder``): the cache geometry, the vocabulary, the context length and the special
     tokens generation needs. ``model_type`` is the Hugging Face ``model_type`` (clients pick their model class by
-    it)."""
+    it). ``value_head_dim`` is the value cache's head dim (None when constructed: ``head_dim``, which every
+    attention whose keys and values are of one size has); DeepSeek-V2/V3's multi-head latent attention caches keys
+    of qk_nope_head_dim + qk_rope_head_dim and values of v_head_dim. :meth:`to_dict` leaves it out where it equals
+    ``head_dim``, so such a description reads as before it existed."""
 
     model_type: str
     num_layers: int
@@ -192,10 +196,13 @@ class DecoderSpec:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     bos_token_id: int | None = None
+    value_head_dim: int = None  # type: ignore[assignment]  # None: head_dim (set in __post_init__)
 
     def __post_init__(self) -> None:
-        sizes = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size",
-                 "context_length")
+        if self.value_head_dim is None:
+            object.__setattr__(self, "value_head_dim", self.head_dim)
+        sizes = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "value_head_dim", "hidden_size",
+                 "vocab_size", "context_length")
         bad = [n for n in sizes if not isinstance(getattr(self, n), int) or isinstance(getattr(self, n), bool)
                or getattr(self, n) < 1]
         if bad or not isinstance(self.model_type, str) or not self.model_type:
@@ -218,15 +225,32 @@ class DecoderSpec:
     def present_names(self) -> tuple[str, ...]:
         return tuple(present_name(i, k) for i in range(self.num_layers) for k in KV_KINDS)
 
+    def kv_head_dim(self, kind: str) -> int:
+        """The head dim of the key or the value cache (kind: key | value)."""
+        if kind not in KV_KINDS:
+            raise ValueError(f"a cache tensor is one of {KV_KINDS}, not {kind!r}")
+        return self.head_dim if kind == "key" else self.value_head_dim
+
+    @property
+    def cache_head_dims(self) -> tuple[int, ...]:
+        """The head dim of each cache tensor, in the order of :attr:`past_names` and :attr:`present_names`."""
+        return tuple(self.kv_head_dim(k) for _ in range(self.num_layers) for k in KV_KINDS)
+
+    def cache_shape(self, kind: str, batch: Any, length: Any) -> tuple[Any, ...]:
+        """[batch, kv_heads, length, head dim of ``kind``]: a key or value cache tensor (ints or axis names)."""
+        return (batch, self.num_kv_heads, length, self.kv_head_dim(kind))
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["eos_token_ids"] = list(self.eos_token_ids)
+        if self.value_head_dim == self.head_dim:
+            del data["value_head_dim"]
         return data
 
     @classmethod
     def from_dict(cls, data: Any) -> DecoderSpec:
         fields = set(cls.__dataclass_fields__)
-        if not isinstance(data, dict) or not fields - {"bos_token_id"} <= set(data) <= fields:
+        if not isinstance(data, dict) or not fields - {"bos_token_id", "value_head_dim"} <= set(data) <= fields:
             raise ArtifactError(f"malformed decoder description {data!r} (expected the fields {sorted(fields)})")
         try:
             return cls(**{**data, "eos_token_ids": _id_list(data["eos_token_ids"])})
@@ -262,15 +286,16 @@ def decoder_interface(spec: DecoderSpec, cache_dtype: str = "float32") -> GraphI
     """The standard decoder I/O of ``spec`` (see above): token inputs int64, logits float32 (fp16 graphs: float16
     like the cache)."""
     tokens = (BATCH_AXIS, SEQUENCE_AXIS)
-    cache_in = (BATCH_AXIS, spec.num_kv_heads, PAST_SEQUENCE_AXIS, spec.head_dim)
-    cache_out = (BATCH_AXIS, spec.num_kv_heads, TOTAL_SEQUENCE_AXIS, spec.head_dim)
+    kinds = KV_KINDS * spec.num_layers  # the kind of each past / present name, in order
     return GraphInterface(
         inputs=(TensorInterface(MODEL_IDS_INPUT, "int64", tokens),
                 TensorInterface(MODEL_MASK_INPUT, "int64", (BATCH_AXIS, TOTAL_SEQUENCE_AXIS)),
                 TensorInterface(DECODER_POSITIONS_INPUT, "int64", tokens),
-                *(TensorInterface(name, cache_dtype, cache_in) for name in spec.past_names)),
+                *(TensorInterface(name, cache_dtype, spec.cache_shape(kind, BATCH_AXIS, PAST_SEQUENCE_AXIS))
+                  for name, kind in zip(spec.past_names, kinds, strict=True))),
         outputs=(TensorInterface(DECODER_LOGITS, cache_dtype, (*tokens, spec.vocab_size)),
-                 *(TensorInterface(name, cache_dtype, cache_out) for name in spec.present_names)),
+                 *(TensorInterface(name, cache_dtype, spec.cache_shape(kind, BATCH_AXIS, TOTAL_SEQUENCE_AXIS))
+                   for name, kind in zip(spec.present_names, kinds, strict=True))),
     )
 
 
@@ -591,11 +616,12 @@ def decoder_profiles(spec: DecoderSpec, max_batch: int, max_prompt: int) -> tupl
     def shapes(seq: tuple[int, int, int], past: tuple[int, int, int]) -> dict[str, Any]:
         batch = (1, 1, max_batch)
         total = tuple(s + p for s, p in zip(seq, past, strict=True))
-        cache = tuple((b, spec.num_kv_heads, p, spec.head_dim) for b, p in zip(batch, past, strict=True))
         out = {MODEL_IDS_INPUT: tuple(zip(batch, seq, strict=True)),
                MODEL_MASK_INPUT: tuple(zip(batch, total, strict=True)),
                DECODER_POSITIONS_INPUT: tuple(zip(batch, seq, strict=True))}
-        return {**out, **{name: cache for name in spec.past_names}}
+        caches = {name: tuple(spec.cache_shape(kind, b, p) for b, p in zip(batch, past, strict=True))
+                  for name, kind in zip(spec.past_names, KV_KINDS * spec.num_layers, strict=True)}
+        return {**out, **caches}
 
     prompt_opt = min(max_prompt, 128)
     return (ShapeProfile("prefill", shapes((1, prompt_opt, max_prompt), (0, 0, 0))),

@@ -245,7 +245,8 @@ def step_units(run: Run, export: Exported, int8: Quantized | Unavailable) -> Pac
     units = {}
     for key, path in _graphs(export, int8).items():
         name = GRAPHS[key][1]
-        # a decoder unit ships the model directory's tokenizer and config files (and a genai_config.json)
+        # a decoder unit ships the model directory's tokenizer and config files (and a genai_config.json where
+        # GenAI can describe the decoder: build/clients.py)
         manifest = package_ort(path, run.out.claim_dir(name).root, force=True,
                                client_dir=run.options.model_dir)
         units[name] = {"backend": manifest.backend, "precision": manifest.precision,

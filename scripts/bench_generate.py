@@ -116,8 +116,8 @@ def op_profile(unit: Path, threads: int, past: int, steps: int, out: Path) -> No
     rng = np.random.default_rng(0)
     feeds = {MODEL_IDS_INPUT: np.full((1, 1), 5, np.int64), MODEL_MASK_INPUT: np.ones((1, past + 1), np.int64),
              DECODER_POSITIONS_INPUT: np.full((1, 1), past, np.int64),
-             **{n: rng.standard_normal((1, spec.num_kv_heads, past, spec.head_dim), np.float32)
-                for n in spec.past_names}}
+             **{n: rng.standard_normal((1, spec.num_kv_heads, past, dim), np.float32)
+                for n, dim in zip(spec.past_names, spec.cache_head_dims, strict=True)}}
     options = session_options(threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(out / "ort-profile")

@@ -1,14 +1,13 @@
 """Decoder units for the generation tests (the decoder_case fixture of tests/conftest.py), one per decoder family.
 
 ``FAMILIES`` lists the decoder families every generation test runs on: every family of the model-directory
-importers (pimoe_export/hf) whose key/value cache fits the decoder I/O (all but DeepSeek-V2/V3, whose multi-head
-latent attention caches keys and values of different head dims: the importer exports them without a cache, see
-docs/generation.md). Each is the family's tiny random model (tests/hf/tiny_decoders.py, with the overrides of
-:data:`GENERATION_OVERRIDES` and a byte-level BPE tokenizer trained here) saved as a Hugging Face directory, and its
-units are built by the product's path, the library calls of ``pimoe-export pipeline --model DIR``: the importer's
-source (``load_source``: a DecoderLM that takes and returns the cache), ``export_source`` (model.onnx),
-``quantize_model`` (model.int8.onnx, W8A8 experts) and ``package_ort`` with the directory's tokenizer and config
-files (ort-fp32/, ort-int8/).
+importers (pimoe_export/hf), DeepSeek-V2/V3 included (their multi-head latent attention caches keys and values of
+different head dims: DecoderSpec.value_head_dim, docs/generation.md). Each is the family's tiny random model
+(tests/hf/tiny_decoders.py, with the overrides of :data:`GENERATION_OVERRIDES` and a byte-level BPE tokenizer trained
+here) saved as a Hugging Face directory, and its units are built by the product's path, the library calls of
+``pimoe-export pipeline --model DIR``: the importer's source (``load_source``: a DecoderLM that takes and returns the
+cache), ``export_source`` (model.onnx), ``quantize_model`` (model.int8.onnx, W8A8 experts) and ``package_ort`` with
+the directory's tokenizer and config files (ort-fp32/, ort-int8/).
 """
 
 from __future__ import annotations
@@ -80,11 +79,14 @@ GENERATION_COMMON = {"initializer_range": 0.2, "tie_word_embeddings": False, "pa
                      "eos_token_id": 2, "max_position_embeddings": 2048}
 #: per family: Llama 4 attends in chunks of 8 positions on its rotary layer (the prompts cross a chunk boundary)
 #: and without rotary embeddings (NoPE) on the other; Qwen2-MoE and OLMoE with an MHA cache, as their released
-#: models (Qwen1.5-MoE-A2.7B, OLMoE-1B-7B) have it; GPT-OSS's YaRN factor 2 over 1024 of the 2048 positions
+#: models (Qwen1.5-MoE-A2.7B, OLMoE-1B-7B) have it; GPT-OSS's YaRN factor 2 over 1024 of the 2048 positions;
+#: DeepSeek-V2/V3 with a value head dim (12) apart from the keys' (qk_nope 8 + qk_rope 8 = 16), as their released
+#: models have it (192 and 128)
 GENERATION_OVERRIDES: dict[str, dict] = {
     "llama4_text": {"attention_chunk_size": 8, "no_rope_layers": [1, 0]},
     "qwen2_moe": {"num_key_value_heads": 4}, "olmoe": {"num_key_value_heads": 4},
     "gpt_oss": {"rope_scaling": {**TINY["gpt_oss"][1]["rope_scaling"], "original_max_position_embeddings": 1024}},
+    "deepseek_v2": {"v_head_dim": 12}, "deepseek_v3": {"v_head_dim": 12},
 }
 #: config fields over a family's generation model, by size (this file as a script, for scripts/bench_generate.py):
 #: "mid" has Qwen3-30B-A3B's proportions (GQA 4:1, many small experts) cut down to fit a 2-core machine: H 1024,
@@ -95,9 +97,6 @@ SIZES: dict[str, dict] = {
             "intermediate_size": 384, "moe_intermediate_size": 384, "num_experts": 32, "num_local_experts": 32,
             "num_experts_per_tok": 4, "num_hidden_layers": 2},
 }
-#: the importer families exported without a cache (their caches do not fit the decoder I/O: docs/generation.md)
-NO_CACHE = ("deepseek_v2", "deepseek_v3")
-
 
 def hf_directory(directory: Path, family: str, seed: int = 0, sizes: dict | None = None) -> Path:
     """A tiny random model of ``family`` (tests/hf/tiny_decoders.py's config, then :data:`GENERATION_COMMON`,
@@ -160,7 +159,7 @@ def int8_unit(case: DecoderCase) -> Path:
 
 #: every decoder family the generation tests run on, and how its case is built (see the module docstring)
 FAMILIES: dict[str, Callable[[Path], DecoderCase]] = {
-    family: (lambda root, family=family: build_family(family, root)) for family in TINY if family not in NO_CACHE}
+    family: (lambda root, family=family: build_family(family, root)) for family in TINY}
 
 
 if __name__ == "__main__":  # python tests/decoders.py --family F --size S -o DIR (the benchmark's models)

@@ -16,3 +16,70 @@ def test_interface_small_helpers() -> None:
     assert tolerances_for("w8a8_dynamic") is tolerances_for("w8a8")
     assert tolerances_for("no-such-precision") is tolerances_for("fp32")
     assert tolerances_for("fp16").error_quantile == 0.98
+
+
+# ------------------------------------------------------------------------------------------ decoder descriptions
+def _spec(**overrides):
+    from pimoe_export.interface import DecoderSpec
+
+    fields = {"model_type": "deepseek_v3", "num_layers": 2, "num_attention_heads": 4, "num_kv_heads": 4,
+              "head_dim": 16, "hidden_size": 32, "vocab_size": 96, "context_length": 256, "eos_token_ids": (2,),
+              "pad_token_id": 0, "bos_token_id": 1}
+    return DecoderSpec(**{**fields, **overrides})
+
+
+def test_a_value_head_dim_apart_from_the_keys_shapes_every_value_cache() -> None:
+    """DecoderSpec.value_head_dim (MLA: values of another head dim than the keys): the decoder I/O, the TensorRT
+    profiles and the description's JSON carry it; left out, it is head_dim and the JSON reads as before."""
+    import json
+
+    import pytest
+
+    from pimoe_export.errors import ArtifactError
+    from pimoe_export.interface import (
+        DecoderSpec,
+        decoder_interface,
+        decoder_profiles,
+    )
+
+    plain, mla = _spec(), _spec(value_head_dim=12)
+    assert plain.value_head_dim == 16 and "value_head_dim" not in plain.to_dict()
+    assert DecoderSpec.from_dict(plain.to_dict()) == plain == _spec(value_head_dim=16)
+    assert mla.to_dict()["value_head_dim"] == 12 and DecoderSpec.from_dict(json.loads(json.dumps(mla.to_dict()))) \
+        == mla != plain
+    assert mla.cache_head_dims == (16, 12, 16, 12) and mla.kv_head_dim("value") == 12
+    dims = {t.name: t.dims for t in (*decoder_interface(mla).inputs, *decoder_interface(mla).outputs)}
+    assert dims["past_key_values.1.key"] == ("batch", 4, "past_sequence", 16)
+    assert dims["past_key_values.1.value"] == ("batch", 4, "past_sequence", 12)
+    assert dims["present.0.value"] == ("batch", 4, "total_sequence", 12)
+    prefill, decode = decoder_profiles(mla, max_batch=8, max_prompt=64)
+    assert prefill.shapes["past_key_values.0.value"] == ((1, 4, 0, 12), (1, 4, 0, 12), (8, 4, 0, 12))
+    assert decode.shapes["past_key_values.0.key"][2] == (8, 4, 255, 16)
+    assert decode.shapes["past_key_values.1.value"][2] == (8, 4, 255, 12)
+    # a graph whose value cache has the keys' head dim is not this decoder's
+    io = decoder_interface(plain)
+    assert mla.interface_problems(io) == [f"{n} is float32 ['batch', 4, '{axis}', 16], expected float32 ['batch', 4, "
+                                          f"'{axis}', 12]" for n, axis in (("past_key_values.0.value", "past_sequence"),
+                                                                           ("past_key_values.1.value", "past_sequence"),
+                                                                           ("present.0.value", "total_sequence"),
+                                                                           ("present.1.value", "total_sequence"))]
+    assert plain.interface_problems(io) == [] and mla.interface_problems(decoder_interface(mla)) == []
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ArtifactError, match="value_head_dim"):
+            _spec(value_head_dim=bad)
+    with pytest.raises(ArtifactError, match="expected the fields"):
+        DecoderSpec.from_dict({**mla.to_dict(), "value_dim": 12})
+
+
+def test_genai_config_is_refused_for_a_decoder_it_cannot_describe() -> None:
+    import pytest
+
+    from pimoe_export.build.clients import genai_config, genai_refusal
+    from pimoe_export.errors import ArtifactError
+
+    config = genai_config(_spec(), "model.onnx", "libpimoe_ort.so")["model"]["decoder"]
+    assert genai_refusal(_spec()) is None and config["head_size"] == 16
+    reason = genai_refusal(_spec(value_head_dim=12))
+    assert reason is not None and "one head_size" in reason and "keys of head dim 16 and values of 12" in reason
+    with pytest.raises(ArtifactError, match="one head_size"):
+        genai_config(_spec(value_head_dim=12), "model.onnx", "libpimoe_ort.so")

@@ -5,7 +5,10 @@
   ``generation_config.json`` when present, and finds ``model.onnx`` with the standard KV-cache I/O.
 - ONNX Runtime GenAI (``og.Model(UNIT)``): reads ``genai_config.json``, written here from the unit's
   :class:`~pimoe_export.interface.DecoderSpec`; its decoder session options name our op library
-  (``custom_ops_library``, a path relative to the unit: GenAI refuses one outside the model directory).
+  (``custom_ops_library``, a path relative to the unit: GenAI refuses one outside the model directory). GenAI has
+  one ``head_size`` for the key and the value cache: a unit whose values have another head dim (DeepSeek-V2/V3's
+  multi-head latent attention) gets no genai_config.json (:func:`genai_refusal` says why; the unit's manifest
+  records it), rather than one that would size its value cache wrong.
 - Text in and out (``Engine.generate``, ``serve``, both clients' tokenizers): ``tokenizer.json``,
   ``tokenizer_config.json``, ``special_tokens_map.json``.
 
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pimoe_export._files import read_json
+from pimoe_export.errors import ArtifactError
 from pimoe_export.interface import (
     DECODER_LOGITS,
     DECODER_POSITIONS_INPUT,
@@ -47,10 +51,22 @@ def genai_search(generation_config: dict[str, Any], context_length: int) -> dict
             "past_present_share_buffer": False}
 
 
+def genai_refusal(spec: DecoderSpec) -> str | None:
+    """Why genai_config.json cannot describe the decoder of ``spec`` (None: it can)."""
+    if spec.value_head_dim != spec.head_dim:
+        return (f"ONNX Runtime GenAI's genai_config.json has one head_size for keys and values; this decoder caches "
+                f"keys of head dim {spec.head_dim} and values of {spec.value_head_dim} (multi-head latent "
+                "attention): no genai_config.json is written (run it with Engine.generate or serve)")
+    return None
+
+
 def genai_config(spec: DecoderSpec, onnx_file: str, library_file: str,
                  generation_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """genai_config.json for a unit whose ONNX is ``onnx_file`` and op library ``library_file`` (both relative to
-    the unit)."""
+    the unit); ArtifactError where GenAI cannot describe the decoder (:func:`genai_refusal`)."""
+    reason = genai_refusal(spec)
+    if reason is not None:
+        raise ArtifactError(reason)
     model_type = spec.model_type if spec.model_type in GENAI_MODEL_TYPES else GENAI_GENERIC_TYPE
     eos = list(spec.eos_token_ids)
     decoder = {

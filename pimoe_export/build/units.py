@@ -16,7 +16,7 @@ from typing import Any
 
 from pimoe_export._files import OutputDir, resolve_inside
 from pimoe_export.artifacts.manifest import CLIENT_FILES, MANIFEST_FILE, Artifact, Manifest, copy_artifact, copy_onnx
-from pimoe_export.build.clients import genai_config, read_generation_config
+from pimoe_export.build.clients import genai_config, genai_refusal, read_generation_config
 from pimoe_export.errors import ArtifactError, BackendUnavailableError
 from pimoe_export.interface import (
     CUDA_ARCHITECTURES,
@@ -94,6 +94,7 @@ def package_ort(
         graph = copy_onnx(onnx_path, out)
     copy_artifact(lib, lib_copy)
     client_artifacts = _write_client_files(out, meta, client_sources, graph[0].file, lib_copy.name)
+    genai_note = genai_refusal(meta.decoder) if meta.decoder else None
     ort = import_onnxruntime()
     onnx_art = graph[0]
     manifest = Manifest(
@@ -104,7 +105,8 @@ def package_ort(
         config=meta.config,
         artifacts=[*graph, Artifact.of("ort_library", lib_copy), *client_artifacts],
         backend_version=ort.__version__,
-        build_options={"cpu_isa": info["cpu_isa"]},
+        # a decoder GenAI cannot describe: the reason it has no genai_config.json
+        build_options={"cpu_isa": info["cpu_isa"], **({"genai_config": genai_note} if genai_note else {})},
         io=_interface(meta).to_dict(),
         decoder=meta.decoder.to_dict() if meta.decoder else {},
         source_onnx_sha256=onnx_art.sha256,
@@ -127,6 +129,8 @@ def _write_client_files(out: OutputDir, meta: OnnxMetadata, sources: dict[str, P
     if meta.decoder is None:
         return []
     written = [Artifact.of(role, copy_artifact(path, out.claim(CLIENT_FILES[role]))) for role, path in sources.items()]
+    if genai_refusal(meta.decoder) is not None:  # GenAI cannot describe it: no config rather than a wrong one
+        return written
     config = genai_config(meta.decoder, onnx_file, library_file, read_generation_config(sources.get(
         "generation_config")))
     genai = out.claim(CLIENT_FILES["genai_config"])

@@ -15,11 +15,12 @@ prefill and decode: :meth:`DecoderLM.forward` takes the past key/value tensors a
 past), hands them to Hugging Face as a cache (every layer a full-length cache layer; sliding windows, chunked
 attention and sinks stay in Hugging Face's masks and attention) and returns the present ones (past + new).
 
-A model whose cache does not fit the standard decoder I/O (one key and one value tensor per layer, every layer of
-the same [kv_heads, head_dim], keys and values of the same head dim) keeps the forward pass without a cache, with
-the reason in :attr:`DecoderLM.cache_refusal`: DeepSeek-V2/V3's multi-head latent attention caches keys of
-qk_nope_head_dim + qk_rope_head_dim and values of v_head_dim, which DecoderSpec's one head dim (like ONNX Runtime
-GenAI's genai_config.json) cannot describe.
+The cache is one key and one value tensor per layer, every layer's keys of the same [kv_heads, head_dim] and its
+values of the same [kv_heads, value head dim]: DeepSeek-V2/V3's multi-head latent attention caches keys of
+qk_nope_head_dim + qk_rope_head_dim and values of v_head_dim (DecoderSpec.value_head_dim; ONNX Runtime GenAI's
+genai_config.json, with one head_size, cannot describe it: build/clients.py). A model whose cache does not fit
+(layers that differ from each other, keys and values of different head counts, no EOS token) keeps the forward
+pass without a cache, with the reason in :attr:`DecoderLM.cache_refusal`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from pimoe_export.errors import PiMoEError, PiMoEInputError
 from pimoe_export.hf.families import BY_MODEL_TYPE, Family, refusal
 from pimoe_export.hf.weights import SafetensorsCheckpoint, read_config
 from pimoe_export.interface import (
+    KV_KINDS,
     MODEL_IDS_INPUT,
     MODEL_LOGITS_OUTPUT,
     MODEL_MASK_INPUT,
@@ -175,9 +177,10 @@ class DecoderLM(nn.Module):
         return result
 
 
-def cache_geometry(model: DecoderLM) -> tuple[int, int, int] | str:
-    """(layers, kv_heads, head_dim) of the model's key/value cache, read off one two-token step of the Hugging Face
-    model; a string: why the cache does not fit the standard decoder I/O (see the module docstring)."""
+def cache_geometry(model: DecoderLM) -> tuple[int, int, int, int] | str:
+    """(layers, kv_heads, key head_dim, value head_dim) of the model's key/value cache, read off one two-token step
+    of the Hugging Face model; a string: why the cache does not fit the standard decoder I/O (see the module
+    docstring)."""
     from transformers import DynamicCache
 
     ids = torch.zeros((1, 2), dtype=torch.long)
@@ -191,11 +194,10 @@ def cache_geometry(model: DecoderLM) -> tuple[int, int, int] | str:
     if len(shapes) != 1:
         return f"its layers cache keys/values of different [kv_heads, head_dim] {sorted(shapes)}"
     (key_heads, key_dim), (value_heads, value_dim) = next(iter(shapes))
-    if (key_heads, key_dim) != (value_heads, value_dim):
+    if key_heads != value_heads:
         return (f"its cache holds keys of {key_heads} heads x {key_dim} and values of {value_heads} heads x "
-                f"{value_dim} (multi-head latent attention): a decoder unit (like ONNX Runtime GenAI's "
-                "genai_config.json) records one head dim for both")
-    return len(layers), key_heads, key_dim
+                f"{value_dim}: a decoder unit records one KV head count for both")
+    return len(layers), key_heads, key_dim, value_dim
 
 
 def _token_ids(value: Any) -> tuple[int, ...]:
@@ -211,7 +213,7 @@ def decoder_spec(model: DecoderLM, directory: Path) -> DecoderSpec | str:
     geometry = cache_geometry(model)
     if isinstance(geometry, str):
         return geometry
-    layers, kv_heads, head_dim = geometry
+    layers, kv_heads, head_dim, value_head_dim = geometry
     config = model.config
     generation: dict[str, Any] = {}
     if (directory / "generation_config.json").is_file():
@@ -226,7 +228,7 @@ def decoder_spec(model: DecoderLM, directory: Path) -> DecoderSpec | str:
     try:
         return DecoderSpec(model_type=model.family.model_type, num_layers=layers,
                            num_attention_heads=int(config.num_attention_heads), num_kv_heads=kv_heads,
-                           head_dim=head_dim, hidden_size=int(config.hidden_size),
+                           head_dim=head_dim, value_head_dim=value_head_dim, hidden_size=int(config.hidden_size),
                            vocab_size=int(config.vocab_size), context_length=int(config.max_position_embeddings),
                            eos_token_ids=eos, pad_token_id=pad[0] if pad else 0,
                            bos_token_id=bos[0] if bos else None)
@@ -450,8 +452,8 @@ def decoder_feed(ids: np.ndarray, mask: np.ndarray, spec: DecoderSpec | None = N
     feed = {MODEL_IDS_INPUT: ids.astype(np.int64), MODEL_MASK_INPUT: mask.astype(np.int64),
             MODEL_POSITIONS_INPUT: positions(mask)}
     if spec is not None:
-        empty = np.zeros((ids.shape[0], spec.num_kv_heads, 0, spec.head_dim), np.float32)
-        feed.update({name: empty for name in spec.past_names})
+        feed.update({name: np.zeros(spec.cache_shape(kind, ids.shape[0], 0), np.float32)
+                     for name, kind in zip(spec.past_names, KV_KINDS * spec.num_layers, strict=True)})
     return feed
 
 
@@ -463,8 +465,8 @@ def export_example(spec: DecoderSpec, seed: int = 0) -> dict[str, np.ndarray]:
     feed = {MODEL_IDS_INPUT: rng.integers(0, spec.vocab_size, (batch, sequence)).astype(np.int64),
             MODEL_MASK_INPUT: np.ones((batch, past + sequence), np.int64),
             MODEL_POSITIONS_INPUT: np.tile(np.arange(past, past + sequence, dtype=np.int64), (batch, 1))}
-    for name in spec.past_names:
-        feed[name] = rng.standard_normal((batch, spec.num_kv_heads, past, spec.head_dim)).astype(np.float32)
+    for name, kind in zip(spec.past_names, KV_KINDS * spec.num_layers, strict=True):
+        feed[name] = rng.standard_normal(spec.cache_shape(kind, batch, past)).astype(np.float32)
     return feed
 
 

@@ -51,8 +51,9 @@ class Decoder:
         return [np.asarray(c) for c in cache]
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
-        shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
-        return [np.zeros(shape, self.cache_dtype) for _ in self.spec.past_names]
+        """An empty past ([batch, kv_heads, 0, head dim] each; the values' head dim may differ from the keys')."""
+        kv_heads = self.spec.num_kv_heads
+        return [np.zeros((batch, kv_heads, 0, dim), self.cache_dtype) for dim in self.spec.cache_head_dims]
 
 
 class OrtDecoder(Decoder):

@@ -1,8 +1,8 @@
 """TensorRT-RTX 1.7 ahead-of-time builds of the MoE decoder graphs (CI rung 5, no GPU): the fp32 decoder and its
 W8A8-dynamic variant, each with the two optimisation profiles of interface.decoder_profiles (prefill: a prompt with
 an empty past; decode: one token per row with a past up to the context). TensorRT's parser turns every pimoe node into
-our IPluginV3 plugins (four per MoE layer), the KV-cache inputs keep their head counts, and the INT8 plan carries
-the experts as int8.
+our IPluginV3 plugins (four per MoE layer), the KV-cache inputs keep their head counts and head dims (DeepSeek's
+values: their own), and the INT8 plan carries the experts as int8.
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ def test_fp32_and_int8_decoder_engines_build_with_prefill_and_decode_profiles(pl
         assert summary.plugin_counts() == {schema.ROUTE: moe_layers, schema.DISPATCH: moe_layers,
                                            schema.EXPERT_MLP: expert_groups, schema.COMBINE: moe_layers}
         inputs = {name: (dtype, shape) for name, dtype, shape in summary.inputs}
-        for name in spec.past_names:  # the cache: [batch, kv heads, past, head dim], fp32
-            assert inputs[name] == ("FLOAT", (-1, spec.num_kv_heads, -1, spec.head_dim))
+        # the cache: [batch, kv heads, past, head dim], fp32 (DeepSeek's values: a head dim of their own)
+        for name, dim in zip(spec.past_names, spec.cache_head_dims, strict=True):
+            assert inputs[name] == ("FLOAT", (-1, spec.num_kv_heads, -1, dim))
         outputs = [o[0] for o in summary.outputs]  # the decoder I/O, then each MoE layer's routing
         assert outputs[: 1 + len(spec.present_names)] == [DECODER_LOGITS, *spec.present_names]
         assert len(outputs) == 1 + len(spec.present_names) + 2 * moe_layers, outputs

@@ -3,8 +3,8 @@
 A left-padded batch run as generation runs it (the prompt in one step with an empty past, then one token per step
 through the cache the previous step returned) gives, at every valid position, the logits of Hugging Face's own
 model on the whole sequence in one forward pass without a cache (transformers' model loaded from the same
-directory: independent of our cache handling). The DecoderSpec holds the tiny configs' known geometry; DeepSeek's
-multi-head latent attention cache is refused with the reason, and its model keeps the forward pass alone.
+directory: independent of our cache handling). The DecoderSpec holds the tiny configs' known geometry, DeepSeek's
+multi-head latent attention cache with keys and values of different head dims (value_head_dim).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pimoe_export.interface import MODEL_LOGITS_OUTPUT, past_name, present_name
 
 transformers = pytest.importorskip("transformers")
 
-NO_CACHE = ("deepseek_v2", "deepseek_v3")
+#: multi-head latent attention: keys of qk_nope 8 + qk_rope 8 = 16, values of v_head_dim 8, on all 4 heads
+MLA = ("deepseek_v2", "deepseek_v3")
 PROMPT = 5  # the prefill step's tokens; the rest of the 11 go one per step
 
 
@@ -27,14 +28,17 @@ def _tensors(feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in feed.items()}
 
 
-@pytest.mark.parametrize("family", [f for f in TINY if f not in NO_CACHE])
+@pytest.mark.parametrize("family", list(TINY))
 def test_prefill_then_decode_steps_give_hugging_faces_logits(family, tiny_decoder) -> None:
     directory = tiny_decoder(family)
     ours = D.load_decoder(directory)
     spec = ours.spec
     assert spec is not None, ours.cache_refusal
-    # the tiny configs (tests/hf/tiny_decoders.py): 2 layers, 2 KV heads of 8 (H 32 / 4 heads, or head_dim 8)
-    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.vocab_size) == (2, 2, 8, 96)
+    # the tiny configs (tests/hf/tiny_decoders.py): 2 layers, 2 KV heads of 8 (H 32 / 4 heads, or head_dim 8);
+    # DeepSeek: every one of the 4 heads caches keys of 16 and values of 8
+    geometry = (2, 4, 16, 8) if family in MLA else (2, 2, 8, 8)
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.value_head_dim) == geometry
+    assert spec.vocab_size == 96 and ("value_head_dim" in spec.to_dict()) == (family in MLA)
     assert spec.eos_token_ids == (2,) and spec.model_type == family and spec.context_length == 256
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
                                                                attn_implementation="eager").eval()
@@ -48,6 +52,7 @@ def test_prefill_then_decode_steps_give_hugging_faces_logits(family, tiny_decode
         for t in range(PROMPT, mask.shape[1]):
             past = {past_name(i, k): out[present_name(i, k)] for i in range(spec.num_layers) for k in ("key", "value")}
             assert past[past_name(0, "key")].shape == (3, spec.num_kv_heads, t, spec.head_dim)
+            assert past[past_name(1, "value")].shape == (3, spec.num_kv_heads, t, spec.value_head_dim)
             out = ours(input_ids=torch.from_numpy(feed["input_ids"][:, t: t + 1]),
                        attention_mask=torch.from_numpy(mask[:, : t + 1]),
                        position_ids=torch.from_numpy(feed["position_ids"][:, t: t + 1]), **past)
@@ -58,17 +63,24 @@ def test_prefill_then_decode_steps_give_hugging_faces_logits(family, tiny_decode
     assert rel <= 1e-5, f"{family}: cached steps differ from the whole-sequence forward (rel. L2 {rel:.3g})"
 
 
-@pytest.mark.parametrize("family", NO_CACHE)
-def test_an_mla_cache_is_refused_and_the_forward_pass_kept(family, tiny_decoder) -> None:
-    model = D.load_decoder(tiny_decoder(family))
-    assert model.spec is None and model.interface.cache_layers == 0
-    # keys of qk_nope 8 + qk_rope 8 = 16 and values of v_head_dim 8, on every one of the 4 attention heads
-    assert model.cache_refusal is not None and "keys of 4 heads x 16 and values of 4 heads x 8" in \
-        model.cache_refusal and "multi-head latent attention" in model.cache_refusal
-    feed = D.random_decoder_feeds(96, 1, ((2, 6, "left"),))[0]
-    with torch.no_grad():
-        out = model(**_tensors(feed))
-    assert list(out) == [MODEL_LOGITS_OUTPUT]
+def test_layers_with_different_caches_are_refused(tiny_decoder, monkeypatch) -> None:
+    """Keys and values may differ in head dim (MLA, above), not layers from each other: such a model gets no
+    DecoderSpec (load_decoder keeps its forward pass alone), the reason says why."""
+    model = D.load_decoder(tiny_decoder("mixtral"), cache=False)
+    real = model._hf.forward
+
+    def uneven(*args, **kwargs):  # layer 1 caches keys and values of 4 (layer 0: 8)
+        out = real(*args, **kwargs)
+        layer = out.past_key_values.layers[1]
+        layer.keys, layer.values = layer.keys[..., :4], layer.values[..., :4]
+        return out
+
+    monkeypatch.setattr(model._hf, "forward", uneven)
+    reason = D.decoder_spec(model, tiny_decoder("mixtral"))
+    assert isinstance(reason, str) and "layers cache keys/values of different" in reason
+    assert "(2, 8), (2, 8)" in reason and "(2, 4), (2, 4)" in reason
+    monkeypatch.undo()
+    assert D.decoder_spec(model, tiny_decoder("mixtral")) == D.load_decoder(tiny_decoder("mixtral")).spec
 
 
 def test_a_model_without_an_eos_token_keeps_the_forward_pass(tiny_decoder, tmp_path) -> None:

@@ -6,9 +6,9 @@ attention), on padded batches (left and right padding, none): the fp32 ONNX the 
 gives the same logits at every valid position (rel. L2 <= 1e-5) and selects the same top-k experts at every MoE layer
 (its routing outputs against the experts Hugging Face's routers pick). The pipeline builds the TensorRT-RTX fp32 and
 INT8 engines (when TensorRT-RTX is installed), and its INT8 report states each MoE layer's routing agreement and
-output error. Every family whose cache fits the decoder I/O gets decoder units (the KV cache in and out, its
-DecoderSpec in the manifest, genai_config.json); DeepSeek-V2/V3 (multi-head latent attention) get the forward pass
-without a cache, and the pipeline record says why.
+output error. Every family gets decoder units (the KV cache in and out, its DecoderSpec in the manifest, a
+genai_config.json where GenAI can describe the cache: DeepSeek-V2/V3's multi-head latent attention caches keys and
+values of different head dims, which GenAI's one head_size cannot, and the manifest says so).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 
 REL_L2 = 1e-5
-#: the families whose cache does not fit the decoder I/O (keys and values of different head dims)
-NO_CACHE = ("deepseek_v2", "deepseek_v3")
+#: the families whose keys and values have different head dims (multi-head latent attention)
+MLA = ("deepseek_v2", "deepseek_v3")
 #: padded batches the comparison runs on (independent of the pipeline's own held-out feeds)
 SHAPES = ((2, 9, "left"), (3, 7, "right"), (1, 6, "none"))
 MEASURED: dict[str, dict] = {}  # family -> what test_fp32_onnx_matches_hugging_face measured (printed at the end)
@@ -138,20 +138,15 @@ def test_the_int8_report_states_each_layer_routing_and_error(pipeline) -> None:
           f"agreement {[round(v, 4) for v in report['routing_by_layer'].values()]}")
 
 
-def test_the_units_are_decoder_units_where_the_cache_fits(pipeline) -> None:
+def test_the_units_are_decoder_units(pipeline) -> None:
     """fp32 and INT8 units with the KV-cache I/O, the DecoderSpec in their manifests and a genai_config.json (the
-    tiny models have no tokenizer: none is shipped); DeepSeek's: the forward pass alone, the reason recorded."""
+    tiny models have no tokenizer: none is shipped); DeepSeek's: values of their own head dim, no genai_config.json
+    (the manifest says why)."""
     family, _, out, code, summary = pipeline
     assert code == 0
     kv_cache = _steps(summary)["model"]["detail"]["kv_cache"]
     for unit in ("ort-fp32", "ort-int8"):
         manifest = read_manifest(out / unit)
-        if family in NO_CACHE:
-            assert manifest.decoder_spec is None and not (out / unit / "genai_config.json").exists()
-            assert kv_cache.startswith("none: ") and "multi-head latent attention" in kv_cache, kv_cache
-            assert _steps(summary)["model"]["notes"] == [f"the graph has no KV cache (not a decoder unit): "
-                                                         f"{kv_cache.removeprefix('none: ')}"]
-            continue
         spec = manifest.decoder_spec
         assert spec is not None and spec.to_dict() == kv_cache and spec.model_type == family
         assert "notes" not in _steps(summary)["model"]
@@ -161,6 +156,12 @@ def test_the_units_are_decoder_units_where_the_cache_fits(pipeline) -> None:
         assert manifest.interface.output_names[: len(standard.output_names)] == standard.output_names
         named = {t.name: t for t in (*manifest.interface.inputs, *manifest.interface.outputs)}
         assert [named[t.name] for t in (*standard.inputs, *standard.outputs)] == [*standard.inputs, *standard.outputs]
+        if family in MLA:  # keys of qk_nope 8 + qk_rope 8, values of v_head_dim 8 (tests/hf/tiny_decoders.py)
+            assert (spec.head_dim, spec.value_head_dim) == (16, 8)
+            assert not (out / unit / "genai_config.json").exists()
+            assert "one head_size" in manifest.build_options["genai_config"]
+            continue
+        assert spec.value_head_dim == spec.head_dim and "genai_config" not in manifest.build_options
         genai = json.loads((out / unit / "genai_config.json").read_text())["model"]["decoder"]
         assert (genai["num_key_value_heads"], genai["head_size"]) == (spec.num_kv_heads, spec.head_dim)
         assert not (out / unit / "tokenizer.json").exists()

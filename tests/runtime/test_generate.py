@@ -193,7 +193,14 @@ def test_a_tampered_decoder_unit_is_refused(tmp_path, decoder_case) -> None:
         Engine.load(unit)
     shutil.rmtree(unit)
     shutil.copytree(decoder_case.unit, unit)
-    manifest = json.loads((unit / "manifest.json").read_text())
+    original = (unit / "manifest.json").read_text()
+    manifest = json.loads(original)
+    # a value cache of another head dim than the graph's (every family: keys' and values' may differ, MLA)
+    manifest["decoder"]["value_head_dim"] = manifest["decoder"]["head_dim"] + 4
+    (unit / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="decoder description differs"):
+        Engine.load(unit)
+    manifest = json.loads(original)
     manifest["decoder"]["eos_token_ids"] = [7]
     (unit / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="decoder description differs"):
@@ -209,15 +216,16 @@ def test_run_named_takes_a_decoder_step(engine) -> None:
     cache input), and a step equals the generation's prefill logits."""
     spec = engine.decoder_spec
     ids = np.array([engine.prompt_ids("the cat sat")[0]], np.int64)
-    empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None],
-             **{name: empty for name in spec.past_names}}
+             **{name: np.zeros((1, spec.num_kv_heads, 0, dim), np.float32)
+                for name, dim in zip(spec.past_names, spec.cache_head_dims, strict=True)}}
     out = engine.run_named(feeds)
     assert out["logits"].shape == (1, ids.shape[1], spec.vocab_size)
     assert out[spec.present_names[0]].shape == (1, spec.num_kv_heads, ids.shape[1], spec.head_dim)
+    assert out[spec.present_names[1]].shape == (1, spec.num_kv_heads, ids.shape[1], spec.value_head_dim)
     first = engine.generate([ids[0].tolist()], max_new_tokens=1)[0].token_ids[0]
     assert first == int(out["logits"][0, -1].argmax())
-    bad = {**feeds, spec.past_names[1]: np.zeros((1, spec.num_kv_heads, 2, spec.head_dim), np.float32)}
+    bad = {**feeds, spec.past_names[1]: np.zeros((1, spec.num_kv_heads, 2, spec.value_head_dim), np.float32)}
     with pytest.raises(PiMoEInputError, match="past_sequence"):
         engine.run_named(bad)
 
