@@ -162,11 +162,13 @@ class DecoderLM(nn.Module):
         if layers:
             from transformers import DynamicCache
 
+            missing = sorted(set(past_names(layers)) - set(past))
+            if past and missing:  # a partial cache would give the layers different past lengths
+                raise TypeError(f"DecoderLM got part of the key/value cache: {missing} missing (give every "
+                                f"past_key_values input, or none for a prompt)")
             cache = DynamicCache()  # full-length layers: the graph returns past + new for every layer
-            for i in range(layers):
-                key, value = past.get(past_name(i, "key")), past.get(past_name(i, "value"))
-                if key is not None and value is not None:
-                    cache.update(key, value, i)
+            for i in range(layers if past else 0):
+                cache.update(past[past_name(i, "key")], past[past_name(i, "value")], i)
         with real_rope(self.family.rope):
             out = self._hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            past_key_values=cache, use_cache=bool(layers), return_dict=True)
@@ -188,6 +190,8 @@ def cache_geometry(model: DecoderLM) -> tuple[int, int, int, int] | str:
         out = model._hf(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(2)[None],
                         past_key_values=DynamicCache(), use_cache=True, return_dict=True)
     layers = list(out.past_key_values.layers)
+    if any(getattr(layer, "keys", None) is None or getattr(layer, "values", None) is None for layer in layers):
+        return "some of its layers keep no key/value cache, which the standard decoder I/O has for every layer"
     shapes = {(tuple(layer.keys.shape[1:2] + layer.keys.shape[3:]), tuple(layer.values.shape[1:2] +
                                                                            layer.values.shape[3:]))
               for layer in layers}
@@ -232,7 +236,8 @@ def decoder_spec(model: DecoderLM, directory: Path) -> DecoderSpec | str:
                            vocab_size=int(config.vocab_size), context_length=int(config.max_position_embeddings),
                            eos_token_ids=eos, pad_token_id=pad[0] if pad else 0,
                            bos_token_id=bos[0] if bos else None)
-    except PiMoEError as exc:  # ArtifactError: a value outside what a decoder unit records
+    except (PiMoEError, AttributeError, TypeError, ValueError) as exc:  # ArtifactError: a value outside what a
+        # decoder unit records; the others: a config without (or with a non-integer) head count, size or context
         return f"its config does not describe a decoder unit ({exc})"
 
 

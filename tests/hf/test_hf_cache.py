@@ -99,3 +99,35 @@ def test_a_model_without_an_eos_token_keeps_the_forward_pass(tiny_decoder, tmp_p
     with pytest.raises(TypeError, match=r"past_key_values\.0\.key"):
         model(**_tensors(D.random_decoder_feeds(96, 1, ((1, 4, "none"),))[0]),
               **{past_name(0, "key"): torch.zeros(1, 2, 0, 8)})
+
+
+def test_a_partial_cache_is_refused(tiny_decoder) -> None:
+    """Every past_key_values input or none (a prompt): a cache with one layer's tensors left out would run that layer
+    with a shorter past than the others, so it is refused with the names that are missing."""
+    model = D.load_decoder(tiny_decoder("mixtral"))
+    spec = model.spec
+    assert spec is not None
+    feed = D.decoder_feed(np.ones((1, 3), np.int64), np.ones((1, 3), np.int64), spec)
+    with torch.no_grad():
+        out = model(**_tensors(feed))
+        past = {past_name(i, k): out[present_name(i, k)] for i in range(spec.num_layers) for k in ("key", "value")}
+        step = {"input_ids": torch.ones((1, 1), dtype=torch.long),
+                "attention_mask": torch.ones((1, 4), dtype=torch.long), "position_ids": torch.tensor([[3]])}
+        assert model(**step, **past)[present_name(1, "key")].shape[2] == 4
+        del past[past_name(1, "value")]
+        with pytest.raises(TypeError, match=r"part of the key/value cache: \['past_key_values\.1\.value'\] missing"):
+            model(**step, **past)
+
+
+def test_a_model_with_layers_that_keep_no_cache_gets_no_spec(tiny_decoder, monkeypatch) -> None:
+    model = D.load_decoder(tiny_decoder("mixtral"), cache=False)
+    real = model._hf.forward
+
+    def keyless(*args, **kwargs):  # layer 1 keeps no cache (e.g. a model that caches some layers only)
+        out = real(*args, **kwargs)
+        out.past_key_values.layers[1].keys = None
+        return out
+
+    monkeypatch.setattr(model._hf, "forward", keyless)
+    reason = D.decoder_spec(model, tiny_decoder("mixtral"))
+    assert isinstance(reason, str) and "keep no key/value cache" in reason
