@@ -252,6 +252,9 @@ class DecoderSpec:
         fields = set(cls.__dataclass_fields__)
         if not isinstance(data, dict) or not fields - {"bos_token_id", "value_head_dim"} <= set(data) <= fields:
             raise ArtifactError(f"malformed decoder description {data!r} (expected the fields {sorted(fields)})")
+        if "value_head_dim" in data and data["value_head_dim"] is None:  # written only when it differs from head_dim
+            raise ArtifactError("malformed decoder description: value_head_dim is null (leave it out when the "
+                                "values' head dim is head_dim)")
         try:
             return cls(**{**data, "eos_token_ids": _id_list(data["eos_token_ids"])})
         except ValueError as exc:

@@ -69,6 +69,8 @@ def test_a_value_head_dim_apart_from_the_keys_shapes_every_value_cache() -> None
             _spec(value_head_dim=bad)
     with pytest.raises(ArtifactError, match="expected the fields"):
         DecoderSpec.from_dict({**mla.to_dict(), "value_dim": 12})
+    with pytest.raises(ArtifactError, match="value_head_dim is null"):  # never written: a tampered manifest
+        DecoderSpec.from_dict({**plain.to_dict(), "value_head_dim": None})
 
 
 def test_genai_config_is_refused_for_a_decoder_it_cannot_describe() -> None:
