@@ -210,6 +210,10 @@ def export_model(
     interface = graph_interface(proto, example, list(outputs), names, axes)
     graph_meta = graph_metadata(type(model).__name__, {p: layer.config.to_json() for p, layer in layers.items()},
                                 interface)
+    clash = sorted(set(graph_meta) & set(metadata or {}))
+    if clash:
+        raise PiMoEExportError(f"the model source's metadata would replace the exporter's own keys {clash}: give "
+                               f"it other names")
     return finish_export(proto, path, model, "standard-ops" if standard_ops else "custom-ops", precision,
                          {**graph_meta, **(metadata or {})}, start)
 

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pimoe_export.errors import PiMoEExportError
 from pimoe_export.export.exporter import export_model, export_onnx, validate_onnx, weights_fingerprint
 from pimoe_export.export.tracing import axes_of, split_sequences
-from pimoe_export.interface import META_EXPORTER, META_WEIGHTS, read_metadata
+from pimoe_export.interface import META_EXPORTER, META_INTERFACE, META_WEIGHTS, read_metadata
 
 
 def test_the_exporter_record_and_the_opsets(exported_layer) -> None:
@@ -72,6 +72,17 @@ def test_routing_outputs_only_when_asked(tmp_path, capfd, routing) -> None:
     names = [o.name for o in onnx.load(str(result.path)).graph.output]
     assert names == (["y", "total", "moe/expert_ids", "moe/expert_weights"] if routing else ["y", "total"])
     assert list(read_metadata(result.path).interface.output_names) == names
+
+
+def test_source_metadata_cannot_replace_the_exporters_keys(tmp_path) -> None:
+    """A source may add metadata (a decoder's description), never overwrite what the exporter records."""
+    example = {"x": torch.randn(2, 3, 16)}
+    result = export_model(TwoOutputs().eval(), tmp_path / "m.onnx", example, metadata={"pimoe.extra": "1"})
+    props = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
+    assert props["pimoe.extra"] == "1" and META_INTERFACE in props
+    with pytest.raises(PiMoEExportError, match=rf"replace the exporter's own keys \['{META_INTERFACE}'\]"):
+        export_model(TwoOutputs().eval(), tmp_path / "n.onnx", example, metadata={META_INTERFACE: "{}"})
+    assert not (tmp_path / "n.onnx").exists()
 
 
 def test_validation_runs_the_full_check() -> None:
