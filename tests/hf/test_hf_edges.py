@@ -98,3 +98,6 @@ def test_a_decoder_directory_is_imported_by_its_family_with_seeded_feeds(tiny_de
     again = importers.load_source(directory, seed=3)
     assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(again.evaluation, source.evaluation,
                                                                               strict=True))
+    other = importers.load_source(directory, seed=4)
+    assert not all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(other.evaluation,
+                                                                                  source.evaluation, strict=True))
