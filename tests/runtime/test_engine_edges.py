@@ -103,3 +103,12 @@ def test_the_thread_count_reaches_the_session(unit, threads) -> None:
     """Engine.load(threads=N) runs the unit's session on N intra-op threads (what serve --threads sets)."""
     with Engine.load(unit, threads=threads) as engine:
         assert engine.session.get_session_options().intra_op_num_threads == threads
+
+
+def test_optimum_loader_refuses_a_unit_without_a_cache(unit) -> None:
+    """optimum_causal_lm (pimoe_export.runtime.clients) needs a decoder unit: a layer unit is refused by name,
+    before optimum is imported."""
+    from pimoe_export.runtime.clients import optimum_causal_lm
+
+    with pytest.raises(PiMoEInputError, match="is not a decoder unit"):
+        optimum_causal_lm(unit)
