@@ -28,6 +28,7 @@ pytest.importorskip("pytriton.triton", reason="nvidia-pytriton is not installed 
                                               "installs it)")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed (the serve extra)")
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (the serve extra)")
+from servers import free_ports, ready_server  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from pimoe_export.cli import main  # noqa: E402
@@ -37,18 +38,6 @@ pytestmark = pytest.mark.slow
 UNITS = ("ort-fp32", "ort-int8")
 MAX_BATCH = 8
 STARTUP_S = 180
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
@@ -78,27 +67,14 @@ class Served:
 def serving(unit_dirs: list[Path], options: list[str], log: Path, engines: dict[str, Engine]):
     """`pimoe-export serve UNITS OPTIONS` on free loopback ports, until it says it is ready; stopped with SIGTERM
     (killed after 60 s) on the way out."""
-    ports = _free_ports(3)
+    ports = free_ports(3)
     argv = [sys.executable, "-m", "pimoe_export.cli", "serve", *map(str, unit_dirs),
             "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *options]
     with log.open("w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     served = Served(process, log, ports, engines)
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while "ready: HTTP" not in served.output():
-            assert process.poll() is None, f"serve exited with {process.returncode}:\n{served.output()[-3000:]}"
-            assert time.monotonic() < deadline, f"serve not ready after {STARTUP_S} s:\n{served.output()[-3000:]}"
-            time.sleep(0.2)
+    with ready_server(process, served.output, STARTUP_S):
         yield served
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +262,7 @@ def test_refuses_a_tampered_unit(units, tmp_path, capsys) -> None:
     data = bytearray(onnx.read_bytes())
     data[len(data) // 2] ^= 0xFF
     onnx.write_bytes(bytes(data))
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     code = main(["serve", str(tampered), "--http-port", str(http), "--grpc-port", str(grpc),
                  "--metrics-port", str(metrics)])
     err = capsys.readouterr().err

@@ -10,8 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from decoders import FAMILIES
+from servers import free_ports, ready_server
 
 from pimoe_export.runtime.engine import Engine
 
@@ -31,16 +30,6 @@ STARTUP_S = 180
 MODEL = "llm"
 PROMPTS = ["the cat sat", "dog ran far away", "moe expert token route fast", "on the mat", "far away the dog",
            "route", "token token", "the expert ran on the mat and the cat sat far away"]
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 class Served:
@@ -90,7 +79,7 @@ class Served:
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def served(request, decoder_cases, tmp_path_factory):
     unit = decoder_cases(request.param).unit
-    ports = _free_ports(3)
+    ports = free_ports(3)
     log = tmp_path_factory.mktemp("serve-generate") / "serve.log"
     argv = [sys.executable, "-m", "pimoe_export.cli", "serve", str(unit), "--name", MODEL, "--http-port",
             str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--max-batch", "8",
@@ -98,21 +87,8 @@ def served(request, decoder_cases, tmp_path_factory):
     with log.open("w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     served = Served(process, log, ports, Engine.load(unit))
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while "ready: HTTP" not in served.output():
-            assert process.poll() is None, f"serve exited with {process.returncode}:\n{served.output()[-3000:]}"
-            assert time.monotonic() < deadline, f"serve not ready after {STARTUP_S} s:\n{served.output()[-3000:]}"
-            time.sleep(0.2)
+    with ready_server(process, served.output, STARTUP_S):
         yield served
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def _ids(event: dict) -> list[int]:

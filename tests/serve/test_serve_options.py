@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+from servers import free_ports
 
 pytest.importorskip("pytriton.triton", reason="nvidia-pytriton is not installed (the serve extra)")
 
@@ -216,23 +217,13 @@ class RecordingTriton:
         self.stopped = True
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.parametrize("max_batch", [0, 3])
 def test_what_the_server_binds_for_each_option(units, monkeypatch, max_batch) -> None:
     import pytriton.triton
 
     monkeypatch.setattr(pytriton.triton, "Triton", RecordingTriton)
     RecordingTriton.instances = []
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     options = ServeOptions(host="127.0.0.1", http_port=http, grpc_port=grpc, metrics_port=metrics,
                            max_batch=max_batch, queue_delay_us=1234, instances=3, exit_timeout_s=7)
     models = load_models([units["ort"]], "tiny", options)
@@ -283,7 +274,7 @@ def test_decoder_units_get_generate_models_in_the_repository_triton_loads(units,
 
     monkeypatch.setattr(pytriton.triton, "Triton", RecordingTriton)
     RecordingTriton.instances = []
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     options = ServeOptions(host="127.0.0.1", http_port=http, grpc_port=grpc, metrics_port=metrics, max_batch=3)
     (layer,) = load_models([units["ort"]], "tiny", options)
     decoder_dir = tmp_path / "decoder-unit"
@@ -339,7 +330,7 @@ def test_a_port_in_use_is_refused_naming_its_flag() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        free = _free_ports(2)
+        free = free_ports(2)
         for flag, options in (("--http-port", ServeOptions(http_port=port, grpc_port=free[0], metrics_port=free[1])),
                               ("--grpc-port", ServeOptions(http_port=free[0], grpc_port=port, metrics_port=free[1])),
                               ("--metrics-port", ServeOptions(http_port=free[0], grpc_port=free[1],
@@ -347,7 +338,7 @@ def test_a_port_in_use_is_refused_naming_its_flag() -> None:
             with pytest.raises(ServeError, match=rf"cannot listen on 127\.0\.0\.1:{port} .*choose another {flag}, or "
                                                  "another --host"):
                 check_ports_free(options)
-    check_ports_free(ServeOptions(http_port=free[0], grpc_port=free[1], metrics_port=_free_ports(1)[0]))
+    check_ports_free(ServeOptions(http_port=free[0], grpc_port=free[1], metrics_port=free_ports(1)[0]))
 
 
 def test_the_stub_finds_this_interpreters_libpython_first() -> None:
