@@ -8,10 +8,11 @@ For each batch size B (left-padded prompts of P tokens):
 - decode tokens/s = B / median time of one decode step, over ``--steps`` steps after the prefill (the cache grows
   from P to P + steps).
 
-Runners: ``pimoe`` (the unit through Engine's decoder: ONNX Runtime, I/O binding, libpimoe_ort), ``hf-eager`` (the
+Runners: ``pimoe`` (the unit through Engine's decoder: ONNX Runtime, the cache kept as OrtValues, libpimoe_ort), ``hf-eager`` (the
 Hugging Face model of ``--hf-dir``, attn_implementation="eager", one forward per step with its DynamicCache) and
 ``genai:<dir>`` for each ``--genai DIR`` (ONNX Runtime GenAI's Generator on a GenAI model directory: our unit
-itself, or the GenAI model builder's export of the same weights; append_tokens and generate_next_token timed).
+itself, or the GenAI model builder's export of the same weights; append_tokens and generate_next_token timed, with
+``--threads`` intra-op threads as the others).
 All in this process, runners interleaved per round (each round starting with the next runner), median over rounds.
 Usage:
 
@@ -155,6 +156,10 @@ def runners(args: argparse.Namespace) -> dict[str, Callable[[list[list[int]]], T
         for directory in args.genai:
             config = og.Config(str(directory))
             config.clear_providers()
+            # the same intra-op thread count as the other runners: GenAI's own default is half the logical cores
+            # (min 1, max 16), which equals --threads 1 only on a 2-core machine
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": args.threads}}}}))
             model = og.Model(config)
             result[f"genai:{directory.name}"] = lambda b, m=model: genai_round(og, m, b, args.steps)
     return result
