@@ -8,8 +8,9 @@ For each batch size B (left-padded prompts of P tokens):
 - decode tokens/s = B / median time of one decode step, over ``--steps`` steps after the prefill (the cache grows
   from P to P + steps).
 
-Runners: ``pimoe`` (the unit through Engine's decoder: ONNX Runtime, the cache kept as OrtValues, libpimoe_ort), ``hf-eager`` (the
-Hugging Face model of ``--hf-dir``, attn_implementation="eager", one forward per step with its DynamicCache) and
+Runners: ``pimoe`` (the unit through Engine's decoder: ONNX Runtime, the cache kept as OrtValues, libpimoe_ort),
+``hf-eager`` (the Hugging Face model of ``--hf-dir``, attn_implementation="eager", one forward per step with its
+DynamicCache) and
 ``genai:<dir>`` for each ``--genai DIR`` (ONNX Runtime GenAI's Generator on a GenAI model directory: our unit
 itself, or the GenAI model builder's export of the same weights; append_tokens and generate_next_token timed, with
 ``--threads`` intra-op threads as the others).
