@@ -3,6 +3,7 @@
 // string (empty on success).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -22,6 +23,13 @@ enum class DType : int32_t { kF32 = 0, kF16 = 1, kI8 = 2 };
 // results independent of which thread ran an index (determinism). Indices are handed out one at a time from a
 // shared counter to whichever pool thread is free, so a thread that starts late or is descheduled (another job on
 // the core) does not leave the others waiting at the end with its share of a fixed split.
+//
+// ``runs`` is the same parallel-for with the indices cut into contiguous runs, one per core (lanes): a worker takes
+// its lane's indices in order, then helps the other lanes (each lane's indices still come one at a time from its
+// own counter, so every index runs exactly once and a late or descheduled thread leaves its lane to the others).
+// For callers whose consecutive indices share data: a task that prefetches its successor's data warms its own
+// cache, and consecutive regions cut the same way (rows) find their rows in the core that wrote them. With one
+// thread the order is 0, 1, ..., total - 1, as above.
 class Parallel {
  public:
   using Trampoline = void (*)(void* arg, size_t index);
@@ -53,7 +61,43 @@ class Parallel {
     }, total, &queue);
   }
 
+  template <typename F>
+  void runs(size_t total, F&& fn) const {
+    const size_t n = std::min(total, lane_count());
+    if (impl_ == nullptr || n <= 1) return (*this)(total, fn);
+    using Fn = std::remove_reference_t<F>;
+    struct alignas(64) Lane {  // one cache line each: the lanes' counters are taken by different cores
+      std::atomic<size_t> next;
+      size_t end;
+    };
+    struct Queue {
+      Lane lane[kMaxLanes];
+      size_t n;
+      Fn* fn;
+    } queue;
+    for (size_t k = 0; k < n; ++k) {
+      queue.lane[k].next.store(k * total / n, std::memory_order_relaxed);
+      queue.lane[k].end = (k + 1) * total / n;
+    }
+    queue.n = n;
+    queue.fn = &fn;
+    // worker w (one per lane, however the pool spreads them) drains lane w, then lanes w + 1, w + 2, ... (mod n)
+    impl_(ctx_, [](void* arg, size_t w) {
+      Queue& q = *static_cast<Queue*>(arg);
+      for (size_t j = 0; j < q.n; ++j) {
+        Lane& lane = q.lane[(w + j) % q.n];
+        for (size_t i = lane.next.fetch_add(1, std::memory_order_relaxed); i < lane.end;
+             i = lane.next.fetch_add(1, std::memory_order_relaxed))
+          (*q.fn)(i);
+      }
+    }, n, &queue);
+  }
+
  private:
+  static constexpr size_t kMaxLanes = 64;
+  // the CPUs this process may run on (the pool has a thread per core by default), at most kMaxLanes
+  static size_t lane_count();
+
   void* ctx_ = nullptr;
   Impl impl_ = nullptr;
 };
