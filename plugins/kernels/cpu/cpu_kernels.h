@@ -25,8 +25,9 @@ enum class DType : int32_t { kF32 = 0, kF16 = 1, kI8 = 2 };
 // the core) does not leave the others waiting at the end with its share of a fixed split.
 //
 // ``runs`` is the same parallel-for with the indices cut into contiguous runs, one per core (lanes): a worker takes
-// its lane's indices in order, then helps the other lanes (each lane's indices still come one at a time from its
-// own counter, so every index runs exactly once and a late or descheduled thread leaves its lane to the others).
+// a lane no one has started and its indices in order, then helps the lanes still running (each lane's indices still
+// come one at a time from its own counter, so every index runs exactly once and a late or descheduled thread leaves
+// its lane to the others).
 // For callers whose consecutive indices share data: a task that prefetches its successor's data warms its own
 // cache, and consecutive regions cut the same way (rows) find their rows in the core that wrote them. With one
 // thread the order is 0, 1, ..., total - 1, as above.
@@ -72,24 +73,31 @@ class Parallel {
     };
     struct Queue {
       Lane lane[kMaxLanes];
+      std::atomic<size_t> claimed;
       size_t n;
       Fn* fn;
+      void drain(Lane& l) {
+        for (size_t i = l.next.fetch_add(1, std::memory_order_relaxed); i < l.end;
+             i = l.next.fetch_add(1, std::memory_order_relaxed))
+          (*fn)(i);
+      }
     } queue;
     for (size_t k = 0; k < n; ++k) {
       queue.lane[k].next.store(k * total / n, std::memory_order_relaxed);
       queue.lane[k].end = (k + 1) * total / n;
     }
+    queue.claimed.store(0, std::memory_order_relaxed);
     queue.n = n;
     queue.fn = &fn;
-    // worker w (one per lane, however the pool spreads them) drains lane w, then lanes w + 1, w + 2, ... (mod n)
+    // ``n`` workers, however the pool spreads them: each claims lanes no one has started, in order, while there are
+    // any (a pool with fewer threads than lanes: a thread's next lane is a fresh one), then helps the lanes still
+    // running, starting at its own index
     impl_(ctx_, [](void* arg, size_t w) {
       Queue& q = *static_cast<Queue*>(arg);
-      for (size_t j = 0; j < q.n; ++j) {
-        Lane& lane = q.lane[(w + j) % q.n];
-        for (size_t i = lane.next.fetch_add(1, std::memory_order_relaxed); i < lane.end;
-             i = lane.next.fetch_add(1, std::memory_order_relaxed))
-          (*q.fn)(i);
-      }
+      for (size_t k = q.claimed.fetch_add(1, std::memory_order_relaxed); k < q.n;
+           k = q.claimed.fetch_add(1, std::memory_order_relaxed))
+        q.drain(q.lane[k]);
+      for (size_t j = 0; j < q.n; ++j) q.drain(q.lane[(w + j) % q.n]);
     }, n, &queue);
   }
 
