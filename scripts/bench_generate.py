@@ -8,11 +8,16 @@ For each batch size B (left-padded prompts of P tokens):
 - decode tokens/s = B / median time of one decode step, over ``--steps`` steps after the prefill (the cache grows
   from P to P + steps).
 
-Runners: ``pimoe`` (the unit through Engine's decoder: ONNX Runtime, I/O binding, libpimoe_ort), ``hf-eager`` (the
-Hugging Face model of ``--hf-dir``, attn_implementation="eager", one forward per step with its DynamicCache) and
+Runners: ``pimoe`` (the unit through Engine's decoder: ONNX Runtime, the cache kept as OrtValues, libpimoe_ort),
+``hf-eager`` (the Hugging Face model of ``--hf-dir``, attn_implementation="eager", one forward per step with its
+DynamicCache) and
 ``genai:<dir>`` for each ``--genai DIR`` (ONNX Runtime GenAI's Generator on a GenAI model directory: our unit
-itself, or the GenAI model builder's export of the same weights; append_tokens and generate_next_token timed).
-All in this process, runners interleaved per round (each round starting with the next runner), median over rounds.
+itself, or the GenAI model builder's export of the same weights; append_tokens and generate_next_token timed, with
+``--threads`` intra-op threads as the others).
+All in this process, runners interleaved per round (each round starting with the next runner), median over rounds;
+with ``--sessions N`` each ONNX Runtime runner has N sessions of its model, used in turn (give rounds a multiple of
+N): one session's decode time depends on where its weights landed in memory, by up to ~8% between identical
+sessions of one process, which is the size of the differences being judged.
 Usage:
 
     .venv/bin/python scripts/bench_generate.py --hf-dir HF_DIR --unit UNIT [--genai DIR ...]
@@ -29,6 +34,7 @@ The unit's own directory is also a GenAI model (``--genai-unit`` times it in ONN
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -138,10 +144,33 @@ def op_profile(unit: Path, threads: int, past: int, steps: int, out: Path) -> No
         print(f"| {op} | {total / steps:.0f} | {nodes[op] // steps} |")
 
 
-def runners(args: argparse.Namespace) -> dict[str, Callable[[list[list[int]]], Timing]]:
+def cycling(rounds: list[Callable[[list[list[int]]], Timing]]) -> Callable[[list[list[int]]], Timing]:
+    """One runner over several sessions of the same model: each call uses the next one."""
+    turn = itertools.cycle(rounds)
+    return lambda batch: next(turn)(batch)
 
-    engine = Engine.load(args.unit, threads=args.threads)
-    result: dict[str, Callable[[list[list[int]]], Timing]] = {"pimoe": lambda b: pimoe_round(engine, b, args.steps)}
+
+def runners(args: argparse.Namespace) -> dict[str, Callable[[list[list[int]]], Timing]]:
+    """The runners; the ONNX Runtime ones with ``--sessions`` sessions each, created in turn (the first session of
+    every runner, then the second, ...), so that no runner always has the process's first or last allocations."""
+    pimoe: list[Callable[[list[list[int]]], Timing]] = []
+    genai: dict[str, list[Callable[[list[list[int]]], Timing]]] = {f"genai:{d.name}": [] for d in args.genai}
+    og = None
+    if args.genai:
+        import onnxruntime_genai as og
+    for _ in range(args.sessions):
+        engine = Engine.load(args.unit, threads=args.threads)
+        pimoe.append(lambda b, e=engine: pimoe_round(e, b, args.steps))
+        for directory in args.genai:
+            config = og.Config(str(directory))
+            config.clear_providers()
+            # the same intra-op thread count as the other runners: GenAI's own default is half the logical cores
+            # (min 1, max 16), which equals --threads 1 only on a 2-core machine
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": args.threads}}}}))
+            model = og.Model(config)
+            genai[f"genai:{directory.name}"].append(lambda b, m=model: genai_round(og, m, b, args.steps))
+    result: dict[str, Callable[[list[list[int]]], Timing]] = {"pimoe": cycling(pimoe)}
     if not args.skip_hf:
         import torch
         import transformers
@@ -149,14 +178,7 @@ def runners(args: argparse.Namespace) -> dict[str, Callable[[list[list[int]]], T
         torch.set_num_threads(args.threads)
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(args.hf_dir), attn_implementation="eager").eval()
         result["hf-eager"] = lambda b: hf_round(hf, b, args.steps)
-    if args.genai:
-        import onnxruntime_genai as og
-
-        for directory in args.genai:
-            config = og.Config(str(directory))
-            config.clear_providers()
-            model = og.Model(config)
-            result[f"genai:{directory.name}"] = lambda b, m=model: genai_round(og, m, b, args.steps)
+    result.update({name: cycling(rounds) for name, rounds in genai.items()})
     return result
 
 
@@ -184,6 +206,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sessions", type=int, default=1,
+                        help="ONNX Runtime sessions per runner, used in turn round by round (identical sessions of "
+                             "one model differ by up to ~8%% in decode time: where their weights landed in memory)")
     parser.add_argument("--skip-hf", action="store_true",
                         help="leave Hugging Face eager out (no PyTorch model in the process while the others run)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
@@ -200,14 +225,15 @@ def main() -> int:
     timed = runners(args)
     results = []
     print(f"CPU: {cpu_line()}; threads {args.threads}; model {args.unit}; prompt {args.prompt}, "
-          f"{args.steps} decode steps, median of {args.rounds} rounds")
+          f"{args.steps} decode steps, median of {args.rounds} rounds over {args.sessions} session(s) per runner")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("| runner | batch | prefill tok/s | decode tok/s | decode ms/step (rounds' min-max) |\n|---|---|---|---|---|")
     for batch in (int(b) for b in args.batches.split(",")):
         data = prompts(batch, args.prompt, vocab)
         rounds: dict[str, list[Timing]] = {name: [] for name in timed}
-        for run in timed.values():  # warm-up
-            run(data)
+        for run in timed.values():  # warm-up, every session
+            for _ in range(args.sessions):
+                run(data)
         names = list(timed)
         for index in range(args.rounds):  # each round starts with the next runner: no runner always follows another
             for name in names[index % len(names):] + names[:index % len(names)]:

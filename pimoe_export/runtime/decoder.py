@@ -4,9 +4,14 @@ A call takes input_ids / attention_mask / position_ids and the past cache and re
 (numpy, what sampling reads) and the present cache (interface.py "decoders"). The cache stays in the backend's own
 values between calls:
 
-- :class:`OrtDecoder` (ONNX Runtime): I/O binding; each present output is an OrtValue ONNX Runtime allocates on the
-  session's device and is bound as the next call's past input unchanged, so the cache is never copied through numpy
-  between steps; the logits are written straight into a numpy buffer bound as the output.
+- :class:`OrtDecoder` (ONNX Runtime): each present output is an OrtValue ONNX Runtime allocates on the session's
+  device and is fed as the next call's past input unchanged, so the cache is never copied through numpy between
+  steps. On the CPU a call is one ``run_with_ort_values`` of the session's native object (inputs and outputs as
+  OrtValues, only the logits and the presents fetched); elsewhere, and where that object is missing, I/O binding
+  with the logits written straight into a bound numpy buffer. Both give the same bits; the CPU path exists because
+  a decode step's own Python is part of its latency: the binding path makes ~15 calls through onnxruntime's Python
+  wrappers per step, each a few microseconds once the step's kernels have evicted it from the caches
+  (docs/benchmarks.md, generation: 0.1-0.17 ms of a ~2 ms step of the mid-size unit).
 - :class:`ArrayDecoder` (any engine that runs numpy feeds, e.g. TensorRT through Polygraphy): the cache travels as
   numpy arrays.
 
@@ -57,42 +62,82 @@ class Decoder:
 
 
 class OrtDecoder(Decoder):
-    """ONNX Runtime with I/O binding (see the module docstring); ``device``: where the cache lives ("cpu", "cuda")."""
+    """ONNX Runtime (see the module docstring); ``device``: where the cache lives ("cpu", "cuda")."""
 
     def __init__(self, session: Any, spec: DecoderSpec, cache_dtype: str, logits_dtype: str,
                  device: str = "cpu") -> None:
         super().__init__(spec, cache_dtype, logits_dtype)
         self.session = session
         self.device = device
+        self._outputs = [DECODER_LOGITS, *spec.present_names]
+        self._native = _native_cpu_run(session) if device == "cpu" else None
 
     def forward(self, ids, mask, positions, cache, all_positions=False):
+        batch = ids.shape[0]
+        inputs = [np.ascontiguousarray(a, np.int64) for a in (ids, mask, positions)]
+        past = self.empty_cache(batch) if cache is None else cache
+        try:
+            if self._native is not None:
+                logits, present = self._native_forward(inputs, past)
+            else:
+                logits, present = self._bound_forward(inputs, past)
+        except Exception as exc:  # onnxruntime's own Fail / InvalidArgument
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunError(f"ONNX Runtime could not run the decoder step: {detail}") from None
+        return (logits if all_positions else logits[:, -1, :]).astype(np.float32), present
+
+    def _native_forward(self, inputs: list[np.ndarray], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+        """One ``run_with_ort_values`` of the native session: numpy inputs wrapped without a copy (``held`` keeps
+        them alive for the call), past OrtValues passed as they are, presents wrapped as OrtValues."""
         import onnxruntime as ort
 
-        batch, sequence = ids.shape
+        run, from_numpy, device = self._native
+        names = (MODEL_IDS_INPUT, MODEL_MASK_INPUT, DECODER_POSITIONS_INPUT, *self.spec.past_names)
+        held = list(inputs)
+        for value in past:
+            held.append(value._ortvalue if isinstance(value, ort.OrtValue) else np.ascontiguousarray(value))
+        feeds = {name: from_numpy(value, device) if isinstance(value, np.ndarray) else value
+                 for name, value in zip(names, held, strict=True)}
+        out = run(feeds, self._outputs, None)
+        return out[0].numpy(), [ort.OrtValue(out[i]) for i in range(1, len(self._outputs))]
+
+    def _bound_forward(self, inputs: list[np.ndarray], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+        """I/O binding (any device): presents allocated on the session's device, logits into a numpy buffer."""
+        import onnxruntime as ort
+
         binding = self.session.io_binding()
-        feeds = {MODEL_IDS_INPUT: ids, MODEL_MASK_INPUT: mask, DECODER_POSITIONS_INPUT: positions}
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array, np.int64))
-        for name, value in zip(self.spec.past_names, self.empty_cache(batch) if cache is None else cache,
-                               strict=True):
+        for name, array in zip((MODEL_IDS_INPUT, MODEL_MASK_INPUT, DECODER_POSITIONS_INPUT), inputs, strict=True):
+            binding.bind_cpu_input(name, array)
+        for name, value in zip(self.spec.past_names, past, strict=True):
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        batch, sequence = inputs[0].shape
         logits = np.empty((batch, sequence, self.spec.vocab_size), self.logits_dtype)
         binding.bind_output(DECODER_LOGITS, "cpu", 0, logits.dtype.type, list(logits.shape), logits.ctypes.data)
         for name in self.spec.present_names:
             binding.bind_output(name, self.device)
-        try:
-            self.session.run_with_iobinding(binding)
-        except Exception as exc:  # onnxruntime's own Fail / InvalidArgument
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RunError(f"ONNX Runtime could not run the decoder step: {detail}") from None
-        present = binding.get_outputs()[1:]
-        return (logits if all_positions else logits[:, -1, :]).astype(np.float32), present
+        self.session.run_with_iobinding(binding)
+        return logits, binding.get_outputs()[1:]
 
     def to_numpy(self, cache):
         return [c.numpy() if hasattr(c, "numpy") else np.asarray(c) for c in cache]
+
+
+def _native_cpu_run(session: Any) -> tuple[Any, Any, Any] | None:
+    """(run_with_ort_values, OrtValue-from-numpy, the CPU device) of the native session under an
+    ``onnxruntime.InferenceSession``, or None where this onnxruntime has not got them (then I/O binding)."""
+    try:
+        import onnxruntime as ort
+        from onnxruntime.capi import _pybind_state as native_api
+
+        run = session._sess.run_with_ort_values
+        from_numpy = native_api.OrtValue.ortvalue_from_numpy
+        device = ort.OrtDevice.make("cpu", 0)._get_c_device()
+    except (ImportError, AttributeError, TypeError):
+        return None
+    return run, from_numpy, device
 
 
 class ArrayDecoder(Decoder):

@@ -275,7 +275,8 @@ class OrtEngine(Engine):
         self.session = None
 
     def decoder(self) -> Decoder:
-        """I/O binding on the session; the cache lives on the session's first provider's device."""
+        """The session's decoder (runtime/decoder.py: the native run on the CPU, I/O binding elsewhere); the cache
+        lives on the session's first provider's device."""
         spec = self._spec()
         if self.session is None:
             raise RunError(f"the engine of {self.unit_dir} was closed")

@@ -76,6 +76,33 @@ def test_the_cache_stays_in_onnx_runtime_between_steps(decoder_case, engine) -> 
         [r.token_ids for r in engine.generate(PROMPTS, max_new_tokens=12)]
 
 
+def test_native_run_and_io_binding_give_the_same_bits(decoder_case, engine) -> None:
+    """The CPU decoder's native run_with_ort_values step and the I/O-binding step (other devices, older onnxruntime):
+    the same logits and cache, bit for bit, through prefill, decode steps, a row leaving (numpy cache, non-contiguous
+    after trimming) and the steps after it; the CPU default is the native path."""
+    from pimoe_export.runtime.decoder import Rows
+
+    native, bound = engine.decoder(), engine.decoder()
+    assert native._native is not None  # this onnxruntime has the native call: the CPU default uses it
+    bound._native = None
+    prompts = engine.prompt_ids(PROMPTS)
+    results = []
+    for decoder in (native, bound):
+        rows, logits = Rows.prefill(decoder, prompts)
+        seen = [logits]
+        for step in range(6):
+            tokens = seen[-1].argmax(axis=1).tolist()
+            if step == 3:  # row 1 leaves
+                rows, tokens = rows.select(decoder, [2, 0], trim=True), [tokens[2], tokens[0]]
+            seen.append(rows.step(decoder, tokens))
+        results.append((seen, decoder.to_numpy(rows.cache)))
+    (native_logits, native_cache), (bound_logits, bound_cache) = results
+    assert all(a.dtype == np.float32 and a.tobytes() == b.tobytes()
+               for a, b in zip(native_logits, bound_logits, strict=True))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(native_cache, bound_cache, strict=True))
+    assert native_cache[0].shape[0] == 2
+
+
 def test_seeded_sampling_repeats_and_rows_are_independent(engine) -> None:
     kwargs = {"max_new_tokens": 24, "temperature": 0.9, "top_k": 40, "top_p": 0.95, "seed": 1234}
     first = engine.generate(PROMPTS, **kwargs)
