@@ -3,6 +3,7 @@
 // string (empty on success).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -22,6 +23,14 @@ enum class DType : int32_t { kF32 = 0, kF16 = 1, kI8 = 2 };
 // results independent of which thread ran an index (determinism). Indices are handed out one at a time from a
 // shared counter to whichever pool thread is free, so a thread that starts late or is descheduled (another job on
 // the core) does not leave the others waiting at the end with its share of a fixed split.
+//
+// ``runs`` is the same parallel-for with the indices cut into contiguous runs, one per core (lanes): a worker takes
+// a lane no one has started and its indices in order, then helps the lanes still running (each lane's indices still
+// come one at a time from its own counter, so every index runs exactly once and a late or descheduled thread leaves
+// its lane to the others).
+// For callers whose consecutive indices share data: a task that prefetches its successor's data warms its own
+// cache, and consecutive regions cut the same way (rows) find their rows in the core that wrote them. With one
+// thread the order is 0, 1, ..., total - 1, as above.
 class Parallel {
  public:
   using Trampoline = void (*)(void* arg, size_t index);
@@ -53,7 +62,50 @@ class Parallel {
     }, total, &queue);
   }
 
+  template <typename F>
+  void runs(size_t total, F&& fn) const {
+    const size_t n = std::min(total, lane_count());
+    if (impl_ == nullptr || n <= 1) return (*this)(total, fn);
+    using Fn = std::remove_reference_t<F>;
+    struct alignas(64) Lane {  // one cache line each: the lanes' counters are taken by different cores
+      std::atomic<size_t> next;
+      size_t end;
+    };
+    struct Queue {
+      Lane lane[kMaxLanes];
+      std::atomic<size_t> claimed;
+      size_t n;
+      Fn* fn;
+      void drain(Lane& l) {
+        for (size_t i = l.next.fetch_add(1, std::memory_order_relaxed); i < l.end;
+             i = l.next.fetch_add(1, std::memory_order_relaxed))
+          (*fn)(i);
+      }
+    } queue;
+    for (size_t k = 0; k < n; ++k) {
+      queue.lane[k].next.store(k * total / n, std::memory_order_relaxed);
+      queue.lane[k].end = (k + 1) * total / n;
+    }
+    queue.claimed.store(0, std::memory_order_relaxed);
+    queue.n = n;
+    queue.fn = &fn;
+    // ``n`` workers, however the pool spreads them: each claims lanes no one has started, in order, while there are
+    // any (a pool with fewer threads than lanes: a thread's next lane is a fresh one), then helps the lanes still
+    // running, starting at its own index
+    impl_(ctx_, [](void* arg, size_t w) {
+      Queue& q = *static_cast<Queue*>(arg);
+      for (size_t k = q.claimed.fetch_add(1, std::memory_order_relaxed); k < q.n;
+           k = q.claimed.fetch_add(1, std::memory_order_relaxed))
+        q.drain(q.lane[k]);
+      for (size_t j = 0; j < q.n; ++j) q.drain(q.lane[(w + j) % q.n]);
+    }, n, &queue);
+  }
+
  private:
+  static constexpr size_t kMaxLanes = 64;
+  // the CPUs this process may run on (the pool has a thread per core by default), at most kMaxLanes
+  static size_t lane_count();
+
   void* ctx_ = nullptr;
   Impl impl_ = nullptr;
 };

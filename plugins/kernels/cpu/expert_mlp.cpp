@@ -1,7 +1,9 @@
 // PiMoEExpertMLP on the CPU: weights packed once into 16-column panels; per call, every layer is one
 // parallel GEMM over (expert segment x row block x panel block) tasks followed by one parallel epilogue
 // (LayerNorm + activation) over rows. Each output element is computed by exactly one task with a fixed
-// summation order, so results do not depend on the thread count.
+// summation order, so results do not depend on the thread count. Every parallel region hands its tasks out in
+// contiguous runs, one per core (Parallel::runs): a GEMM task prefetches the next task's weight panels, which then
+// serve the same core, and the row stages find the rows their core's GEMM tasks just wrote.
 //
 // Gated (GLU) hidden layers (contract v2, rows [gate; up], h = GLU(gate, up)): the gate rows are packed as P =
 // ceil(out / 16) panels and the up rows as the next P (each half zero-padded to whole panels, bias and weight scales
@@ -290,7 +292,7 @@ class Pass {
   template <typename F>
   void for_row_blocks(F&& body) const {
     const int64_t block = std::clamp<int64_t>((rows_ + kMinRowTasks - 1) / kMinRowTasks, 1, kRowBlock);
-    parallel_(at((rows_ + block - 1) / block), [&](size_t task) {
+    parallel_.runs(at((rows_ + block - 1) / block), [&](size_t task) {
       const int64_t r0 = static_cast<int64_t>(task) * block;
       body(r0, std::min(rows_, r0 + block));
     });
@@ -392,7 +394,7 @@ class Pass {
       for (int64_t r0 = 0; r0 < segments_[at(s)].count; r0 += kRowBlock)
         for (int64_t p0 = 0; p0 < panels; p0 += block)
           tasks.push_back({s, r0, std::min(kRowBlock, segments_[at(s)].count - r0), p0, std::min(panels, p0 + block)});
-    parallel_(tasks.size(), [&](size_t index) {
+    parallel_.runs(tasks.size(), [&](size_t index) {
       const Task& t = tasks[index];
       const Segment& s = segments_[at(t.segment)];
       const int64_t out = a_.widths[at(l) + 1];

@@ -4,12 +4,29 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
+
+#ifdef __linux__
+#include <sched.h>
+#endif
 
 #include "cpu_kernels.h"
 
 namespace pimoe {
 namespace cpu {
+
+size_t Parallel::lane_count() {
+  static const size_t count = [] {
+    size_t n = std::thread::hardware_concurrency();
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) n = static_cast<size_t>(CPU_COUNT(&set));
+#endif
+    return std::clamp<size_t>(n, 1, kMaxLanes);
+  }();
+  return count;
+}
 
 float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
