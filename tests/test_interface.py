@@ -85,3 +85,37 @@ def test_genai_config_is_refused_for_a_decoder_it_cannot_describe() -> None:
     assert reason is not None and "one head_size" in reason and "keys of head dim 16 and values of 12" in reason
     with pytest.raises(ArtifactError, match="one head_size"):
         genai_config(_spec(value_head_dim=12), "model.onnx", "libpimoe_ort.so")
+
+
+def test_decoder_profiles_give_every_input_its_shape_at_each_bound() -> None:
+    """Each input of the decoder's interface has a (min, opt, max) shape in both profiles, of the input's rank and
+    with its fixed dims; position_ids have the shape of input_ids (one position per token) and the mask covers the
+    past and the new tokens: prefill 1..max_prompt tokens on an empty past, decode one token on 1..context-1."""
+    from pimoe_export.interface import (
+        DECODER_POSITIONS_INPUT,
+        MODEL_IDS_INPUT,
+        MODEL_MASK_INPUT,
+        decoder_interface,
+        decoder_profiles,
+    )
+
+    spec = _spec(num_kv_heads=2, context_length=300)
+    prefill, decode = decoder_profiles(spec, max_batch=6, max_prompt=200)
+    inputs = decoder_interface(spec).inputs
+    for profile in (prefill, decode):
+        assert set(profile.shapes) == {t.name for t in inputs}
+        for tensor in inputs:
+            bounds = profile.shapes[tensor.name]
+            assert len(bounds) == 3
+            for shape in bounds:
+                assert len(shape) == len(tensor.dims), tensor.name
+                assert all(s == d for s, d in zip(shape, tensor.dims, strict=True) if isinstance(d, int))
+        ids, positions, mask = (profile.shapes[n] for n in (MODEL_IDS_INPUT, DECODER_POSITIONS_INPUT, MODEL_MASK_INPUT))
+        assert positions == ids
+        past = profile.shapes["past_key_values.0.key"]
+        assert [m[1] for m in mask] == [i[1] + p[2] for i, p in zip(ids, past, strict=True)]
+        assert [i[0] for i in ids] == [1, 1, 6]
+    assert prefill.shapes[MODEL_IDS_INPUT] == ((1, 1), (1, 128), (6, 200))
+    assert decode.shapes[MODEL_IDS_INPUT] == ((1, 1), (1, 1), (6, 1))
+    assert [p[2] for p in decode.shapes["past_key_values.1.value"]] == [1, 299, 299]
+    assert [p[2] for p in prefill.shapes["past_key_values.1.value"]] == [0, 0, 0]

@@ -8,8 +8,13 @@ optimum-onnx 0.1.0 needs two things it cannot find out by itself (docs/generatio
   head dim, so a grouped-query Mixtral, DBRX, Granite-MoE or Llama 4 unit is refused by ONNX Runtime at the first
   step. :func:`optimum_causal_lm` sets both from the unit's :class:`~pimoe_export.interface.DecoderSpec`.
 
-Keys and values of different head dims (multi-head latent attention) are sized by optimum for ``deepseek_v3``
-only; any other such unit (``deepseek_v2``) is refused here with the reason, where optimum would fail mid-generate.
+Keys and values of different head dims (multi-head latent attention: DeepSeek-V2 and V3) are sized by optimum under
+one model type only, ``deepseek_v3`` (keys of ``qk_head_dim``, values of ``v_head_dim``, on the first step's empty
+past and on the shapes it binds each step's present to); any other type gets one head dim for both, which ONNX
+Runtime refuses at the first step. For such a unit (``deepseek_v2``) the loader sets that type on the loaded
+X the two head dims from the DecoderSpec:
+optimum then feeds and binds the cache exactly as the graph declares it. optimum reads the type for nothing else
+on a unit whose graph has ``position_ids`` and a plain (not merged) cache.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from typing import Any
 
 from pimoe_export.errors import BackendUnavailableError, PiMoEInputError
 
-#: the only model type optimum-onnx 0.1.0 gives keys and values of different head dims (modeling_decoder.py)
-OPTIMUM_MLA_TYPES = frozenset({"deepseek_v3"})
+#: the model type under which optimum-onnx 0.1.0 gives keys and values different head dims (modeling_decoder.py)
+OPTIMUM_MLA_TYPE = "deepseek_v3"
 
 
 def optimum_causal_lm(unit: str | Path, *, threads: int | None = None, **kwargs: Any) -> Any:
@@ -37,10 +42,6 @@ def optimum_causal_lm(unit: str | Path, *, threads: int | None = None, **kwargs:
         raise PiMoEInputError(f"{unit} is not a decoder unit (its manifest has no decoder description): optimum's "
                               f"ORTModelForCausalLM needs a graph with a key/value cache (pimoe-export pipeline "
                               f"--model DIR writes one)")
-    if spec.value_head_dim != spec.head_dim and spec.model_type not in OPTIMUM_MLA_TYPES:
-        raise PiMoEInputError(f"optimum-onnx sizes the first empty cache of model type {spec.model_type!r} with one "
-                              f"head dim, but this unit caches keys of {spec.head_dim} and values of "
-                              f"{spec.value_head_dim}: generate with Engine.generate or `pimoe-export serve`")
     if "session_options" in kwargs:
         raise PiMoEInputError("optimum_causal_lm makes the session options itself (with the unit's op library): "
                               "pass threads=N instead of session_options")
@@ -51,7 +52,11 @@ def optimum_causal_lm(unit: str | Path, *, threads: int | None = None, **kwargs:
                                       f"'pimoe-export[llm-clients]'") from None
     options = session_options(threads, unit / ORT_LIBRARY_NAME)
     model = ORTModelForCausalLM.from_pretrained(str(unit), session_options=options, **kwargs)
-    if spec.value_head_dim == spec.head_dim:  # what optimum sizes the first step's empty past with
-        model.num_key_value_heads = spec.num_kv_heads
+    # what optimum sizes the first step's empty past and binds the presents with
+    model.num_key_value_heads = spec.num_kv_heads
+    if spec.value_head_dim == spec.head_dim:
         model.embed_size_per_head = spec.head_dim
+    else:
+        model.config.model_type = OPTIMUM_MLA_TYPE
+        model.qk_head_dim, model.v_head_dim = spec.head_dim, spec.value_head_dim
     return model

@@ -41,3 +41,22 @@ def test_genai_config_names_the_units_own_graph_and_op_library(case) -> None:
     assert decoder["filename"] == files["onnx"] and (case.unit / decoder["filename"]).is_file()
     library = decoder["session_options"]["custom_ops_library"]
     assert library == files["ort_library"] and (case.unit / library).is_file()
+
+
+def test_an_engine_unit_refuses_a_missing_client_directory_before_building(case, tmp_path) -> None:
+    """``build_unit(client_dir=...)`` names a client directory that is not there, before the (long) engine build
+    and before anything is written (the engine builds themselves: test_trt_rtx_decoder.py, slow)."""
+    from pimoe_export.build.units import build_unit
+    from pimoe_export.errors import ArtifactError, BackendUnavailableError, PluginLoadError
+    from pimoe_export.native.libraries import find_plugin_library
+    from pimoe_export.native.tensorrt_loader import import_tensorrt
+
+    try:
+        find_plugin_library()
+        import_tensorrt("rtx")
+    except (PluginLoadError, BackendUnavailableError) as exc:
+        pytest.skip(f"no TensorRT-RTX builder or plugin library here: {exc}")
+    missing = tmp_path / "no-such-model-dir"
+    with pytest.raises(ArtifactError, match=f"^{missing} is not a directory \\(the tokenizer and config files"):
+        build_unit(case.unit / "model.onnx", tmp_path / "engine", client_dir=missing)
+    assert not (tmp_path / "engine").exists() or not any((tmp_path / "engine").iterdir())

@@ -153,3 +153,83 @@ def test_a_sequence_that_cannot_be_resolved_is_left_alone() -> None:
     model.graph.node[1].input[1] = "x"  # a position that is not a constant
     assert split_sequences(model) == 0
     assert [n.op_type for n in model.graph.node] == ["SplitToSequence", "SequenceAt"]
+
+
+def test_an_export_without_the_pimoe_opset_import_gets_it(exported_layer, tmp_path) -> None:
+    """finish_export adds the pimoe opset import where the exporter left it out (a custom-op graph needs it to be
+    valid ONNX at all), at the contract's opset version."""
+    import time
+
+    from pimoe_export.export.exporter import finish_export
+    from pimoe_export.ops import schema
+
+    model, path = exported_layer("tiny", 0)
+    proto = onnx.load(str(path))
+    kept = [o for o in proto.opset_import if o.domain != schema.DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    result = finish_export(proto, tmp_path / "again.onnx", model, "custom-ops", "fp32", {}, time.perf_counter())
+    written = onnx.load(str(result.path))
+    assert {o.domain: o.version for o in written.opset_import} == {"": 18, schema.DOMAIN: schema.OPSET_VERSION}
+    onnx.checker.check_model(written)
+
+
+def test_an_fp32_export_shares_the_models_weights_and_fp16_copies_them() -> None:
+    """The fp32 module traced for export holds the host model's own parameters and buffers outside its MoE layers
+    (a large model is not held twice); the fp16 one has its own half copies and leaves the model's untouched."""
+    from test_whole_model import TinyEncoder
+
+    from pimoe_export.export.tracing import prepare_for_export
+
+    model = TinyEncoder().eval()
+    mine = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+    def host_tensors(module: torch.nn.Module, layers) -> list[torch.Tensor]:
+        named = [*module.named_parameters(), *module.named_buffers()]
+        return [t for name, t in named if t.numel() and not any(name.startswith(f"{p}.") for p in layers)]
+
+    work, layers, _ = prepare_for_export(model, "fp32")
+    host = host_tensors(work, layers)
+    assert host and all(t.data_ptr() in mine for t in host)
+    half, layers, _ = prepare_for_export(model, "fp16")
+    host = host_tensors(half, layers)
+    assert any(t.dtype == torch.float16 for t in host)
+    assert not any(t.data_ptr() in mine for t in host)
+    assert all(t.dtype == torch.float32 for t in model.parameters())
+
+
+def test_the_exported_layer_refuses_routing_info_by_name() -> None:
+    from pimoe_export.export.tracing import prepare_for_export
+    from pimoe_export.model.factory import create_from_preset
+
+    work, layers, _ = prepare_for_export(create_from_preset("tiny", seed=1), "fp32")
+    (path,) = layers
+    with pytest.raises(PiMoEExportError) as info:
+        work(torch.zeros(1, 2, 16), return_routing_info=True)
+    assert str(info.value) == (f"{path}: the model asks the PiMoE layer for routing info/metrics; export with "
+                               "routing_outputs=True instead and call the layer with hidden states only")
+
+
+def test_output_axes_that_sum_input_axes_take_the_matching_input_axis_name() -> None:
+    """name_output_axes: an output axis the exporter wrote as a sum of input axes (a decoder's present:
+    ``sequence + past_sequence``) takes the one input axis name of that size in the example (``total_sequence``);
+    a sum with a symbol that is no input axis, a single symbol and an output the model did not return keep
+    their form (hand-built graph, hand-written example sizes)."""
+    from pimoe_export.export.tracing import name_output_axes
+
+    def value(name: str, dims: list) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+    inputs = [value("x", ["batch", "sequence"]), value("past", ["batch", "past_sequence"]),
+              value("mask", ["batch", "total_sequence"])]
+    outputs = [value("present", ["batch", "sequence + past_sequence"]), value("odd", ["batch", "sequence + s9"]),
+               value("single", ["s4", "sequence"]), value("extra", ["batch", "sequence + past_sequence"])]
+    proto = helper.make_model(helper.make_graph([], "g", inputs, outputs))
+    example = {"x": torch.zeros(2, 3), "past": torch.zeros(2, 4), "mask": torch.zeros(2, 7)}
+    axes = {"x": {0: "batch", 1: "sequence"}, "past": {0: "batch", 1: "past_sequence"},
+            "mask": {0: "batch", 1: "total_sequence"}}
+    returned = [torch.zeros(2, 7), torch.zeros(2, 3), torch.zeros(5, 3)]
+    name_output_axes(proto, returned, ["present", "odd", "single"], example, axes)
+    dims = {o.name: [d.dim_param for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+    assert dims == {"present": ["batch", "total_sequence"], "odd": ["batch", "sequence + s9"],
+                    "single": ["s4", "sequence"], "extra": ["batch", "sequence + past_sequence"]}

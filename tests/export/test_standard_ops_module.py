@@ -1,5 +1,6 @@
-"""The standard-op module (the plugin-free baseline graph's PyTorch side) routes as the model does, selection bias
-included: a bias that moves the choice of experts moves the baseline's choice the same way."""
+"""The export modules (the custom-op module the graph is traced from, and the standard-op module of the plugin-free
+baseline graph) route as the model does, selection bias included: a bias that moves the choice of experts moves
+their choice the same way."""
 
 from __future__ import annotations
 
@@ -19,6 +20,21 @@ def test_the_standard_op_module_routes_with_the_selection_bias() -> None:
     assert torch.equal(ids.sort(-1).values, info.ids.reshape(ids.shape).long().sort(-1).values)
     assert torch.allclose(y, ref, atol=1e-5)
     assert (ids == 0).any(-1).all()  # the +0.9 expert is in every token's top 2
+
+
+def test_the_custom_op_module_routes_with_the_selection_bias() -> None:
+    from pimoe_export.export.modules import CustomOpPiMoE
+
+    model = create_from_preset("tiny", seed=4)
+    x = torch.randn(2, 7, model.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.router.selection_bias.copy_(torch.tensor([0.9, -0.9, 0.0, 0.45]))
+        y, ids, _ = CustomOpPiMoE(model)(x)
+        ref, info = model(x, return_routing_info=True)
+    assert torch.equal(ids.reshape(-1, ids.shape[-1]).long().sort(-1).values,
+                       info.ids.reshape(-1, ids.shape[-1]).long().sort(-1).values)
+    assert torch.allclose(y, ref, atol=1e-5)
+    assert (ids == 0).any(-1).all()
 
 
 def test_the_export_modules_refuse_a_precision_they_do_not_export() -> None:

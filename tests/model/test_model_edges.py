@@ -88,3 +88,31 @@ def test_expert_mlp_returns_the_input_dtype() -> None:
     assert y.dtype == torch.float16 and y.shape == (5, 3)
     want = (x.float() @ w[0][0].float().T).to(torch.float16)
     torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("low", "high"), [(0.0, 1.0), (-0.5, 1.0), (2.0, 1.0)])
+def test_a_temperature_band_outside_0_lo_hi_names_min_temperature(low, high) -> None:
+    with pytest.raises(PiMoEConfigError) as info:
+        AdaptivePiMoE(hidden_size=8, num_experts=2, min_temperature=low, max_temperature=high)
+    assert info.value.field == "min_temperature"
+    assert str(info.value) == "PiMoEConfig.min_temperature: must satisfy 0 < min_temperature <= max_temperature"
+    assert AdaptivePiMoE(hidden_size=8, num_experts=2, min_temperature=1.0, max_temperature=1.0).min_temperature == 1.0
+
+
+def test_expert_rows_use_the_layer_norm_epsilon_they_are_given() -> None:
+    # Linear -> LayerNorm(eps) -> tanh -> Linear written out in float64; an eps far from torch's 1e-5 default
+    # changes the normalised values visibly, so the result pins which epsilon the LayerNorm used
+    gen = torch.Generator().manual_seed(3)
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    x = rand(5, 6) * 0.1
+    w0, w1, b0, b1 = rand(4, 6), rand(6, 4), rand(4), rand(6)
+    gamma, beta = rand(4).abs() + 0.5, rand(4)
+    for eps in (0.25, 1e-5):
+        h = x @ w0.T + b0
+        mean = h.mean(dim=-1, keepdim=True)
+        var = ((h - mean) ** 2).mean(dim=-1, keepdim=True)
+        expected = torch.tanh((h - mean) / torch.sqrt(var + eps) * gamma + beta) @ w1.T + b1
+        got = functional.mlp_rows(x, [w0, w1], [b0, b1], [gamma], [beta], "tanh", eps)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

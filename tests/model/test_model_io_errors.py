@@ -220,3 +220,14 @@ def test_bad_mask_shape() -> None:
     model = create_from_preset("tiny")
     with pytest.raises(PiMoEInputError, match="attention_mask must have shape"):
         model(torch.randn(2, 4, 16), attention_mask=torch.ones(2, 5))
+
+
+def test_an_unknown_architecture_is_named_with_the_known_ones(tmp_path) -> None:
+    create_from_preset("tiny").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architecture"] = "GPTNeoMoE"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError) as info:
+        load_pretrained(tmp_path)
+    assert str(info.value) == (f"{tmp_path}: unknown architecture 'GPTNeoMoE'; known: "
+                               "['AdaptivePiMoE', 'MoEBlock', 'PiMoESystem']")

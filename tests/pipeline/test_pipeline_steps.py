@@ -297,3 +297,31 @@ def test_the_runtime_step_counts_only_tensorrt_units_as_engines(exported_layer, 
     assert ran.engine_units == ()
     assert ran.units["ort-fp32"]["loaded"] is True and ran.units["ort-fp32"]["backend"] == "onnxruntime"
     assert ran.units["ort-fp32"]["outputs"]["output"][-1] == model.config.hidden_size
+
+
+def test_the_units_step_replaces_a_users_file_only_under_force(exported_layer, tmp_path) -> None:
+    """`pipeline --force` covers the unit folders too: a user's file in ort-fp32 is replaced by the unit when the
+    run was given --force, and refused by name (before anything is written there) when it was not."""
+    from pimoe_export.errors import PluginLoadError
+    from pimoe_export.native.libraries import find_ort_library
+    from pimoe_export.pipeline import step_units
+
+    try:
+        find_ort_library()
+    except PluginLoadError as exc:
+        pytest.skip(f"libpimoe_ort is not built: {exc}")
+    _, path = exported_layer("tiny", 0)
+    exported = Exported({"fp32": path}, {})
+    for force in (False, True):
+        root = tmp_path / f"force-{force}"
+        (root / "ort-fp32").mkdir(parents=True)
+        (root / "ort-fp32" / "manifest.json").write_text("mine")
+        run = Run(OutputDir(root, force=force), PipelineOptions(preset="tiny"))
+        if not force:
+            with pytest.raises(OutputError, match=r"ort-fp32 exists and was not written by pimoe-export"):
+                step_units(run, exported, Unavailable("int8", "skipped"))
+            assert (root / "ort-fp32" / "manifest.json").read_text() == "mine"
+            continue
+        packaged = step_units(run, exported, Unavailable("int8", "skipped"))
+        assert list(packaged.units) == ["ort-fp32"]
+        assert json.loads((root / "ort-fp32" / "manifest.json").read_text())["backend"] == "onnxruntime"

@@ -159,3 +159,33 @@ def test_quantising_another_models_export_is_refused_naming_both(model, exported
         check_same_model(layer, tmp_path / "nofp.onnx")
     assert str(info.value) == (f"{tmp_path / 'nofp.onnx'} carries no pimoe.weights_sha256: re-export it with "
                                "`pimoe-export export`")
+
+
+def test_smoothing_factors_come_from_each_layers_own_inputs(model, tmp_path) -> None:
+    """SmoothQuant (smooth_alpha) written out: expert e's first-layer divisor of input channel c is
+    max|x_c|^a / max|W_e[:, c]|^(1 - a), with x the tokens routed to e of what the model feeds that layer."""
+    alpha = 0.4
+    calibration = feeds(14, ((4, 16),) * 2)
+    reference = fed_to_layers(model, calibration)
+    result = quantize_model(model, tmp_path / "model.int8.onnx", calibration=calibration, method="max",
+                            smooth_alpha=alpha)
+    for path, block in zip(LAYERS, model.blocks, strict=True):
+        layer, x = block.moe, reference[path]
+        params = result.layers[path]
+        assert params.info["smoothing"] == alpha
+        with torch.no_grad():
+            ids = layer.router(x).ids
+        groups = iter(params.groups)
+        checked = 0
+        for _spec, expert_ids in layer.config.expert_groups():
+            group = next(groups)
+            for g, e in enumerate(expert_ids):
+                rows = (ids == e).any(dim=-1)
+                if not rows.any():
+                    continue
+                x_amax = np.maximum(x[rows].abs().amax(dim=0).numpy(), 1e-5)
+                w_amax = np.maximum(layer.experts[e].layers[0].weight.detach().abs().amax(dim=0).numpy(), 1e-5)
+                expected = np.clip(x_amax ** alpha / w_amax ** (1 - alpha), 1e-4, 1e4).astype(np.float32)
+                np.testing.assert_allclose(group.layers[0].act_smooth[g], expected, rtol=1e-5, err_msg=f"{path} {e}")
+                checked += 1
+        assert checked >= 2, path

@@ -210,7 +210,8 @@ def test_quant_params_use_the_percentile_asked_for_and_name_the_dynamic_method()
     # an expert that saw no calibration token is named, and takes its group's widest range
     for key in [key for key in stats.layers if key[0] == 1]:
         del stats.layers[key]
-    params = compute_quant_params(model, stats, "max", "w8a8")
+    params = compute_quant_params(model, stats, "max")  # the default mode: static w8a8
+    assert params.mode == "w8a8" and all(g.act_scales for g in params.groups)
     assert params.info["uncalibrated_experts"] == [1]
     dynamic = compute_quant_params(model, None, "percentile", "w8a8_dynamic")
     assert dynamic.method == "dynamic-per-row" and dynamic.info["method"] == "dynamic-per-row"

@@ -112,3 +112,27 @@ def test_optimum_loader_refuses_a_unit_without_a_cache(unit) -> None:
 
     with pytest.raises(PiMoEInputError, match="is not a decoder unit"):
         optimum_causal_lm(unit)
+
+
+def test_the_providers_asked_for_reach_the_session_and_the_default_needs_no_fallback(unit, monkeypatch) -> None:
+    """Engine.load hands the caller's providers to the session; with none named, the session is made on ONNX
+    Runtime's CPU provider by its exact name (a misspelt one makes ONNX Runtime warn and fall back)."""
+    import warnings
+
+    import pimoe_export.runtime.ort as ort_module
+    from pimoe_export.runtime.engine import Engine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ONNX Runtime warns when a named provider is not available
+        engine = Engine.load(unit)
+    assert engine.session.get_providers() == ["CPUExecutionProvider"]
+    seen = []
+    real = ort_module.create_session
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("providers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort_module, "create_session", recording)
+    Engine.load(unit, providers=["CPUExecutionProvider"])
+    assert seen == [["CPUExecutionProvider"]]

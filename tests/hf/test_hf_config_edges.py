@@ -1,0 +1,106 @@
+"""What the importer takes from a Hugging Face config besides the MoE block's shape: the special tokens generation
+needs (generation_config.json over config.json), DeepSeek-V2's expert biases (mlp_bias), the default calibration
+of a decoder (seeded random token ids, seed 0, and the description the INT8 metadata records), and the messages of
+two refusals (DBRX's p-norm, a pickle checkpoint's conversion command naming the directory). Each against the
+files written here or Hugging Face's own forward pass."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pimoe_export.errors import PiMoEInputError
+from pimoe_export.hf import decoder as D
+
+transformers = pytest.importorskip("transformers")
+
+
+def _copy(tiny_decoder, family: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_decoder(family), tmp_path / family))
+
+
+def test_special_tokens_come_from_generation_config_then_config(tiny_decoder, tmp_path) -> None:
+    directory = _copy(tiny_decoder, "mixtral", tmp_path)
+    (directory / "generation_config.json").write_text(json.dumps({"bos_token_id": 5, "eos_token_id": [2, 7],
+                                                                  "pad_token_id": 3}))
+    spec = D.load_decoder(directory).spec
+    assert spec is not None
+    assert (spec.bos_token_id, spec.eos_token_ids, spec.pad_token_id) == (5, (2, 7), 3)
+    (directory / "generation_config.json").unlink()
+    config = json.loads((directory / "config.json").read_text())
+    config.update(bos_token_id=None, eos_token_id=4, pad_token_id=None)
+    (directory / "config.json").write_text(json.dumps(config))
+    spec = D.load_decoder(directory).spec
+    assert spec is not None
+    assert (spec.bos_token_id, spec.eos_token_ids, spec.pad_token_id) == (None, (4,), 0)
+
+
+def test_deepseek_v2_expert_biases_are_imported(tmp_path) -> None:
+    """DeepSeek-V2 with mlp_bias: every expert Linear has a bias (random here: Hugging Face initialises them to 0,
+    which would hide a dropped bias); the imported model computes Hugging Face's logits."""
+    from tiny_decoders import tiny_config
+
+    config = tiny_config("deepseek_v2")
+    config.mlp_bias, config.num_experts_per_tok = True, 4
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        theirs = transformers.AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():
+            for name, module in theirs.named_modules():
+                if isinstance(module, torch.nn.Linear) and module.bias is not None and "mlp" in name:
+                    module.bias.normal_(0.0, 0.5)
+    theirs.save_pretrained(str(tmp_path / "m"), safe_serialization=True)
+    ours = D.load_decoder(tmp_path / "m")
+    from pimoe_export.model.source import moe_layers
+
+    blocks = list(moe_layers(ours).values())
+    assert blocks and all(b.config.experts.bias and b.config.shared is not None and b.config.shared.bias
+                          for b in blocks)
+    feed = D.random_decoder_feeds(int(config.vocab_size), 3, ((2, 9, "left"),))[0]
+    with torch.no_grad():
+        want = theirs(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+        got = ours(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    got = (got["logits"] if isinstance(got, dict) else got.logits).numpy()
+    valid = feed["attention_mask"].astype(bool)
+    assert np.linalg.norm(got[valid] - want[valid]) / np.linalg.norm(want[valid]) <= 1e-6
+
+
+def test_a_decoders_default_calibration_is_seed_0_and_says_so(tiny_decoder) -> None:
+    from pimoe_export.hf.importers import decoder_source
+
+    directory = tiny_decoder("qwen3_moe")
+    source = decoder_source(directory)
+    spec = D.load_decoder(directory).spec
+    calibration = source.calibration()
+    assert calibration.description == "seeded random token ids, no, right and left padding (no text given)"
+    want = D.random_decoder_feeds(int(spec.vocab_size), 0, D.CALIBRATION_SHAPES, spec)
+    assert len(calibration.feeds) == len(want)
+    for got, ref in zip(calibration.feeds, want, strict=True):
+        assert set(got) == set(ref) and all(np.array_equal(got[k], ref[k]) for k in ref)
+
+
+def test_dbrx_p_norm_refusal_reads_in_full() -> None:
+    from pimoe_export.hf.families import _dbrx_refuse
+
+    config = transformers.DbrxConfig(ffn_config={"moe_normalize_expert_weights": 2.0})
+    assert _dbrx_refuse(config) == ("DBRX with ffn_config.moe_normalize_expert_weights=2.0: the k weights divided "
+                                    "by their 2.0-norm is outside the op contract (it renormalises by the sum: p = 1)")
+
+
+def test_a_pickle_checkpoints_conversion_command_names_its_directory(tmp_path) -> None:
+    from pimoe_export.hf.weights import _refuse_pickle
+
+    directory = tmp_path / "my model"
+    directory.mkdir()
+    (directory / "pytorch_model.bin").write_bytes(b"not opened")
+    with pytest.raises(PiMoEInputError) as info:
+        _refuse_pickle(directory)
+    message = str(info.value)
+    assert f"M.from_pretrained('{directory}', dtype='auto').save_pretrained('{directory}-safetensors', " \
+           "safe_serialization=True)" in message
+    assert message.startswith(f"{directory} holds its weights as pickle (pytorch_model.bin)")
