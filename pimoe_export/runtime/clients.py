@@ -12,9 +12,10 @@ Keys and values of different head dims (multi-head latent attention: DeepSeek-V2
 one model type only, ``deepseek_v3`` (keys of ``qk_head_dim``, values of ``v_head_dim``, on the first step's empty
 past and on the shapes it binds each step's present to); any other type gets one head dim for both, which ONNX
 Runtime refuses at the first step. For such a unit (``deepseek_v2``) the loader sets that type on the loaded
-X the two head dims from the DecoderSpec:
-optimum then feeds and binds the cache exactly as the graph declares it. optimum reads the type for nothing else
-on a unit whose graph has ``position_ids`` and a plain (not merged) cache.
+model's own config object (the unit's config.json is untouched; a ``save_pretrained`` of the returned model would
+write that type), together with the two head dims from the DecoderSpec: optimum then feeds and binds the cache
+exactly as the graph declares it. optimum reads the type for nothing else on a unit whose graph has
+``position_ids`` and a plain (not merged) cache.
 """
 
 from __future__ import annotations
