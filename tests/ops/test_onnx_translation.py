@@ -56,3 +56,28 @@ def test_onnx_runtime_routes_with_the_bias_as_pytorch_does(biased) -> None:
     np.testing.assert_array_equal(ids, info.ids.numpy())
     np.testing.assert_allclose(weights, info.weights.numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(y, ref.numpy(), rtol=1e-5, atol=1e-5 * float(np.abs(ref.numpy()).max()))
+
+
+def test_static_w8a8_activation_scales_reach_the_expert_node() -> None:
+    """The ExpertMLP translation of a static-w8a8 call (the fake-quant reference traced by torch.onnx) writes each
+    group's activation scales, layer-major, as the node's act_scales attribute: the calibrated values, as float32."""
+    from onnx import helper
+
+    from pimoe_export.ops import schema
+    from pimoe_export.ops.onnx_translation import custom_translation_table
+    from pimoe_export.quantize import calibrated_params
+    from pimoe_export.quantize.int8 import FakeQuantPiMoE
+
+    model = create_from_preset("tiny", seed=2).eval()
+    calibration = torch.randn(2, 32, model.hidden_size, generator=torch.Generator().manual_seed(0))
+    params = calibrated_params(model, calibration=calibration, method="max")[""]
+    assert params.mode == "w8a8" and all(g.act_scales for g in params.groups)
+    program = torch.onnx.export(FakeQuantPiMoE(model, params).eval(), (torch.randn(1, 5, model.hidden_size),),
+                                dynamo=True, custom_translation_table=custom_translation_table(),
+                                opset_version=18, optimize=False, verify=False, report=False, verbose=False)
+    nodes = [n for n in program.model_proto.graph.node if n.op_type == schema.EXPERT_MLP]
+    assert len(nodes) == len(params.groups)
+    for node, group in zip(nodes, params.groups, strict=True):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["quant_mode"] in (b"w8a8", "w8a8")
+        assert np.array_equal(np.float32(attrs["act_scales"]), np.float32(group.act_scales))
