@@ -286,6 +286,23 @@ def test_expert_mlp_non_default_attributes(backend, activation, layer_norm, eps)
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(want).max()))
 
 
+def test_expert_mlp_gelu_within_its_error_bound(backend) -> None:
+    """Identity weights and zero biases make the op return its own gelu(x) exactly (each GEMM sum has one nonzero
+    term): 65536 values over [-9, 9], against float64 erf, within 4e-7 * max(1, |x|). The CPU kernels' rational erf
+    (plugins/kernels/cpu/simd_math.h: erf within 3.4e-7) measures at most 2.1e-7 * |x| over every float, near
+    x = 4.9; PyTorch's fp32 gelu 3.0e-7 here, near x = -3.4, where 1 + erf cancels. A wrong coefficient or clamp
+    of the fit misses the bound."""
+    width = 64
+    x = np.linspace(-9.0, 9.0, 1024 * width).astype(f32).reshape(-1, width)
+    eye = np.eye(width, dtype=f32)[None]
+    zero = np.zeros((1, width), f32)
+    offsets = np.array([0, len(x)], i32)
+    y = backend.expert_mlp(x, offsets, [eye, zero, eye, zero], [0], [width] * 3, "gelu", False)
+    want = act64("gelu", x.astype(np.float64))
+    err = np.abs(y.astype(np.float64) - want) / np.maximum(1.0, np.abs(x))
+    assert err.max() <= 4e-7, f"gelu off by {err.max():.3g} * max(1, |x|) at x = {x.reshape(-1)[err.argmax()]}"
+
+
 def test_expert_mlp_past_the_kernel_blocks(backend) -> None:
     """K = 300 (two 256-value cache blocks), 140 output columns (two 128-column panel blocks), 100 rows of one
     expert (three 48-row tasks): fp32 to 1e-5 of the float64 result; fp16 in and out to fp16 rounding."""

@@ -240,9 +240,6 @@ struct Ops256 {
     *s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h1, _mm256_set1_epi32(127)), 23));
     *s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h2, _mm256_set1_epi32(127)), 23));
   }
-  static F pow2_normal(F n) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-  }
   static F sign(F a) { return _mm256_and_ps(a, _mm256_set1_ps(-0.0f)); }
   static F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static F or_sign(F a, F s) { return _mm256_or_ps(a, s); }

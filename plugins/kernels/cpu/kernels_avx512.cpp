@@ -374,9 +374,6 @@ struct Ops512 {
     *s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(h1, _mm512_set1_epi32(127)), 23));
     *s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(h2, _mm512_set1_epi32(127)), 23));
   }
-  static F pow2_normal(F n) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
-  }
   static F sign(F a) { return _mm512_and_ps(a, _mm512_set1_ps(-0.0f)); }
   static F abs(F a) { return _mm512_andnot_ps(_mm512_set1_ps(-0.0f), a); }
   static F or_sign(F a, F s) { return _mm512_or_ps(a, s); }

@@ -98,7 +98,6 @@ struct Scalar {
     *s1 = from_bits(static_cast<uint32_t>(h1 + 127) << 23);
     *s2 = from_bits(static_cast<uint32_t>(h2 + 127) << 23);
   }
-  static float pow2_normal(float n) { return from_bits(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23); }
   static float sign(float a) { return from_bits(bits(a) & 0x80000000u); }
   static float abs(float a) { return from_bits(bits(a) & 0x7FFFFFFFu); }
   static float or_sign(float a, float s) { return from_bits(bits(a) | bits(s)); }

@@ -5,8 +5,7 @@
 //   F set(float); F add/sub/mul/div(F, F); F fma(a, b, c) = a * b + c and F fnma(a, b, c) = c - a * b, one
 //   rounding each; F max(a, b) = a > b ? a : b and F min(a, b) = a < b ? a : b per lane (x86's maxps/minps: a NaN
 //   gives b); F round(F): to the nearest integer, ties to even; pow2(F n, F* s1, F* s2): 2^(n/2 rounded down) and
-//   2^(n - n/2 rounded down), two factors (n an integer in [-150, 128]), see exp(); F pow2_normal(F n) = 2^n
-//   (n an integer in [-126, 127]); F sign(F) (the sign bit
+//   2^(n - n/2 rounded down), two factors (n an integer in [-150, 128]), see exp(); F sign(F) (the sign bit
 //   alone), F abs(F), F or_sign(F, F s) (x with s's sign bit or-ed in); M is_nan(F), M gt(F, F), M lt(F, F)
 //   (ordered compares); F select(M m, F a, F b) = m ? a : b per lane.
 // New activations go here (and into the contract enum), never into one ISA's file alone.
@@ -51,43 +50,33 @@ inline typename O::F exp(typename O::F x) {
   return O::select(nan_mask, x, result);
 }
 
-// e^x for x <= 0 or NaN, as erf uses it: exp() without the cases that cannot change erf's result. Arguments below
-// -87 give e^-87 (a normal number) instead of less, and NaN gives a number (erf's other factor is NaN then): erf
-// only uses 1 - p * e with p < 1, which rounds to 1 for any e below 2^-25, so erf's results are exactly those of
-// exp(); what goes is the overflow, underflow and NaN selects and the second 2^n factor (n >= -126 here).
-template <class O>
-inline typename O::F exp_nonpositive(typename O::F x) {
-  using F = typename O::F;
-  const F xc = O::max(x, O::set(-87.0f));
-  const F n = O::round(O::mul(xc, O::set(1.44269504088896341f)));
-  F r = O::fnma(n, O::set(0.693145751953125f), xc);
-  r = O::fnma(n, O::set(1.42860682030941723212e-6f), r);
-  F p = O::set(1.0f / 720.0f);
-  p = O::fma(p, r, O::set(1.0f / 120.0f));
-  p = O::fma(p, r, O::set(1.0f / 24.0f));
-  p = O::fma(p, r, O::set(1.0f / 6.0f));
-  p = O::fma(p, r, O::set(0.5f));
-  p = O::fma(p, r, O::set(1.0f));
-  p = O::fma(p, r, O::set(1.0f));
-  return O::mul(p, O::pow2_normal(n));
-}
-
-// erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), odd-symmetric.
+// erf(x) = z P(z^2) / Q(z^2), z = x clamped to [-3.8, 3.8], the result clamped to [-1, 1]: a rational fit of
+// degrees 6 and 4 in z^2 made for this code (a weighted least-squares minimax iteration against float64 erf; its
+// error in exact arithmetic is 3.0e-8 on [0, 3.8]). Evaluated in fp32 as written, the absolute error is at most
+// 3.4e-7 for every float (checked exhaustively on [0, 6]; beyond 3.8, 1 - erf < 8e-8), where the previous
+// Abramowitz & Stegun 7.1.26 form measured 5.6e-7, and near 0 the error is relative (z times the fit) instead of
+// absolute. One division and ten fused multiply-adds, where 7.1.26 needs a division and an exponential: GELU over a
+// row runs in about half the time. Odd (each operation is sign-symmetric); the bounds are min's and max's first
+// operands, so a NaN x stays NaN.
 template <class O>
 inline typename O::F erf(typename O::F x) {
   using F = typename O::F;
-  const F sign = O::sign(x);
-  const F ax = O::abs(x);
-  const F t = O::div(O::set(1.0f), O::fma(O::set(0.3275911f), ax, O::set(1.0f)));
-  F p = O::set(1.061405429f);
-  p = O::fma(p, t, O::set(-1.453152027f));
-  p = O::fma(p, t, O::set(1.421413741f));
-  p = O::fma(p, t, O::set(-0.284496736f));
-  p = O::fma(p, t, O::set(0.254829592f));
-  p = O::mul(p, t);
-  const F e = exp_nonpositive<O>(O::sub(O::set(0.0f), O::mul(ax, ax)));
-  const F y = O::fnma(p, e, O::set(1.0f));
-  return O::or_sign(y, sign);
+  const F z = O::min(O::set(3.8f), O::max(O::set(-3.8f), x));
+  const F w = O::mul(z, z);
+  F p = O::set(2.12406803e-08f);
+  p = O::fma(p, w, O::set(-2.01993794e-06f));
+  p = O::fma(p, w, O::set(0.000140630465f));
+  p = O::fma(p, w, O::set(0.00353210769f));
+  p = O::fma(p, w, O::set(0.0499664024f));
+  p = O::fma(p, w, O::set(0.195149794f));
+  p = O::fma(p, w, O::set(1.12837887f));
+  F q = O::set(0.00092433166f);
+  q = O::fma(q, w, O::set(0.0139741404f));
+  q = O::fma(q, w, O::set(0.113053173f));
+  q = O::fma(q, w, O::set(0.506277084f));
+  q = O::fma(q, w, O::set(1.0f));
+  const F e = O::div(O::mul(z, p), q);
+  return O::min(O::set(1.0f), O::max(O::set(-1.0f), e));
 }
 
 // tanh: odd polynomial below 0.3 (no cancellation), 1 - 2 / (e^{2|x|} + 1) above.
