@@ -31,7 +31,7 @@ TensorRT recordings are unchanged):
 How this was established: the v1 code (this branch before the merge of issue 28) rebuilt today reproduces both
 recordings exactly; the current code with v1's AVX2 LayerNorm sums put back reproduces every ``ort-avx2`` recording
 exactly, and with v1's generic LayerNorm and libm activations put back every ``ort-generic`` one (both with the
-7.1.26 erf). The rational erf's part: the code just before it (ba6212b) gave the 7.1.26 counts above (this test
+7.1.26 erf). The rational erf's part: the code just before it (cdfd483) gave the 7.1.26 counts above (this test
 passed there) and differs from the current code in simd_math.h's erf alone; make_issue28_changes.py rerun on the
 current code gives the counts above. The changed values are at most 4 units in the last place of the graph's largest
 output away from v1's (asserted below; with the rational erf the largest is 3.5).
