@@ -3,7 +3,8 @@
 
   k<<<g, b[, smem[, stream]]>>>(args)  ->  ::emu::launch(::emu::cfg(g, b, ...), "k", __FILE__, __LINE__, k, args)
   extern __shared__ T x[];             ->  T* x = ::emu::dynamic_shared<T>();
-  __shared__ [__align__(N)] T x[..];   ->  static char emu_shk_x; auto& x = ::emu::shared_ref<T[..], N>(&emu_shk_x, "x");
+  __shared__ [__align__(N)] T x[..];   ->  static char emu_shk_x;
+                                          auto& x = ::emu::shared_ref<T[..], N>(&emu_shk_x, "x");
   asm volatile("mma.sync... " : outs : ins)  ->  ::emu::ptx::<function>(outs..., ins...)   (known opcodes only)
 
 Usage: cu2cpp.py IN.cu OUT.cpp
@@ -35,7 +36,7 @@ def match_forward(s, i, open_c, close_c):
             if depth == 0:
                 return j + 1
         j += 1
-    raise SystemExit("cu2cpp: unbalanced %s at offset %d" % (open_c, i))
+    raise SystemExit(f"cu2cpp: unbalanced {open_c} at offset {i}")
 
 
 def split_top(s):
@@ -95,36 +96,37 @@ def rewrite_launches(s):
         while s[p].isspace():
             p += 1
         if s[p] != "(":
-            raise SystemExit("cu2cpp: expected ( after >>> at offset %d" % p)
+            raise SystemExit(f"cu2cpp: expected ( after >>> at offset {p}")
         q = match_forward(s, p, "(", ")")
         args = s[p + 1:q - 1]
         name = re.sub(r"\s+", " ", kernel)
-        call = '::emu::launch(::emu::cfg(%s), "%s", __FILE__, __LINE__, %s%s)' % (
-            config, name, kernel, (", " + args) if args.strip() else "")
+        rest = (", " + args) if args.strip() else ""
+        call = f'::emu::launch(::emu::cfg({config}), "{name}", __FILE__, __LINE__, {kernel}{rest})'
         out.append(s[pos:k])
         out.append(call)
         pos = q
 
 
-DYN = re.compile(r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s*)?([A-Za-z_][\w:<>, ]*?)\s+([A-Za-z_]\w*)\s*\[\s*\]\s*;")
+DYN = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s*)?([A-Za-z_][\w:<>, ]*?)\s+([A-Za-z_]\w*)\s*\[\s*\]\s*;")
 STAT = re.compile(
     r"__shared__\s+(?:__align__\s*\(\s*(\d+)\s*\)\s*)?([A-Za-z_][\w:<>, ]*?)\s+([A-Za-z_]\w*)\s*((?:\[[^\]]*\]\s*)*);")
 
 
 def rewrite_shared(s):
-    s = DYN.sub(lambda m: "%s* %s = ::emu::dynamic_shared<%s>();" % (m.group(1), m.group(2), m.group(1)), s)
+    s = DYN.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ::emu::dynamic_shared<{m.group(1)}>();", s)
 
     def stat(m):
         align, typ, name, dims = m.group(1) or "0", m.group(2), m.group(3), m.group(4).strip()
-        return 'static char emu_shk_%s; auto& %s = ::emu::shared_ref<%s%s, %s>(&emu_shk_%s, "%s");' % (
-            name, name, typ, dims, align, name, name)
+        return (f"static char emu_shk_{name}; "
+                f'auto& {name} = ::emu::shared_ref<{typ}{dims}, {align}>(&emu_shk_{name}, "{name}");')
 
     s = STAT.sub(stat, s)
     for number, line in enumerate(s.splitlines(), 1):
         code = line.split("//", 1)[0]
         if re.search(r"\b__shared__\b", code):
-            raise SystemExit("cu2cpp: line %d: unsupported __shared__ declaration (declare one variable per "
-                             "statement: `__shared__ T name[...];`): %s" % (number, line.strip()))
+            raise SystemExit(f"cu2cpp: line {number}: unsupported __shared__ declaration (declare one variable per "
+                             f"statement: `__shared__ T name[...];`): {line.strip()}")
     return s
 
 
@@ -166,19 +168,20 @@ def rewrite_asm(s):
         fn = PTX.get(opcode)
         out.append(s[pos:m.start()])
         if fn is None:
-            out.append('static_assert(false, "cu2cpp: inline PTX not emulated: %s")' % opcode.replace('"', ""))
+            shown = opcode.replace('"', "")
+            out.append(f'static_assert(false, "cu2cpp: inline PTX not emulated: {shown}")')
         else:
             refs = [int(x) for x in re.findall(r"%(\d+)", template)]
             if refs != sorted(refs) or refs != list(range(len(refs))):
-                raise SystemExit("cu2cpp: %s operands must appear as %%0..%%n in order" % opcode)
+                raise SystemExit(f"cu2cpp: {opcode} operands must appear as %0..%n in order")
             ops = []
             for sec in parts[1:3]:
                 for o in split_top(sec):
                     mm = re.match(r'\s*"[=+&]*[a-z]+"\s*\((.*)\)\s*$', o, re.S)
                     if not mm:
-                        raise SystemExit("cu2cpp: cannot read asm operand %r" % o)
+                        raise SystemExit(f"cu2cpp: cannot read asm operand {o!r}")
                     ops.append(mm.group(1))
-            out.append("%s(%s)" % (fn, ", ".join(ops)))
+            out.append(f"{fn}({', '.join(ops)})")
         pos = q
     out.append(s[pos:])
     return "".join(out)
@@ -190,7 +193,7 @@ def main():
         s = f.read()
     s = rewrite_asm(rewrite_shared(rewrite_launches(s)))
     with open(dst, "w") as f:
-        f.write('#line 1 "%s"\n' % src)
+        f.write(f'#line 1 "{src}"\n')
         f.write(s)
 
 
