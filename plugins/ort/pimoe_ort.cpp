@@ -54,7 +54,7 @@ PIMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* option
                              api_base->GetVersionString() + ": upgrade onnxruntime";
     return oldest->CreateStatus(ORT_FAIL, text.c_str());
   }
-  pimoe::ort::g_api = api;
+  pimoe::ort::g_registered_api = api;
   Ort::InitApi(api);
   auto& reg = pimoe::ort::registry();
   std::lock_guard<std::mutex> lock(reg.mutex);

@@ -14,9 +14,9 @@ cpu::DType to_dtype(ONNXTensorElementDataType t) {
 
 cpu::Parallel make_parallel(OrtKernelContext* context) {
   return cpu::Parallel(context, [](void* ctx, cpu::Parallel::Trampoline fn, size_t total, void* arg) {
-    OrtStatus* status = g_api->KernelContext_ParallelFor(static_cast<OrtKernelContext*>(ctx), fn, total, 0, arg);
+    OrtStatus* status = api()->KernelContext_ParallelFor(static_cast<OrtKernelContext*>(ctx), fn, total, 0, arg);
     if (status != nullptr) {  // no thread pool available: run serially, same results
-      g_api->ReleaseStatus(status);
+      api()->ReleaseStatus(status);
       for (size_t i = 0; i < total; ++i) fn(arg, i);
     }
   });
@@ -25,10 +25,12 @@ cpu::Parallel make_parallel(OrtKernelContext* context) {
 // ------------------------------------------------------------------------------------------ PiMoERoute
 struct RouteKernel {
   using Signature = RouteSignature;
+  const OrtApi* ort_api = nullptr;  // the table of the ONNX Runtime that created it
   RouteAttrs attrs;
 
   OrtStatusPtr init(const OrtKernelInfo*, ONNXTensorElementDataType) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    const ApiScope scope(ort_api);
     RouteIO io;
     PIMOE_RETURN_IF(route_io(ctx, attrs, &io));
     cpu::route(attrs, io.logits.data, to_dtype(io.logits.type),
@@ -41,10 +43,12 @@ struct RouteKernel {
 // ------------------------------------------------------------------------------------------ PiMoEDispatch
 struct DispatchKernel {
   using Signature = DispatchSignature;
+  const OrtApi* ort_api = nullptr;  // the table of the ONNX Runtime that created it
   DispatchAttrs attrs;
 
   OrtStatusPtr init(const OrtKernelInfo*, ONNXTensorElementDataType) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    const ApiScope scope(ort_api);
     DispatchIO io;
     PIMOE_RETURN_IF(dispatch_io(ctx, attrs, &io));
     auto e = cpu::dispatch(io.x.data, to_dtype(io.x.type), static_cast<const int32_t*>(io.ids.data), io.n, io.h,
@@ -57,10 +61,12 @@ struct DispatchKernel {
 // ------------------------------------------------------------------------------------------ PiMoECombine
 struct CombineKernel {
   using Signature = CombineSignature;
+  const OrtApi* ort_api = nullptr;  // the table of the ONNX Runtime that created it
   CombineAttrs attrs;
 
   OrtStatusPtr init(const OrtKernelInfo*, ONNXTensorElementDataType) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    const ApiScope scope(ort_api);
     CombineIO io;
     PIMOE_RETURN_IF(combine_io(ctx, &io));
     auto e = cpu::combine(io.y_sorted.data, to_dtype(io.y_sorted.type), static_cast<const int32_t*>(io.f2s.data),
@@ -73,6 +79,7 @@ struct CombineKernel {
 // ------------------------------------------------------------------------------------------ PiMoEExpertMLP
 struct ExpertMLPKernel {
   using Signature = ExpertMLPSignature;
+  const OrtApi* ort_api = nullptr;  // the table of the ONNX Runtime that created it
   ExpertMLPAttrs attrs;
   std::unique_ptr<cpu::ExpertMLP> packed;  // set when every parameter is a constant initializer
   ConstantParams constant;                 // their shapes and types (then not fetched again per call)
@@ -81,15 +88,15 @@ struct ExpertMLPKernel {
   OrtStatusPtr init(const OrtKernelInfo* info, ONNXTensorElementDataType x_type) {
     const ExpertMLPAttrs& a = attrs;
     size_t inputs = 0;
-    PIMOE_RETURN_IF(g_api->KernelInfo_GetInputCount(info, &inputs));
+    PIMOE_RETURN_IF(api()->KernelInfo_GetInputCount(info, &inputs));
     std::vector<Input> params(inputs >= 2 ? inputs - 2 : 0);
     bool all_constant = !params.empty();
     for (size_t i = 0; i < params.size() && all_constant; ++i) {
       int is_constant = 0;
       const OrtValue* value_ptr = nullptr;
-      OrtStatus* s = g_api->KernelInfoGetConstantInput_tensor(info, i + 2, &is_constant, &value_ptr);
+      OrtStatus* s = api()->KernelInfoGetConstantInput_tensor(info, i + 2, &is_constant, &value_ptr);
       if (s) {
-        g_api->ReleaseStatus(s);
+        api()->ReleaseStatus(s);
         all_constant = false;
       } else if (!is_constant || value_ptr == nullptr) {
         all_constant = false;
@@ -117,6 +124,7 @@ struct ExpertMLPKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    const ApiScope scope(ort_api);
     MLPIO io;
     PIMOE_RETURN_IF(expert_mlp_io(ctx, attrs, &io, packed ? &constant : nullptr));
     const cpu::ExpertMLP* mlp = packed.get();

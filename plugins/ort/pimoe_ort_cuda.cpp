@@ -31,12 +31,12 @@ cuda::DType to_cuda(ONNXTensorElementDataType t) {
 }
 
 OrtStatusPtr runtime_error(const std::string& text) {
-  return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION, text.c_str());
+  return api()->CreateStatus(ORT_RUNTIME_EXCEPTION, text.c_str());
 }
 
 OrtStatusPtr compute_stream(OrtKernelContext* ctx, cudaStream_t* stream) {
   void* raw = nullptr;
-  PIMOE_RETURN_IF(g_api->KernelContext_GetGPUComputeStream(ctx, &raw));
+  PIMOE_RETURN_IF(api()->KernelContext_GetGPUComputeStream(ctx, &raw));
   *stream = static_cast<cudaStream_t>(raw);  // nullptr: ONNX Runtime gives this node no stream (see Scratch)
   return nullptr;
 }
@@ -59,21 +59,21 @@ class Scratch {
   ~Scratch() {
     if (mPtr != nullptr) {
       if (!mOrdered) cudaStreamSynchronize(mStream);  // the kernels are done with it before it is freed
-      if (OrtStatus* s = g_api->AllocatorFree(mAllocator, mPtr)) g_api->ReleaseStatus(s);
+      if (OrtStatus* s = api()->AllocatorFree(mAllocator, mPtr)) api()->ReleaseStatus(s);
     }
-    if (mAllocator != nullptr) g_api->ReleaseAllocator(mAllocator);
+    if (mAllocator != nullptr) api()->ReleaseAllocator(mAllocator);
   }
 
   // `bytes` of device memory where `like` lives, for kernels enqueued on `stream` (0 bytes: nothing, nullptr)
   OrtStatusPtr allocate(OrtKernelContext* ctx, const OrtValue* like, size_t bytes, cudaStream_t stream) {
     if (bytes == 0) return nullptr;
     const OrtMemoryInfo* info = nullptr;
-    PIMOE_RETURN_IF(g_api->GetTensorMemoryInfo(like, &info));
-    PIMOE_RETURN_IF(g_api->KernelContext_GetAllocator(ctx, info, &mAllocator));  // frees it, either way
+    PIMOE_RETURN_IF(api()->GetTensorMemoryInfo(like, &info));
+    PIMOE_RETURN_IF(api()->KernelContext_GetAllocator(ctx, info, &mAllocator));  // frees it, either way
     mStream = stream;
     mOrdered = stream != nullptr;
-    if (mOrdered) return g_api->KernelContext_GetScratchBuffer(ctx, info, bytes, &mPtr);
-    return g_api->AllocatorAlloc(mAllocator, bytes, &mPtr);
+    if (mOrdered) return api()->KernelContext_GetScratchBuffer(ctx, info, bytes, &mPtr);
+    return api()->AllocatorAlloc(mAllocator, bytes, &mPtr);
   }
   void* get() const { return mPtr; }
 
@@ -97,6 +97,8 @@ bool sync_check() {
 // teardown.
 class CudaKernelBase {
  public:
+  const OrtApi* ort_api = nullptr;  // the table of the ONNX Runtime that created it (OrtOp::CreateKernelV2)
+
   CudaKernelBase() = default;
   CudaKernelBase(const CudaKernelBase&) = delete;
   CudaKernelBase& operator=(const CudaKernelBase&) = delete;
@@ -156,6 +158,7 @@ struct RouteCuda : CudaKernelBase {
   RouteCuda() : CudaKernelBase(Signature::kNAME) {}
   OrtStatusPtr init(const OrtKernelInfo*, ONNXTensorElementDataType) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    const ApiScope scope(ort_api);
     RouteIO io;
     PIMOE_RETURN_IF(route_io(ctx, attrs, &io));
     cudaStream_t stream = nullptr;
@@ -176,6 +179,7 @@ struct DispatchCuda : CudaKernelBase {
   DispatchCuda() : CudaKernelBase(Signature::kNAME) {}
   OrtStatusPtr init(const OrtKernelInfo*, ONNXTensorElementDataType) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    const ApiScope scope(ort_api);
     DispatchIO io;
     PIMOE_RETURN_IF(dispatch_io(ctx, attrs, &io));
     cudaStream_t stream = nullptr;
@@ -200,6 +204,7 @@ struct CombineCuda : CudaKernelBase {
   CombineCuda() : CudaKernelBase(Signature::kNAME) {}
   OrtStatusPtr init(const OrtKernelInfo*, ONNXTensorElementDataType) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    const ApiScope scope(ort_api);
     CombineIO io;
     PIMOE_RETURN_IF(combine_io(ctx, &io));
     cudaStream_t stream = nullptr;
@@ -228,6 +233,7 @@ struct ExpertMLPCuda : CudaKernelBase {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    const ApiScope scope(ort_api);
     MLPIO io;
     PIMOE_RETURN_IF(expert_mlp_io(ctx, attrs, &io));
     cudaStream_t stream = nullptr;

@@ -4,9 +4,18 @@
 namespace pimoe {
 namespace ort {
 
-const OrtApi* g_api = nullptr;
+const OrtApi* g_registered_api = nullptr;
 
-OrtStatusPtr error(const std::string& text) { return g_api->CreateStatus(ORT_INVALID_ARGUMENT, text.c_str()); }
+namespace {
+thread_local const OrtApi* t_api = nullptr;
+}  // namespace
+
+const OrtApi* api() { return t_api != nullptr ? t_api : g_registered_api; }
+
+ApiScope::ApiScope(const OrtApi* table) : mPrevious(t_api) { t_api = table; }
+ApiScope::~ApiScope() { t_api = mPrevious; }
+
+OrtStatusPtr error(const std::string& text) { return api()->CreateStatus(ORT_INVALID_ARGUMENT, text.c_str()); }
 
 const char* type_name(ONNXTensorElementDataType t) {
   switch (t) {
@@ -27,8 +36,8 @@ void AttrReader::set_problem(const std::string& text) {
 
 int64_t AttrReader::get_int(const char* name, int64_t fallback, bool required) {
   int64_t v = fallback;
-  if (OrtStatus* s = g_api->KernelInfoGetAttribute_int64(mInfo, name, &v)) {
-    g_api->ReleaseStatus(s);
+  if (OrtStatus* s = api()->KernelInfoGetAttribute_int64(mInfo, name, &v)) {
+    api()->ReleaseStatus(s);
     if (required) set_problem(msg("missing required int attribute '", name, "'"));
     return fallback;
   }
@@ -42,8 +51,8 @@ void AttrReader::flag(const char* name, bool& member) {
 
 void AttrReader::real(const char* name, float& member) {
   float v = member;
-  if (OrtStatus* s = g_api->KernelInfoGetAttribute_float(mInfo, name, &v)) {
-    g_api->ReleaseStatus(s);
+  if (OrtStatus* s = api()->KernelInfoGetAttribute_float(mInfo, name, &v)) {
+    api()->ReleaseStatus(s);
     return;
   }
   member = v;
@@ -56,34 +65,34 @@ bool get_array(const OrtKernelInfo* info, const char* name, std::vector<T>* out)
   size_t size = 0;
   OrtStatus* s;
   if constexpr (std::is_same_v<T, float>)
-    s = g_api->KernelInfoGetAttributeArray_float(info, name, nullptr, &size);
+    s = api()->KernelInfoGetAttributeArray_float(info, name, nullptr, &size);
   else
-    s = g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &size);
+    s = api()->KernelInfoGetAttributeArray_int64(info, name, nullptr, &size);
   if (s) {
-    g_api->ReleaseStatus(s);
+    api()->ReleaseStatus(s);
     return false;
   }
   out->assign(size, T{});
   if (size == 0) return true;
   if constexpr (std::is_same_v<T, float>)
-    s = g_api->KernelInfoGetAttributeArray_float(info, name, out->data(), &size);
+    s = api()->KernelInfoGetAttributeArray_float(info, name, out->data(), &size);
   else
-    s = g_api->KernelInfoGetAttributeArray_int64(info, name, out->data(), &size);
-  if (s) g_api->ReleaseStatus(s);
+    s = api()->KernelInfoGetAttributeArray_int64(info, name, out->data(), &size);
+  if (s) api()->ReleaseStatus(s);
   return true;
 }
 
 bool get_string(const OrtKernelInfo* info, const char* name, std::string* out) {
   size_t size = 0;
-  OrtStatus* s = g_api->KernelInfoGetAttribute_string(info, name, nullptr, &size);
+  OrtStatus* s = api()->KernelInfoGetAttribute_string(info, name, nullptr, &size);
   if (s) {
-    g_api->ReleaseStatus(s);
+    api()->ReleaseStatus(s);
     return false;
   }
   out->assign(size, '\0');
-  s = g_api->KernelInfoGetAttribute_string(info, name, out->data(), &size);
+  s = api()->KernelInfoGetAttribute_string(info, name, out->data(), &size);
   if (s) {
-    g_api->ReleaseStatus(s);
+    api()->ReleaseStatus(s);
     return false;
   }
   if (!out->empty() && out->back() == '\0') out->pop_back();
@@ -114,32 +123,32 @@ OrtStatusPtr describe(const OrtValue* value, Input* in) {
   in->value = value;
   if (value == nullptr) return nullptr;
   OrtTensorTypeAndShapeInfo* info = nullptr;
-  PIMOE_RETURN_IF(g_api->GetTensorTypeAndShape(value, &info));
+  PIMOE_RETURN_IF(api()->GetTensorTypeAndShape(value, &info));
   size_t rank = 0;
-  OrtStatus* s = g_api->GetTensorElementType(info, &in->type);
-  if (!s) s = g_api->GetDimensionsCount(info, &rank);
+  OrtStatus* s = api()->GetTensorElementType(info, &in->type);
+  if (!s) s = api()->GetDimensionsCount(info, &rank);
   if (!s) {
     in->dims.resize(rank);
-    s = g_api->GetDimensions(info, in->dims.data(), rank);
+    s = api()->GetDimensions(info, in->dims.data(), rank);
   }
-  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  api()->ReleaseTensorTypeAndShapeInfo(info);
   if (s) return s;
   void* data = nullptr;
-  PIMOE_RETURN_IF(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
+  PIMOE_RETURN_IF(api()->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
   in->data = data;
   return nullptr;
 }
 
 OrtStatusPtr get_input(OrtKernelContext* ctx, size_t index, Input* in) {
   const OrtValue* value = nullptr;
-  if (OrtStatus* s = g_api->KernelContext_GetInput(ctx, index, &value)) return s;
+  if (OrtStatus* s = api()->KernelContext_GetInput(ctx, index, &value)) return s;
   return describe(value, in);
 }
 
 OrtStatusPtr get_output(OrtKernelContext* ctx, size_t index, const Dims& dims, void** data) {
   OrtValue* value = nullptr;
-  if (OrtStatus* s = g_api->KernelContext_GetOutput(ctx, index, dims.data(), dims.size(), &value)) return s;
-  return g_api->GetTensorMutableData(value, data);
+  if (OrtStatus* s = api()->KernelContext_GetOutput(ctx, index, dims.data(), dims.size(), &value)) return s;
+  return api()->GetTensorMutableData(value, data);
 }
 
 std::string require_type(const char* op, const char* what, ONNXTensorElementDataType got,
@@ -155,7 +164,7 @@ std::string require_type(const char* op, const char* what, ONNXTensorElementData
 OrtStatusPtr route_io(OrtKernelContext* ctx, const RouteAttrs& attrs, RouteIO* io) {
   PIMOE_RETURN_IF(get_input(ctx, 0, &io->logits));
   size_t count = 0;
-  PIMOE_RETURN_IF(g_api->KernelContext_GetInputCount(ctx, &count));
+  PIMOE_RETURN_IF(api()->KernelContext_GetInputCount(ctx, &count));
   if (count > 1) PIMOE_RETURN_IF(get_input(ctx, 1, &io->bias));
   if (auto e = require_type(contract::kROUTE_NAME, "logits", io->logits.type, {kF32, kF16}); !e.empty())
     return error(e);
@@ -228,7 +237,7 @@ std::string check_param_types(const ExpertMLPAttrs& a, const std::vector<ONNXTen
 OrtStatusPtr expert_mlp_io(OrtKernelContext* ctx, const ExpertMLPAttrs& attrs, MLPIO* io,
                            const ConstantParams* constant) {
   size_t count = 0;
-  PIMOE_RETURN_IF(g_api->KernelContext_GetInputCount(ctx, &count));
+  PIMOE_RETURN_IF(api()->KernelContext_GetInputCount(ctx, &count));
   PIMOE_RETURN_IF(get_input(ctx, 0, &io->x));
   PIMOE_RETURN_IF(get_input(ctx, 1, &io->offsets));
   if (auto e = require_type(contract::kEXPERTMLP_NAME, "x_sorted", io->x.type, {kF32, kF16}); !e.empty())

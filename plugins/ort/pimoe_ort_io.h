@@ -25,8 +25,23 @@
 namespace pimoe {
 namespace ort {
 
-// Set by RegisterCustomOps (pimoe_ort.cpp) before any kernel exists.
-extern const OrtApi* g_api;
+// ONNX Runtime's API table for the call in progress on this thread. Each kernel keeps the table of the ONNX Runtime
+// that created it (CreateKernelV2 receives it) and makes it current for its calls (ApiScope): a process can hold two
+// ONNX Runtime copies that both register this library (onnxruntime's Python module and onnxruntime-genai's own
+// library), and each kernel must call back into its own. Outside a kernel's call: the table RegisterCustomOps
+// (pimoe_ort.cpp) received last.
+const OrtApi* api();
+extern const OrtApi* g_registered_api;
+class ApiScope {
+ public:
+  explicit ApiScope(const OrtApi* table);
+  ~ApiScope();
+  ApiScope(const ApiScope&) = delete;
+  ApiScope& operator=(const ApiScope&) = delete;
+
+ private:
+  const OrtApi* mPrevious;
+};
 
 constexpr ONNXTensorElementDataType kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr ONNXTensorElementDataType kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
@@ -199,8 +214,10 @@ struct OrtOp : Ort::CustomOpBase<OrtOp<Kernel>, Kernel, true> {
 
   OrtOp(const char* provider, ONNXTensorElementDataType x_type) : mProvider(provider), mType(x_type) {}
 
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+  OrtStatusPtr CreateKernelV2(const OrtApi& table, const OrtKernelInfo* info, void** kernel) const {
+    const ApiScope scope(&table);
     auto k = std::make_unique<Kernel>();
+    k->ort_api = &table;
     AttrReader reader(Signature::kNAME, info);
     visit_attrs(k->attrs, reader);
     if (!reader.problem().empty()) return error(reader.problem());
