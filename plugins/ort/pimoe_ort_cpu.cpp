@@ -25,12 +25,10 @@ cpu::Parallel make_parallel(OrtKernelContext* context) {
 // ------------------------------------------------------------------------------------------ PiMoERoute
 struct RouteKernel {
   using Signature = RouteSignature;
-  const OrtApi* ort_api = nullptr;  // the table of the ONNX Runtime that created it
   RouteAttrs attrs;
 
   OrtStatusPtr init(const OrtKernelInfo*, ONNXTensorElementDataType) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-    const ApiScope scope(ort_api);
     RouteIO io;
     PIMOE_RETURN_IF(route_io(ctx, attrs, &io));
     cpu::route(attrs, io.logits.data, to_dtype(io.logits.type),
@@ -43,12 +41,10 @@ struct RouteKernel {
 // ------------------------------------------------------------------------------------------ PiMoEDispatch
 struct DispatchKernel {
   using Signature = DispatchSignature;
-  const OrtApi* ort_api = nullptr;  // the table of the ONNX Runtime that created it
   DispatchAttrs attrs;
 
   OrtStatusPtr init(const OrtKernelInfo*, ONNXTensorElementDataType) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-    const ApiScope scope(ort_api);
     DispatchIO io;
     PIMOE_RETURN_IF(dispatch_io(ctx, attrs, &io));
     auto e = cpu::dispatch(io.x.data, to_dtype(io.x.type), static_cast<const int32_t*>(io.ids.data), io.n, io.h,
@@ -61,12 +57,10 @@ struct DispatchKernel {
 // ------------------------------------------------------------------------------------------ PiMoECombine
 struct CombineKernel {
   using Signature = CombineSignature;
-  const OrtApi* ort_api = nullptr;  // the table of the ONNX Runtime that created it
   CombineAttrs attrs;
 
   OrtStatusPtr init(const OrtKernelInfo*, ONNXTensorElementDataType) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-    const ApiScope scope(ort_api);
     CombineIO io;
     PIMOE_RETURN_IF(combine_io(ctx, &io));
     auto e = cpu::combine(io.y_sorted.data, to_dtype(io.y_sorted.type), static_cast<const int32_t*>(io.f2s.data),
@@ -79,7 +73,6 @@ struct CombineKernel {
 // ------------------------------------------------------------------------------------------ PiMoEExpertMLP
 struct ExpertMLPKernel {
   using Signature = ExpertMLPSignature;
-  const OrtApi* ort_api = nullptr;  // the table of the ONNX Runtime that created it
   ExpertMLPAttrs attrs;
   std::unique_ptr<cpu::ExpertMLP> packed;  // set when every parameter is a constant initializer
   ConstantParams constant;                 // their shapes and types (then not fetched again per call)
@@ -124,7 +117,6 @@ struct ExpertMLPKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-    const ApiScope scope(ort_api);
     MLPIO io;
     PIMOE_RETURN_IF(expert_mlp_io(ctx, attrs, &io, packed ? &constant : nullptr));
     const cpu::ExpertMLP* mlp = packed.get();

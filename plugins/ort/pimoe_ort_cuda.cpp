@@ -97,8 +97,6 @@ bool sync_check() {
 // teardown.
 class CudaKernelBase {
  public:
-  const OrtApi* ort_api = nullptr;  // the table of the ONNX Runtime that created it (OrtOp::CreateKernelV2)
-
   CudaKernelBase() = default;
   CudaKernelBase(const CudaKernelBase&) = delete;
   CudaKernelBase& operator=(const CudaKernelBase&) = delete;
@@ -158,7 +156,6 @@ struct RouteCuda : CudaKernelBase {
   RouteCuda() : CudaKernelBase(Signature::kNAME) {}
   OrtStatusPtr init(const OrtKernelInfo*, ONNXTensorElementDataType) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-    const ApiScope scope(ort_api);
     RouteIO io;
     PIMOE_RETURN_IF(route_io(ctx, attrs, &io));
     cudaStream_t stream = nullptr;
@@ -179,7 +176,6 @@ struct DispatchCuda : CudaKernelBase {
   DispatchCuda() : CudaKernelBase(Signature::kNAME) {}
   OrtStatusPtr init(const OrtKernelInfo*, ONNXTensorElementDataType) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-    const ApiScope scope(ort_api);
     DispatchIO io;
     PIMOE_RETURN_IF(dispatch_io(ctx, attrs, &io));
     cudaStream_t stream = nullptr;
@@ -204,7 +200,6 @@ struct CombineCuda : CudaKernelBase {
   CombineCuda() : CudaKernelBase(Signature::kNAME) {}
   OrtStatusPtr init(const OrtKernelInfo*, ONNXTensorElementDataType) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-    const ApiScope scope(ort_api);
     CombineIO io;
     PIMOE_RETURN_IF(combine_io(ctx, &io));
     cudaStream_t stream = nullptr;
@@ -233,7 +228,6 @@ struct ExpertMLPCuda : CudaKernelBase {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-    const ApiScope scope(ort_api);
     MLPIO io;
     PIMOE_RETURN_IF(expert_mlp_io(ctx, attrs, &io));
     cudaStream_t stream = nullptr;

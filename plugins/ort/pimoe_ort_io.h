@@ -206,17 +206,28 @@ struct ExpertMLPSignature : SignatureDefaults {
 };
 
 // ------------------------------------------------------------------------------------------ the custom op
+// A kernel as ONNX Runtime holds it: the kernel object and the API table of the ONNX Runtime that created it, made
+// current on the calling thread for each of its calls.
+template <class Kernel>
+struct Scoped : Kernel {
+  const OrtApi* ort_api = nullptr;
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    const ApiScope scope(ort_api);
+    return Kernel::ComputeV2(ctx);
+  }
+};
+
 // One registered (op, activation dtype, provider) over kernel class `Kernel`. CreateKernelV2 reads and validates
 // the attributes once, at session creation (a bad attribute fails the session, not a run).
 template <class Kernel>
-struct OrtOp : Ort::CustomOpBase<OrtOp<Kernel>, Kernel, true> {
+struct OrtOp : Ort::CustomOpBase<OrtOp<Kernel>, Scoped<Kernel>, true> {
   using Signature = typename Kernel::Signature;
 
   OrtOp(const char* provider, ONNXTensorElementDataType x_type) : mProvider(provider), mType(x_type) {}
 
   OrtStatusPtr CreateKernelV2(const OrtApi& table, const OrtKernelInfo* info, void** kernel) const {
     const ApiScope scope(&table);
-    auto k = std::make_unique<Kernel>();
+    auto k = std::make_unique<Scoped<Kernel>>();
     k->ort_api = &table;
     AttrReader reader(Signature::kNAME, info);
     visit_attrs(k->attrs, reader);
