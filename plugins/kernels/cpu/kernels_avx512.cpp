@@ -273,15 +273,15 @@ void gemm_i8(const uint8_t* codes, int64_t lda, int64_t m, const int8_t* panels,
     int64_t valid[NR];  // columns of each panel to store
     for (int j = 0; j < NR; ++j) valid[j] = n_valid - (p0 + j) * kPanel;
     // this row block's slice of the next group's cache lines
+    const int64_t next = p0 + kMaxPanels;
     if (r0 == 0) {
-      const int64_t next = p0 + kMaxPanels, next_end = std::min(next + kMaxPanels, np + np_after);
+      const int64_t next_end = std::min(next + kMaxPanels, np + np_after);
       lines = next < next_end ? (next_end - next) * panel_bytes / 64 : 0;
       slice = (lines + row_blocks - 1) / row_blocks;
       first = 0;
     } else {
       first += slice;
     }
-    const int64_t next = p0 + kMaxPanels;
     const int64_t count = std::min({slice, lines - first, k4});
     const int8_t* prefetch = count > 0 ? panels + next * panel_bytes + first * 64 : nullptr;
     // The output stage, inlined into the register block (as an out-of-line call per row, reading every pointer
