@@ -113,11 +113,25 @@ STAT = re.compile(
     r"__shared__\s+(?:__align__\s*\(\s*(\d+)\s*\)\s*)?([A-Za-z_][\w:<>, ]*?)\s+([A-Za-z_]\w*)\s*((?:\[[^\]]*\]\s*)*);")
 
 
+def top_level_comma(typ):
+    """Whether ``typ`` has a comma outside template brackets (``Pair<int, float>`` has none)."""
+    depth = 0
+    for c in typ:
+        depth += {"<": 1, ">": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            return True
+    return False
+
+
 def rewrite_shared(s):
     s = DYN.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ::emu::dynamic_shared<{m.group(1)}>();", s)
 
     def stat(m):
         align, typ, name, dims = m.group(1) or "0", m.group(2), m.group(3), m.group(4).strip()
+        if top_level_comma(typ):  # `__shared__ int a, b;`: the pattern would read `int a,` as the type
+            line = s.count("\n", 0, m.start()) + 1
+            raise SystemExit(f"cu2cpp: line {line}: one __shared__ declaration declares several variables "
+                             f"(declare one variable per statement: `__shared__ T name[...];`): {m.group(0).strip()}")
         return (f"static char emu_shk_{name}; "
                 f'auto& {name} = ::emu::shared_ref<{typ}{dims}, {align}>(&emu_shk_{name}, "{name}");')
 
