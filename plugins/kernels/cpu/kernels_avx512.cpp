@@ -63,19 +63,6 @@ inline void with_constant(int64_t n, F&& body) {  // body(std::integral_constant
 // element's sum runs the same k order in any block, so the blocking does not change results.
 template <typename F>
 inline void for_register_blocks(int64_t m, int64_t np, F&& body) {
-#ifdef PIMOE_ROWS_OUTER
-  for (int64_t r = 0; r < m;) {
-    const int64_t mr = block_rows(m - r);
-    with_constant<kMaxRows>(mr, [&](auto mr_c) {
-      for (int64_t p = 0; p < np; p += kMaxPanels) {
-        const int64_t nr = std::min<int64_t>(kMaxPanels, np - p);
-        with_constant<kMaxPanels>(nr, [&](auto nr_c) { body(r, p, mr_c, nr_c); });
-      }
-    });
-    r += mr;
-  }
-  return;
-#endif
   for (int64_t p = 0; p < np; p += kMaxPanels) {
     const int64_t nr = std::min<int64_t>(kMaxPanels, np - p);
     with_constant<kMaxPanels>(nr, [&](auto nr_c) {
