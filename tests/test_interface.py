@@ -119,3 +119,20 @@ def test_decoder_profiles_give_every_input_its_shape_at_each_bound() -> None:
     assert decode.shapes[MODEL_IDS_INPUT] == ((1, 1), (1, 1), (6, 1))
     assert [p[2] for p in decode.shapes["past_key_values.1.value"]] == [1, 299, 299]
     assert [p[2] for p in prefill.shapes["past_key_values.1.value"]] == [0, 0, 0]
+
+
+def test_the_decoder_interface_has_the_dtypes_decoder_clients_feed() -> None:
+    """optimum's ORTModelForCausalLM and onnxruntime-genai feed input_ids, attention_mask and position_ids as int64;
+    the caches and the logits are the graph's float type. The interface reads back from its manifest form, which
+    accepts only real dtypes."""
+    from pimoe_export.interface import GraphInterface, decoder_interface
+
+    spec = _spec(num_layers=1)
+    for cache in ("float32", "float16"):
+        io = decoder_interface(spec, cache)
+        assert [(t.name, t.dtype) for t in io.inputs] == [
+            ("input_ids", "int64"), ("attention_mask", "int64"), ("position_ids", "int64"),
+            ("past_key_values.0.key", cache), ("past_key_values.0.value", cache)]
+        assert [(t.name, t.dtype) for t in io.outputs] == [
+            ("logits", cache), ("present.0.key", cache), ("present.0.value", cache)]
+        assert GraphInterface.from_dict(io.to_dict()) == io

@@ -171,6 +171,43 @@ HF_OUTSIDE = Importer("Hugging Face model outside the contract", lambda d: _mode
                       _refuse)
 
 
+# ------------------------------------------------------------------------------------------ unreadable configs
+#: the fix for a config.json that is neither kind of model's: which kind it was meant to be cannot be read from it
+UNREADABLE_FIX = "re-download the Hugging Face model, or re-save the pimoe-export checkpoint"
+
+
+def _read_model_config(directory: Path) -> Any:
+    from pimoe_export._files import read_json
+
+    return read_json(directory / "config.json", "model config", UNREADABLE_FIX)
+
+
+def _config_unreadable(directory: Path) -> bool:
+    """config.json is there but holds no JSON object: neither a Hugging Face config nor a pimoe checkpoint's."""
+    from pimoe_export.errors import ArtifactError
+
+    if not (directory / "config.json").is_file():
+        return False
+    try:
+        return not isinstance(_read_model_config(directory), dict)
+    except ArtifactError:
+        return True
+
+
+def _refuse_unreadable(directory: Path, text: Path | None, seed: int = 0) -> ModelSource:
+    from pimoe_export.errors import ArtifactError
+
+    data = _read_model_config(directory)  # raises for a file that is not JSON, naming the fix
+    raise ArtifactError(f"{directory / 'config.json'} holds a JSON {type(data).__name__}, not an object; "
+                        f"{UNREADABLE_FIX}")
+
+
+#: a config.json that cannot be read as an object: one error naming both fixes (rather than the checkpoint
+#: reader's, for what may be a Hugging Face directory)
+UNREADABLE_CONFIG = Importer("model directory with an unreadable config.json", _config_unreadable,
+                             _refuse_unreadable, _refuse_unreadable)
+
+
 # ------------------------------------------------------------------------------------------ PiMoE layer checkpoints
 def _check_layer(directory: Path, text: Path | None) -> None:
     from pimoe_export.model.io import read_checkpoint_config
@@ -198,7 +235,8 @@ def _decoder_importers() -> tuple[Importer, ...]:
 
 
 #: the model families, tried in order; the last recognises every directory
-IMPORTERS: tuple[Importer, ...] = (MOEFIED_ENCODER, *_decoder_importers(), HF_OUTSIDE, LAYER_CHECKPOINT)
+IMPORTERS: tuple[Importer, ...] = (MOEFIED_ENCODER, *_decoder_importers(), HF_OUTSIDE, UNREADABLE_CONFIG,
+                                   LAYER_CHECKPOINT)
 
 
 def importer_for(directory: str | Path) -> Importer:

@@ -84,6 +84,39 @@ def test_a_decoders_default_calibration_is_seed_0_and_says_so(tiny_decoder) -> N
         assert set(got) == set(ref) and all(np.array_equal(got[k], ref[k]) for k in ref)
 
 
+@pytest.mark.parametrize("lines", [1, 4])
+def test_a_decoder_calibration_text_needs_a_held_out_line(tiny_decoder, tmp_path, lines) -> None:
+    """Every fifth line is held out for the check: with fewer than 5 lines nothing would be, and the importer says
+    so before it tokenises anything (4 lines would calibrate, 0 check)."""
+    from pimoe_export.hf.importers import decoder_source
+
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"line {i}\n" for i in range(lines)))
+    with pytest.raises(PiMoEInputError) as info:
+        decoder_source(tiny_decoder("qwen3_moe"), text)
+    assert str(info.value) == f"{text}: at least 5 lines are needed (4 of 5 calibrate, 1 of 5 is held out)"
+
+
+def test_the_hugging_face_config_reader_names_its_fix(tmp_path) -> None:
+    """Read directly (the API, not through the importers' dispatch), a config.json that is not JSON, or not an
+    object, is refused with the path and what to do."""
+    from pimoe_export.errors import ArtifactError
+    from pimoe_export.hf.weights import read_config
+
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(ArtifactError) as info:
+        read_config(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / 'config.json'} is not valid JSON (")
+    assert str(info.value).endswith("); the Hugging Face config is corrupt, re-download the model")
+    (tmp_path / "config.json").write_text("[1]")
+    with pytest.raises(PiMoEInputError) as refused:
+        read_config(tmp_path)
+    assert str(refused.value) == f"{tmp_path / 'config.json'} is not a JSON object"
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(PiMoEInputError, match=r"has no config\.json: not a Hugging Face model directory"):
+        read_config(tmp_path)
+
+
 def test_dbrx_p_norm_refusal_reads_in_full() -> None:
     from pimoe_export.hf.families import _dbrx_refuse
 

@@ -256,3 +256,16 @@ def test_the_custom_op_form_is_the_block_bit_for_bit(family) -> None:
     """What the exporter traces (the block over torch.ops.pimoe) equals the block's own forward exactly."""
     name, _, got, _, _, reference = family
     assert torch.equal(got, reference), name
+
+
+def test_each_familys_block_config_records_its_model_type() -> None:
+    """The block config of every family names where it came from (its Hugging Face model_type: what `pimoe-export
+    info` and the graph's config metadata show), read from each family's tiny decoder config."""
+    from tiny_decoders import TINY, tiny_config
+
+    from pimoe_export.hf.families import FAMILIES as KNOWN
+
+    assert {f.model_type for f in KNOWN} == set(TINY)
+    for family in KNOWN:
+        config = family.block_config(tiny_config(family.model_type))
+        assert config.family == family.model_type, family.name

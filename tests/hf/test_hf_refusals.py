@@ -65,6 +65,14 @@ def _nested_config(d: Path) -> Path:
     return d
 
 
+def _text_config(text: str) -> Callable[[Path], Path]:
+    def make(d: Path) -> Path:
+        d.mkdir()
+        (d / "config.json").write_text(text)
+        return d
+    return make
+
+
 def _raw(model_type: str, **extra) -> Callable[[Path], Path]:
     def make(d: Path) -> Path:
         d.mkdir()
@@ -98,7 +106,16 @@ CASES: dict[str, tuple[str | None, Callable[[Path], Path], str]] = {
     "a shard outside the directory": ("mixtral", _shard_outside, "directly in"),
     "a config value of the wrong type": ("deepseek_v3", lambda d: _edit_config(d, lambda c: c.update(n_group=None)),
                                          "wrong type or range"),
-    "a config nested past the JSON limits": (None, _nested_config, "nests deeper than"),
+    "a config nested past the JSON limits": (None, _nested_config,
+                                            "levels; the model config is corrupt, re-download the Hugging Face "
+                                            "model, or re-save the pimoe-export checkpoint"),
+    "a config that is not JSON": (None, _text_config('{"model_type": "mixtral",'),
+                                  "is not valid JSON (Expecting property name enclosed in double quotes: line 1 "
+                                  "column 26 (char 25)); the model config is corrupt, re-download the Hugging "
+                                  "Face model, or re-save the pimoe-export checkpoint"),
+    "a config that is not an object": (None, _text_config('["mixtral"]'),
+                                       "config.json holds a JSON list, not an object; re-download the Hugging Face "
+                                       "model, or re-save the pimoe-export checkpoint"),
 }
 
 

@@ -36,6 +36,21 @@ def test_adaptive_window_counters_are_exact() -> None:
     assert float(model.window_confidence) == 2.0**24 + 1
 
 
+def test_the_adaptive_model_honours_the_attention_mask() -> None:
+    """Padded tokens (mask 0) get zeros and stay out of the adaptation window: the real tokens' outputs are those
+    of the same model run on the real tokens alone."""
+    torch.manual_seed(3)
+    model = AdaptivePiMoE(hidden_size=8, num_experts=4).eval()
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 0]])
+    with torch.no_grad():
+        out = model(x, mask)
+        alone = model(x[mask.bool()].reshape(1, -1, 8))
+    assert torch.equal(out[~mask.bool()], torch.zeros(4, 8))
+    torch.testing.assert_close(out[mask.bool()], alone.reshape(-1, 8), rtol=1e-6, atol=1e-6)
+    assert int(model.window_tokens) == 2 * int(mask.sum())  # both calls saw the 6 real tokens only
+
+
 def test_an_unknown_preset_lists_the_presets() -> None:
     with pytest.raises(PiMoEConfigError) as info:
         preset_config("huge")

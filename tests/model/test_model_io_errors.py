@@ -106,6 +106,19 @@ def test_adaptive_checkpoint_keeps_bias_temperature_and_history(tmp_path) -> Non
     assert torch.equal(loaded(x), model(x))
 
 
+def test_loading_through_a_class_that_is_not_the_checkpoints_names_both(tmp_path) -> None:
+    """AdaptivePiMoE.from_pretrained on a plain PiMoESystem's checkpoint is refused (the subclass would lack its
+    state), naming the architecture field and both classes; the base class loads the subclass's checkpoint."""
+    create_from_preset("tiny").save_pretrained(tmp_path / "plain")
+    with pytest.raises(PiMoEConfigError) as info:
+        AdaptivePiMoE.from_pretrained(tmp_path / "plain")
+    assert info.value.field == "architecture"
+    assert str(info.value) == (f"PiMoEConfig.architecture: {tmp_path / 'plain'} holds a PiMoESystem, not a "
+                               "AdaptivePiMoE")
+    AdaptivePiMoE(hidden_size=8, num_experts=2).save_pretrained(tmp_path / "adaptive")
+    assert isinstance(PiMoESystem.from_pretrained(tmp_path / "adaptive"), AdaptivePiMoE)
+
+
 def test_tampered_checkpoint_is_refused(tmp_path) -> None:
     create_from_preset("tiny").save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"

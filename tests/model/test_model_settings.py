@@ -4,6 +4,8 @@ settings an EnhancedPiMoEIntegration records for the pipeline (which reads them 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -44,6 +46,12 @@ def test_a_config_that_is_not_an_object_is_refused_at_the_root(data) -> None:
 def test_config_json_round_trip_and_its_refusals() -> None:
     config = PiMoEConfig(hidden_size=8, num_experts=4, top_k=2, metadata={"a": [1, 2]})
     assert PiMoEConfig.from_json(config.to_json()) == config
+    # canonical text (sorted keys at every level, 2-space indent): the config embedded in exported graphs and
+    # written next to checkpoints is the same bytes for equal configs, however the mapping was built
+    assert config.to_json() == json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True)
+    assert list(json.loads(config.to_json())) == sorted(json.loads(config.to_json()))
+    reordered = PiMoEConfig.from_dict(dict(reversed(list(config.to_dict().items()))))
+    assert reordered.to_json() == config.to_json()
     with pytest.raises(PiMoEConfigError, match=r"<root>: config is not valid JSON"):
         PiMoEConfig.from_json("{")
     with pytest.raises(PiMoEConfigError) as info:

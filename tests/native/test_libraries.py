@@ -269,8 +269,19 @@ def test_a_library_tensorrt_refuses_is_reported_with_its_log(plugin_library, mon
                                               r"found$"):
         tensorrt_loader.load_plugin_library(None, plugin_library, registry=registry, logger=Logger())
     monkeypatch.setenv("PIMOE_TRT_STATIC_REGISTRATION", "1")
-    with pytest.raises(PluginLoadError, match=r"PIMOE_TRT_STATIC_REGISTRATION=1 is set.*TensorRT said: \(nothing\)"):
+    with pytest.raises(PluginLoadError, match=r"registered already\. PIMOE_TRT_STATIC_REGISTRATION=1 is set: the "
+                                              r"library registered itself when it was loaded, and load_library "
+                                              r"refuses creators that are already registered; unset it for dynamic "
+                                              r"loading\. TensorRT said: \(nothing\)$"):
         tensorrt_loader.load_plugin_library(None, plugin_library, registry=Registry(loads=[[]]))
+
+
+def test_without_a_path_the_library_of_the_environment_is_loaded(plugin_library, monkeypatch) -> None:
+    """No path: the library find_plugin_library names ($PIMOE_TRT_PLUGINS here) is checked and loaded."""
+    monkeypatch.setenv(libraries.PLUGIN_LIBRARY_ENV, str(plugin_library))
+    registry = Registry(loads=[[Creator(n) for n in tensorrt_loader.PLUGIN_NAMES]])
+    assert tensorrt_loader.load_plugin_library(None, registry=registry) == "handle"
+    assert registry.loaded == [str(plugin_library)]
 
 
 def test_a_missing_plugin_library_file(tmp_path) -> None:

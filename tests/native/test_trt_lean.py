@@ -300,3 +300,25 @@ def test_plugin_configs_match_the_contract() -> None:
     for op in schema.SCHEMAS.values():
         path = module.config_path(op.name)
         assert path.read_text() == module.render(op), f"run python -m pimoe_export.ops.codegen ({path})"
+
+
+@pytest.mark.parametrize("op", [*schema.SCHEMAS, "PiMoECombine-v1"])
+def test_plugin_configs_read_back_as_the_contract(op) -> None:
+    """Read as YAML (what TensorRT OSS's tooling does with such files), each config names the contract's tensors,
+    attributes and required attributes; an op without attributes (Combine as contract v1 had it) says so with
+    empty lists rather than leaving the keys out."""
+    import dataclasses
+
+    yaml = pytest.importorskip("yaml")
+    from pimoe_export.ops import plugin_configs as module
+
+    spec = (dataclasses.replace(schema.SCHEMAS[schema.COMBINE], attributes=()) if op == "PiMoECombine-v1"
+            else schema.SCHEMAS[op])
+    data = yaml.safe_load(module.render(spec))
+    assert data["name"] == spec.name and data["interface"] == "IPluginV3"
+    version = data["versions"][schema.PLUGIN_VERSION]
+    assert version["namespace"] == schema.PLUGIN_NAMESPACE
+    assert version["inputs"] == [t.name for t in spec.inputs] and version["outputs"] == [t.name for t in spec.outputs]
+    assert version["attributes"] == [a.name for a in spec.attributes]
+    assert version["attributes_required"] == [a.name for a in spec.attributes if a.default is None]
+    assert set(version.get("attribute_types", {})) == {a.name for a in spec.attributes}

@@ -60,6 +60,24 @@ def test_symbolic_token_count_is_kept_and_products_left_unknown() -> None:
     assert got["xs"][1][1] == 16 and got["xs"][1][0] != "N"  # N*k is not N: unknown, never a wrong name
 
 
+def test_an_untyped_input_leaves_only_the_outputs_it_types_unknown() -> None:
+    """x comes from an op ONNX does not know, so x_sorted's type is unknown; the index outputs, int32 by the
+    contract with shapes from ids, are still inferred (an earlier untyped output does not stop the rest)."""
+    nodes = [helper.make_node("Mystery", ["raw"], ["x"], domain="vendor"),
+             helper.make_node("PiMoEDispatch", ["x", "ids"], ["xs", "off", "f2s"], domain="pimoe", num_experts=8)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("raw", TensorProto.FLOAT, [6, 16]),
+                                           helper.make_tensor_value_info("ids", TensorProto.INT32, [6, 2])],
+                              [helper.make_tensor_value_info(n, TensorProto.UNDEFINED, None)
+                               for n in ("xs", "off", "f2s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("pimoe", 1),
+                                                    helper.make_opsetid("vendor", 1)])
+    inferred = onnx.shape_inference.infer_shapes(model)
+    found = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.output]}
+    assert found["off"].type.tensor_type.elem_type == TensorProto.INT32 and dims(found["off"]) == [9]
+    assert found["f2s"].type.tensor_type.elem_type == TensorProto.INT32 and dims(found["f2s"]) == [12]
+    assert found["xs"].type.tensor_type.elem_type == TensorProto.UNDEFINED
+
+
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
     from pimoe_export.export.exporter import export_onnx

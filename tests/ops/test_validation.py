@@ -101,6 +101,24 @@ def test_unknown_and_missing_attributes() -> None:
     assert attribute_problems(MLP, {"expert_ids": [0], "widths": [2, 3]}) == []
 
 
+def test_attributes_newer_than_the_graphs_opset_are_named_with_their_version() -> None:
+    """A v1 graph (pimoe opset 1) may not use what contract v2 added: a v2 attribute, or a v2 choice of a v1
+    attribute; each is one problem naming the attribute (with the value, for a choice) and both versions."""
+    assert attribute_problems(ROUTE, {"k": 2, "num_groups": 2}, version=1) == [
+        "attribute num_groups needs pimoe opset 2 (op contract v2) but the graph imports opset 1"]
+    assert attribute_problems(ROUTE, {"k": 2, "scoring": "sigmoid"}, version=1) == [
+        "attribute scoring='sigmoid' needs pimoe opset 2 (op contract v2) but the graph imports opset 1"]
+    assert attribute_problems(MLP, {"expert_ids": [0], "widths": [2, 3], "gated": 1, "activation": "swiglu_oai"},
+                              version=1) == [
+        "attribute activation='swiglu_oai' needs pimoe opset 2 (op contract v2) but the graph imports opset 1",
+        "attribute gated needs pimoe opset 2 (op contract v2) but the graph imports opset 1"]
+    assert attribute_problems(COMBINE, {"order": "slot"}, version=1) == [
+        "attribute order needs pimoe opset 2 (op contract v2) but the graph imports opset 1"]
+    # v1's own attributes and choices are fine at opset 1, and the v2 ones at opset 2
+    assert attribute_problems(ROUTE, {"k": 2, "scoring": "softmax", "normalize": 1}, version=1) == []
+    assert attribute_problems(ROUTE, {"k": 2, "scoring": "sigmoid"}, version=2) == []
+
+
 def test_the_contract_defaults() -> None:
     """docs/op_contract.md: normalize 0, scoring softmax, no groups (1 of 1, max), scaling 1, normalize_eps 0;
     activation gelu, layer_norm 1, eps 1e-5, no quantisation, no static scales, not gated, with bias, GPT-OSS's
