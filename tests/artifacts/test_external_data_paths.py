@@ -86,6 +86,26 @@ def test_a_unit_copies_a_plain_data_file_beside_the_graph(tmp_path: Path) -> Non
     assert (tmp_path / "unit" / "graph.onnx.data").read_bytes() == (src / "graph.onnx.data").read_bytes()
 
 
+def test_a_missing_or_escaping_data_file_is_named_as_the_graphs_external_data(tmp_path: Path) -> None:
+    """The plain name the graph gives must be a file beside it: missing, or a symlink out of the source folder,
+    is refused naming the graph's external data and the fix, and the data is not copied."""
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save_model(_constant_model("graph.onnx.data"), str(src / "graph.onnx"))
+    with pytest.raises(ArtifactError) as info:
+        copy_onnx(src / "graph.onnx", OutputDir(tmp_path / "unit"))
+    assert str(info.value) == (f"{src}: graph.onnx.data is missing (the ONNX's external data; or it is not a regular "
+                               "file): re-export the graph")
+    (tmp_path / "elsewhere.data").write_bytes(b"\0" * 16)
+    (src / "graph.onnx.data").symlink_to(tmp_path / "elsewhere.data")
+    with pytest.raises(ArtifactError) as info:
+        copy_onnx(src / "graph.onnx", OutputDir(tmp_path / "unit2"))
+    assert str(info.value).startswith(f"{src}: the ONNX's external data ('graph.onnx.data') resolves to ")
+    assert str(info.value).endswith("outside the unit; a unit may only name files inside itself (no '..', no "
+                                    "symlinks to elsewhere): re-export the graph")
+    assert not (tmp_path / "unit2" / "graph.onnx.data").exists()
+
+
 def test_a_client_file_symlinked_to_elsewhere_is_refused(tmp_path: Path) -> None:
     from pimoe_export.build.units import _client_sources
 

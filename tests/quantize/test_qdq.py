@@ -74,6 +74,29 @@ def test_the_qdq_graph_still_computes_the_model(graphs) -> None:
     assert not np.array_equal(got, session_fp(int8, test))  # the Linears really changed precision
 
 
+def test_a_graph_with_external_weights_gets_the_same_qdq_graph(graphs) -> None:
+    """Large models keep their weights in an external-data file: the Q/DQ pass reads them from there (it folds and
+    quantises weight values) and writes the same graph as from the self-contained file."""
+    from onnx import numpy_helper
+
+    from pimoe_export.quantize.qdq import quantize_linears
+
+    _, feeds, int8, root = graphs
+    external = root / "external"
+    external.mkdir()
+    onnx.save_model(onnx.load(str(int8)), str(external / "model.int8.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.int8.onnx.data", size_threshold=0)
+    assert onnx.load(str(external / "model.int8.onnx"), load_external_data=False).graph.initializer[0].external_data
+    quantize_linears(int8, root / "embedded-qdq.onnx", feeds)
+    quantize_linears(external / "model.int8.onnx", external / "qdq.onnx", feeds)
+    want, got = (onnx.load(str(p)).graph for p in (root / "embedded-qdq.onnx", external / "qdq.onnx"))
+    assert [(n.op_type, list(n.input)) for n in got.node] == [(n.op_type, list(n.input)) for n in want.node]
+    values = {i.name: numpy_helper.to_array(i) for i in want.initializer}
+    assert {i.name for i in got.initializer} == set(values)
+    for tensor in got.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor, str(external)), values[tensor.name], tensor.name)
+
+
 def session_fp(path, feed) -> np.ndarray:
     from pimoe_export.runtime.ort import create_session
 

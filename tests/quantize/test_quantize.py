@@ -216,3 +216,10 @@ def test_quant_params_use_the_percentile_asked_for_and_name_the_dynamic_method()
     dynamic = compute_quant_params(model, None, "percentile", "w8a8_dynamic")
     assert dynamic.method == "dynamic-per-row" and dynamic.info["method"] == "dynamic-per-row"
     assert dynamic.info["thresholds"] == {} and all(g.act_scales == [] for g in dynamic.groups)
+    # what the graph's pimoe.quantization metadata states besides the numbers: the precision plan
+    # (docs/precision.md: symmetric per-channel int8 weights, the router in fp32), in both modes
+    for info in (params.info, dynamic.info):
+        assert (info["weights"], info["router"]) == ("int8 symmetric per output channel", "fp32")
+    assert set(params.info) == set(dynamic.info) == {
+        "mode", "method", "percentile", "calibration_tokens", "uncalibrated_experts", "thresholds", "weights",
+        "smoothing", "router"}
