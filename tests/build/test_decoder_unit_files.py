@@ -60,3 +60,39 @@ def test_an_engine_unit_refuses_a_missing_client_directory_before_building(case,
     with pytest.raises(ArtifactError, match=f"^{missing} is not a directory \\(the tokenizer and config files"):
         build_unit(case.unit / "model.onnx", tmp_path / "engine", client_dir=missing)
     assert not (tmp_path / "engine").exists() or not any((tmp_path / "engine").iterdir())
+
+
+def test_a_decoder_engine_is_built_with_the_prefill_and_decode_profiles_of_the_options(case, tmp_path,
+                                                                                       monkeypatch) -> None:
+    """build_unit around a stand-in engine builder (the real builds: test_trt_rtx_decoder.py, slow): the builder gets
+    the two profiles of decoder_profiles for the options' largest batch and prompt (here below the context length,
+    so a prompt bound taken from anywhere else shows), and the manifest records the same."""
+    import types
+
+    from pimoe_export.build import engine_builder
+    from pimoe_export.build.units import BuildOptions, build_unit
+    from pimoe_export.errors import PluginLoadError
+    from pimoe_export.interface import Profile, decoder_profiles
+    from pimoe_export.native import libraries, tensorrt_loader
+
+    try:
+        libraries.check_plugin_library(str(libraries.find_plugin_library()))
+    except PluginLoadError as exc:
+        pytest.skip(f"the TensorRT plugin library is not built: {exc}")
+    seen: dict = {}
+
+    def build_engine(onnx_path, plugin, profile, capabilities, *, strongly_typed, flavour, configure, profiles):
+        seen.update(profile=profile, profiles=profiles)
+        return b"plan", types.SimpleNamespace(plugin_counts=lambda: {"PiMoERoute": 1}, num_layers=7)
+
+    monkeypatch.setattr(tensorrt_loader, "import_tensorrt", lambda f: types.SimpleNamespace(__version__="1.7"))
+    monkeypatch.setattr(engine_builder, "build_engine", build_engine)
+    monkeypatch.setattr(engine_builder, "compute_capability", lambda trt, name: (8, 9))
+    spec = read_manifest(case.unit).decoder_spec
+    assert spec is not None and spec.context_length > 100
+    options = BuildOptions(flavour="rtx", compute_capabilities=("SM89",), profile=Profile((1, 1), (1, 32), (3, 100)))
+    manifest = build_unit(case.unit / "model.onnx", tmp_path / "engine", options=options, client_dir=case.hf_dir)
+    want = decoder_profiles(spec, max_batch=3, max_prompt=100)
+    assert seen["profile"] is None and seen["profiles"] == [p.shapes for p in want]
+    assert manifest.shape_profiles == list(want)
+    assert want[0].shapes["input_ids"] == ((1, 1), (1, 100), (3, 100))  # prefill: up to 3 prompts of 100 tokens

@@ -157,6 +157,22 @@ def test_single_op_graph_with_weak_typing_builds(rtx, tmp_path) -> None:
     assert summary.plugin_counts() == {schema.ROUTE: 1} and len(plan) > 0
 
 
+def test_the_plugin_library_given_is_the_one_used(rtx, tmp_path, monkeypatch) -> None:
+    """build_engine(plugin_path=...) registers and checks that library: with $PIMOE_TRT_PLUGINS naming a file that
+    is not there, a build that looked the default up anywhere would fail."""
+    from pimoe_export.native import libraries as L
+
+    _, plugin = rtx
+    monkeypatch.setenv(L.PLUGIN_LIBRARY_ENV, str(tmp_path / "not-this-one.so"))
+    model = single_op_model("PiMoERoute", [("logits", np.zeros((4, 8), np.float32))],
+                            [("weights", np.float32, 2), ("ids", np.int32, 2)], {"k": 2})
+    path = _single_op_file(tmp_path, "route", model)
+    plan, summary = D.build_engine(path, plugin, {"logits": ((1, 8), (4, 8), (16, 8))}, strongly_typed=False)
+    assert summary.plugin_counts() == {schema.ROUTE: 1} and len(plan) > 0
+    with pytest.raises(PluginLoadError, match=r"not-this-one\.so"):  # and without a path, the environment's
+        D.build_engine(path, None, {"logits": ((1, 8), (4, 8), (16, 8))}, strongly_typed=False)
+
+
 def _w8a8_single_op(dtype, mode: str, act_scales) -> bytes:
     rng = np.random.default_rng(0)
     params = [("w", rng.integers(-127, 128, size=(2, 24, 16), dtype=np.int8)),

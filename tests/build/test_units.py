@@ -176,6 +176,13 @@ def test_an_engine_unit_records_its_backend_artifacts_and_build(flavour, backend
     saved = read_manifest(tmp_path / "unit")
     assert manifest.config == graph_config == saved.config and graph_config["num_experts"] > 0
     assert manifest.profiles == [] == saved.profiles and saved.profile == options.profile
+    # provenance: the ONNX it was built from (its own bytes' hash), and the build command as the files' writer
+    from pimoe_export._files import OWNERSHIP_FILE
+
+    assert saved.source_onnx_sha256 == hashlib.sha256(onnx_copy.read_bytes()).hexdigest()
+    entries = json.loads((tmp_path / "unit" / OWNERSHIP_FILE).read_text())["entries"]
+    assert set(entries) >= {"model.engine", "model.onnx", "manifest.json"}
+    assert {entry["command"] for entry in entries.values()} == {"build"}
     if flavour == "tensorrt":
         assert config.calls == [("create", b""), ("set", False)]
         assert manifest.build_options["timing_cache_used"] is True and cache.read_bytes() == b"timing"
