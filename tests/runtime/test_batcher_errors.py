@@ -78,3 +78,35 @@ def test_a_failing_prefill_or_step_ends_its_requests_and_the_thread_goes_on() ->
     finally:
         batcher.stop(10)
     assert not batcher._thread.is_alive()
+
+
+class RecordingQueue(queue.Queue):
+    """A queue that records the timeout of every get."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float | None] = []
+
+    def get(self, block: bool = True, timeout: float | None = None):  # type: ignore[override]
+        self.timeouts.append(timeout)
+        return super().get(block, timeout)
+
+
+def test_waiting_requests_never_hold_up_a_decode_step_and_an_idle_batcher_blocks() -> None:
+    """While rows decode, the batcher only polls the queue (timeout 0: a step is never delayed for arrivals); with
+    nothing to decode it waits on the queue (a positive timeout, not a busy loop spinning a core); once one
+    request is taken, it takes the others that are there without waiting."""
+    batcher, decoding = _batcher()
+    batcher._waiting = waiting = RecordingQueue()
+    batcher._admit_waiting()  # idle, nothing queued
+    assert len(waiting.timeouts) == 1 and (waiting.timeouts[0] or 0) > 0
+    decoding.active = [FakeRequest("decoding")]
+    waiting.timeouts.clear()
+    batcher._admit_waiting()  # a row decodes, nothing queued
+    assert waiting.timeouts == [0]
+    decoding.active = []
+    for name in ("a", "b"):
+        waiting.put(FakeRequest(name))
+    waiting.timeouts.clear()
+    batcher._admit_waiting()  # idle, two queued: the first wait may block, the rest are polls
+    assert (waiting.timeouts[0] or 0) > 0 and waiting.timeouts[1:] == [0, 0]

@@ -103,6 +103,53 @@ def test_native_run_and_io_binding_give_the_same_bits(decoder_case, engine) -> N
     assert native_cache[0].shape[0] == 2
 
 
+def test_a_request_that_ends_at_its_prefill_joins_and_leaves_a_running_batch(engine) -> None:
+    """The serving batcher's Decoding: rows decode with their cache in ONNX Runtime; a new group arrives in which
+    one request ends at its first token, so the group's rows are selected (a numpy cache) and merged with the
+    running rows (OrtValues) before any step. Every request that goes on gets the tokens it gets alone."""
+    from pimoe_export.runtime.generation import Decoding, Request
+    from pimoe_export.runtime.sampling import SamplingSettings
+
+    prompts = engine.prompt_ids(PROMPTS)
+    alone = [engine.generate(PROMPTS[i], max_new_tokens=8, eos_token_ids=[])[0].token_ids for i in (0, 2)]
+    settings = SamplingSettings(max_new_tokens=8, eos_token_ids=())
+    spec = engine.decoder_spec
+    decoding = Decoding(engine.decoder(), trim=True)
+    first = Request(0, prompts[0], settings, spec)
+    decoding.admit([first])
+    decoding.step()
+    decoding.step()
+    ending = Request(1, prompts[1], SamplingSettings(max_new_tokens=1, eos_token_ids=()), spec)
+    going = Request(2, prompts[2], settings, spec)
+    decoding.admit([ending, going])
+    assert ending.finish_reason == "length" and len(ending.tokens) == 1
+    assert decoding.active == [first, going]
+    while decoding.active:
+        decoding.step()
+    assert [first.tokens, going.tokens] == alone
+
+
+def test_a_cuda_session_binds_the_cache_to_the_gpu(engine, monkeypatch) -> None:
+    """A session whose first provider is CUDA's gets a decoder that keeps the presents on "cuda" (ONNX Runtime's
+    device name for I/O binding) and does not take the CPU-only native step; a CPU session's stays on "cpu"."""
+
+    class OnCuda:
+        def __init__(self, session) -> None:
+            self._session = session
+
+        def get_providers(self) -> list[str]:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def __getattr__(self, name: str):
+            return getattr(self._session, name)
+
+    cpu = engine.decoder()
+    assert cpu.device == "cpu" and cpu._native is not None
+    monkeypatch.setattr(engine, "session", OnCuda(engine.session))
+    gpu = engine.decoder()
+    assert gpu.device == "cuda" and gpu._native is None
+
+
 def test_seeded_sampling_repeats_and_rows_are_independent(engine) -> None:
     kwargs = {"max_new_tokens": 24, "temperature": 0.9, "top_k": 40, "top_p": 0.95, "seed": 1234}
     first = engine.generate(PROMPTS, **kwargs)
