@@ -82,6 +82,30 @@ def test_batching_off_serves_every_unit_without_a_batcher(units) -> None:
             m.engine.close()
 
 
+def test_a_decoder_unit_is_verified_and_served_by_its_generate_model(decoder_cases, tmp_path) -> None:
+    """A decoder unit is not loaded in the server process (Triton's generate model loads it in its stub): it is
+    verified here, served with no engine, and decodes up to --max-batch rows together (1 with batching off); a
+    decoder unit whose files do not match its manifest is refused before anything is served."""
+    import shutil
+
+    from decoders import FAMILIES
+
+    from pimoe_export.errors import ArtifactError
+
+    case = decoder_cases(next(iter(FAMILIES)))
+    (model,) = load_models([case.unit], "d", ServeOptions(max_batch=2))
+    assert (model.name, model.engine, model.generates, model.batching, model.max_batch) == ("d", None, True, True, 2)
+    assert model.unit.dir == case.unit and model.unit.manifest.decoder_spec is not None
+    (alone,) = load_models([case.unit], "d", ServeOptions(max_batch=0))
+    assert (alone.batching, alone.max_batch) == (False, 1)
+    tampered = tmp_path / "unit"
+    shutil.copytree(case.unit, tampered)
+    onnx_file = tampered / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    with pytest.raises(ArtifactError, match=r"model\.onnx"):
+        load_models([tampered], "d", ServeOptions(max_batch=2))
+
+
 @pytest.mark.parametrize(("max_batch", "refused"), [(1, False), (3, False), (4, False), (5, True)])
 def test_the_batch_limit_must_fit_the_profile(units, max_batch, refused) -> None:
     if refused:

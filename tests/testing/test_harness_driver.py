@@ -51,3 +51,18 @@ def test_guard_bytes_refused(monkeypatch, value, message) -> None:
     with pytest.raises(HarnessError) as info:
         guard_bytes()
     assert str(info.value) == message
+
+
+def test_the_default_harness_is_the_gpu_build_never_the_emulator(monkeypatch, tmp_path) -> None:
+    """find_harness() is the CUDA build the GPU tests run; the emulated one only when asked for. With both named
+    by their environment variables, each call gets its own."""
+    from pimoe_export.native import libraries as L
+
+    gpu, emu = tmp_path / "gpu.so", tmp_path / "emu.so"
+    gpu.write_bytes(b"x")
+    emu.write_bytes(b"x")
+    monkeypatch.setenv(L.HARNESS_LIBRARY_ENV, str(gpu))
+    monkeypatch.setenv(L.EMU_HARNESS_LIBRARY_ENV, str(emu))
+    assert (find_harness(), find_harness(emulated=True)) == (gpu, emu)
+    gpu.unlink()
+    assert find_harness() is None and find_harness(emulated=True) == emu  # no fallback to the emulator
