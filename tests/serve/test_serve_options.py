@@ -321,6 +321,29 @@ def test_decoder_units_get_generate_models_in_the_repository_triton_loads(units,
     assert not repository.exists()
 
 
+def test_the_generate_models_config_reads_as_tritons_model_config(tmp_path) -> None:
+    """config.pbtxt parsed with Triton's own ModelConfig schema (protobuf text format, as tritonserver reads it):
+    a decoupled python model taking every generate input (optional) and giving its outputs, one CPU instance, its
+    parameters as written; a unit path with quotes, a backslash and non-ASCII letters survives the quoting."""
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import text_format
+
+    from pimoe_export.serve.generate_model import GENERATE_INPUTS, GENERATE_OUTPUTS, model_config
+
+    unit = tmp_path / 'a "quoted" \\ ünït 模型'
+    config = text_format.Parse(model_config("chat-1", unit, 4, None), model_config_pb2.ModelConfig())
+    assert (config.name, config.backend, config.max_batch_size) == ("chat-1", "python", 0)
+    assert config.model_transaction_policy.decoupled
+    types = model_config_pb2.DataType
+    assert [(t.name, types.Name(t.data_type), tuple(t.dims), t.optional) for t in config.input] == [
+        (n, dtype, dims, True) for n, (dtype, dims) in GENERATE_INPUTS.items()]
+    assert [(t.name, types.Name(t.data_type), tuple(t.dims)) for t in config.output] == [
+        (n, dtype, dims) for n, (dtype, dims) in GENERATE_OUTPUTS.items()]
+    assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 1)]
+    assert {k: v.string_value for k, v in config.parameters.items()} == {
+        "unit": str(unit.resolve()), "max_rows": "4", "threads": "0"}
+
+
 def test_urls_of_an_ipv6_host() -> None:
     server = Server([], ServeOptions(host="::1", http_port=1, grpc_port=2, metrics_port=3))
     assert server.urls() == {"http": "http://[::1]:1", "grpc": "[::1]:2", "metrics": "http://[::1]:3/metrics"}
