@@ -117,3 +117,32 @@ def test_the_defaults_the_command_line_and_the_library_share() -> None:
     assert check.seed == 1234 and check.shapes is None  # None: DEFAULT_SHAPES
     assert inspect.signature(benchmark_source).parameters["repeats"].default == 20 == PipelineOptions().bench_repeats
     assert build_parser().parse_args(["pipeline", "--preset", "tiny", "-o", "o"]).bench_repeats == 20
+
+
+def test_the_checks_inputs_follow_the_seed(exported_layer, tmp_path) -> None:
+    """The same seed draws the same inputs (a report can be reproduced: the outputs' statistics are the same to
+    the bit), another seed other inputs."""
+    model, onnx_path = exported_layer("tiny", 0)
+
+    def outputs(seed: int, name: str) -> dict:
+        skip_without_library(check_onnx, model, onnx_path, tmp_path / name, shapes=[(2, 5)], seed=seed, plots=False)
+        return json.loads((tmp_path / name / "report.json").read_text())["outputs"]
+
+    first = outputs(7, "a")
+    assert outputs(7, "b") == first and outputs(8, "c") != first
+
+
+def test_the_plots_of_a_bit_exact_check(tmp_path) -> None:
+    """Where every output matches the reference exactly there is no log-error histogram to draw: the histogram
+    says so instead (and is still written), and the per-expert chart is drawn as usual."""
+    import numpy as np
+
+    pytest.importorskip("matplotlib")
+    from pimoe_export._files import OutputDir
+    from pimoe_export.validate.report import plots
+
+    reference = [{"output": np.arange(12, dtype=np.float32).reshape(3, 4)}]
+    files = plots(reference, [{"output": reference[0]["output"].copy()}], {0: 0.0, 1: 0.0}, OutputDir(tmp_path))
+    assert set(files) == {"error_histogram", "per_expert_error"}
+    for path in files.values():
+        assert Path(path).parent == tmp_path and Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

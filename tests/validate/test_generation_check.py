@@ -53,6 +53,8 @@ def test_a_unit_that_drifts_reports_its_cosine_and_first_divergent_token(decoder
         assert result.first_divergence == divergence and result.unit_tokens == tokens
     assert any(r.first_divergence is not None for r in report.prompts)
     files = write_generation_report(report, tmp_path / "report")
+    # the two files under the names every other check's report has (the pipeline and docs point at them)
+    assert files == {"json": tmp_path / "report" / "report.json", "markdown": tmp_path / "report" / "report.md"}
     assert json.loads(files["json"].read_text())["passed"] is False
     assert "FAILED" in files["markdown"].read_text()
 
