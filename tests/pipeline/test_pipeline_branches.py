@@ -277,7 +277,7 @@ def _report(passed: bool, precision: str, failures=()) -> SimpleNamespace:
     stats = SimpleNamespace(to_dict=lambda: {"rel_l2": 0.0})
     return SimpleNamespace(passed=passed, precision=precision, backend="b", routing_agreement=1.0,
                            output_stats={"output": stats}, primary="output", routing_by_layer={}, embedding=None,
-                           failures=list(failures), files={})
+                           failures=list(failures), files={"json": f"{precision}/report.json"})
 
 
 def test_the_check_step_checks_every_graph_and_every_engine_unit(tmp_path, monkeypatch) -> None:
@@ -309,6 +309,11 @@ def test_the_check_step_checks_every_graph_and_every_engine_unit(tmp_path, monke
     assert all(m is model.source.module and f is model.source.evaluation for m, f in models) and len(models) == 5
     assert list(checked.reports) == ["report", "report_fp16", "report_int8", "report_trt-fp16", "report_trt-int8"]
     assert checked.reports["report_trt-int8"]["precision"] == "trt-int8" and checked.not_checked == {}
+    # each entry of the pipeline's summary carries what its report says, under the report's own field names
+    entry = checked.reports["report_fp16"]
+    assert entry == {"passed": True, "precision": "model.fp16.onnx", "backend": "b", "routing_agreement": 1.0,
+                     "output": {"rel_l2": 0.0}, "routing_by_layer": {}, "embedding": None, "failures": [],
+                     "files": {"json": "model.fp16.onnx/report.json"}}
     calls.clear()
     checked = step_check(_run(tmp_path / "out2"), model, exported, Unavailable("int8", "failed (x)"),
                          Unavailable("runtime", "failed (RuntimeError: y)"))
