@@ -422,3 +422,54 @@ def test_the_commands_flags_reach_the_server_options(units, monkeypatch) -> None
         instances=4, exit_timeout_s=5)}
     assert main(["serve", str(units["ort"])]) == 2  # the defaults are ServeOptions' own
     assert seen["options"] == ServeOptions() and seen["name"] is None and seen["threads"] is None
+
+
+class _QuietServer:
+    """Server's place in the command: alive until ``alive`` checks have passed; at check ``signal_at`` a SIGINT
+    arrives (what Ctrl-C or the orchestrator sends)."""
+
+    def __init__(self, alive: int, signal_at: int | None) -> None:
+        self.alive, self.signal_at, self.checks, self.stops, self.threads = alive, signal_at, 0, 0, None
+
+    def start(self) -> None:
+        pass
+
+    def urls(self) -> dict[str, str]:
+        return {"http": "h", "grpc": "g", "metrics": "m"}
+
+    def is_alive(self) -> bool:
+        import os
+        import signal
+
+        self.checks += 1
+        if self.checks == self.signal_at:
+            os.kill(os.getpid(), signal.SIGINT)  # its handler runs in this (main) thread before the next check
+        return self.checks <= self.alive
+
+    def stop(self) -> None:
+        self.stops += 1
+
+
+@pytest.mark.parametrize(("alive", "signal_at", "code", "said"), [
+    (1000, 3, 0, "SIGINT received: finishing in-flight requests and stopping"),
+    (2, None, 70, "pimoe-export serve: error: tritonserver exited unexpectedly"),
+])
+def test_the_command_serves_until_a_signal_or_the_servers_end(units, monkeypatch, capsys, alive, signal_at, code,
+                                                              said) -> None:
+    """The command waits while the server lives: a signal stops it (exit 0, the server stopped, the previous signal
+    handlers back), a server that ends on its own is an error (exit 70); either way not before."""
+    import signal
+
+    import pimoe_export.serve.server as server_module
+    from pimoe_export.cli import main
+
+    fake = _QuietServer(alive, signal_at)
+    monkeypatch.setattr(server_module, "load_models", lambda *a, **k: [])
+    monkeypatch.setattr(server_module, "Server", lambda models, options: fake)
+    monkeypatch.setattr(server_module, "import_pytriton", lambda: None)
+    handler = signal.getsignal(signal.SIGINT)
+    assert main(["serve", str(units["ort"])]) == code
+    out = capsys.readouterr()
+    assert said in (out.out if code == 0 else out.err)
+    assert fake.checks == (signal_at if signal_at else alive + 1) and fake.stops >= 1
+    assert signal.getsignal(signal.SIGINT) is handler
