@@ -204,6 +204,24 @@ def test_pipeline_prints_its_verdict_and_exits_1_when_it_failed(monkeypatch, tmp
             "passed": passed, "summary": str(tmp_path / "out" / "pipeline.json")}
 
 
+def test_pipeline_passes_every_flag_to_the_pipeline(monkeypatch, tmp_path, capsys) -> None:
+    """Each flag of `pimoe-export pipeline` reaches run_pipeline under its own name, and left out, the documented
+    default (seed 0, 20 benchmark repeats, progress shown, nothing overwritten, static w8a8)."""
+    import pimoe_export.pipeline as pipeline
+
+    seen: dict = {}
+    monkeypatch.setattr(pipeline, "run_pipeline", recorder(seen, {"passed": True}))
+    out = tmp_path / "out"
+    assert main(["pipeline", "--preset", "tiny", "-o", str(out), "--seed", "5", "--bench-repeats", "3", "--quiet",
+                 "--force", "--int8-mode", "w8a8_dynamic"]) == 0
+    assert seen["kwargs"] == {"output": out, "preset": "tiny", "model_dir": None, "seed": 5, "bench_repeats": 3,
+                              "progress": False, "force": True, "calib_text": None, "int8_mode": "w8a8_dynamic"}
+    assert main(["pipeline", "--preset", "tiny", "-o", str(out)]) == 0
+    assert seen["kwargs"] == {"output": out, "preset": "tiny", "model_dir": None, "seed": 0, "bench_repeats": 20,
+                              "progress": True, "force": False, "calib_text": None, "int8_mode": "w8a8"}
+    capsys.readouterr()
+
+
 def test_pipeline_refuses_text_for_a_layer_preset(tmp_path, capsys) -> None:
     text = tmp_path / "t.txt"
     text.write_text("a\n")
