@@ -4,6 +4,7 @@ directory's source (the importer of its family, its seeded evaluation feeds)."""
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -101,3 +102,24 @@ def test_a_decoder_directory_is_imported_by_its_family_with_seeded_feeds(tiny_de
     other = importers.load_source(directory, seed=4)
     assert not all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(other.evaluation,
                                                                                   source.evaluation, strict=True))
+    # the source's random feed of a (batch, sequence): the family's seeded decoder feed, unpadded
+    from pimoe_export.hf.decoder import random_decoder_feeds
+
+    feed = source.random_feed(2, 5, 11)
+    want = random_decoder_feeds(vocab, 11, ((2, 5, "none"),), source.module.spec)[0]
+    assert set(feed) == set(want) and all(np.array_equal(feed[k], want[k]) for k in want)
+    assert feed["input_ids"].shape == (2, 5) and feed["attention_mask"].all()
+    assert source.calibration().description == "seeded random token ids, no, right and left padding (no text given)"
+
+
+def test_a_decoders_calibration_text_is_checked_before_anything_is_written(tiny_decoder, tmp_path) -> None:
+    """check_source (what export and pipeline run before their first output): no text is fine; a text file that
+    is not there is refused naming it."""
+    from pimoe_export.errors import PiMoEInputError
+    from pimoe_export.hf import importers
+
+    directory = tiny_decoder("mixtral")
+    importers.check_source(directory, None)
+    missing = tmp_path / "no-such-text.txt"
+    with pytest.raises(PiMoEInputError, match=re.escape(str(missing))):
+        importers.check_source(directory, missing)

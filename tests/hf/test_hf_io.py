@@ -162,6 +162,7 @@ def test_a_moefied_source_calibrates_on_text_and_checks_on_the_fifth_line(moefie
                                  "pimoe_layers": layers}
     assert sum(f["input_ids"].shape[0] for f in source.evaluation) == 2
     assert sum(f["input_ids"].shape[0] for f in source.calibration().feeds) == 8
+    assert source.calibration().description == f"8 + 2 lines of {text}"  # what the reports say it calibrated on
     calibration = source.read_calibration(text, None)
     assert calibration.description == f"the lines of {text}"
     assert sum(f["input_ids"].shape[0] for f in calibration.feeds) == 10

@@ -87,7 +87,9 @@ CASES: dict[str, tuple[str | None, Callable[[Path], Path], str]] = {
     "remote code": ("mixtral", lambda d: _edit_config(d, lambda c: c.update(auto_map={"AutoModel": "x.Y"})),
                     "remote code"),
     "quantised weights": ("mixtral", lambda d: _edit_config(d, lambda c: c.update(
-        quantization_config={"quant_method": "fp8"})), "quantised (fp8)"),
+        quantization_config={"quant_method": "fp8"})),
+                          "its weights are quantised (fp8); the importer reads bf16/fp16/fp32 checkpoints "
+                          "(pimoe-export quantises them itself: `pimoe-export quantize`): dequantise it first"),
     "unknown model_type": (None, _raw("bert", hidden_size=32), "'bert' is not a Hugging Face MoE family"),
     "PhiMoE sparsemixer": (None, _raw("phimoe"), "sparsemixer"),
     "JetMoE attention experts": (None, _raw("jetmoe"), "attention experts"),
