@@ -27,7 +27,7 @@ JOBS=${MUTMUT_JOBS:-2}
 GROUPS_TABLE=(
   "foundation|pimoe_export/__init__.py pimoe_export/errors.py pimoe_export/interface.py pimoe_export/_files.py|tests/test_interface.py tests/test_interface_contract.py tests/test_foundation.py tests/cli/test_cli_arguments.py tests/cli/test_cli_errors.py tests/cli/test_exit_codes.py tests/artifacts tests/runtime/test_units_runtime.py"
   "model|pimoe_export/model/*|tests/model"
-  "ops|pimoe_export/ops/*|tests/ops/test_validation.py tests/ops/test_op_boundaries.py tests/ops/test_onnx_schema_build.py tests/ops/test_onnx_translation.py tests/ops/test_onnx_schema.py tests/ops/test_ort_op_bad_inputs.py tests/ops/test_contract_agreement.py tests/export/test_export_ort.py tests/test_repo_hygiene.py::test_generated_files_match_their_sources"
+  "ops|pimoe_export/ops/*|tests/ops/test_validation.py tests/ops/test_op_boundaries.py tests/ops/test_onnx_schema_build.py tests/ops/test_onnx_translation.py tests/ops/test_onnx_schema.py tests/ops/test_ort_op_bad_inputs.py tests/ops/test_contract_agreement.py tests/export/test_export_ort.py tests/test_repo_hygiene.py::test_generated_files_match_their_sources tests/native/test_trt_lean.py::test_plugin_configs_read_back_as_the_contract"
   "native|pimoe_export/native/*|tests/native tests/ops/test_ort_op_bad_inputs.py tests/runtime/test_ort_cuda.py tests/artifacts tests/build/test_trt_rtx.py"
   "hf|pimoe_export/hf/*|tests/hf"
   "export|pimoe_export/export/*|tests/export tests/integration/test_whole_model.py"

@@ -41,7 +41,8 @@ def test_a_whole_models_check_includes_the_pooled_embedding_over_the_masks(tmp_p
     assert saved["embedding"] == report.embedding
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert f"Mean-pooled embedding of `last_hidden_state` over the attention mask, {sequences} sequences" in markdown
-    assert "## Routing agreement by MoE layer" in markdown and "| blocks.1.moe | 100.0000% |" in markdown
+    assert "## Routing agreement by MoE layer\n\n| layer | top-k agreement |\n|---|---|\n| blocks.0.moe | " in markdown
+    assert "| blocks.1.moe | 100.0000% |" in markdown
     assert set(report.routing_by_layer) == {"blocks.0.moe", "blocks.1.moe"}
 
 
