@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Hand-written mutants against the tests (docs/mutation.md): each patch file is one realistic bug, applied alone to
+a scratch copy of the checkout and run against every test file plausibly relevant to it; a patch no test fails
+"survived". This is how a held-out audit measures the tests (mutants written by someone who has not read them), so
+the same runner serves for the project's own stand-in samples and for the auditor's patches.
+
+    python scripts/mutate_patches.py PATCH_OR_DIR... [--jobs 2] [--fast] [--json build/mutate-patches/result.json]
+    python scripts/mutate_patches.py PATCH --tests tests/runtime/test_generate.py     # choose the tests yourself
+
+Which tests a patch gets (unless --tests): for every file it changes, the tests of that file's group in
+scripts/mutate_py.sh (the same table the mutmut run uses), the test folder named like its subpackage (tests/serve for
+pimoe_export/serve/...; its server tests too, which the mutmut groups leave out) and every test file that names the
+changed module (``pimoe_export.runtime.engine`` or ``from pimoe_export.runtime import engine``); slow tests included
+unless --fast (the audit ran whole files). Each run is ``pytest -x`` in the copy, the package imported from the copy
+(subprocesses too, via PYTHONPATH); the compiled libraries are the checkout's build/plugins (a patch to plugins/ is
+not rebuilt: C++ mutants are scripts/mutate_cpp.py's). The checkout is never modified. Verdicts: killed (a test
+failed), survived, timeout (counted as killed, like mutmut), broken (pytest could not collect or run: a patch that
+breaks the import is not a realistic bug; reported apart, not scored), stale (the patch no longer applies; not
+scored), no tests (it changes only files outside every group, e.g. plugins/; not scored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS_SCRIPT = ROOT / "scripts" / "mutate_py.sh"
+#: the checkout's compiled libraries, for the tests that need them (as scripts/mutate_py.sh sets them)
+LIBRARIES = {"PIMOE_ORT_LIBRARY": "libpimoe_ort.so", "PIMOE_ORT_CUDA_LIBRARY": "libpimoe_ort_cuda.so",
+             "PIMOE_ORT_CUDA_EMU_LIBRARY": "emu/libpimoe_ort_cuda_emu.so",
+             "PIMOE_TRT_PLUGINS": "trt/libpimoe_trt_plugins.so",
+             "PIMOE_TRT_HARNESS": "harness/libpimoe_trt_harness.so",
+             "PIMOE_TRT_HARNESS_EMU": "emu/libpimoe_trt_harness_emu.so"}
+#: pytest's exit codes: 0 all passed, 1 a test failed; 2-5 interrupted, internal error, usage error, nothing collected
+BROKEN_CODES = {2, 3, 4, 5}
+
+
+def read_groups(script: Path = GROUPS_SCRIPT) -> list[tuple[str, list[str], list[str]]]:
+    """(group, module globs, tests) rows of the GROUPS_TABLE in scripts/mutate_py.sh."""
+    rows = re.findall(r'^\s*"([\w-]+)\|([^|"]*)\|([^"]*)"\s*$', script.read_text(), flags=re.M)
+    if not rows:
+        raise SystemExit(f"no GROUPS_TABLE rows found in {script}")
+    return [(g, m.split(), t.split()) for g, m, t in rows]
+
+
+def changed_files(patch: str) -> list[str]:
+    """The paths a unified diff changes (its ``+++ b/...`` lines; a deleted file's ``--- a/...``)."""
+    files = []
+    for old, new in re.findall(r"^--- (?:a/)?(\S+).*\n\+\+\+ (?:b/)?(\S+)", patch, flags=re.M):
+        path = old if new == "/dev/null" else new
+        if path not in files:
+            files.append(path)
+    return files
+
+
+def module_name(path: str) -> str | None:
+    """``pimoe_export/runtime/engine.py`` -> ``pimoe_export.runtime.engine`` (a package's __init__: the package)."""
+    if not (path.startswith("pimoe_export/") and path.endswith(".py")):
+        return None
+    parts = path[:-3].split("/")
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def naming_tests(module: str, root: Path = ROOT) -> list[str]:
+    """Test files that reach ``module`` by name: they name it (dotted, or ``from <package> import <name>``), import a
+    helper module of tests/ that does (e.g. tests/decoders.py, through helpers that import it too), or take a
+    conftest fixture that uses such a helper or the module (through fixtures that take such fixtures too)."""
+    package, _, name = module.rpartition(".")
+    patterns = [re.compile(rf"\b{re.escape(module)}\b")]
+    if package:
+        patterns.append(re.compile(rf"from {re.escape(package)} import [^\n]*\b{re.escape(name)}\b"))
+    files = {p: p.read_text(encoding="utf-8", errors="replace") for p in sorted((root / "tests").rglob("*.py"))}
+    helpers = {p for p, text in files.items() if not p.name.startswith("test_") and any(x.search(text)
+                                                                                      for x in patterns)}
+    fixtures: set[str] = set()
+    while True:  # helpers importing such helpers, and conftest fixtures using them, to a fixed point
+        stems = {p.stem for p in helpers if p.name != "conftest.py"}
+        words = [re.compile(rf"^\s*(?:from|import) {re.escape(s)}\b", re.M) for s in stems]
+        words += [re.compile(rf"\b{re.escape(f)}\b") for f in fixtures]
+        grown = helpers | {p for p, text in files.items() if not p.name.startswith("test_")
+                           and any(w.search(text) for w in words)}
+        found = set(fixtures)
+        for p in (h for h in grown if h.name == "conftest.py"):
+            for fixture, body in _fixtures(files[p]):
+                if any(w.search(body) for w in (*patterns, *words)):
+                    found.add(fixture)
+        if grown == helpers and found == fixtures:
+            break
+        helpers, fixtures = grown, found
+    stems = {p.stem for p in helpers if p.name != "conftest.py"}
+    reach = [*patterns, *(re.compile(rf"^\s*(?:from|import) {re.escape(s)}\b", re.M) for s in stems),
+             *(re.compile(rf"\b{re.escape(f)}\b") for f in fixtures)]
+    return [p.relative_to(root).as_posix() for p, text in files.items()
+            if p.name.startswith("test_") and any(x.search(text) for x in reach)]
+
+
+def _fixtures(source: str) -> list[tuple[str, str]]:
+    """(name, source) of the top-level functions of a conftest that are pytest fixtures."""
+    found = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and any("fixture" in ast.unparse(d) for d in node.decorator_list):
+            found.append((node.name, ast.get_source_segment(source, node) or ""))
+    return found
+
+
+def tests_for(files: list[str], groups: list[tuple[str, list[str], list[str]]], root: Path = ROOT) -> list[str]:
+    """Every test path plausibly relevant to a patch that changes ``files`` (see the module docstring)."""
+    chosen: list[str] = []
+    for path in files:
+        for _, modules, tests in groups:
+            if any(fnmatch.fnmatch(path, glob) for glob in modules):
+                chosen += tests
+        module = module_name(path)
+        if module is not None:
+            parts = module.split(".")  # pimoe_export/serve/x.py -> tests/serve
+            mirror = root / "tests" / parts[1] if len(parts) > 1 else None
+            if mirror is not None and mirror.is_dir():
+                chosen.append(mirror.relative_to(root).as_posix())
+            chosen += naming_tests(module, root)
+    folders = {t.rstrip("/") for t in chosen if "::" not in t and not t.endswith(".py")}
+
+    def covered(t: str) -> bool:  # under a chosen folder (other than itself)
+        file = t.split("::")[0]
+        return any(file != f and file.startswith(f + "/") for f in folders)
+
+    unique: list[str] = []
+    for t in chosen:
+        if t not in unique and not covered(t):
+            unique.append(t)
+    return unique
+
+
+def make_copy(dest: Path) -> None:
+    """The checkout's tracked files (as they are on disk) into ``dest``, a fresh folder."""
+    shutil.rmtree(dest, ignore_errors=True)
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        src = ROOT / name
+        if not src.is_file() or src.is_symlink():
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    # its own repository, so that git apply takes the patches' paths from here (inside the checkout's build/, it
+    # would take them from the checkout's top and skip them)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+
+
+def first_failure(output: str) -> str:
+    """The first ``FAILED``/``ERROR`` line of pytest's summary (what killed the mutant)."""
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line[:300]
+    return ""
+
+
+def run_patch(patch: Path, tree: Path, tests: list[str], fast: bool, timeout: float) -> dict:
+    text = patch.read_text()
+    files = changed_files(text)
+    result: dict = {"patch": patch.name, "sha256": hashlib.sha256(text.encode()).hexdigest(), "files": files}
+    check = subprocess.run(["git", "apply", "--check", str(patch)], cwd=tree, capture_output=True, text=True)
+    if check.returncode != 0:
+        return {**result, "verdict": "stale", "detail": check.stderr.strip()[:300]}
+    if not tests:
+        return {**result, "verdict": "no tests", "detail": "no test is plausibly relevant to the files it changes"}
+    subprocess.run(["git", "apply", str(patch)], cwd=tree, check=True)
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    for var, lib in LIBRARIES.items():
+        if not env.get(var) and (ROOT / "build" / "plugins" / lib).is_file():
+            env[var] = str(ROOT / "build" / "plugins" / lib)
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    if fast:
+        cmd += ["-m", "not slow"]
+    start = time.monotonic()
+    try:
+        done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+        code: int | None = done.returncode
+        output = done.stdout + done.stderr
+    except subprocess.TimeoutExpired as exc:
+        partial = exc.stdout
+        code, output = None, partial.decode(errors="replace") if isinstance(partial, bytes) else (partial or "")
+    finally:
+        subprocess.run(["git", "apply", "-R", str(patch)], cwd=tree, check=True)
+    seconds = round(time.monotonic() - start, 1)
+    if code is None:
+        verdict = "timeout"
+    elif code == 0:
+        verdict = "survived"
+    elif code in BROKEN_CODES:
+        verdict = "broken"
+    else:
+        verdict = "killed"
+    tail = "\n".join(output.strip().splitlines()[-3:])
+    return {**result, "verdict": verdict, "exit_code": code, "seconds": seconds, "tests": tests,
+            "detail": first_failure(output) or tail[:300]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("patches", type=Path, nargs="+", help="patch files, or folders of *.patch")
+    parser.add_argument("--tests", nargs="+", help="run these tests against every patch instead of choosing")
+    parser.add_argument("--fast", action="store_true", help="leave slow tests out")
+    parser.add_argument("--jobs", type=int, default=1, help="patches run side by side (one scratch copy each)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per patch (then: timeout)")
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "mutate-patches")
+    parser.add_argument("--json", type=Path, help="results (default: WORK/result.json); earlier results of the "
+                        "same patch text are kept, not rerun")
+    args = parser.parse_args()
+
+    patches = sorted(p for arg in args.patches for p in ([arg] if arg.is_file() else arg.glob("*.patch")))
+    if not patches:
+        raise SystemExit("no patch files given")
+    out = args.json or args.work / "result.json"
+    done: dict[str, dict] = {}
+    if out.is_file():
+        done = {r["patch"]: r for r in json.loads(out.read_text())["results"]}
+    todo = [p for p in patches
+            if done.get(p.name, {}).get("sha256") != hashlib.sha256(p.read_bytes()).hexdigest()]
+    groups = read_groups()
+    trees = [args.work / f"tree{i}" for i in range(min(max(1, args.jobs), len(todo)))]
+    for tree in trees:
+        make_copy(tree)
+    free = list(trees)
+
+    def one(patch: Path) -> dict:
+        tree = free.pop()
+        try:
+            tests = args.tests or tests_for(changed_files(patch.read_text()), groups)
+            r = run_patch(patch, tree, tests, args.fast, args.timeout)
+        finally:
+            free.append(tree)
+        print(f"{r['patch']}: {r['verdict']} ({r.get('seconds', 0)} s) {r.get('detail', '')}", flush=True)
+        return r
+
+    with ThreadPoolExecutor(max_workers=max(1, len(trees))) as pool:
+        for r in pool.map(one, todo):
+            done[r["patch"]] = r
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"results": sorted(done.values(), key=lambda x: x["patch"])}, indent=1))
+
+    results = [done[p.name] for p in patches]
+    scored = [r for r in results if r["verdict"] in {"killed", "timeout", "survived"}]
+    killed = sum(r["verdict"] != "survived" for r in scored)
+    print(f"\n{killed} of {len(scored)} scored patches killed"
+          + (f" ({100 * killed / len(scored):.1f}%)" if scored else "")
+          + "".join(f"; {sum(r['verdict'] == v for r in results)} {v}" for v in ("broken", "stale", "no tests")
+                    if any(r["verdict"] == v for r in results)))
+    for r in results:
+        if r["verdict"] == "survived":
+            print(f"  survived: {r['patch']} ({', '.join(r['files'])})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
