@@ -137,3 +137,38 @@ def test_a_pickle_checkpoints_conversion_command_names_its_directory(tmp_path) -
     assert f"M.from_pretrained('{directory}', dtype='auto').save_pretrained('{directory}-safetensors', " \
            "safe_serialization=True)" in message
     assert message.startswith(f"{directory} holds its weights as pickle (pytorch_model.bin)")
+
+
+def test_deepseek_v3_multi_token_prediction_layer_is_left_out_and_nothing_else(tiny_decoder, tmp_path) -> None:
+    """DeepSeek-V3 checkpoints carry a multi-token-prediction layer at index num_hidden_layers, outside the forward
+    pass: its tensors are ignored (the model computes the same logits as without them). The same tensors at the
+    last real layer's index are not the model's: refused."""
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_decoder("deepseek_v3")
+    layers = int(json.loads((source / "config.json").read_text())["num_hidden_layers"])
+    state = load_file(str(source / "model.safetensors"))
+    last = f"model.layers.{layers - 1}."
+
+    def with_extra(index: int) -> tuple[Path, list[str]]:
+        directory = Path(shutil.copytree(source, tmp_path / f"mtp-{index}"))
+        extra = {f"model.layers.{index}.{n[len(last):]}": t.clone() for n, t in state.items() if n.startswith(last)}
+        extra |= {f"model.layers.{index}.eh_proj.weight": torch.ones(4, 8),
+                  f"model.layers.{index}.enorm.weight": torch.ones(4)}
+        save_file({**state, **extra}, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return directory, sorted(extra)
+
+    mtp, added = with_extra(layers)
+    planned = D.plan(mtp)
+    with D.SafetensorsCheckpoint(mtp) as checkpoint:
+        assert sorted(D.check_checkpoint(planned, checkpoint).ignored) == added
+    feed = D.random_decoder_feeds(int(json.loads((source / "config.json").read_text())["vocab_size"]), 3,
+                                  ((2, 7, "left"),))[0]
+    torch_feed = {k: torch.from_numpy(v) for k, v in feed.items()}
+    with torch.no_grad():
+        got, want = (D.load_decoder(d, cache=False)(**torch_feed) for d in (mtp, source))
+    got, want = ((o["logits"] if isinstance(o, dict) else o.logits) for o in (got, want))
+    assert torch.equal(got, want)
+    inside, _ = with_extra(layers - 1)
+    with pytest.raises(PiMoEInputError, match=r"unexpected \['model\.layers\.1\.eh_proj\.weight'"):
+        D.check_directory(inside)

@@ -81,3 +81,38 @@ def test_static_w8a8_activation_scales_reach_the_expert_node() -> None:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["quant_mode"] in (b"w8a8", "w8a8")
         assert np.array_equal(np.float32(attrs["act_scales"]), np.float32(group.act_scales))
+
+
+def test_every_route_attribute_reaches_the_node_with_its_value_and_type(tmp_path) -> None:
+    """A block with every routing setting away from its default: the PiMoERoute node carries each one exactly (floats
+    as FLOAT attributes: routed_scaling_factor 2.5 is not 2), and ONNX Runtime routes and weighs as PyTorch does."""
+    from pimoe_export.export.exporter import export_source
+    from pimoe_export.model.moe_block import REFERENCE_OPS, ExpertsConfig, MoEBlock, MoEBlockConfig, route_tokens
+    from pimoe_export.model.source import layer_source
+
+    config = MoEBlockConfig(16, 8, 3, ExpertsConfig(12, "silu"), scoring="sigmoid", normalize=True,
+                            normalize_eps=1e-3, num_groups=4, groups_kept=3, group_score="sum_top2",
+                            routed_scaling_factor=2.5, correction_bias=True)
+    block = MoEBlock(config, initialize=False)
+    block.reset_parameters(torch.Generator().manual_seed(3))
+    block.eval()
+    path = export_source(layer_source(block), tmp_path / "block.onnx").path
+    (route,) = [n for n in onnx.load(str(path)).graph.node if n.op_type == "PiMoERoute"]
+    attrs = {a.name: (a.type, onnx.helper.get_attribute_value(a)) for a in route.attribute}
+    f, i, s = onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT, onnx.AttributeProto.STRING
+    assert attrs == {"k": (i, 3), "normalize": (i, 1), "scoring": (s, b"sigmoid"), "num_groups": (i, 4),
+                     "groups_kept": (i, 3), "group_score": (s, b"sum_top2"), "routed_scaling_factor": (f, 2.5),
+                     "normalize_eps": (f, pytest.approx(1e-3, rel=1e-7))}
+    from pimoe_export.runtime.ort import create_session
+
+    try:
+        session = create_session(path)
+    except PluginLoadError as exc:
+        pytest.skip(f"libpimoe_ort is not built: {exc}")
+    x = np.random.default_rng(1).standard_normal((2, 9, 16)).astype(np.float32)
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"hidden_states": x}), strict=True))
+    with torch.no_grad():
+        weights, ids = route_tokens(block, torch.from_numpy(x).reshape(-1, 16), REFERENCE_OPS)
+    np.testing.assert_array_equal(outputs["expert_ids"].reshape(-1, 3), ids.numpy())
+    np.testing.assert_allclose(outputs["expert_weights"].reshape(-1, 3), weights.numpy(), rtol=1e-6, atol=1e-7)
+    assert float(np.abs(outputs["expert_weights"]).sum(-1).max()) > 1.5  # the factor 2.5 is in the weights

@@ -85,3 +85,28 @@ def test_the_batcher_reports_only_steps_that_decoded_rows() -> None:
     assert steps and all(n >= 1 for n in steps) and sum(steps) == 2  # tokens 2 and 3 came from decode steps
     assert np.array_equal(request.tokens, generate(Counting(), [Request(0, PROMPTS[2], request.settings, SPEC)])[0]
                           .token_ids)
+
+
+def test_the_batcher_decodes_at_most_max_rows_and_the_others_wait_their_turn() -> None:
+    """Five requests queued before the batcher starts, max_rows 2: every decode call holds at most two rows, the
+    batch is full while requests wait, and each request gets the tokens it gets alone."""
+    decoder, steps = Counting(), []
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(5)]
+    settings = SamplingSettings(max_new_tokens=4, eos_token_ids=())
+    queued = [Request(i, list(p), settings, SPEC) for i, p in enumerate(prompts)]
+    batcher = ContinuousBatcher(decoder, max_rows=2, on_step=steps.append)
+    for request in queued:
+        batcher.submit(request)
+    batcher.start()
+    try:
+        deadline = time.monotonic() + 30
+        while any(r.finish_reason is None for r in queued) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        batcher.stop()
+    assert [r.finish_reason for r in queued] == ["length"] * 5
+    assert max(b for b, _ in decoder.calls) == 2 and max(steps) == 2
+    assert steps[0] == 2  # the first two were admitted together, the other three waited
+    for request, prompt in zip(queued, prompts, strict=True):
+        alone = generate(Counting(), [Request(0, list(prompt), settings, SPEC)])[0].token_ids
+        assert np.array_equal(request.tokens, alone)
