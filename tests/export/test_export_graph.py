@@ -85,6 +85,22 @@ def test_source_metadata_cannot_replace_the_exporters_keys(tmp_path) -> None:
     assert not (tmp_path / "n.onnx").exists()
 
 
+def test_a_decoder_graph_records_the_decoders_spec(tiny_decoder, tmp_path) -> None:
+    """export_source writes the decoder's description (pimoe.decoder: what makes a unit built from the graph a
+    decoder unit, with its KV cache and client files), equal to the spec of the model loaded on its own."""
+    from pimoe_export.export.exporter import export_source
+    from pimoe_export.hf.decoder import load_decoder
+    from pimoe_export.hf.importers import load_source
+    from pimoe_export.interface import META_DECODER
+
+    directory = tiny_decoder("qwen3_moe")
+    result = export_source(load_source(directory), tmp_path / "model.onnx")
+    props = {p.key: p.value for p in onnx.load(str(result.path), load_external_data=False).metadata_props}
+    spec = load_decoder(directory).spec
+    assert spec is not None and json.loads(props[META_DECODER]) == spec.to_dict()
+    assert read_metadata(result.path).decoder == spec
+
+
 def test_validation_runs_the_full_check() -> None:
     """A graph whose declared output type contradicts what its node computes passes the structural check but not
     the full one (type inference): the export is refused."""

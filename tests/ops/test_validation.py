@@ -58,6 +58,8 @@ def test_each_attribute_at_the_edges_of_its_range(op, name, ok, bad, fragment) -
 @pytest.mark.parametrize(("name", "ok", "bad"), [
     ("expert_ids", [[0], [1023], [0, 1023]], [[-1], [1024], [0, 1024]]),
     ("widths", [[1, 1], [4, 2**31 - 1]], [[0, 4], [4, 0], [4, 2**31], [-4, 4]]),
+    ("act_scales", [[5e-324], [1e-30, 5.0, 3e38]],
+     [[0.0, 1.0], [1.0, -1.0], [1.0, math.nan], [math.inf], [1.0, -math.inf]]),
 ])
 def test_every_element_of_a_list_attribute_is_checked(name, ok, bad) -> None:
     for value in ok:
