@@ -222,7 +222,8 @@ def main() -> int:
                         "same patch text are kept, not rerun")
     args = parser.parse_args()
 
-    patches = sorted(p for arg in args.patches for p in ([arg] if arg.is_file() else arg.glob("*.patch")))
+    # absolute: git apply runs in the scratch copies
+    patches = sorted(p.resolve() for arg in args.patches for p in ([arg] if arg.is_file() else arg.glob("*.patch")))
     if not patches:
         raise SystemExit("no patch files given")
     out = args.json or args.work / "result.json"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,7 +94,8 @@ def test_each_kind_of_patch_gets_its_verdict(tmp_path) -> None:
         assert text, name
         (tmp_path / f"{name}.patch").write_text(text)
     out = tmp_path / "result.json"
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "mutate_patches.py"), str(tmp_path), "--tests", TEST,
+    folder = os.path.relpath(tmp_path, ROOT)  # relative to where the runner starts, not to its copies
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "mutate_patches.py"), folder, "--tests", TEST,
                           "--jobs", "2", "--work", str(tmp_path / "work"), "--json", str(out)],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
