@@ -218,8 +218,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="patches run side by side (one scratch copy each)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per patch (then: timeout)")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "mutate-patches")
-    parser.add_argument("--json", type=Path, help="results (default: WORK/result.json); earlier results of the "
-                        "same patch text are kept, not rerun")
+    parser.add_argument("--json", type=Path, help="results (default: WORK/result.json); an earlier result of the "
+                        "same patch on the same checkout with the same options is kept, not rerun")
     args = parser.parse_args()
 
     # absolute: git apply runs in the scratch copies
@@ -230,8 +230,14 @@ def main() -> int:
     done: dict[str, dict] = {}
     if out.is_file():
         done = {r["patch"]: r for r in json.loads(out.read_text())["results"]}
-    todo = [p for p in patches
-            if done.get(p.name, {}).get("sha256") != hashlib.sha256(p.read_bytes()).hexdigest()]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).stdout
+    diff = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=ROOT, capture_output=True).stdout
+    setting = hashlib.sha256(head + diff + json.dumps([args.tests, args.fast]).encode()).hexdigest()
+
+    def key(patch: Path) -> str:  # the patch, the checkout's tracked files and the options
+        return hashlib.sha256(patch.read_bytes() + setting.encode()).hexdigest()
+
+    todo = [p for p in patches if done.get(p.name, {}).get("key") != key(p) or done[p.name]["verdict"] == "stale"]
     groups = read_groups()
     trees = [args.work / f"tree{i}" for i in range(min(max(1, args.jobs), len(todo)))]
     for tree in trees:
@@ -242,7 +248,7 @@ def main() -> int:
         tree = free.pop()
         try:
             tests = args.tests or tests_for(changed_files(patch.read_text()), groups)
-            r = run_patch(patch, tree, tests, args.fast, args.timeout)
+            r = {**run_patch(patch, tree, tests, args.fast, args.timeout), "key": key(patch)}
         finally:
             free.append(tree)
         print(f"{r['patch']}: {r['verdict']} ({r.get('seconds', 0)} s) {r.get('detail', '')}", flush=True)

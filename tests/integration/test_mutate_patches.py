@@ -104,6 +104,9 @@ def test_each_kind_of_patch_gets_its_verdict(tmp_path) -> None:
                         "broken.patch": "broken"}
     assert "1 of 2 scored patches killed (50.0%); 1 broken; 1 stale" in run.stdout
     assert "survived: equivalent.patch (pimoe_export/runtime/tokenizer.py)" in run.stdout
+    again = subprocess.run(run.args, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert "bug.patch:" not in again.stdout and "stale.patch: stale" in again.stdout  # kept results; stale retried
+    assert "1 of 2 scored patches killed (50.0%); 1 broken; 1 stale" in again.stdout
     # the copies are restored after each patch, and the checkout is never touched
     assert (ROOT / TARGET).read_text() == source
     for tree in (tmp_path / "work").glob("tree*"):
