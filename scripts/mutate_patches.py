@@ -7,11 +7,12 @@ the same runner serves for the project's own stand-in samples and for the audito
     python scripts/mutate_patches.py PATCH_OR_DIR... [--jobs 2] [--fast] [--json build/mutate-patches/result.json]
     python scripts/mutate_patches.py PATCH --tests tests/runtime/test_generate.py     # choose the tests yourself
 
-Which tests a patch gets (unless --tests): for every file it changes, the tests of that file's group in
-scripts/mutate_py.sh (the same table the mutmut run uses), the test folder named like its subpackage (tests/serve for
-pimoe_export/serve/...; its server tests too, which the mutmut groups leave out) and every test file that names the
-changed module (``pimoe_export.runtime.engine`` or ``from pimoe_export.runtime import engine``); slow tests included
-unless --fast (the audit ran whole files). Each run is ``pytest -x`` in the copy, the package imported from the copy
+Which tests a patch gets (unless --tests), in two stages: first the tests of the changed files' groups in
+scripts/mutate_py.sh (the table the mutmut run uses: quick ones), then, if none failed, the test folder named like
+the subpackage (tests/serve for pimoe_export/serve/...; its server tests too, which the groups leave out) and every
+test file that reaches the changed module by name (directly, through a helper module of tests/ or through a conftest
+fixture; see naming_tests), less what the first stage ran. Slow tests are included unless --fast (the audit ran whole
+files). Each stage is ``pytest -x`` in the copy, the package imported from the copy
 (subprocesses too, via PYTHONPATH); the compiled libraries are the checkout's build/plugins (a patch to plugins/ is
 not rebuilt: C++ mutants are scripts/mutate_cpp.py's). The checkout is never modified. Verdicts: killed (a test
 failed), survived, timeout (counted as killed, like mutmut), broken (pytest could not collect or run: a patch that
@@ -44,7 +45,8 @@ LIBRARIES = {"PIMOE_ORT_LIBRARY": "libpimoe_ort.so", "PIMOE_ORT_CUDA_LIBRARY": "
              "PIMOE_TRT_HARNESS": "harness/libpimoe_trt_harness.so",
              "PIMOE_TRT_HARNESS_EMU": "emu/libpimoe_trt_harness_emu.so"}
 #: pytest's exit codes: 0 all passed, 1 a test failed; 2-5 interrupted, internal error, usage error, nothing collected
-BROKEN_CODES = {2, 3, 4, 5}
+BROKEN_CODES = {2, 3, 4}
+NOTHING_COLLECTED = 5  # a stage whose tests all ran in an earlier one, or were deselected
 
 
 def read_groups(script: Path = GROUPS_SCRIPT) -> list[tuple[str, list[str], list[str]]]:
@@ -117,31 +119,43 @@ def _fixtures(source: str) -> list[tuple[str, str]]:
     return found
 
 
-def tests_for(files: list[str], groups: list[tuple[str, list[str], list[str]]], root: Path = ROOT) -> list[str]:
-    """Every test path plausibly relevant to a patch that changes ``files`` (see the module docstring)."""
-    chosen: list[str] = []
+def tests_for(files: list[str], groups: list[tuple[str, list[str], list[str]]],
+              root: Path = ROOT) -> list[list[str]]:
+    """The tests plausibly relevant to a patch that changes ``files`` (see the module docstring), in two stages run
+    one after the other: the groups' tests (chosen to be quick), then the rest (subpackage folders, files naming
+    the module) without what the first stage ran."""
+    first: list[str] = []
+    rest: list[str] = []
     for path in files:
         for _, modules, tests in groups:
             if any(fnmatch.fnmatch(path, glob) for glob in modules):
-                chosen += tests
+                first += tests
         module = module_name(path)
         if module is not None:
             parts = module.split(".")  # pimoe_export/serve/x.py -> tests/serve
             mirror = root / "tests" / parts[1] if len(parts) > 1 else None
             if mirror is not None and mirror.is_dir():
-                chosen.append(mirror.relative_to(root).as_posix())
-            chosen += naming_tests(module, root)
-    folders = {t.rstrip("/") for t in chosen if "::" not in t and not t.endswith(".py")}
+                rest.append(mirror.relative_to(root).as_posix())
+            rest += naming_tests(module, root)
 
-    def covered(t: str) -> bool:  # under a chosen folder (other than itself)
-        file = t.split("::")[0]
-        return any(file != f and file.startswith(f + "/") for f in folders)
+    def unique(chosen: list[str], skip: list[str]) -> list[str]:
+        wholes = [t.rstrip("/") for t in (*chosen, *skip) if "::" not in t]
+        out: list[str] = []
+        for t in chosen:
+            file = t.split("::")[0]
+            inside = any(file != w and file.startswith(w + "/") for w in wholes) or ("::" in t and file in wholes)
+            if t not in out and t not in skip and not inside:
+                out.append(t)
+        return out
 
-    unique: list[str] = []
-    for t in chosen:
-        if t not in unique and not covered(t):
-            unique.append(t)
-    return unique
+    stage1 = unique(first, [])
+    stage2 = unique(rest, stage1)
+    return [stage for stage in (stage1, stage2) if stage]
+
+
+def excluding(stage: list[str], done: list[str]) -> list[str]:
+    """pytest arguments for ``stage`` leaving out the tests an earlier stage ran (``done``)."""
+    return [*stage, *(f"--deselect={t}" if "::" in t else f"--ignore={t}" for t in done)]
 
 
 def make_copy(dest: Path) -> None:
@@ -168,34 +182,46 @@ def first_failure(output: str) -> str:
     return ""
 
 
-def run_patch(patch: Path, tree: Path, tests: list[str], fast: bool, timeout: float) -> dict:
+def run_patch(patch: Path, tree: Path, stages: list[list[str]], fast: bool, timeout: float) -> dict:
     text = patch.read_text()
     files = changed_files(text)
     result: dict = {"patch": patch.name, "sha256": hashlib.sha256(text.encode()).hexdigest(), "files": files}
     check = subprocess.run(["git", "apply", "--check", str(patch)], cwd=tree, capture_output=True, text=True)
     if check.returncode != 0:
         return {**result, "verdict": "stale", "detail": check.stderr.strip()[:300]}
-    if not tests:
+    if not stages:
         return {**result, "verdict": "no tests", "detail": "no test is plausibly relevant to the files it changes"}
+    for cache in [*tree.glob("pimoe_export/**/__pycache__"), *tree.glob("tests/**/__pycache__")]:
+        shutil.rmtree(cache, ignore_errors=True)  # never a bytecode file older than the patched source
     subprocess.run(["git", "apply", str(patch)], cwd=tree, check=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONDONTWRITEBYTECODE": "1"}
     for var, lib in LIBRARIES.items():
         if not env.get(var) and (ROOT / "build" / "plugins" / lib).is_file():
             env[var] = str(ROOT / "build" / "plugins" / lib)
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
-    if fast:
-        cmd += ["-m", "not slow"]
     start = time.monotonic()
+    code: int | None = 0
+    outputs: list[str] = []
     try:
-        done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
-        code: int | None = done.returncode
-        output = done.stdout + done.stderr
-    except subprocess.TimeoutExpired as exc:
-        partial = exc.stdout
-        code, output = None, partial.decode(errors="replace") if isinstance(partial, bytes) else (partial or "")
+        for i, stage in enumerate(stages):
+            cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                   *excluding(stage, [t for earlier in stages[:i] for t in earlier])]
+            if fast:
+                cmd += ["-m", "not slow"]
+            left = timeout - (time.monotonic() - start)
+            try:
+                done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=max(left, 1))
+                code = 0 if done.returncode == NOTHING_COLLECTED else done.returncode
+                outputs.append(done.stdout + done.stderr)
+            except subprocess.TimeoutExpired as exc:
+                partial = exc.stdout
+                code = None
+                outputs.append(partial.decode(errors="replace") if isinstance(partial, bytes) else (partial or ""))
+            if code != 0:
+                break
     finally:
         subprocess.run(["git", "apply", "-R", str(patch)], cwd=tree, check=True)
+    output = outputs[-1] if outputs else ""
     seconds = round(time.monotonic() - start, 1)
     if code is None:
         verdict = "timeout"
@@ -206,7 +232,7 @@ def run_patch(patch: Path, tree: Path, tests: list[str], fast: bool, timeout: fl
     else:
         verdict = "killed"
     tail = "\n".join(output.strip().splitlines()[-3:])
-    return {**result, "verdict": verdict, "exit_code": code, "seconds": seconds, "tests": tests,
+    return {**result, "verdict": verdict, "exit_code": code, "seconds": seconds, "tests": stages,
             "detail": first_failure(output) or tail[:300]}
 
 
@@ -247,8 +273,8 @@ def main() -> int:
     def one(patch: Path) -> dict:
         tree = free.pop()
         try:
-            tests = args.tests or tests_for(changed_files(patch.read_text()), groups)
-            r = {**run_patch(patch, tree, tests, args.fast, args.timeout), "key": key(patch)}
+            stages = [args.tests] if args.tests else tests_for(changed_files(patch.read_text()), groups)
+            r = {**run_patch(patch, tree, stages, args.fast, args.timeout), "key": key(patch)}
         finally:
             free.append(tree)
         print(f"{r['patch']}: {r['verdict']} ({r.get('seconds', 0)} s) {r.get('detail', '')}", flush=True)

@@ -57,14 +57,17 @@ def test_a_patch_gets_its_groups_tests_and_every_test_file_naming_its_module(tmp
         "tests/runtime/test_a.py", "tests/serve/test_b.py", "tests/serve/test_d.py"]
     groups = [("runtime", ["pimoe_export/runtime/*"], ["tests/runtime", "tests/x/test_y.py::one"]),
               ("serve", ["pimoe_export/serve/*"], ["tests/serve"])]
-    # the group's folder covers test_a; test_b and test_d are added; the serve group is not this file's
+    # first the group's tests; then the files naming the module that the group's folder did not cover
     assert runner.tests_for(["pimoe_export/runtime/engine.py"], groups, tmp_path) == [
-        "tests/runtime", "tests/x/test_y.py::one", "tests/serve/test_b.py", "tests/serve/test_d.py"]
-    # a subpackage's own test folder is added whole, whatever its group runs (once: not also its files)
+        ["tests/runtime", "tests/x/test_y.py::one"], ["tests/serve/test_b.py", "tests/serve/test_d.py"]]
+    # a subpackage's own test folder comes second, whole; the first stage's tests are left out of it when run
     (tests / "hf").mkdir()
     (tests / "hf" / "test_e.py").write_text("")
-    groups.append(("hf", ["pimoe_export/hf/*"], ["tests/hf/test_f.py::fast"]))
-    assert runner.tests_for(["pimoe_export/hf/weights.py"], groups, tmp_path) == ["tests/hf"]
+    groups.append(("hf", ["pimoe_export/hf/*"], ["tests/hf/test_f.py::fast", "tests/hf/test_g.py"]))
+    stages = runner.tests_for(["pimoe_export/hf/weights.py"], groups, tmp_path)
+    assert stages == [["tests/hf/test_f.py::fast", "tests/hf/test_g.py"], ["tests/hf"]]
+    assert runner.excluding(stages[1], stages[0]) == ["tests/hf", "--deselect=tests/hf/test_f.py::fast",
+                                                       "--ignore=tests/hf/test_g.py"]
 
 
 def test_the_groups_are_those_of_the_mutmut_run() -> None:
