@@ -9,9 +9,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from torch import nn
 
-from pimoe_export.errors import PiMoEConfigError
+from pimoe_export.errors import ArtifactError, PiMoEConfigError
 from pimoe_export.hf.moefy import MoEFeedForward, encoder_layers, install_moe
 from pimoe_export.model.config import PiMoEConfig
 from pimoe_export.model.io import WEIGHTS_FILE
@@ -78,5 +79,11 @@ def load_moefied(directory: str | Path) -> nn.Module:
         install_moe(by_path[path], PiMoESystem(config=PiMoEConfig.from_dict(layer_cfg)))
     if not (directory / WEIGHTS_FILE).is_file():
         raise PiMoEConfigError("moefy", f"{directory / WEIGHTS_FILE} is missing; re-create the model with moefy")
-    load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+    try:
+        load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+    except (RuntimeError, SafetensorError) as exc:  # a missing, extra or misshapen tensor, or an unreadable file
+        detail = " ".join(str(exc).split())
+        raise ArtifactError(f"{directory / WEIGHTS_FILE} does not hold the weights of the model {MANIFEST} describes "
+                            f"({detail[:400]}); the checkpoint was edited or mixes two models: re-create it with "
+                            "`pimoe-export moefy`") from None
     return model.eval()

@@ -129,6 +129,30 @@ def test_export_command_takes_a_moefied_directory(bert, tmp_path) -> None:
     assert refused.returncode == 2 and "drop --standard-ops" in refused.stderr
 
 
+def test_a_moefied_checkpoint_whose_tensors_do_not_fit_is_refused(bert, tmp_path) -> None:
+    """A tensor missing, one too many, or one of another shape: the loader refuses the directory as bad input (exit
+    2, the file and the fix named), never as an internal error, and nothing is written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    assert cli("moefy", str(bert), "-o", "moe", "--experts", "4", cwd=tmp_path).returncode == 0
+    state = load_file(str(tmp_path / "moe" / "model.safetensors"))
+    name = next(n for n in state if ".moe.experts." in n)
+    edits = {"missing": lambda s: s.pop(name), "extra": lambda s: s.update(extra=torch.zeros(2)),
+             "shape": lambda s: s.update({name: torch.zeros(3, 3)})}
+    for case, edit in edits.items():
+        directory = Path(shutil.copytree(tmp_path / "moe", tmp_path / case))
+        edited = dict(state)
+        edit(edited)
+        save_file(edited, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        result = cli("export", case, "-o", f"{case}.onnx", cwd=tmp_path)
+        assert result.returncode == 2, (case, result.stderr[-2000:])
+        assert f"{case}/model.safetensors does not hold the weights of the model pimoe_moefy.json describes" in \
+            result.stderr and "re-create it with `pimoe-export moefy`" in result.stderr, (case, result.stderr)
+        assert not (tmp_path / f"{case}.onnx").exists()
+
+
 @pytest.mark.slow
 def test_whole_model_pipeline(bert, tmp_path) -> None:
     text = bert.parent / "sentences.txt"
