@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from pimoe_export.model.io import CONFIG_FILE, WEIGHTS_FILE
 
     out = OutputDir(args.output, force=args.force, command=NAME)
+    out.refuse_foreign([CONFIG_FILE, WEIGHTS_FILE])  # both checked before either is claimed: nothing left behind
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         out.claim(name)
     model = create_from_preset(args.preset, seed=args.seed)

@@ -82,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     train_t, held_t = ([{k: torch.from_numpy(np.asarray(v)) for k, v in f.items()} for f in feeds]
                        for feeds in (train, held))
     out = OutputDir(args.output, force=args.force, command="moefy")
-    for name in ("config.json", MANIFEST, WEIGHTS_FILE, REPORT, *TOKENIZER_FILES):
+    entries = ["config.json", MANIFEST, WEIGHTS_FILE, REPORT, *TOKENIZER_FILES]
+    out.refuse_foreign(entries)  # every entry checked before any is claimed: nothing left behind
+    for name in entries:
         out.claim(name)
     torch.manual_seed(args.seed)
     original = copy.deepcopy(model.float().eval())

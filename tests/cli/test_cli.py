@@ -46,6 +46,23 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys) -> None:
         main(["create", "--preset", "nope", "-o", str(tmp_path)])
 
 
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_create_leaves_each_of_the_users_files_alone_without_force(tmp_path, capsys, name) -> None:
+    """Either file create writes, already in the folder and not written by pimoe-export: refused (exit 2) and left
+    as it was; with --force it is replaced by a model that loads."""
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / name).write_text("the user's own")
+    assert main(["create", "--preset", "tiny", "-o", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / name).read_text() == "the user's own"
+    assert sorted(p.name for p in out.iterdir()) == [name]
+    assert main(["create", "--preset", "tiny", "-o", str(out), "--force"]) == 0
+    assert main(["create", "--preset", "tiny", "-o", str(out)]) == 0  # both files are now pimoe-export's
+    x = torch.randn(1, 3, 16)
+    assert torch.equal(PiMoESystem.from_pretrained(out)(x), create_from_preset("tiny")(x))
+
+
 @pytest.mark.slow
 def test_pipeline_on_tiny(tmp_path) -> None:
     out = tmp_path / "engines" / "tiny"
