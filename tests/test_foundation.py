@@ -229,16 +229,20 @@ def test_format_and_fields_of_a_json_file(tmp_path) -> None:
 
 @pytest.fixture
 def tree(tmp_path) -> Path:
-    """unit/{a.bin, sub/b.bin, inner -> a.bin, outer -> ../secret.bin, up -> .., folder/}, secret.bin."""
+    """unit/{a.bin, sub/b.bin, inner -> a.bin, outer -> ../secret.bin, up -> .., folder/, twin -> ../unit2/c.bin},
+    secret.bin, unit2/c.bin (a sibling whose name starts with the unit's)."""
     unit = tmp_path / "unit"
     (unit / "sub").mkdir(parents=True)
     (unit / "folder").mkdir()
     (unit / "a.bin").write_bytes(b"a")
     (unit / "sub" / "b.bin").write_bytes(b"b")
     (tmp_path / "secret.bin").write_bytes(b"s")
+    (tmp_path / "unit2").mkdir()
+    (tmp_path / "unit2" / "c.bin").write_bytes(b"c")
     (unit / "inner").symlink_to("a.bin")
     (unit / "outer").symlink_to("../secret.bin")
     (unit / "up").symlink_to("..")
+    (unit / "twin").symlink_to("../unit2/c.bin")
     return unit
 
 
@@ -253,6 +257,8 @@ def test_names_inside_the_unit_resolve(tree) -> None:
     ("../secret.bin", "outside the unit"),
     ("outer", "outside the unit"),
     ("up/secret.bin", "outside the unit"),
+    ("../unit2/c.bin", "outside the unit"),  # a sibling folder is outside, whatever its name starts with
+    ("twin", "outside the unit"),
     (".", "outside the unit"),
     ("sub/..", "outside the unit"),
     ("folder", "is missing"),

@@ -372,3 +372,19 @@ def test_dims_of_unknown_size_are_shown_as_such(ort_unit_template, tmp_path) -> 
     manifest.io["outputs"][2][2] = ["batch", "sequence", 2]  # an unknown graph dim takes any named axis
     manifest.write(unit)
     assert verify(unit).interface.outputs[2].dims == ("batch", "sequence", 2)
+
+
+def test_a_manifest_symlinked_to_elsewhere_is_refused(ort_unit_template, tmp_path) -> None:
+    """The manifest itself is one of the unit's files: a manifest.json that links out of the unit (to a manifest
+    that would verify) is refused, by read_manifest and so by every loader."""
+    unit = make_unit(ort_unit_template, tmp_path, "onnxruntime")
+    elsewhere = tmp_path / "elsewhere.json"
+    shutil.move(unit / "manifest.json", elsewhere)
+    (unit / "manifest.json").symlink_to(elsewhere)
+    with pytest.raises(ArtifactError, match=r"the manifest \('manifest.json'\) resolves to .*outside the unit"):
+        read_manifest(unit)
+    with pytest.raises(ArtifactError, match="outside the unit"):
+        Engine.load(unit)
+    (unit / "manifest.json").unlink()
+    shutil.copy(elsewhere, unit / "manifest.json")
+    verify(unit)  # the same manifest inside the unit is fine

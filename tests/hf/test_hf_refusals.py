@@ -59,6 +59,14 @@ def _shard_outside(d: Path) -> Path:
     return d
 
 
+def _weights_linked_out(d: Path) -> Path:
+    """model.safetensors a symlink to the same file outside the directory (a valid checkpoint, read from elsewhere)."""
+    outside = d.parent / "elsewhere.safetensors"
+    shutil.move(d / "model.safetensors", outside)
+    (d / "model.safetensors").symlink_to(outside)
+    return d
+
+
 def _nested_config(d: Path) -> Path:
     d.mkdir()  # deep enough for Python's recursion limit: json.loads alone raises RecursionError on it
     (d / "config.json").write_text('{"model_type": "mixtral", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
@@ -106,6 +114,7 @@ CASES: dict[str, tuple[str | None, Callable[[Path], Path], str]] = {
                                   "tensor shapes differ from config.json"),
     "fp8 tensor": ("mixtral", _fp8_tensor, "dequantise the checkpoint"),
     "a shard outside the directory": ("mixtral", _shard_outside, "directly in"),
+    "weights linked from outside the directory": ("mixtral", _weights_linked_out, "outside the unit"),
     "a config value of the wrong type": ("deepseek_v3", lambda d: _edit_config(d, lambda c: c.update(n_group=None)),
                                          "wrong type or range"),
     "a config nested past the JSON limits": (None, _nested_config,

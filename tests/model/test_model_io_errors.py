@@ -129,6 +129,20 @@ def test_tampered_checkpoint_is_refused(tmp_path) -> None:
         load_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("recorded", [None, "", "0" * 64])
+def test_weights_without_their_recorded_hash_are_refused(tmp_path, recorded) -> None:
+    """The weights' sha256 in config.json is required: deleting or blanking it does not let other weights in."""
+    create_from_preset("tiny").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    if recorded is None:
+        del config["weights_sha256"]
+    else:
+        config["weights_sha256"] = recorded
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match=r"sha256 .* does not match config\.json"):
+        load_pretrained(tmp_path)
+
+
 def test_missing_and_corrupt_config(tmp_path) -> None:
     with pytest.raises(ArtifactError, match="pimoe-export create"):
         load_pretrained(tmp_path)

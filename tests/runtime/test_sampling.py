@@ -61,6 +61,14 @@ def test_top_p_keeps_the_smallest_head_reaching_p() -> None:
     assert frequencies(logits, SamplingSettings(temperature=1.0, top_p=0.01))[0] == 1.0
 
 
+def test_top_p_breaks_ties_by_the_lower_id() -> None:
+    """Equal probabilities rank lower id first (the module's step 4): with four equal tokens, top-p 0.5 keeps exactly
+    ids 0 and 1, each drawn half the time."""
+    kept = frequencies([1.0, 1.0, 1.0, 1.0], SamplingSettings(temperature=1.0, top_p=0.5))
+    assert kept[2] == kept[3] == 0 and np.allclose(kept[:2], [0.5, 0.5], atol=0.012)
+    assert frequencies([0.0, 2.0, 2.0, 2.0], SamplingSettings(temperature=1.0, top_p=0.01))[1] == 1.0
+
+
 def test_the_same_seed_draws_the_same_tokens() -> None:
     logits = np.random.default_rng(3).standard_normal(50).astype(np.float32)
     settings = SamplingSettings(temperature=0.8, top_k=20, top_p=0.9)
