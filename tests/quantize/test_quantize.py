@@ -223,3 +223,25 @@ def test_quant_params_use_the_percentile_asked_for_and_name_the_dynamic_method()
     assert set(params.info) == set(dynamic.info) == {
         "mode", "method", "percentile", "calibration_tokens", "uncalibrated_experts", "thresholds", "weights",
         "smoothing", "router"}
+
+
+def test_an_expert_without_calibration_tokens_takes_its_groups_widest_range() -> None:
+    """Six experts in one group: with one expert's statistics gone, its threshold in each layer is the largest of
+    the other five (which differ, so the widest is not also the narrowest), and its static scale follows from it."""
+    from pimoe_export.model.moe_block import ExpertsConfig, MoEBlock, MoEBlockConfig
+    from pimoe_export.quantize.int8 import compute_quant_params
+
+    block = MoEBlock(MoEBlockConfig(16, 6, 2, ExpertsConfig(8, "silu")), initialize=False)
+    block.reset_parameters(torch.Generator().manual_seed(4))
+    stats = collect_stats(block.eval(), [torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(2))])
+    for key in [key for key in stats.layers if key[0] == 2]:
+        del stats.layers[key]
+    params = compute_quant_params(block, stats, "max")
+    (group,) = params.groups
+    assert params.info["uncalibrated_experts"] == [2] and group.expert_ids == list(range(6))
+    got = params.info["thresholds"]
+    for layer in range(len(group.layers)):
+        others = [threshold(stats.layers[(e, layer)], "max", 99.99) for e in (0, 1, 3, 4, 5)]
+        assert len(set(others)) > 1
+        assert got[f"expert2_layer{layer}"] == max(others)
+        assert group.act_scales[layer * 6 + 2] == float(np.float32(max(others) / 127.0))
