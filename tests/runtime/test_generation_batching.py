@@ -110,3 +110,26 @@ def test_the_batcher_decodes_at_most_max_rows_and_the_others_wait_their_turn() -
     for request, prompt in zip(queued, prompts, strict=True):
         alone = generate(Counting(), [Request(0, list(prompt), settings, SPEC)])[0].token_ids
         assert np.array_equal(request.tokens, alone)
+
+
+def test_a_cancelled_request_leaves_at_the_next_step_and_the_others_go_on() -> None:
+    """Cancelled after its second token: the next step ends it once ("cancelled", no token), decodes only the other
+    row, and nothing more is chosen for it; the other request gets the tokens it gets alone."""
+    decoder, events, cancel = Counting(), [], [False]
+    settings = SamplingSettings(max_new_tokens=5, eos_token_ids=())
+    leaving = Request(0, PROMPTS[0], settings, SPEC, on_token=events.append, is_cancelled=lambda: cancel[0])
+    staying = Request(1, PROMPTS[1], settings, SPEC)
+    decoding = Decoding(decoder, trim=True)
+    decoding.admit([leaving, staying])
+    decoding.step()
+    cancel[0] = True
+    calls = len(decoder.calls)
+    assert decoding.step() == 1
+    assert decoding.active == [staying] and decoder.calls[calls:] == [(1, 1)]
+    while decoding.active:
+        decoding.step()
+    assert leaving.finish_reason == "cancelled" and len(leaving.tokens) == 2
+    ended = [(e.token_id is None, e.finish_reason) for e in events]
+    assert ended == [(False, None), (False, None), (True, "cancelled")]
+    alone = generate(Counting(), [Request(0, PROMPTS[1], settings, SPEC)])[0].token_ids
+    assert staying.finish_reason == "length" and staying.tokens == alone
