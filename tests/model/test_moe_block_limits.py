@@ -112,3 +112,22 @@ def test_grouped_selection_limits() -> None:
 
 def test_a_shared_gate_needs_a_shared_expert() -> None:
     refused("shared_gate", "a shared gate needs a shared expert", shared_gate=True)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_expert_groups_stay_below_the_weight_limit_at_its_exact_edges(gated) -> None:
+    """Each PiMoEExpertMLP group's weight tensor [G, rows, in] holds fewer than max_group_weights elements, and the
+    groups are as few as that allows: checked at limits one below, at and one above each multiple of the largest
+    expert tensor, against the largest G found by counting."""
+    experts = ExpertsConfig(intermediate_size=4, activation="silu" if gated else "gelu", gated=gated)
+    largest = max(rows * cols for rows, cols in experts.layer_shapes(8))
+    for multiple in range(1, 6):
+        for limit in (multiple * largest - 1, multiple * largest, multiple * largest + 1):
+            if limit <= largest:  # one expert's tensor must fit below the limit (refused otherwise: not this test)
+                continue
+            config = block(num_experts=8, experts=experts, max_group_weights=limit)
+            groups = config.routed_groups()
+            assert [e for g in groups for e in g] == list(range(8))
+            most = max([g for g in range(1, 9) if g * largest < limit], default=1)
+            assert all(len(g) * largest < limit or len(g) == 1 for g in groups), (limit, groups)
+            assert len(groups) == -(-8 // most), (limit, groups)
