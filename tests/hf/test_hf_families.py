@@ -74,9 +74,10 @@ def qwen2_moe():
     return block, lambda x: block(x)[0], imported("qwen2_moe", cfg, {"mlp": block})
 
 
-def dbrx():
+def dbrx(p: float | None = 1.0):
+    """``p``: moe_normalize_expert_weights (None: Hugging Face keeps the raw softmax weights of the top k)."""
     cfg = transformers.DbrxConfig(d_model=32, ffn_config={"ffn_hidden_size": 24, "moe_num_experts": 8,
-                                                         "moe_top_k": 3, "moe_normalize_expert_weights": 1.0})
+                                                         "moe_top_k": 3, "moe_normalize_expert_weights": p})
     block = transformers.models.dbrx.modeling_dbrx.DbrxFFN(cfg)
     randomise(block, 3)
     # moe_normalize_expert_weights = p: p = 1 divides by the L1 norm = the sum of the (positive) weights: normalize
@@ -161,6 +162,7 @@ def llama4(k: int = 1):
 FAMILIES: dict[str, Callable] = {
     "mixtral": lambda: mixtral_like("mixtral"),
     "dbrx": dbrx,
+    "dbrx_unnormalised": lambda: dbrx(None),
     "qwen2_moe": qwen2_moe,
     "qwen3_moe": lambda: mixtral_like("qwen3_moe"),
     "olmoe": lambda: mixtral_like("olmoe"),
@@ -185,7 +187,7 @@ def hf_selection(family: str, block, x: torch.Tensor) -> torch.Tensor:
     if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
         probs = torch.softmax(block.gate(x2d), dim=-1, dtype=torch.float)
         ids = torch.topk(probs, block.top_k, dim=-1).indices
-    elif family == "dbrx":
+    elif family.startswith("dbrx"):
         ids = block.router(x2d)[2]
     elif family.startswith("deepseek"):
         ids = block.gate(x)[0] if family.startswith("deepseek_v2") else block.gate(x2d)[0]
