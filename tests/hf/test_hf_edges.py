@@ -123,3 +123,16 @@ def test_a_decoders_calibration_text_is_checked_before_anything_is_written(tiny_
     missing = tmp_path / "no-such-text.txt"
     with pytest.raises(PiMoEInputError, match=re.escape(str(missing))):
         importers.check_source(directory, missing)
+
+
+def test_decoder_feed_positions_count_each_rows_real_tokens_from_zero() -> None:
+    """position_ids as Hugging Face's generate makes them: each real token's count of real tokens before it (left
+    padding starts a row at 0, a hole in the mask does not advance it); padded positions 0. Hand-written answers."""
+    from pimoe_export.hf.decoder import decoder_feed, positions
+
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 0, 1, 1]])
+    want = np.array([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 2, 0, 0], [0, 0, 0, 1, 2]])
+    got = positions(mask)
+    assert got.dtype == np.int64 and np.array_equal(got, want)
+    feed = decoder_feed(np.ones((4, 5), np.int64), mask)
+    assert np.array_equal(feed["position_ids"], want) and feed["attention_mask"].dtype == np.int64
