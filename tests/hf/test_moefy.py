@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,8 +133,6 @@ def test_export_command_takes_a_moefied_directory(bert, tmp_path) -> None:
 def test_a_moefied_checkpoint_whose_tensors_do_not_fit_is_refused(bert, tmp_path) -> None:
     """A tensor missing, one too many, or one of another shape: the loader refuses the directory as bad input (exit
     2, the file and the fix named), never as an internal error, and nothing is written."""
-    import shutil
-
     from safetensors.torch import load_file, save_file
 
     assert cli("moefy", str(bert), "-o", "moe", "--experts", "4", cwd=tmp_path).returncode == 0

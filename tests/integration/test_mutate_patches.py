@@ -4,6 +4,7 @@ the verdict of each kind of patch, run for real against one fast test."""
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import importlib.util
 import json
 import os
@@ -76,8 +77,6 @@ def test_the_groups_are_those_of_the_mutmut_run() -> None:
     script = (ROOT / "scripts" / "mutate_py.sh").read_text()
     assert len(groups) == script.count('|pimoe_export/')  # every row of its table, no other line
     covered = {p.relative_to(ROOT).as_posix() for p in (ROOT / "pimoe_export").rglob("*.py")}
-    import fnmatch
-
     lost = sorted(f for f in covered if not any(fnmatch.fnmatch(f, g) for _, mods, _ in groups for g in mods))
     assert not lost, f"modules in no group of scripts/mutate_py.sh: {lost}"
 
