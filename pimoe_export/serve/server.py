@@ -21,6 +21,11 @@ engine here. So what Triton serves is exactly what ``Engine.run`` computes on th
   (serve/generate_model.py); ``max_batch`` is the most sequences decoded together there;
 - :meth:`Server.stop` (the command calls it on SIGINT/SIGTERM) sends SIGINT to tritonserver, which stops taking
   requests and waits for those in flight before it exits; the engines are closed after that.
+- PyTriton's start-up race: with ``instances > 1`` the stub of a model's second instance connects to the first
+  instance's handshake socket as soon as the socket file exists, which can be before that socket listens; the model
+  then fails to load with ``ConnectionRefusedError`` in ``get_config_from_handshake_server``. :meth:`Server.start`
+  recognises exactly that failure, stops that tritonserver (the engines stay open) and starts a fresh one, at most
+  :data:`START_ATTEMPTS` times in all, saying so on stderr; any other failure, or the race every time, is reported.
 
 libpython: the Python-backend stub is linked against ``libpython3.X.so.1.0`` and must load the *same* library as the
 interpreter running PyTriton's side. With a non-system Python (pyenv, a self-built one) the dynamic loader would
@@ -41,6 +46,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +62,10 @@ from pimoe_export.serve.generate_model import write_generate_model
 from pimoe_export.serve.triton import default_model_name
 
 MODEL_VERSION = 1
+#: tritonserver starts tried when a model load hits PyTriton's handshake race (module docstring)
+START_ATTEMPTS = 3
+#: what Triton's load error says when PyTriton's handshake race is what failed it (all of these)
+HANDSHAKE_RACE = ("get_config_from_handshake_server", "ConnectionRefusedError")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 #: what `pip install` brings the server (the `serve` extra of pyproject.toml)
 INSTALL_HINT = "install the serve extra: .venv/bin/pip install -e '.[serve]' (scripts/setup.sh does)"
@@ -142,6 +152,26 @@ def check_ports_free(options: ServeOptions) -> None:
             except OSError as exc:
                 raise ServeError(f"cannot listen on {options.host}:{port} ({exc.strerror or exc}); choose another "
                                  f"{flag}, or another --host") from None
+
+
+def wait_ports_free(options: ServeOptions, timeout_s: float = 30.0) -> None:
+    """Wait until the server's ports can be bound again (a stopped tritonserver may take a moment to let go of them);
+    after ``timeout_s``, check_ports_free's refusal."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            check_ports_free(options)
+            return
+        except ServeError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
+def hit_handshake_race(exc: BaseException) -> bool:
+    """Whether a failed start is PyTriton's handshake race (module docstring), judged by the load error's text."""
+    text = str(exc)
+    return all(marker in text for marker in HANDSHAKE_RACE)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -299,39 +329,62 @@ class Server:
     def start(self) -> None:
         import_pytriton()
         check_ports_free(self.options)
-        from pytriton.model_config import DynamicBatcher, ModelConfig
-        from pytriton.triton import Triton
-
         os.environ.update(stub_environment())  # tritonserver inherits this process's environment
         logging.getLogger("pytriton").setLevel(logging.DEBUG if self.options.log_verbose else logging.WARNING)
         self._repository = Path(tempfile.mkdtemp(prefix="pimoe-serve-"))  # tritonserver loads every model in it
-        for model in self.models:
-            if model.generates:
-                write_generate_model(self._repository, model.name, model.unit.dir, model.max_batch, self.threads)
-        triton = Triton(config=triton_config(self.options, self._repository))
-        self._triton = triton
         try:
-            for model in (m for m in self.models if not m.generates):
-                config = ModelConfig(batching=model.batching, max_batch_size=model.max_batch,
-                                     batcher=DynamicBatcher(max_queue_delay_microseconds=self.options.queue_delay_us))
-                interface = model.engine.interface
-                triton.bind(model_name=model.name, model_version=model.version,
-                            infer_func=[make_infer_function(model) for _ in range(self.options.instances)],
-                            inputs=triton_tensors(interface.inputs, model.batching),
-                            outputs=triton_tensors(interface.outputs, model.batching), config=config, strict=True)
-            triton.run()
+            for model in self.models:
+                if model.generates:
+                    write_generate_model(self._repository, model.name, model.unit.dir, model.max_batch, self.threads)
+            for attempt in range(1, START_ATTEMPTS + 1):
+                try:
+                    self._run_triton()
+                    return
+                except Exception as exc:
+                    self._stop_triton()
+                    if not hit_handshake_race(exc):
+                        raise
+                    if attempt == START_ATTEMPTS:
+                        raise ServeError(
+                            f"tritonserver could not load the models in {START_ATTEMPTS} starts: each time a model "
+                            f"instance's stub connected to PyTriton's handshake socket before it listened (a start-up "
+                            f"race in PyTriton with --instances > 1); run serve again, or with --instances 1") from exc
+                    print(f"serve: PyTriton's handshake race failed a model load at start {attempt} of "
+                          f"{START_ATTEMPTS} (--instances {self.options.instances}); starting tritonserver again",
+                          file=sys.stderr, flush=True)
+                    wait_ports_free(self.options)
         except BaseException:
             self.stop()
             raise
+
+    def _run_triton(self) -> None:
+        """Start one tritonserver, bind every ONNX model unit and wait until all models are loaded."""
+        from pytriton.model_config import DynamicBatcher, ModelConfig
+        from pytriton.triton import Triton
+
+        triton = Triton(config=triton_config(self.options, self._repository))
+        self._triton = triton
+        for model in (m for m in self.models if not m.generates):
+            config = ModelConfig(batching=model.batching, max_batch_size=model.max_batch,
+                                 batcher=DynamicBatcher(max_queue_delay_microseconds=self.options.queue_delay_us))
+            interface = model.engine.interface
+            triton.bind(model_name=model.name, model_version=model.version,
+                        infer_func=[make_infer_function(model) for _ in range(self.options.instances)],
+                        inputs=triton_tensors(interface.inputs, model.batching),
+                        outputs=triton_tensors(interface.outputs, model.batching), config=config, strict=True)
+        triton.run()
+
+    def _stop_triton(self) -> None:
+        triton, self._triton = self._triton, None
+        if triton is not None:
+            triton.stop()
 
     def is_alive(self) -> bool:
         return self._triton is not None and bool(self._triton.is_alive())
 
     def stop(self) -> None:
-        triton, self._triton = self._triton, None
         try:
-            if triton is not None:
-                triton.stop()
+            self._stop_triton()
         finally:
             for model in self.models:
                 if model.engine is not None:

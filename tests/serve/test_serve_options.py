@@ -321,6 +321,83 @@ def test_decoder_units_get_generate_models_in_the_repository_triton_loads(units,
     assert not repository.exists()
 
 
+#: the load error tritonserver gave when PyTriton's handshake race hit a second instance (CI log, 2026-12-07)
+RACE_ERROR = ("[400] load failed for model 'tiny': version 1 is at UNAVAILABLE state: Internal: TritonModelException: "
+              "Model initialize error: Traceback (most recent call last):\n  File \"/tmp/folderheNxeF/1/model.py\", "
+              "line 425, in initialize\n    inference_handler_config = get_config_from_handshake_server("
+              "handshake_socket)\n  File \"/tmp/folderheNxeF/1/communication.py\", line 550, in "
+              "get_config_from_handshake_server\n    sock.connect(socket_path.as_posix())\nConnectionRefusedError: "
+              "[Errno 111] Connection refused\n")
+
+
+class FailingTriton(RecordingTriton):
+    """A RecordingTriton whose first ``failures`` runs fail with ``error`` (as Triton's client raises a load error)."""
+
+    failures: ClassVar[int] = 0
+    error: ClassVar[str] = RACE_ERROR
+
+    def run(self) -> None:
+        if len(RecordingTriton.instances) <= FailingTriton.failures:
+            raise RuntimeError(FailingTriton.error)
+        super().run()
+
+
+@pytest.mark.parametrize(("failures", "error", "started"), [
+    (1, RACE_ERROR, True),
+    (2, RACE_ERROR, True),
+    (3, RACE_ERROR, False),
+    (1, RACE_ERROR.replace("ConnectionRefusedError", "TimeoutError"), False),
+    (1, "[400] load failed for model 'tiny': version 1 is at UNAVAILABLE state: out of memory", False),
+])
+def test_a_start_hit_by_pytritons_handshake_race_is_started_again(units, monkeypatch, capsys, failures, error,
+                                                                  started) -> None:
+    """PyTriton's handshake race (the load error naming get_config_from_handshake_server and ConnectionRefusedError)
+    stops that tritonserver and starts a fresh one, up to three starts in all, with the engines open throughout; the
+    race three times is a ServeError saying what happened and what to do; any other load error is raised as it came,
+    after one start. Every Triton started is stopped, except the one that serves."""
+    import pytriton.triton
+
+    monkeypatch.setattr(pytriton.triton, "Triton", FailingTriton)
+    monkeypatch.setattr(FailingTriton, "failures", failures)
+    monkeypatch.setattr(FailingTriton, "error", error)
+    RecordingTriton.instances = []
+    http, grpc, metrics = free_ports(3)
+    options = ServeOptions(host="127.0.0.1", http_port=http, grpc_port=grpc, metrics_port=metrics, max_batch=3,
+                           instances=2)
+    models = load_models([units["ort"]], "tiny", options)
+    server = Server(models, options)
+    x = tokens(7, 2, 3)
+    if started:
+        server.start()
+        try:
+            tritons = RecordingTriton.instances
+            assert len(tritons) == failures + 1 and server.is_alive()
+            assert all(t.stopped for t in tritons[:-1]) and not tritons[-1].stopped
+            (bound,) = tritons[-1].bound
+            assert len(bound["infer_func"]) == 2
+            (answer,) = bound["infer_func"][1]([{"hidden_states": x}])  # the engine was not closed by the retries
+            np.testing.assert_array_equal(answer["output"], models[0].engine.run(x))
+        finally:
+            server.stop()
+        said = capsys.readouterr().err
+        assert said.count("PyTriton's handshake race failed a model load") == failures
+        assert f"at start {failures} of 3 (--instances 2); starting tritonserver again" in said
+        return
+    expected = ServeError if failures == 3 else RuntimeError
+    with pytest.raises(expected) as caught:
+        server.start()
+    if failures == 3:
+        assert "could not load the models in 3 starts" in str(caught.value)
+        assert "run serve again, or with --instances 1" in str(caught.value)
+        assert "ConnectionRefusedError" in str(caught.value.__cause__)
+    else:
+        assert str(caught.value) == error
+    assert len(RecordingTriton.instances) == failures and all(t.stopped for t in RecordingTriton.instances)
+    assert not server.is_alive()
+    with pytest.raises(Exception, match="closed"):  # a failed start closes the engines, as stop does
+        models[0].engine.run(x)
+
+
 def test_the_generate_models_config_reads_as_tritons_model_config(tmp_path) -> None:
     """config.pbtxt parsed with Triton's own ModelConfig schema (protobuf text format, as tritonserver reads it):
     a decoupled python model taking every generate input (optional) and giving its outputs, one CPU instance, its
