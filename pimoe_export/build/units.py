@@ -83,6 +83,7 @@ def package_ort(
     lib = Path(library or find_ort_library())
     info = check_ort_library(str(lib))
     out = OutputDir(unit_dir, force=force, command="package")
+    out.refuse_foreign(_unit_entries(onnx_path, meta, ["libpimoe_ort.so"], client_sources, genai=True))
     lib_copy = out.claim("libpimoe_ort.so")
     manifest_path = out.claim(MANIFEST_FILE)
     if move and not external_data_files(read_onnx(onnx_path)):  # a graph with external data is copied
@@ -113,6 +114,18 @@ def package_ort(
     )
     manifest.write(manifest_path.parent)
     return manifest
+
+
+def _unit_entries(onnx_path: Path, meta: OnnxMetadata, own: list[str], sources: dict[str, Path],
+                  genai: bool) -> list[str]:
+    """Every entry a unit command claims in the unit folder, so that a user's file among them is refused before
+    anything is written (OutputDir.refuse_foreign): its own files, the manifest, the graph and its external data, the
+    decoder's client files (and genai_config.json where ``genai`` and GenAI can describe the decoder)."""
+    entries = [*own, MANIFEST_FILE, "model.onnx", *external_data_files(read_onnx(onnx_path)),
+               *(CLIENT_FILES[role] for role in sources)]
+    if genai and meta.decoder is not None and genai_refusal(meta.decoder) is None:
+        entries.append(CLIENT_FILES["genai_config"])
+    return entries
 
 
 def _client_sources(directory: Path) -> dict[str, Path]:
@@ -228,19 +241,25 @@ def build_unit(
         compute_capability(trt, name)
     plugin = Path(plugin_path or find_plugin_library())
     check_plugin_library(str(plugin))
-    out = OutputDir(unit_dir, force=force, command="build")  # refuses before the (long) build, not after
+    out = OutputDir(unit_dir, force=force, command="build")
     holder: dict[str, Any] = {}
     decoder = meta.decoder
     if decoder is not None:
         if client_dir is not None and not Path(client_dir).is_dir():
             raise ArtifactError(f"{client_dir} is not a directory (the tokenizer and config files of the decoder)")
         sources = _client_sources(Path(client_dir) if client_dir else onnx_path.parent)
+    else:
+        sources = {}
+    # every entry checked before the (long) build and before any is written: a refusal leaves nothing behind
+    out.refuse_foreign(_unit_entries(onnx_path, meta, ["model.engine", "libpimoe_trt_plugins.so"], sources,
+                                     genai=False))
+    if decoder is not None:
         profiles = decoder_profiles(decoder, options.profile.max_shape[0], options.profile.max_shape[1])
         plan, summary = build_engine(onnx_path, plugin, None, capabilities, strongly_typed=True, flavour=flavour,
                                      configure=_configure(options, flavour, holder),
                                      profiles=[p.shapes for p in profiles])
     else:
-        sources, profiles = {}, ()
+        profiles = ()
         plan, summary = build_engine(onnx_path, plugin, profile_shapes(options.profile, interface), capabilities,
                                      strongly_typed=True, flavour=flavour,
                                      configure=_configure(options, flavour, holder))

@@ -65,6 +65,47 @@ def test_only_force_replaces_the_users_files(onnx_copy, tmp_path) -> None:
     package(onnx_copy, unit)  # its own files now: replaced without --force
 
 
+def _written_entries(unit: Path) -> list[str]:
+    from pimoe_export._files import OWNERSHIP_FILE
+
+    return sorted(p.name for p in unit.iterdir() if p.name != OWNERSHIP_FILE)
+
+
+def _refused_leaving_only_the_users_file(write, reference: Path, tmp_path: Path) -> None:
+    """For each entry the unit command wrote in ``reference`` (the independent list: what a run into an empty folder
+    writes), a folder holding only the user's file of that name is refused by ``write(folder)`` naming it, and is
+    left holding only that file, unchanged: every entry is checked before any is claimed or written."""
+    entries = _written_entries(reference)
+    assert "manifest.json" in entries and "model.onnx" in entries
+    for name in entries:
+        folder = tmp_path / f"users-{name}"
+        folder.mkdir()
+        (folder / name).write_text("the user's own")
+        with pytest.raises(OutputError, match=rf"{name.replace('.', '[.]')} exists and was not written by pimoe"):
+            write(folder)
+        assert [p.name for p in folder.iterdir()] == [name], name
+        assert (folder / name).read_text() == "the user's own"
+
+
+def test_package_checks_every_entry_before_writing_any(onnx_copy, tmp_path) -> None:
+    package(onnx_copy, tmp_path / "reference")
+    _refused_leaving_only_the_users_file(lambda folder: package(onnx_copy, folder), tmp_path / "reference", tmp_path)
+
+
+def test_package_of_a_decoder_checks_its_client_files_before_writing_any(decoder_cases, tmp_path) -> None:
+    """A decoder unit also gets the tokenizer and config files and genai_config.json: a user's file of any of those
+    names is refused before anything is written too."""
+    case = decoder_cases("mixtral")
+    source = case.unit.parent / "model.onnx"
+
+    def write(folder: Path) -> None:
+        package(source, folder, client_dir=case.hf_dir)
+
+    write(tmp_path / "reference")
+    assert {"tokenizer.json", "genai_config.json", "config.json"} <= set(_written_entries(tmp_path / "reference"))
+    _refused_leaving_only_the_users_file(write, tmp_path / "reference", tmp_path)
+
+
 def test_polygraphy_gets_the_rtx_switches_and_the_folder_first(tmp_path) -> None:
     folder = tmp_path / "rtx"
     env = polygraphy_environment(folder, {"PYTHONPATH": "/a", "LD_LIBRARY_PATH": "/b:/c", "KEEP": "x"})
@@ -189,6 +230,36 @@ def test_an_engine_unit_records_its_backend_artifacts_and_build(flavour, backend
     else:  # TensorRT-RTX has no tactic timing: the cache is left alone
         assert config.calls == [] and manifest.build_options["timing_cache_used"] is False and not cache.exists()
         assert manifest.target_sms == ["sm_89"] and seen["capabilities"] == ["SM89"]
+
+
+def test_build_checks_every_entry_before_the_build_and_before_writing_any(onnx_copy, tmp_path,
+                                                                           monkeypatch) -> None:
+    """build_unit (stand-in builder): a user's file of any name the unit gets (engine, graph, plugin library,
+    manifest) is refused before the engine is built and before anything is written."""
+    import types
+
+    from pimoe_export.build import engine_builder, units
+    from pimoe_export.native import libraries, tensorrt_loader
+
+    try:
+        libraries.check_plugin_library(str(libraries.find_plugin_library()))
+    except PluginLoadError as exc:
+        pytest.skip(f"the TensorRT plugin library is not built: {exc}")
+    builds: list[Path] = []
+
+    def build_engine(onnx_path, plugin, profile, capabilities, *, strongly_typed, flavour, configure):
+        builds.append(onnx_path)
+        return b"plan", types.SimpleNamespace(plugin_counts=lambda: {"PiMoERoute": 1}, num_layers=7)
+
+    monkeypatch.setattr(tensorrt_loader, "import_tensorrt", lambda f: types.SimpleNamespace(__version__="10.0"))
+    monkeypatch.setattr(engine_builder, "build_engine", build_engine)
+    monkeypatch.setattr(engine_builder, "compute_capability", lambda trt, name: (8, 9))
+    options = units.BuildOptions(flavour="rtx", compute_capabilities=("SM89",))
+    units.build_unit(onnx_copy, tmp_path / "reference", options=options)
+    assert "model.engine" in _written_entries(tmp_path / "reference") and len(builds) == 1
+    _refused_leaving_only_the_users_file(lambda folder: units.build_unit(onnx_copy, folder, options=options),
+                                         tmp_path / "reference", tmp_path)
+    assert len(builds) == 1  # no refused run built an engine
 
 
 def test_an_unknown_rtx_target_lists_the_ones_this_builder_has() -> None:
