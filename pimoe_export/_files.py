@@ -88,28 +88,28 @@ def read_format_json(path: Path, fmt: str, kind: str, fix: str, fields: dict[str
     return data
 
 
-def resolve_inside(root: Path, name: Any, what: str, fix: str = "") -> Path:
+def resolve_inside(root: Path, name: Any, what: str, fix: str = "", holder: str = "unit") -> Path:
     """``root / name`` resolved (symlinks followed), which must be a regular file inside ``root``.
 
-    ``what`` names the entry in messages (e.g. "manifest artefact 'ort_library'"), ``fix`` says what to do.
-    Absolute paths, ``..`` that leaves the root, symlinks to files elsewhere and non-files are refused with an
-    ArtifactError.
+    ``what`` names the entry in messages (e.g. "manifest artefact 'ort_library'"), ``fix`` says what to do,
+    ``holder`` what ``root`` is (a unit, a model directory). Absolute paths, ``..`` that leaves the root, symlinks to
+    files elsewhere and non-files are refused with an ArtifactError.
     """
     fix = f": {fix}" if fix else ""
     if not isinstance(name, str) or not name.strip() or "\x00" in name:
         raise ArtifactError(f"{root}: {what} has no usable file name ({name!r}){fix}")
     relative = Path(name)
     if relative.is_absolute():
-        raise ArtifactError(f"{root}: {what} names the absolute path {name!r}; a unit may only name files inside "
-                            f"itself{fix}")
+        raise ArtifactError(f"{root}: {what} names the absolute path {name!r}; a {holder} may only name files "
+                            f"inside itself{fix}")
     try:
         real_root = root.resolve(strict=True)
     except OSError as exc:
         raise ArtifactError(f"{root} cannot be read ({exc.strerror or exc})") from None
     target = (root / relative).resolve()
     if target == real_root or real_root not in target.parents:
-        raise ArtifactError(f"{root}: {what} ({name!r}) resolves to {target}, outside the unit; a unit may only "
-                            f"name files inside itself (no '..', no symlinks to elsewhere){fix}")
+        raise ArtifactError(f"{root}: {what} ({name!r}) resolves to {target}, outside the {holder}; a {holder} may "
+                            f"only name files inside itself (no '..', no symlinks to elsewhere){fix}")
     if not target.is_file():
         raise ArtifactError(f"{root}: {name} is missing ({what}; or it is not a regular file){fix}")
     return target

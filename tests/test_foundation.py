@@ -282,6 +282,17 @@ def test_an_absolute_name_is_refused_even_inside_the_unit(tree) -> None:
         resolve_inside(tree, str((tree / "a.bin").resolve()), "x")
 
 
+def test_a_refusal_names_what_the_root_is(tree) -> None:
+    """A unit by default; a model directory (the Hugging Face importer's) when the caller says so."""
+    for name, said in (("../secret.bin", "outside the model directory; a model directory may only name files inside "
+                                         "itself"),
+                       (str((tree / "a.bin").resolve()), "; a model directory may only name files inside itself")):
+        with pytest.raises(ArtifactError, match=said):
+            resolve_inside(tree, name, "the weights", holder="model directory")
+        with pytest.raises(ArtifactError, match=said.replace("model directory", "unit")):
+            resolve_inside(tree, name, "the weights")
+
+
 def test_a_root_that_does_not_exist(tmp_path) -> None:
     with pytest.raises(ArtifactError, match="cannot be read"):
         resolve_inside(tmp_path / "nothing", "a.bin", "x")

@@ -132,7 +132,8 @@ def _client_sources(directory: Path) -> dict[str, Path]:
     """The client files (manifest.CLIENT_FILES) a decoder's source directory holds, by role (genai_config.json is
     always written for the unit, never copied); each must be a file inside the directory (a symlink to elsewhere is
     refused, not copied into the unit)."""
-    return {role: resolve_inside(directory, name, f"client file {name}", "copy the file itself into the directory")
+    return {role: resolve_inside(directory, name, f"client file {name}", "copy the file itself into the directory",
+                                 holder="model directory")
             for role, name in CLIENT_FILES.items()
             if role != "genai_config" and ((directory / name).is_file() or (directory / name).is_symlink())}
 

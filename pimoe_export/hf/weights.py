@@ -57,7 +57,8 @@ def _shard_files(directory: Path) -> dict[str, Path] | None:
         if Path(name).name != name or not name.endswith(".safetensors"):
             raise PiMoEInputError(f"{index} names the shard {name!r}: shards must be .safetensors files directly in "
                                   f"{directory}")
-        shards[name] = resolve_inside(directory, name, "a safetensors shard", "re-download the model")
+        shards[name] = resolve_inside(directory, name, "a safetensors shard", "re-download the model",
+                                      holder="model directory")
     return {tensor: shards[file] for tensor, file in weight_map.items()}
 
 
@@ -126,7 +127,8 @@ class SafetensorsCheckpoint:
             single = self.directory / SAFETENSORS_FILE
             if not single.is_file():
                 _refuse_pickle(self.directory)
-            files = [resolve_inside(self.directory, SAFETENSORS_FILE, "the weights", "re-download the model")]
+            files = [resolve_inside(self.directory, SAFETENSORS_FILE, "the weights", "re-download the model",
+                                    holder="model directory")]
         else:
             files = sorted(set(mapping.values()))
         self.tensors: dict[str, TensorInfo] = {}

@@ -114,7 +114,7 @@ def test_a_client_file_symlinked_to_elsewhere_is_refused(tmp_path: Path) -> None
     source = tmp_path / "model"
     source.mkdir()
     (source / "tokenizer.json").symlink_to(secret)
-    with pytest.raises(ArtifactError, match="outside the unit"):
+    with pytest.raises(ArtifactError, match="outside the model directory"):
         _client_sources(source)
     (source / "tokenizer.json").unlink()
     (source / "tokenizer.json").write_text("{}")

@@ -114,7 +114,8 @@ CASES: dict[str, tuple[str | None, Callable[[Path], Path], str]] = {
                                   "tensor shapes differ from config.json"),
     "fp8 tensor": ("mixtral", _fp8_tensor, "dequantise the checkpoint"),
     "a shard outside the directory": ("mixtral", _shard_outside, "directly in"),
-    "weights linked from outside the directory": ("mixtral", _weights_linked_out, "outside the unit"),
+    "weights linked from outside the directory": ("mixtral", _weights_linked_out, "outside the model directory; a "
+                                                  "model directory may only name files inside itself"),
     "a config value of the wrong type": ("deepseek_v3", lambda d: _edit_config(d, lambda c: c.update(n_group=None)),
                                          "wrong type or range"),
     "a config nested past the JSON limits": (None, _nested_config,
