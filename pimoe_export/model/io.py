@@ -84,10 +84,14 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"{directory}: {WEIGHTS_FILE} is missing; the checkpoint is incomplete, re-save it")
+    recorded = payload.get("weights_sha256")
+    if not isinstance(recorded, str) or not recorded:
+        raise ArtifactError(f"{directory / CONFIG_FILE} records no weights_sha256 (the hash of {WEIGHTS_FILE}), so "
+                            "the weights cannot be checked; re-save the model")
     digest = sha256_file(weights)
-    if digest != payload.get("weights_sha256"):
+    if digest != recorded:
         raise ArtifactError(
-            f"{weights}: sha256 {digest[:16]}… does not match config.json ({str(payload.get('weights_sha256'))[:16]}…);"
+            f"{weights}: sha256 {digest[:16]}… does not match config.json ({recorded[:16]}…);"
             " the weights were modified or belong to another checkpoint — re-save the model"
         )
     try:

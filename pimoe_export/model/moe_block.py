@@ -205,8 +205,10 @@ class MoEBlockConfig:
                 continue
             largest = max(rows * cols for rows, cols in spec.layer_shapes(h))
             if largest >= self.max_group_weights:
+                limit = ("the op contract's int32 indexing" if self.max_group_weights == INT32_LIMIT
+                         else "max_group_weights")
                 raise PiMoEConfigError(f"{name}.intermediate_size", f"one expert's weight holds {largest:,} "
-                                       f"elements, beyond the op contract's int32 indexing ({INT32_LIMIT:,})")
+                                       f"elements, not below {limit} ({self.max_group_weights:,})")
         if self.num_parameters() > MAX_BLOCK_PARAMETERS:
             raise PiMoEConfigError("hidden_size", f"the block would hold {self.num_parameters():,} parameters, "
                                                   f"more than the {MAX_BLOCK_PARAMETERS:,} this package builds")

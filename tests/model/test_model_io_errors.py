@@ -129,9 +129,16 @@ def test_tampered_checkpoint_is_refused(tmp_path) -> None:
         load_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("recorded", [None, "", "0" * 64])
-def test_weights_without_their_recorded_hash_are_refused(tmp_path, recorded) -> None:
-    """The weights' sha256 in config.json is required: deleting or blanking it does not let other weights in."""
+@pytest.mark.parametrize(("recorded", "said"), [
+    (None, r"config\.json records no weights_sha256 \(the hash of model\.safetensors\), so the weights cannot be "
+           r"checked; re-save the model"),
+    ("", r"config\.json records no weights_sha256"),
+    (12, r"config\.json records no weights_sha256"),
+    ("0" * 64, r"sha256 [0-9a-f]{16}… does not match config\.json \(0000000000000000…\); the weights were modified"),
+])
+def test_weights_without_their_recorded_hash_are_refused(tmp_path, recorded, said) -> None:
+    """The weights' sha256 in config.json is required: deleting, blanking or replacing it does not let other weights
+    in, and the refusal says which of those it is."""
     create_from_preset("tiny").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     if recorded is None:
@@ -139,7 +146,7 @@ def test_weights_without_their_recorded_hash_are_refused(tmp_path, recorded) -> 
     else:
         config["weights_sha256"] = recorded
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ArtifactError, match=r"sha256 .* does not match config\.json"):
+    with pytest.raises(ArtifactError, match=said):
         load_pretrained(tmp_path)
 
 

@@ -131,3 +131,16 @@ def test_expert_groups_stay_below_the_weight_limit_at_its_exact_edges(gated) -> 
             most = max([g for g in range(1, 9) if g * largest < limit], default=1)
             assert all(len(g) * largest < limit or len(g) == 1 for g in groups), (limit, groups)
             assert len(groups) == -(-8 // most), (limit, groups)
+
+
+def test_one_experts_tensor_must_stay_below_the_group_limit_that_was_given() -> None:
+    """An expert whose largest weight tensor (gated: the fused [gate; up] weight [2 x 4, 8], 64 elements) is not
+    below max_group_weights is refused naming the limit it met: the given max_group_weights, or by default the op
+    contract's int32 indexing (2^31 elements: [2 x 2^14, 2^16])."""
+    assert BASE["experts"].layer_shapes(8) == [(8, 8), (8, 4)]
+    assert block(max_group_weights=65).max_group_weights == 65
+    refused("experts.intermediate_size", "one expert's weight holds 64 elements, not below max_group_weights (64)",
+            max_group_weights=64)
+    refused("experts.intermediate_size", "one expert's weight holds 2,147,483,648 elements, not below the op "
+            "contract's int32 indexing (2,147,483,648)", hidden_size=2**16,
+            experts=ExpertsConfig(intermediate_size=2**14))
