@@ -41,6 +41,8 @@ def test_genai_parses_the_config_and_it_says_what_the_spec_says(tmp_path) -> Non
     one_eos = genai_config(DecoderSpec(**{**SPEC.to_dict(), "eos_token_ids": (9,), "bos_token_id": 1}),
                            "m.onnx", "lib.so")["model"]
     assert (one_eos["eos_token_id"], one_eos["bos_token_id"]) == (9, 1)
+    bos_zero = genai_config(DecoderSpec(**{**SPEC.to_dict(), "bos_token_id": 0}), "m.onnx", "lib.so")["model"]
+    assert bos_zero["bos_token_id"] == 0  # token 0 is a BOS like any other, not "no BOS"
 
 
 @pytest.mark.parametrize("generation_config", [{}, {"do_sample": True}, {"do_sample": True, "temperature": 0.6,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -96,3 +97,22 @@ def test_library_exceptions_about_inputs_map_to_bad_input_and_bugs_stay_internal
     monkeypatch.setattr(info, "run", bug)
     assert main(["info", "anything"]) == EXIT_INTERNAL
     assert "internal error (KeyError" in capsys.readouterr().err
+
+
+def test_check_refuses_a_decoder_unit_against_a_model_of_another_vocabulary(decoder_cases, tmp_path, monkeypatch,
+                                                                          capsys) -> None:
+    """A decoder unit checked against a model whose vocabulary differs from the unit's (another model) is refused up
+    front, exit 2, naming both sizes; no report is written."""
+    import pimoe_export.hf.importers as importers
+
+    decoder_case = decoder_cases("mixtral")
+    model = decoder_case.hf_model()
+    vocab = model.config.vocab_size
+    model.config.vocab_size = vocab + 7
+    monkeypatch.setattr(importers, "load_source", lambda directory: SimpleNamespace(module=model, evaluation=None))
+    argv = ["check", str(decoder_case.hf_dir), "--unit", str(decoder_case.unit), "-o", str(tmp_path / "report")]
+    assert main(argv) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"is a decoder unit with a vocabulary of {vocab}, but {decoder_case.hf_dir} has a vocabulary of " \
+           f"{vocab + 7}; check the unit against the model it was exported from" in err
+    assert not (tmp_path / "report").exists()

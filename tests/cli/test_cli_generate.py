@@ -33,6 +33,16 @@ def test_generate_prints_the_engines_results(decoder_case, capsys) -> None:
     assert main(["generate", unit, "--prompt", "dog ran", "--prompt-ids", ids, "--max-new-tokens", "7", "--json"]) == 0
     mixed = [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()]
     assert mixed == [expected[1].token_ids, expected[0].token_ids]
+    # token id 0 is a token like any other (often a special one): taken as given
+    assert main(["generate", unit, "--prompt-ids", "0,5,9", "--max-new-tokens", "3", "--json"]) == 0
+    zero = json.loads(capsys.readouterr().out)
+    with Engine.load(unit) as engine:
+        assert zero["token_ids"] == engine.generate([[0, 5, 9]], max_new_tokens=3)[0].token_ids
+    assert zero["prompt_token_ids"] == [0, 5, 9]
+    with pytest.raises(SystemExit) as refused:  # argparse's refusal: exit 2, the value named
+        main(["generate", unit, "--prompt-ids=-1,2"])
+    assert refused.value.code == 2
+    assert "expected non-negative token ids like 1,5,9, got '-1,2'" in capsys.readouterr().err
     # sampling without --seed names the seed it drew, and that seed repeats the tokens; greedy and seeded say nothing
     sample = ["generate", unit, "--prompt", "the cat", "--max-new-tokens", "6", "--temperature", "0.7"]
     assert main(sample) == 0

@@ -5,6 +5,7 @@ tensor by tensor, so conversion peaks near one float32 copy of the weights (meas
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -81,6 +82,55 @@ def test_an_incomplete_checkpoint_names_the_missing_tensors(tiny_decoder, tmp_pa
     save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(PiMoEInputError, match=r"missing \['model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight'\]"):
         D.check_directory(target)
+
+
+def test_tied_embeddings_without_an_lm_head_tensor_load_tied(tiny_decoder, tmp_path) -> None:
+    """tie_word_embeddings: Hugging Face saves no lm_head.weight and ties the head to the embedding. Such a
+    checkpoint passes the check and loads with the head equal to the embedding: its logits are those of the same
+    model untied, with lm_head.weight stored as a copy of the embedding."""
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_decoder("mixtral")
+    config = json.loads((source / "config.json").read_text())
+    state = load_file(str(source / "model.safetensors"))
+    embedding = state["model.embed_tokens.weight"]
+    directories = {}
+    for tied in (True, False):
+        directory = tmp_path / f"tied-{tied}"
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": tied}))
+        weights = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        if not tied:
+            weights["lm_head.weight"] = embedding.clone()
+        save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        directories[tied] = directory
+    D.check_directory(directories[True])
+    feed = D.random_decoder_feeds(int(config["vocab_size"]), 3, ((2, 7, "left"),))[0]
+    torch_feed = {k: torch.from_numpy(v) for k, v in feed.items()}
+    with torch.no_grad():
+        tied_model = D.load_decoder(directories[True], cache=False)
+        got, want = (m(**torch_feed) for m in (tied_model, D.load_decoder(directories[False], cache=False)))
+    assert torch.equal(tied_model.lm_head.weight, embedding)
+    got, want = ((o["logits"] if isinstance(o, dict) else o.logits) for o in (got, want))
+    assert torch.equal(got, want)
+
+
+def test_a_truncated_safetensors_file_is_refused_by_its_header_check(tiny_decoder, tmp_path) -> None:
+    """A safetensors file cut short (an interrupted download) is refused when its header is read, before any
+    tensor: the tensor whose bytes run past the end of the data is named."""
+    import shutil
+
+    directory = Path(shutil.copytree(tiny_decoder("mixtral"), tmp_path / "cut"))
+    weights = directory / "model.safetensors"
+    data = weights.read_bytes()  # the format: an 8-byte little-endian header length, the JSON header, the data
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    weights.write_bytes(data[:-4])
+    with pytest.raises(PiMoEInputError, match=rf"is not a valid safetensors file: tensor '{re.escape(last)}' has a "
+                                              r"malformed entry"):
+        D.SafetensorsCheckpoint(directory)
+    with pytest.raises(PiMoEInputError, match="is not a valid safetensors file"):
+        D.check_directory(directory)
 
 
 MEASURE = textwrap.dedent("""

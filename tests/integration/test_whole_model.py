@@ -222,6 +222,11 @@ def test_int8_of_the_whole_model_is_calibrated_per_layer_and_checked(exported, t
     assert set(report.routing_by_layer) == {"blocks.0.moe", "blocks.1.moe"}
     assert report.output_stats["last_hidden_state"].cosine >= 0.999, report.failures
     assert report.passed, report.failures
+    # each layer's own W8A8 error, with its own codes and scales: INT8-sized in every layer (layer 1 computed with
+    # layer 0's codes would be off by the whole output, cosine near 0)
+    assert list(report.layer_output_error) == ["blocks.0.moe", "blocks.1.moe"]
+    for path, error in report.layer_output_error.items():
+        assert error["cosine"] >= 0.99 and error["rel_l2"] <= 0.1, (path, error)
 
 
 def test_fp16_whole_model_runs_within_fp16_rounding(exported, tmp_path) -> None:

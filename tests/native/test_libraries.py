@@ -251,6 +251,18 @@ def test_the_four_creators_are_registered_once(plugin_library, listing) -> None:
     assert registry.loaded == [str(plugin_library)]
 
 
+def test_a_registry_holding_only_some_of_our_creators_still_loads_the_library(plugin_library) -> None:
+    """Nothing is loaded only when all four creators are there: with one already registered (another library of
+    ours, an older load) the library is loaded for the other three, and a load that adds none of them is an
+    error, not a silent success."""
+    names = tensorrt_loader.PLUGIN_NAMES
+    registry = Registry([Creator(names[0])], loads=[[Creator(n) for n in names[1:]]])
+    assert tensorrt_loader.load_plugin_library(None, plugin_library, registry=registry) == "handle"
+    assert registry.loaded == [str(plugin_library)]
+    with pytest.raises(PluginLoadError, match="did not register the plugins"):
+        tensorrt_loader.load_plugin_library(None, plugin_library, registry=Registry([Creator(names[0])]))
+
+
 def test_creators_of_another_version_or_namespace_do_not_count(plugin_library) -> None:
     names = tensorrt_loader.PLUGIN_NAMES
     registry = Registry([Creator(n, version="2") for n in names] + [Creator(n, namespace="x") for n in names],

@@ -245,3 +245,25 @@ def test_an_expert_without_calibration_tokens_takes_its_groups_widest_range() ->
         assert len(set(others)) > 1
         assert got[f"expert2_layer{layer}"] == max(others)
         assert group.act_scales[layer * 6 + 2] == float(np.float32(max(others) / 127.0))
+
+
+def test_smooth_alpha_0_turns_smoothquant_off_and_its_range_is_0_to_1() -> None:
+    """smooth_alpha 0 (documented: None or 0 disables SmoothQuant) gives exactly the parameters of None: every
+    smoothing factor 1 and none recorded; 0.5 does smooth; 1 is accepted; a value outside [0, 1] or not finite is
+    refused naming the range."""
+    from pimoe_export.quantize import calibrated_params
+
+    model = create_from_preset("tiny", seed=3)
+    data = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(1))
+    off, zero, half = (calibrated_params(model, calibration=data, smooth_alpha=a)[""] for a in (None, 0, 0.5))
+    for a, b in zip(off.groups, zero.groups, strict=True):
+        assert a.expert_ids == b.expert_ids and a.act_scales == b.act_scales
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            assert np.array_equal(la.weight, lb.weight) and np.array_equal(la.w_scale, lb.w_scale)
+            assert (lb.act_smooth == 1).all()
+    assert zero.info["smoothing"] is None and half.info["smoothing"] == 0.5
+    assert any((layer.act_smooth != 1).any() for group in half.groups for layer in group.layers)
+    calibrated_params(model, calibration=data, smooth_alpha=1)
+    for bad in (-0.01, 1.01, float("nan")):
+        with pytest.raises(PiMoEInputError, match=r"smooth_alpha must be in \[0, 1\]"):
+            calibrated_params(model, calibration=data, smooth_alpha=bad)

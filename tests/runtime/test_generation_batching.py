@@ -8,8 +8,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 from test_decoder_rows import SPEC, toy_infer
 
+from pimoe_export.errors import PiMoEInputError
 from pimoe_export.runtime.decoder import ArrayDecoder
 from pimoe_export.runtime.generation import ContinuousBatcher, Decoding, Request, generate
 from pimoe_export.runtime.sampling import SamplingSettings
@@ -133,3 +135,26 @@ def test_a_cancelled_request_leaves_at_the_next_step_and_the_others_go_on() -> N
     assert ended == [(False, None), (False, None), (True, "cancelled")]
     alone = generate(Counting(), [Request(0, PROMPTS[1], settings, SPEC)])[0].token_ids
     assert staying.finish_reason == "length" and staying.tokens == alone
+
+
+def test_a_request_may_fill_the_context_exactly_and_not_one_token_more() -> None:
+    """A prompt and max_new_tokens that together make the context length (64) are served: every token is generated
+    and no position fed to the decoder reaches the context length; one token more is refused before any decoding,
+    saying how many new tokens the prompt leaves room for."""
+    class Positions(Counting):
+        def __init__(self) -> None:
+            super().__init__()
+            self.positions: list[int] = []
+
+        def forward(self, ids, mask, positions, cache, all_positions=False):
+            self.positions.extend(int(p) for p in np.asarray(positions).ravel())
+            return super().forward(ids, mask, positions, cache, all_positions)
+
+    prompt = [1, 2, 3]
+    room = SPEC.context_length - len(prompt)
+    decoder = Positions()
+    (result,) = generate(decoder, requests(SamplingSettings(max_new_tokens=room, eos_token_ids=()), [prompt]))
+    assert len(result.token_ids) == room and result.finish_reason == "length"
+    assert max(decoder.positions) == SPEC.context_length - 2  # the last token generated is never fed back
+    with pytest.raises(PiMoEInputError, match=rf"ask for at most {room} new tokens"):
+        requests(SamplingSettings(max_new_tokens=room + 1, eos_token_ids=()), [prompt])
