@@ -77,9 +77,7 @@ def package_ort(
     :class:`~pimoe_export._files.OutputDir`): files in it that pimoe-export did not write are not replaced unless
     ``force``."""
     onnx_path, meta = _source(onnx_path)
-    if client_dir is not None and not Path(client_dir).is_dir():
-        raise ArtifactError(f"{client_dir} is not a directory (the tokenizer and config files of the decoder)")
-    client_sources = _client_sources(Path(client_dir) if client_dir else onnx_path.parent) if meta.decoder else {}
+    client_sources = _decoder_sources(meta, onnx_path, client_dir)
     lib = Path(library or find_ort_library())
     info = check_ort_library(str(lib))
     out = OutputDir(unit_dir, force=force, command="package")
@@ -126,6 +124,14 @@ def _unit_entries(onnx_path: Path, meta: OnnxMetadata, own: list[str], sources: 
     if genai and meta.decoder is not None and genai_refusal(meta.decoder) is None:
         entries.append(CLIENT_FILES["genai_config"])
     return entries
+
+
+def _decoder_sources(meta: OnnxMetadata, onnx_path: Path, client_dir: str | Path | None) -> dict[str, Path]:
+    """The client files a decoder graph's unit gets, from ``client_dir`` (default: the ONNX's directory); none for
+    another graph."""
+    if client_dir is not None and not Path(client_dir).is_dir():
+        raise ArtifactError(f"{client_dir} is not a directory (the tokenizer and config files of the decoder)")
+    return _client_sources(Path(client_dir) if client_dir else onnx_path.parent) if meta.decoder else {}
 
 
 def _client_sources(directory: Path) -> dict[str, Path]:
@@ -245,12 +251,7 @@ def build_unit(
     out = OutputDir(unit_dir, force=force, command="build")
     holder: dict[str, Any] = {}
     decoder = meta.decoder
-    if decoder is not None:
-        if client_dir is not None and not Path(client_dir).is_dir():
-            raise ArtifactError(f"{client_dir} is not a directory (the tokenizer and config files of the decoder)")
-        sources = _client_sources(Path(client_dir) if client_dir else onnx_path.parent)
-    else:
-        sources = {}
+    sources = _decoder_sources(meta, onnx_path, client_dir)
     # every entry checked before the (long) build and before any is written: a refusal leaves nothing behind
     out.refuse_foreign(_unit_entries(onnx_path, meta, ["model.engine", "libpimoe_trt_plugins.so"], sources,
                                      genai=False))
