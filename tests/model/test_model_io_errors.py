@@ -265,3 +265,28 @@ def test_an_unknown_architecture_is_named_with_the_known_ones(tmp_path) -> None:
         load_pretrained(tmp_path)
     assert str(info.value) == (f"{tmp_path}: unknown architecture 'GPTNeoMoE'; known: "
                                "['AdaptivePiMoE', 'MoEBlock', 'PiMoESystem']")
+
+
+@pytest.mark.parametrize("change", ["extra", "missing"])
+def test_weights_of_another_architecture_are_refused_naming_the_tensors(tmp_path, change) -> None:
+    """A checkpoint whose weights file holds a tensor the architecture does not have, or lacks one it has, is
+    refused naming it, even when config.json records that file's hash (re-hashed by whoever edited it)."""
+    from safetensors.torch import load_file, save_file
+
+    from pimoe_export._files import sha256_file
+
+    create_from_preset("tiny").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(str(weights))
+    if change == "extra":
+        state["experts.99.weight"] = torch.zeros(2, 2)
+    else:
+        state.pop(sorted(state)[0])
+    save_file(state, str(weights))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["weights_sha256"] = sha256_file(weights)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    fragment = "unexpected ['experts.99.weight']" if change == "extra" else "missing ['"
+    with pytest.raises(ArtifactError, match=r"does not match the architecture in config\.json") as info:
+        load_pretrained(tmp_path)
+    assert fragment in str(info.value)
