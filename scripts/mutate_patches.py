@@ -158,12 +158,20 @@ def excluding(stage: list[str], done: list[str]) -> list[str]:
     return [*stage, *(f"--deselect={t}" if "::" in t else f"--ignore={t}" for t in done)]
 
 
-def make_copy(dest: Path) -> None:
-    """The checkout's tracked files (as they are on disk) into ``dest``, a fresh folder."""
+def checkout_files(root: Path, others_only: bool = False) -> list[str]:
+    """The checkout's files a run sees: tracked ones (as they are on disk) and new ones git does not ignore, so that
+    a test file not yet committed is both chosen (the selection reads the checkout) and there to run; with
+    ``others_only``, only the new ones."""
+    which = ["--others", "--exclude-standard"] if others_only else ["--cached", "--others", "--exclude-standard"]
+    listed = subprocess.run(["git", "ls-files", "-z", *which], cwd=root, capture_output=True, check=True).stdout
+    return sorted(set(filter(None, listed.decode().split("\0"))))
+
+
+def make_copy(dest: Path, root: Path = ROOT) -> None:
+    """The checkout's files (:func:`checkout_files`) into ``dest``, a fresh folder."""
     shutil.rmtree(dest, ignore_errors=True)
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for name in filter(None, listed.decode().split("\0")):
-        src = ROOT / name
+    for name in checkout_files(root):
+        src = root / name
         if not src.is_file() or src.is_symlink():
             continue
         target = dest / name
@@ -258,9 +266,11 @@ def main() -> int:
         done = {r["patch"]: r for r in json.loads(out.read_text())["results"]}
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).stdout
     diff = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=ROOT, capture_output=True).stdout
-    setting = hashlib.sha256(head + diff + json.dumps([args.tests, args.fast]).encode()).hexdigest()
+    new = b"".join(name.encode() + b"\0" + (ROOT / name).read_bytes() for name in checkout_files(ROOT, True)
+                   if (ROOT / name).is_file() and not (ROOT / name).is_symlink())
+    setting = hashlib.sha256(head + diff + new + json.dumps([args.tests, args.fast]).encode()).hexdigest()
 
-    def key(patch: Path) -> str:  # the patch, the checkout's tracked files and the options
+    def key(patch: Path) -> str:  # the patch, the checkout's files (committed, changed and new) and the options
         return hashlib.sha256(patch.read_bytes() + setting.encode()).hexdigest()
 
     todo = [p for p in patches if done.get(p.name, {}).get("key") != key(p) or done[p.name]["verdict"] == "stale"]

@@ -45,6 +45,30 @@ def test_changed_files_and_module_names() -> None:
     assert runner.module_name("plugins/ort/pimoe_ort.cpp") is None
 
 
+def test_the_scratch_copy_holds_committed_changed_and_new_files_but_not_ignored_ones(tmp_path) -> None:
+    """A new test file not yet committed is copied (the selection, which reads the checkout, may choose it); a
+    changed file is copied as it is on disk; what .gitignore names is not."""
+    runner = load_runner()
+    repo = tmp_path / "repo"
+    (repo / "tests").mkdir(parents=True)
+    (repo / ".gitignore").write_text("build/\n")
+    (repo / "tests" / "test_old.py").write_text("old\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=repo, check=True)
+    (repo / "tests" / "test_old.py").write_text("changed\n")
+    (repo / "tests" / "test_new.py").write_text("new\n")
+    (repo / "build").mkdir()
+    (repo / "build" / "out.bin").write_text("ignored\n")
+    runner.make_copy(tmp_path / "copy", repo)
+    copied = sorted(str(p.relative_to(tmp_path / "copy")) for p in (tmp_path / "copy").rglob("*")
+                    if p.is_file() and ".git" not in p.parts)
+    assert copied == [".gitignore", "tests/test_new.py", "tests/test_old.py"]
+    assert (tmp_path / "copy" / "tests" / "test_old.py").read_text() == "changed\n"
+    assert runner.checkout_files(repo, others_only=True) == ["tests/test_new.py"]
+
+
 def test_a_patch_gets_its_groups_tests_and_every_test_file_naming_its_module(tmp_path) -> None:
     runner = load_runner()
     tests = tmp_path / "tests"

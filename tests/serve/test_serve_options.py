@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 from pathlib import Path
 from typing import ClassVar
 
@@ -463,6 +464,25 @@ def test_a_port_in_use_is_refused_naming_its_flag() -> None:
                                                  "another --host"):
                 check_ports_free(options)
     check_ports_free(ServeOptions(http_port=free[0], grpc_port=free[1], metrics_port=free_ports(1)[0]))
+
+
+def test_a_restart_waits_for_the_ports_and_then_gives_check_ports_frees_refusal() -> None:
+    """Between two tritonserver starts, wait_ports_free waits while a port is still held and returns once it is
+    free; a port held past the timeout is check_ports_free's refusal naming its flag."""
+    from pimoe_export.serve.server import wait_ports_free
+
+    free = free_ports(2)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    options = ServeOptions(http_port=free[0], grpc_port=taken.getsockname()[1], metrics_port=free[1])
+    with pytest.raises(ServeError, match=r"choose another --grpc-port"):
+        wait_ports_free(options, timeout_s=0.3)
+    release = threading.Timer(0.5, taken.close)
+    release.start()
+    wait_ports_free(options, timeout_s=20)  # returns after the release, well before the timeout
+    release.join()
+    assert taken.fileno() == -1
 
 
 def test_the_stub_finds_this_interpreters_libpython_first() -> None:
