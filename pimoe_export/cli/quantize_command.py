@@ -21,7 +21,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="calibration data: .npz/.npy/.safetensors of [N, H] or [B, S, H] hidden states "
                         "(default: 4096 seeded standard-normal tokens); for a whole text model, a text file with "
                         "one sentence per line (default: 4 of 5 seeded random token batches)")
-    p.add_argument("--method", choices=METHODS, default="entropy", help="activation threshold method")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="activation threshold method (default: the checkpoint's recorded deployment setting: mse "
+                        "for Hugging Face decoders, else entropy)")
     p.add_argument("--percentile", type=number(0, 100, open_low=True), default=99.99,
                    help="for --method percentile, in (0, 100]")
     p.add_argument("--dynamic", action="store_true", help="dynamic per-row activation scales")
@@ -38,13 +40,14 @@ def run(args: argparse.Namespace) -> int:
     from pimoe_export.quantize import check_settings, default_fp32_path, quantize_model
 
     mode = "w8a8_dynamic" if args.dynamic else "w8a8"
-    check_settings(method=args.method, mode=mode, percentile=args.percentile, smooth_alpha=args.smooth_alpha,
-                   max_tokens=args.calib_tokens)
     source = load_source(args.model_dir)
+    method = args.method or source.settings.calibration_method  # what the pipeline calibrates this source with
+    check_settings(method=method, mode=mode, percentile=args.percentile, smooth_alpha=args.smooth_alpha,
+                   max_tokens=args.calib_tokens)
     path = output_onnx(args.output, force=args.force, command=NAME)
     if args.onnx is None:  # the fp32 export written next to the output
         output_onnx(default_fp32_path(path), force=args.force, command=NAME)
-    result = quantize_model(source, path, calibration=args.calib, method=args.method, mode=mode,
+    result = quantize_model(source, path, calibration=args.calib, method=method, mode=mode,
                             percentile=args.percentile, smooth_alpha=args.smooth_alpha, fp32_onnx=args.onnx,
                             max_tokens=args.calib_tokens, progress=True)
     summary = result.summary()
