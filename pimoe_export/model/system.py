@@ -297,5 +297,7 @@ class PiMoESystem(nn.Module):
 
         model = load_pretrained(directory, map_location=map_location)
         if not isinstance(model, cls):
-            raise PiMoEConfigError("architecture", f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+            found = type(model).__name__
+            raise PiMoEConfigError("architecture", f"{directory} holds a checkpoint of {found}, not of {cls.__name__}; "
+                                                   f"load it with {found}.from_pretrained")
         return model

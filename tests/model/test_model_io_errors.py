@@ -113,8 +113,8 @@ def test_loading_through_a_class_that_is_not_the_checkpoints_names_both(tmp_path
     with pytest.raises(PiMoEConfigError) as info:
         AdaptivePiMoE.from_pretrained(tmp_path / "plain")
     assert info.value.field == "architecture"
-    assert str(info.value) == (f"PiMoEConfig.architecture: {tmp_path / 'plain'} holds a PiMoESystem, not a "
-                               "AdaptivePiMoE")
+    assert str(info.value) == (f"PiMoEConfig.architecture: {tmp_path / 'plain'} holds a checkpoint of PiMoESystem, "
+                               "not of AdaptivePiMoE; load it with PiMoESystem.from_pretrained")
     AdaptivePiMoE(hidden_size=8, num_experts=2).save_pretrained(tmp_path / "adaptive")
     assert isinstance(PiMoESystem.from_pretrained(tmp_path / "adaptive"), AdaptivePiMoE)
 
