@@ -361,14 +361,17 @@ def copy_artifact(src: str | Path, dst: Path) -> Path:
     return dst
 
 
-def copy_onnx(src: str | Path, out: Any, name: str = "model.onnx") -> list[Artifact]:
+def copy_onnx(src: str | Path, out: Any, name: str = "model.onnx", data_files: list[str] | None = None
+              ) -> list[Artifact]:
     """Copy an ONNX graph into a unit (``out``: its OutputDir) as ``name``, with its external-data file when it has
     one (copied under the name the graph gives it, which must be one plain file beside the source); returns the
-    artefacts ("onnx", and "onnx_data")."""
+    artefacts ("onnx", and "onnx_data"). ``data_files``: the graph's external-data names where the caller has
+    parsed it already (else it is parsed here)."""
     import onnx
 
     src = Path(src)
-    locations = external_data_files(onnx.load(str(src), load_external_data=False))
+    locations = data_files if data_files is not None else external_data_files(
+        onnx.load(str(src), load_external_data=False))
     if len(locations) > 1 or any(Path(loc).name != loc or not loc.endswith(".data") or loc == name
                                  for loc in locations):
         raise ArtifactError(f"{src} keeps its weights in {locations}: a unit ships one external-data file beside the "

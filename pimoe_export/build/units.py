@@ -27,8 +27,8 @@ from pimoe_export.interface import (
     Profile,
     decoder_profiles,
     external_data_files,
+    parse_metadata,
     profile_shapes,
-    read_metadata,
     read_onnx,
     sm_names,
 )
@@ -44,15 +44,27 @@ from pimoe_export.ops.schema import CONTRACT_VERSION
 from pimoe_export.ops.validation import check_graph
 
 
-def _source(onnx_path: str | Path) -> tuple[Path, OnnxMetadata]:
-    """The exported ONNX a unit is made from: its metadata, and its pimoe nodes checked against the contract."""
-    onnx_path = Path(onnx_path)
-    meta = read_metadata(onnx_path)
+@dataclass(frozen=True)
+class _Graph:
+    """The exported ONNX a unit is made from: its path, metadata and external-data file names."""
+
+    path: Path
+    meta: OnnxMetadata
+    data_files: list[str]
+
+
+def _source(onnx_path: str | Path) -> _Graph:
+    """The exported ONNX a unit is made from, its pimoe nodes checked against the contract. Parsed once (metadata,
+    contract check and external-data names from one proto): a graph that keeps its weights inside takes seconds to
+    parse near 2 GB."""
+    path = Path(onnx_path)
+    proto = read_onnx(path)
+    meta = parse_metadata({p.key: p.value for p in proto.metadata_props}, str(path))
     if meta.graph != "custom-ops":
-        raise ArtifactError(f"{onnx_path} is a {meta.graph} graph; units are made from the custom-op export "
+        raise ArtifactError(f"{path} is a {meta.graph} graph; units are made from the custom-op export "
                             "(`pimoe-export export` without --standard-ops, or `pimoe-export quantize`)")
-    check_graph(onnx_path)
-    return onnx_path, meta
+    check_graph(proto, name=str(path))
+    return _Graph(path, meta, external_data_files(proto))
 
 
 def _interface(meta: OnnxMetadata):
@@ -76,21 +88,22 @@ def package_ort(
     a genai_config.json written for the unit. ``unit_dir`` is an output directory (see
     :class:`~pimoe_export._files.OutputDir`): files in it that pimoe-export did not write are not replaced unless
     ``force``."""
-    onnx_path, meta = _source(onnx_path)
+    source = _source(onnx_path)
+    onnx_path, meta = source.path, source.meta
     client_sources = _decoder_sources(meta, onnx_path, client_dir)
     lib = Path(library or find_ort_library())
     info = check_ort_library(str(lib))
     out = OutputDir(unit_dir, force=force, command="package")
-    out.refuse_foreign(_unit_entries(onnx_path, meta, ["libpimoe_ort.so"], client_sources, genai=True))
+    out.refuse_foreign(_unit_entries(source, ["libpimoe_ort.so"], client_sources, genai=True))
     lib_copy = out.claim("libpimoe_ort.so")
     manifest_path = out.claim(MANIFEST_FILE)
-    if move and not external_data_files(read_onnx(onnx_path)):  # a graph with external data is copied
+    if move and not source.data_files:  # a graph with external data is copied
         target = out.claim("model.onnx")
         if onnx_path.resolve() != target.resolve():
             onnx_path.replace(target)
         graph = [Artifact.of("onnx", target)]
     else:
-        graph = copy_onnx(onnx_path, out)
+        graph = copy_onnx(onnx_path, out, data_files=source.data_files)
     copy_artifact(lib, lib_copy)
     client_artifacts = _write_client_files(out, meta, client_sources, graph[0].file, lib_copy.name)
     genai_note = genai_refusal(meta.decoder) if meta.decoder else None
@@ -114,13 +127,12 @@ def package_ort(
     return manifest
 
 
-def _unit_entries(onnx_path: Path, meta: OnnxMetadata, own: list[str], sources: dict[str, Path],
-                  genai: bool) -> list[str]:
+def _unit_entries(source: _Graph, own: list[str], sources: dict[str, Path], genai: bool) -> list[str]:
     """Every entry a unit command claims in the unit folder, so that a user's file among them is refused before
     anything is written (OutputDir.refuse_foreign): its own files, the manifest, the graph and its external data, the
     decoder's client files (and genai_config.json where ``genai`` and GenAI can describe the decoder)."""
-    entries = [*own, MANIFEST_FILE, "model.onnx", *external_data_files(read_onnx(onnx_path)),
-               *(CLIENT_FILES[role] for role in sources)]
+    meta = source.meta
+    entries = [*own, MANIFEST_FILE, "model.onnx", *source.data_files, *(CLIENT_FILES[role] for role in sources)]
     if genai and meta.decoder is not None and genai_refusal(meta.decoder) is None:
         entries.append(CLIENT_FILES["genai_config"])
     return entries
@@ -239,7 +251,8 @@ def build_unit(
     from pimoe_export.native.tensorrt_loader import import_tensorrt
 
     options = options or BuildOptions()
-    onnx_path, meta = _source(onnx_path)
+    source = _source(onnx_path)
+    onnx_path, meta = source.path, source.meta
     interface = _interface(meta)
     flavour = detect_flavour(options.flavour)
     trt = import_tensorrt(flavour)
@@ -253,8 +266,7 @@ def build_unit(
     decoder = meta.decoder
     sources = _decoder_sources(meta, onnx_path, client_dir)
     # every entry checked before the (long) build and before any is written: a refusal leaves nothing behind
-    out.refuse_foreign(_unit_entries(onnx_path, meta, ["model.engine", "libpimoe_trt_plugins.so"], sources,
-                                     genai=False))
+    out.refuse_foreign(_unit_entries(source, ["model.engine", "libpimoe_trt_plugins.so"], sources, genai=False))
     if decoder is not None:
         profiles = decoder_profiles(decoder, options.profile.max_shape[0], options.profile.max_shape[1])
         plan, summary = build_engine(onnx_path, plugin, None, capabilities, strongly_typed=True, flavour=flavour,
@@ -269,7 +281,7 @@ def build_unit(
         Path(options.timing_cache).write_bytes(bytes(memoryview(holder["cache"].serialize())))
     engine_path = out.claim("model.engine")
     engine_path.write_bytes(plan)
-    graph = copy_onnx(onnx_path, out)
+    graph = copy_onnx(onnx_path, out, data_files=source.data_files)
     plugin_copy = copy_artifact(plugin, out.claim("libpimoe_trt_plugins.so"))
     manifest_path = out.claim(MANIFEST_FILE)
     clients = [Artifact.of(role, copy_artifact(path, out.claim(CLIENT_FILES[role]))) for role, path in sources.items()]

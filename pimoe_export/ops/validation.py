@@ -105,14 +105,15 @@ def pimoe_opset(proto: Any) -> int | None:
     return None
 
 
-def check_graph(model: str | Path | Any) -> None:
+def check_graph(model: str | Path | Any, name: str | None = None) -> None:
     """Raise ArtifactError when a node of ``model`` (a path or a ModelProto) breaks the op contract: one of our op
     names in another domain, an op of our domain the contract does not define, a ``pimoe`` opset newer than this
     package's, an attribute out of range or newer than the graph's opset, inconsistent route attributes (also against
-    the dispatch's num_experts), a route whose k exceeds the dispatch's num_experts."""
+    the dispatch's num_experts), a route whose k exceeds the dispatch's num_experts. ``name``: the model's name in
+    the message (default: its path, or "the model")."""
     from pimoe_export.interface import read_onnx
 
-    source = str(model) if isinstance(model, (str, Path)) else "the model"
+    source = name or (str(model) if isinstance(model, (str, Path)) else "the model")
     proto = read_onnx(model) if isinstance(model, (str, Path)) else model
     problems: list[str] = []
     version = pimoe_opset(proto) or schema.OPSET_VERSION

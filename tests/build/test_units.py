@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -274,3 +275,198 @@ def test_an_unknown_rtx_target_lists_the_ones_this_builder_has() -> None:
         compute_capability(trt, "SM90")
     assert str(info.value) == ("unknown compute capability 'SM90'; this TensorRT-RTX builds for ['SM120', 'SM75', "
                                "'SM89'] (choose from them with --sm)")
+
+
+class _RecordingConfig(_FakeConfig):
+    """_FakeConfig with the builder-config fields `pimoe-export build`'s flags set: TensorRT's defaults until set,
+    and every set_flag call recorded."""
+
+    builder_optimization_level = 3  # TensorRT's default
+    hardware_compatibility_level = "NONE"
+
+    def set_flag(self, flag) -> None:
+        self.calls.append(("flag", flag))
+
+
+#: the TensorRT names _configure reads (sentinels: each is only ever passed on)
+_FAKE_TRT = SimpleNamespace(BuilderFlag=SimpleNamespace(VERSION_COMPATIBLE="VERSION_COMPATIBLE"),
+                            HardwareCompatibilityLevel=SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS"))
+
+
+def test_the_build_flags_reach_tensorrts_builder_config(tmp_path) -> None:
+    """build --help: "--opt-level  builder optimisation level 0..5", "--timing-cache  timing cache file: loaded if
+    present, saved after the build", "--version-compatible  (TensorRT) version-compatible engine",
+    "--hardware-compatible  (TensorRT) Ampere+ compatible engine": each one reaches the builder config."""
+    from pimoe_export.build.units import BuildOptions, _configure
+
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")  # an existing cache: its bytes are loaded
+    options = BuildOptions(optimization_level=4, timing_cache=str(cache), version_compatible=True,
+                           hardware_compatible=True)
+    config, holder = _RecordingConfig(), {}
+    _configure(options, "tensorrt", holder)(_FAKE_TRT, None, config)
+    assert config.builder_optimization_level == 4
+    assert config.calls[:2] == [("create", b"old"), ("set", False)] and "cache" in holder
+    assert [call for call in config.calls if call[0] == "flag"] == [("flag", "VERSION_COMPATIBLE")]
+    assert config.hardware_compatibility_level == "AMPERE_PLUS"
+    # each flag alone sets only its own field
+    config = _RecordingConfig()
+    _configure(BuildOptions(hardware_compatible=True), "tensorrt", {})(_FAKE_TRT, None, config)
+    assert config.calls == [] and config.hardware_compatibility_level == "AMPERE_PLUS"
+    assert config.builder_optimization_level == 3
+    config = _RecordingConfig()
+    _configure(BuildOptions(version_compatible=True, optimization_level=0), "tensorrt", {})(_FAKE_TRT, None, config)
+    assert config.calls == [("flag", "VERSION_COMPATIBLE")] and config.hardware_compatibility_level == "NONE"
+    assert config.builder_optimization_level == 0
+
+
+@pytest.mark.parametrize("flavour", ["tensorrt", "rtx"])
+def test_without_the_build_flags_the_builder_config_keeps_tensorrts_defaults(flavour, tmp_path) -> None:
+    """No flag: TensorRT's defaults stay. TensorRT-RTX: the optimisation level is set, the full-TensorRT options are
+    not (RTX has no timing cache, version or hardware compatibility)."""
+    from pimoe_export.build.units import BuildOptions, _configure
+
+    config = _RecordingConfig()
+    _configure(BuildOptions(), flavour, {})(_FAKE_TRT, None, config)
+    assert config.calls == [] and config.builder_optimization_level == 3
+    assert config.hardware_compatibility_level == "NONE"
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
+    options = BuildOptions(optimization_level=5, timing_cache=str(cache), version_compatible=True,
+                           hardware_compatible=True)
+    config = _RecordingConfig()
+    _configure(options, "rtx", {})(_FAKE_TRT, None, config)
+    assert config.calls == [] and config.hardware_compatibility_level == "NONE"
+    assert config.builder_optimization_level == 5
+
+
+def test_a_hardware_compatible_engine_targets_every_architecture_the_plugins_are_built_for(monkeypatch) -> None:
+    """An Ampere+ compatible engine runs on any GPU the plugin library has code for: the architectures CMake builds
+    it for by default (plugins/cmake/cuda_architectures.txt). Without the flag, only this machine's GPU (none: no
+    target)."""
+    from pimoe_export.build import units
+
+    listed = (Path(__file__).parents[2] / "plugins" / "cmake" / "cuda_architectures.txt").read_text().strip()
+    monkeypatch.setattr(units, "local_gpu_sm", lambda: "sm_89")
+    assert units._targets("tensorrt", units.BuildOptions(hardware_compatible=True), ()) == [
+        f"sm_{a}" for a in listed.split(";")]
+    assert units._targets("tensorrt", units.BuildOptions(version_compatible=True), ()) == ["sm_89"]
+    monkeypatch.setattr(units, "local_gpu_sm", lambda: None)
+    assert units._targets("tensorrt", units.BuildOptions(), ()) == []
+
+
+# ------------------------------------------------------------------------------------------ polygraphy_rtx
+LIBRARY = "/built/libpimoe_trt_plugins.so"
+
+
+@pytest.fixture
+def plugin_library(monkeypatch) -> str:
+    """polygraphy_rtx finds the built plugin library at LIBRARY (none need be built here)."""
+    from pimoe_export.build import polygraphy_rtx
+
+    monkeypatch.setattr(polygraphy_rtx, "find_plugin_library", lambda: Path(LIBRARY))
+    monkeypatch.setattr(polygraphy_rtx, "check_plugin_library", lambda path: {"path": path})
+    return LIBRARY
+
+
+@pytest.mark.parametrize("base", [{"PYTHONPATH": "/elsewhere"}, {"LD_LIBRARY_PATH": "/a:/b"}],
+                         ids=["pythonpath", "ld_library_path"])
+def test_print_env_gives_shell_lines_that_set_up_polygraphys_environment(plugin_library, base, tmp_path) -> None:
+    """docs/trt_plugins.md: `--print-env [FOLDER]` prints "the same set-up as shell lines, to run polygraphy
+    yourself": run by bash over a user's environment, they set the two switches and put FOLDER first on PYTHONPATH
+    and LD_LIBRARY_PATH (the user's entries kept after it, none added when the variable was unset), and the last
+    line names the plugin library to pass."""
+    import subprocess
+
+    from pimoe_export.build.polygraphy_rtx import print_env
+
+    folder = tmp_path / "rtx"
+    lines = print_env(folder)
+    assert lines[-1] == f"# and add: --plugins {plugin_library}"
+    keys = ("POLYGRAPHY_USE_TENSORRT_RTX", "PIMOE_TRT_STATIC_REGISTRATION", "PYTHONPATH", "LD_LIBRARY_PATH")
+    script = "\n".join([*lines, *(f'echo "{key}=${{{key}-unset}}"' for key in keys)])
+    result = subprocess.run(["bash", "-c", script], env={"PATH": os.environ["PATH"], **base}, capture_output=True,
+                            text=True, check=True, timeout=30)
+    got = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    expected = {"POLYGRAPHY_USE_TENSORRT_RTX": "1", "PIMOE_TRT_STATIC_REGISTRATION": "1",
+                "PYTHONPATH": f"{folder}:/elsewhere" if "PYTHONPATH" in base else str(folder),
+                "LD_LIBRARY_PATH": f"{folder}:/a:/b" if "LD_LIBRARY_PATH" in base else str(folder)}
+    assert got == expected
+    assert {key: polygraphy_environment(folder, base)[key] for key in keys} == expected  # what the helper runs with
+
+
+def test_print_env_uses_the_folder_it_is_given(plugin_library, monkeypatch, tmp_path, capsys) -> None:
+    """`python -m pimoe_export.build.polygraphy_rtx --print-env FOLDER`: the set-up is made in FOLDER, and the lines
+    name it."""
+    from pimoe_export.build import polygraphy_rtx
+
+    prepared: list[Path] = []
+    monkeypatch.setattr(polygraphy_rtx, "prepare_folder", lambda folder: prepared.append(folder) or folder)
+    folder = tmp_path / "mine"
+    assert polygraphy_rtx.main(["--print-env", str(folder)]) == 0
+    assert prepared == [folder]
+    out = capsys.readouterr().out.splitlines()
+    assert f"export PYTHONPATH={folder}${{PYTHONPATH:+:$PYTHONPATH}}" in out
+    assert f"export LD_LIBRARY_PATH={folder}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}" in out
+    assert out[-1] == f"# and add: --plugins {plugin_library}"
+
+
+def test_polygraphy_gets_the_plugin_library_unless_the_arguments_name_one(plugin_library) -> None:
+    """docs/trt_plugins.md: the helper "adds --plugins with the built libpimoe_trt_plugins.so, and runs Polygraphy
+    with the remaining arguments": after them, for the commands that load a model (convert, run, inspect); a
+    user's own --plugins is left alone (not doubled), and other commands (--version) get none."""
+    from pimoe_export.build.polygraphy_rtx import polygraphy_command
+
+    for command in ("convert", "run", "inspect"):
+        argv = [command, "m.onnx", "-o", "m.engine"]
+        assert polygraphy_command(argv)[1:] == [*argv, "--plugins", plugin_library]
+    mine = ["convert", "m.onnx", "--plugins", "mine.so"]
+    assert polygraphy_command(mine)[1:] == mine
+    assert polygraphy_command(["--version"])[1:] == ["--version"]
+    assert Path(polygraphy_command(["--version"])[0]).name == "polygraphy"
+
+
+def _counting_parses(monkeypatch) -> list[str]:
+    """Every onnx.load of the package from here on, by path."""
+    import onnx
+
+    parses: list[str] = []
+    load = onnx.load
+
+    def counted(f, *args, **kwargs):
+        parses.append(str(f))
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "load", counted)
+    return parses
+
+
+@pytest.mark.parametrize("move", [False, True])
+def test_package_parses_the_source_graph_once(onnx_copy, tmp_path, monkeypatch, move) -> None:
+    """Metadata, the contract check, the unit's entries, the move check and the copy all come from one parse of the
+    source ONNX (a graph that keeps its weights inside takes seconds per parse near 2 GB)."""
+    parses = _counting_parses(monkeypatch)
+    package(onnx_copy, tmp_path / "unit", move=move)
+    assert parses == [str(onnx_copy)]
+    verify(tmp_path / "unit")
+
+
+def test_build_parses_the_source_graph_once(onnx_copy, tmp_path, monkeypatch) -> None:
+    import types
+
+    from pimoe_export.build import engine_builder, units
+    from pimoe_export.native import libraries, tensorrt_loader
+
+    try:
+        libraries.check_plugin_library(str(libraries.find_plugin_library()))
+    except PluginLoadError as exc:
+        pytest.skip(f"the TensorRT plugin library is not built: {exc}")
+    monkeypatch.setattr(tensorrt_loader, "import_tensorrt", lambda f: types.SimpleNamespace(__version__="10.0"))
+    monkeypatch.setattr(engine_builder, "build_engine", lambda *a, **k: (
+        b"plan", types.SimpleNamespace(plugin_counts=lambda: {"PiMoERoute": 1}, num_layers=7)))
+    monkeypatch.setattr(engine_builder, "compute_capability", lambda trt, name: (8, 9))
+    parses = _counting_parses(monkeypatch)
+    units.build_unit(onnx_copy, tmp_path / "unit", options=units.BuildOptions(flavour="rtx",
+                                                                               compute_capabilities=("SM89",)))
+    assert parses == [str(onnx_copy)]  # the (stand-in) builder parses it its own way
+    assert (tmp_path / "unit" / "model.onnx").read_bytes() == onnx_copy.read_bytes()
