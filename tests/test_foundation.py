@@ -19,6 +19,7 @@ from pimoe_export._files import (
     OWNERSHIP_FILE,
     OutputDir,
     output_file,
+    output_onnx,
     read_format_json,
     read_json,
     resolve_inside,
@@ -382,3 +383,21 @@ def test_a_single_output_file(tmp_path) -> None:
         output_file(tmp_path / "y.onnx")
     with pytest.raises(OutputError, match="is not a file name"):
         output_file(tmp_path / "..")
+
+
+def test_an_onnx_output_claims_its_external_data_file_too(tmp_path) -> None:
+    """README: a graph past 2 GB is written as `mixtral.onnx` + `mixtral.onnx.data`, and a command never replaces a
+    file it did not write unless --force: the `.data` file beside an ONNX output is claimed with it, so a user's
+    `x.onnx.data` is refused before anything is written."""
+    path = output_onnx(tmp_path / "m.onnx", command="export")
+    assert path == tmp_path / "m.onnx"
+    record = OutputDir(tmp_path)
+    assert record.owns("m.onnx") and record.owns("m.onnx.data")
+    assert record.owned["m.onnx.data"]["command"] == "export"
+    (tmp_path / "x.onnx.data").write_text("the user's own")
+    with pytest.raises(OutputError, match=r"x\.onnx\.data exists and was not written by pimoe-export; it is left "
+                                          r"alone\. Pass --force"):
+        output_onnx(tmp_path / "x.onnx")
+    assert (tmp_path / "x.onnx.data").read_text() == "the user's own" and not (tmp_path / "x.onnx").exists()
+    assert output_onnx(tmp_path / "x.onnx", force=True) == tmp_path / "x.onnx"
+    assert OutputDir(tmp_path).owns("x.onnx.data")

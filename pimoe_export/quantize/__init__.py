@@ -139,8 +139,9 @@ def _quantize_layer(layer: Any, batches: list | None, method: str, mode: str, pe
 
 
 def default_fp32_path(output: Path) -> Path:
-    """Where :func:`quantize_model` writes the fp32 export it needs when given none: next to ``output``."""
-    fp32 = output.with_name(output.name.replace(".int8", "") + ".fp32.onnx")
+    """Where :func:`quantize_model` writes the fp32 export it needs when given none: next to ``output``, its name
+    less ``.onnx`` and ``.int8`` plus ``.fp32.onnx`` (model.int8.onnx: model.fp32.onnx)."""
+    fp32 = output.with_name(output.name.removesuffix(".onnx").replace(".int8", "") + ".fp32.onnx")
     return output.with_suffix(".fp32.onnx") if fp32 == output else fp32
 
 

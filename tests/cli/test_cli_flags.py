@@ -11,7 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from pimoe_export._files import OutputDir
 from pimoe_export.cli import COMMANDS, build_parser, main
+from pimoe_export.quantize import default_fp32_path
 
 
 class Stop(Exception):
@@ -68,10 +70,69 @@ def test_build_defaults(monkeypatch) -> None:
     assert main(["build", "m.onnx", "-o", "unit"]) == 70
     options = seen["kwargs"]["options"]
     assert options.flavour == "auto" and options.compute_capabilities == DEFAULT_RTX_TARGETS
+    # `build --help`: "--sm SM  TensorRT-RTX targets, comma-separated SM names (default: SM80,SM86,SM89)"
+    assert DEFAULT_RTX_TARGETS == ("SM80", "SM86", "SM89")
+    assert build_parser().parse_args(["build", "m.onnx", "-o", "u"]).sm == "SM80,SM86,SM89"
     assert options.profile == DEFAULT_ENGINE_PROFILE
     assert (options.optimization_level, options.timing_cache, options.version_compatible,
             options.hardware_compatible) == (None, None, False, False)
     assert seen["kwargs"]["plugin_path"] is None and seen["kwargs"]["force"] is False
+
+
+class GenerateRecorder:
+    """Engine.load's stand-in for `generate`: records how it was loaded and what generate was asked."""
+
+    def __init__(self) -> None:
+        self.loads: list[dict] = []
+        self.calls: list[tuple[list, dict]] = []
+
+    def load(self, unit, **kwargs) -> GenerateRecorder:
+        self.loads.append({"unit": unit, **kwargs})
+        return self
+
+    def __enter__(self) -> GenerateRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def generate(self, prompts, **kwargs) -> list[SimpleNamespace]:
+        self.calls.append((prompts, kwargs))
+        return [SimpleNamespace(text="x", token_ids=[1], prompt_token_ids=[1], finish_reason="length", seed=None)]
+
+
+def test_generate_defaults(monkeypatch, capsys) -> None:
+    """`generate --help`: at most 32 new tokens (default 32), temperature 0 (greedy), top-k 0 and top-p 1 (all
+    tokens), a fresh seed, no stop strings, ONNX Runtime's own thread count."""
+    from pimoe_export.runtime.engine import Engine
+
+    engine = GenerateRecorder()
+    monkeypatch.setattr(Engine, "load", engine.load)
+    assert main(["generate", "u", "--prompt-ids", "1,2"]) == 0
+    assert engine.loads == [{"unit": Path("u"), "threads": None}]
+    [(prompts, kwargs)] = engine.calls
+    assert prompts == [[1, 2]]
+    assert kwargs == {"max_new_tokens": 32, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None, "stop": [],
+                      "on_token": None}
+    assert capsys.readouterr().out == "x\n"
+
+
+def test_generate_flags(monkeypatch, capsys) -> None:
+    from pimoe_export.runtime.engine import Engine
+
+    engine = GenerateRecorder()
+    monkeypatch.setattr(Engine, "load", engine.load)
+    assert main(["generate", "u", "--prompt", "hi", "--prompt-ids", "3", "--stop", "a", "--stop", "b", "--threads",
+                 "3", "--temperature", "0", "--top-p", "1", "--top-k", "5", "--seed", "9",
+                 "--max-new-tokens", "4"]) == 0
+    assert engine.loads == [{"unit": Path("u"), "threads": 3}]
+    [(prompts, kwargs)] = engine.calls
+    assert prompts == ["hi", [3]]
+    assert kwargs == {"max_new_tokens": 4, "temperature": 0.0, "top_k": 5, "top_p": 1.0, "seed": 9,
+                      "stop": ["a", "b"], "on_token": None}
+    assert main(["generate", "u", "--prompt-ids", "1", "--temperature", "0.7", "--top-p", "0.9"]) == 0
+    assert (engine.calls[-1][1]["temperature"], engine.calls[-1][1]["top_p"]) == (0.7, 0.9)
+    capsys.readouterr()
 
 
 def test_quantize_flags(monkeypatch, tmp_path, exported_layer, capsys) -> None:
@@ -89,11 +150,37 @@ def test_quantize_flags(monkeypatch, tmp_path, exported_layer, capsys) -> None:
     assert path == tmp_path / "q.int8.onnx" and list(source.layers) == [""]
     assert kwargs == {"calibration": "data.npz", "method": "percentile", "mode": "w8a8_dynamic", "percentile": 99.5,
                       "smooth_alpha": 0.25, "fp32_onnx": onnx_path, "max_tokens": 300, "progress": True}
-    assert not (tmp_path / "q.int8.fp32.onnx").exists()
+    # given --onnx, the fp32 export quantize would otherwise write next to the output is neither written nor claimed
+    companion = default_fp32_path(tmp_path / "q.int8.onnx")
+    assert companion.parent == tmp_path and companion.name not in ("q.int8.onnx", "q.int8.onnx.data")
+    assert not companion.exists() and not OutputDir(tmp_path).owns(companion.name)
     assert main(["quantize", str(tmp_path / "ckpt"), "-o", str(tmp_path / "r.int8.onnx")]) == 70
     assert seen["kwargs"] == {"calibration": None, "method": "entropy", "mode": "w8a8", "percentile": 99.99,
                               "smooth_alpha": 0.5, "fp32_onnx": None, "max_tokens": 65536, "progress": True}
+    # without it, that fp32 export ("next to the output") is claimed there first, with its external-data file
+    companion = default_fp32_path(tmp_path / "r.int8.onnx")
+    record = OutputDir(tmp_path)
+    assert all(record.owns(name) for name in ("r.int8.onnx", "r.int8.onnx.data", companion.name,
+                                              f"{companion.name}.data")), record.owned
     capsys.readouterr()
+
+
+def test_quantize_without_onnx_never_replaces_the_users_fp32_file(tmp_path, exported_layer, capsys) -> None:
+    """README "Outputs": a command never replaces a file it did not write unless --force. quantize without --onnx
+    exports the fp32 graph next to the output (default_fp32_path): a file of the user's there, or where that
+    export's external data goes, is refused before anything is exported or quantised, and nothing is written."""
+    model, _ = exported_layer("tiny", 0)
+    model.save_pretrained(tmp_path / "ckpt")
+    output = tmp_path / "q.int8.onnx"
+    companion = default_fp32_path(output)
+    for users in (companion, companion.with_name(f"{companion.name}.data")):
+        users.write_text("the user's own")
+        assert main(["quantize", str(tmp_path / "ckpt"), "-o", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert f"{users} exists and was not written by pimoe-export" in err and "--force" in err
+        assert users.read_text() == "the user's own"
+        assert {p.name for p in tmp_path.iterdir() if p.is_file()} == {".pimoe-export-outputs.json", users.name}
+        users.unlink()
 
 
 def test_quantize_refuses_bad_settings_before_writing(tmp_path, exported_layer, capsys) -> None:

@@ -26,6 +26,7 @@ import torch
 
 from pimoe_export._files import sha256_file
 from pimoe_export.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ArtifactError, PiMoEInputError
+from pimoe_export.quantize import default_fp32_path
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -325,6 +326,9 @@ def user_file(name: str) -> Callable[[World], None]:
     return write
 
 
+#: where `quantize -o mywork/model.int8.onnx` (no --onnx) writes the fp32 export it needs: next to the output
+FP32_COMPANION = default_fp32_path(Path("model.int8.onnx")).name
+
 CLI_CASES = [
     # (id, setup, arguments, exit code, message fragment)
     ("scalar selection_bias in a checkpoint", checkpoint_scalar_bias, ["export", "tiny", "-o", "x.onnx"],
@@ -369,6 +373,12 @@ CLI_CASES = [
      "cannot create the output directory"),
     ("export over the user's file", user_file("model.onnx"), ["export", "tiny", "-o", "mywork/model.onnx"],
      EXIT_BAD_INPUT, "was not written by pimoe-export"),
+    ("export over the user's model.onnx.data", user_file("model.onnx.data"),
+     ["export", "tiny", "-o", "mywork/model.onnx"], EXIT_BAD_INPUT,
+     "model.onnx.data exists and was not written by pimoe-export"),
+    ("quantize over the user's file where its fp32 export goes", user_file(FP32_COMPANION),
+     ["quantize", "tiny", "-o", "mywork/model.int8.onnx"], EXIT_BAD_INPUT,
+     f"{FP32_COMPANION} exists and was not written by pimoe-export"),
     ("pipeline over the user's model.onnx", user_file("model.onnx"),
      ["pipeline", "--model", "tiny", "-o", "mywork", "--quiet"], EXIT_BAD_INPUT, "was not written by pimoe-export"),
     ("check report over the user's report", user_file("report.md"),

@@ -14,7 +14,7 @@ from pimoe_export.errors import ArtifactError, PiMoEInputError
 from pimoe_export.export.exporter import export_onnx
 from pimoe_export.model import create_from_preset
 from pimoe_export.model.source import load_calibration_data
-from pimoe_export.quantize import quantize_model
+from pimoe_export.quantize import default_fp32_path, quantize_model
 from pimoe_export.quantize.calibrate import BINS, LayerStats, collect_stats, threshold
 from pimoe_export.quantize.int8 import FakeQuantPiMoE, quantize_weight, read_quant_params
 from pimoe_export.runtime.ort import create_session
@@ -161,9 +161,17 @@ def test_dynamic_mode_needs_no_calibration(tmp_path) -> None:
     model = create_from_preset("tiny", seed=2)
     result = quantize_model(model, tmp_path / "tiny.int8.onnx", mode="w8a8_dynamic")
     assert result.params.info["calibration_tokens"] == 0
+    # given no fp32 export, it writes one next to the output: tiny.int8.onnx's is tiny.fp32.onnx
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.fp32.onnx", "tiny.int8.onnx"]
     report = check_onnx(model, result.onnx_path, tmp_path / "report", plots=False)
     assert report.passed, report.failures
     assert report.precision == "w8a8_dynamic"
+
+
+@pytest.mark.parametrize(("output", "fp32"), [("model.int8.onnx", "model.fp32.onnx"), ("q.onnx", "q.fp32.onnx"),
+                                              ("run.int8", "run.fp32.onnx"), ("a.b.int8.onnx", "a.b.fp32.onnx")])
+def test_the_fp32_export_is_written_next_to_the_output_under_its_name(tmp_path, output, fp32) -> None:
+    assert default_fp32_path(tmp_path / output) == tmp_path / fp32
 
 
 def test_quantising_an_export_of_other_weights_is_refused(tmp_path) -> None:
