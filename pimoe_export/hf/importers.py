@@ -121,7 +121,8 @@ def decoder_source(directory: Path, text: Path | None = None, seed: int = 0) -> 
     if text is None:
         calibration = D.random_decoder_feeds(vocab, seed, D.CALIBRATION_SHAPES, spec)
         evaluation = D.random_decoder_feeds(vocab, seed + 1, D.CHECK_SHAPES, spec)
-        data = "seeded random token ids, no, right and left padding (no text given)"
+        data = ("seeded random token ids: calibration right- and left-padded, checks with no, right and left "
+                "padding (no text given)")
     else:
         lines = read_lines(text)
         held, calib = lines[4::5], [line for i, line in enumerate(lines) if i % 5 != 4]

@@ -119,3 +119,34 @@ def test_a_client_file_symlinked_to_elsewhere_is_refused(tmp_path: Path) -> None
     (source / "tokenizer.json").unlink()
     (source / "tokenizer.json").write_text("{}")
     assert _client_sources(source)["tokenizer"] == (source / "tokenizer.json").resolve()
+
+
+def _weights_model(weights: np.ndarray) -> onnx.ModelProto:
+    """y = x + w, w an initializer held in the proto (a fresh proto each call: writing moves data out of it)."""
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [weights.size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [weights.size])],
+                              initializer=[numpy_helper.from_array(weights, "w")])
+    return _model(graph)
+
+
+def test_a_graph_past_the_limit_is_rewritten_into_one_data_file_beside_it(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/models.md: a graph whose weights pass the limit is written as `model.onnx` plus one `model.onnx.data`
+    beside it. Written again (a rerun), the data file holds the weights once, not appended to the first copy; a
+    graph within the limit is one file again and leaves no stale data file. The limit is a graph's initializer
+    bytes as protobuf counts them: a graph of exactly that many stays one file."""
+    import pimoe_export.interface as interface
+
+    weights = np.arange(1024, dtype=np.float32)  # 4 KiB
+    path, data = tmp_path / "m.onnx", tmp_path / "m.onnx.data"
+    held = sum(t.ByteSize() for t in _weights_model(weights).graph.initializer)
+    for limit, external in ((held - 1, True), (held - 1, True), (held, False)):
+        monkeypatch.setattr(interface, "EXTERNAL_DATA_BYTES", limit)
+        assert interface.write_onnx(_weights_model(weights), path) == path
+        assert external_data_files(onnx.load(str(path), load_external_data=False)) == (["m.onnx.data"] if external
+                                                                                      else [])
+        assert data.exists() == external
+        if external:
+            assert data.read_bytes() == weights.tobytes()
+        assert np.array_equal(numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0]), weights)

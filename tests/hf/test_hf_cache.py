@@ -9,6 +9,8 @@ multi-head latent attention cache with keys and values of different head dims (v
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -83,22 +85,52 @@ def test_layers_with_different_caches_are_refused(tiny_decoder, monkeypatch) -> 
     assert D.decoder_spec(model, tiny_decoder("mixtral")) == D.load_decoder(tiny_decoder("mixtral")).spec
 
 
-def test_a_model_without_an_eos_token_keeps_the_forward_pass(tiny_decoder, tmp_path) -> None:
-    """Generation ends rows at EOS: a config that names none gets no cache, and says how to fix it."""
+def _without_eos(tiny_decoder, directory: Path) -> None:
+    """The tiny Mixtral copied to ``directory`` with no eos_token_id in its configs."""
     import json
     import shutil
 
-    directory = tmp_path / "no-eos"
     shutil.copytree(tiny_decoder("mixtral"), directory)
     for name in ("config.json", "generation_config.json"):  # save_pretrained writes both
         data = json.loads((directory / name).read_text())
         data["eos_token_id"] = None
         (directory / name).write_text(json.dumps(data))
+
+
+def test_a_model_without_an_eos_token_keeps_the_forward_pass(tiny_decoder, tmp_path) -> None:
+    """Generation ends rows at EOS: a config that names none gets no cache, and says how to fix it."""
+    directory = tmp_path / "no-eos"
+    _without_eos(tiny_decoder, directory)
     model = D.load_decoder(directory)
     assert model.spec is None and "eos_token_id" in (model.cache_refusal or "")
     with pytest.raises(TypeError, match=r"past_key_values\.0\.key"):
         model(**_tensors(D.random_decoder_feeds(96, 1, ((1, 4, "none"),))[0]),
               **{past_name(0, "key"): torch.zeros(1, 2, 0, 8)})
+
+
+def test_a_decoder_source_without_a_cache_says_why_in_kv_cache(tiny_decoder, tmp_path) -> None:
+    """docs/models.md: a config without an eos_token_id keeps the graph without a cache, and the pipeline record's
+    `model.kv_cache` says why: "none: " and the model's reason. Its inputs are the forward pass's, no past; a
+    decoder with a cache records its DecoderSpec there instead and takes the decoder inputs of docs/generation.md
+    (the past key/values [batch, kv heads, past, head dim], the mask over past + sequence)."""
+    from pimoe_export.hf.importers import decoder_source
+
+    directory = tmp_path / "no-eos"
+    _without_eos(tiny_decoder, directory)
+    source = decoder_source(directory)
+    refusal = source.module.cache_refusal  # the DecoderLM the source exports
+    assert source.module.spec is None and refusal and "eos_token_id" in refusal
+    assert source.describe()["kv_cache"] == f"none: {refusal}"
+    assert not [i for i in source.inputs if i.name.startswith("past_key_values.")]
+    cached = decoder_source(tiny_decoder("mixtral"))
+    spec = cached.module.spec
+    assert spec is not None and cached.describe()["kv_cache"] == spec.to_dict()
+    # docs/generation.md's decoder inputs, for the tiny Mixtral's 2 layers of 2 kv heads of 8
+    tokens, past = ("batch", "sequence"), ("batch", 2, "past_sequence", 8)
+    assert [(i.name, i.dtype, i.dims) for i in cached.inputs] == [
+        ("input_ids", "int64", tokens), ("attention_mask", "int64", ("batch", "total_sequence")),
+        ("position_ids", "int64", tokens),
+        *((past_name(layer, kind), "float32", past) for layer in range(2) for kind in ("key", "value"))]
 
 
 def test_a_partial_cache_is_refused(tiny_decoder) -> None:

@@ -77,11 +77,40 @@ def test_a_decoders_default_calibration_is_seed_0_and_says_so(tiny_decoder) -> N
     source = decoder_source(directory)
     spec = D.load_decoder(directory).spec
     calibration = source.calibration()
-    assert calibration.description == "seeded random token ids, no, right and left padding (no text given)"
+    described = ("seeded random token ids: calibration right- and left-padded, checks with no, right "
+                 "and left padding (no text given)")
+    assert calibration.description == described
     want = D.random_decoder_feeds(int(spec.vocab_size), 0, D.CALIBRATION_SHAPES, spec)
     assert len(calibration.feeds) == len(want)
     for got, ref in zip(calibration.feeds, want, strict=True):
         assert set(got) == set(ref) and all(np.array_equal(got[k], ref[k]) for k in ref)
+
+
+def _padding(mask: np.ndarray) -> str:
+    """The padding of a batch read off its attention mask: "none" (every row full), "right" (every row's tokens
+    first, its zeros after), "left" (zeros first); each row keeps a token."""
+    rows = [(int(row.sum()), row.tolist()) for row in mask]
+    assert all(valid >= 1 for valid, _ in rows)
+    if all(valid == mask.shape[1] for valid, _ in rows):
+        return "none"
+    if all(row == [1] * valid + [0] * (mask.shape[1] - valid) for valid, row in rows):
+        return "right"
+    assert all(row == [0] * (mask.shape[1] - valid) + [1] * valid for valid, row in rows), mask
+    return "left"
+
+
+def test_a_decoders_default_calibration_is_4096_tokens_right_and_left_padded(tiny_decoder) -> None:
+    """docs/models.md: "Without `--calib` the calibration is 4096 seeded random token ids (eight batches of 8 × 64,
+    right- and left-padded in turn, each with one unpadded row)" (decoder.py: 512 tokens gave twice the W8A8 error
+    of 4096). The padding of each batch is read off its attention mask."""
+    from pimoe_export.hf.importers import decoder_source
+
+    feeds = decoder_source(tiny_decoder("qwen3_moe")).calibration().feeds
+    assert sum(f["input_ids"].size for f in feeds) == 4096
+    assert [f["input_ids"].shape for f in feeds] == [(8, 64)] * 8
+    assert all(f["attention_mask"].shape == (8, 64) for f in feeds)
+    assert [_padding(f["attention_mask"]) for f in feeds] == ["right", "left"] * 4
+    assert [int((f["attention_mask"].sum(axis=1) == 64).sum()) for f in feeds] == [1] * 8
 
 
 @pytest.mark.parametrize("lines", [1, 4])
@@ -95,6 +124,38 @@ def test_a_decoder_calibration_text_needs_a_held_out_line(tiny_decoder, tmp_path
     with pytest.raises(PiMoEInputError) as info:
         decoder_source(tiny_decoder("qwen3_moe"), text)
     assert str(info.value) == f"{text}: at least 5 lines are needed (4 of 5 calibrate, 1 of 5 is held out)"
+
+
+def test_a_decoder_calibrates_on_4_of_5_text_lines_and_checks_on_the_fifth(tiny_decoder, tmp_path,
+                                                                          monkeypatch) -> None:
+    """docs/models.md: "4 of 5 lines calibrate through the model's tokenizer, the fifth is held out for the check".
+    With 12 lines, lines 4 and 9 (0-based) are held out; the other ten calibrate, in order. Both go through the
+    tokenizer with the model's DecoderSpec (an empty past), and each ends up where its role says."""
+    from pimoe_export.hf.importers import decoder_source
+
+    directory = tiny_decoder("mixtral")
+    lines = [f"sentence number {i}" for i in range(12)]
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"{line}\n" for line in lines))
+    calls: list[tuple[list[str], object]] = []
+
+    def record(given_directory, given_lines, spec=None) -> list[dict[str, np.ndarray]]:
+        calls.append((list(given_lines), spec))
+        marker = np.full((1, 2), len(calls), np.int64)  # 1: the first call's feed, 2: the second's
+        return [D.decoder_feed(marker, np.ones((1, 2), np.int64), spec)]
+
+    monkeypatch.setattr(D, "text_decoder_feeds", record)
+    source = decoder_source(directory, text)
+    spec = D.load_decoder(directory).spec
+    assert spec is not None
+    calibrated = [lines[i] for i in (0, 1, 2, 3, 5, 6, 7, 8, 10, 11)]  # written out: every fifth line left out
+    assert [given for given, _ in calls] == [calibrated, [lines[4], lines[9]]]
+    assert all(given_spec == spec for _, given_spec in calls)
+    calibration = source.calibration()
+    assert [f["input_ids"].tolist() for f in calibration.feeds] == [[[1, 1]]]
+    assert source.evaluation is not None and [f["input_ids"].tolist() for f in source.evaluation] == [[[2, 2]]]
+    assert calibration.description == f"10 + 2 lines of {text}"
+    assert source.describe()["data"] == f"10 + 2 lines of {text}"
 
 
 def test_the_hugging_face_config_reader_names_its_fix(tmp_path) -> None:

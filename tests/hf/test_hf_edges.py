@@ -109,7 +109,9 @@ def test_a_decoder_directory_is_imported_by_its_family_with_seeded_feeds(tiny_de
     want = random_decoder_feeds(vocab, 11, ((2, 5, "none"),), source.module.spec)[0]
     assert set(feed) == set(want) and all(np.array_equal(feed[k], want[k]) for k in want)
     assert feed["input_ids"].shape == (2, 5) and feed["attention_mask"].all()
-    assert source.calibration().description == "seeded random token ids, no, right and left padding (no text given)"
+    described = ("seeded random token ids: calibration right- and left-padded, checks with no, right "
+                 "and left padding (no text given)")
+    assert source.calibration().description == described
 
 
 def test_a_decoders_calibration_text_is_checked_before_anything_is_written(tiny_decoder, tmp_path) -> None:

@@ -70,6 +70,56 @@ def test_everything_is_checked_before_anything_is_allocated(tiny_decoder, monkey
     D.check_directory(tiny_decoder("mixtral"))
 
 
+def _meminfo(monkeypatch, available_kb: int) -> None:
+    """/proc/meminfo as the decoder module reads it: this much available (in kB, the file's unit) and far more in
+    total (what the host has, not what it can give)."""
+    import builtins
+    import io
+
+    text = f"MemTotal:       {available_kb * 1000 + 10**9} kB\nMemFree:        {available_kb // 2} kB\n" \
+           f"MemAvailable:   {available_kb} kB\n"
+
+    def fake_open(file, *args, **kwargs):
+        return io.StringIO(text) if str(file) == "/proc/meminfo" else builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(D, "open", fake_open, raising=False)
+
+
+def test_a_model_larger_than_the_available_memory_is_refused_before_anything_is_allocated(
+        tiny_decoder, tmp_path, monkeypatch, capsys) -> None:
+    """docs/models.md: "a model whose float32 weights exceed the host's available memory is refused before anything
+    is allocated" (exit code 2, nothing written); PIMOE_IGNORE_MEMORY=1 lets it through. The limit is written out
+    here: 4 bytes for every weight of the checkpoint's tensors, against MemAvailable's kB."""
+    from pimoe_export.cli import main
+
+    directory = tiny_decoder("mixtral")
+    planned = D.plan(directory)
+    weights = 4 * sum(int(np.prod(shape)) for shape in planned.expected.values())
+    monkeypatch.delenv("PIMOE_IGNORE_MEMORY", raising=False)
+    _meminfo(monkeypatch, weights // 1024 - 1)
+    for check in (lambda: D.check_memory(planned, directory), lambda: D.check_directory(directory)):
+        with pytest.raises(PiMoEInputError) as info:
+            check()
+        assert str(info.value).startswith(f"{directory}: its weights take ")
+        assert "in float32, more than the" in str(info.value) and "GiB this host has available" in str(info.value)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("allocated before the memory check")
+
+    monkeypatch.setattr(MoEBlock, "__init__", refuse)
+    out = tmp_path / "out"
+    assert main(["export", str(directory), "-o", str(out / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "more than the" in err[0] and "available" in err[0], err
+    assert not out.exists()
+    monkeypatch.setenv("PIMOE_IGNORE_MEMORY", "1")
+    D.check_directory(directory)
+    monkeypatch.delenv("PIMOE_IGNORE_MEMORY")
+    _meminfo(monkeypatch, weights // 1024 + 1)
+    D.check_memory(planned, directory)
+    D.check_directory(directory)
+
+
 def test_an_incomplete_checkpoint_names_the_missing_tensors(tiny_decoder, tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -131,6 +181,29 @@ def test_a_truncated_safetensors_file_is_refused_by_its_header_check(tiny_decode
         D.SafetensorsCheckpoint(directory)
     with pytest.raises(PiMoEInputError, match="is not a valid safetensors file"):
         D.check_directory(directory)
+
+
+def test_a_safetensors_header_length_out_of_bounds_is_refused_before_it_is_read(tiny_decoder, tmp_path) -> None:
+    """docs/models.md: "safetensors headers are parsed and range-checked first". The format's first 8 bytes give the
+    JSON header's length (little-endian): a length past the file's end (2**40), one too short for any JSON object
+    (1: "{}" takes 2), and one past the 100 MiB cap on a file that really is that long (a sparse file: no disk) are
+    each refused naming the length, before the header is read."""
+    import shutil
+
+    directory = Path(shutil.copytree(tiny_decoder("mixtral"), tmp_path / "bad"))
+    weights = directory / "model.safetensors"
+    data = weights.read_bytes()
+    for length in (2**40, 1):
+        weights.write_bytes(length.to_bytes(8, "little") + data[8:])
+        with pytest.raises(PiMoEInputError, match=re.escape(f"is not a valid safetensors file (header length "
+                                                            f"{length}); re-download the checkpoint")):
+            D.SafetensorsCheckpoint(directory)
+    huge = (100 << 20) + 1
+    with open(weights, "wb") as handle:
+        handle.write(huge.to_bytes(8, "little"))
+        handle.truncate(8 + huge + (1 << 20))  # the header would fit in the file: only the cap refuses it
+    with pytest.raises(PiMoEInputError, match=re.escape(f"(header length {huge})")):
+        D.SafetensorsCheckpoint(directory)
 
 
 MEASURE = textwrap.dedent("""

@@ -190,11 +190,50 @@ def test_the_moefy_command_in_this_process(tiny_bert, tmp_path, capsys) -> None:
     assert printed["pimoe_layers"] == ["encoder.layer.0", "encoder.layer.1"]
     report = json.loads((out / "moefy_report.json").read_text())
     assert report["settings"]["experts"] == 4 and report["settings"]["seed"] == 3
+    assert report["settings"]["routing_noise"] == 1.5  # the default, as the MiniLM demo reports it
+    assert report["settings"]["router_sharpness"] == 8.0 and report["settings"]["finetune_lr"] == 0.0003
     assert report["data"] == f"8 training + 2 held-out lines of {text}"
     assert report["distillation_loss_per_epoch"] == []
     assert report["moe_vs_original_held_out_before_distillation"] is None
     assert report["moe_vs_original_held_out"]["sentences"] == 2
     assert json.loads((out / MANIFEST).read_text())["layers"]["encoder.layer.0"]["top_k"] == 2
+
+
+@pytest.mark.parametrize("count", [10, 5])
+def test_moefy_trains_on_4_of_5_lines_and_reports_on_the_fifth(tmp_path, monkeypatch, count) -> None:
+    """docs/minilm_demo.md: moefy "holds out every fifth line of its text and reports the MoE model against the
+    original there"; "trains on 4 of 5, reports on the fifth". The lines reach the tokenizer as written out here:
+    the held-out ones are never trained on (5 lines: the fifth alone is held out)."""
+    import argparse
+
+    import pimoe_export.hf.feeds as feeds
+    from pimoe_export.cli.moefy_command import _split
+
+    monkeypatch.setattr(feeds, "text_feeds", lambda directory, lines: list(lines))
+    lines = [f"line {i}" for i in range(count)]
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(lines) + "\n")
+    train, held, description = _split(argparse.Namespace(calib=text, hf_model_dir=tmp_path, seed=0), 65)
+    want_held = ["line 4", "line 9"] if count == 10 else ["line 4"]
+    assert held == want_held
+    assert train == [line for line in lines if line not in want_held]
+    assert not set(train) & set(held)
+    assert description == f"{len(train)} training + {len(held)} held-out lines of {text}"
+
+
+def test_the_moefy_defaults_are_the_documented_ones() -> None:
+    """The MiniLM demo passes no --routing-noise and reports "router sharpness 8.0, 8 distillation epochs (noise
+    1.5, lr 0.0003)" (docs/minilm_demo.md); README's command is `--experts 8 --top-k 2 ... [--finetune-epochs N]
+    [--routing-noise 1.5]` (distillation optional): the command's defaults and the settings' own."""
+    from pimoe_export.cli import build_parser
+    from pimoe_export.hf.moefy import MoefySettings
+
+    args = build_parser().parse_args(["moefy", "D", "-o", "O"])
+    assert (args.experts, args.top_k, args.finetune_epochs, args.routing_noise, args.seed) == (8, 2, 0, 1.5, 0)
+    assert args.calib is None
+    settings = MoefySettings()
+    assert (settings.router_sharpness, settings.finetune_lr, settings.routing_noise) == (8.0, 0.0003, 1.5)
+    assert (settings.experts, settings.top_k, settings.finetune_epochs, settings.seed) == (8, 2, 0, 0)
 
 
 @pytest.mark.parametrize(("argv", "code", "fragment"), [

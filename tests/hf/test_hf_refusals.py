@@ -94,6 +94,8 @@ CASES: dict[str, tuple[str | None, Callable[[Path], Path], str]] = {
     "pickle checkpoint": ("mixtral", _pickle_only, "safe_serialization=True"),
     "remote code": ("mixtral", lambda d: _edit_config(d, lambda c: c.update(auto_map={"AutoModel": "x.Y"})),
                     "remote code"),
+    "trust_remote_code alone": ("mixtral", lambda d: _edit_config(d, lambda c: c.update(trust_remote_code=True)),
+                                "pimoe-export never runs code from a model directory"),
     "quantised weights": ("mixtral", lambda d: _edit_config(d, lambda c: c.update(
         quantization_config={"quant_method": "fp8"})),
                           "its weights are quantised (fp8); the importer reads bf16/fp16/fp32 checkpoints "
@@ -144,3 +146,12 @@ def test_refused_by_name_exit_2_nothing_written(case: str, command: str, tiny_de
     assert len(err) == 1 and err[0].startswith(f"pimoe-export {command}: error: "), err
     assert phrase in err[0], err[0]
     assert not out.exists(), sorted(out.rglob("*"))
+
+
+def test_trust_remote_code_false_is_no_request_for_remote_code(tiny_decoder, tmp_path) -> None:
+    """docs/models.md refuses `auto_map` / `trust_remote_code` in config.json (code from a model directory is never
+    run): a config that says trust_remote_code false asks for no code, and is imported."""
+    from pimoe_export.hf.importers import check_source
+
+    directory = _edit_config(_copy(tiny_decoder, "mixtral", tmp_path), lambda c: c.update(trust_remote_code=False))
+    check_source(directory)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -95,6 +96,32 @@ def test_calibration_text_reaches_the_importer_of_a_layer_checkpoint(tmp_path) -
     (tmp_path / "calib.txt").write_text("a sentence\n")
     with pytest.raises(PiMoEInputError, match="--calib applies to whole models"):
         step_model(_run(tmp_path / "out", model_dir=tmp_path / "ckpt", calib_text=tmp_path / "calib.txt"))
+
+
+def test_the_model_step_notes_why_a_decoder_has_no_kv_cache(tiny_decoder, tmp_path) -> None:
+    """docs/generation.md: a decoder whose cache the graph cannot carry runs without one, and "the pipeline's model
+    step notes why, also in `pipeline.json`'s `model.kv_cache`". A config without an eos_token_id is such a model
+    (docs/models.md); a decoder with its cache gets no note and its DecoderSpec in kv_cache."""
+    pytest.importorskip("transformers")
+    directory = tmp_path / "no-eos"
+    shutil.copytree(tiny_decoder("mixtral"), directory)
+    for name in ("config.json", "generation_config.json"):  # save_pretrained writes both
+        data = json.loads((directory / name).read_text())
+        data["eos_token_id"] = None
+        (directory / name).write_text(json.dumps(data))
+    results: dict = {}
+    record = run_step(Step("model", step_model), _run(tmp_path / "out", model_dir=directory), results,
+                      lambda _: None)
+    assert record.status == "done", record.reason
+    model = results["model"].source.module  # the DecoderLM the step loaded
+    assert model.spec is None and "eos_token_id" in (model.cache_refusal or "")
+    assert record.notes == [f"the graph has no KV cache (not a decoder unit): {model.cache_refusal}"]
+    assert record.detail["kv_cache"] == f"none: {model.cache_refusal}"
+    cached = run_step(Step("model", step_model), _run(tmp_path / "out2", model_dir=tiny_decoder("mixtral")),
+                      results, lambda _: None)
+    spec = results["model"].source.module.spec
+    assert cached.status == "done" and cached.notes == []
+    assert spec is not None and cached.detail["kv_cache"] == spec.to_dict()
 
 
 @pytest.mark.parametrize("structured", [False, True])
