@@ -118,3 +118,102 @@ def test_planted_failures_show_as_failed(tmp_path) -> None:
     assert "overall FAIL" in lines[-1]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.tar.gz", "summary.txt"]
     assert "racecheck.log" in tar_members(out)
+
+
+# ---------------------------------------------------------------------------------------------- emu_vs_gpu.py
+@pytest.fixture(scope="module")
+def emu_vs_gpu():
+    """scripts/emu_vs_gpu.py as a module (its import puts the repository root on sys.path: undone here)."""
+    import importlib.util
+    import sys
+
+    path = list(sys.path)
+    spec = importlib.util.spec_from_file_location("emu_vs_gpu", ROOT / "scripts" / "emu_vs_gpu.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = path
+    return module
+
+
+def test_the_emulator_comparison_fails_on_what_its_tolerances_exclude(emu_vs_gpu) -> None:
+    """On the GPU the two sides of scripts/emu_vs_gpu.py differ (a dry run compares the emulator with itself, so
+    only differing arrays show the comparison can fail): "exact" is identical bits, integers are exact whatever the
+    case's tolerance, "close" is |a - b| <= tol · max(1, max|b|) with NaN in the same places, and a shape or dtype
+    mismatch fails with an infinite difference."""
+    import numpy as np
+
+    compare = emu_vs_gpu.compare
+    b = np.linspace(-4, 4, 33, dtype=np.float32)
+    assert compare("exact", 0, [b.copy()], [b]) == (True, 0.0)
+    a = b.copy()
+    a[7] = np.nextafter(a[7], np.float32(np.inf))  # one ulp
+    assert not compare("exact", 0, [a], [b])[0]
+    ids = np.array([[1_000_000, 3]], np.int32)  # a difference of 1 is below 2e-6 · 1e6: integers are exact anyway
+    assert not compare("close", 2e-6, [ids + np.array([[1, 0]], np.int32)], [ids])[0]
+    assert compare("close", 2e-6, [ids.copy()], [ids]) == (True, 0.0)
+    ref = np.array([4.0, 0.0, -1.0])  # max|b| = 4: the bound is 1e-5 · 4 = 4e-5
+    assert compare("close", 1e-5, [ref + np.array([0.0, 4e-5, 0.0])], [ref]) == (True, pytest.approx(1e-5))
+    assert not compare("close", 1e-5, [ref + np.array([0.0, 4.1e-5, 0.0])], [ref])[0]
+    small = np.array([0.5, 0.0])  # max|b| < 1: the bound is tol itself
+    assert not compare("close", 1e-5, [small + np.array([0.0, 1.1e-5])], [small])[0]
+    nan = np.array([1.0, np.nan, 2.0], np.float32)
+    assert compare("close", 1e-2, [nan.copy()], [nan])[0]
+    assert not compare("close", 1e-2, [np.array([1.0, 1.5, np.nan], np.float32)], [nan])[0]
+    assert compare("close", 1e-2, [b[:32]], [b]) == (False, float("inf"))
+    assert compare("close", 1e-2, [b.astype(np.float16)], [b]) == (False, float("inf"))
+    assert not compare("exact", 0, [b, a], [b, b])[0]  # every output of a call counts, not the first only
+
+
+def test_the_emulator_comparison_tolerances_are_the_documented_ones(emu_vs_gpu) -> None:
+    """docs/verification.md: "bit-exact where no transcendental function or floating-point summation order is
+    involved, else 2e-6 for route weights, 1e-5 relative for fp32, 4e-3 for fp16, 1e-2 for w8a8 with LayerNorm +
+    GELU": every case's (comparison, tolerance), classified from the op call the case makes."""
+    import numpy as np
+
+    from pimoe_export.ops import schema
+
+    seen = set()
+    for name, (make, kind, tol) in emu_vs_gpu.CASES.items():
+        op, attrs, arrays = make(np.random.default_rng(0))
+        if op == schema.ROUTE:
+            expected, what = ("close", 2e-6), "route"
+        elif op in (schema.DISPATCH, schema.COMBINE):
+            expected, what = ("exact", 0), "dispatch/combine"
+        elif attrs["quant_mode"] != "none" and attrs["activation"] == "relu" and not attrs["layer_norm"]:
+            expected, what = ("exact", 0), "w8a8 relu"
+        elif attrs["quant_mode"] != "none":
+            assert attrs["activation"] == "gelu" and attrs["layer_norm"], name
+            expected, what = ("close", 1e-2), "w8a8 LayerNorm gelu"
+        elif arrays[0].dtype == np.float16:
+            expected, what = ("close", 4e-3), "fp16 MLP"
+        else:
+            assert arrays[0].dtype == np.float32, name
+            expected, what = ("close", 1e-5), "fp32 MLP"
+        assert (kind, tol) == expected, (name, what)
+        seen.add(what)
+    assert seen == {"route", "dispatch/combine", "w8a8 relu", "w8a8 LayerNorm gelu", "fp16 MLP", "fp32 MLP"}
+
+
+def test_the_default_budget_and_result_folder(tmp_path) -> None:
+    """README: "each step under a time limit (480 s in all), and writes one tar and a per-step summary under
+    `${OUT:-gpu-results}`". The script copied alone into an empty tree, OUT and the budget unset: its summary
+    opens with the 480-s budget and lands, with the tar, in gpu-results of the tree it runs in (where the build
+    it looks for is missing, so it stops after the first step, in well under a second)."""
+    tree = tmp_path / "repo"
+    (tree / "scripts").mkdir(parents=True)
+    script = tree / "scripts" / "gpu_check.sh"
+    script.write_text(SCRIPT.read_text())
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PIMOE_") and k != "OUT"}
+    environment["PYTHON"] = "/bin/true"  # no Python: the environment report is not what this test is about
+    result = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, timeout=60,
+                            cwd=tree, env=environment)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    out = tree / "gpu-results"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.tar.gz", "summary.txt"]
+    lines = (out / "summary.txt").read_text().splitlines()
+    assert re.match(r"pimoe gpu_check \(dry\) .* budget 480 s$", lines[0]), lines[0]
+    assert step_lines(lines)["build"].startswith("FAIL (no build in "), lines
+    assert "summary.txt" in tar_members(out)

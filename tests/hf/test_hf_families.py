@@ -84,12 +84,13 @@ def dbrx(p: float | None = 1.0):
     return block, lambda x: block(x)[0], imported("dbrx", cfg, {"ffn": block})
 
 
-def deepseek_v2(method: str):
+def deepseek_v2(method: str, norm_topk_prob: bool = False):
+    """``norm_topk_prob``: read by Hugging Face's DeepSeek-V2 and never used (its weights are not renormalised)."""
     kwargs = {"topk_method": method, "n_group": 4, "topk_group": 2} if method == "group_limited_greedy" else \
         {"topk_method": method}
     cfg = transformers.DeepseekV2Config(hidden_size=32, moe_intermediate_size=24, n_routed_experts=16,
                                         n_shared_experts=2, num_experts_per_tok=4, routed_scaling_factor=1.5,
-                                        **kwargs)
+                                        norm_topk_prob=norm_topk_prob, **kwargs)
     block = transformers.models.deepseek_v2.modeling_deepseek_v2.DeepseekV2MoE(cfg)
     randomise(block, 4)
     return block, block, imported("deepseek_v2", cfg, {"mlp": block})
@@ -168,6 +169,7 @@ FAMILIES: dict[str, Callable] = {
     "olmoe": lambda: mixtral_like("olmoe"),
     "deepseek_v2_greedy": lambda: deepseek_v2("greedy"),
     "deepseek_v2_group_limited": lambda: deepseek_v2("group_limited_greedy"),
+    "deepseek_v2_norm_topk_prob": lambda: deepseek_v2("greedy", norm_topk_prob=True),
     "deepseek_v3": deepseek_v3,
     "deepseek_v3_top2": lambda: deepseek_v3(k=2),
     "gpt_oss": gpt_oss,
@@ -271,3 +273,69 @@ def test_each_familys_block_config_records_its_model_type() -> None:
     for family in KNOWN:
         config = family.block_config(tiny_config(family.model_type))
         assert config.family == family.model_type, family.name
+
+
+def test_each_familys_combine_order_is_the_documented_one() -> None:
+    """docs/op_contract.md, "What each family maps to", PiMoECombine ``order``: slot for DeepSeek-V2 (its slot-order
+    ``.sum(dim=1)``) and for Llama 4 with k = 1, expert (Hugging Face's ``index_add_`` over ascending experts) for
+    Llama 4 with k > 1 and every other family; a block config left at its default combines in expert order. The two
+    orders differ only in rounding, which the families' rel. L2 bound does not see."""
+    from tiny_decoders import tiny_config
+
+    from pimoe_export.hf.families import FAMILIES as KNOWN
+
+    slot = {"deepseek_v2", "llama4_text"}
+    for family in KNOWN:
+        config = tiny_config(family.model_type)
+        expected = "slot" if family.model_type in slot else "expert"
+        assert family.block_config(config).order == expected, family.name
+    assert tiny_config("llama4_text").num_experts_per_tok == 1
+    assert BY_MODEL_TYPE["llama4_text"].block_config(tiny_config("llama4_text", num_experts_per_tok=2)).order == \
+        "expert"
+    assert MoEBlockConfig(8, 4, 2, ExpertsConfig(4)).order == "expert"
+
+
+def test_deepseek_route_settings_follow_the_documented_mapping() -> None:
+    """DeepSeek-V2: normalize=0 whatever ``norm_topk_prob`` says (Hugging Face reads it and never uses it; the
+    family case deepseek_v2_norm_topk_prob holds the numbers). DeepSeek-V3: normalize = norm_topk_prob with
+    ``normalize_eps`` 1e-20 (Hugging Face's ``/ (sum + 1e-20)``), neither without it."""
+    from tiny_decoders import tiny_config
+
+    v2 = BY_MODEL_TYPE["deepseek_v2"]
+    for flag in (True, False):
+        config = v2.block_config(tiny_config("deepseek_v2", norm_topk_prob=flag))
+        assert config.normalize is False and config.normalize_eps == 0.0, flag
+    v3 = BY_MODEL_TYPE["deepseek_v3"]
+    normalised = v3.block_config(tiny_config("deepseek_v3", norm_topk_prob=True))
+    assert normalised.normalize is True and normalised.normalize_eps == 1e-20
+    raw = v3.block_config(tiny_config("deepseek_v3", norm_topk_prob=False))
+    assert raw.normalize is False and raw.normalize_eps == 0.0
+
+
+def test_deepseek_v3_weights_where_the_1e_20_dominates_the_sum() -> None:
+    """Router logits near -60 (sigmoid ~1e-26, so the k weights sum to ~1e-25): Hugging Face's
+    ``topk_weights / (sum + 1e-20)`` is then ~1e-5 of what plain renormalisation gives, and the contract's
+    ``normalize_eps`` must reproduce it. Independent reference: DeepseekV3TopkRouter itself."""
+    from pimoe_export.model.moe_block import REFERENCE_OPS, route_tokens
+
+    cfg = transformers.DeepseekV3Config(hidden_size=32, moe_intermediate_size=24, n_routed_experts=16,
+                                        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+                                        norm_topk_prob=True, routed_scaling_factor=2.5)
+    hf = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE(cfg)
+    randomise(hf, 13)
+    with torch.no_grad():
+        hf.gate.weight[:, 0] = -60.0  # with x[:, 0] = 1 every logit is -60 plus ~N(0, 1)
+        hf.gate.e_score_correction_bias.zero_()  # keys = sigmoid: every kept expert's key is above a dropped 0
+    ours = imported("deepseek_v3", cfg, {"mlp": hf})
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(14))
+    x[:, 0] = 1.0
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(x, hf.gate.weight)
+        hf_ids, hf_weights = hf.gate(x)
+        weights, ids = route_tokens(ours, x, REFERENCE_OPS)
+    assert float(logits.max()) < -50 and float(logits.min()) > -70
+    dense = torch.zeros(40, 16).scatter(1, ids.long(), weights)
+    hf_dense = torch.zeros(40, 16).scatter(1, hf_ids.long(), hf_weights)
+    assert torch.equal(dense > 0, hf_dense > 0)  # the same experts
+    assert float(hf_dense.sum(-1).max()) < 1e-3  # the 1e-20 dominates (plain renormalisation would give 2.5)
+    torch.testing.assert_close(dense, hf_dense, rtol=1e-5, atol=0)

@@ -4,6 +4,7 @@ by TensorRT-RTX when it is available, and checked against PyTorch through the Py
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -196,7 +197,7 @@ def test_a_model_without_pimoe_layers_is_refused(tmp_path) -> None:
 
 
 def test_int8_of_the_whole_model_is_calibrated_per_layer_and_checked(exported, tmp_path) -> None:
-    from pimoe_export.interface import read_metadata
+    from pimoe_export.interface import MODEL_TOLERANCES, read_metadata
     from pimoe_export.quantize import quantize_model
     from pimoe_export.quantize.int8 import read_quant_params
     from pimoe_export.validate.check import check_onnx
@@ -219,6 +220,9 @@ def test_int8_of_the_whole_model_is_calibrated_per_layer_and_checked(exported, t
     except PluginLoadError as exc:
         pytest.skip(f"libpimoe_ort is not built: {exc}")
     assert report.precision == "w8a8"
+    # docs/precision.md "Whole models": a graph of several PiMoE layers is held to interface.MODEL_TOLERANCES
+    assert report.tolerances is MODEL_TOLERANCES["w8a8"]
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["tolerances"]["error_quantile"] == 0.95
     assert set(report.routing_by_layer) == {"blocks.0.moe", "blocks.1.moe"}
     assert report.output_stats["last_hidden_state"].cosine >= 0.999, report.failures
     assert report.passed, report.failures

@@ -116,3 +116,53 @@ def test_every_route_attribute_reaches_the_node_with_its_value_and_type(tmp_path
     np.testing.assert_array_equal(outputs["expert_ids"].reshape(-1, 3), ids.numpy())
     np.testing.assert_allclose(outputs["expert_weights"].reshape(-1, 3), weights.numpy(), rtol=1e-6, atol=1e-7)
     assert float(np.abs(outputs["expert_weights"]).sum(-1).max()) > 1.5  # the factor 2.5 is in the weights
+
+
+def _block(order: str, seed: int):
+    from pimoe_export.model.moe_block import ExpertsConfig, MoEBlock, MoEBlockConfig
+
+    block = MoEBlock(MoEBlockConfig(16, 8, 4, ExpertsConfig(12, "silu"), normalize=True, order=order),
+                     initialize=False)
+    block.reset_parameters(torch.Generator().manual_seed(seed))
+    return block.eval()
+
+
+@pytest.mark.parametrize("order", ["slot", "expert"])
+def test_the_block_combines_in_its_configured_order(order) -> None:
+    """block_compute hands the config's ``order`` to the combine op (both orders differ only in rounding, so a
+    dropped argument, which falls back to the op's v1 default slot, shows nowhere else)."""
+    from pimoe_export.model.moe_block import REFERENCE_OPS, block_compute
+
+    seen: list[tuple] = []
+
+    class Spy:
+        def __getattr__(self, name: str):
+            return getattr(REFERENCE_OPS, name)
+
+        def combine(self, *args, **kwargs):
+            seen.append(args[3:] + tuple(kwargs.values()))
+            return REFERENCE_OPS.combine(*args, **kwargs)
+
+    block = _block(order, 4)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y, _, _ = block_compute(block, x, Spy())
+        want, _, _ = block_compute(block, x, REFERENCE_OPS)
+    assert seen == [(order,)]
+    assert torch.equal(y, want)
+
+
+def test_the_combine_node_carries_the_blocks_order(biased, tmp_path) -> None:
+    """A k = 4 block exported with order expert gets a PiMoECombine node with ``order`` = "expert" (a STRING); a
+    slot-order graph's node (tiny, a v1 layer) has no attribute at all (v1 defaults are left out,
+    docs/op_contract.md)."""
+    from pimoe_export.export.exporter import export_source
+    from pimoe_export.model.source import layer_source
+
+    def combine_attributes(path) -> dict:
+        (combine,) = [n for n in onnx.load(str(path)).graph.node if n.op_type == "PiMoECombine"]
+        return {a.name: (a.type, onnx.helper.get_attribute_value(a)) for a in combine.attribute}
+
+    path = export_source(layer_source(_block("expert", 6)), tmp_path / "expert.onnx").path
+    assert combine_attributes(path) == {"order": (onnx.AttributeProto.STRING, b"expert")}
+    assert combine_attributes(biased[1]) == {}

@@ -299,3 +299,16 @@ def test_route_groups_are_checked_against_the_graphs_number_of_experts() -> None
         check_graph(graph(node(ROUTE, k=2, num_groups=5, groups_kept=2), node(DISPATCH, num_experts=32)))
     with pytest.raises(ArtifactError, match=r"k=9 exceeds the experts of the kept groups"):
         check_graph(graph(node(ROUTE, k=9, num_groups=4, groups_kept=1), node(DISPATCH, num_experts=32)))
+
+
+def test_k_equal_to_the_kept_groups_experts_is_accepted() -> None:
+    """docs/op_contract.md: k <= groups_kept · E/G, and every backend refuses k > groups_kept · E / num_groups: at
+    equality (k = 8 = 1 · 32/4; DeepSeek-V3 shapes like E = 4, n_group = 2, topk_group = 1, k = 2) the graph is
+    valid, one more is refused."""
+    check_graph(graph(node(ROUTE, k=8, num_groups=4, groups_kept=1), node(DISPATCH, num_experts=32)))
+    check_graph(graph(node(ROUTE, k=2, num_groups=2, groups_kept=1, scoring="sigmoid", group_score="sum_top2"),
+                      node(DISPATCH, num_experts=4)))
+    check_graph(graph(node(ROUTE, k=12, num_groups=4, groups_kept=3), node(DISPATCH, num_experts=16)))
+    with pytest.raises(ArtifactError, match=r"k=13 exceeds the experts of the kept groups, groups_kept \* "
+                                            r"E/num_groups = 12"):
+        check_graph(graph(node(ROUTE, k=13, num_groups=4, groups_kept=3), node(DISPATCH, num_experts=16)))

@@ -215,6 +215,33 @@ def test_entropy_threshold_of_a_top_bin_spike_is_quiet() -> None:
     assert threshold(_stats(hist, 5.0), "entropy") == pytest.approx(5.0, rel=1e-15)
 
 
+def test_collect_stats_histograms_the_non_zero_magnitudes_in_2048_bins() -> None:
+    """docs/precision.md: thresholds come "from a 2048-bin histogram of the non-zero |x| per (expert, layer). Exact
+    zeros are left out of the histogram". Calibration data with half of every token's channels exactly 0: each
+    (expert, layer) histogram has 2048 bins holding exactly the non-zero elements of that layer's inputs, counted
+    here from the inputs themselves (expert_layer_inputs)."""
+    from pimoe_export.model import create_from_preset
+    from pimoe_export.quantize.calibrate import collect_stats, expert_layer_inputs
+
+    assert BINS == 2048
+    model = create_from_preset("tiny", seed=4).eval()
+    x = torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(9))
+    x[..., ::2] = 0.0
+    non_zero: dict[tuple[int, int], int] = {}
+    elements: dict[tuple[int, int], int] = {}
+    with torch.no_grad():
+        for e, layer, h in expert_layer_inputs(model, x):
+            non_zero[(e, layer)] = non_zero.get((e, layer), 0) + int((h != 0).sum())
+            elements[(e, layer)] = elements.get((e, layer), 0) + h.numel()
+    stats = collect_stats(model, [x])
+    assert set(stats.layers) == set(non_zero) and len(non_zero) > 4
+    for key, entry in stats.layers.items():
+        assert entry.hist is not None and entry.hist.shape == (2048,), key
+        assert float(entry.hist.sum()) == non_zero[key], key
+        if key[1] == 0:  # the tokens themselves: half of their elements are the zeros left out
+            assert 2 * non_zero[key] == elements[key], key
+
+
 # ------------------------------------------------------------------------------------------ calibration data
 def test_calibration_token_limit_is_exact() -> None:
     """`quantize --calib-tokens N` promises at most N tokens: a batch that crosses the limit is cut, whatever the

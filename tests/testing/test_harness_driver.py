@@ -66,3 +66,61 @@ def test_the_default_harness_is_the_gpu_build_never_the_emulator(monkeypatch, tm
     assert (find_harness(), find_harness(emulated=True)) == (gpu, emu)
     gpu.unlink()
     assert find_harness() is None and find_harness(emulated=True) == emu  # no fallback to the emulator
+
+
+# ------------------------------------------------------------------------------------------ memory checks
+def _combine_session(harness: Harness):
+    """A PiMoECombine plugin session (N = 6 tokens, k = 2, H = 8, fp32) and its arrays."""
+    from pimoe_export.ops import schema
+    from pimoe_export.testing.harness import PluginProfile, PluginSession
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(12, 8)).astype(np.float32), rng.permutation(12).astype(np.int32),
+              rng.random(size=(6, 2)).astype(np.float32)]
+    session = PluginSession(harness, schema.COMBINE, {}, PluginProfile.fixed([(a.shape, a.dtype) for a in arrays]))
+    return session, arrays
+
+
+#: where the stray byte goes -> what the harness says
+STRAY = {
+    "after output 0": r"PiMoECombine: a kernel wrote outside output 0 \(192 bytes\)",
+    "before output 0": r"PiMoECombine: a kernel wrote outside output 0 \(192 bytes\)",
+    "before the workspace": r"PiMoECombine: a kernel wrote outside its workspace \(\d+ bytes, the build-time "
+                            r"getWorkspaceSize of the profile\)",
+    "after the workspace": r"PiMoECombine: a kernel wrote outside its workspace",
+    "into input 0": r"PiMoECombine: a kernel wrote into input 0 or around it",
+    "after input 2": r"PiMoECombine: a kernel wrote into input 2 or around it",
+}
+
+
+@pytest.mark.parametrize("where", list(STRAY))
+def test_a_kernel_writing_outside_its_buffers_is_caught(harness, monkeypatch, where) -> None:
+    """docs/verification.md: "Every buffer has guard bytes around it; after each run the harness checks that no
+    kernel wrote past its workspace or an output and that the inputs are unchanged". A kernel made to write one
+    byte outside a buffer (or into an input): the real enqueue, then one stray byte, and the run raises
+    HarnessMemoryError naming the buffer; the session's clean run before it returned the combine."""
+    from pimoe_export.testing.harness import HarnessMemoryError
+
+    monkeypatch.delenv(GUARD_ENV, raising=False)  # the default 256 guard bytes
+    session, arrays = _combine_session(harness)
+    try:
+        clean = session.run(arrays)[0]
+        workspace = max(session.workspace_bytes, 256)
+        real = harness.enqueue
+
+        def stray(prepared, inputs, outputs, workspace_ptr, stream=0):
+            real(prepared, inputs, outputs, workspace_ptr, stream)
+            at = {"after output 0": outputs[0] + clean.nbytes, "before output 0": outputs[0] - 1,
+                  "before the workspace": workspace_ptr - 1, "after the workspace": workspace_ptr + workspace,
+                  "into input 0": inputs[0] + 5, "after input 2": inputs[2] + arrays[2].nbytes}[where]
+            harness.upload(at, b"\x00")
+
+        monkeypatch.setattr(harness, "enqueue", stray)
+        with pytest.raises(HarnessMemoryError, match=STRAY[where]):
+            session.run(arrays)
+    finally:
+        session.close()
+    # the clean run: y[t] = w[t, 0] · y_sorted[f[2t]] + w[t, 1] · y_sorted[f[2t + 1]] (slot order, fp32)
+    y_sorted, flat, weights = arrays
+    assert clean.nbytes == 192
+    np.testing.assert_array_equal(clean, weights[:, :1] * y_sorted[flat[0::2]] + weights[:, 1:] * y_sorted[flat[1::2]])
