@@ -59,3 +59,38 @@ def test_every_rung_the_repository_mentions_is_defined() -> None:
             mentioned.setdefault(rung, set()).add(str(path.relative_to(ROOT)))
     undefined = {rung: files for rung, files in mentioned.items() if rung not in defined and not rung.isalpha()}
     assert not undefined, undefined
+
+
+def run_ci_in(root: Path) -> subprocess.CompletedProcess:
+    """.ci/run, copied into ``root`` (which holds its README.md), run there as CI runs it."""
+    (root / ".ci").mkdir(exist_ok=True)
+    shutil.copy2(ROOT / ".ci" / "run", root / ".ci" / "run")
+    return subprocess.run(["bash", str(root / ".ci" / "run")], cwd=root, capture_output=True, text=True, timeout=30)
+
+
+def test_ci_runs_exactly_the_readmes_test_command(tmp_path) -> None:
+    """README: "`.ci/run` runs exactly the test command above" (the block between the test-command markers), not
+    the main command written in the same form above it, and every line of it."""
+    fence = "```"
+    (tmp_path / "README.md").write_text(
+        f"# x\n\n<!-- main-command -->\n{fence}bash\necho WRONG-BLOCK\n{fence}\n<!-- /main-command -->\n\n"
+        f"Run the tests:\n\n<!-- test-command -->\n{fence}bash\necho ran-tests &&\n  echo second-line\n{fence}\n"
+        "<!-- /test-command -->\n\nMore text: echo WRONG-TEXT\n")
+    result = run_ci_in(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["+ echo ran-tests &&", "  echo second-line", "ran-tests", "second-line"]
+    assert "WRONG" not in result.stdout + result.stderr
+
+
+def test_the_readmes_test_command_is_what_ci_runs(tmp_path) -> None:
+    """The real README's test-command block, through the real .ci/run: `scripts/setup.sh && .venv/bin/python -m
+    pytest` (both stood in for by scripts that say how they were called)."""
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    for tool in ("scripts/setup.sh", ".venv/bin/python"):
+        (tmp_path / tool).parent.mkdir(parents=True)
+        (tmp_path / tool).write_text(f'#!/usr/bin/env bash\necho "{tool} $*"\n')
+        (tmp_path / tool).chmod(0o755)
+    result = run_ci_in(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["+ scripts/setup.sh && .venv/bin/python -m pytest", "scripts/setup.sh ",
+                                          ".venv/bin/python -m pytest"]

@@ -69,6 +69,21 @@ def test_a_tensorrt_unit_without_tensorrt_exits_3(tiny, tmp_path, monkeypatch, c
     assert "model.engine does not match its manifest sha256" in one_error_line(capsys.readouterr().err, "check")
 
 
+def test_serve_without_pytriton_exits_3_with_the_install_hint_before_reading_a_unit(tmp_path, monkeypatch,
+                                                                                    capsys) -> None:
+    """README: exit 3 when this machine lacks something; `serve` needs the serve extra (nvidia-pytriton). Without it,
+    serve says so before it looks at the unit: a unit that does not exist (exit 2 otherwise) is not even read."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pytriton", None)  # `import pytriton...` raises ImportError
+    monkeypatch.setitem(sys.modules, "pytriton.triton", None)
+    assert main(["serve", str(tmp_path / "not-a-unit")]) == EXIT_ENVIRONMENT
+    captured = capsys.readouterr()
+    line = one_error_line(captured.err, "serve")
+    assert "nvidia-pytriton" in line and "install the serve extra" in line
+    assert "manifest" not in captured.err and "not-a-unit" not in captured.err and captured.out == ""
+
+
 @pytest.mark.parametrize(("error", "code"), [("BackendUnavailableError", 3), ("PluginLoadError", 3),
                                              ("ArtifactError", 2), ("ParityError", 1)])
 def test_each_error_type_raised_inside_a_command_gives_its_code(monkeypatch, capsys, error, code) -> None:

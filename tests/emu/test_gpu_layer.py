@@ -468,6 +468,97 @@ def test_unchecked_faults_are_counted_and_reported_at_teardown(backend) -> None:
     assert "checked: PiMoEDispatch: ids (flat index 3) holds expert id 9" in result.stdout, result.stdout
 
 
+SYNC_CHECKED = """
+import sys
+import numpy as np
+from pimoe_export.ops import schema
+from pimoe_export.testing.harness import Harness, HarnessError
+
+h = Harness(sys.argv[1])
+x = np.arange(48, dtype=np.float32).reshape(6, 8)
+bad = np.array([[0, 1], [2, 9], [3, -4], [1, 2], [0, 3], [2, 1]], dtype=np.int32)  # flat 3 and 5 out of range
+good = np.array([[0, 1], [2, 3], [3, 0], [1, 2], [0, 3], [2, 1]], dtype=np.int32)
+prepared = h.prepare(schema.DISPATCH, {"num_experts": 4}, [(x.shape, x.dtype), (bad.shape, bad.dtype)])
+ins = [h.alloc(a.nbytes) for a in (x, bad)]
+h.upload(ins[0], x)
+outs = [h.alloc(int(np.prod(s)) * np.dtype(d).itemsize) for s, d in prepared.outputs]
+workspace = h.alloc(max(prepared.workspace, 256))
+for name, ids in (("bad", bad), ("good", good)):  # the same plugin, the same buffers
+    h.upload(ins[1], ids)
+    try:
+        h.enqueue(prepared, ins, outs, workspace)
+        print(f"{name} ids: enqueued", flush=True)
+    except HarnessError as exc:
+        print(f"{name} ids: refused: {type(exc).__name__}: {exc}", flush=True)
+print("offsets", h.download(outs[1], 5 * 4).view(np.int32).tolist(), flush=True)
+h.release(prepared)
+print("released", flush=True)
+"""
+#: the offsets of the good ids of SYNC_CHECKED, counted by hand: each of the 4 experts is chosen 3 times
+GOOD_OFFSETS = "offsets [0, 3, 6, 9, 12]"
+BAD_ID = "PiMoEDispatch: ids (flat index 3) holds expert id 9"
+
+
+def run_harness_script(backend, script: str, log: str | None, sync_check: str | None) -> tuple[str, str]:
+    """(stdout, stderr) of `script` in a fresh process, with PIMOE_TRT_LOG and PIMOE_TRT_SYNC_CHECK as given (None:
+    unset). A fresh process each time: the plugins read both variables once per process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PIMOE_TRT_LOG", "PIMOE_TRT_SYNC_CHECK")}
+    env.update({k: v for k, v in (("PIMOE_TRT_LOG", log), ("PIMOE_TRT_SYNC_CHECK", sync_check)) if v is not None})
+    result = subprocess.run([sys.executable, "-c", script, backend.harness.path], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    return result.stdout, result.stderr
+
+
+def test_the_sync_check_fails_the_enqueue_that_met_bad_data_and_clears_the_status(backend) -> None:
+    """docs/trt_plugins.md: "PIMOE_TRT_SYNC_CHECK=1 makes each enqueue synchronise, read, clear and fail on it":
+    the enqueue of out-of-range ids fails with the plugin's reason; the status block is then clear, so the next
+    enqueue of good ids on the same plugin succeeds (and computes them), and the teardown has nothing to report."""
+    out, err = run_harness_script(backend, SYNC_CHECKED, None, "1")
+    assert f"bad ids: refused: HarnessError: {BAD_ID}" in out, out + err
+    assert "good ids: enqueued" in out, out + err
+    assert GOOD_OFFSETS in out and "released" in out, out
+    assert "inconsistent input entr" not in err, err
+
+
+@pytest.mark.parametrize("sync_check", [None, "0"], ids=["unset", "0"])
+def test_without_the_sync_check_bad_data_is_enqueued_and_reported_at_teardown(backend, sync_check) -> None:
+    """Only "1" turns the check on (the default, and "0", leave enqueue free of synchronisation): both enqueues
+    succeed, and the teardown warning counts the two bad ids of the first."""
+    out, err = run_harness_script(backend, SYNC_CHECKED, None, sync_check)
+    assert "bad ids: enqueued" in out and "good ids: enqueued" in out and GOOD_OFFSETS in out, out + err
+    warnings = [line for line in err.splitlines() if "inconsistent input entr" in line]
+    assert len(warnings) == 1 and "PiMoEDispatch: 2 inconsistent input entries" in warnings[0], err
+    assert BAD_ID in warnings[0], warnings[0]
+
+
+@pytest.mark.parametrize(("log", "warnings", "errors"), [(None, 1, 1), ("warning", 1, 1), ("error", 0, 1),
+                                                         ("off", 0, 0)], ids=["unset", "warning", "error", "off"])
+def test_the_log_level_decides_what_reaches_stderr(backend, log, warnings, errors) -> None:
+    """docs/trt_plugins.md: the reason is printed to stderr ("[pimoe-trt] ERROR: ...", level from
+    PIMOE_TRT_LOG=off|error|warning|info|verbose), and "by default ... when the execution context is destroyed, one
+    warning on stderr". The teardown warning (UNCHECKED_FAULTS) shows at the default and at "warning"; an enqueue's
+    error (the sync check) at all but "off". At "off" the plugins print nothing, and the error still reaches the
+    caller (the thread's last error is kept)."""
+    out, err = run_harness_script(backend, UNCHECKED_FAULTS, log, None)
+    found = [line for line in err.splitlines() if line.startswith("[pimoe-trt] WARNING: ")]
+    assert len(found) == warnings, err
+    if warnings:
+        assert "PiMoEDispatch: 6 inconsistent input entries" in found[0], found
+    assert f"checked: {BAD_ID}" in out, out
+    if log == "off":
+        assert "[pimoe-trt]" not in err, err
+    out, err = run_harness_script(backend, SYNC_CHECKED, log, "1")
+    found = [line for line in err.splitlines() if line.startswith("[pimoe-trt] ERROR: ")]
+    assert len(found) == errors, err
+    if errors:
+        assert found[0] == (f"[pimoe-trt] ERROR: {BAD_ID} outside [0, num_experts); it was clamped. ids must "
+                            "come from PiMoERoute over the same experts."), found
+    assert f"bad ids: refused: HarnessError: {BAD_ID}" in out, out + err
+    if log == "off":
+        assert "[pimoe-trt]" not in err, err
+
+
 def test_sanitizer_case(backend) -> None:
     """Small but complete: every kernel on both dtypes, plus the bad-data paths (compute-sanitizer runs this)."""
     model = create_from_preset("tiny", seed=5)

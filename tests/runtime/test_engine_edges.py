@@ -4,6 +4,8 @@ boundary itself is tested, not the arithmetic that computes it (test_manifest.py
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,28 @@ def test_the_providers_asked_for_reach_the_session_and_the_default_needs_no_fall
     monkeypatch.setattr(ort_module, "create_session", recording)
     Engine.load(unit, providers=["CPUExecutionProvider"])
     assert seen == [["CPUExecutionProvider"]]
+
+
+def test_a_unit_runs_its_own_op_library_whatever_the_machine_has(unit, monkeypatch, tmp_path) -> None:
+    """README: `check --unit` "runs exactly what the unit contains", and an `ort-*` unit carries and fingerprints
+    libpimoe_ort.so only, so Engine.load keeps the pimoe ops on the CPU even with the CUDA provider. With the
+    machine's own op library unfindable ($PIMOE_ORT_LIBRARY names no file), the unit still loads and runs, and the
+    session is always made with the unit's library (never the build tree's, nor libpimoe_ort_cuda)."""
+    import pimoe_export.runtime.ort as ort_module
+    from pimoe_export.native.libraries import find_ort_library
+
+    x = np.random.default_rng(5).standard_normal((2, 3, 16)).astype(np.float32)
+    with Engine.load(unit) as engine:
+        expected = engine.run(x)
+    monkeypatch.setenv("PIMOE_ORT_LIBRARY", str(tmp_path / "absent.so"))
+    with pytest.raises(PluginLoadError, match="does not exist"):
+        find_ort_library()  # what a session without the unit's library would have to use
+    with Engine.load(unit) as engine:
+        np.testing.assert_array_equal(engine.run(x), expected)
+
+    seen: list[dict] = []
+    monkeypatch.setattr(ort_module, "create_session", lambda model, **kwargs: seen.append(kwargs) or object())
+    for providers in (None, ["CUDAExecutionProvider", "CPUExecutionProvider"]):
+        Engine.load(unit, providers=providers)
+        assert Path(seen[-1]["library"]).resolve() == (unit / "libpimoe_ort.so").resolve(), providers
+        assert seen[-1]["providers"] == providers

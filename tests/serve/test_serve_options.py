@@ -521,6 +521,18 @@ def test_the_commands_flags_reach_the_server_options(units, monkeypatch) -> None
     assert seen["options"] == ServeOptions() and seen["name"] is None and seen["threads"] is None
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_thread_count_reaches_each_layer_units_session(units, threads) -> None:
+    """`serve --help`: "--threads THREADS  ONNX Runtime intra-op threads per engine": load_models(threads=N) runs
+    every layer unit's session on N intra-op threads."""
+    models = load_models([units["ort"], units["min2"]], None, ServeOptions(max_batch=0), threads=threads)
+    try:
+        assert [m.engine.session.get_session_options().intra_op_num_threads for m in models] == [threads, threads]
+    finally:
+        for model in models:
+            model.engine.close()
+
+
 class _QuietServer:
     """Server's place in the command: alive until ``alive`` checks have passed; at check ``signal_at`` a SIGINT
     arrives (what Ctrl-C or the orchestrator sends)."""

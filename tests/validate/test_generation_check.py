@@ -144,3 +144,41 @@ def test_nan_logits_fail_the_cosine_check(precision: str, monkeypatch) -> None:
     report = generation.check_generation(engine, lambda ids: None, [[1, 2, 3]])
     assert not report.passed
     assert report.failures and "nan" in report.failures[0], report.failures
+
+
+def test_the_check_commands_seed_report_folder_and_force_reach_a_decoder_check(decoder_cases, monkeypatch,
+                                                                               capsys) -> None:
+    """`check --help`: "--seed SEED  input data seed" (default 1234, as for a layer), "-o ... (default: ... <unit>/
+    report)" and --force: on a decoder unit they reach the prompts, the report's folder and its writer."""
+    import pimoe_export.hf.importers as importers
+    from pimoe_export.validate import generation
+
+    case = decoder_cases("mixtral")
+    vocab = json.loads((case.hf_dir / "config.json").read_text())["vocab_size"]
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
+    monkeypatch.setattr(importers, "load_source", lambda directory: SimpleNamespace(module=model, evaluation=None))
+    seen: dict[str, list] = {"prompts": [], "checked": [], "written": []}
+    report = SimpleNamespace(passed=True, precision="fp32", prompts=[], failures=[])
+
+    def prompts(vocab_size: int, seed: int) -> list[list[int]]:
+        seen["prompts"].append((vocab_size, seed))
+        return [[1, 2, 3]]
+
+    def check(engine, reference, prompt_ids):
+        seen["checked"].append(prompt_ids)
+        return report
+
+    def write(given, out_dir, force=False):
+        seen["written"].append((given, out_dir, force))
+        return {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
+
+    monkeypatch.setattr(generation, "seeded_prompts", prompts)
+    monkeypatch.setattr(generation, "check_generation", check)
+    monkeypatch.setattr(generation, "write_generation_report", write)
+    argv = ["check", str(case.hf_dir), "--unit", str(case.unit)]
+    assert main([*argv, "--seed", "9", "--force"]) == 0
+    assert seen["prompts"] == [(vocab, 9)] and seen["checked"] == [[[1, 2, 3]]]
+    assert seen["written"] == [(report, case.unit / "report", True)]
+    assert main(argv) == 0
+    assert seen["prompts"][-1] == (vocab, 1234) and seen["written"][-1] == (report, case.unit / "report", False)
+    assert capsys.readouterr().out.count(f"  report: {case.unit / 'report' / 'report.md'}") == 2
