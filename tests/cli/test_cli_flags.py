@@ -355,3 +355,71 @@ def test_create_and_check_say_what_they_did(monkeypatch, tmp_path, exported_laye
         assert out[2] == f"  routing agreement 50.0000%; Polygraphy {'passed' if polygraphy else 'failed'}"
         assert out[-1] == "  report: r/report.md"
         assert ("  - cosine too low" in out) is (not passed)
+
+
+def test_the_check_commands_seed_report_folder_and_force_reach_a_decoder_check(decoder_cases, monkeypatch, tmp_path,
+                                                                               capsys) -> None:
+    """`check --help`: "--seed SEED  input data seed" (default 1234, as for a layer), "-o ... (default: ... <unit>/
+    report)" and --force: on a decoder unit they reach the prompts, the report's folder and its writer."""
+    import pimoe_export.hf.importers as importers
+    from pimoe_export.validate import generation
+
+    case = decoder_cases("mixtral")
+    vocab = json.loads((case.hf_dir / "config.json").read_text())["vocab_size"]
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
+    monkeypatch.setattr(importers, "load_source", lambda directory: SimpleNamespace(module=model, evaluation=None))
+    seen: dict[str, list] = {"prompts": [], "checked": [], "written": []}
+    report = SimpleNamespace(passed=True, precision="fp32", prompts=[], failures=[])
+
+    def prompts(vocab_size: int, seed: int) -> list[list[int]]:
+        seen["prompts"].append((vocab_size, seed))
+        return [[1, 2, 3]]
+
+    def check(engine, reference, prompt_ids):
+        seen["checked"].append(prompt_ids)
+        return report
+
+    def write(given, out_dir, force=False):
+        seen["written"].append((given, out_dir, force))
+        return {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
+
+    monkeypatch.setattr(generation, "seeded_prompts", prompts)
+    monkeypatch.setattr(generation, "check_generation", check)
+    monkeypatch.setattr(generation, "write_generation_report", write)
+    argv = ["check", str(case.hf_dir), "--unit", str(case.unit)]
+    assert main([*argv, "--seed", "9", "--force"]) == 0
+    assert seen["prompts"] == [(vocab, 9)] and seen["checked"] == [[[1, 2, 3]]]
+    assert seen["written"] == [(report, case.unit / "report", True)]
+    assert main(argv) == 0
+    assert seen["prompts"][-1] == (vocab, 1234) and seen["written"][-1] == (report, case.unit / "report", False)
+    assert capsys.readouterr().out.count(f"  report: {case.unit / 'report' / 'report.md'}") == 2
+    assert main([*argv, "-o", str(tmp_path / "mine")]) == 0  # -o: the report goes where it is told
+    assert seen["written"][-1] == (report, tmp_path / "mine", False)
+    capsys.readouterr()
+
+
+def _quantize_method(monkeypatch, argv: list[str]) -> str:
+    """The calibration method `quantize` hands to quantize_model."""
+    import pimoe_export.quantize as quantize
+
+    seen: dict = {}
+    monkeypatch.setattr(quantize, "quantize_model", recorder(seen))
+    assert main(["quantize", *argv]) == 70
+    return seen["kwargs"]["method"]
+
+
+def test_the_quantize_command_follows_a_checkpoints_recorded_method(monkeypatch, tmp_path, capsys) -> None:
+    """Without --method, quantize calibrates with the method the checkpoint records for deployment (what the
+    pipeline uses: docs/models.md's mse for decoders), else entropy (`quantize --help`)."""
+    from pimoe_export.model.factory import create_from_preset
+    from pimoe_export.model.moe_block import ExpertsConfig, MoEBlock, MoEBlockConfig
+
+    # a PiMoE layer records nothing: the help's "else entropy"
+    create_from_preset("tiny").save_pretrained(tmp_path / "layer")
+    assert _quantize_method(monkeypatch, [str(tmp_path / "layer"), "-o", str(tmp_path / "l.onnx")]) == "entropy"
+    # a MoE block that records deployment.calibration_method = "max" (as the mixtral-ffn preset records "mse")
+    config = MoEBlockConfig(hidden_size=8, num_experts=4, top_k=2, experts=ExpertsConfig(intermediate_size=4),
+                            metadata={"deployment": {"calibration_method": "max"}})
+    MoEBlock(config).save_pretrained(tmp_path / "block")
+    assert _quantize_method(monkeypatch, [str(tmp_path / "block"), "-o", str(tmp_path / "b.onnx")]) == "max"
+    capsys.readouterr()

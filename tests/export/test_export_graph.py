@@ -249,3 +249,43 @@ def test_output_axes_that_sum_input_axes_take_the_matching_input_axis_name() -> 
     dims = {o.name: [d.dim_param for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
     assert dims == {"present": ["batch", "total_sequence"], "odd": ["batch", "sequence + s9"],
                     "single": ["s4", "sequence"], "extra": ["batch", "sequence + past_sequence"]}
+
+
+def test_a_standard_ops_graph_has_the_custom_op_graphs_outputs_and_dtypes(exported_layer, tmp_path) -> None:
+    """docs/architecture.md: every graph of a layer has the layer interface (`output`, `expert_ids`,
+    `expert_weights`); the op contract's ids are int32. The standard-op export (TopK, experts evaluated densely) is
+    a drop-in for the custom-op one: the same output names and element types, and the same ids when run."""
+    import onnxruntime as ort
+
+    model, custom = exported_layer("tiny", 0)
+    standard = tmp_path / "standard.onnx"
+    export_onnx(model, standard, standard_ops=True)
+
+    def outputs(path) -> list[tuple[str, int]]:
+        return [(o.name, o.type.tensor_type.elem_type) for o in onnx.load(str(path)).graph.output]
+
+    assert outputs(standard) == outputs(custom) == [("output", TensorProto.FLOAT), ("expert_ids", TensorProto.INT32),
+                                                    ("expert_weights", TensorProto.FLOAT)]
+    x = np.random.default_rng(3).standard_normal((2, 5, 16)).astype(np.float32)
+    ids = ort.InferenceSession(str(standard), providers=["CPUExecutionProvider"]).run(["expert_ids"],
+                                                                                        {"hidden_states": x})[0]
+    with torch.no_grad():
+        _, info = model(torch.from_numpy(x), return_routing_info=True)
+    assert ids.dtype == np.int32
+    np.testing.assert_array_equal(ids, info.ids.numpy())
+
+
+def test_a_source_without_a_standard_op_graph_refuses_standard_ops(tmp_path) -> None:
+    """Only a PiMoE layer has a standard-op form (TopK and dense experts); a MoE block's source offers none, so
+    export_source with standard_ops=True names that and the way out, and writes nothing (instead of a graph that
+    still holds pimoe ops under a standard-ops label)."""
+    from pimoe_export.export.exporter import export_source
+    from pimoe_export.model.moe_block import ExpertsConfig, MoEBlock, MoEBlockConfig
+    from pimoe_export.model.source import layer_source
+
+    block = MoEBlock(MoEBlockConfig(hidden_size=8, num_experts=4, top_k=2, experts=ExpertsConfig(4))).eval()
+    source = layer_source(block)
+    assert source.standard_ops is False
+    with pytest.raises(PiMoEExportError, match=r"offers no standard-op graph\); drop standard_ops"):
+        export_source(source, tmp_path / "m.onnx", standard_ops=True)
+    assert list(tmp_path.iterdir()) == []

@@ -46,18 +46,3 @@ def test_the_quantize_command_calibrates_a_decoder_with_mse_by_default(monkeypat
     argv = [directory, "-o", str(tmp_path / "b.int8.onnx"), "--method", "entropy"]
     assert _quantize_method(monkeypatch, argv) == "entropy"
     capsys.readouterr()
-
-
-def test_the_quantize_command_follows_a_checkpoints_recorded_method(monkeypatch, tmp_path, capsys) -> None:
-    from pimoe_export.model.factory import create_from_preset
-    from pimoe_export.model.moe_block import ExpertsConfig, MoEBlock, MoEBlockConfig
-
-    # a PiMoE layer records nothing: the help's "else entropy"
-    create_from_preset("tiny").save_pretrained(tmp_path / "layer")
-    assert _quantize_method(monkeypatch, [str(tmp_path / "layer"), "-o", str(tmp_path / "l.onnx")]) == "entropy"
-    # a MoE block that records deployment.calibration_method = "max" (as the mixtral-ffn preset records "mse")
-    config = MoEBlockConfig(hidden_size=8, num_experts=4, top_k=2, experts=ExpertsConfig(intermediate_size=4),
-                            metadata={"deployment": {"calibration_method": "max"}})
-    MoEBlock(config).save_pretrained(tmp_path / "block")
-    assert _quantize_method(monkeypatch, [str(tmp_path / "block"), "-o", str(tmp_path / "b.onnx")]) == "max"
-    capsys.readouterr()

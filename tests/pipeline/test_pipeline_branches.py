@@ -432,3 +432,25 @@ def test_a_graph_is_claimed_with_its_external_data_file(tmp_path) -> None:
         run.claim_graph("model.onnx")
     assert not run.out.owns("model.onnx")
     assert Run(OutputDir(tmp_path / "b"), PipelineOptions()).claim_graph("x.onnx") == tmp_path / "b" / "x.onnx"
+
+
+def test_the_units_step_ships_the_model_directorys_client_files(tmp_path, monkeypatch) -> None:
+    """pipeline --model DIR: each ONNX Runtime unit gets the tokenizer and config files of DIR (docs/generation.md:
+    a decoder unit carries what its clients read), where the graphs themselves are written into the output folder,
+    which holds none of them; without --model there is no model directory to ship from."""
+    import pimoe_export.build.units as units
+    from pimoe_export.pipeline import step_units
+
+    calls: list[tuple[Path, Path, object]] = []
+
+    def package_ort(onnx_path, unit_dir, *, force=False, client_dir=None, **kwargs):
+        calls.append((Path(onnx_path), Path(unit_dir), client_dir))
+        return SimpleNamespace(backend="onnxruntime", precision="fp32")
+
+    monkeypatch.setattr(units, "package_ort", package_ort)
+    export = Exported({"fp32": tmp_path / "out" / "model.onnx"}, {})
+    model_dir = tmp_path / "hf-model"
+    step_units(_run(tmp_path / "out", model_dir=model_dir), export, Unavailable("int8", "skipped"))
+    assert calls == [(tmp_path / "out" / "model.onnx", tmp_path / "out" / "ort-fp32", model_dir)]
+    step_units(_run(tmp_path / "out2"), export, Unavailable("int8", "skipped"))
+    assert calls[-1][2] is None

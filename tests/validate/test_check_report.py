@@ -123,9 +123,13 @@ def test_a_kernel_error_past_2e_3_of_the_fake_quant_reference_fails_the_check(dy
     assert off.output_stats["output"].cosine >= 0.999 and off.routing_agreement == 1.0 and off.polygraphy_passed
     assert not off.passed
     assert off.failures == ["kernels differ from the fake-quant reference: rel L2 1.00e-02 > 0.002"]
+    # report.md's headline is the check's verdict, not Polygraphy's alone (which passed here)
+    headline = Path(off.files["markdown"]).read_text().splitlines()[2]
+    assert headline.startswith("**FAILED**"), headline
     close = reports[1.0019]
     assert 1.8e-3 <= close.kernel_vs_fake_quant["output"]["rel_l2"] <= 2e-3
     assert close.passed and close.failures == []
+    assert Path(close.files["markdown"]).read_text().splitlines()[2].startswith("**PASSED**")
 
 
 def test_the_report_files_of_a_float_check(exported_layer, tmp_path) -> None:

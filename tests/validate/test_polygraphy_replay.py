@@ -85,3 +85,27 @@ def test_replay_fails_when_the_saved_reference_is_changed(checked, tmp_path) -> 
     log = result.stdout + result.stderr
     assert result.returncode != 0, log[-3000:]
     assert "FAILED | Output: 'output'" in log, log[-3000:]
+
+
+def test_the_saved_reference_is_the_pytorch_models_outputs_on_the_saved_inputs(checked) -> None:
+    """What a replay compares the artefact with (``--load-outputs pytorch_outputs.json``) is the PyTorch reference:
+    the runner named pytorch, and its outputs are the fp32 model's own on ``inputs.json`` (run here again, the
+    independent reference), not the artefact's, which would make every replay compare the artefact with itself."""
+    import torch
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    from pimoe_export.model.factory import create_from_preset
+
+    model = create_from_preset("tiny", seed=11).eval()  # the fixture's model, built afresh
+    for report in checked.values():
+        saved = RunResults.load(report.files["pytorch_outputs"])
+        [(runner, iterations)] = list(saved)
+        assert runner == "pytorch"
+        feeds = load_json(report.files["inputs"])
+        assert len(iterations) == len(feeds) == 3
+        for feed, iteration in zip(feeds, iterations, strict=True):
+            with torch.no_grad():
+                output, info = model(torch.from_numpy(feed["hidden_states"]), return_routing_info=True)
+            np.testing.assert_array_equal(np.asarray(iteration["output"]), output.numpy())
+            np.testing.assert_array_equal(np.asarray(iteration["expert_weights"]), info.weights.numpy())
