@@ -11,7 +11,8 @@ Which tests a patch gets (unless --tests), in two stages: first the tests of the
 scripts/mutate_py.sh (the table the mutmut run uses: quick ones), then, if none failed, the test folder named like
 the subpackage (tests/serve for pimoe_export/serve/...; its server tests too, which the groups leave out) and every
 test file that reaches the changed module by name (directly, through a helper module of tests/ or through a conftest
-fixture; see naming_tests), less what the first stage ran. Slow tests are included unless --fast (the audit ran whole
+fixture; see naming_tests) or, for a command's module, runs that command (command_tests), less what the first stage
+ran. Slow tests are included unless --fast (the audit ran whole
 files). Each stage is ``pytest -x`` in the copy, the package imported from the copy
 (subprocesses too, via PYTHONPATH); the compiled libraries are the checkout's build/plugins (a patch to plugins/ is
 not rebuilt: C++ mutants are scripts/mutate_cpp.py's). The checkout is never modified. Verdicts: killed (a test
@@ -110,6 +111,19 @@ def naming_tests(module: str, root: Path = ROOT) -> list[str]:
             if p.name.startswith("test_") and any(x.search(text) for x in reach)]
 
 
+def command_tests(module: str, root: Path = ROOT) -> list[str]:
+    """For a command's module (pimoe_export.cli.<name>_command): the test files that run that command through the
+    CLI (``main(["<name>", ...])``, a ``cli("<name>", ...)`` helper, an argv list starting with it), which name the
+    CLI, not the module."""
+    match = re.fullmatch(r"pimoe_export\.cli\.(\w+)_command", module)
+    if match is None:
+        return []
+    word = re.compile(rf"[\[(]\s*[\"']{re.escape(match.group(1))}[\"']")
+    calls = re.compile(r"\b(?:main|cli)\(|\bargv\b")
+    return [p.relative_to(root).as_posix() for p in sorted((root / "tests").rglob("test_*.py"))
+            if word.search(text := p.read_text(encoding="utf-8", errors="replace")) and calls.search(text)]
+
+
 def _fixtures(source: str) -> list[tuple[str, str]]:
     """(name, source) of the top-level functions of a conftest that are pytest fixtures."""
     found = []
@@ -136,7 +150,7 @@ def tests_for(files: list[str], groups: list[tuple[str, list[str], list[str]]],
             mirror = root / "tests" / parts[1] if len(parts) > 1 else None
             if mirror is not None and mirror.is_dir():
                 rest.append(mirror.relative_to(root).as_posix())
-            rest += naming_tests(module, root)
+            rest += naming_tests(module, root) + command_tests(module, root)
 
     def unique(chosen: list[str], skip: list[str]) -> list[str]:
         wholes = [t.rstrip("/") for t in (*chosen, *skip) if "::" not in t]

@@ -95,6 +95,27 @@ def test_a_patch_gets_its_groups_tests_and_every_test_file_naming_its_module(tmp
                                                        "--ignore=tests/hf/test_g.py"]
 
 
+def test_a_commands_patch_gets_the_tests_that_run_that_command(tmp_path) -> None:
+    """A test reaching a command through the CLI names pimoe_export.cli, not the command's module: for a patch to
+    cli/check_command.py the runner also chooses the test files that run `check` (main, a cli helper, an argv list),
+    and no file that only mentions the word or runs another command."""
+    runner = load_runner()
+    tests = tmp_path / "tests"
+    (tests / "validate").mkdir(parents=True)
+    (tests / "cli").mkdir()
+    (tests / "validate" / "test_a.py").write_text('from pimoe_export.cli import main\nmain(["check", "d"])\n')
+    (tests / "validate" / "test_b.py").write_text('def test(cli):\n    cli("check", "--unit", "u")\n')
+    (tests / "validate" / "test_c.py").write_text('argv = [\n    "check", "d"]\n')
+    (tests / "validate" / "test_d.py").write_text('steps = report["check"]  # the word, no command run\n')
+    (tests / "validate" / "test_e.py").write_text('main(["checkpoint", "d"])\nmain(["export", "check"])\n')
+    assert runner.command_tests("pimoe_export.cli.check_command", tmp_path) == [
+        "tests/validate/test_a.py", "tests/validate/test_b.py", "tests/validate/test_c.py"]
+    assert runner.command_tests("pimoe_export.cli._common", tmp_path) == []
+    stages = runner.tests_for(["pimoe_export/cli/check_command.py"], [], tmp_path)
+    assert stages == [["tests/cli", "tests/validate/test_a.py", "tests/validate/test_b.py",
+                       "tests/validate/test_c.py"]]
+
+
 def test_the_groups_are_those_of_the_mutmut_run() -> None:
     runner = load_runner()
     groups = runner.read_groups()
