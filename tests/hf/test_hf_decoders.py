@@ -142,11 +142,14 @@ def test_the_units_are_decoder_units(pipeline) -> None:
     """fp32 and INT8 units with the KV-cache I/O, the DecoderSpec in their manifests and a genai_config.json (the
     tiny models have no tokenizer: none is shipped); DeepSeek's: values of their own head dim, no genai_config.json
     (the manifest says why)."""
-    family, _, out, code, summary = pipeline
+    family, directory, out, code, summary = pipeline
     assert code == 0
     kv_cache = _steps(summary)["model"]["detail"]["kv_cache"]
     for unit in ("ort-fp32", "ort-int8"):
         manifest = read_manifest(out / unit)
+        # the model directory's config files, as its clients read them (the graphs themselves are written elsewhere)
+        for name in ("config.json", "generation_config.json"):
+            assert (out / unit / name).read_bytes() == (directory / name).read_bytes(), (unit, name)
         spec = manifest.decoder_spec
         assert spec is not None and spec.to_dict() == kv_cache and spec.model_type == family
         assert "notes" not in _steps(summary)["model"]
